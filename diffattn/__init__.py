@@ -1,0 +1,40 @@
+"""diffattn: attention methods for diffusers models, delivered as attention processors.
+
+    handle = diffattn.apply(pipe, diffattn.Dense(), layers=["transformer_blocks.1"], steps=0.25)
+    ...
+    handle.remove()
+"""
+
+from .adapters import FamilyAdapter, RoleRule, register_adapter, supported_models
+from .api import Handle, apply, attention_modules, remove
+from .context import AttentionContext
+from .errors import DiffattnError, InterceptionError, LayerSelectionError, LayoutError, UnsupportedModelError
+from .layout import TokenLayout
+from .methods import AttentionMethod, Dense, Masked
+from .processor import DiffattnProcessor
+from .schedule import StepSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply",
+    "remove",
+    "Handle",
+    "attention_modules",
+    "AttentionMethod",
+    "AttentionContext",
+    "Dense",
+    "Masked",
+    "TokenLayout",
+    "StepSchedule",
+    "DiffattnProcessor",
+    "FamilyAdapter",
+    "RoleRule",
+    "register_adapter",
+    "supported_models",
+    "DiffattnError",
+    "InterceptionError",
+    "LayerSelectionError",
+    "LayoutError",
+    "UnsupportedModelError",
+]

@@ -1,0 +1,37 @@
+"""What a method knows about one attention call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from torch import Tensor
+
+from .layout import TokenLayout
+
+__all__ = ["Role", "AttentionContext", "ROLES"]
+
+Role = Literal["self", "cross", "joint"]
+ROLES: frozenset[str] = frozenset({"self", "cross", "joint"})
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """Everything a method may use besides q, k, v.
+
+    ``q``/``k``/``v`` reach the method as ``(B, H, S, D)`` (SDPA layout). ``attn_mask``, ``scale`` and ``enable_gqa``
+    are the stock call's arguments; ``dense(q, k, v)`` runs the stock attention core with them, unchanged.
+    ``batch_roles`` names each batch entry (``"uncond"``, ``"cond"``) when the pipeline tells, else ``None``.
+    """
+
+    layer: str
+    role: Role
+    step: int
+    num_steps: int | None
+    q_layout: TokenLayout
+    kv_layout: TokenLayout
+    batch_roles: tuple[str, ...] | None
+    attn_mask: Tensor | None
+    scale: float | None
+    enable_gqa: bool
+    dense: Callable[[Tensor, Tensor, Tensor], Tensor]

@@ -1,0 +1,25 @@
+"""Errors raised by diffattn. Each message says what was wrong and how to fix it."""
+
+from __future__ import annotations
+
+__all__ = ["DiffattnError", "UnsupportedModelError", "LayerSelectionError", "InterceptionError", "LayoutError"]
+
+
+class DiffattnError(Exception):
+    """Base class of diffattn's errors."""
+
+
+class UnsupportedModelError(DiffattnError, TypeError):
+    """The model (or pipeline) has no diffattn adapter."""
+
+
+class LayerSelectionError(DiffattnError, ValueError):
+    """A ``layers=`` or ``steps=`` request selects nothing or is malformed."""
+
+
+class InterceptionError(DiffattnError, RuntimeError):
+    """A processor's attention call could not be intercepted, so the method would have had no effect."""
+
+
+class LayoutError(DiffattnError, ValueError):
+    """The attention call's sequence does not match the token layout derived from the model inputs."""

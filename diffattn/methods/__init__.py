@@ -1,0 +1,7 @@
+"""Attention methods: each is a frozen dataclass called as ``method(q, k, v, ctx)``."""
+
+from .base import AttentionMethod
+from .dense import Dense
+from .masked import Masked
+
+__all__ = ["AttentionMethod", "Dense", "Masked"]

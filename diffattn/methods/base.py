@@ -1,0 +1,36 @@
+"""The method interface: ``(q, k, v, ctx) -> out`` on the SDPA layout ``(B, H, S, D)``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor
+
+from ..context import ROLES, AttentionContext
+
+__all__ = ["AttentionMethod", "check_roles"]
+
+
+def check_roles(roles: Iterable[str], owner: str) -> frozenset[str]:
+    roles = frozenset(roles)
+    unknown = roles - ROLES
+    if unknown or not roles:
+        raise ValueError(f"{owner}: roles must be a non-empty subset of {sorted(ROLES)}, got {sorted(roles)}")
+    return roles
+
+
+class AttentionMethod:
+    """Base class of attention methods. Subclasses are frozen dataclasses with a ``roles`` field.
+
+    ``roles`` says which attention calls the method acts on by default: ``"self"`` (visual tokens only),
+    ``"cross"`` (visual queries, text keys) and ``"joint"`` (text and visual tokens in one sequence).
+    """
+
+    roles: frozenset[str]
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install diffattn and its test dependencies on a fresh machine.
+# torch is installed first and pinned: an unpinned `torch` requirement would pull a multi-GB CUDA build.
+# On a GPU machine, install the CUDA torch you want first; this script keeps any torch already present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    "$PY" -m pip install --quiet "torch==${DIFFATTN_TORCH_VERSION:-2.13.0}"
+fi
+TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+"$PY" -m pip install --quiet -e ".[test]" "torch==${TORCH_VERSION}"
