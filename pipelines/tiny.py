@@ -33,6 +33,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -441,21 +442,17 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 _clip_dir: Path | None = None
 
 
-def _clip_tokenizer_dir() -> Path:
-    """A per-process temp folder with a CLIP vocab.json and merges.txt.
+def write_clip_vocab(folder: Path, words: Iterable[str]) -> Path:
+    """Write a CLIP ``vocab.json`` and ``merges.txt`` into ``folder`` (load with ``CLIPTokenizer.from_pretrained``).
 
-    Byte-level BPE: every byte is a token (so any text encodes), and each word of ``_WORDS`` is
-    merged into a single ``word</w>`` token.
+    Byte-level BPE: every byte is a token (so any text encodes), and each of ``words`` is merged into a single
+    ``word</w>`` token.
     """
-    global _clip_dir
-    if _clip_dir is not None and (_clip_dir / "merges.txt").is_file():
-        return _clip_dir
-    folder = Path(tempfile.mkdtemp(prefix="diffattn-tiny-tok-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
     ranks: dict[tuple[str, str], int] = {}
-    for word in _WORDS:
+    for word in words:
         # Split the word with the merges so far, then append merges that join those pieces left to
         # right. Appended merges rank last, so words handled earlier keep their single token.
         pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
@@ -469,7 +466,17 @@ def _clip_tokenizer_dir() -> Path:
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     merges = "".join(f"{a} {b}\n" for a, b in ranks)  # dicts keep insertion (= rank) order
     (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
-    _clip_dir = folder
+    return folder
+
+
+def _clip_tokenizer_dir() -> Path:
+    """A per-process temp folder with the tiny models' CLIP vocabulary (common prompt words are one token)."""
+    global _clip_dir
+    if _clip_dir is not None and (_clip_dir / "merges.txt").is_file():
+        return _clip_dir
+    folder = Path(tempfile.mkdtemp(prefix="diffattn-tiny-tok-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    _clip_dir = write_clip_vocab(folder, _WORDS)
     return folder
 
 

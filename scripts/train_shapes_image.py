@@ -1,0 +1,236 @@
+"""Train the embedded image model: a standard StableDiffusionPipeline on synthetic shapes scenes, on the CPU.
+
+Stages (each time-boxed, seeded): render a fixed training set -> train a small AutoencoderKL (2x down, 4 latent
+channels) -> encode the set -> train a UNet2DConditionModel and a CLIP text encoder jointly with the epsilon
+objective (10% empty captions for classifier-free guidance, EMA weights) -> save in diffusers format (safetensors)
+with the grammar's tokenizer, a DPM-Solver scheduler and a loss-curve PNG.
+
+    python scripts/train_shapes_image.py --out pipelines/assets/shapes-image --minutes 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+logger = logging.getLogger("train_shapes_image")
+
+IMAGE_SIZE = 32
+MAX_TEXT_TOKENS = 32
+
+
+def build_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    from diffattn.pipelines.tiny import write_clip_vocab
+    from diffattn.shapes import VOCABULARY
+
+    write_clip_vocab(folder, VOCABULARY)
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_TEXT_TOKENS, pad_token="<|endoftext|>")
+
+
+def build_models(tokenizer):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=MAX_TEXT_TOKENS, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=16, cross_attention_dim=64, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    return vae, text_encoder, unet
+
+
+def render_set(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    from diffattn.pipelines.shapes_data import ShapesDataset
+
+    data = ShapesDataset(count, seed=seed, size=IMAGE_SIZE, max_objects=2)
+    images, captions = [], []
+    for i in tqdm(range(count), desc="rendering scenes", leave=False):
+        image, _, text = data.example(i)
+        images.append(torch.from_numpy(image))
+        captions.append(text)
+    return torch.stack(images).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def to_pixels(batch_uint8: torch.Tensor) -> torch.Tensor:
+    return batch_uint8.float().div(127.5).sub(1.0)
+
+
+def train_vae(vae, images: torch.Tensor, seconds: float, batch: int, rng: torch.Generator, curve: list) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae.train()
+    start, step = time.time(), 0
+    bar = tqdm(desc="VAE", unit="step", total=None)
+    while time.time() - start < seconds:
+        idx = torch.randint(0, len(images), (batch,), generator=rng)
+        x = to_pixels(images[idx])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=rng)).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        curve.append(("vae", step, float(loss)))
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+    bar.close()
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(to_pixels(images[i:i + batch])).latent_dist.mode() for i in
+                      tqdm(range(0, len(images), batch), desc="encoding", leave=False)])
+
+
+def train_denoiser(unet, text_encoder, tokenizer, latents, captions, seconds, batch, rng, curve) -> dict:
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                beta_end=0.012)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True)
+    ids = tokenizer(captions + [""], padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids
+    empty, ids = ids[-1], ids[:-1]
+    unet.train()
+    text_encoder.train()
+    start, step = time.time(), 0
+    bar = tqdm(desc="UNet + text encoder", unit="step", total=None)
+    alphas = noise_sched.alphas_cumprod
+    while time.time() - start < seconds:
+        idx = torch.randint(0, len(latents), (batch,), generator=rng)
+        x0 = latents[idx]
+        tokens = ids[idx].clone()
+        drop = torch.rand(batch, generator=rng) < 0.1
+        tokens[drop] = empty
+        noise = torch.randn(x0.shape, generator=rng)
+        t = torch.randint(0, 1000, (batch,), generator=rng)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        warm = min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = 5e-4 * warm
+        pred = unet(xt, t, text_encoder(tokens)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.step(unet.parameters())
+        step += 1
+        curve.append(("denoiser", step, float(loss)))
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+    bar.close()
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    text_encoder.eval()
+    return {"denoiser_steps": step}
+
+
+def save_curve(curve: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, stage in zip(axes, ("vae", "denoiser")):
+        values = np.array([v for s, _, v in curve if s == stage])
+        if len(values):
+            window = max(1, len(values) // 50)
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(values, alpha=0.25, lw=0.6)
+            ax.plot(np.arange(len(smooth)) + window - 1, smooth, lw=1.5)
+            ax.set_yscale("log")
+        ax.set_title(f"{stage} loss")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("pipelines/assets/shapes-image"))
+    parser.add_argument("--minutes", type=float, default=45.0, help="total training budget (VAE gets 12%%)")
+    parser.add_argument("--images", type=int, default=30000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch threads; use 1 when other jobs share the CPU (OpenMP oversubscription is slow)")
+    parser.add_argument("--curve", type=Path, default=Path("outputs/shapes-image-loss.png"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = torch.Generator().manual_seed(args.seed)
+
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(Path(tmp))
+    vae, text_encoder, unet = build_models(tokenizer)
+    started = time.time()
+    images, captions = render_set(args.images, args.seed)
+    curve: list = []
+    budget = args.minutes * 60 - (time.time() - started)
+    train_vae(vae, images, 0.12 * budget, args.batch, rng, curve)
+    raw = encode_all(vae, images)
+    scaling = float(1.0 / raw.std())
+    vae.register_to_config(scaling_factor=scaling)
+    stats = train_denoiser(unet, text_encoder, tokenizer, raw * scaling, captions,
+                           args.minutes * 60 - (time.time() - started) - 30, args.batch, rng, curve)
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                            beta_start=0.00085, beta_end=0.012)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    args.curve.parent.mkdir(parents=True, exist_ok=True)
+    save_curve(curve, args.curve)
+    info = {
+        "seed": args.seed, "images": args.images, "batch": args.batch, "image_size": IMAGE_SIZE,
+        "vae_steps": sum(1 for s, *_ in curve if s == "vae"), **stats,
+        "minutes": round((time.time() - started) / 60, 1), "scaling_factor": scaling,
+        "final_vae_loss": float(np.mean([v for s, _, v in curve if s == "vae"][-100:])),
+        "final_denoiser_loss": float(np.mean([v for s, _, v in curve if s == "denoiser"][-200:])),
+        "torch": torch.__version__,
+    }
+    (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    logger.info("saved %s: %s", args.out, info)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
