@@ -10,7 +10,7 @@ from .api import Handle, apply, attention_modules, remove
 from .context import AttentionContext
 from .errors import DiffattnError, InterceptionError, LayerSelectionError, LayoutError, UnsupportedModelError
 from .layout import TokenLayout
-from .methods import AttentionMethod, Dense, Masked
+from .methods import AttentionMethod, Dense, Masked, SlidingTileAttention, SparseAttention
 from .processor import DiffattnProcessor
 from .schedule import StepSchedule
 
@@ -25,6 +25,8 @@ __all__ = [
     "AttentionContext",
     "Dense",
     "Masked",
+    "SparseAttention",
+    "SlidingTileAttention",
     "TokenLayout",
     "StepSchedule",
     "DiffattnProcessor",

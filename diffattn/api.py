@@ -79,6 +79,15 @@ class Handle:
         """The (step, layer) pairs on which the method replaced the attention core."""
         return {(c.step, c.layer) for c in self.calls if c.acted}
 
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Per layer, the mean of what the method reported while acting (e.g. ``density``: the fraction of query-key
+        pairs the kernel computed)."""
+        return {
+            layer: {name: sum(values) / len(values) for name, values in per_layer.items()}
+            for i in self._installed
+            for layer, per_layer in i.run.metrics.items()
+        }
+
     def clear_records(self) -> None:
         for installed in self._installed:
             installed.run.clear_records()

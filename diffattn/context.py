@@ -35,3 +35,6 @@ class AttentionContext:
     scale: float | None
     enable_gqa: bool
     dense: Callable[[Tensor, Tensor, Tensor], Tensor]
+    report: Callable[..., None] = lambda **metrics: None
+
+    # ``report(density=0.1, ...)`` records per-layer numbers that ``handle.metrics()`` averages.

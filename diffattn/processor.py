@@ -211,6 +211,7 @@ class DiffattnProcessor:
             scale=call["scale"],
             enable_gqa=call["enable_gqa"],
             dense=dense,
+            report=lambda **metrics: run.report(self.layer, metrics),
         )
         out = run.method(q, k, v, ctx)
         expected = (*q.shape[:-1], v.shape[-1])

@@ -69,6 +69,7 @@ class RunState:
         self.pipeline = pipeline
         self.fixed_num_steps = num_steps
         self.calls: list[CallRecord] = []
+        self.metrics: dict[str, dict[str, list[float]]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -81,6 +82,7 @@ class RunState:
 
     def clear_records(self) -> None:
         self.calls.clear()
+        self.metrics.clear()
 
     # -- called by the hook before every model forward -------------------------------------------------------
     def begin_forward(self, inputs: ModelInputs, cache_name: str | None, cache_num_steps: int | None) -> None:
@@ -126,6 +128,11 @@ class RunState:
 
     def record(self, step: int, layer: str, role: str, *, acted: bool) -> None:
         self.calls.append(CallRecord(step, layer, role, acted))
+
+    def report(self, layer: str, metrics: dict[str, float]) -> None:
+        per_layer = self.metrics.setdefault(layer, {})
+        for name, value in metrics.items():
+            per_layer.setdefault(name, []).append(float(value))
 
 
 class _NoState(BaseState):

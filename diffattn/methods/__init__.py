@@ -3,5 +3,6 @@
 from .base import AttentionMethod
 from .dense import Dense
 from .masked import Masked
+from .sparse import SlidingTileAttention, SparseAttention
 
-__all__ = ["AttentionMethod", "Dense", "Masked"]
+__all__ = ["AttentionMethod", "Dense", "Masked", "SparseAttention", "SlidingTileAttention"]

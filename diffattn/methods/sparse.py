@@ -1,0 +1,127 @@
+"""Static sparse attention methods: a pattern, compiled to a ``BlockMask``, computed by a block-sparse kernel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .. import kernels
+from ..context import AttentionContext
+from ..errors import LayoutError
+from ..layout import TokenLayout
+from ..patterns.base import Pattern
+from ..patterns.compile import CompiledPattern, compile_pattern
+from ..patterns.tile import SlidingTile
+from .base import AttentionMethod, check_roles
+
+__all__ = ["SparseAttention", "SlidingTileAttention", "text_padding_per_batch"]
+
+_SPARSE_ROLES = frozenset({"self", "joint"})
+
+
+def text_padding_per_batch(attn_mask: Tensor | None, layout: TokenLayout, batch: int, layer: str) -> list[int]:
+    """Number of trailing padded text tokens of each batch entry, from a boolean key-padding mask.
+
+    Sparse kernels share one block mask across the batch, so the only stock masks they take are key-padding
+    masks on the end of the text run (HunyuanVideo's); anything else is refused rather than ignored.
+    """
+    if attn_mask is None:
+        return [0] * batch
+    refuse = LayoutError(
+        f"{layer}: sparse attention takes no attention mask except key padding of trailing text tokens; this call "
+        f"has a {tuple(attn_mask.shape)} {attn_mask.dtype} mask. Apply the method to other layers (layers=...) or "
+        "use Masked for arbitrary masks."
+    )
+    if attn_mask.dtype != torch.bool or attn_mask.ndim != 4 or attn_mask.shape[1] != 1:
+        raise refuse
+    keys = attn_mask[:, 0].expand(batch, -1, -1)  # (B, Sq or 1, Skv)
+    if not bool((keys == keys[:, :1]).all()):
+        raise refuse
+    keys = keys[:, 0]
+    paddings = []
+    for row in keys:
+        invalid = torch.nonzero(~row).flatten()
+        pad = int(invalid.numel())
+        expected = torch.arange(layout.text_start + layout.text_len - pad, layout.text_start + layout.text_len)
+        if pad > layout.text_len or not torch.equal(invalid.cpu(), expected):
+            raise refuse
+        paddings.append(pad)
+    return paddings
+
+
+@dataclass(frozen=True)
+class SparseAttention(AttentionMethod):
+    """Attention restricted to ``pattern`` over the visual tokens; text tokens of joint attention stay dense.
+
+    ``backend``: ``"auto"`` (fastest supported), ``"torch"``, ``"flex"``, ``"flex-compiled"`` or ``"reference"``;
+    see :mod:`diffattn.kernels`. Acts on self and joint attention; cross-attention stays dense.
+    """
+
+    pattern: Pattern | None = None
+    backend: str = "auto"
+    block_size: int = 128
+    roles: frozenset[str] = field(default=_SPARSE_ROLES)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "roles", check_roles(self.roles, self.name))
+        if not self.roles <= _SPARSE_ROLES:
+            raise ValueError(f"{self.name} acts on self and joint attention only, got roles {sorted(self.roles)}")
+        if self.backend != "auto" and self.backend not in kernels.BACKENDS:
+            raise ValueError(f"{self.name}: unknown backend {self.backend!r}; choose from {['auto', *kernels.BACKENDS]}")
+        if self.block_size < 1:
+            raise ValueError(f"{self.name}: block_size must be positive, got {self.block_size}")
+
+    def pattern_for(self, ctx: AttentionContext) -> Pattern:
+        if self.pattern is None:
+            raise ValueError(f"{self.name}: no pattern given")
+        return self.pattern
+
+    def block_size_for(self, pattern: Pattern, grid: tuple[int, ...]) -> int:
+        return self.block_size
+
+    def compiled(self, ctx: AttentionContext, text_padding: int, device: torch.device) -> CompiledPattern:
+        pattern = self.pattern_for(ctx)
+        block = self.block_size_for(pattern, ctx.q_layout.grid)
+        return compile_pattern(pattern, ctx.q_layout, block_size=block, text_padding=text_padding, device=device)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        if ctx.q_layout != ctx.kv_layout:
+            raise LayoutError(f"{self.name} needs queries and keys over the same tokens ({ctx.layer} is {ctx.role})")
+        paddings = text_padding_per_batch(ctx.attn_mask, ctx.q_layout, q.shape[0], ctx.layer)
+        out = torch.empty_like(q)
+        densities = []
+        for pad in sorted(set(paddings)):
+            rows = [b for b, p in enumerate(paddings) if p == pad]
+            sel = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+            plan = self.compiled(ctx, pad, q.device)
+            qk, kk, vk = (x[sel].index_select(-2, plan.gather) for x in (q, k, v))
+            o, _ = kernels.attention(qk, kk, vk, plan.block_mask, scale=ctx.scale, backend=self.backend)
+            out[sel] = o.index_select(-2, plan.scatter)
+            densities.append(plan.density)
+        ctx.report(density=sum(densities) / len(densities))
+        return out
+
+
+@dataclass(frozen=True)
+class SlidingTileAttention(SparseAttention):
+    """Sliding tile attention: tokens grouped into ``tile``-shaped tiles; each query tile attends the ``window``
+    tiles around it (clamped inward at borders). Every kernel block is full or empty (block size = tile volume).
+
+    ``tile`` and ``window`` take an int (all axes) or one value per axis of the layer's grid, e.g.
+    ``tile=(4, 4, 8), window=(1, 3, 4)`` for video ``(f, h, w)`` grids or ``tile=(8, 16), window=3`` for images.
+    """
+
+    tile: int | tuple[int, ...] = (4, 4, 8)
+    window: int | tuple[int, ...] = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        SlidingTile(self.tile, self.window)  # validate now
+
+    def pattern_for(self, ctx: AttentionContext) -> Pattern:
+        return SlidingTile(self.tile, self.window)
+
+    def block_size_for(self, pattern: Pattern, grid: tuple[int, ...]) -> int:
+        return pattern.tile_volume(grid)
