@@ -10,7 +10,17 @@ from .api import Handle, apply, attention_modules, remove
 from .context import AttentionContext
 from .errors import DiffattnError, InterceptionError, LayerSelectionError, LayoutError, UnsupportedModelError
 from .layout import TokenLayout
-from .methods import AttentionMethod, Dense, Masked, SlidingTileAttention, SparseAttention
+from .methods import (
+    HIDIFFUSION_LAYERS,
+    AttentionMethod,
+    Dense,
+    Masked,
+    RadialAttention,
+    ShiftedWindowAttention,
+    SlidingTileAttention,
+    SlidingWindowAttention,
+    SparseAttention,
+)
 from .processor import DiffattnProcessor
 from .schedule import StepSchedule
 
@@ -27,6 +37,10 @@ __all__ = [
     "Masked",
     "SparseAttention",
     "SlidingTileAttention",
+    "SlidingWindowAttention",
+    "ShiftedWindowAttention",
+    "RadialAttention",
+    "HIDIFFUSION_LAYERS",
     "TokenLayout",
     "StepSchedule",
     "DiffattnProcessor",

@@ -62,6 +62,32 @@ def _runs(partial: list[int], full: list[int]) -> list[tuple[int, int, bool]]:
     return runs
 
 
+def _partial_mask(mask_mod, g: int, per_head: bool, q0: int, q1: int, kv_positions: Tensor, dtype, device) -> tuple[Tensor, Tensor]:
+    """Additive mask (0 / -inf) and the boolean 'allowed' of one query block against the given key positions."""
+    q_idx = torch.arange(q0, q1, device=device).view(-1, 1)
+    h_idx = torch.tensor(g if per_head else 0, device=device)
+    allowed = mask_mod(torch.tensor(0, device=device), h_idx, q_idx, kv_positions.view(1, -1))
+    allowed = allowed.expand(q1 - q0, kv_positions.numel())
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, _NEG_INF), allowed
+
+
+def _merge(parts: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([p[1] for p in parts])
+    lse = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - torch.where(torch.isneginf(lse), 0.0, lse)).unsqueeze(-1)
+    return sum(w * p[0].float() for w, p in zip(weights, parts)).to(dtype), lse
+
+
+# Query blocks whose key blocks form few runs (at most MAX_VIEW_RUNS) or long ones (MIN_VIEW_RUN blocks on
+# average) attend them as views of k and v (no copy); others gather their key blocks, batched with every other
+# query block that keeps the same number of blocks.
+MAX_VIEW_RUNS = 3
+MIN_VIEW_RUN = 2.0
+GATHER_CHUNK = 8
+
+
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, *, scale: float | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -82,41 +108,78 @@ def block_sparse_attention(
         v = v.repeat_interleave(heads // v.shape[1], dim=1)
     bq, bkv = block_mask.BLOCK_SIZE
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    mask_mod = block_mask.mask_mod
+    per_head = mask_heads > 1
     out = torch.zeros_like(q)
     lse = torch.full((batch, heads, num_q), _NEG_INF, dtype=torch.float32, device=q.device)
-    head_groups = [slice(h, h + 1) for h in range(heads)] if mask_heads > 1 else [slice(0, heads)]
+    head_groups = [slice(h, h + 1) for h in range(heads)] if per_head else [slice(0, heads)]
     partial_lists = _lists(block_mask.kv_num_blocks, block_mask.kv_indices)
     full_lists = _lists(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    num_kv_blocks = math.ceil(num_kv / bkv)
     for g, hs in enumerate(head_groups):
+        gathered: dict[int, list[tuple[int, list[int], list[int]]]] = {}
         for qb in range(math.ceil(num_q / bq)):
-            q0, q1 = qb * bq, min((qb + 1) * bq, num_q)
-            runs = _runs(partial_lists[g][qb], full_lists[g][qb] if full_lists else [])
+            partial, full = partial_lists[g][qb], full_lists[g][qb] if full_lists else []
+            runs = _runs(partial, full)
             if not runs:
                 continue
-            qq = q[:, hs, q0:q1]
+            q0, q1 = qb * bq, min((qb + 1) * bq, num_q)
+            short = len(runs) > MAX_VIEW_RUNS and (len(partial) + len(full)) / len(runs) < MIN_VIEW_RUN
+            if short and q1 - q0 == bq:
+                gathered.setdefault(len(partial) + len(full), []).append((qb, partial, full))
+                continue
             parts = []
             for first, stop, masked in runs:
                 k0, k1 = first * bkv, min(stop * bkv, num_kv)
-                mask = None
+                mask = allowed = None
                 if masked:
-                    q_idx = torch.arange(q0, q1, device=q.device).view(-1, 1)
-                    kv_idx = torch.arange(k0, k1, device=q.device).view(1, -1)
-                    h_idx = torch.tensor(g if mask_heads > 1 else 0, device=q.device)
-                    allowed = mask_mod(torch.tensor(0, device=q.device), h_idx, q_idx, kv_idx)
-                    allowed = allowed.expand(q1 - q0, k1 - k0)
-                    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, _NEG_INF)
-                o, l = _fused(qq, k[:, hs, k0:k1], v[:, hs, k0:k1], None if mask is None else mask.view(1, 1, *mask.shape), scale)
-                if mask is not None:
+                    mask, allowed = _partial_mask(block_mask.mask_mod, g, per_head, q0, q1,
+                                                  torch.arange(k0, k1, device=q.device), q.dtype, q.device)
+                o, l = _fused(q[:, hs, q0:q1], k[:, hs, k0:k1], v[:, hs, k0:k1],
+                              None if mask is None else mask.view(1, 1, *mask.shape), scale)
+                if allowed is not None:
                     l = torch.where(allowed.any(-1), l, _NEG_INF)
                 parts.append((o, l))
-            if len(parts) == 1:
-                o, l = parts[0]
-            else:
-                lses = torch.stack([p[1] for p in parts])
-                l = torch.logsumexp(lses, dim=0)
-                weights = torch.exp(lses - torch.where(torch.isneginf(l), 0.0, l)).unsqueeze(-1)
-                o = sum(w * p[0].float() for w, p in zip(weights, parts)).to(q.dtype)
-            out[:, hs, q0:q1] = o
-            lse[:, hs, q0:q1] = l
+            out[:, hs, q0:q1], lse[:, hs, q0:q1] = _merge(parts, q.dtype)
+        if gathered:
+            _gathered_blocks(q, k, v, out, lse, hs, g, per_head, gathered, block_mask, bq, bkv, num_kv_blocks, scale)
     return out, lse
+
+
+def _gathered_blocks(q, k, v, out, lse, hs, g, per_head, groups, block_mask, bq, bkv, num_kv_blocks, scale) -> None:
+    """Query blocks with many runs: copy their key blocks together, one fused call per chunk of query blocks."""
+    batch, heads, num_kv, dim = k[:, hs].shape
+    pad = num_kv_blocks * bkv - num_kv
+    kb, vb = (torch.nn.functional.pad(x[:, hs], (0, 0, 0, pad)) if pad else x[:, hs] for x in (k, v))
+    kb = kb.reshape(batch, heads, num_kv_blocks, bkv, dim)
+    vb = vb.reshape(batch, heads, num_kv_blocks, bkv, dim)
+    for count, members in groups.items():
+        for c0 in range(0, len(members), GATHER_CHUNK):
+            chunk = members[c0:c0 + GATHER_CHUNK]
+            blocks = torch.tensor([sorted(p + f) for _, p, f in chunk], device=q.device)  # (G, count)
+            kk = kb[:, :, blocks].reshape(batch, heads, len(chunk), count * bkv, dim).transpose(1, 2)
+            vv = vb[:, :, blocks].reshape(batch, heads, len(chunk), count * bkv, dim).transpose(1, 2)
+            qq = torch.stack([q[:, hs, qb * bq:(qb + 1) * bq] for qb, _, _ in chunk], dim=1)  # (B, G, H, bq, D)
+            need_mask = pad > 0 or any(p for _, p, _ in chunk)
+            mask = rows_any = None
+            if need_mask:
+                masks, alloweds = [], []
+                for (qb, partial, _), row in zip(chunk, blocks.tolist()):
+                    positions = (torch.tensor(row, device=q.device).view(-1, 1) * bkv
+                                 + torch.arange(bkv, device=q.device)).flatten()
+                    _, allowed = _partial_mask(block_mask.mask_mod, g, per_head, qb * bq, (qb + 1) * bq,
+                                               positions.clamp(max=num_kv - 1), q.dtype, q.device)
+                    in_partial = torch.tensor([b in partial for b in row], device=q.device).repeat_interleave(bkv)
+                    allowed = torch.where(in_partial.view(1, -1), allowed, True) & (positions < num_kv).view(1, -1)
+                    alloweds.append(allowed)
+                    masks.append(torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, _NEG_INF))
+                mask = torch.stack(masks).view(1, len(chunk), 1, bq, -1).expand(batch, -1, -1, -1, -1)
+                rows_any = torch.stack(alloweds).any(-1).view(1, len(chunk), 1, bq)
+            o, l = _fused(qq.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1),
+                          None if mask is None else mask.flatten(0, 1), scale)
+            o = o.view(batch, len(chunk), heads, bq, dim)
+            l = l.view(batch, len(chunk), heads, bq)
+            if rows_any is not None:
+                l = torch.where(rows_any, l, _NEG_INF)
+            for i, (qb, _, _) in enumerate(chunk):
+                out[:, hs, qb * bq:(qb + 1) * bq] = o[:, i]
+                lse[:, hs, qb * bq:(qb + 1) * bq] = l[:, i]

@@ -56,6 +56,38 @@ def _example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    """Dense vs sparse methods on the embedded video model at 16k+ tokens: times, Amdahl bound, PSNR/SSIM."""
+    from pathlib import Path
+
+    import torch
+
+    from diffattn.pipelines import embedded
+    from diffattn.pipelines.compare import format_rows, run_compare, save_outputs
+
+    torch.set_num_threads(args.threads)
+    try:
+        pipe = embedded.load_video_pipeline()
+        weights = "trained embedded video model"
+    except FileNotFoundError:
+        pipe = embedded.random_video_pipeline(seed=0)
+        weights = "embedded video architecture, random weights (train it: scripts/train_shapes_video.py)"
+    pipe.set_progress_bar_config(leave=False, desc="denoising")
+    rows, videos = run_compare(pipe, frames=args.frames, height=args.height, width=args.width, steps=args.steps)
+    patch = pipe.transformer.config.patch_size
+    tokens = (args.frames // patch[0]) * (args.height // patch[1]) * (args.width // patch[2])
+    title = (f"{weights}; {args.frames} frames x {args.height}x{args.width} px = {tokens} tokens, "
+             f"{args.steps} steps with CFG, {torch.get_num_threads()} CPU threads")
+    print(title)
+    print(format_rows(rows))
+    print("e2e x: speedup of the whole generation over stock dense attention; Amdahl: the best e2e speedup the model "
+          "allows for that method's measured attention speedup; reach = e2e / Amdahl; ideal: the bound if attention "
+          "cost were exactly proportional to density.")
+    for path in save_outputs(rows, videos, Path(args.out), title):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffattn", description="Attention methods for diffusers models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what diffattn installs")
@@ -64,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     example.add_argument("--steps", type=int, default=4)
     example.add_argument("--size", type=int, default=64, help="image size in pixels (multiple of 16)")
     example.set_defaults(run=_example)
+    compare = sub.add_parser("compare", help="speed and quality of sparse methods vs dense attention (main job)")
+    compare.add_argument("--frames", type=int, default=32)
+    compare.add_argument("--height", type=int, default=64)
+    compare.add_argument("--width", type=int, default=128)
+    compare.add_argument("--steps", type=int, default=2, help="denoising steps (each runs cond and uncond passes)")
+    compare.add_argument("--threads", type=int, default=2)
+    compare.add_argument("--out", default="outputs/compare", help="folder for compare.png and compare.json")
+    compare.set_defaults(run=_compare)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if getattr(args, "run", None) is None:

@@ -10,3 +10,6 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 "$PY" -m pip install --quiet -e ".[test]" "torch==${TORCH_VERSION}"
+# NATTEN (compared against in tests and benchmarks) builds Python-only; without build isolation it takes seconds
+# instead of pulling a second torch into an isolated build environment.
+"$PY" -c "import natten" >/dev/null 2>&1 || "$PY" -m pip install --quiet --no-build-isolation "natten==0.21.7"

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,27 +23,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffattn.pipelines.embedded import MAX_TEXT_TOKENS, shapes_tokenizer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 logger = logging.getLogger("train_shapes_image")
 
 IMAGE_SIZE = 32
-MAX_TEXT_TOKENS = 32
-
-
-def build_tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
-
-    from diffattn.pipelines.tiny import write_clip_vocab
-    from diffattn.shapes import VOCABULARY
-
-    write_clip_vocab(folder, VOCABULARY)
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_TEXT_TOKENS, pad_token="<|endoftext|>")
 
 
 def build_models(tokenizer):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffattn.pipelines.embedded import shapes_text_encoder
 
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE, layers_per_block=1,
@@ -52,11 +43,7 @@ def build_models(tokenizer):
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=MAX_TEXT_TOKENS, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = shapes_text_encoder(tokenizer)
     unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64, 64), norm_num_groups=16, cross_attention_dim=64, attention_head_dim=8,
@@ -198,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(Path(tmp))
+    tokenizer = shapes_tokenizer()
     vae, text_encoder, unet = build_models(tokenizer)
     started = time.time()
     images, captions = render_set(args.images, args.seed)

@@ -3,6 +3,14 @@
 from .base import AttentionMethod
 from .dense import Dense
 from .masked import Masked
-from .sparse import SlidingTileAttention, SparseAttention
+from .sparse import (
+    HIDIFFUSION_LAYERS,
+    RadialAttention,
+    ShiftedWindowAttention,
+    SlidingTileAttention,
+    SlidingWindowAttention,
+    SparseAttention,
+)
 
-__all__ = ["AttentionMethod", "Dense", "Masked", "SparseAttention", "SlidingTileAttention"]
+__all__ = ["AttentionMethod", "Dense", "Masked", "SparseAttention", "SlidingTileAttention", "SlidingWindowAttention",
+           "ShiftedWindowAttention", "RadialAttention", "HIDIFFUSION_LAYERS"]

@@ -14,9 +14,18 @@ from ..layout import TokenLayout
 from ..patterns.base import Pattern
 from ..patterns.compile import CompiledPattern, compile_pattern
 from ..patterns.tile import SlidingTile
+from ..patterns.window import Radial, ShiftedWindow, SlidingWindow, hidiffusion_shift
 from .base import AttentionMethod, check_roles
 
-__all__ = ["SparseAttention", "SlidingTileAttention", "text_padding_per_batch"]
+__all__ = [
+    "SparseAttention",
+    "SlidingTileAttention",
+    "SlidingWindowAttention",
+    "ShiftedWindowAttention",
+    "RadialAttention",
+    "HIDIFFUSION_LAYERS",
+    "text_padding_per_batch",
+]
 
 _SPARSE_ROLES = frozenset({"self", "joint"})
 
@@ -90,6 +99,12 @@ class SparseAttention(AttentionMethod):
         if ctx.q_layout != ctx.kv_layout:
             raise LayoutError(f"{self.name} needs queries and keys over the same tokens ({ctx.layer} is {ctx.role})")
         paddings = text_padding_per_batch(ctx.attn_mask, ctx.q_layout, q.shape[0], ctx.layer)
+        pattern_heads = self.pattern_for(ctx).num_heads()
+        if pattern_heads is not None and pattern_heads != q.shape[1]:
+            raise LayoutError(
+                f"{self.name} on {ctx.layer}: the per-head pattern has {pattern_heads} heads but the layer has "
+                f"{q.shape[1]}; give one pattern per head"
+            )
         out = torch.empty_like(q)
         densities = []
         for pad in sorted(set(paddings)):
@@ -125,3 +140,69 @@ class SlidingTileAttention(SparseAttention):
 
     def block_size_for(self, pattern: Pattern, grid: tuple[int, ...]) -> int:
         return pattern.tile_volume(grid)
+
+
+@dataclass(frozen=True)
+class SlidingWindowAttention(SparseAttention):
+    """Neighborhood attention with NATTEN semantics: ``window`` tokens per axis around each query (clamped inward
+    at the borders so every query sees a full window), optional ``stride`` (generalized neighborhood attention:
+    queries in runs of ``stride`` share a window) and ``dilation``. Ints apply to every axis."""
+
+    window: int | tuple[int, ...] = 7
+    stride: int | tuple[int, ...] = 1
+    dilation: int | tuple[int, ...] = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        SlidingWindow(self.window, self.stride, self.dilation)  # validate now
+
+    def pattern_for(self, ctx: AttentionContext) -> Pattern:
+        return SlidingWindow(self.window, self.stride, self.dilation)
+
+
+@dataclass(frozen=True)
+class ShiftedWindowAttention(SparseAttention):
+    """HiDiffusion's MSW-MSA: self-attention inside a ``windows`` grid of windows (2 x 2: a quarter of the cost),
+    cyclically shifted by a fraction of the window drawn per (step, layer) from ``seed`` (never the global RNG),
+    or a fixed ``shift`` fraction. Odd sizes need no resizing. Use it on a UNet's highest-resolution
+    self-attention (see ``HIDIFFUSION_LAYERS``)."""
+
+    windows: int | tuple[int, ...] = (2, 2)
+    shift: float | None = None
+    seed: int = 0
+    roles: frozenset[str] = field(default=frozenset({"self"}))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shift is not None and not 0.0 <= self.shift < 1.0:
+            raise ValueError(f"ShiftedWindowAttention: shift is a fraction of the window in [0, 1), got {self.shift}")
+
+    def pattern_for(self, ctx: AttentionContext) -> Pattern:
+        fraction = self.shift if self.shift is not None else hidiffusion_shift(ctx.step, ctx.layer, self.seed)
+        return ShiftedWindow.from_fraction(ctx.q_layout.grid, fraction, self.windows)
+
+
+# HiDiffusion's MSW-MSA layers (the highest-resolution transformer blocks), for diffattn.apply(layers=...).
+HIDIFFUSION_LAYERS = {
+    "sd15": [r"down_blocks\.0\.attentions\.[01]\.transformer_blocks\.0\.attn1",
+             r"up_blocks\.3\.attentions\.[012]\.transformer_blocks\.0\.attn1"],
+    "sdxl": [r"down_blocks\.1\.attentions\.[01]\.transformer_blocks\.\d+\.attn1",
+             r"up_blocks\.1\.attentions\.[012]\.transformer_blocks\.\d+\.attn1"],
+}
+
+
+@dataclass(frozen=True)
+class RadialAttention(SparseAttention):
+    """Radial Attention for video: dense within neighbouring frames, a band that shrinks exponentially with frame
+    distance (``decay``), optional first-frame sink; block-level (``block_size`` 128 or 64). Text stays dense."""
+
+    decay: float = 1.0
+    frame_sink: bool = True
+    dense_band_frames: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        Radial(self.decay, self.block_size, self.frame_sink, self.dense_band_frames)  # validate now
+
+    def pattern_for(self, ctx: AttentionContext) -> Pattern:
+        return Radial(self.decay, self.block_size, self.frame_sink, self.dense_band_frames)

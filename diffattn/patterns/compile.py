@@ -100,13 +100,15 @@ def _compile(pattern: Pattern, layout: TokenLayout, block_size: int, text_paddin
     full &= any_
 
     visual_mod = pattern.mask_mod(layout.grid)
+    per_head = pattern.num_heads() is not None
     valid_dev = valid.to(device)
     last_visual = max(n_vis - 1, 0)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         q_text = q_idx >= n_vis
         kv_text = kv_idx >= n_vis
-        vis = visual_mod(torch.clamp(q_idx, max=last_visual), torch.clamp(kv_idx, max=last_visual))
+        q_vis, kv_vis = torch.clamp(q_idx, max=last_visual), torch.clamp(kv_idx, max=last_visual)
+        vis = visual_mod(q_vis, kv_vis, h) if per_head else visual_mod(q_vis, kv_vis)
         return valid_dev[kv_idx] & (q_text | kv_text | vis)
 
     block_mask = _to_block_mask(any_, full, block_size, length, mask_mod)

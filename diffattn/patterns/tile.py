@@ -38,62 +38,67 @@ class SlidingTile(Pattern):
             if not isinstance(value, int):
                 object.__setattr__(self, name, tuple(value))
 
-    def _geometry(self, grid: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    def _geometry(self, grid: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(tile, window, tiles per axis, tile traversal order of the axes, outermost first)."""
         grid = check_grid(grid, None, "SlidingTile")
         tile = _per_axis(self.tile, len(grid), "tile")
         window = _per_axis(self.window, len(grid), "window")
         tiles = tuple(math.ceil(n / t) for n, t in zip(grid, tile))
-        # A window wider than the tile grid covers the whole axis.
-        return tile, tuple(min(w, n) for w, n in zip(window, tiles)), tiles
+        window = tuple(min(w, n) for w, n in zip(window, tiles))  # a window wider than the axis covers it
+        # Tiles are laid out with the widest window innermost (whole-axis windows innermost of all), so the key
+        # tiles of a query tile form few, long contiguous runs: the kernel attends them as views, without copies.
+        axes = tuple(sorted(range(len(grid)), key=lambda a: (window[a] == tiles[a], window[a])))
+        return tile, window, tiles, axes
 
     def tile_volume(self, grid: tuple[int, ...]) -> int:
         return math.prod(self._geometry(grid)[0])
 
     def token_order(self, grid: tuple[int, ...]) -> Tensor:
-        tile, _, tiles = self._geometry(grid)
-        pos = torch.arange(math.prod(tiles) * math.prod(tile))
-        coords = self._token_coords(pos, tile, tiles)
+        tile, _, tiles, axes = self._geometry(grid)
+        volume = math.prod(tile)
+        pos = torch.arange(math.prod(tiles) * volume)
+        tile_coords = self._tile_coords(pos // volume, tiles, axes)
+        r = pos % volume
         valid = torch.ones_like(pos, dtype=torch.bool)
         raster = torch.zeros_like(pos)
-        for c, n in zip(coords, grid):
+        in_stride = volume
+        for a, (n, k) in enumerate(zip(grid, tile)):
+            in_stride //= k
+            c = tile_coords[a] * k + (r // in_stride) % k
             valid &= c < n
             raster = raster * n + c
         return torch.where(valid, raster, -1)
 
     @staticmethod
-    def _token_coords(pos: Tensor, tile: tuple[int, ...], tiles: tuple[int, ...]) -> list[Tensor]:
-        volume = math.prod(tile)
-        t, r = pos // volume, pos % volume
-        coords = []
-        tile_stride, in_stride = math.prod(tiles), volume
-        for nt, nk in zip(tiles, tile):
-            tile_stride //= nt
-            in_stride //= nk
-            coords.append(((t // tile_stride) % nt) * nk + (r // in_stride) % nk)
+    def _tile_coords(t: Tensor, tiles: tuple[int, ...], axes: tuple[int, ...]) -> list[Tensor]:
+        """Per-axis tile coordinates of tile index ``t`` (tiles traversed in ``axes`` order, outermost first)."""
+        coords: list[Tensor] = [t] * len(tiles)
+        stride = math.prod(tiles)
+        for a in axes:
+            stride //= tiles[a]
+            coords[a] = (t // stride) % tiles[a]
         return coords
 
-    @staticmethod
-    def _tile_allowed(tq: Tensor, tk: Tensor, window: tuple[int, ...], tiles: tuple[int, ...]) -> Tensor:
-        allowed = torch.ones(torch.broadcast_shapes(tq.shape, tk.shape), dtype=torch.bool)
-        stride = math.prod(tiles)
-        for w, n in zip(window, tiles):
-            stride //= n
-            cq, ck = (tq // stride) % n, (tk // stride) % n
+    @classmethod
+    def _tile_allowed(cls, tq: Tensor, tk: Tensor, window: tuple[int, ...], tiles: tuple[int, ...],
+                      axes: tuple[int, ...]) -> Tensor:
+        allowed = torch.ones(torch.broadcast_shapes(tq.shape, tk.shape), dtype=torch.bool, device=tq.device)
+        for cq, ck, w, n in zip(cls._tile_coords(tq, tiles, axes), cls._tile_coords(tk, tiles, axes), window, tiles):
             start = torch.clamp(cq - w // 2, min=0, max=n - w)
             allowed = allowed & (ck >= start) & (ck < start + w)
         return allowed
 
     def mask_mod(self, grid: tuple[int, ...]) -> PositionMaskMod:
-        tile, window, tiles = self._geometry(grid)
+        tile, window, tiles, axes = self._geometry(grid)
         volume = math.prod(tile)
 
         def mod(q: Tensor, kv: Tensor) -> Tensor:
-            return self._tile_allowed(q // volume, kv // volume, window, tiles).to(q.device)
+            return self._tile_allowed(q // volume, kv // volume, window, tiles, axes)
 
         return mod
 
     def block_relation(self, grid: tuple[int, ...], block_size: int) -> tuple[Tensor, Tensor]:
-        tile, window, tiles = self._geometry(grid)
+        tile, window, tiles, axes = self._geometry(grid)
         volume = math.prod(tile)
         if block_size != volume:
             raise ValueError(
@@ -102,5 +107,5 @@ class SlidingTile(Pattern):
             )
         n = math.prod(tiles)
         t = torch.arange(n)
-        kept = self._tile_allowed(t.view(-1, 1), t.view(1, -1), window, tiles)
+        kept = self._tile_allowed(t.view(-1, 1), t.view(1, -1), window, tiles, axes)
         return kept, kept.clone()

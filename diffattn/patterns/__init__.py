@@ -1,0 +1,18 @@
+"""Attention patterns: which keys each visual query may see, as index arithmetic and block relations."""
+
+from .base import Pattern, PositionMaskMod, block_ranges, blocks_of, check_grid
+from .window import Radial, ShiftedWindow, SlidingWindow, hidiffusion_shift, inward_window, radial_density
+
+__all__ = [
+    "Pattern",
+    "PositionMaskMod",
+    "check_grid",
+    "blocks_of",
+    "block_ranges",
+    "SlidingWindow",
+    "inward_window",
+    "ShiftedWindow",
+    "hidiffusion_shift",
+    "Radial",
+    "radial_density",
+]

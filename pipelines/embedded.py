@@ -1,0 +1,101 @@
+"""The embedded default models: tiny image and video diffusion models trained here on shapes scenes.
+
+Both load offline with standard diffusers classes: ``StableDiffusionPipeline.from_pretrained(IMAGE_MODEL_DIR)``
+and ``ShapesVideoPipeline.from_pretrained(VIDEO_MODEL_DIR)`` (a ``DiffusionPipeline`` around the standard
+``WanTransformer3DModel``). Their configs live here so training scripts and fallbacks build the same models.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..shapes import VOCABULARY
+from .tiny import write_clip_vocab
+
+__all__ = [
+    "IMAGE_MODEL_DIR",
+    "VIDEO_MODEL_DIR",
+    "MAX_TEXT_TOKENS",
+    "shapes_tokenizer",
+    "shapes_text_encoder",
+    "video_transformer",
+    "load_image_pipeline",
+    "load_video_pipeline",
+    "random_video_pipeline",
+]
+
+ASSETS = Path(__file__).parent / "assets"
+IMAGE_MODEL_DIR = ASSETS / "shapes-image"
+VIDEO_MODEL_DIR = ASSETS / "shapes-video"
+MAX_TEXT_TOKENS = 32
+
+
+def shapes_tokenizer() -> Any:
+    """CLIP tokenizer whose vocabulary is the shapes grammar (every grammar word is one token)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_clip_vocab(Path(folder), VOCABULARY)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TEXT_TOKENS, pad_token="<|endoftext|>")
+
+
+def shapes_text_encoder(tokenizer: Any) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=MAX_TEXT_TOKENS, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def video_transformer() -> torch.nn.Module:
+    """The embedded video model's WanTransformer3DModel: pixel space, 4x4 patches, 4 layers of 4 x 32 heads."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3,
+        text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=128,
+    )
+
+
+def _require(path: Path, what: str, script: str) -> Path:
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded {what} model is not at {path}; train it with `python scripts/{script}` "
+            "(or pass the folder of a trained checkpoint)"
+        )
+    return path
+
+
+def load_image_pipeline(path: str | Path | None = None, **kwargs: Any) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    folder = _require(Path(path or IMAGE_MODEL_DIR), "image", "train_shapes_image.py")
+    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **kwargs)
+
+
+def load_video_pipeline(path: str | Path | None = None, **kwargs: Any) -> Any:
+    from .shapes_video import ShapesVideoPipeline
+
+    folder = _require(Path(path or VIDEO_MODEL_DIR), "video", "train_shapes_video.py")
+    return ShapesVideoPipeline.from_pretrained(folder, local_files_only=True, **kwargs)
+
+
+def random_video_pipeline(seed: int = 0) -> Any:
+    """The embedded video pipeline's architecture with random weights (for speed measurements without weights)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .shapes_video import ShapesVideoPipeline
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tokenizer = shapes_tokenizer()
+        pipe = ShapesVideoPipeline(transformer=video_transformer().eval(), text_encoder=shapes_text_encoder(tokenizer).eval(),
+                                   tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return pipe

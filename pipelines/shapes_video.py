@@ -1,0 +1,89 @@
+"""``ShapesVideoPipeline``: text-to-video with a standard ``WanTransformer3DModel`` in pixel space.
+
+The embedded video model: no VAE (frames are small, 32 x 32), a CLIP text encoder with the shapes grammar's
+tokenizer, flow matching with ``FlowMatchEulerDiscreteScheduler`` as Wan does. Like ``WanPipeline`` it runs the
+conditional and unconditional passes separately inside ``transformer.cache_context("cond" / "uncond")``, so
+diffattn (and diffusers' cache hooks) see the same calls as with Wan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+__all__ = ["ShapesVideoPipeline", "ShapesVideoOutput"]
+
+
+@dataclass
+class ShapesVideoOutput(BaseOutput):
+    frames: np.ndarray | torch.Tensor  # (B, T, H, W, 3) in [0, 1] for "np"; (B, 3, T, H, W) in [-1, 1] for "pt"
+
+
+class ShapesVideoPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->transformer"
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ) -> None:
+        super().__init__()
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        *,
+        num_frames: int = 8,
+        height: int = 32,
+        width: int = 32,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 4.0,
+        generator: torch.Generator | None = None,
+        output_type: str = "np",
+    ) -> ShapesVideoOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ph, pw = self.transformer.config.patch_size[1:]
+        if height % ph or width % pw:
+            raise ValueError(f"height and width must be multiples of the patch size {ph}x{pw}, got {height}x{width}")
+        self._guidance_scale = guidance_scale
+        device = self.transformer.device
+        dtype = self.transformer.dtype
+        cond = self.encode_prompt(prompts).to(dtype)
+        uncond = self.encode_prompt([""] * len(prompts)).to(dtype) if self.do_classifier_free_guidance else None
+        shape = (len(prompts), self.transformer.config.in_channels, num_frames, height, width)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            timestep = t.expand(len(prompts))
+            with self.transformer.cache_context("cond", step_index=i, num_inference_steps=num_inference_steps):
+                pred = self.transformer(latents.to(dtype), timestep, cond, return_dict=False)[0].float()
+            if uncond is not None:
+                with self.transformer.cache_context("uncond", step_index=i, num_inference_steps=num_inference_steps):
+                    pred_u = self.transformer(latents.to(dtype), timestep, uncond, return_dict=False)[0].float()
+                pred = pred_u + guidance_scale * (pred - pred_u)
+            latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+        video = latents.clamp(-1, 1)
+        if output_type == "pt":
+            return ShapesVideoOutput(frames=video)
+        frames = ((video + 1) / 2).permute(0, 2, 3, 4, 1).cpu().numpy()
+        return ShapesVideoOutput(frames=frames)
