@@ -44,8 +44,11 @@ class KernelSupport:
     dtypes: frozenset[torch.dtype]
     max_tokens: int | None = None  # dense-memory backends
     note: str = ""
+    lse_devices: frozenset[str] = frozenset({"cpu", "cuda"})  # where it can return the log-sum-exp
 
-    def rejects(self, q: Tensor, num_kv: int) -> str | None:
+    def rejects(self, q: Tensor, num_kv: int, need_lse: bool = False) -> str | None:
+        if need_lse and q.device.type not in self.lse_devices:
+            return f"{self.name}: cannot return the log-sum-exp on {q.device.type}"
         if q.device.type not in self.devices:
             return f"{self.name}: runs on {sorted(self.devices)}, not {q.device.type}"
         if q.dtype not in self.dtypes:
@@ -59,7 +62,8 @@ _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64
 BACKENDS: dict[str, KernelSupport] = {
     "torch": KernelSupport("torch", frozenset({"cpu", "cuda"}), _FLOATS),
     "flex-compiled": KernelSupport("flex-compiled", frozenset({"cpu", "cuda"}), _FLOATS - {torch.float64},
-                                   note="compiles once per (dtype, heads, length, block size)"),
+                                   note="compiles once per (dtype, heads, length, block size)",
+                                   lse_devices=frozenset({"cuda"})),
     "flex": KernelSupport("flex", frozenset({"cpu", "cuda"}), _FLOATS, max_tokens=16384,
                           note="eager: evaluates the mask on the full score matrix"),
     "reference": KernelSupport("reference", frozenset({"cpu", "cuda"}), _FLOATS, max_tokens=16384,
@@ -68,18 +72,18 @@ BACKENDS: dict[str, KernelSupport] = {
 _AUTO_ORDER = {"cpu": ("torch", "flex-compiled", "flex", "reference"), "cuda": ("flex-compiled", "torch", "flex")}
 
 
-def select_backend(name: str, q: Tensor, num_kv: int) -> tuple[str, list[str]]:
+def select_backend(name: str, q: Tensor, num_kv: int, need_lse: bool = False) -> tuple[str, list[str]]:
     """The backend to run (``name`` itself unless it is ``"auto"``) and the reasons for skipping others."""
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown kernel backend {name!r}; choose one of {['auto', *BACKENDS]}")
-        reason = BACKENDS[name].rejects(q, num_kv)
+        reason = BACKENDS[name].rejects(q, num_kv, need_lse)
         if reason:
             raise ValueError(f"backend {reason}; use backend='auto' to pick one that supports this call")
         return name, []
     reasons = []
     for candidate in _AUTO_ORDER.get(q.device.type, tuple(BACKENDS)):
-        reason = BACKENDS[candidate].rejects(q, num_kv)
+        reason = BACKENDS[candidate].rejects(q, num_kv, need_lse)
         if reason is None:
             return candidate, reasons
         reasons.append(reason)
@@ -115,13 +119,22 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: fl
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, *, scale: float | None = None, backend: str = "auto"
-) -> tuple[Tensor, Tensor]:
-    """Block-sparse attention with the chosen backend: ``(out, lse)``, lse float32 of shape (B, H, Sq)."""
-    name, _ = select_backend(backend, q, k.shape[-2])
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Block-sparse attention with the chosen backend: ``(out, lse)``, lse float32 of shape (B, H, Sq) (``None``
+    when ``return_lse=False`` and the backend does not compute it)."""
+    name, _ = select_backend(backend, q, k.shape[-2], need_lse=return_lse)
     if name == "torch":
         return block_sparse_attention(q, k, v, block_mask, scale=scale)
     if name in ("flex", "flex-compiled"):
-        return flex_block_attention(q, k, v, block_mask, scale=scale, compiled=name == "flex-compiled")
+        return flex_block_attention(q, k, v, block_mask, scale=scale, compiled=name == "flex-compiled",
+                                    return_lse=return_lse)
     out, lse = _reference(q, k, v, block_mask, scale)
     return out, lse.float()

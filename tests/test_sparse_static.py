@@ -318,3 +318,16 @@ def test_union_intersection_and_per_head_patterns():
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
     with pytest.raises(ValueError, match="order tokens differently"):
         Union((a, SlidingTile((2, 2), 1))).token_order(grid)
+
+
+def test_compiled_flex_agrees_and_refuses_lse_on_cpu():
+    layout = TokenLayout((4, 8, 8), text_len=5)
+    pattern = SlidingTile((2, 4, 4), (1, 1, 2))
+    plan = compile_pattern(pattern, layout, block_size=32)
+    q, k, v = random_qkv(1, 2, plan.kernel_length, 16, torch.float32)
+    out, lse = kernels.attention(q, k, v, plan.block_mask, backend="flex-compiled", return_lse=False)
+    assert lse is None
+    ref, _ = kernels.attention(q, k, v, plan.block_mask, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOLERANCE[torch.float32])
+    with pytest.raises(ValueError, match="log-sum-exp"):
+        kernels.attention(q, k, v, plan.block_mask, backend="flex-compiled")
