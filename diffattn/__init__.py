@@ -5,11 +5,20 @@
     handle.remove()
 """
 
+from . import guidance
 from .adapters import FamilyAdapter, RoleRule, register_adapter, supported_models
 from .api import Handle, apply, attention_modules, remove
 from .context import AttentionContext
-from .errors import DiffattnError, InterceptionError, LayerSelectionError, LayoutError, UnsupportedModelError
+from .errors import (
+    ContextParallelError,
+    DiffattnError,
+    InterceptionError,
+    LayerSelectionError,
+    LayoutError,
+    UnsupportedModelError,
+)
 from .layout import TokenLayout
+from .methods.perturbed import PAG, SEG, SoftPAG
 from .methods import (
     HIDIFFUSION_LAYERS,
     AttentionMethod,
@@ -35,6 +44,10 @@ __all__ = [
     "AttentionContext",
     "Dense",
     "Masked",
+    "PAG",
+    "SoftPAG",
+    "SEG",
+    "guidance",
     "SparseAttention",
     "SlidingTileAttention",
     "SlidingWindowAttention",
@@ -49,6 +62,7 @@ __all__ = [
     "register_adapter",
     "supported_models",
     "DiffattnError",
+    "ContextParallelError",
     "InterceptionError",
     "LayerSelectionError",
     "LayoutError",

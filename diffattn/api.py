@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
+from . import parallel
 from .adapters import adapter_for
 from .errors import LayerSelectionError, UnsupportedModelError
 from .methods.base import AttentionMethod
-from .processor import DiffattnProcessor
+from .processor import DiffattnProcessor, unwrap_processor
 from .runtime import CallRecord, RunState, install_hook, remove_hook
 from .schedule import LayerSpec, StepSchedule, StepSpec, select_layers
 
@@ -165,7 +166,11 @@ def apply(
                 f"{method.name} acts on {sorted(method.roles)} attention, but the selected layers of "
                 f"{type(model).__name__} have roles {sorted({rules[n].role for n in select_layers(layers, named)})}"
             )
-        plans.append((model, adapter, dict(modules), rules, chosen))
+        by_name = dict(modules)
+        for name in chosen:  # under context parallelism already: refuse ring mode or indivisible heads right away
+            module = by_name[name]
+            parallel.processor_ulysses(unwrap_processor(module.processor), model, name, getattr(module, "heads", None))
+        plans.append((model, adapter, by_name, rules, chosen))
 
     handle = Handle(method)
     for model, adapter, modules, rules, chosen in plans:

@@ -22,6 +22,11 @@ class AttentionContext:
     ``q``/``k``/``v`` reach the method as ``(B, H, S, D)`` (SDPA layout). ``attn_mask``, ``scale`` and ``enable_gqa``
     are the stock call's arguments; ``dense(q, k, v)`` runs the stock attention core with them, unchanged.
     ``batch_roles`` names each batch entry (``"uncond"``, ``"cond"``) when the pipeline tells, else ``None``.
+
+    Under Ulysses context parallelism a call holds ``q.shape[1]`` of the layer's ``total_heads`` heads, starting at
+    ``head_offset`` (per-head parameters are sliced with them); without it ``head_offset`` is 0 and ``total_heads``
+    is ``None`` (all heads are here). ``q_range = (start, stop)`` says the call holds only those query tokens of
+    ``q_layout`` (a cross-attention call diffusers runs on this rank's sequence shard); ``None`` means all of them.
     """
 
     layer: str
@@ -36,5 +41,11 @@ class AttentionContext:
     enable_gqa: bool
     dense: Callable[[Tensor, Tensor, Tensor], Tensor]
     report: Callable[..., None] = lambda **metrics: None
-
     # ``report(density=0.1, ...)`` records per-layer numbers that ``handle.metrics()`` averages.
+    head_offset: int = 0
+    total_heads: int | None = None
+    q_range: tuple[int, int] | None = None
+    # The model's timestep at this call (its own scale, e.g. 0..1000 for UNets) and the visual grid of the model's
+    # input (a UNet's highest resolution); ``None`` when unknown. Used by ToDo's timestep gate and resolution levels.
+    timestep: float | None = None
+    input_grid: tuple[int, ...] | None = None

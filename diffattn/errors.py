@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["DiffattnError", "UnsupportedModelError", "LayerSelectionError", "InterceptionError", "LayoutError"]
+__all__ = ["DiffattnError", "UnsupportedModelError", "LayerSelectionError", "InterceptionError", "LayoutError",
+           "ContextParallelError"]
 
 
 class DiffattnError(Exception):
@@ -23,3 +24,7 @@ class InterceptionError(DiffattnError, RuntimeError):
 
 class LayoutError(DiffattnError, ValueError):
     """The attention call's sequence does not match the token layout derived from the model inputs."""
+
+
+class ContextParallelError(DiffattnError, ValueError):
+    """The model's context parallelism is a mode or split diffattn cannot run a method under (see diffattn.parallel)."""

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from . import parallel
 from .adapters import FamilyAdapter, ModelInputs, model_inputs
 from .errors import LayoutError
 from .methods.base import AttentionMethod
 from .schedule import StepSchedule
 
-__all__ = ["CallRecord", "RunState", "StepHook", "HOOK_NAME"]
+__all__ = ["CallRecord", "RunState", "StepHook", "BatchExtension", "HOOK_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,22 @@ def _batch_size(inputs: ModelInputs) -> int | None:
     return None
 
 
+class BatchExtension(Protocol):
+    """Changes the batch of every model forward (e.g. guidance appends perturbed copies of the conditional entries).
+
+    The hook calls ``pre_forward`` after the step, grid and batch roles of the incoming batch are known (it reports
+    the roles of the entries it appends with :meth:`RunState.extend_batch`) and ``post_forward`` on the output.
+    ``active``, set by ``pre_forward``, says whether the method acts in this forward (e.g. only on extended batches);
+    when False every processor runs its stock attention, with the model's own backend.
+    """
+
+    active: bool
+
+    def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]: ...
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any: ...
+
+
 class RunState:
     """What the processors of one model share during a generation. Reset by a new generation."""
 
@@ -70,11 +87,13 @@ class RunState:
         self.fixed_num_steps = num_steps
         self.calls: list[CallRecord] = []
         self.metrics: dict[str, dict[str, list[float]]] = {}
+        self.extension: BatchExtension | None = None
         self.reset()
 
     def reset(self) -> None:
         """Forget the step position (the next model call is step 0). Records are kept; see ``clear_records``."""
         self.step = -1
+        self.timestep: float | None = None
         self.grid: tuple[int, ...] | None = None
         self.batch_roles: tuple[str, ...] | None = None
         self.num_steps = self.fixed_num_steps
@@ -92,7 +111,11 @@ class RunState:
         elif t < self._last_t:
             self.step += 1
         self._last_t = t
+        self.timestep = t
         self.grid = self.adapter.grid(self.model, inputs)
+        ulysses = parallel.model_ulysses(self.model)  # refuses ring attention before anything is split or sent
+        if ulysses is not None:
+            parallel.check_sequence_split(self.model, inputs, self.grid, ulysses)
         self.num_steps = cache_num_steps or self._schedule_length() or self.fixed_num_steps
         self.batch_roles = self._batch_roles(_batch_size(inputs), cache_name)
 
@@ -117,6 +140,15 @@ class RunState:
             return ("uncond",) * (batch // 2) + ("cond",) * (batch // 2)
         return None if guided else ("cond",) * batch
 
+    def extend_batch(self, roles: tuple[str, ...]) -> None:
+        """Entries with ``roles`` were appended to this forward's batch (after the pipeline's own entries)."""
+        if self.batch_roles is None:
+            raise LayoutError(
+                "entries were appended to a batch whose roles are unknown; call the model through a standard "
+                "pipeline or inside model.cache_context('cond')"
+            )
+        self.batch_roles = self.batch_roles + tuple(roles)
+
     # -- called by the processors ------------------------------------------------------------------------------
     def acts_at(self, step: int) -> bool:
         if step < 0:
@@ -124,6 +156,8 @@ class RunState:
                 "a diffattn processor ran before its model's forward hook: call the model or the pipeline, not an "
                 "attention submodule directly"
             )
+        if self.extension is not None and not self.extension.active:
+            return False
         return self.schedule.is_active(step, self.num_steps)
 
     def record(self, step: int, layer: str, role: str, *, acted: bool) -> None:
@@ -141,7 +175,14 @@ class _NoState(BaseState):
 
 
 class StepHook(ModelHook):
-    """Reads the timestep, the token grid and the pipeline's cache context (cond/uncond) before each forward."""
+    """Reads the timestep, the token grid and the pipeline's cache context (cond/uncond) before each forward, then
+    lets the run's batch extension (if any) change the inputs and the output.
+
+    The inputs are read from what a plain torch forward pre-hook (:meth:`capture`) saw: it runs before every
+    diffusers hook, so it sees the whole inputs even when context parallelism was enabled after ``diffattn.apply``
+    (diffusers' input-splitting hook then wraps this one and would hand it this rank's shard, e.g. of Flux's
+    ``hidden_states`` and ``img_ids``).
+    """
 
     _is_stateful = True
 
@@ -149,18 +190,31 @@ class StepHook(ModelHook):
         super().__init__()
         self.run = run
         self.cache_context = StateManager(_NoState)  # diffusers fills in the pipeline's cache_context(...) here
+        self.captured: ModelInputs | None = None
+        self.capture_handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def capture(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.captured = model_inputs(module, args, kwargs)
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         try:
             context = self.cache_context.context
         except ValueError:
             context = None
+        inputs, self.captured = self.captured, None
         self.run.begin_forward(
-            model_inputs(module, args, kwargs),
+            inputs if inputs is not None else model_inputs(module, args, kwargs),
             getattr(context, "name", None),
             getattr(context, "num_inference_steps", None),
         )
+        if self.run.extension is not None:
+            args, kwargs = self.run.extension.pre_forward(module, args, kwargs)
         return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        if self.run.extension is not None:
+            output = self.run.extension.post_forward(module, output)
+        return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.run.reset()
@@ -168,10 +222,15 @@ class StepHook(ModelHook):
 
 
 def install_hook(model: torch.nn.Module, run: RunState) -> None:
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(StepHook(run), HOOK_NAME)
+    hook = StepHook(run)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
+    hook.capture_handle = model.register_forward_pre_hook(hook.capture, with_kwargs=True)
 
 
 def remove_hook(model: torch.nn.Module) -> None:
     registry = getattr(model, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    if hook is not None:
+        if hook.capture_handle is not None:
+            hook.capture_handle.remove()
         registry.remove_hook(HOOK_NAME, recurse=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -24,9 +25,14 @@ class AttentionMethod:
 
     ``roles`` says which attention calls the method acts on by default: ``"self"`` (visual tokens only),
     ``"cross"`` (visual queries, text keys) and ``"joint"`` (text and visual tokens in one sequence).
+
+    ``position_free``: the output for a query depends on the q/k/v values only, never on where tokens sit (``Dense``).
+    Under context parallelism such a method also runs on calls that hold only this rank's queries, and gets joint
+    sequences in the order diffusers gathered them (no reordering to the layout's order).
     """
 
     roles: frozenset[str]
+    position_free: ClassVar[bool] = False
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         raise NotImplementedError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -17,6 +18,7 @@ class Dense(AttentionMethod):
     """Runs the stock attention core with its original arguments: outputs are bitwise those of the stock model."""
 
     roles: frozenset[str] = field(default=ROLES)
+    position_free: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roles", check_roles(self.roles, "Dense"))

@@ -90,27 +90,47 @@ class SparseAttention(AttentionMethod):
     def block_size_for(self, pattern: Pattern, grid: tuple[int, ...]) -> int:
         return self.block_size
 
-    def compiled(self, ctx: AttentionContext, text_padding: int, device: torch.device) -> CompiledPattern:
+    def pattern_for_heads(self, ctx: AttentionContext, heads: int) -> Pattern:
+        """The pattern for the ``heads`` heads of this call: a per-head pattern is sliced to the call's heads
+        (``ctx.head_offset`` onwards) when context parallelism gave this rank only some of the layer's heads."""
         pattern = self.pattern_for(ctx)
+        pattern_heads = pattern.num_heads()
+        if pattern_heads is None:
+            return pattern
+        total = ctx.total_heads if ctx.total_heads is not None else heads
+        if pattern_heads != total:
+            raise LayoutError(
+                f"{self.name} on {ctx.layer}: the per-head pattern has {pattern_heads} heads but the layer has "
+                f"{total}; give one pattern per head"
+            )
+        if heads == total:
+            return pattern
+        if not callable(getattr(pattern, "slice", None)):
+            raise LayoutError(
+                f"{self.name} on {ctx.layer}: this rank holds heads {ctx.head_offset}..{ctx.head_offset + heads - 1} "
+                f"of {total} (context parallelism), but a {type(pattern).__name__} pattern cannot be sliced by head; "
+                "put the per-head choice at the top (patterns.compose.PerHead of shared patterns)"
+            )
+        return pattern.slice(ctx.head_offset, ctx.head_offset + heads)
+
+    def compiled(
+        self, ctx: AttentionContext, text_padding: int, device: torch.device, pattern: Pattern | None = None
+    ) -> CompiledPattern:
+        pattern = self.pattern_for(ctx) if pattern is None else pattern
         block = self.block_size_for(pattern, ctx.q_layout.grid)
         return compile_pattern(pattern, ctx.q_layout, block_size=block, text_padding=text_padding, device=device)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-        if ctx.q_layout != ctx.kv_layout:
+        if ctx.q_layout != ctx.kv_layout or ctx.q_range is not None:
             raise LayoutError(f"{self.name} needs queries and keys over the same tokens ({ctx.layer} is {ctx.role})")
         paddings = text_padding_per_batch(ctx.attn_mask, ctx.q_layout, q.shape[0], ctx.layer)
-        pattern_heads = self.pattern_for(ctx).num_heads()
-        if pattern_heads is not None and pattern_heads != q.shape[1]:
-            raise LayoutError(
-                f"{self.name} on {ctx.layer}: the per-head pattern has {pattern_heads} heads but the layer has "
-                f"{q.shape[1]}; give one pattern per head"
-            )
+        pattern = self.pattern_for_heads(ctx, q.shape[1])
         out = torch.empty_like(q)
         densities = []
         for pad in sorted(set(paddings)):
             rows = [b for b, p in enumerate(paddings) if p == pad]
             sel = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
-            plan = self.compiled(ctx, pad, q.device)
+            plan = self.compiled(ctx, pad, q.device, pattern)
             qk, kk, vk = (x[sel].index_select(-2, plan.gather) for x in (q, k, v))
             o, _ = kernels.attention(qk, kk, vk, plan.block_mask, scale=ctx.scale, backend=self.backend,
                                      return_lse=False)
