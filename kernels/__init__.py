@@ -9,19 +9,27 @@ supports a call and explains why it rejected the others.
 | ``torch`` | block-sparse: runs of key blocks as views, fused SDPA per run, log-sum-exp merge | any |
 | ``flex`` | FlexAttention, eager (exact, slow on CPU) | any |
 | ``flex-compiled`` | FlexAttention under ``torch.compile`` | any (compiles per shape) |
+| ``triton`` | block-sparse flash attention in Triton (``kernels/triton_block_sparse.py``) | CUDA; CPU only under ``TRITON_INTERPRET=1`` (tests) |
+| ``xformers`` | xformers memory-efficient attention for dense and local (one key run per query block) masks | CUDA |
+
+``triton`` and ``xformers`` are optional (the ``gpu`` extra) and imported only when a call runs on them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .block_sparse import block_sparse_attention
+from .block_sparse import block_sparse_attention, dense_attention
 from .flex import flex_block_attention
+from .joint import dense_block_mask, key_padding_block_mask, split_text_attention
 from .reference import merge_attention, reference_attention
 
 __all__ = [
@@ -30,7 +38,11 @@ __all__ = [
     "attention",
     "block_mask_to_dense",
     "block_sparse_attention",
+    "dense_attention",
+    "dense_block_mask",
     "flex_block_attention",
+    "key_padding_block_mask",
+    "split_text_attention",
     "merge_attention",
     "reference_attention",
     "select_backend",
@@ -45,8 +57,11 @@ class KernelSupport:
     max_tokens: int | None = None  # dense-memory backends
     note: str = ""
     lse_devices: frozenset[str] = frozenset({"cpu", "cuda"})  # where it can return the log-sum-exp
+    # Further conditions (installed package, interpreter, head dim, mask structure): (q, num_kv, block_mask) ->
+    # the reason it cannot run the call, or None.
+    check: Callable[[Tensor, int, BlockMask | None], str | None] | None = field(default=None, compare=False)
 
-    def rejects(self, q: Tensor, num_kv: int, need_lse: bool = False) -> str | None:
+    def rejects(self, q: Tensor, num_kv: int, need_lse: bool = False, block_mask: BlockMask | None = None) -> str | None:
         if need_lse and q.device.type not in self.lse_devices:
             return f"{self.name}: cannot return the log-sum-exp on {q.device.type}"
         if q.device.type not in self.devices:
@@ -55,7 +70,39 @@ class KernelSupport:
             return f"{self.name}: no {q.dtype}"
         if self.max_tokens is not None and max(q.shape[-2], num_kv) > self.max_tokens:
             return f"{self.name}: materialises scores; limited to {self.max_tokens} tokens"
+        if self.check is not None:
+            reason = self.check(q, num_kv, block_mask)
+            if reason:
+                return f"{self.name}: {reason}"
         return None
+
+
+def _triton_check(q: Tensor, num_kv: int, block_mask: BlockMask | None) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton, or the diffattn[gpu] extra)"
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return ("runs on CPU only under the Triton interpreter (TRITON_INTERPRET=1, for tests; ~1000x slower than "
+                "SDPA); on CPU use backend='torch'")
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} > 256"
+    if block_mask is not None:
+        nb, nh, _ = block_mask.kv_num_blocks.shape
+        if nb not in (1, q.shape[0]) or nh not in (1, q.shape[1]):
+            return f"block mask of batch {nb} and {nh} heads does not fit {q.shape[0]} x {q.shape[1]}"
+    return None
+
+
+def _xformers_check(q: Tensor, num_kv: int, block_mask: BlockMask | None) -> str | None:
+    if importlib.util.find_spec("xformers") is None:
+        return "xformers is not installed"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} > 256"
+    if block_mask is None:
+        return None
+    from .xformers_attention import mask_structure
+
+    kind, reason = mask_structure(block_mask, q.shape[-2], num_kv)
+    return None if kind else f"serves dense and local masks only: {reason}"
 
 
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -68,22 +115,34 @@ BACKENDS: dict[str, KernelSupport] = {
                           note="eager: evaluates the mask on the full score matrix"),
     "reference": KernelSupport("reference", frozenset({"cpu", "cuda"}), _FLOATS, max_tokens=16384,
                                note="float64 oracle"),
+    "triton": KernelSupport("triton", frozenset({"cpu", "cuda"}), frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                            note="fused block-sparse flash attention; CPU only under TRITON_INTERPRET=1",
+                            check=_triton_check),
+    "xformers": KernelSupport("xformers", frozenset({"cuda"}), frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                              note="dense and local (one key run per query block) masks", check=_xformers_check),
 }
-_AUTO_ORDER = {"cpu": ("torch", "flex-compiled", "flex", "reference"), "cuda": ("flex-compiled", "torch", "flex")}
+# The Triton interpreter is never chosen automatically on CPU (it is for tests).
+_AUTO_ORDER = {
+    "cpu": ("torch", "flex-compiled", "flex", "reference"),
+    "cuda": ("xformers", "triton", "flex-compiled", "torch", "flex"),
+}
 
 
-def select_backend(name: str, q: Tensor, num_kv: int, need_lse: bool = False) -> tuple[str, list[str]]:
-    """The backend to run (``name`` itself unless it is ``"auto"``) and the reasons for skipping others."""
+def select_backend(
+    name: str, q: Tensor, num_kv: int, need_lse: bool = False, block_mask: BlockMask | None = None
+) -> tuple[str, list[str]]:
+    """The backend to run (``name`` itself unless it is ``"auto"``) and the reasons for skipping others.
+    ``block_mask`` (optional) lets backends that serve only some mask structures (xformers) check the call."""
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown kernel backend {name!r}; choose one of {['auto', *BACKENDS]}")
-        reason = BACKENDS[name].rejects(q, num_kv, need_lse)
+        reason = BACKENDS[name].rejects(q, num_kv, need_lse, block_mask)
         if reason:
             raise ValueError(f"backend {reason}; use backend='auto' to pick one that supports this call")
         return name, []
     reasons = []
     for candidate in _AUTO_ORDER.get(q.device.type, tuple(BACKENDS)):
-        reason = BACKENDS[candidate].rejects(q, num_kv, need_lse)
+        reason = BACKENDS[candidate].rejects(q, num_kv, need_lse, block_mask)
         if reason is None:
             return candidate, reasons
         reasons.append(reason)
@@ -130,9 +189,17 @@ def attention(
 ) -> tuple[Tensor, Tensor | None]:
     """Block-sparse attention with the chosen backend: ``(out, lse)``, lse float32 of shape (B, H, Sq) (``None``
     when ``return_lse=False`` and the backend does not compute it)."""
-    name, _ = select_backend(backend, q, k.shape[-2], need_lse=return_lse)
+    name, _ = select_backend(backend, q, k.shape[-2], need_lse=return_lse, block_mask=block_mask)
     if name == "torch":
         return block_sparse_attention(q, k, v, block_mask, scale=scale)
+    if name == "triton":
+        from .triton_block_sparse import triton_block_sparse_attention
+
+        return triton_block_sparse_attention(q, k, v, block_mask, scale=scale)
+    if name == "xformers":
+        from .xformers_attention import xformers_block_attention
+
+        return xformers_block_attention(q, k, v, block_mask, scale=scale, return_lse=return_lse)
     if name in ("flex", "flex-compiled"):
         return flex_block_attention(q, k, v, block_mask, scale=scale, compiled=name == "flex-compiled",
                                     return_lse=return_lse)

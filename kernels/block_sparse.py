@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-__all__ = ["block_sparse_attention", "kv_block_lists"]
+__all__ = ["block_sparse_attention", "dense_attention", "kv_block_lists"]
 
 _NEG_INF = float("-inf")
 
@@ -32,6 +32,23 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.softmax(scores, dim=-1).nan_to_num(0.0), v.float()).to(q.dtype)
     return out, lse
+
+
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Dense attention that also returns the log-sum-exp (one fused call on CPU): ``(out, lse)``, lse float32
+    (B, H, Sq). ``attn_mask``: boolean (True = may attend) or additive, broadcastable to (B, H, Sq, Skv)."""
+    heads = q.shape[1]
+    if k.shape[1] != heads:
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, _NEG_INF)
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(q.dtype).expand(q.shape[0], heads, q.shape[-2], k.shape[-2])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _fused(q, k, v, attn_mask, scale)
 
 
 def _lists(num: Tensor | None, indices: Tensor | None) -> list[list[list[int]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,22 @@ class Timed(diffattn.AttentionMethod):
 
 
 def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod]:
-    """Methods at roughly 10% density on a ``(frames, h, w)`` token grid (radial is as dense as its rule makes it)."""
+    """Methods at roughly 10% density on a ``(frames, h, w)`` token grid (radial is as dense as its rule makes it).
+
+    The dynamic methods select among the same 128-token tiles as sliding tile. Re-ttention's density counts its
+    calibration steps (dense + sparse), so it only pays off over more steps than the compare default.
+    """
+    from diffattn.methods.dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
+
+    tile = (4, 4, 8)
     return {
-        "sliding tile": diffattn.SlidingTileAttention(tile=(4, 4, 8), window=(5, 3, 1)),
+        "sliding tile": diffattn.SlidingTileAttention(tile=tile, window=(5, 3, 1)),
         "radial": diffattn.RadialAttention(decay=0.2),
         "sliding window": diffattn.SlidingWindowAttention(window=tuple(min(w, n) for w, n in zip((5, 9, 9), grid))),
+        "dynamic top-k": DynamicSparseAttention(topk=0.1, tile=tile),
+        "pyramid (PSA)": PyramidSparseAttention(bands=(0.06, 0.08, 0.12, 0.2), tile=tile),  # 6+2/2+4/4+8/8 = 9 %
+        "re-ttention": Rettention(base=DynamicSparseAttention(topk=0.1, tile=tile), calibrate_every=5),
+        "ToDo 3x": TokenDownsampling(factor=3),  # keys and values on a 3x coarser grid per frame: 1/9
     }
 
 
@@ -62,6 +74,7 @@ class CompareRow:
     seconds: float
     attention_seconds: float
     density: float
+    selection_seconds: float = 0.0
     speedup: float = 1.0
     attention_speedup: float = 1.0
     amdahl_bound: float = 1.0
@@ -105,12 +118,14 @@ def run_compare(
             videos[label] = _generate(pipe, prompt, frames, height, width, steps, seed)
             elapsed = time.perf_counter() - start
             metrics = {} if handle is None else handle.metrics()
+            acted = {} if handle is None else Counter(c.layer for c in handle.calls if c.acted)
         finally:
             if handle is not None:
                 handle.remove()
         densities = [m["density"] for m in metrics.values() if "density" in m]
+        selection = sum(m.get("selection_seconds", 0.0) * acted[layer] for layer, m in metrics.items())
         rows.append(CompareRow(label, elapsed, sum(timed.seconds) if timed else math.nan,
-                               sum(densities) / len(densities) if densities else 1.0))
+                               sum(densities) / len(densities) if densities else 1.0, selection))
     stock, dense = rows[0], rows[1]
     attention_share = min(dense.attention_seconds / dense.seconds, 1.0)
     for row in rows[1:]:
@@ -124,7 +139,7 @@ def run_compare(
 
 
 def format_rows(rows: list[CompareRow]) -> str:
-    header = (f"{'method':16s} {'density':>7s} {'total s':>8s} {'attn s':>8s} {'attn x':>7s} {'e2e x':>6s} "
+    header = (f"{'method':16s} {'density':>7s} {'total s':>8s} {'attn s':>8s} {'select s':>8s} {'attn x':>7s} {'e2e x':>6s} "
               f"{'Amdahl':>7s} {'reach':>6s} {'ideal':>6s} {'PSNR dB':>8s} {'SSIM':>6s}")
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -132,7 +147,8 @@ def format_rows(rows: list[CompareRow]) -> str:
             lines.append(f"{r.method:16s} {1.0:7.3f} {r.seconds:8.2f} {'':>8s} {'':>7s} {1.0:6.2f}")
             continue
         lines.append(
-            f"{r.method:16s} {r.density:7.3f} {r.seconds:8.2f} {r.attention_seconds:8.2f} {r.attention_speedup:7.2f} "
+            f"{r.method:16s} {r.density:7.3f} {r.seconds:8.2f} {r.attention_seconds:8.2f} {r.selection_seconds:8.2f} "
+            f"{r.attention_speedup:7.2f} "
             f"{r.speedup:6.2f} {r.amdahl_bound:7.2f} {r.reach:6.0%} {r.ideal_bound:6.2f} {r.psnr:8.1f} {r.ssim:6.3f}"
         )
     return "\n".join(lines)

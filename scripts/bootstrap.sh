@@ -13,3 +13,6 @@ TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 # NATTEN (compared against in tests and benchmarks) builds Python-only; without build isolation it takes seconds
 # instead of pulling a second torch into an isolated build environment.
 "$PY" -c "import natten" >/dev/null 2>&1 || "$PY" -m pip install --quiet --no-build-isolation "natten==0.21.7"
+# Triton: the block-sparse kernel's tests run on CPU under its interpreter (TRITON_INTERPRET=1). Pinned to the version
+# the kernel was tested with; a CUDA torch already brings its own triton, which is kept.
+"$PY" -c "import triton" >/dev/null 2>&1 || "$PY" -m pip install --quiet "triton==${DIFFATTN_TRITON_VERSION:-3.9.0}"

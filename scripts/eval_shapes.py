@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "mean_trajectory_error": float(np.nanmean(errors)),
             "median_trajectory_error": float(np.nanmedian(errors)),
             "clips_with_objects_found": float(np.mean(np.isfinite(errors))),
-            "positions_correct": float(np.mean([r.positions_correct for r in results])),
+            "positions_correct": float(np.mean([p for r in results for p in r.positions_correct])),
             "mean_flicker": float(np.nanmean([r.flicker for r in results])),
         }
         shown = [np.concatenate(list(clip[::2]), axis=1) for clip in outputs[: min(args.samples, 12)]]

@@ -97,14 +97,14 @@ def encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
                       tqdm(range(0, len(images), batch), desc="encoding", leave=False)])
 
 
-def train_denoiser(unet, text_encoder, tokenizer, latents, captions, seconds, batch, rng, curve) -> dict:
+def train_denoiser(unet, text_encoder, tokenizer, latents, captions, seconds, batch, rng, curve, lr=5e-4) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                 beta_end=0.012)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True)
     ids = tokenizer(captions + [""], padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True,
                     return_tensors="pt").input_ids
@@ -126,7 +126,7 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, captions, seconds, ba
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         warm = min(1.0, (step + 1) / 200)
         for group in opt.param_groups:
-            group["lr"] = 5e-4 * warm
+            group["lr"] = lr * warm
         pred = unet(xt, t, text_encoder(tokens)[0]).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="torch threads; use 1 when other jobs share the CPU (OpenMP oversubscription is slow)")
     parser.add_argument("--curve", type=Path, default=Path("outputs/shapes-image-loss.png"))
+    parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="reuse the VAE of an earlier run (its training minutes count towards the budget)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
@@ -191,12 +194,22 @@ def main(argv: list[str] | None = None) -> int:
     images, captions = render_set(args.images, args.seed)
     curve: list = []
     budget = args.minutes * 60 - (time.time() - started)
-    train_vae(vae, images, 0.12 * budget, args.batch, rng, curve)
+    vae_minutes = 0.0
+    if args.vae_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from / "vae", local_files_only=True).eval()
+        vae_minutes = json.loads((args.vae_from / "training.json").read_text()).get("vae_minutes", 0.12 * args.minutes)
+        started -= vae_minutes * 60  # the reused VAE's training time counts towards this run's budget
+    else:
+        vae_start = time.time()
+        train_vae(vae, images, 0.12 * budget, args.batch, rng, curve)
+        vae_minutes = (time.time() - vae_start) / 60
     raw = encode_all(vae, images)
     scaling = float(1.0 / raw.std())
     vae.register_to_config(scaling_factor=scaling)
     stats = train_denoiser(unet, text_encoder, tokenizer, raw * scaling, captions,
-                           args.minutes * 60 - (time.time() - started) - 30, args.batch, rng, curve)
+                           args.minutes * 60 - (time.time() - started) - 30, args.batch, rng, curve, lr=args.lr)
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                             beta_start=0.00085, beta_end=0.012)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -207,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     save_curve(curve, args.curve)
     info = {
         "seed": args.seed, "images": args.images, "batch": args.batch, "image_size": IMAGE_SIZE,
-        "vae_steps": sum(1 for s, *_ in curve if s == "vae"), **stats,
+        "vae_steps": sum(1 for s, *_ in curve if s == "vae"), "vae_minutes": round(vae_minutes, 1),
+        "vae_from": str(args.vae_from) if args.vae_from else None, "lr": args.lr, **stats,
         "minutes": round((time.time() - started) / 60, 1), "scaling_factor": scaling,
-        "final_vae_loss": float(np.mean([v for s, _, v in curve if s == "vae"][-100:])),
+        "final_vae_loss": float(np.mean([v for s, _, v in curve if s == "vae"][-100:] or [float("nan")])),
         "final_denoiser_loss": float(np.mean([v for s, _, v in curve if s == "denoiser"][-200:])),
         "torch": torch.__version__,
     }

@@ -2,6 +2,7 @@
 
 from .base import AttentionMethod
 from .dense import Dense
+from .dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
 from .masked import Masked
 from .sparse import (
     HIDIFFUSION_LAYERS,
@@ -13,4 +14,5 @@ from .sparse import (
 )
 
 __all__ = ["AttentionMethod", "Dense", "Masked", "SparseAttention", "SlidingTileAttention", "SlidingWindowAttention",
-           "ShiftedWindowAttention", "RadialAttention", "HIDIFFUSION_LAYERS"]
+           "ShiftedWindowAttention", "RadialAttention", "HIDIFFUSION_LAYERS",
+           "DynamicSparseAttention", "PyramidSparseAttention", "Rettention", "TokenDownsampling"]

@@ -64,8 +64,9 @@ def text_padding_per_batch(attn_mask: Tensor | None, layout: TokenLayout, batch:
 class SparseAttention(AttentionMethod):
     """Attention restricted to ``pattern`` over the visual tokens; text tokens of joint attention stay dense.
 
-    ``backend``: ``"auto"`` (fastest supported), ``"torch"``, ``"flex"``, ``"flex-compiled"`` or ``"reference"``;
-    see :mod:`diffattn.kernels`. Acts on self and joint attention; cross-attention stays dense.
+    ``backend``: ``"auto"`` (fastest supported), ``"torch"``, ``"flex"``, ``"flex-compiled"``, ``"triton"`` (fused
+    block-sparse flash attention, CUDA), ``"xformers"`` (dense / local masks, CUDA) or ``"reference"``; see
+    :mod:`diffattn.kernels`. Acts on self and joint attention; cross-attention stays dense.
     """
 
     pattern: Pattern | None = None
