@@ -132,14 +132,20 @@ def block_sparse_attention(
     partial_lists = _lists(block_mask.kv_num_blocks, block_mask.kv_indices)
     full_lists = _lists(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
     num_kv_blocks = math.ceil(num_kv / bkv)
+    contiguous = all(x.is_contiguous() for x in (q, k, v)) and q.device.type == "cpu"
     for g, hs in enumerate(head_groups):
         gathered: dict[int, list[tuple[int, list[int], list[int]]]] = {}
+        strided: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
         for qb in range(math.ceil(num_q / bq)):
             partial, full = partial_lists[g][qb], full_lists[g][qb] if full_lists else []
             runs = _runs(partial, full)
             if not runs:
                 continue
             q0, q1 = qb * bq, min((qb + 1) * bq, num_q)
+            if contiguous and not partial and q1 - q0 == bq and runs[-1][1] * bkv <= num_kv:
+                # Full blocks only: batched below with every query block whose runs have the same lengths.
+                strided.setdefault(tuple(stop - first for first, stop, _ in runs), []).append((qb, [r[0] for r in runs]))
+                continue
             short = len(runs) > MAX_VIEW_RUNS and (len(partial) + len(full)) / len(runs) < MIN_VIEW_RUN
             if short and q1 - q0 == bq:
                 gathered.setdefault(len(partial) + len(full), []).append((qb, partial, full))
@@ -159,7 +165,61 @@ def block_sparse_attention(
             out[:, hs, q0:q1], lse[:, hs, q0:q1] = _merge(parts, q.dtype)
         if gathered:
             _gathered_blocks(q, k, v, out, lse, hs, g, per_head, gathered, block_mask, bq, bkv, num_kv_blocks, scale)
+        for lengths, members in strided.items():
+            for group in _progressions(members):
+                _strided_group(q, k, v, out, lse, hs, group, lengths, bq, bkv, scale)
     return out, lse
+
+
+def _progressions(members: list[tuple[int, list[int]]]) -> list[list[tuple[int, list[int]]]]:
+    """Split query blocks (in order) into maximal runs whose block index and every key-run start advance by the
+    same steps: each such run is one batched call over strided views."""
+    groups: list[list[tuple[int, list[int]]]] = []
+    for member in members:
+        if groups:
+            group = groups[-1]
+            if len(group) == 1:
+                if all(a >= b for a, b in zip(member[1], group[0][1])):  # strides must not be negative
+                    group.append(member)
+                    continue
+                groups.append([member])
+                continue
+            (q0, s0), (q1, s1) = group[0], group[1]
+            qb, starts = member
+            last_q, last_s = group[-1]
+            if qb - last_q == q1 - q0 and all(a - b == c - d for a, b, c, d in zip(starts, last_s, s1, s0)):
+                group.append(member)
+                continue
+        groups.append([member])
+    return groups
+
+
+def _strided_group(q, k, v, out, lse, hs, group, lengths, bq, bkv, scale) -> None:
+    """One fused call per key run for a progression of query blocks, as overlapping strided views (no copies)."""
+    batch, heads, num_q, dim = q.shape
+    num_kv = k.shape[-2]
+    h0, nh = hs.start, hs.stop - hs.start
+    size = len(group)
+    dq = (group[1][0] - group[0][0]) if size > 1 else 1
+    q_first = group[0][0] * bq
+    for b in range(batch):
+        def view(x: Tensor, length: int, seq: int, first: int, step: int) -> Tensor:
+            base = b * x.stride(0) + h0 * x.stride(1) + first * x.stride(2)
+            return x.as_strided((size, nh, length, dim), (step * x.stride(2), x.stride(1), x.stride(2), 1), base)
+
+        qv = view(q, bq, num_q, q_first, dq * bq)
+        parts = []
+        for r, length in enumerate(lengths):
+            ds = (group[1][1][r] - group[0][1][r]) if size > 1 else 0
+            first = group[0][1][r] * bkv
+            kv_len = length * bkv
+            o, l = _fused(qv, view(k, kv_len, num_kv, first, ds * bkv), view(v, kv_len, num_kv, first, ds * bkv),
+                          None, scale)
+            parts.append((o, l))
+        o, l = _merge(parts, q.dtype)
+        view(out, bq, num_q, q_first, dq * bq).copy_(o)
+        lse_view = lse.as_strided((size, nh, bq), (dq * bq, lse.stride(1), 1), b * lse.stride(0) + h0 * lse.stride(1) + q_first)
+        lse_view.copy_(l)
 
 
 def _gathered_blocks(q, k, v, out, lse, hs, g, per_head, groups, block_mask, bq, bkv, num_kv_blocks, scale) -> None:

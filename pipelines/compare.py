@@ -51,19 +51,21 @@ class Timed(diffattn.AttentionMethod):
 def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod]:
     """Methods at roughly 10% density on a ``(frames, h, w)`` token grid (radial is as dense as its rule makes it).
 
-    The dynamic methods select among the same 128-token tiles as sliding tile. Re-ttention's density counts its
-    calibration steps (dense + sparse), so it only pays off over more steps than the compare default.
+    Tiles are 4 frames x 8 x 8 tokens (256 tokens, the kernel's block): sliding tile keeps two tiles in time, one
+    band of 8 rows and the whole width (one contiguous run of key blocks per query tile); the dynamic methods select
+    among the same tiles. Re-ttention's density counts its calibration steps (dense + sparse), so it only pays off
+    over more steps than the compare default.
     """
     from diffattn.methods.dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
 
-    tile = (4, 4, 8)
+    tile = (4, 8, 8)
     return {
-        "sliding tile": diffattn.SlidingTileAttention(tile=tile, window=(5, 3, 1)),
+        "sliding tile": diffattn.SlidingTileAttention(tile=tile, window=(2, 1, 4)),
         "radial": diffattn.RadialAttention(decay=0.2),
         "sliding window": diffattn.SlidingWindowAttention(window=tuple(min(w, n) for w, n in zip((5, 9, 9), grid))),
-        "dynamic top-k": DynamicSparseAttention(topk=0.1, tile=tile),
+        "dynamic top-k": DynamicSparseAttention(topk=0.125, tile=tile),
         "pyramid (PSA)": PyramidSparseAttention(bands=(0.06, 0.08, 0.12, 0.2), tile=tile),  # 6+2/2+4/4+8/8 = 9 %
-        "re-ttention": Rettention(base=DynamicSparseAttention(topk=0.1, tile=tile), calibrate_every=5),
+        "re-ttention": Rettention(base=DynamicSparseAttention(topk=0.125, tile=tile), calibrate_every=5),
         "ToDo 3x": TokenDownsampling(factor=3),  # keys and values on a 3x coarser grid per frame: 1/9
     }
 

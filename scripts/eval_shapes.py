@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--samples", type=int, default=24, help="samples shown in the PNG grid")
+    parser.add_argument("--pag", type=float, default=None, help="perturbed-attention guidance scale (image model)")
+    parser.add_argument("--seg", type=float, default=None, help="smoothed energy guidance scale (image model, sigma=inf)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -82,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         pipe = embedded.load_video_pipeline(args.model)
         count, guidance = args.prompts or 40, args.guidance or 4.0
     pipe.set_progress_bar_config(disable=True)
+    if args.pag is not None or args.seg is not None:
+        from diffattn import guidance as attention_guidance
+
+        method = (attention_guidance.PAG(scale=args.pag) if args.pag is not None
+                  else attention_guidance.SEG(scale=args.seg))
+        attention_guidance.enable(pipe, method)
     out = args.out or Path(f"outputs/eval-{args.kind}")
     out.mkdir(parents=True, exist_ok=True)
     prompts = prompt_set(args.kind, count)
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "mean_flicker": float(np.nanmean([r.flicker for r in results])),
         }
         shown = [np.concatenate(list(clip[::2]), axis=1) for clip in outputs[: min(args.samples, 12)]]
-    scores.update(prompts=count, steps=args.steps, guidance=guidance)
+    scores.update(prompts=count, steps=args.steps, guidance=guidance, pag=args.pag, seg=args.seg)
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     for i, image in enumerate(outputs[:200]):
         frames = image if image.ndim == 3 else np.concatenate(list(image), axis=1)
