@@ -170,15 +170,18 @@ def save_outputs(rows: list[CompareRow], videos: dict[str, np.ndarray], out: Pat
     axes[0].bar(x - 0.2, [r.speedup for r in methods], 0.4, label="end-to-end speedup (measured)")
     axes[0].bar(x + 0.2, [r.amdahl_bound for r in methods], 0.4, label="Amdahl bound (measured attention speedup)",
                 alpha=0.6)
+    axes[0].scatter(x, [r.ideal_bound for r in methods], marker="_", s=400, color="black",
+                    label="bound if attention cost were proportional to density", zorder=3)
     for i, r in enumerate(methods):
         axes[0].text(i, max(r.speedup, r.amdahl_bound) * 1.02, f"attn {r.attention_speedup:.1f}x\nPSNR {r.psnr:.0f} dB",
                      ha="center", va="bottom", fontsize=8)
     axes[0].axhline(1.0, color="grey", lw=0.8)
-    axes[0].set_xticks(x, [f"{r.method}\n(density {r.density:.2f})" for r in methods])
+    axes[0].set_xticks(x, [f"{r.method}\n(density {r.density:.2f})" for r in methods], fontsize=7, rotation=25,
+                       ha="right")
     axes[0].set_ylabel("x faster than dense")
     axes[0].set_title(title, fontsize=9)
     axes[0].legend(fontsize=8, loc="upper right")
-    axes[0].set_ylim(0, max(r.amdahl_bound for r in methods) * 1.35)
+    axes[0].set_ylim(0, max(max(r.amdahl_bound, r.ideal_bound) for r in methods) * 1.35)
     # First, middle and last frame of each output, dense first.
     labels = ["dense (stock)", *[r.method for r in methods]]
     strips = []
