@@ -207,14 +207,26 @@ def _strided_group(q, k, v, out, lse, hs, group, lengths, bq, bkv, scale) -> Non
             base = b * x.stride(0) + h0 * x.stride(1) + first * x.stride(2)
             return x.as_strided((size, nh, length, dim), (step * x.stride(2), x.stride(1), x.stride(2), 1), base)
 
+        steps = [(group[1][1][r] - group[0][1][r]) if size > 1 else 0 for r in range(len(lengths))]
+        if dq == 1 and not any(steps):
+            # Consecutive query blocks with the same key runs: one longer query block (bigger GEMMs, fewer calls).
+            rows = slice(q_first, q_first + size * bq)
+            parts = [
+                _fused(q[b:b + 1, h0:h0 + nh, rows], k[b:b + 1, h0:h0 + nh, s * bkv:(s + n) * bkv],
+                       v[b:b + 1, h0:h0 + nh, s * bkv:(s + n) * bkv], None, scale)
+                for s, n in zip(group[0][1], lengths)
+            ]
+            o, l = _merge(parts, q.dtype)
+            out[b:b + 1, h0:h0 + nh, rows] = o
+            lse[b:b + 1, h0:h0 + nh, rows] = l
+            continue
         qv = view(q, bq, num_q, q_first, dq * bq)
         parts = []
         for r, length in enumerate(lengths):
-            ds = (group[1][1][r] - group[0][1][r]) if size > 1 else 0
             first = group[0][1][r] * bkv
             kv_len = length * bkv
-            o, l = _fused(qv, view(k, kv_len, num_kv, first, ds * bkv), view(v, kv_len, num_kv, first, ds * bkv),
-                          None, scale)
+            o, l = _fused(qv, view(k, kv_len, num_kv, first, steps[r] * bkv),
+                          view(v, kv_len, num_kv, first, steps[r] * bkv), None, scale)
             parts.append((o, l))
         o, l = _merge(parts, q.dtype)
         view(out, bq, num_q, q_first, dq * bq).copy_(o)
