@@ -131,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         score_gb = tokens * tokens * 4 / 1e9  # one head's fp32 scores
         if natten_cfg and not args.no_natten and score_gb <= args.natten_max_gb:
             try:
+                raster = [x.index_select(2, plan.scatter) for x in (q, k, v)]  # NATTEN takes raster order
                 start = time.perf_counter()
-                nat = natten_tile(q, k, v, grid, *natten_cfg)
+                nat = natten_tile(*raster, grid, *natten_cfg)
                 row["natten_s"] = (time.perf_counter() - start) * HEADS  # one head, timed once, x heads
-                ours = out[0, :1].permute(1, 0, 2).reshape(1, *grid, 1, DIM)
+                ours = out.index_select(2, plan.scatter)[0, :1].permute(1, 0, 2).reshape(1, *grid, 1, DIM)
                 row["natten_max_diff"] = float((nat.float() - ours.float()).abs().max())
             except (ImportError, RuntimeError) as exc:  # not installed, or out of memory
                 row["natten_error"] = str(exc)[:200]
