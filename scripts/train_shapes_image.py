@@ -97,6 +97,19 @@ def encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
                       tqdm(range(0, len(images), batch), desc="encoding", leave=False)])
 
 
+def update(loss, opt, params, ema, model, curve: list, bar, step: int) -> int:
+    """One optimiser step with gradient clipping and EMA; logs the loss. Returns the new step count."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.step(model.parameters())
+    curve.append(("denoiser", step + 1, float(loss)))
+    bar.update(1)
+    bar.set_postfix(loss=f"{float(loss):.4f}")
+    return step + 1
+
+
 def train_denoiser(unet, text_encoder, tokenizer, latents, captions, seconds, batch, rng, curve, lr=5e-4) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
@@ -128,16 +141,7 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, captions, seconds, ba
         for group in opt.param_groups:
             group["lr"] = lr * warm
         pred = unet(xt, t, text_encoder(tokens)[0]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.step(unet.parameters())
-        step += 1
-        curve.append(("denoiser", step, float(loss)))
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        step = update(F.mse_loss(pred, noise), opt, params, ema, unet, curve, bar, step)
     bar.close()
     ema.copy_to(unet.parameters())
     unet.eval()

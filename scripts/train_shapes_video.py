@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from train_shapes_image import save_curve  # noqa: E402
+from train_shapes_image import save_curve, update  # noqa: E402
 
 from diffattn.pipelines.embedded import MAX_TEXT_TOKENS, shapes_text_encoder, shapes_tokenizer, video_transformer  # noqa: E402
 
@@ -93,16 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = 5e-4 * min(1.0, (step + 1) / 200)
         pred = transformer(xt, sigma * 1000, text_encoder(tokens)[0], return_dict=False)[0]
-        loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.step(transformer.parameters())
-        step += 1
-        curve.append(("denoiser", step, float(loss)))
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        step = update(F.mse_loss(pred, noise - x0), opt, params, ema, transformer, curve, bar, step)
     bar.close()
     ema.copy_to(transformer.parameters())
     transformer.eval()
