@@ -331,3 +331,23 @@ def test_compiled_flex_agrees_and_refuses_lse_on_cpu():
     torch.testing.assert_close(out, ref, rtol=0, atol=TOLERANCE[torch.float32])
     with pytest.raises(ValueError, match="log-sum-exp"):
         kernels.attention(q, k, v, plan.block_mask, backend="flex-compiled")
+
+
+def test_strided_and_merged_query_groups_match_reference(monkeypatch):
+    """Full-block query blocks are batched: in-step key runs as strided views, identical runs as one longer query."""
+    from diffattn.kernels import block_sparse
+
+    calls = []
+    real = block_sparse._strided_group
+    monkeypatch.setattr(block_sparse, "_strided_group", lambda *a: (calls.append(len(a[6])), real(*a))[1])
+    # Tiles of 8 tokens on a 1-D grid of 12 tiles, window 5: border tiles share their runs (identical), interior
+    # tiles' runs advance by one tile per query tile (in step); 2-D case adds several runs per query tile.
+    for grid, tile, window in [((96,), (8,), (5,)), ((4, 24), (2, 8), (1, 3))]:
+        pattern = SlidingTile(tile, window)
+        plan = compile_pattern(pattern, TokenLayout(grid), block_size=pattern.tile_volume(grid))
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = random_qkv(2, 3, plan.kernel_length, 16, dtype, seed=7)
+            out, lse = kernels.attention(q, k, v, plan.block_mask, backend="torch")
+            ref64 = kernels.attention(q.double(), k.double(), v.double(), plan.block_mask, backend="reference")[0]
+            assert (out.double() - ref64).abs().max().item() <= TOLERANCE[dtype]
+    assert calls and max(calls) > 1, "query blocks were not grouped"
