@@ -113,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     for tokens, dtype_name, (name, pattern, grid, block, natten_cfg) in tqdm(cases, desc="benchmark"):
         dtype = getattr(torch, dtype_name)
         layout = TokenLayout(grid)
+        start = time.perf_counter()
         plan = compile_pattern(pattern, layout, block_size=block)
+        mask_build_s = time.perf_counter() - start
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, HEADS, plan.kernel_length, DIM, generator=g).to(dtype) for _ in range(3))
         row = {"tokens": tokens, "dtype": dtype_name, "pattern": name, "grid": grid, "density": plan.density,
+               "mask_build_s": mask_build_s,
                "threads": args.threads}
         row["dense_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
         out, _ = kernels.attention(q, k, v, plan.block_mask, backend="torch")

@@ -90,7 +90,6 @@ def test_blocks_are_exact_for_tiles_and_conservative_with_text(grid, data):
     plan = compile_pattern(pattern, layout, block_size=block)
     bm = plan.block_mask
     n = plan.kernel_length
-    truth = compiled_token_mask(plan, n) if False else None
     order = pattern.token_order(grid)
     valid = torch.cat([order >= 0, torch.ones(text_len, dtype=torch.bool)])
     q = torch.arange(n).view(-1, 1)
@@ -351,3 +350,23 @@ def test_strided_and_merged_query_groups_match_reference(monkeypatch):
             ref64 = kernels.attention(q.double(), k.double(), v.double(), plan.block_mask, backend="reference")[0]
             assert (out.double() - ref64).abs().max().item() <= TOLERANCE[dtype]
     assert calls and max(calls) > 1, "query blocks were not grouped"
+
+
+@pytest.mark.parametrize("grid,tile,window", [((4, 16, 32), (4, 8, 8), (1, 1, 3)), ((8, 16, 32), (2, 8, 8), (3, 1, 4))])
+def test_sliding_tile_equals_natten_generalized_neighborhood_attention(grid, tile, window):
+    """With odd (or whole-axis) windows, sliding tile is NATTEN's GNA with kernel = window x tile, stride = tile:
+    the equivalence the benchmark relies on to time NATTEN on the same pattern."""
+    import natten
+
+    pattern = SlidingTile(tile, window)
+    plan = compile_pattern(pattern, TokenLayout(grid), block_size=pattern.tile_volume(grid))
+    q, k, v = random_qkv(1, 2, plan.kernel_length, 16, torch.float32, seed=11)
+    ours = kernels.attention(q, k, v, plan.block_mask, backend="torch")[0].index_select(2, plan.scatter)
+
+    def heads_last(x):
+        return x.index_select(2, plan.scatter)[0].permute(1, 0, 2).reshape(1, *grid, 2, 16)
+
+    kernel = tuple(w * t for w, t in zip(window, tile))
+    theirs = natten.na3d(heads_last(q), heads_last(k), heads_last(v), kernel_size=kernel, stride=tile,
+                         backend="flex-fna")
+    torch.testing.assert_close(theirs, ours[0].permute(1, 0, 2).reshape(1, *grid, 2, 16), rtol=0, atol=2e-6)
