@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import diffattn
 from diffattn import TokenLayout, kernels
+from diffattn.patterns import Radial
 from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile
 from diffattn.pipelines.tiny import tiny_inputs, tiny_model
@@ -332,24 +333,62 @@ def test_compiled_flex_agrees_and_refuses_lse_on_cpu():
         kernels.attention(q, k, v, plan.block_mask, backend="flex-compiled")
 
 
-def test_strided_and_merged_query_groups_match_reference(monkeypatch):
-    """Full-block query blocks are batched: in-step key runs as strided views, identical runs as one longer query."""
+@pytest.mark.parametrize("chunk,budget,max_rows", [(None, 1 << 30, 8192), (16, 1 << 30, 8192), (None, 1, 16)])
+def test_key_major_query_groups_match_reference(monkeypatch, chunk, budget, max_rows):
+    """Full-block query blocks are computed key piece by key piece, every query block needing a piece stacked into
+    one long call; also with pieces cut at chunk boundaries, waves of one block (tiny budget) and short calls."""
     from diffattn.kernels import block_sparse
 
-    calls = []
-    real = block_sparse._strided_group
-    monkeypatch.setattr(block_sparse, "_strided_group", lambda *a: (calls.append(len(a[6])), real(*a))[1])
-    # Tiles of 8 tokens on a 1-D grid of 12 tiles, window 5: border tiles share their runs (identical), interior
-    # tiles' runs advance by one tile per query tile (in step); 2-D case adds several runs per query tile.
+    rows = []
+    real = block_sparse._fused
+    monkeypatch.setattr(block_sparse, "_fused", lambda q, *a: (rows.append(q.shape[-2]), real(q, *a))[1])
+    monkeypatch.setattr(block_sparse, "KEY_CHUNK_TOKENS", chunk)
+    monkeypatch.setattr(block_sparse, "PARTS_BUDGET_BYTES", budget)
+    monkeypatch.setattr(block_sparse, "MAX_CALL_ROWS", max_rows)
+    # Tiles of 8 tokens on a 1-D grid of 12 tiles, window 5: border tiles share their runs, interior ones overlap;
+    # the 2-D case adds several runs per query tile.
     for grid, tile, window in [((96,), (8,), (5,)), ((4, 24), (2, 8), (1, 3))]:
         pattern = SlidingTile(tile, window)
         plan = compile_pattern(pattern, TokenLayout(grid), block_size=pattern.tile_volume(grid))
         for dtype in (torch.float32, torch.bfloat16):
             q, k, v = random_qkv(2, 3, plan.kernel_length, 16, dtype, seed=7)
             out, lse = kernels.attention(q, k, v, plan.block_mask, backend="torch")
-            ref64 = kernels.attention(q.double(), k.double(), v.double(), plan.block_mask, backend="reference")[0]
+            ref64, lse64 = kernels.attention(q.double(), k.double(), v.double(), plan.block_mask, backend="reference")
             assert (out.double() - ref64).abs().max().item() <= TOLERANCE[dtype]
-    assert calls and max(calls) > 1, "query blocks were not grouped"
+            torch.testing.assert_close(lse, lse64.float(), rtol=0, atol=1e-3)
+    block = 8
+    if budget == 1 or max_rows == 16:
+        assert max(rows) <= max(block, max_rows), "waves of one query block or calls of at most max_rows"
+    else:
+        assert max(rows) > block, "query blocks were not stacked"
+
+
+@pytest.mark.parametrize("text_len", [0, 5])
+def test_key_order_shortens_radial_runs_and_matches_reference(text_len):
+    """Radial's key sets form fewer, longer runs in a reordered copy of k and v; the result is unchanged."""
+    from diffattn.kernels import block_sparse
+
+    plan = compile_pattern(Radial(decay=0.2, block_size=64), TokenLayout((16, 8, 16), text_len=text_len), block_size=64)
+    mask = plan.block_mask
+    partial = block_sparse._lists(mask.kv_num_blocks, mask.kv_indices)[0]
+    full = block_sparse._lists(mask.full_kv_num_blocks, mask.full_kv_indices)[0]
+    n = plan.kernel_length
+    members = [(qb, [(a, b) for a, b, _ in runs]) for qb in range(len(partial))
+               if (runs := block_sparse._runs(partial[qb], full[qb])) and not partial[qb] and (qb + 1) * 64 <= n]
+    blocks = math.ceil(n / 64)
+    order = block_sparse._key_order(members, blocks, n // 64)
+    assert order is not None and sorted(order) == list(range(blocks)) and order[n // 64:] == list(range(n // 64, blocks))
+    position = {b: i for i, b in enumerate(order)}
+    before = sum(len(runs) for _, runs in members)
+    after = sum(len(block_sparse._runs_of(sorted(position[b] for a, c in runs for b in range(a, c))))
+                for _, runs in members)
+    assert after <= (1 - block_sparse.KEY_ORDER_GAIN) * before
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = random_qkv(1, 2, plan.kernel_length, 16, dtype, seed=3)
+        out, lse = kernels.attention(q, k, v, mask, backend="torch")
+        ref64, lse64 = kernels.attention(q.double(), k.double(), v.double(), mask, backend="reference")
+        assert (out.double() - ref64).abs().max().item() <= TOLERANCE[dtype]
+        torch.testing.assert_close(lse, lse64.float(), rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("grid,tile,window", [((4, 16, 32), (4, 8, 8), (1, 1, 3)), ((8, 16, 32), (2, 8, 8), (3, 1, 4))])
