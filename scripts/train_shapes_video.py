@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from train_shapes_image import save_curve, update  # noqa: E402
+from train_shapes_image import distinct_frozen_token_embeddings, save_curve, update  # noqa: E402
 
 from diffattn.pipelines.embedded import MAX_TEXT_TOKENS, shapes_text_encoder, shapes_tokenizer, video_transformer  # noqa: E402
 
@@ -73,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                     return_tensors="pt").input_ids
     empty, ids = ids[-1], ids[:-1]
     shift = 3.0
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
-    ema = EMAModel(transformer.parameters(), decay=0.999, use_ema_warmup=True)
+    text_params = distinct_frozen_token_embeddings(text_encoder, seed=1)
+    params = list(transformer.parameters()) + text_params
+    opt = torch.optim.AdamW([{"params": list(transformer.parameters()), "weight_decay": 1e-2},
+                             {"params": text_params, "weight_decay": 0.0}], lr=5e-4)
+    ema = EMAModel(params, decay=0.999, use_ema_warmup=True)
     curve: list = []
     seconds = args.minutes * 60 - (time.time() - started) - 30
     step = 0
@@ -93,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = 5e-4 * min(1.0, (step + 1) / 200)
         pred = transformer(xt, sigma * 1000, text_encoder(tokens)[0], return_dict=False)[0]
-        step = update(F.mse_loss(pred, noise - x0), opt, params, ema, transformer, curve, bar, step)
+        step = update(F.mse_loss(pred, noise - x0), opt, params, ema, curve, bar, step)
     bar.close()
-    ema.copy_to(transformer.parameters())
+    ema.copy_to(params)
     transformer.eval()
     text_encoder.eval()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
