@@ -47,7 +47,8 @@ def grid_image(images: list[np.ndarray], captions: list[str], columns: int, scal
     import matplotlib.pyplot as plt
 
     rows = (len(images) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.2))
+    aspect = images[0].shape[1] / images[0].shape[0]  # video strips are wide: size the cells to the images
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.9 * aspect, rows * (1.9 + 0.35)), squeeze=False)
     for ax in np.atleast_1d(axes).flat:
         ax.axis("off")
     for ax, image, text in zip(np.atleast_1d(axes).flat, images, captions):
