@@ -43,11 +43,11 @@ def shapes_tokenizer() -> Any:
         return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TEXT_TOKENS, pad_token="<|endoftext|>")
 
 
-def shapes_text_encoder(tokenizer: Any) -> torch.nn.Module:
+def shapes_text_encoder(tokenizer: Any, layers: int = 2) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         max_position_embeddings=MAX_TEXT_TOKENS, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))

@@ -32,7 +32,7 @@ logger = logging.getLogger("train_shapes_image")
 IMAGE_SIZE = 32
 
 
-def build_models(tokenizer):
+def build_models(tokenizer, text_layers: int = 2):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from diffattn.pipelines.embedded import shapes_text_encoder
@@ -43,7 +43,7 @@ def build_models(tokenizer):
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
     )
-    text_encoder = shapes_text_encoder(tokenizer)
+    text_encoder = shapes_text_encoder(tokenizer, layers=text_layers)
     # Four levels (16 -> 8 -> 4 -> 2 latent pixels): at 2x2 and 4x4 every cell sees a different zero-padding
     # pattern, the UNet's only absolute-position cue (it has no positional encoding), so "on the left" is learnable.
     unet = UNet2DConditionModel(
@@ -69,13 +69,23 @@ def distinct_frozen_token_embeddings(text_encoder, seed: int) -> list[torch.nn.P
     return [p for p in text_encoder.parameters() if p.requires_grad]
 
 
-def render_set(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def render_set(count: int, seed: int, two_objects: float | None = None) -> tuple[torch.Tensor, list[str]]:
+    """``count`` scenes, a fraction ``two_objects`` of them with two objects, the rest with one (None: one or two
+    objects as ``ShapesDataset(max_objects=2)`` draws them)."""
     from diffattn.pipelines.shapes_data import ShapesDataset
 
-    data = ShapesDataset(count, seed=seed, size=IMAGE_SIZE, max_objects=2)
+    if two_objects is None:
+        data = ShapesDataset(count, seed=seed, size=IMAGE_SIZE, max_objects=2)
+        scenes = [data.example(i) for i in tqdm(range(count), desc="rendering scenes", leave=False)]
+        return (torch.stack([torch.from_numpy(image) for image, _, _ in scenes]).permute(0, 3, 1, 2).contiguous(),
+                [text for _, _, text in scenes])
+    two = round(count * two_objects)
+    singles = ShapesDataset(count - two, seed=seed, size=IMAGE_SIZE, max_objects=1)
+    pairs = ShapesDataset(two, seed=seed + 1, size=IMAGE_SIZE, min_objects=2, max_objects=2) if two else None
+    rng = np.random.default_rng(seed)
     images, captions = [], []
-    for i in tqdm(range(count), desc="rendering scenes", leave=False):
-        image, _, text = data.example(i)
+    for i in tqdm(rng.permutation(count).tolist(), desc="rendering scenes", leave=False):
+        image, _, text = singles.example(i) if i < count - two else pairs.example(i - (count - two))
         images.append(torch.from_numpy(image))
         captions.append(text)
     return torch.stack(images).permute(0, 3, 1, 2).contiguous(), captions
@@ -205,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve", type=Path, default=Path("outputs/shapes-image-loss.png"))
     parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--steps", type=int, default=None, help="stop the denoiser after this many steps")
+    parser.add_argument("--two-objects", type=float, default=None,
+                        help="fraction of two-object training scenes (default: ShapesDataset's own mix)")
+    parser.add_argument("--text-layers", type=int, default=2, help="layers of the CLIP text encoder")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="reuse the VAE of an earlier run (its training minutes count towards the budget)")
     args = parser.parse_args(argv)
@@ -216,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     tokenizer = shapes_tokenizer()
-    vae, text_encoder, unet = build_models(tokenizer)
+    vae, text_encoder, unet = build_models(tokenizer, args.text_layers)
     started = time.time()
-    images, captions = render_set(args.images, args.seed)
+    images, captions = render_set(args.images, args.seed, args.two_objects)
     curve: list = []
     budget = args.minutes * 60 - (time.time() - started)
     vae_minutes = 0.0
@@ -247,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     args.curve.parent.mkdir(parents=True, exist_ok=True)
     save_curve(curve, args.curve)
     info = {
-        "seed": args.seed, "images": args.images, "batch": args.batch, "image_size": IMAGE_SIZE,
+        "seed": args.seed, "images": args.images, "two_objects": args.two_objects, "text_layers": args.text_layers,
+        "batch": args.batch, "image_size": IMAGE_SIZE,
         "vae_steps": sum(1 for s, *_ in curve if s == "vae"), "vae_minutes": round(vae_minutes, 1),
         "vae_from": str(args.vae_from) if args.vae_from else None, "lr": args.lr, **stats,
         "minutes": round((time.time() - started) / 60, 1), "scaling_factor": scaling,
