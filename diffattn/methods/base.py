@@ -12,11 +12,18 @@ from ..context import ROLES, AttentionContext
 __all__ = ["AttentionMethod", "check_roles"]
 
 
-def check_roles(roles: Iterable[str], owner: str) -> frozenset[str]:
+SELF_AND_JOINT = frozenset({"self", "joint"})
+
+
+def check_roles(roles: Iterable[str], owner: str, allowed: frozenset[str] = ROLES) -> frozenset[str]:
+    """``roles`` as a frozenset, checked against the known roles and the ones ``owner`` can act on."""
     roles = frozenset(roles)
     unknown = roles - ROLES
     if unknown or not roles:
         raise ValueError(f"{owner}: roles must be a non-empty subset of {sorted(ROLES)}, got {sorted(roles)}")
+    if not roles <= allowed:
+        names = " and ".join(r for r in ("self", "cross", "joint") if r in allowed)
+        raise ValueError(f"{owner} acts on {names} attention only, got roles {sorted(roles)}")
     return roles
 
 

@@ -47,7 +47,7 @@ from ..patterns.dynamic import (
     select_topp,
     selection_block_mask,
 )
-from .base import AttentionMethod, check_roles
+from .base import SELF_AND_JOINT, AttentionMethod, check_roles
 from .sparse import SparseAttention, text_padding_per_batch
 
 __all__ = [
@@ -59,7 +59,7 @@ __all__ = [
     "PSA_BANDS",
 ]
 
-_ROLES = frozenset({"self", "joint"})
+_ROLES = SELF_AND_JOINT
 #: Tile of the kernel order (and block) for video grids when ``tile="auto"``: 4 frames x 4 x 8 tokens = 128.
 VIDEO_TILE: tuple[int, int, int] = (4, 4, 8)
 #: PSA's Wan-14B preset: cumulative fractions of key blocks at 1x, 2x, 4x, 8x pooling; the rest is skipped.
@@ -72,9 +72,7 @@ PSA_BANDS: tuple[float, float, float, float] = (0.4, 0.5, 0.6, 0.8)
 
 def _check_common(owner: str, roles: frozenset[str], backend: str, block_size: int, tile: Any,
                   guard: float | None) -> frozenset[str]:
-    roles = check_roles(roles, owner)
-    if not roles <= _ROLES:
-        raise ValueError(f"{owner} acts on self and joint attention only, got roles {sorted(roles)}")
+    roles = check_roles(roles, owner, _ROLES)
     if backend != "auto" and backend not in kernels.BACKENDS:
         raise ValueError(f"{owner}: unknown backend {backend!r}; choose from {['auto', *kernels.BACKENDS]}")
     if block_size < 1:
@@ -451,9 +449,7 @@ class Rettention(AttentionMethod):
     _calls: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name))
-        if not self.roles <= _ROLES:
-            raise ValueError(f"{self.name} acts on self and joint attention only, got roles {sorted(self.roles)}")
+        object.__setattr__(self, "roles", check_roles(self.roles, self.name, _ROLES))
         if not isinstance(self.base, (SparseAttention, DynamicSparseAttention)):
             raise TypeError(f"{self.name}: base must be a static sparse method (e.g. SlidingTileAttention) or "
                             f"DynamicSparseAttention, got {type(self.base).__name__}")
@@ -552,9 +548,7 @@ class TokenDownsampling(AttentionMethod):
     roles: frozenset[str] = field(default=_ROLES)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name))
-        if not self.roles <= _ROLES:
-            raise ValueError(f"{self.name} acts on self and joint attention only, got roles {sorted(self.roles)}")
+        object.__setattr__(self, "roles", check_roles(self.roles, self.name, _ROLES))
         for name in ("factor", "factor_level_2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -15,7 +15,7 @@ from ..patterns.base import Pattern
 from ..patterns.compile import CompiledPattern, compile_pattern
 from ..patterns.tile import SlidingTile
 from ..patterns.window import Radial, ShiftedWindow, SlidingWindow, hidiffusion_shift
-from .base import AttentionMethod, check_roles
+from .base import SELF_AND_JOINT, AttentionMethod, check_roles
 
 __all__ = [
     "SparseAttention",
@@ -27,7 +27,7 @@ __all__ = [
     "text_padding_per_batch",
 ]
 
-_SPARSE_ROLES = frozenset({"self", "joint"})
+_SPARSE_ROLES = SELF_AND_JOINT
 
 
 def text_padding_per_batch(attn_mask: Tensor | None, layout: TokenLayout, batch: int, layer: str) -> list[int]:
@@ -75,9 +75,7 @@ class SparseAttention(AttentionMethod):
     roles: frozenset[str] = field(default=_SPARSE_ROLES)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name))
-        if not self.roles <= _SPARSE_ROLES:
-            raise ValueError(f"{self.name} acts on self and joint attention only, got roles {sorted(self.roles)}")
+        object.__setattr__(self, "roles", check_roles(self.roles, self.name, _SPARSE_ROLES))
         if self.backend != "auto" and self.backend not in kernels.BACKENDS:
             raise ValueError(f"{self.name}: unknown backend {self.backend!r}; choose from {['auto', *kernels.BACKENDS]}")
         if self.block_size < 1:
