@@ -8,7 +8,7 @@ Query blocks with full blocks only (sliding tile, radial, top-k selections) are 
 runs are grouped by stretch and every query block that needs a stretch attends it in one call with all their rows
 stacked. The CPU flash kernel splits short queries into 32-row tiles and reaches only ~60% of its dense speed on
 128-row calls (~55% in bf16); long stacked queries run at its efficient 256-row split. When a reordered copy of the
-key blocks turns the query blocks' key sets into markedly fewer runs (radial's bands: about half as many), the
+key blocks turns the query blocks' key sets into markedly fewer runs (radial at 16k tokens: half as many), the
 stretches are taken from that copy. Query blocks with partial blocks attend views of k and v with the element mask
 from ``block_mask.mask_mod``, or gather their blocks when they form many short runs.
 """
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-__all__ = ["block_sparse_attention", "dense_attention", "kv_block_lists"]
+__all__ = ["block_sparse_attention", "dense_attention", "key_major_runs", "kv_block_lists"]
 
 _NEG_INF = float("-inf")
 
@@ -221,9 +221,7 @@ def _key_major(q, k, v, out, lse, hs, members, bq, bkv, scale, order: list[int] 
     nh = hs.stop - hs.start
     kh, vh = k[:, hs], v[:, hs]
     if order is not None:  # attend to a copy of k and v with the key blocks reordered: fewer, longer runs
-        position = {b: i for i, b in enumerate(order)}
-        members = [(qb, _runs_of(sorted(position[b] for first, stop in runs for b in range(first, stop))))
-                   for qb, runs in members]
+        members = _reordered(members, order)
         whole = kh.shape[2] // bkv
         index = torch.tensor(order[:whole], device=q.device)
         kh, vh = (torch.cat([_blocks(x, bkv)[:, :, index].flatten(2, 3), x[:, :, whole * bkv:]], dim=2)
@@ -259,14 +257,29 @@ def _blocks(x: Tensor, size: int) -> Tensor:
     return x[:, :, :whole * size].unflatten(2, (whole, size))
 
 
-def _runs_of(blocks: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for b in blocks:
-        if runs and runs[-1][1] == b:
-            runs[-1] = (runs[-1][0], b + 1)
-        else:
-            runs.append((b, b + 1))
-    return runs
+def _reordered(members, order: list[int]):
+    """The members' key runs in the reordered copy whose block i is block ``order[i]``."""
+    position = {b: i for i, b in enumerate(order)}
+    return [(qb, [(first, stop) for first, stop, _ in
+                  _runs([], [position[b] for first, stop in runs for b in range(first, stop)])])
+            for qb, runs in members]
+
+
+def key_major_runs(block_mask: BlockMask, num_q: int, num_kv: int) -> tuple[float, float]:
+    """Mean key runs per key-major query block (head group 0), in key order and in the order the kernel attends
+    them (the two are equal when no reordering pays off)."""
+    bq, bkv = block_mask.BLOCK_SIZE
+    partial = _lists(block_mask.kv_num_blocks, block_mask.kv_indices)[0]
+    full_lists = _lists(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    full = full_lists[0] if full_lists else [[] for _ in partial]
+    members = [(qb, [(first, stop) for first, stop, _ in runs]) for qb in range(len(partial))
+               if not partial[qb] and (qb + 1) * bq <= num_q and (runs := _runs([], full[qb]))]
+    if not members:
+        return 0.0, 0.0
+    order = _key_order(members, math.ceil(num_kv / bkv), num_kv // bkv)
+    before = sum(len(runs) for _, runs in members) / len(members)
+    after = before if order is None else sum(len(runs) for _, runs in _reordered(members, order)) / len(members)
+    return before, after
 
 
 def _key_order(members, num_blocks: int, movable: int, starts: int = 8) -> list[int] | None:

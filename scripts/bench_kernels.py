@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffattn import TokenLayout, kernels
+from diffattn.kernels.block_sparse import key_major_runs
 from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile
 
@@ -119,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, HEADS, plan.kernel_length, DIM, generator=g).to(dtype) for _ in range(3))
         row = {"tokens": tokens, "dtype": dtype_name, "pattern": name, "grid": grid, "density": plan.density,
-               "mask_build_s": mask_build_s,
-               "threads": args.threads}
+               "mask_build_s": mask_build_s, "threads": args.threads}
+        row["runs_per_query_block"], row["runs_per_query_block_reordered"] = key_major_runs(
+            plan.block_mask, plan.kernel_length, plan.kernel_length)
         row["dense_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
         out, _ = kernels.attention(q, k, v, plan.block_mask, backend="torch")
         row["torch_s"] = timed(lambda: kernels.attention(q, k, v, plan.block_mask, backend="torch"), args.repeats)
