@@ -6,7 +6,7 @@ supports a call and explains why it rejected the others.
 | backend | what | devices |
 |---|---|---|
 | ``reference`` | float64 dense masked attention (the oracle) | any |
-| ``torch`` | block-sparse: runs of key blocks as views, fused SDPA per run, log-sum-exp merge | any |
+| ``torch`` | block-sparse: on AVX-512 CPUs a compiled loop (``cpu_block_sparse``: oneDNN brgemm, online softmax) for query blocks that see whole key blocks; otherwise runs of key blocks as views, fused SDPA per run, log-sum-exp merge | any |
 | ``flex`` | FlexAttention, eager (exact, slow on CPU) | any |
 | ``flex-compiled`` | FlexAttention under ``torch.compile`` | any (compiles per shape) |
 | ``triton`` | block-sparse flash attention in Triton (``kernels/triton_block_sparse.py``) | CUDA; CPU only under ``TRITON_INTERPRET=1`` (tests) |

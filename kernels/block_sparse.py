@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
+from . import cpu_block_sparse
+
 __all__ = ["block_sparse_attention", "dense_attention", "key_major_runs", "kv_block_lists"]
 
 _NEG_INF = float("-inf")
@@ -172,7 +174,12 @@ def block_sparse_attention(
             out[:, hs, q0:q1], lse[:, hs, q0:q1] = _merge(parts, q.dtype)
         if gathered:
             _gathered_blocks(q, k, v, out, lse, hs, g, per_head, gathered, block_mask, bq, bkv, num_kv_blocks, scale)
-        _key_major(q, k, v, out, lse, hs, full_only, bq, bkv, scale, _cached_key_order(block_mask, g, num_kv, bkv, full_only))
+        order = _cached_key_order(block_mask, g, num_kv, bkv, full_only)
+        if full_only and cpu_block_sparse.supports(q):  # longer runs fill the compiled loop's key tiles
+            cpu_block_sparse.attend(q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs],
+                                    _reordered(full_only, order) if order else full_only, bq, bkv, scale, order)
+        else:
+            _key_major(q, k, v, out, lse, hs, full_only, bq, bkv, scale, order)
     return out, lse
 
 

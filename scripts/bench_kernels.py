@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffattn import TokenLayout, kernels
+from diffattn.kernels import cpu_block_sparse
 from diffattn.kernels.block_sparse import key_major_runs
 from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         elif natten_cfg and not args.no_natten:
             row["natten_error"] = f"skipped: NATTEN's CPU path would materialise {score_gb:.1f} GB of scores per head"
         row["speedup_torch"] = row["dense_s"] / row["torch_s"]
+        row["torch_cpu_loop"] = cpu_block_sparse.status()
         row["target"] = 0.8 / plan.density
         rows.append(row)
         tqdm.write(
