@@ -54,11 +54,15 @@ def shapes_text_encoder(tokenizer: Any, layers: int = 2) -> torch.nn.Module:
 
 
 def video_transformer() -> torch.nn.Module:
-    """The embedded video model's WanTransformer3DModel: pixel space, 4x4 patches, 4 layers of 4 x 32 heads."""
+    """The embedded video model's WanTransformer3DModel: pixel space, 4x4 patches, 4 layers of 4 x 32 heads; its
+    input is the noisy frames plus three coordinate channels (see ``shapes_video.with_coordinates``)."""
     from diffusers import WanTransformer3DModel
 
+    from .shapes_video import COORDINATE_CHANNELS
+
     return WanTransformer3DModel(
-        patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3,
+        patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=3 + COORDINATE_CHANNELS,
+        out_channels=3,
         text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=128,
     )

@@ -4,6 +4,11 @@ The embedded video model: no VAE (frames are small, 32 x 32), a CLIP text encode
 tokenizer, flow matching with ``FlowMatchEulerDiscreteScheduler`` as Wan does. Like ``WanPipeline`` it runs the
 conditional and unconditional passes separately inside ``transformer.cache_context("cond" / "uncond")``, so
 diffattn (and diffusers' cache hooks) see the same calls as with Wan.
+
+The transformer's rotary embeddings are relative: from noise on a plain background it cannot tell the left of a
+frame from the right, or the first frame from the last. So, as Wan's image-to-video model concatenates its
+condition to the noisy latents, the pipeline concatenates three coordinate channels (frame, row and column in
+[-1, 1]) when the transformer takes ``out_channels + 3`` input channels (:func:`with_coordinates`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,24 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-__all__ = ["ShapesVideoPipeline", "ShapesVideoOutput"]
+__all__ = ["COORDINATE_CHANNELS", "ShapesVideoPipeline", "ShapesVideoOutput", "with_coordinates"]
+
+COORDINATE_CHANNELS = 3
+
+
+def with_coordinates(x: torch.Tensor, transformer: WanTransformer3DModel) -> torch.Tensor:
+    """``x`` (B, C, T, H, W) with the frame / row / column coordinates appended if ``transformer`` expects them."""
+    extra = transformer.config.in_channels - x.shape[1]
+    if extra == 0:
+        return x
+    if extra != COORDINATE_CHANNELS:
+        raise ValueError(f"the transformer takes {transformer.config.in_channels} input channels; expected "
+                         f"{x.shape[1]} (frames) or {x.shape[1] + COORDINATE_CHANNELS} (frames + coordinates)")
+    b, _, t, h, w = x.shape
+    axes = [torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) if n > 1
+            else torch.zeros(1, device=x.device, dtype=x.dtype) for n in (t, h, w)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (3, T, H, W)
+    return torch.cat([x, grid.expand(b, -1, -1, -1, -1)], dim=1)
 
 
 @dataclass
@@ -70,16 +92,18 @@ class ShapesVideoPipeline(DiffusionPipeline):
         dtype = self.transformer.dtype
         cond = self.encode_prompt(prompts).to(dtype)
         uncond = self.encode_prompt([""] * len(prompts)).to(dtype) if self.do_classifier_free_guidance else None
-        shape = (len(prompts), self.transformer.config.in_channels, num_frames, height, width)
+        shape = (len(prompts), self.transformer.config.out_channels, num_frames, height, width)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             timestep = t.expand(len(prompts))
             with self.transformer.cache_context("cond", step_index=i, num_inference_steps=num_inference_steps):
-                pred = self.transformer(latents.to(dtype), timestep, cond, return_dict=False)[0].float()
+                pred = self.transformer(with_coordinates(latents.to(dtype), self.transformer), timestep, cond,
+                                        return_dict=False)[0].float()
             if uncond is not None:
                 with self.transformer.cache_context("uncond", step_index=i, num_inference_steps=num_inference_steps):
-                    pred_u = self.transformer(latents.to(dtype), timestep, uncond, return_dict=False)[0].float()
+                    pred_u = self.transformer(with_coordinates(latents.to(dtype), self.transformer), timestep,
+                                              uncond, return_dict=False)[0].float()
                 pred = pred_u + guidance_scale * (pred - pred_u)
             latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
         video = latents.clamp(-1, 1)

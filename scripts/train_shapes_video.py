@@ -1,7 +1,8 @@
 """Train the embedded video model: ShapesVideoPipeline (WanTransformer3DModel in pixel space) on moving shapes.
 
 Flow matching (x_t = (1 - s) x0 + s noise, target noise - x0, timestep = 1000 s with Wan's shifted sigmas), 10%
-empty captions for classifier-free guidance, EMA weights, seeded. Saves in diffusers format (safetensors).
+empty captions for classifier-free guidance, EMA weights, seeded. The transformer sees the noisy frames plus frame /
+row / column coordinate channels (its rotary embeddings are relative only, so "on the left" needs them). Saves in diffusers format (safetensors).
 
     python scripts/train_shapes_video.py --out pipelines/assets/shapes-video --minutes 45
 """
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--curve", type=Path, default=Path("outputs/shapes-video-loss.png"))
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--text-layers", type=int, default=4, help="layers of the CLIP text encoder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
@@ -63,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import EMAModel
 
-    from diffattn.pipelines.shapes_video import ShapesVideoPipeline
+    from diffattn.pipelines.shapes_video import ShapesVideoPipeline, with_coordinates
 
     tokenizer = shapes_tokenizer()
-    text_encoder, transformer = shapes_text_encoder(tokenizer), video_transformer()
+    text_encoder, transformer = shapes_text_encoder(tokenizer, layers=args.text_layers), video_transformer()
     started = time.time()
     videos, captions = render_set(args.clips, args.seed)
     ids = tokenizer(captions + [""], padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True,
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     text_params = distinct_frozen_token_embeddings(text_encoder, seed=1)
     params = list(transformer.parameters()) + text_params
     opt = torch.optim.AdamW([{"params": list(transformer.parameters()), "weight_decay": 1e-2},
-                             {"params": text_params, "weight_decay": 0.0}], lr=5e-4)
+                             {"params": text_params, "weight_decay": 0.0}], lr=args.lr)
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True)
     curve: list = []
     seconds = args.minutes * 60 - (time.time() - started) - 30
@@ -93,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         for group in opt.param_groups:
-            group["lr"] = 5e-4 * min(1.0, (step + 1) / 200)
-        pred = transformer(xt, sigma * 1000, text_encoder(tokens)[0], return_dict=False)[0]
+            group["lr"] = args.lr * min(1.0, (step + 1) / 200)
+        inputs = with_coordinates(xt, transformer)  # + frame / row / column channels (absolute position cue)
+        pred = transformer(inputs, sigma * 1000, text_encoder(tokens)[0], return_dict=False)[0]
         step = update(F.mse_loss(pred, noise - x0), opt, params, ema, curve, bar, step)
     bar.close()
     ema.copy_to(params)
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args.curve.parent.mkdir(parents=True, exist_ok=True)
     save_curve(curve, args.curve)
     info = {"seed": args.seed, "clips": args.clips, "frames": FRAMES, "size": SIZE, "batch": args.batch,
+            "lr": args.lr, "text_layers": args.text_layers, "threads": args.threads,
             "steps": step, "minutes": round((time.time() - started) / 60, 1),
             "final_loss": float(np.mean([v for *_, v in curve][-200:])), "torch": torch.__version__}
     (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from diffattn.pipelines import embedded
@@ -46,3 +47,21 @@ def test_model_cards_and_sizes():
         assert weights and not list(folder.rglob("*.bin"))
         total += sum(w.stat().st_size for w in weights)
     assert total < 50 * 2**20, f"shipped models must stay under 50 MB, are {total / 2**20:.1f} MB"
+
+
+def test_video_coordinates_give_absolute_position_and_check_channels():
+    """The transformer's rotary embeddings are relative; the coordinate channels tell frames and sides apart."""
+    from diffattn.pipelines.shapes_video import COORDINATE_CHANNELS, with_coordinates
+
+    transformer = embedded.video_transformer()
+    x = torch.zeros(2, 3, 4, 8, 12)
+    full = with_coordinates(x, transformer)
+    assert full.shape == (2, 3 + COORDINATE_CHANNELS, 4, 8, 12) and torch.equal(full[:, :3], x)
+    t, row, col = full[0, 3:]
+    assert t[0].eq(-1).all() and t[-1].eq(1).all(), "frame channel runs -1 -> 1 over the clip"
+    assert row[:, 0].eq(-1).all() and row[:, -1].eq(1).all() and col[..., 0].eq(-1).all() and col[..., -1].eq(1).all()
+    assert torch.equal(full[0, 3:], full[1, 3:])
+    with torch.no_grad():
+        assert transformer(full, torch.tensor([500, 500]), torch.zeros(2, 5, 64), return_dict=False)[0].shape == x.shape
+    with pytest.raises(ValueError, match="input channels"):
+        with_coordinates(torch.zeros(1, 4, 2, 8, 8), transformer)
