@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=24, help="samples shown in the PNG grid")
     parser.add_argument("--pag", type=float, default=None, help="perturbed-attention guidance scale (image model)")
     parser.add_argument("--seg", type=float, default=None, help="smoothed energy guidance scale (image model, sigma=inf)")
+    parser.add_argument("--guidance-layers", nargs="+", default=None,
+                        help="layers PAG / SEG perturb (regexes; default: the family's default, mid_block for UNets)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.pag is not None or args.seg is not None:
         from diffattn import guidance as attention_guidance
 
-        method = (attention_guidance.PAG(scale=args.pag) if args.pag is not None
-                  else attention_guidance.SEG(scale=args.seg))
+        method = (attention_guidance.PAG(scale=args.pag, layers=args.guidance_layers) if args.pag is not None
+                  else attention_guidance.SEG(scale=args.seg, layers=args.guidance_layers))
         attention_guidance.enable(pipe, method)
     out = args.out or Path(f"outputs/eval-{args.kind}")
     out.mkdir(parents=True, exist_ok=True)
