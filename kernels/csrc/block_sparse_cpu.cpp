@@ -20,8 +20,10 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -109,11 +111,16 @@ void forward(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, at
   const int64_t lsb = lse.stride(0), lsh = lse.stride(1), lss = lse.stride(2);
   const int64_t khead = kp.stride(1), kbatch = kp.stride(0), vhead = vp.stride(1), vbatch = vp.stride(0);
 
-  at::parallel_for(0, batch * heads * members, 1, [&](int64_t begin, int64_t end) {
+  // Threads of our own (as many as torch uses): ATen's parallel_for is OpenMP-inline and an extension built
+  // without -fopenmp would run it serially, while linking a second OpenMP runtime beside torch's invites trouble.
+  // Tasks differ in cost (key counts vary per query block), so threads take the next task from a shared counter.
+  const int64_t total = batch * heads * members;
+  std::atomic<int64_t> next_task{0};
+  auto worker = [&]() {
     std::vector<float> scores(q_rows * kv_tile);
     std::vector<scalar_t> probs(kVnni<scalar_t> ? q_rows * kv_tile : 0);
     std::vector<float> acc(q_rows * dim), row_max(q_rows), row_sum(q_rows), new_max(q_rows), alpha(q_rows);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next_task.fetch_add(1); task < total; task = next_task.fetch_add(1)) {
       const int64_t member = task % members, bh = task / members;
       const int64_t b = bh / heads, h = bh % heads;
       const int64_t q0 = starts[member];
@@ -175,7 +182,12 @@ void forward(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, at
       }
     }
     at::native::cpublas::brgemm_release(kVnni<scalar_t>);
-  });
+  };
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& thread : pool) thread.join();
 }
 
 void block_sparse_forward(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, at::Tensor& out,
@@ -201,6 +213,7 @@ bool bf16_brgemm_supported() { return at::native::cpublas::could_pack(at::kBFloa
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("block_sparse_forward", &block_sparse_forward, "block-sparse flash attention forward (CPU)");
+  m.def("block_sparse_forward", &block_sparse_forward, "block-sparse flash attention forward (CPU)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("bf16_brgemm_supported", &bf16_brgemm_supported, "whether cpublas runs bfloat16 brgemm here (AMX)");
 }
