@@ -4,7 +4,7 @@ Flow matching (x_t = (1 - s) x0 + s noise, target noise - x0, timestep = 1000 s 
 empty captions for classifier-free guidance, EMA weights, seeded. The transformer sees the noisy frames plus frame /
 row / column coordinate channels (its rotary embeddings are relative only, so "on the left" needs them). Saves in diffusers format (safetensors).
 
-    python scripts/train_shapes_video.py --out pipelines/assets/shapes-video --minutes 45
+    python scripts/train_shapes_video.py --out pipelines/assets/shapes-video   # 60 minutes
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def render_set(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("pipelines/assets/shapes-video"))
-    parser.add_argument("--minutes", type=float, default=45.0)
+    parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (reproducible runs)")
     parser.add_argument("--clips", type=int, default=12000)
     parser.add_argument("--batch", type=int, default=16)
