@@ -4,12 +4,13 @@ Driven by a FlexAttention ``BlockMask``: for every query block it visits only th
 stretch by one fused SDPA call that also returns the log-sum-exp; the parts of a query block are merged by
 log-sum-exp. Rows with no allowed key give 0 and lse ``-inf``.
 
-Query blocks with full blocks only (sliding tile, radial, top-k selections) are computed *key-major*: their key
-runs are grouped by stretch and every query block that needs a stretch attends it in one call with all their rows
+Query blocks with full blocks only (sliding tile, radial, top-k selections) go, on AVX-512 CPUs, to the compiled
+loop of :mod:`.cpu_block_sparse` (the fastest path in every benchmark case). Elsewhere (GPU, other CPUs,
+``DIFFATTN_CPU_KERNEL=0``, float16) they are computed *key-major*: their key runs are grouped by stretch and every query block that needs a stretch attends it in one call with all their rows
 stacked. The CPU flash kernel splits short queries into 32-row tiles and reaches only ~60% of its dense speed on
 128-row calls (~55% in bf16); long stacked queries run at its efficient 256-row split. When a reordered copy of the
 key blocks turns the query blocks' key sets into markedly fewer runs (radial at 16k tokens: half as many), the
-stretches are taken from that copy. Query blocks with partial blocks attend views of k and v with the element mask
+stretches are taken from that copy (the compiled loop uses the same order: longer runs fill its key tiles). Query blocks with partial blocks attend views of k and v with the element mask
 from ``block_mask.mask_mod``, or gather their blocks when they form many short runs.
 """
 

@@ -64,7 +64,6 @@ def status() -> str:
     return _STATUS["state"]
 
 
-@lru_cache(maxsize=None)
 def _brgemm(dtype: torch.dtype) -> bool:
     """oneDNN's brgemm runs float32 on any AVX-512 CPU; bfloat16 needs AMX or AVX512-BF16 (cpublas' own check)."""
     module = extension()

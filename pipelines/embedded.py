@@ -43,7 +43,8 @@ def shapes_tokenizer() -> Any:
         return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TEXT_TOKENS, pad_token="<|endoftext|>")
 
 
-def shapes_text_encoder(tokenizer: Any, layers: int = 2) -> torch.nn.Module:
+def shapes_text_encoder(tokenizer: Any, layers: int = 4) -> torch.nn.Module:
+    """The embedded models' CLIP text encoder (both shipped models use 4 layers)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(CLIPTextConfig(

@@ -97,13 +97,12 @@ class ShapesVideoPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             timestep = t.expand(len(prompts))
+            inputs = with_coordinates(latents.to(dtype), self.transformer)
             with self.transformer.cache_context("cond", step_index=i, num_inference_steps=num_inference_steps):
-                pred = self.transformer(with_coordinates(latents.to(dtype), self.transformer), timestep, cond,
-                                        return_dict=False)[0].float()
+                pred = self.transformer(inputs, timestep, cond, return_dict=False)[0].float()
             if uncond is not None:
                 with self.transformer.cache_context("uncond", step_index=i, num_inference_steps=num_inference_steps):
-                    pred_u = self.transformer(with_coordinates(latents.to(dtype), self.transformer), timestep,
-                                              uncond, return_dict=False)[0].float()
+                    pred_u = self.transformer(inputs, timestep, uncond, return_dict=False)[0].float()
                 pred = pred_u + guidance_scale * (pred - pred_u)
             latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
         video = latents.clamp(-1, 1)

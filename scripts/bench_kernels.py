@@ -107,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-dynamic", action="store_true", help="skip the dynamic methods (selection + kernel)")
     parser.add_argument("--natten-max-gb", type=float, default=1.5,
                         help="NATTEN's CPU path materialises one head's score matrix (several copies); skip above this")
+    parser.add_argument("--kv-tile", type=int, default=cpu_block_sparse.KV_TILE,
+                        help="keys per score tile of the compiled CPU loop (a tuning knob)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_kernels.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    cpu_block_sparse.KV_TILE = args.kv_tile
     rows = []
     cases = [(n, d, p) for n in args.tokens for d in args.dtypes for p in patterns_for(n)]
     for tokens, dtype_name, (name, pattern, grid, block, natten_cfg) in tqdm(cases, desc="benchmark"):
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         elif natten_cfg and not args.no_natten:
             row["natten_error"] = f"skipped: NATTEN's CPU path would materialise {score_gb:.1f} GB of scores per head"
         row["speedup_torch"] = row["dense_s"] / row["torch_s"]
-        row["torch_cpu_loop"] = cpu_block_sparse.status()
+        row["torch_cpu_loop"], row["kv_tile"] = cpu_block_sparse.status(), args.kv_tile
         row["target"] = 0.8 / plan.density
         rows.append(row)
         tqdm.write(

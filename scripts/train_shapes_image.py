@@ -32,7 +32,7 @@ logger = logging.getLogger("train_shapes_image")
 IMAGE_SIZE = 32
 
 
-def build_models(tokenizer, text_layers: int = 2):
+def build_models(tokenizer, text_layers: int = 4):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from diffattn.pipelines.embedded import shapes_text_encoder
@@ -69,16 +69,10 @@ def distinct_frozen_token_embeddings(text_encoder, seed: int) -> list[torch.nn.P
     return [p for p in text_encoder.parameters() if p.requires_grad]
 
 
-def render_set(count: int, seed: int, two_objects: float | None = None) -> tuple[torch.Tensor, list[str]]:
-    """``count`` scenes, a fraction ``two_objects`` of them with two objects, the rest with one (None: one or two
-    objects as ``ShapesDataset(max_objects=2)`` draws them)."""
+def render_set(count: int, seed: int, two_objects: float) -> tuple[torch.Tensor, list[str]]:
+    """``count`` scenes, a fraction ``two_objects`` of them with two objects, the rest with one, shuffled."""
     from diffattn.pipelines.shapes_data import ShapesDataset
 
-    if two_objects is None:
-        data = ShapesDataset(count, seed=seed, size=IMAGE_SIZE, max_objects=2)
-        scenes = [data.example(i) for i in tqdm(range(count), desc="rendering scenes", leave=False)]
-        return (torch.stack([torch.from_numpy(image) for image, _, _ in scenes]).permute(0, 3, 1, 2).contiguous(),
-                [text for _, _, text in scenes])
     two = round(count * two_objects)
     singles = ShapesDataset(count - two, seed=seed, size=IMAGE_SIZE, max_objects=1)
     pairs = ShapesDataset(two, seed=seed + 1, size=IMAGE_SIZE, min_objects=2, max_objects=2) if two else None

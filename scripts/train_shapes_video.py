@@ -2,7 +2,8 @@
 
 Flow matching (x_t = (1 - s) x0 + s noise, target noise - x0, timestep = 1000 s with Wan's shifted sigmas), 10%
 empty captions for classifier-free guidance, EMA weights, seeded. The transformer sees the noisy frames plus frame /
-row / column coordinate channels (its rotary embeddings are relative only, so "on the left" needs them). Saves in diffusers format (safetensors).
+row / column coordinate channels (its rotary embeddings are relative only, so "on the left" needs them). Saves in
+diffusers format (safetensors).
 
     python scripts/train_shapes_video.py --out pipelines/assets/shapes-video   # 60 minutes
 """

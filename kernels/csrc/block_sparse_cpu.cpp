@@ -43,43 +43,29 @@ float scaled_row_max(const float* s, int64_t n, float scale) {
   return best * scale;
 }
 
-// p[j] <- exp(s[j] * scale - m) for j < n (p may be s itself); returns the sum.
-float exp_into(const float* s, float* p, int64_t n, float scale, float m) {
+// p[j] <- exp(s[j] * scale - m) for j < n (p may be s itself in float32); returns the sum. bfloat16 is written
+// straight from registers (round to nearest even, one AVX512-BF16 instruction per 16 values): the target attribute
+// allows that instruction, which only the bf16 instantiation contains, and the bf16 path runs only where cpublas
+// reports bf16 brgemm (AMX or AVX512-BF16 CPUs).
+template <typename out_t>
+__attribute__((target("avx512bf16"))) float exp_into(const float* s, out_t* p, int64_t n, float scale, float m) {
   constexpr int64_t W = fVec::size();
   const fVec vscale(scale), vm(m);
   fVec acc(0.0f);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
     const fVec x = (fVec::loadu(s + j) * vscale - vm).exp_u20();
-    x.store(p + j);
-    acc = acc + x;
-  }
-  float sum = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
-  for (; j < n; ++j) {
-    p[j] = std::exp(s[j] * scale - m);
-    sum += p[j];
-  }
-  return sum;
-}
-
-// The same, written as bfloat16 straight from registers (round to nearest even, one AVX512-BF16 instruction per
-// 16 values). Only the bf16 path calls it, and that path runs only where cpublas reports bf16 brgemm (AMX or
-// AVX512-BF16 CPUs).
-__attribute__((target("avx512bf16"))) float exp_into(const float* s, at::BFloat16* p, int64_t n, float scale,
-                                                     float m) {
-  constexpr int64_t W = fVec::size();
-  const fVec vscale(scale), vm(m);
-  fVec acc(0.0f);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    const fVec x = (fVec::loadu(s + j) * vscale - vm).exp_u20();
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+    if constexpr (std::is_same_v<out_t, float>) {
+      x.store(p + j);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+    }
     acc = acc + x;
   }
   float sum = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
   for (; j < n; ++j) {
     const float e = std::exp(s[j] * scale - m);
-    p[j] = static_cast<at::BFloat16>(e);
+    p[j] = static_cast<out_t>(e);
     sum += e;
   }
   return sum;
