@@ -66,6 +66,8 @@ def _compare(args: argparse.Namespace) -> int:
     from diffattn.pipelines.compare import format_rows, run_compare, save_outputs
 
     torch.set_num_threads(args.threads)
+    if args.quick:
+        args.frames, args.height, args.width, args.steps = 8, 32, 64, 1
     try:
         pipe = embedded.load_video_pipeline()
         weights = "trained embedded video model"
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--steps", type=int, default=2, help="denoising steps (each runs cond and uncond passes)")
     compare.add_argument("--threads", type=int, default=2)
     compare.add_argument("--out", default="outputs/compare", help="folder for compare.png and compare.json")
+    compare.add_argument("--quick", action="store_true",
+                         help="a short run (8 frames x 32 x 64 px, 1 step) that checks the whole job works (CI)")
     compare.set_defaults(run=_compare)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")

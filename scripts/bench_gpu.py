@@ -6,7 +6,7 @@ times, on the same q, k, v:
 - dense ``scaled_dot_product_attention`` restricted to its FlashAttention backend (``sdpa-flash``) and with
   PyTorch's default choice (``sdpa``); ``flash_attn.flash_attn_func`` (FA2) and ``flash_attn_interface``
   (FA3, Hopper) when installed;
-- the block mask on the ``triton`` backend (the kernel of ``kernels/triton_block_sparse.py``), and optionally on
+- the block mask on the ``triton`` backend (the kernel of ``kernels/src/triton_block_sparse.py``), and optionally on
   ``xformers`` (when it accepts the mask), ``flex-compiled`` and ``torch`` (``--backends``).
 
 It prints and saves (``outputs/bench_gpu/<gpu>-<time>.json``) the median time, the density (fraction of token

@@ -1,18 +1,42 @@
 #!/usr/bin/env bash
-# Install diffattn and its test dependencies on a fresh machine.
-# torch is installed first and pinned: an unpinned `torch` requirement would pull a multi-GB CUDA build.
-# On a GPU machine, install the CUDA torch you want first; this script keeps any torch already present.
+# Set up diffattn on a fresh machine: a virtual environment in .venv (git ignores it) with the verified versions.
+#
+#   bash scripts/bootstrap.sh                     # .venv, versions from constraints.txt (what the suite last passed with)
+#   DIFFATTN_UNCONSTRAINED=1 bash scripts/bootstrap.sh   # newest versions pyproject.toml allows (to move forward)
+#   DIFFATTN_VENV=/path/to/env bash scripts/bootstrap.sh # another environment (created when missing)
+#
+# torch is installed first and pinned: an unpinned `torch` requirement would pull a multi-GB CUDA build. A torch already
+# in the environment is kept (on a GPU machine, install the CUDA torch you want into the environment first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    "$PY" -m pip install --quiet "torch==${DIFFATTN_TORCH_VERSION:-2.13.0}"
+VENV=${DIFFATTN_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "bootstrap: creating the virtual environment $VENV"
+    "${PYTHON:-python3}" -m venv "$VENV"
 fi
-TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
-"$PY" -m pip install --quiet -e ".[test]" "torch==${TORCH_VERSION}"
-# NATTEN (compared against in tests and benchmarks) builds Python-only; without build isolation it takes seconds
-# instead of pulling a second torch into an isolated build environment.
-"$PY" -c "import natten" >/dev/null 2>&1 || "$PY" -m pip install --quiet --no-build-isolation "natten==0.21.7"
-# Triton: the block-sparse kernel's tests run on CPU under its interpreter (TRITON_INTERPRET=1). Pinned to the version
-# the kernel was tested with; a CUDA torch already brings its own triton, which is kept.
-"$PY" -c "import triton" >/dev/null 2>&1 || "$PY" -m pip install --quiet "triton==${DIFFATTN_TRITON_VERSION:-3.9.0}"
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+CONSTRAINTS=()
+if [ -z "${DIFFATTN_UNCONSTRAINED:-}" ]; then
+    CONSTRAINTS=(-c constraints.txt)
+fi
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "bootstrap: installing torch ${DIFFATTN_TORCH_VERSION:-2.13.0} (CPU)"
+    "${PIP[@]}" install --quiet "torch==${DIFFATTN_TORCH_VERSION:-2.13.0}"
+fi
+TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null)
+echo "bootstrap: installing diffattn with its test extra (torch $TORCH_VERSION kept)"
+"${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" -e ".[test]" "torch==${TORCH_VERSION}"
+# NATTEN (compared against in tests and benchmarks) is a source package that builds Python-only; without build
+# isolation it takes seconds instead of pulling a second torch into an isolated build environment.
+if ! "$PY" -c "import natten" >/dev/null 2>&1; then
+    "${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" --no-build-isolation "natten" "torch==${TORCH_VERSION}"
+fi
+# Triton: the block-sparse kernel's tests run on CPU under its interpreter (TRITON_INTERPRET=1). A CUDA torch brings
+# its own triton, which is kept.
+if ! "$PY" -c "import triton" >/dev/null 2>&1; then
+    "${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" "triton"
+fi
+"${PIP[@]}" check
+echo "bootstrap: ready ($("$PY" --version), torch $TORCH_VERSION) in $VENV"

@@ -9,7 +9,7 @@ supports a call and explains why it rejected the others.
 | ``torch`` | block-sparse: on AVX-512 CPUs a compiled loop (``cpu_block_sparse``: oneDNN brgemm, online softmax) for query blocks that see whole key blocks; otherwise runs of key blocks as views, fused SDPA per run, log-sum-exp merge | any |
 | ``flex`` | FlexAttention, eager (exact, slow on CPU) | any |
 | ``flex-compiled`` | FlexAttention under ``torch.compile`` | any (compiles per shape) |
-| ``triton`` | block-sparse flash attention in Triton (``kernels/triton_block_sparse.py``) | CUDA; CPU only under ``TRITON_INTERPRET=1`` (tests) |
+| ``triton`` | block-sparse flash attention in Triton (``kernels/src/triton_block_sparse.py``) | CUDA; CPU only under ``TRITON_INTERPRET=1`` (tests) |
 | ``xformers`` | xformers memory-efficient attention for dense and local (one key run per query block) masks | CUDA |
 
 ``triton`` and ``xformers`` are optional (the ``gpu`` extra) and imported only when a call runs on them.

@@ -1,4 +1,4 @@
-"""The ``torch`` backend's compiled CPU inner loop (``kernels/csrc/block_sparse_cpu.cpp``), built on first use.
+"""The ``torch`` backend's compiled CPU inner loop (``kernels/src/csrc/block_sparse_cpu.cpp``), built on first use.
 
 Query blocks that see whole key blocks only (sliding tile, radial, top-k selections) are computed here when the
 extension builds and the CPU has oneDNN's batch-reduce GEMM for the dtype (AVX-512; AMX for bf16): one task per
@@ -11,11 +11,13 @@ in use and, if not, why.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sysconfig
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +51,8 @@ def extension() -> Any | None:
         from torch.utils.cpp_extension import load
 
         logger.info("diffattn: building the CPU block-sparse loop %s (once per source version, ~30 s)", SOURCE.name)
-        module = load(name="diffattn_block_sparse_cpu", sources=[str(SOURCE)], extra_cflags=_FLAGS, verbose=False)
+        with _tools_on_path():
+            module = load(name="diffattn_block_sparse_cpu", sources=[str(SOURCE)], extra_cflags=_FLAGS, verbose=False)
     except Exception as exc:  # no compiler / ninja: the SDPA path still computes the same result, only slower
         _STATUS["state"] = f"not used: building {SOURCE.name} failed ({type(exc).__name__}: {exc})"
         logger.warning("diffattn: %s; block-sparse attention falls back to SDPA calls (slower, same result). "
@@ -57,6 +60,22 @@ def extension() -> Any | None:
         return None
     _STATUS["state"] = "in use"
     return module
+
+
+@contextlib.contextmanager
+def _tools_on_path() -> Iterator[None]:
+    """The environment's scripts folder on PATH while building: torch finds ``ninja`` through PATH, and a virtual
+    environment used without activation (``.venv/bin/python ...``) has its ``ninja`` only there."""
+    scripts = sysconfig.get_path("scripts")
+    old = os.environ.get("PATH", "")
+    if scripts in old.split(os.pathsep):
+        yield
+        return
+    os.environ["PATH"] = os.pathsep.join([scripts, old]) if old else scripts
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
 
 
 def status() -> str:
