@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["DiffattnError", "UnsupportedModelError", "LayerSelectionError", "InterceptionError", "LayoutError",
-           "ContextParallelError"]
+           "ContextParallelError", "MethodConfigError", "StepSelectionError"]
 
 
 class DiffattnError(Exception):
@@ -28,3 +28,11 @@ class LayoutError(DiffattnError, ValueError):
 
 class ContextParallelError(DiffattnError, ValueError):
     """The model's context parallelism is a mode or split diffattn cannot run a method under (see diffattn.parallel)."""
+
+
+class MethodConfigError(DiffattnError, ValueError):
+    """A method's parameters do not fit a selected layer's token grid (raised when the grid is first known)."""
+
+
+class StepSelectionError(LayerSelectionError):
+    """A ``steps=`` selection acts on no step that the pipeline will run."""

@@ -261,6 +261,10 @@ class DiffattnProcessor:
             timestep=run.timestep,
             input_grid=run.grid,
         )
+        key = (self.layer, q_layout, kv_layout)
+        if key not in run.validated:
+            method.validate(ctx)
+            run.validated.add(key)
         out = method(q, k, v, ctx)
         expected = (*q.shape[:-1], v.shape[-1])
         if tuple(out.shape) != expected or out.dtype != q.dtype:

@@ -88,6 +88,7 @@ class RunState:
         self.calls: list[CallRecord] = []
         self.metrics: dict[str, dict[str, list[float]]] = {}
         self.extension: BatchExtension | None = None
+        self.validated: set[tuple] = set()  # (layer, q layout, kv layout) the method's parameters were checked on
         self.reset()
 
     def reset(self) -> None:

@@ -44,6 +44,14 @@ class AttentionMethod:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         raise NotImplementedError
 
+    def validate(self, ctx: AttentionContext) -> None:
+        """Check the method's parameters against this call's token layouts (``ctx.q_layout``, ``ctx.kv_layout``).
+
+        The runtime calls it once per (layer, layouts) before the method's first call there; raise
+        :class:`~diffattn.errors.MethodConfigError` naming ``ctx.layer``, the grid and the fix. The default accepts
+        every layout.
+        """
+
     @property
     def name(self) -> str:
         return type(self).__name__
