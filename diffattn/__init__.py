@@ -15,6 +15,8 @@ from .errors import (
     InterceptionError,
     LayerSelectionError,
     LayoutError,
+    MethodConfigError,
+    StepSelectionError,
     UnsupportedModelError,
 )
 from .layout import TokenLayout
@@ -34,8 +36,8 @@ from .methods import (
     SlidingWindowAttention,
     SparseAttention,
 )
-from .processor import DiffattnProcessor
 from .schedule import StepSchedule
+from .steps import denoising_step
 
 __version__ = "0.1.0"
 
@@ -64,7 +66,7 @@ __all__ = [
     "TokenDownsampling",
     "TokenLayout",
     "StepSchedule",
-    "DiffattnProcessor",
+    "denoising_step",
     "FamilyAdapter",
     "RoleRule",
     "register_adapter",
@@ -74,5 +76,7 @@ __all__ = [
     "InterceptionError",
     "LayerSelectionError",
     "LayoutError",
+    "MethodConfigError",
+    "StepSelectionError",
     "UnsupportedModelError",
 ]

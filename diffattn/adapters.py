@@ -43,6 +43,8 @@ class FamilyAdapter:
 
     ``multiscale``: the grid shrinks by 2 per resolution level (UNets); a call's grid is found from its length.
     ``cfg_in_batch``: the family's pipelines stack [uncond, cond] in one batch when guidance is on.
+    ``timestep_scale``: multiplies the model's timestep input onto the schedulers' 0..1000 scale (Flux's pipelines
+    pass t / 1000).
     """
 
     family: str
@@ -51,6 +53,7 @@ class FamilyAdapter:
     grid: GridFn
     multiscale: bool = False
     cfg_in_batch: bool = True
+    timestep_scale: float = 1.0
 
     def rule_for(self, name: str) -> RoleRule | None:
         return next((r for r in self.rules if r.matches(name)), None)
@@ -167,6 +170,7 @@ for _adapter in (
         (RoleRule(r"(single_)?transformer_blocks\.\d+\.attn", "joint", text_first=True),),
         _flux_grid,
         cfg_in_batch=False,
+        timestep_scale=1000.0,
     ),
     FamilyAdapter("wan", "WanTransformer3DModel", _SELF_CROSS, _video_grid(channels_first=True), cfg_in_batch=False),
     FamilyAdapter(
@@ -192,6 +196,7 @@ def supported_models() -> list[str]:
 
 def adapter_for(model: torch.nn.Module) -> FamilyAdapter:
     """The adapter of ``model``'s class (or of its nearest registered base class)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model)
     for cls in type(model).__mro__:
         if cls.__name__ in _ADAPTERS:
             return _ADAPTERS[cls.__name__]

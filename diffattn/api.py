@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from diffusers.hooks import HookRegistry
 
 from . import parallel
 from .adapters import adapter_for
-from .errors import LayerSelectionError, UnsupportedModelError
+from .errors import DiffattnError, LayerSelectionError, UnsupportedModelError
+from .hooks import (
+    Application,
+    AttentionHook,
+    BatchExtension,
+    CallRecord,
+    LayerInfo,
+    drop_state_if_unused,
+    existing_state,
+    model_state,
+)
 from .methods.base import AttentionMethod
-from .processor import DiffattnProcessor, unwrap_processor
-from .runtime import CallRecord, RunState, install_hook, remove_hook
 from .schedule import LayerSpec, StepSchedule, StepSpec, select_layers
 
 __all__ = ["apply", "remove", "Handle", "attention_modules"]
@@ -21,94 +30,74 @@ __all__ = ["apply", "remove", "Handle", "attention_modules"]
 logger = logging.getLogger(__name__)
 
 _DENOISER_ATTRIBUTES = ("unet", "transformer", "transformer_2")
-_HANDLE_ATTRIBUTE = "_diffattn_handle"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module itself under ``torch.compile(model)`` (an ``OptimizedModule`` calls it, hooks included)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Every diffusers attention module of ``model`` (anything with a settable processor), in model order."""
     return [
         (name, module)
-        for name, module in model.named_modules()
+        for name, module in _unwrap(model).named_modules()
         if name and hasattr(module, "processor") and callable(getattr(module, "set_processor", None))
     ]
 
 
 @dataclass
-class _Installed:
-    model: torch.nn.Module
-    run: RunState
-    originals: dict[str, Any]
-    processors: dict[str, Any]
-
-
-@dataclass
 class Handle:
-    """A live application of a method. ``remove()`` restores the exact original processor objects."""
+    """A live application of a method (on each denoiser of a pipeline). ``remove()`` removes exactly its hooks."""
 
     method: AttentionMethod
-    _installed: list[_Installed] = field(default_factory=list)
+    applications: list[Application] = field(default_factory=list)
     _removed: bool = False
 
     @property
     def models(self) -> list[torch.nn.Module]:
-        return [i.model for i in self._installed]
+        return [a.state.model for a in self.applications]
 
     @property
     def layers(self) -> list[str]:
         """Names of the attention modules the method acts on."""
-        return [name for i in self._installed for name in i.originals]
-
-    @property
-    def processors(self) -> dict[str, Any]:
-        """``{"<module>.processor": processor}`` for every attention module, for ``model.set_attn_processor``."""
-        if len(self._installed) != 1:
-            raise ValueError("this handle covers several denoisers; use handle.processors_for(model)")
-        return self.processors_for(self._installed[0].model)
-
-    def processors_for(self, model: torch.nn.Module) -> dict[str, Any]:
-        for installed in self._installed:
-            if installed.model is model:
-                return dict(installed.processors)
-        raise ValueError(f"{type(model).__name__} is not covered by this handle")
+        return [name for a in self.applications for name in a.layers]
 
     @property
     def calls(self) -> list[CallRecord]:
-        """Every processor call since apply (or ``clear_records``), in order."""
-        return [c for i in self._installed for c in i.run.calls]
+        """The most recent attention calls (bounded; see :data:`diffattn.hooks.RECENT_CALLS`), in order."""
+        return [c for a in self.applications for c in a.records.calls]
 
-    def acted(self) -> set[tuple[int, str]]:
-        """The (step, layer) pairs on which the method replaced the attention core."""
-        return {(c.step, c.layer) for c in self.calls if c.acted}
+    def acted(self) -> set[tuple[int | None, str]]:
+        """The (step, layer) pairs on which the method replaced the attention core since apply/``clear_records``."""
+        return {pair for a in self.applications for pair in a.records.acted}
+
+    def acted_calls(self) -> dict[str, int]:
+        """Per layer, how many attention calls the method acted on."""
+        return {layer: n for a in self.applications for layer, n in a.records.acted_calls.items()}
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """Per layer, the mean of what the method reported while acting (e.g. ``density``: the fraction of query-key
         pairs the kernel computed)."""
-        return {
-            layer: {name: sum(values) / len(values) for name, values in per_layer.items()}
-            for i in self._installed
-            for layer, per_layer in i.run.metrics.items()
-        }
+        return {layer: m for a in self.applications for layer, m in a.records.metrics().items()}
 
     def clear_records(self) -> None:
-        for installed in self._installed:
-            installed.run.clear_records()
-
-    def reset(self) -> None:
-        """Start the step count afresh (a new generation is also detected on its own)."""
-        for installed in self._installed:
-            installed.run.reset()
+        for application in self.applications:
+            application.records.clear()
 
     def remove(self) -> None:
-        """Restore the original processors and remove the hooks. Calling it again does nothing."""
+        """Remove this application's hooks (other applications stay exact). Calling it again does nothing."""
         if self._removed:
             return
-        for installed in self._installed:
-            modules = dict(attention_modules(installed.model))
-            for name, original in installed.originals.items():
-                modules[name].set_processor(original)
-            remove_hook(installed.model)
-            if getattr(installed.model, _HANDLE_ATTRIBUTE, None) is self:
-                delattr(installed.model, _HANDLE_ATTRIBUTE)
+        for application in self.applications:
+            modules = dict(attention_modules(application.state.model))
+            for name in application.layers:
+                registry = getattr(modules[name], "_diffusers_hook", None)
+                if registry is not None:
+                    registry.remove_hook(application.hook_name, recurse=False)
+            if application in application.state.applications:
+                application.state.applications.remove(application)
+            drop_state_if_unused(application.state.model)
         self._removed = True
 
     def __enter__(self) -> Handle:
@@ -120,8 +109,9 @@ class Handle:
 
 def _denoisers(target: Any) -> tuple[list[torch.nn.Module], Any]:
     if isinstance(target, torch.nn.Module):
-        return [target], None
-    found = [getattr(target, a) for a in _DENOISER_ATTRIBUTES if isinstance(getattr(target, a, None), torch.nn.Module)]
+        return [_unwrap(target)], None
+    found = [_unwrap(getattr(target, a)) for a in _DENOISER_ATTRIBUTES
+             if isinstance(getattr(target, a, None), torch.nn.Module)]
     if not found:
         raise UnsupportedModelError(
             f"{type(target).__name__} is neither a diffusers model nor a pipeline with a unet/transformer; pass the "
@@ -130,30 +120,30 @@ def _denoisers(target: Any) -> tuple[list[torch.nn.Module], Any]:
     return found, target
 
 
-def apply(
-    target: Any,
-    method: AttentionMethod,
-    *,
-    layers: LayerSpec = None,
-    steps: StepSpec = None,
-    num_steps: int | None = None,
-) -> Handle:
-    """Run ``method`` in place of the attention core of a pipeline's denoiser (or of a model).
+def apply(target: Any, method: AttentionMethod, *, layers: LayerSpec = None, steps: StepSpec = None) -> Handle:
+    """Run ``method`` in place of the attention core of a pipeline's denoiser(s) (or of a model).
 
     ``layers``: regexes over attention-module names, matched on whole dot-separated parts (``blocks.1`` never
     selects ``blocks.10``); ``None`` selects every module whose role (self / cross / joint) the method acts on.
-    ``steps``: ``None`` (all), step indices, a ``range``, or a float fraction of the schedule kept dense first.
-    ``num_steps``: the schedule length, needed for a fraction when ``target`` is a model rather than a pipeline.
-    Applying again replaces the previous application; ``remove`` restores the original processors.
+    ``steps``: ``None`` (all), step indices, a ``range``, a float warm-up fraction, a ``(start, stop)`` pair of
+    fractions or ``StepSchedule.timesteps(low, high)``; steps count the pipeline call's loop (see
+    :mod:`diffattn.steps`). Applications stack: applying another method keeps this one (see :mod:`diffattn.hooks`).
     """
     if not isinstance(method, AttentionMethod):
         raise TypeError(f"method must be a diffattn method (e.g. diffattn.Dense()), got {type(method).__name__}")
-    schedule = StepSchedule.parse(steps)
-    models, pipeline = _denoisers(target)
-    if schedule.needs_num_steps and pipeline is None and num_steps is None:
-        raise LayerSelectionError(
-            "steps was given as a fraction of the schedule; apply to the pipeline, or pass num_steps= with a model"
+    if method.expands_batch:
+        raise DiffattnError(
+            f"{method.name} is guidance: it needs extra batch entries that only guidance adds. Use "
+            f"diffattn.guidance.enable(pipe, {method.name}(...)) instead of diffattn.apply."
         )
+    return attach(target, method, layers=layers, steps=steps)
+
+
+def attach(target: Any, method: AttentionMethod, *, layers: LayerSpec = None, steps: StepSpec = None,
+           extension: Callable[[Application], BatchExtension] | None = None) -> Handle:
+    """``apply`` without the guidance check; ``extension`` builds a batch extension per denoiser (guidance)."""
+    schedule = StepSchedule.parse(steps)
+    models, _ = _denoisers(target)
     plans = []
     for model in models:
         adapter = adapter_for(model)
@@ -169,39 +159,41 @@ def apply(
         by_name = dict(modules)
         for name in chosen:  # under context parallelism already: refuse ring mode or indivisible heads right away
             module = by_name[name]
-            parallel.processor_ulysses(unwrap_processor(module.processor), model, name, getattr(module, "heads", None))
+            parallel.processor_ulysses(module.processor, model, name, getattr(module, "heads", None))
+        state = existing_state(model)
+        if extension is not None and state is not None and any(a.extension for a in state.applications):
+            raise DiffattnError(
+                f"{type(model).__name__} already has guidance; one guidance method per model (remove the other "
+                "handle first)"
+            )
         plans.append((model, adapter, by_name, rules, chosen))
 
     handle = Handle(method)
     for model, adapter, modules, rules, chosen in plans:
-        previous = getattr(model, _HANDLE_ATTRIBUTE, None)
-        if previous is not None:
-            previous.remove()
-        run = RunState(model, adapter, method, schedule, pipeline=pipeline, num_steps=num_steps)
-        originals = {name: modules[name].processor for name in chosen}
-        wrappers = {
-            name: DiffattnProcessor(
-                originals[name], layer=name, role=rules[name].role, text_first=rules[name].text_first, run=run
-            )
-            for name in chosen
-        }
-        for name, wrapper in wrappers.items():
-            modules[name].set_processor(wrapper)
-        install_hook(model, run)
-        processors = {f"{name}.processor": wrappers.get(name, module.processor) for name, module in modules.items()}
-        handle._installed.append(_Installed(model, run, originals, processors))
-        setattr(model, _HANDLE_ATTRIBUTE, handle)
+        state = model_state(model, adapter)
+        infos = {n: LayerInfo(n, rules[n].role, rules[n].text_first) for n in chosen}
+        application = Application(state, method, schedule, infos)
+        if extension is not None:
+            application.extension = extension(application)
+        for name, info in infos.items():
+            HookRegistry.check_if_exists_or_initialize(modules[name]).register_hook(
+                AttentionHook(application, info), application.hook_name)
+        state.applications.append(application)
+        handle.applications.append(application)
         logger.info("diffattn: %s on %d attention layers of %s", method.name, len(chosen), type(model).__name__)
     return handle
 
 
 def remove(target: Any) -> None:
-    """Undo ``apply``: pass the handle, the pipeline or the model. Nothing applied means nothing to do."""
-    if isinstance(target, Handle):
+    """Undo ``apply``: pass the handle (removes that application), or the pipeline or model (removes all diffattn
+    applications on it). Nothing applied means nothing to do."""
+    if hasattr(target, "remove") and not isinstance(target, torch.nn.Module) and not hasattr(target, "components"):
         target.remove()
         return
     models, _ = _denoisers(target)
     for model in models:
-        handle = getattr(model, _HANDLE_ATTRIBUTE, None)
-        if handle is not None:
-            handle.remove()
+        state = existing_state(model)
+        if state is None:
+            continue
+        for application in list(state.applications):
+            Handle(application.method, [application]).remove()

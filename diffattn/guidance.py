@@ -49,11 +49,11 @@ import torch
 from torch import Tensor
 
 from .adapters import adapter_for
-from .api import Handle, _denoisers, apply, attention_modules
+from .api import Handle, _denoisers, attach, attention_modules
 from .api import remove as _remove
 from .errors import InterceptionError, LayerSelectionError, LayoutError
+from .hooks import Application, Forward
 from .methods.perturbed import PAG, PERTURBED, SEG, PerturbedAttention, SoftPAG
-from .runtime import RunState
 from .schedule import select_layers
 
 __all__ = ["enable", "disable", "default_layers", "GuidanceHandle", "GuidanceRecord", "PAG", "SoftPAG", "SEG",
@@ -61,8 +61,6 @@ __all__ = ["enable", "disable", "default_layers", "GuidanceHandle", "GuidanceRec
 
 logger = logging.getLogger(__name__)
 
-# Model families whose pipelines pass the timestep divided by 1000 (for the adaptive scale's 1000-step scale).
-_TIMESTEP_SCALE = {"flux": 1000.0}
 # Batched-looking inputs that are not batched (Flux's 2-D position ids).
 _UNBATCHED_INPUTS = frozenset({"img_ids", "txt_ids"})
 
@@ -137,10 +135,13 @@ def _check_layers(model: torch.nn.Module, method: PerturbedAttention, layers: tu
 class GuidanceRecord:
     """One guided model call: step, timestep (1000-step scale), scale s_t and max |cond - perturbed|."""
 
-    step: int
+    step: int | None
     timestep: float
     scale: float
     delta: float
+
+
+RECENT_RECORDS = 4096  # guidance records kept (the oldest are dropped)
 
 
 @dataclass
@@ -149,7 +150,6 @@ class _Pending:
     cond: Tensor
     uncond: Tensor | None
     scale: float
-    first_call: int
 
 
 def _grow(value: Any, batch: int, index: Tensor) -> Any:
@@ -192,30 +192,32 @@ def _with_prediction(output: Any, prediction: Tensor, batch: int, extended: int)
 class _GuidanceBatch:
     """The denoiser hook's batch extension: appends perturbed copies of the conditional entries, combines outputs."""
 
-    def __init__(self, run: RunState, method: PerturbedAttention) -> None:
-        self.run = run
+    def __init__(self, application: Application, method: PerturbedAttention) -> None:
+        self.application = application
         self.method = method
-        self.timestep_scale = _TIMESTEP_SCALE.get(run.adapter.family, 1.0)
         self.records: list[GuidanceRecord] = []
-        self.active = False  # the method acts only in forwards whose batch this extension extended
-        self._pending: _Pending | None = None
-        self._shift: tuple[int, Tensor] | None = None  # for the unconditional call of separate-call CFG
+        self._pending: dict[int, _Pending] = {}  # id(forward) -> what this forward appended
+        self._shift: tuple[Any, Tensor] | None = None  # for the unconditional call of separate-call CFG
 
-    def _scale_now(self) -> float:
-        run = self.run
-        if not self.method.perturbs or not run.schedule.is_active(run.step, run.num_steps):
+    def active(self, forward: Forward) -> bool:
+        """The method acts only in forwards whose batch this extension extended."""
+        return id(forward) in self._pending
+
+    def _scale_now(self, forward: Forward) -> float:
+        if not self.method.perturbs or not self.application.on_schedule(forward):
             return 0.0
-        return self.method.scale_at(float(run.timestep) * self.timestep_scale)
+        return self.method.scale_at(float(forward.timestep_1000))
 
-    def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        run = self.run
-        self._pending = None
-        self.active = False
-        roles = run.batch_roles
+    @staticmethod
+    def _key(forward: Forward) -> tuple:
+        return (forward.step, forward.timestep)
+
+    def pre_forward(self, forward: Forward, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        roles = forward.batch_roles
         if roles and set(roles) == {"uncond"}:
             return args, kwargs  # the conditional call of this step already ran the perturbed entries
         self._shift = None
-        scale = self._scale_now()
+        scale = self._scale_now(forward)
         if scale == 0.0:
             return args, kwargs
         if roles is None:
@@ -232,19 +234,16 @@ class _GuidanceBatch:
         batch = len(roles)
         args = tuple(_grow(a, batch, index) for a in args)
         kwargs = {k: v if k in _UNBATCHED_INPUTS else _grow(v, batch, index) for k, v in kwargs.items()}
-        run.extend_batch((PERTURBED,) * len(cond))
-        self.active = True
-        self._pending = _Pending(batch, index, torch.tensor(uncond) if uncond else None, scale, len(run.calls))
+        forward.extend_batch((PERTURBED,) * len(cond))
+        self._pending[id(forward)] = _Pending(batch, index, torch.tensor(uncond) if uncond else None, scale)
         return args, kwargs
 
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        pending, self._pending = self._pending, None
-        self.active = False
-        run = self.run
+    def post_forward(self, forward: Forward, module: torch.nn.Module, output: Any) -> Any:
+        pending = self._pending.pop(id(forward), None)
         if pending is None:
-            roles = run.batch_roles
+            roles = forward.batch_roles
             if roles and set(roles) == {"uncond"}:
-                return self._unconditional(output)
+                return self._unconditional(forward, output)
             return output
         prediction = _prediction(output)
         extended = pending.batch + pending.cond.numel()
@@ -253,11 +252,10 @@ class _GuidanceBatch:
                 f"guidance appended {pending.cond.numel()} perturbed entries to a batch of {pending.batch}, but "
                 f"{type(module).__name__} returned a batch of {prediction.shape[0]}"
             )
-        if not any(c.acted for c in run.calls[pending.first_call:]):
+        if not forward.acted.get(self.application.id):
             raise InterceptionError(
                 f"{self.method.name} guidance ran perturbed batch entries but no perturbed-attention layer acted in "
-                f"this call of {type(module).__name__}: were its processors replaced after enable()? Call "
-                "diffattn.guidance.enable again (or set_attn_processor(handle.processors))."
+                f"this call of {type(module).__name__}: does its processor compute attention with SDPA?"
             )
         base, perturbed = prediction[: pending.batch], prediction[pending.batch :]
         cond = pending.cond.to(base.device)
@@ -269,15 +267,16 @@ class _GuidanceBatch:
             uncond = pending.uncond.to(base.device)
             out[uncond] = base.index_select(0, uncond) + shift
         else:
-            self._shift = (run.step, shift)
-        self.records.append(GuidanceRecord(run.step, float(run.timestep) * self.timestep_scale, pending.scale,
+            self._shift = (self._key(forward), shift)
+        self.records.append(GuidanceRecord(forward.step, float(forward.timestep_1000), pending.scale,
                                            float(delta.detach().abs().max())))
+        del self.records[:-RECENT_RECORDS]
         return _with_prediction(output, out, pending.batch, extended)
 
-    def _unconditional(self, output: Any) -> Any:
+    def _unconditional(self, forward: Forward, output: Any) -> Any:
         shift, self._shift = self._shift, None
-        if shift is None or shift[0] != self.run.step:
-            if self._scale_now() > 0:
+        if shift is None or shift[0] != self._key(forward):
+            if self._scale_now(forward) > 0:
                 raise InterceptionError(
                     f"{self.method.name} guidance: the pipeline ran its unconditional call before the conditional "
                     "one at this step; guidance with separate CFG calls needs the conditional call first"
@@ -297,7 +296,7 @@ class _GuidanceBatch:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class GuidanceHandle:
-    """A live guidance application. ``remove()`` restores the original processors and removes the hook."""
+    """A live guidance application. ``remove()`` removes its hooks (other diffattn applications stay)."""
 
     method: PerturbedAttention
     attention: Handle
@@ -309,12 +308,8 @@ class GuidanceHandle:
         return self.attention.layers
 
     @property
-    def processors(self) -> dict[str, Any]:
-        return self.attention.processors
-
-    @property
     def records(self) -> list[GuidanceRecord]:
-        """Every guided model call since enable (or ``clear_records``), in order."""
+        """The most recent guided model calls (bounded), in order."""
         return [r for b in self._batches for r in b.records]
 
     def clear_records(self) -> None:
@@ -323,10 +318,7 @@ class GuidanceHandle:
         self.attention.clear_records()
 
     def remove(self) -> None:
-        """Restore the original processors and remove the hooks. Calling it again does nothing."""
-        for batch in self._batches:
-            if batch.run.extension is batch:
-                batch.run.extension = None
+        """Remove the guidance hooks. Calling it again does nothing."""
         self.attention.remove()
 
     def __enter__(self) -> GuidanceHandle:
@@ -341,7 +333,8 @@ def enable(target: Any, method: PerturbedAttention) -> GuidanceHandle:
     :class:`SEG`): one extra batch entry per conditional entry, in the same forward, on every guided step.
 
     Works with the pipelines' own ``__call__`` (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Wan, …);
-    ``guidance_scale`` keeps its meaning. Enabling again replaces the previous application (of any diffattn method).
+    ``guidance_scale`` keeps its meaning. Guidance stacks with other diffattn applications (it runs outermost); one
+    guidance method per model.
     A bare model is guided when called inside ``model.cache_context("cond")`` (a batch of conditional entries).
     """
     if not isinstance(method, PerturbedAttention):
@@ -354,13 +347,9 @@ def enable(target: Any, method: PerturbedAttention) -> GuidanceHandle:
     for model in models:
         chosen = _check_layers(model, method, layers)
         logger.info("diffattn guidance: %s on %s of %s", method.name, ", ".join(chosen), type(model).__name__)
-    attention = apply(target, method, layers=layers, steps=method.steps)
-    handle = GuidanceHandle(method, attention)
-    for installed in attention._installed:
-        batch = _GuidanceBatch(installed.run, method)
-        installed.run.extension = batch
-        handle._batches.append(batch)
-    return handle
+    attention = attach(target, method, layers=layers, steps=method.steps,
+                       extension=lambda application: _GuidanceBatch(application, method))
+    return GuidanceHandle(method, attention, [a.extension for a in attention.applications])
 
 
 def disable(target: Any) -> None:

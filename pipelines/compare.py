@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,7 +124,7 @@ def run_compare(
             videos[label] = _generate(pipe, prompt, frames, height, width, steps, seed)
             elapsed = time.perf_counter() - start
             metrics = {} if handle is None else handle.metrics()
-            acted = {} if handle is None else Counter(c.layer for c in handle.calls if c.acted)
+            acted = {} if handle is None else handle.acted_calls()
         finally:
             if handle is not None:
                 handle.remove()

@@ -606,8 +606,9 @@ def test_dense_warmup_and_rettention_through_apply(tiny_model, family, grid, til
         if method is not None:
             handle = diffattn.apply(model, method, steps=steps)
         try:
-            for t in timesteps:
-                outs.append(model(**(inputs | {"timestep": torch.full((2,), t)}))[0])
+            for i, t in enumerate(timesteps):
+                with diffattn.denoising_step(i, len(timesteps)):  # a bare model's loop declares its step
+                    outs.append(model(**(inputs | {"timestep": torch.full((2,), t)}))[0])
             return outs, ({} if handle is None else handle.metrics()), ([] if handle is None else handle.acted())
         finally:
             if handle is not None:

@@ -106,18 +106,24 @@ def test_batch_roles_for_batched_and_separate_cfg():
     assert per_step == {s: [("cond",), ("uncond",)] for s in range(3)}
 
 
-def test_processors_work_through_set_attn_processor():
-    """The handle's processors can be (re)installed with diffusers' own API, e.g. after something replaced them."""
+def test_method_keeps_acting_when_processors_are_replaced():
+    """The method is a hook on the attention module, not a processor: set_attn_processor (another library resetting
+    every processor) keeps it acting; a processor without an SDPA core raises at the next call; remove() leaves the
+    user's newer processors in place."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
     pipe = pipeline("sd")
     stock = generate(pipe, "sd", steps=2)
     handle = diffattn.apply(pipe, diffattn.Masked(lambda q, kv, ctx: (q - kv).abs() < 3, roles={"self"}))
     masked = generate(pipe, "sd", steps=2)
     assert not np.array_equal(masked, stock)
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    pipe.unet.set_attn_processor(AttnProcessor2_0())  # e.g. another library resets every processor
-    assert np.array_equal(generate(pipe, "sd", steps=2), stock)
-    pipe.unet.set_attn_processor(handle.processors)
+    mine = AttnProcessor2_0()
+    pipe.unet.set_attn_processor(mine)
     assert np.array_equal(generate(pipe, "sd", steps=2), masked)
+    pipe.unet.set_attn_processor(AttnProcessor())  # computes softmax(QK^T) by hand: nothing to intercept
+    with pytest.raises(diffattn.InterceptionError, match="set_default_attn_processor"):
+        generate(pipe, "sd", steps=2)
+    pipe.unet.set_attn_processor(mine)
     handle.remove()
+    assert all(m.processor is mine for _, m in diffattn.attention_modules(pipe.unet))
     assert np.array_equal(generate(pipe, "sd", steps=2), stock)

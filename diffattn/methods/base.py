@@ -33,6 +33,9 @@ class AttentionMethod:
     ``roles`` says which attention calls the method acts on by default: ``"self"`` (visual tokens only),
     ``"cross"`` (visual queries, text keys) and ``"joint"`` (text and visual tokens in one sequence).
 
+    ``stack_level``: where the method sits when several applications act on one attention call (see
+    :mod:`diffattn.hooks`); the innermost method's ``ctx.dense`` is the stock attention core.
+
     ``position_free``: the output for a query depends on the q/k/v values only, never on where tokens sit (``Dense``).
     Under context parallelism such a method also runs on calls that hold only this rank's queries, and gets joint
     sequences in the order diffusers gathered them (no reordering to the layout's order).
@@ -40,6 +43,11 @@ class AttentionMethod:
 
     roles: frozenset[str]
     position_free: ClassVar[bool] = False
+    # Place in a stack of applications on one attention module: lower runs outside (its ctx.dense calls the next).
+    # 0: batch-expanding guidance, 1: editing, 2: kernel-level methods (sparse, masked, dense).
+    stack_level: ClassVar[int] = 2
+    # Methods that need extra batch entries (guidance) are applied with diffattn.guidance.enable, never apply().
+    expands_batch: ClassVar[bool] = False
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         raise NotImplementedError

@@ -48,7 +48,7 @@ from ..patterns.dynamic import (
     selection_block_mask,
 )
 from .base import SELF_AND_JOINT, AttentionMethod, check_roles
-from .sparse import SparseAttention, text_padding_per_batch
+from .sparse import SparseAttention, _grid_words, block_attention, config_error, text_padding_per_batch
 
 __all__ = [
     "DynamicSparseAttention",
@@ -115,6 +115,23 @@ def _tile_for(tile: Any, grid: tuple[int, ...]) -> tuple[int, ...] | None:
     if isinstance(tile, int):
         return (tile,) * len(grid)
     return tile
+
+
+def _validate_tile(owner: str, tile: Any, block_size: int, ctx: AttentionContext) -> None:
+    """Build this layout's block order now (cached: the call reuses it), so a tile that does not fit the grid fails
+    before any attention, naming the layer and the grid."""
+    layout = ctx.q_layout
+    if not layout.grid or layout != ctx.kv_layout:
+        return  # the call refuses these itself (LayoutError)
+    try:
+        block_order(layout, _tile_for(tile, layout.grid), block_size, 0)
+    except ValueError as e:
+        kind, axes = _grid_words(layout.grid)
+        example = tuple(min(t, n) for t, n in zip(VIDEO_TILE if len(layout.grid) == 3 else (8,) * len(layout.grid),
+                                                   layout.grid))
+        raise config_error(owner, ctx, str(e), f"use a {len(layout.grid)}-value tile {axes} on this {kind} grid, "
+                           f"e.g. tile={example}, or tile='auto' ({VIDEO_TILE} on videos, raster blocks of "
+                           "block_size on images)") from e
 
 
 def _check_call(owner: str, ctx: AttentionContext) -> None:
@@ -190,7 +207,9 @@ class DynamicSparseAttention(AttentionMethod):
     Both take one fraction or one per head. ``similarity_guard`` (SpargeAttn uses 0.6): a query block whose tokens
     disagree (mean pairwise cosine similarity below it) computes its whole row; such a key block its whole column.
     Text tokens of joint attention stay dense and outside the budget. ``topk=1`` / ``topp=1`` is dense attention;
-    ``0`` keeps only each block's own block (block-diagonal attention).
+    ``0`` keeps only each block's own block (block-diagonal attention). NaN / Inf propagate as dense attention with
+    the selected mask would: to the queries that see them, never to the others (see
+    :func:`~diffattn.methods.sparse.block_attention`).
     """
 
     topk: float | tuple[float, ...] | None = None
@@ -209,6 +228,9 @@ class DynamicSparseAttention(AttentionMethod):
                              "topp=<probability mass>, e.g. topk=0.1")
         object.__setattr__(self, "topk", _as_budget(self.topk, self.name, "topk"))
         object.__setattr__(self, "topp", _as_budget(self.topp, self.name, "topp"))
+
+    def validate(self, ctx: AttentionContext) -> None:
+        _validate_tile(self.name, self.tile, self.block_size, ctx)
 
     def order_for(self, layout: TokenLayout, text_padding: int) -> KernelOrder:
         return block_order(layout, _tile_for(self.tile, layout.grid), self.block_size, text_padding)
@@ -252,8 +274,7 @@ class DynamicSparseAttention(AttentionMethod):
         for plan, qk, kk in self._entries(q, k, ctx):
             selected = time.perf_counter()
             vk = v[plan.rows].index_select(-2, plan.gather)
-            o, _ = kernels.attention(qk, kk, vk, plan.block_mask, scale=scale, backend=self.backend,
-                                     return_lse=False)
+            o = block_attention(qk, kk, vk, plan.block_mask, scale=scale, backend=self.backend)
             out[plan.rows] = o.index_select(-2, plan.scatter)
             densities.append(plan.density)
             done = time.perf_counter()
@@ -321,6 +342,9 @@ class PyramidSparseAttention(AttentionMethod):
                                  f"{self.bands!r}")
         rows = [tuple(float(e) for e in r) for r in rows]
         object.__setattr__(self, "bands", tuple(rows) if per_head else rows[0])
+
+    def validate(self, ctx: AttentionContext) -> None:
+        _validate_tile(self.name, self.tile, self.block_size, ctx)
 
     def levels(self, qk: Tensor, kk: Tensor, ko: KernelOrder, scale: float, bands: Tensor) -> Tensor:
         """Pooling level (0 = skip, 1, 2, 4, 8) of every visual block pair ``(H, nvb, nvb)`` of one batch entry."""
@@ -458,6 +482,9 @@ class Rettention(AttentionMethod):
         if self.ratio_drift < 0:
             raise ValueError(f"{self.name}: ratio_drift must be >= 0, got {self.ratio_drift}")
 
+    def validate(self, ctx: AttentionContext) -> None:
+        self.base.validate(ctx)
+
     def reset(self) -> None:
         """Forget every calibration (the next call of each layer calibrates)."""
         self._cache.clear()
@@ -566,6 +593,17 @@ class TokenDownsampling(AttentionMethod):
             return 1
         ratio = math.prod(base) / max(math.prod(grid), 1)
         return 1 + max(0, round(math.log2(max(ratio, 1.0)) / len(grid)))
+
+    def validate(self, ctx: AttentionContext) -> None:
+        """Refuse a factor that pools every frame of this layer into one key token (its cells cover the frame)."""
+        grid, level = ctx.kv_layout.grid, self.level(ctx)
+        factor = {1: self.factor, 2: self.factor_level_2}.get(level, 1)
+        if factor > 1 and len(grid) >= 2 and factor >= max(grid[-2:]):
+            name = "factor" if level == 1 else "factor_level_2"
+            raise config_error(
+                self.name, ctx, f"{name}={factor} pools each {grid[-2]}x{grid[-1]} frame into a single key token",
+                f"use {name} < {max(grid[-2:])} (ToDo uses 2 to 4 at high resolution) or apply it to "
+                "higher-resolution layers (layers=...)")
 
     def factor_for(self, ctx: AttentionContext) -> int:
         if ctx.timestep is not None and ctx.timestep / 1000.0 <= self.timestep_threshold_stop:

@@ -25,7 +25,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
 import torch
 from torch import Tensor
@@ -85,6 +85,9 @@ class PerturbedAttention(AttentionMethod):
     (diffusers' ``pag_adaptive_scale``; 0 = constant s). ``layers``: anchored regexes over attention-module names
     (``None`` = the family's default, see :mod:`diffattn.guidance`). ``steps``: as in :func:`diffattn.apply`.
     """
+
+    stack_level: ClassVar[int] = 0  # outermost: it expands the batch that the methods under it see
+    expands_batch: ClassVar[bool] = True
 
     scale: float = 3.0
     adaptive_scale: float = 0.0

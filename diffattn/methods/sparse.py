@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from .. import kernels
 from ..context import AttentionContext
-from ..errors import LayoutError
+from ..errors import LayoutError, MethodConfigError
 from ..layout import TokenLayout
 from ..patterns.base import Pattern
 from ..patterns.compile import CompiledPattern, compile_pattern
@@ -25,6 +25,7 @@ __all__ = [
     "RadialAttention",
     "HIDIFFUSION_LAYERS",
     "text_padding_per_batch",
+    "block_attention",
 ]
 
 _SPARSE_ROLES = SELF_AND_JOINT
@@ -60,13 +61,63 @@ def text_padding_per_batch(attn_mask: Tensor | None, layout: TokenLayout, batch:
     return paddings
 
 
+def block_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, *, scale: float | None, backend: str) -> Tensor:
+    """``kernels.attention`` (no lse) with the NaN / Inf behaviour of dense attention restricted to the mask.
+
+    A query with a NaN / Inf, or one that sees a key with one, gets what the kernel computes (NaN, as dense
+    attention); a NaN / Inf in a value a query sees reaches that output entry as in ``p @ v``; keys and values a
+    query does not see never reach it. Kernels compute whole blocks and mask inside them (``0 * nan = nan``), so
+    when the output is not finite the call is redone on cleaned inputs; otherwise the cost is one sum of the output.
+    """
+
+    def attend(q_: Tensor, k_: Tensor, v_: Tensor) -> Tensor:
+        return kernels.attention(q_, k_, v_, block_mask, scale=scale, backend=backend, return_lse=False)[0]
+
+    out = attend(q, k, v)
+    # non-finite iff an entry is (or on overflow, which only costs the checks below); ~7x cheaper than isfinite().all()
+    if bool(torch.isfinite(out.sum(dtype=torch.float32 if out.dtype == torch.float16 else None))):
+        return out
+    k_ok, v_ok = torch.isfinite(k).all(-1, keepdim=True), torch.isfinite(v)
+    if bool(k_ok.all()) and bool(v_ok.all()):
+        return out  # non-finite queries or overflow: nothing hidden can have leaked
+    zq, zk = torch.zeros_like(q), torch.zeros_like(k)
+
+    def seen(flags: Tensor) -> Tensor:  # which outputs see a flagged key / value entry (uniform weights)
+        return attend(zq, zk, flags.to(v.dtype).expand(v.shape).contiguous()) > 0
+
+    fixed = attend(q, torch.where(k_ok, k, 0.0), torch.where(v_ok, v, 0.0))
+    pos, neg = seen(v == float("inf")), seen(v == float("-inf"))
+    fixed = torch.where(pos, float("inf"), torch.where(neg, float("-inf"), fixed))
+    fixed = torch.where(seen(torch.isnan(v)) | (pos & neg), float("nan"), fixed)
+    natural = ~torch.isfinite(q).all(-1, keepdim=True) | seen(~k_ok)
+    return torch.where(natural, out, fixed)
+
+
+def _grid_words(grid: tuple[int, ...]) -> tuple[str, str]:
+    """(``"video"`` / ``"image"`` / ``"N-D"``, the axis names) of a token grid, for messages."""
+    return {3: ("video", "(frames, height, width)"), 2: ("image", "(height, width)")}.get(
+        len(grid), (f"{len(grid)}-D", f"({len(grid)} axes)"))
+
+
+def config_error(owner: str, ctx: AttentionContext, problem: str, fix: str) -> MethodConfigError:
+    """A :class:`MethodConfigError` naming the method, the layer, its grid, what is wrong and the fix."""
+    return MethodConfigError(f"{owner} on layer {ctx.layer} ({ctx.q_layout.describe()}): {problem}. Fix: {fix}")
+
+
 @dataclass(frozen=True)
 class SparseAttention(AttentionMethod):
     """Attention restricted to ``pattern`` over the visual tokens; text tokens of joint attention stay dense.
 
-    ``backend``: ``"auto"`` (fastest supported), ``"torch"``, ``"flex"``, ``"flex-compiled"``, ``"triton"`` (fused
-    block-sparse flash attention, CUDA), ``"xformers"`` (dense / local masks, CUDA) or ``"reference"``; see
-    :mod:`diffattn.kernels`. Acts on self and joint attention; cross-attention stays dense.
+    ``pattern``: a pattern of :mod:`diffattn.patterns` (``SlidingWindow``, ``ShiftedWindow``, ``Radial``,
+    ``SlidingTile``, or ``Union`` / ``Intersection`` / ``PerHead`` of them). ``backend``: ``"auto"`` (fastest
+    supported), ``"torch"``, ``"flex"``, ``"flex-compiled"``, ``"triton"`` (fused block-sparse flash attention,
+    CUDA), ``"xformers"`` (dense / local masks, CUDA) or ``"reference"``; see :mod:`diffattn.kernels`. Acts on
+    self and joint attention; cross-attention stays dense. The pattern is checked against each layer's grid
+    before its first call (:class:`~diffattn.errors.MethodConfigError`).
+
+    NaN / Inf are propagated as dense attention with the same mask would: a query row with one gives NaN, a key or
+    value with one reaches the queries that see it, and never a query the pattern hides it from
+    (:func:`block_attention`).
     """
 
     pattern: Pattern | None = None
@@ -80,11 +131,35 @@ class SparseAttention(AttentionMethod):
             raise ValueError(f"{self.name}: unknown backend {self.backend!r}; choose from {['auto', *kernels.BACKENDS]}")
         if self.block_size < 1:
             raise ValueError(f"{self.name}: block_size must be positive, got {self.block_size}")
+        own_pattern = type(self).pattern_for is not SparseAttention.pattern_for
+        if own_pattern and self.pattern is not None:
+            raise ValueError(f"{self.name} builds its pattern from its own parameters; pass pattern= to "
+                             "SparseAttention instead")
+        if not own_pattern and not isinstance(self.pattern, Pattern):
+            raise (ValueError if self.pattern is None else TypeError)(
+                f"{self.name} needs a pattern, got {self.pattern!r}: SparseAttention(pattern=...) with a pattern "
+                "from diffattn.patterns (SlidingWindow, ShiftedWindow, Radial, SlidingTile, or Union / "
+                "Intersection / PerHead of them), or use SlidingWindowAttention, SlidingTileAttention, "
+                "ShiftedWindowAttention or RadialAttention"
+            )
 
     def pattern_for(self, ctx: AttentionContext) -> Pattern:
-        if self.pattern is None:
-            raise ValueError(f"{self.name}: no pattern given")
         return self.pattern
+
+    def fix_for(self, grid: tuple[int, ...]) -> str:
+        """How to make the parameters fit ``grid`` (for :meth:`validate`'s message)."""
+        kind, axes = _grid_words(grid)
+        return f"give the pattern one value per axis {axes} of this {kind} grid, or a single int for all axes"
+
+    def validate(self, ctx: AttentionContext) -> None:
+        """Compile the pattern for this layer's layout now (cached: on CPU the first call reuses it), so parameters
+        that do not fit the grid fail before any attention, naming the layer, the grid and the fix."""
+        if not ctx.q_layout.grid or ctx.q_layout != ctx.kv_layout:
+            return  # the call refuses these itself (LayoutError)
+        try:
+            self.compiled(ctx, 0, "cpu")
+        except ValueError as e:
+            raise config_error(self.name, ctx, str(e), self.fix_for(ctx.q_layout.grid)) from e
 
     def block_size_for(self, pattern: Pattern, grid: tuple[int, ...]) -> int:
         return self.block_size
@@ -131,8 +206,7 @@ class SparseAttention(AttentionMethod):
             sel = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
             plan = self.compiled(ctx, pad, q.device, pattern)
             qk, kk, vk = (x[sel].index_select(-2, plan.gather) for x in (q, k, v))
-            o, _ = kernels.attention(qk, kk, vk, plan.block_mask, scale=ctx.scale, backend=self.backend,
-                                     return_lse=False)
+            o = block_attention(qk, kk, vk, plan.block_mask, scale=ctx.scale, backend=self.backend)
             out[sel] = o.index_select(-2, plan.scatter)
             densities.append(plan.density)
         ctx.report(density=sum(densities) / len(densities))
@@ -161,23 +235,38 @@ class SlidingTileAttention(SparseAttention):
     def block_size_for(self, pattern: Pattern, grid: tuple[int, ...]) -> int:
         return pattern.tile_volume(grid)
 
+    def fix_for(self, grid: tuple[int, ...]) -> str:
+        kind, axes = _grid_words(grid)
+        tile = tuple(min(t, n) for t, n in zip(((4, 4, 8) if len(grid) == 3 else (8,) * len(grid)), grid))
+        window = self.window if isinstance(self.window, int) else 3
+        return (f"use a {len(grid)}-value tile {axes} on this {kind} grid (and a window of one int or "
+                f"{len(grid)} values), e.g. tile={tile}, window={window}")
+
 
 @dataclass(frozen=True)
 class SlidingWindowAttention(SparseAttention):
     """Neighborhood attention with NATTEN semantics: ``window`` tokens per axis around each query (clamped inward
     at the borders so every query sees a full window), optional ``stride`` (generalized neighborhood attention:
-    queries in runs of ``stride`` share a window) and ``dilation``. Ints apply to every axis."""
+    queries in runs of ``stride`` share a window) and ``dilation``. Ints apply to every axis. ``clip_to_grid``:
+    a window larger than the grid is reduced to the whole axis instead of raising (see ``patterns.SlidingWindow``)."""
 
     window: int | tuple[int, ...] = 7
     stride: int | tuple[int, ...] = 1
     dilation: int | tuple[int, ...] = 1
+    clip_to_grid: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        SlidingWindow(self.window, self.stride, self.dilation)  # validate now
+        SlidingWindow(self.window, self.stride, self.dilation, clip_to_grid=self.clip_to_grid)  # validate now
 
     def pattern_for(self, ctx: AttentionContext) -> Pattern:
-        return SlidingWindow(self.window, self.stride, self.dilation)
+        return SlidingWindow(self.window, self.stride, self.dilation, clip_to_grid=self.clip_to_grid)
+
+    def fix_for(self, grid: tuple[int, ...]) -> str:
+        kind, axes = _grid_words(grid)
+        window = tuple(min(w, n) for w, n in zip(((3, 7, 7) if len(grid) == 3 else (7,) * len(grid)), grid))
+        return (f"use a {len(grid)}-value window {axes} on this {kind} grid (stride and dilation too, if given per "
+                f"axis), e.g. window={window}, or clip_to_grid=True to shrink windows larger than the grid")
 
 
 @dataclass(frozen=True)
@@ -198,8 +287,20 @@ class ShiftedWindowAttention(SparseAttention):
             raise ValueError(f"ShiftedWindowAttention: shift is a fraction of the window in [0, 1), got {self.shift}")
 
     def pattern_for(self, ctx: AttentionContext) -> Pattern:
+        if self.shift is None and ctx.step is None:
+            raise config_error(self.name, ctx, "the window shift is drawn per denoising step, and this call has no "
+                               "step (the model ran outside a pipeline's loop)", "run it in a pipeline, inside "
+                               "diffattn.denoising_step(i, num_steps), or give a fixed shift=, e.g. shift=0.25")
         fraction = self.shift if self.shift is not None else hidiffusion_shift(ctx.step, ctx.layer, self.seed)
         return ShiftedWindow.from_fraction(ctx.q_layout.grid, fraction, self.windows)
+
+    def validate(self, ctx: AttentionContext) -> None:
+        super().validate(replace(ctx, step=0))  # the shift changes with the step, the windows it checks do not
+
+    def fix_for(self, grid: tuple[int, ...]) -> str:
+        windows = tuple(min(2, n) for n in grid[-2:])
+        return (f"give one window count per spatial axis, at most the tokens on that axis, e.g. windows={windows}, "
+                "or leave this layer out (layers=..., e.g. HIDIFFUSION_LAYERS)")
 
 
 # HiDiffusion's MSW-MSA layers (the highest-resolution transformer blocks), for diffattn.apply(layers=...).
@@ -226,3 +327,7 @@ class RadialAttention(SparseAttention):
 
     def pattern_for(self, ctx: AttentionContext) -> Pattern:
         return Radial(self.decay, self.block_size, self.frame_sink, self.dense_band_frames)
+
+    def fix_for(self, grid: tuple[int, ...]) -> str:
+        return ("apply RadialAttention to video models (a (frames, height, width) grid); on image models use "
+                "SlidingWindowAttention or ShiftedWindowAttention")

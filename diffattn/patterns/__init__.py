@@ -1,6 +1,8 @@
 """Attention patterns: which keys each visual query may see, as index arithmetic and block relations."""
 
 from .base import Pattern, PositionMaskMod, block_ranges, blocks_of, check_grid
+from .compose import Intersection, PerHead, Union
+from .tile import SlidingTile
 from .window import Radial, ShiftedWindow, SlidingWindow, hidiffusion_shift, inward_window, radial_density
 
 __all__ = [
@@ -15,4 +17,8 @@ __all__ = [
     "hidiffusion_shift",
     "Radial",
     "radial_density",
+    "SlidingTile",
+    "Union",
+    "Intersection",
+    "PerHead",
 ]

@@ -1,0 +1,113 @@
+"""Where the denoising loop is: the step index and the number of steps that will actually run, per model call.
+
+Sources, first that answers wins:
+
+1. :func:`denoising_step` — a custom loop says it (``with diffattn.denoising_step(i, len(timesteps)): model(...)``);
+2. the cache context a pipeline opens around the call (``model.cache_context("cond", step_index=i,
+   num_inference_steps=n)``, as Wan's pipeline does);
+3. the loop of the diffusers pipeline whose ``__call__`` is running this model: its loop index ``i`` and the
+   ``timesteps`` it iterates (already cut by img2img ``strength``), read from that frame of the call stack. Nothing is
+   patched; the step is the loop's own index, so repeated timesteps (DPM++ with Karras sigmas), img2img and Wan 2.2's
+   two transformers (one loop, one global step) are all exact;
+4. otherwise the step is unknown, and a ``steps=`` selection that needs it raises with the fix.
+
+The pipeline found in (3) is also where per-call facts such as ``do_classifier_free_guidance`` are read, so a
+denoiser shared by two pipelines takes them from the one that is running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["LoopPosition", "denoising_step", "loop_position"]
+
+_LOCAL = threading.local()
+
+
+@dataclass(frozen=True)
+class LoopPosition:
+    """``step`` (0-based) of ``num_steps`` that will run; ``timestep``: the scheduler's timestep at this step (its own
+    scale, 0..1000 for diffusers' schedulers) when known; ``timesteps``: the whole loop's, when known;
+    ``pipeline``: the running pipeline, when found."""
+
+    step: int | None
+    num_steps: int | None
+    timestep: float | None = None
+    timesteps: tuple[float, ...] | None = None
+    pipeline: Any = None
+    source: str = "unknown"
+    batch_roles: tuple[str, ...] | None = None  # declared by denoising_step(batch_roles=...)
+
+
+@contextlib.contextmanager
+def denoising_step(step: int | None = None, num_steps: int | None = None, *, timestep: float | None = None,
+                   batch_roles: tuple[str, ...] | None = None) -> Iterator[None]:
+    """Declare, for model calls made inside, the loop position (``step`` of ``num_steps``, the scheduler
+    ``timestep``) and what each batch entry is (``batch_roles``, e.g. ``("uncond", "cond")``): for loops that are not
+    a diffusers pipeline's, and models without ``cache_context`` (UNets, SD3) called directly."""
+    if step is not None and (num_steps is None or not 0 <= step < num_steps):
+        raise ValueError(f"denoising_step: step {step} needs num_steps > step (got num_steps={num_steps})")
+    if batch_roles is not None and not set(batch_roles) <= {"uncond", "cond"}:
+        raise ValueError(f"denoising_step: batch_roles are 'uncond' or 'cond', got {batch_roles}")
+    previous = getattr(_LOCAL, "position", None)
+    _LOCAL.position = LoopPosition(step, num_steps, timestep, source="denoising_step",
+                                   batch_roles=None if batch_roles is None else tuple(batch_roles))
+    try:
+        yield
+    finally:
+        _LOCAL.position = previous
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().reshape(-1)[0]) if value.numel() else None
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def _owns(pipeline: Any, model: torch.nn.Module) -> bool:
+    components = getattr(pipeline, "components", None) or {}
+    return any(component is model or getattr(component, "_orig_mod", None) is model
+               for component in components.values())
+
+
+def _pipeline_frame(model: torch.nn.Module) -> tuple[Any, dict[str, Any]] | None:
+    """The innermost running ``DiffusionPipeline.__call__`` (or other method) frame whose pipeline owns ``model``."""
+    from diffusers import DiffusionPipeline
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        candidate = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(candidate, DiffusionPipeline) and _owns(candidate, model):
+            return candidate, frame.f_locals
+        frame = frame.f_back
+    return None
+
+
+def loop_position(model: torch.nn.Module, cache_context: Any = None) -> LoopPosition:
+    """Where the denoising loop that calls ``model`` is (see the module docstring for the sources, in order)."""
+    explicit = getattr(_LOCAL, "position", None)
+    found = _pipeline_frame(model)
+    pipeline, local = found if found is not None else (None, {})
+    if explicit is not None and explicit.step is not None:
+        return LoopPosition(explicit.step, explicit.num_steps, explicit.timestep, pipeline=pipeline,
+                            source=explicit.source, batch_roles=explicit.batch_roles)
+    roles = None if explicit is None else explicit.batch_roles
+    if cache_context is not None and getattr(cache_context, "step_index", None) is not None:
+        return LoopPosition(int(cache_context.step_index), cache_context.num_inference_steps,
+                            _as_float(getattr(cache_context, "timestep", None)), pipeline=pipeline,
+                            source="cache_context", batch_roles=roles)
+    timesteps, step = local.get("timesteps"), local.get("i")
+    if pipeline is not None and isinstance(step, int) and timesteps is not None and len(timesteps):
+        values = tuple(float(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps))
+        return LoopPosition(step, len(values), values[step] if step < len(values) else None, values, pipeline,
+                            source="pipeline loop", batch_roles=roles)
+    return LoopPosition(None, None, pipeline=pipeline, batch_roles=roles)
