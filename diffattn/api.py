@@ -7,17 +7,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from diffusers.hooks import HookRegistry
 
 from . import parallel
 from .adapters import adapter_for
 from .errors import DiffattnError, LayerSelectionError, UnsupportedModelError
 from .hooks import (
     Application,
-    AttentionHook,
     BatchExtension,
     CallRecord,
+    Entry,
     LayerInfo,
+    attach_entry,
+    detach_application,
     drop_state_if_unused,
     existing_state,
     model_state,
@@ -92,9 +93,7 @@ class Handle:
         for application in self.applications:
             modules = dict(attention_modules(application.state.model))
             for name in application.layers:
-                registry = getattr(modules[name], "_diffusers_hook", None)
-                if registry is not None:
-                    registry.remove_hook(application.hook_name, recurse=False)
+                detach_application(modules[name], application)
             if application in application.state.applications:
                 application.state.applications.remove(application)
             drop_state_if_unused(application.state.model)
@@ -176,8 +175,7 @@ def attach(target: Any, method: AttentionMethod, *, layers: LayerSpec = None, st
         if extension is not None:
             application.extension = extension(application)
         for name, info in infos.items():
-            HookRegistry.check_if_exists_or_initialize(modules[name]).register_hook(
-                AttentionHook(application, info), application.hook_name)
+            attach_entry(modules[name], Entry(application, info))
         state.applications.append(application)
         handle.applications.append(application)
         logger.info("diffattn: %s on %d attention layers of %s", method.name, len(chosen), type(model).__name__)

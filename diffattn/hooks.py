@@ -5,7 +5,8 @@ Two kinds of named diffusers ``ModelHook`` (the registry diffusers' own layer-sk
 - one :class:`ModelStateHook` (``"diffattn"``) on each denoiser that has at least one application: before every
   forward it reads where the denoising loop is (:mod:`diffattn.steps`), the token grid and the role of each batch
   entry, for this call and this thread only, and lets a batch-expanding application (guidance) change the batch;
-- one :class:`AttentionHook` (``"diffattn:<id>"``) per application on each attention module it selected. The stock
+- one :class:`AttentionHook` (``"diffattn.attention"``) on each attention module some application selected, holding
+  the applications on it (removing one removes its entries, the hook goes with the last). The stock
   processor object is never replaced: whatever processor the module has at call time (after ``set_attn_processor``,
   IP-Adapter loading or ``set_attention_backend``) runs, and a ``TorchFunctionMode`` catches its
   ``scaled_dot_product_attention`` call. Processors that go through diffusers' ``dispatch_attention_fn`` are routed
@@ -52,18 +53,17 @@ from .schedule import StepSchedule
 from .steps import LoopPosition, loop_position
 
 __all__ = ["CallRecord", "Records", "Forward", "ModelState", "Application", "AttentionHook", "ModelStateHook",
-           "BatchExtension", "MODEL_HOOK", "RECENT_CALLS"]
+           "BatchExtension", "Entry", "MODEL_HOOK", "ATTENTION_HOOK", "RECENT_CALLS", "attach_entry", "detach_application"]
 
 logger = logging.getLogger(__name__)
 
 MODEL_HOOK = "diffattn"
-ATTENTION_HOOK_PREFIX = "diffattn:"
+ATTENTION_HOOK = "diffattn.attention"
 RECENT_CALLS = 2048
 _SDPA = F.scaled_dot_product_attention
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 _IDS = itertools.count(1)
-_LOCAL = threading.local()  # .intercepting: set of ids of attention modules whose call this thread is inside
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,10 +264,6 @@ class Application:
         self.validated: set[tuple[str, TokenLayout, TokenLayout]] = set()
         self._checked_loop: tuple | None = None
 
-    @property
-    def hook_name(self) -> str:
-        return f"{ATTENTION_HOOK_PREFIX}{self.id}"
-
     def on_schedule(self, forward: Forward) -> bool:
         """Whether the schedule selects this forward's step (checked once per loop: a schedule that selects no step
         that will run raises :class:`StepSelectionError`)."""
@@ -314,6 +310,7 @@ class ModelStateHook(ModelHook):
     def capture(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured.inputs = model_inputs(module, args, kwargs)
 
+    @torch.compiler.disable  # Python bookkeeping (the call stack, thread-local state): one graph break per forward
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         try:
             context = self.cache_context.context
@@ -329,6 +326,7 @@ class ModelStateHook(ModelHook):
                 args, kwargs = application.extension.pre_forward(forward, module, args, kwargs)
         return args, kwargs
 
+    @torch.compiler.disable
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         forward = self.state.begin(None)
         if forward is not None:
@@ -370,47 +368,53 @@ def drop_state_if_unused(model: torch.nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The attention-module hook
 # ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One application on one attention module."""
+
+    application: Application
+    layer: LayerInfo
+
+
 class AttentionHook(ModelHook):
-    """One application on one attention module. The outermost diffattn hook of a module (per call) collects every
-    acting application of the module and runs the module's forward with its SDPA core replaced by their chain."""
+    """The diffattn hook of one attention module: the applications on it, in the order they were applied. On a call
+    it runs the module's forward with its SDPA core replaced by the chain of the applications that act.
 
-    def __init__(self, application: Application, layer: LayerInfo) -> None:
+    One hook per module (not one per application): diffusers' registry cannot unlink a hook with its own
+    ``new_forward`` from the middle of a chain, and removing the middle application must leave the others exact.
+    """
+
+    def __init__(self) -> None:
         super().__init__()
-        self.application = application
-        self.layer = layer
+        self.entries: list[Entry] = []
 
+    @torch.compiler.disable  # the interception mode runs eagerly: one graph break per hooked attention module
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        inside = getattr(_LOCAL, "intercepting", None)
-        if inside is None:
-            inside = _LOCAL.intercepting = set()
-        if id(module) in inside:  # an outer diffattn hook of this module already runs the chain
+        if not self.entries:
             return self.fn_ref.original_forward(*args, **kwargs)
-        forward = self.application.state.forward
+        state = self.entries[0].application.state
+        forward = state.forward
         stack = []
-        for hook in _diffattn_hooks(module):
-            application = hook.application
-            if application.acts(forward):
-                stack.append(hook)
+        for entry in self.entries:
+            if entry.application.acts(forward):
+                stack.append(entry)
             else:
-                application.records.record(forward.step, hook.layer.name, hook.layer.role, acted=False)
+                entry.application.records.record(forward.step, entry.layer.name, entry.layer.role, acted=False)
         processor = module.processor
         heads = getattr(module, "heads", None)
+        layer = self.entries[0].layer
         # before anything else: a processor installed after enable_parallelism gets the model's parallel config
-        ulysses = parallel.processor_ulysses(processor, self.application.state.model, self.layer.name, heads)
+        ulysses = parallel.processor_ulysses(processor, state.model, layer.name, heads)
         if not stack:
             return self.fn_ref.original_forward(*args, **kwargs)
-        stack.sort(key=lambda h: (h.application.method.stack_level, h.application.id))
+        stack.sort(key=lambda e: (e.application.method.stack_level, e.application.id))
         interceptor = _CoreInterceptor(_Chain(stack, forward, ulysses, heads, processor))
-        inside.add(id(module))
-        try:
-            with _native_backend(processor), interceptor:
-                out = self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            inside.discard(id(module))
+        with _native_backend(processor), interceptor:
+            out = self.fn_ref.original_forward(*args, **kwargs)
         if interceptor.calls == 0:
-            names = ", ".join(h.application.method.name for h in stack)
+            names = ", ".join(e.application.method.name for e in stack)
             raise InterceptionError(
-                f"{self.layer.name}: the processor {type(processor).__name__} computed attention without "
+                f"{layer.name}: the processor {type(processor).__name__} computed attention without "
                 f"torch.nn.functional.scaled_dot_product_attention (e.g. xformers, flex or a manual softmax), so "
                 f"{names} could not replace it. Set an SDPA processor (for UNets: model.set_default_attn_processor();"
                 " for dispatch_attention_fn models: model.set_attention_backend('native')), or remove the diffattn "
@@ -419,11 +423,23 @@ class AttentionHook(ModelHook):
         return out
 
 
-def _diffattn_hooks(module: torch.nn.Module) -> list[AttentionHook]:
+def attach_entry(module: torch.nn.Module, entry: Entry) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    hook = registry.get_hook(ATTENTION_HOOK)
+    if hook is None:
+        hook = AttentionHook()
+        registry.register_hook(hook, ATTENTION_HOOK)
+    hook.entries.append(entry)
+
+
+def detach_application(module: torch.nn.Module, application: Application) -> None:
     registry = getattr(module, "_diffusers_hook", None)
-    if registry is None:
-        return []
-    return [registry.hooks[name] for name in registry._hook_order if name.startswith(ATTENTION_HOOK_PREFIX)]
+    hook = registry.get_hook(ATTENTION_HOOK) if registry is not None else None
+    if hook is None:
+        return
+    hook.entries = [e for e in hook.entries if e.application is not application]
+    if not hook.entries:
+        registry.remove_hook(ATTENTION_HOOK, recurse=False)
 
 
 def _active_backend_is_native() -> bool:
@@ -475,7 +491,7 @@ class _CoreInterceptor(TorchFunctionMode):
 class _Chain:
     """The acting methods of one attention-module call, outermost first; the last one's ``dense`` is the stock core."""
 
-    def __init__(self, hooks: list[AttentionHook], forward: Forward, ulysses: parallel.Ulysses | None,
+    def __init__(self, hooks: list[Entry], forward: Forward, ulysses: parallel.Ulysses | None,
                  heads: int | None, processor: Any) -> None:
         self.hooks = hooks
         self.forward = forward
@@ -516,9 +532,14 @@ class _Chain:
             timestep=self.forward.timestep, input_grid=self.forward.grid,
         )
 
+        ran = set()
+
         def run(index: int, q_: Tensor, k_: Tensor, v_: Tensor) -> Tensor:
-            if index == len(self.hooks):
+            if index == len(self.hooks) or q_.shape[-2] != q.shape[-2] or k_.shape[-2] != k.shape[-2]:
+                # the stock core; a call with other token counts (e.g. PAG's one-key identity) is not on the layout
+                # the inner methods act on, so it goes straight there
                 return sdpa(q_, k_, v_, **call)
+            ran.add(index)
             hook = self.hooks[index]
             application = hook.application
             layer = hook.layer.name
@@ -543,6 +564,15 @@ class _Chain:
             return out
 
         out = run(0, q, k, v)
+        skipped = [self.hooks[i].application.method.name for i in range(len(self.hooks)) if i not in ran]
+        if skipped:
+            outer = self.hooks[min(ran)].application.method.name
+            raise InterceptionError(
+                f"{self.layer.name}: {outer} computed the whole attention core without calling ctx.dense, so "
+                f"{', '.join(skipped)} (applied inside it) never ran. Two methods that each replace the core do not "
+                "compose: give them different layers (layers=...) or steps, or combine their patterns in one method "
+                "(e.g. SparseAttention(Intersection(...)))."
+            )
         if inverse is not None:
             out = out.index_select(-2, inverse)
         return out

@@ -3,16 +3,20 @@
 Backends share one signature and say what they support; ``select_backend("auto", ...)`` picks the fastest that
 supports a call and explains why it rejected the others.
 
-| backend | what | devices |
-|---|---|---|
-| ``reference`` | float64 dense masked attention (the oracle) | any |
-| ``torch`` | block-sparse: on AVX-512 CPUs a compiled loop (``cpu_block_sparse``: oneDNN brgemm, online softmax) for query blocks that see whole key blocks; otherwise runs of key blocks as views, fused SDPA per run, log-sum-exp merge | any |
-| ``flex`` | FlexAttention, eager (exact, slow on CPU) | any |
-| ``flex-compiled`` | FlexAttention under ``torch.compile`` | any (compiles per shape) |
-| ``triton`` | block-sparse flash attention in Triton (``kernels/src/triton_block_sparse.py``) | CUDA; CPU only under ``TRITON_INTERPRET=1`` (tests) |
-| ``xformers`` | xformers memory-efficient attention for dense and local (one key run per query block) masks | CUDA |
+| backend | what | devices | backward |
+|---|---|---|---|
+| ``reference`` | float64 dense masked attention (the oracle) | CPU, CUDA | yes (autograd of its torch ops) |
+| ``torch`` | block-sparse: on AVX-512 CPUs a compiled loop (``cpu_block_sparse``: oneDNN brgemm, online softmax) for query blocks that see whole key blocks; otherwise runs of key blocks as views, fused SDPA per run, log-sum-exp merge | any (the fallback for devices no backend lists: mps, xpu, ...) | yes (:mod:`.ops`: custom op, flash-style backward) |
+| ``flex`` | FlexAttention, eager (exact, slow on CPU) | CPU, CUDA | CUDA only (FlexAttention has none on CPU) |
+| ``flex-compiled`` | FlexAttention under ``torch.compile`` | CPU, CUDA (compiles per shape) | CUDA only |
+| ``triton`` | block-sparse flash attention in Triton (``kernels/src/triton_block_sparse.py``) | CUDA; CPU only under ``TRITON_INTERPRET=1`` (tests) | no |
+| ``xformers`` | xformers memory-efficient attention for dense and local (one key run per query block) masks | CUDA | no |
 
-``triton`` and ``xformers`` are optional (the ``gpu`` extra) and imported only when a call runs on them.
+``triton`` and ``xformers`` are optional (the ``gpu`` extra) and imported only when a call runs on them. A call whose
+q, k or v requires grad (with grad mode on) goes only to backends with a backward; the others raise
+:class:`KernelUnsupportedError` naming one that has it. The ``torch`` backend is the custom op
+``diffattn::block_sparse_attention`` with a fake implementation, so ``torch.compile(..., fullgraph=True)`` traces
+through ``attention(..., backend="torch")``. Importing this package changes no process-wide setting.
 """
 
 from __future__ import annotations
@@ -27,14 +31,17 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .block_sparse import block_sparse_attention, dense_attention
+from .block_sparse import dense_attention
+from .errors import GRAD_ALTERNATIVE, KernelUnsupportedError, needs_grad
 from .flex import flex_block_attention
 from .joint import dense_block_mask, key_padding_block_mask, split_text_attention
+from .ops import block_sparse_attention
 from .reference import merge_attention, reference_attention
 
 __all__ = [
     "BACKENDS",
     "KernelSupport",
+    "KernelUnsupportedError",
     "attention",
     "block_mask_to_dense",
     "block_sparse_attention",
@@ -51,21 +58,29 @@ __all__ = [
 
 @dataclass(frozen=True)
 class KernelSupport:
+    """What a backend supports. Device sets: ``None`` means any device torch runs on."""
+
     name: str
-    devices: frozenset[str]
+    devices: frozenset[str] | None
     dtypes: frozenset[torch.dtype]
     max_tokens: int | None = None  # dense-memory backends
     note: str = ""
-    lse_devices: frozenset[str] = frozenset({"cpu", "cuda"})  # where it can return the log-sum-exp
+    lse_devices: frozenset[str] | None = None  # where it can return the log-sum-exp (None: wherever it runs)
+    grad_devices: frozenset[str] | None = None  # where it has a backward (None: wherever it runs)
     # Further conditions (installed package, interpreter, head dim, mask structure): (q, num_kv, block_mask) ->
     # the reason it cannot run the call, or None.
     check: Callable[[Tensor, int, BlockMask | None], str | None] | None = field(default=None, compare=False)
 
-    def rejects(self, q: Tensor, num_kv: int, need_lse: bool = False, block_mask: BlockMask | None = None) -> str | None:
-        if need_lse and q.device.type not in self.lse_devices:
-            return f"{self.name}: cannot return the log-sum-exp on {q.device.type}"
-        if q.device.type not in self.devices:
-            return f"{self.name}: runs on {sorted(self.devices)}, not {q.device.type}"
+    def rejects(self, q: Tensor, num_kv: int, need_lse: bool = False, block_mask: BlockMask | None = None,
+                need_grad: bool = False) -> str | None:
+        device = q.device.type
+        if need_lse and self.lse_devices is not None and device not in self.lse_devices:
+            return f"{self.name}: cannot return the log-sum-exp on {device}"
+        if self.devices is not None and device not in self.devices:
+            return f"{self.name}: runs on {sorted(self.devices)}, not {device}"
+        if need_grad and self.grad_devices is not None and device not in self.grad_devices:
+            where = f"on {device} " if self.grad_devices else ""
+            return f"{self.name}: no backward {where}(q, k or v requires grad); {GRAD_ALTERNATIVE}"
         if q.dtype not in self.dtypes:
             return f"{self.name}: no {q.dtype}"
         if self.max_tokens is not None and max(q.shape[-2], num_kv) > self.max_tokens:
@@ -106,47 +121,52 @@ def _xformers_check(q: Tensor, num_kv: int, block_mask: BlockMask | None) -> str
 
 
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_CPU_CUDA = frozenset({"cpu", "cuda"})
 BACKENDS: dict[str, KernelSupport] = {
-    "torch": KernelSupport("torch", frozenset({"cpu", "cuda"}), _FLOATS),
-    "flex-compiled": KernelSupport("flex-compiled", frozenset({"cpu", "cuda"}), _FLOATS - {torch.float64},
+    "torch": KernelSupport("torch", None, _FLOATS, note="block-sparse with backward; runs wherever torch does"),
+    "flex-compiled": KernelSupport("flex-compiled", _CPU_CUDA, _FLOATS - {torch.float64},
                                    note="compiles once per (dtype, heads, length, block size)",
-                                   lse_devices=frozenset({"cuda"})),
-    "flex": KernelSupport("flex", frozenset({"cpu", "cuda"}), _FLOATS, max_tokens=16384,
-                          note="eager: evaluates the mask on the full score matrix"),
-    "reference": KernelSupport("reference", frozenset({"cpu", "cuda"}), _FLOATS, max_tokens=16384,
-                               note="float64 oracle"),
-    "triton": KernelSupport("triton", frozenset({"cpu", "cuda"}), frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                                   lse_devices=frozenset({"cuda"}), grad_devices=frozenset({"cuda"})),
+    "flex": KernelSupport("flex", _CPU_CUDA, _FLOATS, max_tokens=16384,
+                          note="eager: evaluates the mask on the full score matrix", grad_devices=frozenset({"cuda"})),
+    "reference": KernelSupport("reference", _CPU_CUDA, _FLOATS, max_tokens=16384, note="float64 oracle"),
+    "triton": KernelSupport("triton", _CPU_CUDA, frozenset({torch.float16, torch.bfloat16, torch.float32}),
                             note="fused block-sparse flash attention; CPU only under TRITON_INTERPRET=1",
-                            check=_triton_check),
+                            grad_devices=frozenset(), check=_triton_check),
     "xformers": KernelSupport("xformers", frozenset({"cuda"}), frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                              note="dense and local (one key run per query block) masks", check=_xformers_check),
+                              note="dense and local (one key run per query block) masks", grad_devices=frozenset(),
+                              check=_xformers_check),
 }
-# The Triton interpreter is never chosen automatically on CPU (it is for tests).
+# The Triton interpreter is never chosen automatically on CPU (it is for tests). Devices not listed here (mps, xpu,
+# ...) get the torch backend, the one that runs on any device.
 _AUTO_ORDER = {
     "cpu": ("torch", "flex-compiled", "flex", "reference"),
     "cuda": ("xformers", "triton", "flex-compiled", "torch", "flex"),
 }
+_AUTO_OTHER_DEVICES = ("torch",)
 
 
 def select_backend(
-    name: str, q: Tensor, num_kv: int, need_lse: bool = False, block_mask: BlockMask | None = None
+    name: str, q: Tensor, num_kv: int, need_lse: bool = False, block_mask: BlockMask | None = None,
+    need_grad: bool = False,
 ) -> tuple[str, list[str]]:
     """The backend to run (``name`` itself unless it is ``"auto"``) and the reasons for skipping others.
-    ``block_mask`` (optional) lets backends that serve only some mask structures (xformers) check the call."""
+    ``block_mask`` (optional) lets backends that serve only some mask structures (xformers) check the call;
+    ``need_grad``: the call must be differentiable. Raises :class:`KernelUnsupportedError` (a ``ValueError``)."""
     if name != "auto":
         if name not in BACKENDS:
-            raise ValueError(f"unknown kernel backend {name!r}; choose one of {['auto', *BACKENDS]}")
-        reason = BACKENDS[name].rejects(q, num_kv, need_lse, block_mask)
+            raise KernelUnsupportedError(f"unknown kernel backend {name!r}; choose one of {['auto', *BACKENDS]}")
+        reason = BACKENDS[name].rejects(q, num_kv, need_lse, block_mask, need_grad)
         if reason:
-            raise ValueError(f"backend {reason}; use backend='auto' to pick one that supports this call")
+            raise KernelUnsupportedError(f"backend {reason}; use backend='auto' to pick one that supports this call")
         return name, []
     reasons = []
-    for candidate in _AUTO_ORDER.get(q.device.type, tuple(BACKENDS)):
-        reason = BACKENDS[candidate].rejects(q, num_kv, need_lse, block_mask)
+    for candidate in _AUTO_ORDER.get(q.device.type, _AUTO_OTHER_DEVICES):
+        reason = BACKENDS[candidate].rejects(q, num_kv, need_lse, block_mask, need_grad)
         if reason is None:
             return candidate, reasons
         reasons.append(reason)
-    raise ValueError("no kernel supports this call: " + "; ".join(reasons))
+    raise KernelUnsupportedError("no kernel supports this call: " + "; ".join(reasons))
 
 
 def block_mask_to_dense(block_mask: BlockMask, num_q: int, num_kv: int, head: int = 0) -> Tensor:
@@ -188,8 +208,10 @@ def attention(
     return_lse: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Block-sparse attention with the chosen backend: ``(out, lse)``, lse float32 of shape (B, H, Sq) (``None``
-    when ``return_lse=False`` and the backend does not compute it)."""
-    name, _ = select_backend(backend, q, k.shape[-2], need_lse=return_lse, block_mask=block_mask)
+    when ``return_lse=False`` and the backend does not compute it). Differentiable when q, k or v requires grad
+    (backends without a backward are refused, or skipped by ``"auto"``)."""
+    name, _ = select_backend(backend, q, k.shape[-2], need_lse=return_lse, block_mask=block_mask,
+                             need_grad=needs_grad(q, k, v))
     if name == "torch":
         return block_sparse_attention(q, k, v, block_mask, scale=scale)
     if name == "triton":

@@ -11,7 +11,13 @@ stacked. The CPU flash kernel splits short queries into 32-row tiles and reaches
 128-row calls (~55% in bf16); long stacked queries run at its efficient 256-row split. When a reordered copy of the
 key blocks turns the query blocks' key sets into markedly fewer runs (radial at 16k tokens: half as many), the
 stretches are taken from that copy (the compiled loop uses the same order: longer runs fill its key tiles). Query blocks with partial blocks attend views of k and v with the element mask
-from ``block_mask.mask_mod``, or gather their blocks when they form many short runs.
+of their partial blocks, or gather their blocks when they form many short runs.
+
+The element mask arrives as data (:func:`partial_tiles`: ``mask_mod`` evaluated on the listed partial blocks), so
+:func:`forward` and :func:`backward` take tensors and ints only: they implement the ``diffattn::block_sparse_attention``
+custom op and its backward (:mod:`.ops`, which also holds the public ``block_sparse_attention``). The backward
+recomputes, per query block, the probabilities from the saved log-sum-exp over the same key blocks, whichever path
+(views, gathered copies, key-major calls, compiled loop) computed the forward.
 """
 
 from __future__ import annotations
@@ -22,11 +28,11 @@ import weakref
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import BlockMask, noop_mask
 
 from . import cpu_block_sparse
 
-__all__ = ["block_sparse_attention", "dense_attention", "key_major_runs", "kv_block_lists"]
+__all__ = ["backward", "check_call", "dense_attention", "forward", "key_major_runs", "kv_block_lists", "partial_tiles"]
 
 _NEG_INF = float("-inf")
 
@@ -91,22 +97,69 @@ def _runs(partial: list[int], full: list[int]) -> list[tuple[int, int, bool]]:
     return runs
 
 
-def _partial_mask(mask_mod, g: int, per_head: bool, q0: int, q1: int, kv_positions: Tensor, dtype, device) -> tuple[Tensor, Tensor]:
-    """Additive mask (0 / -inf) and the boolean 'allowed' of one query block against the given key positions."""
-    q_idx = torch.arange(q0, q1, device=device).view(-1, 1)
-    h_idx = torch.tensor(g if per_head else 0, device=device)
-    allowed = mask_mod(torch.tensor(0, device=device), h_idx, q_idx, kv_positions.view(1, -1))
-    allowed = allowed.expand(q1 - q0, kv_positions.numel())
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, _NEG_INF), allowed
+def partial_tiles(block_mask: BlockMask, num_q: int, num_kv: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The element mask of the listed partial blocks, as data: ``(tiles, tile_index)``.
+
+    ``tiles`` (T, BQ, BKV) bool says which keys of a partial block each query row of its query block may see (keys
+    past ``num_kv`` never); ``tile_index`` (int32, shaped like ``kv_indices``) gives the tile of each listed partial
+    block, -1 for "no element mask" (``noop_mask``). Eager calls evaluate ``mask_mod`` only on the listed blocks
+    (one bool per element of them); under ``torch.compile`` the number of listed blocks is data, so it is evaluated
+    on every slot of ``kv_indices`` (up to Sq x Skv bools per mask head), keeping the graph free of data-dependent
+    shapes."""
+    bq, bkv = block_mask.BLOCK_SIZE
+    kv_num, kv_idx = block_mask.kv_num_blocks.to(device), block_mask.kv_indices.to(device)
+    _, heads, num_qb, slots = kv_idx.shape
+    mask_mod = block_mask.mask_mod
+    if mask_mod is None or mask_mod is noop_mask:
+        return (torch.zeros(0, bq, bkv, dtype=torch.bool, device=device),
+                torch.full(kv_idx.shape, -1, dtype=torch.int32, device=device))
+    if torch.compiler.is_compiling():
+        grid = [torch.arange(n, device=device) for n in (heads, num_qb, slots)]
+        hh, qq, jj = (x.flatten() for x in torch.meshgrid(*grid, indexing="ij"))
+    else:
+        listed = torch.arange(slots, device=device) < kv_num[0].unsqueeze(-1)
+        hh, qq, jj = listed.nonzero(as_tuple=True)
+    count = hh.numel()
+    tile_index = torch.full(kv_idx.shape, -1, dtype=torch.int32, device=device)
+    tile_index[0, hh, qq, jj] = torch.arange(count, dtype=torch.int32, device=device)
+    q_pos = (qq * bq).view(-1, 1, 1) + torch.arange(bq, device=device).view(1, -1, 1)
+    kv_pos = (kv_idx[0, hh, qq, jj].long() * bkv).view(-1, 1, 1) + torch.arange(bkv, device=device).view(1, 1, -1)
+    batch_idx = torch.zeros((), dtype=torch.int64, device=device)
+    head_idx = hh.view(-1, 1, 1) if heads > 1 else torch.zeros((), dtype=torch.int64, device=device)
+    chunk = max(1, TILE_CHUNK_ELEMENTS // (bq * bkv))
+    parts = []
+    for c0 in range(0, count, chunk):
+        c = slice(c0, c0 + chunk)
+        kv_c = kv_pos[c]
+        allowed = mask_mod(batch_idx, head_idx[c] if heads > 1 else head_idx,
+                           q_pos[c].clamp(max=max(num_q - 1, 0)), kv_c.clamp(max=max(num_kv - 1, 0)))
+        parts.append(allowed.expand(kv_c.shape[0], bq, bkv) & (kv_c < num_kv))
+    tiles = torch.cat(parts) if parts else torch.zeros(0, bq, bkv, dtype=torch.bool, device=device)
+    return tiles, tile_index
+
+
+# Elements of mask_mod evaluated per call when building tiles (bounds its temporaries).
+TILE_CHUNK_ELEMENTS = 1 << 22
+
+
+def _allowed(tiles: Tensor, ids: list[int], rows: int) -> Tensor:
+    """(rows, len(ids) * BKV) bool: the tiles ``ids`` side by side (the last tile of ``tiles`` allows everything)."""
+    picked = tiles[torch.tensor(ids, device=tiles.device)][:, :rows]  # (m, rows, BKV)
+    return picked.transpose(0, 1).reshape(rows, -1)
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, _NEG_INF)
 
 
 def _merge(parts: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     if len(parts) == 1:
         return parts[0]
-    lses = torch.stack([p[1] for p in parts])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # float64 stays exact (gradcheck)
+    lses = torch.stack([p[1].to(acc) for p in parts])
     lse = torch.logsumexp(lses, dim=0)
     weights = torch.exp(lses - torch.where(torch.isneginf(lse), 0.0, lse)).unsqueeze(-1)
-    return sum(w * p[0].float() for w, p in zip(weights, parts)).to(dtype), lse
+    return sum(w * p[0].to(acc) for w, p in zip(weights, parts)).to(dtype), lse
 
 
 # Query blocks whose key blocks form few runs (at most MAX_VIEW_RUNS) or long ones (MIN_VIEW_RUN blocks on
@@ -117,32 +170,42 @@ MIN_VIEW_RUN = 2.0
 GATHER_CHUNK = 8
 
 
-def block_sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, *, scale: float | None = None
-) -> tuple[Tensor, Tensor]:
-    """Attention of ``q`` (B, H, Sq, D) over ``k``/``v`` (B, Hkv, Skv, D) restricted to ``block_mask``.
-
-    Returns ``(out, lse)`` with ``lse`` float32 (B, H, Sq). The block mask's batch dimension must be 1 (the same
-    pattern for every batch entry); its head dimension 1 or H.
-    """
-    batch, heads, num_q, dim = q.shape
-    num_kv = k.shape[-2]
-    if block_mask.kv_num_blocks.shape[0] != 1:
-        raise ValueError("the torch kernel takes block masks shared by the batch (batch dimension 1)")
-    mask_heads = block_mask.kv_num_blocks.shape[1]
+def check_call(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> None:
+    """The shapes the torch kernel takes, or a ValueError saying what to change."""
+    heads, mask_batch, mask_heads = q.shape[1], *block_mask.kv_num_blocks.shape[:2]
+    if mask_batch != 1:
+        raise ValueError("the torch kernel takes block masks shared by the batch (batch dimension 1); build the "
+                         "mask with B=None")
     if mask_heads not in (1, heads):
         raise ValueError(f"block mask has {mask_heads} heads; expected 1 or {heads}")
+    if k.shape[1] != v.shape[1] or heads % k.shape[1]:
+        raise ValueError(f"query has {heads} heads, key {k.shape[1]}, value {v.shape[1]}: key and value need the "
+                         "same head count, dividing the query's (grouped-query attention)")
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"the torch kernel takes value head dim = query head dim, got {v.shape[-1]} and {q.shape[-1]}")
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor | None,
+    full_kv_indices: Tensor | None, tiles: Tensor, tile_index: Tensor, bq: int, bkv: int, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Attention of ``q`` (B, H, Sq, D) over ``k``/``v`` (B, Hkv, Skv, D) restricted to a block mask given by its
+    block tensors and :func:`partial_tiles`: ``(out, lse)``, lse float32 (B, H, Sq). No autograd here: it is the
+    implementation of the ``diffattn::block_sparse_attention`` op (see :mod:`.ops`)."""
+    batch, heads, num_q, dim = q.shape
+    num_kv = k.shape[-2]
+    mask_heads = kv_num_blocks.shape[1]
     if k.shape[1] != heads:
         k = k.repeat_interleave(heads // k.shape[1], dim=1)
         v = v.repeat_interleave(heads // v.shape[1], dim=1)
-    bq, bkv = block_mask.BLOCK_SIZE
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
     per_head = mask_heads > 1
     out = torch.zeros_like(q)
     lse = torch.full((batch, heads, num_q), _NEG_INF, dtype=torch.float32, device=q.device)
     head_groups = [slice(h, h + 1) for h in range(heads)] if per_head else [slice(0, heads)]
-    partial_lists = _lists(block_mask.kv_num_blocks, block_mask.kv_indices)
-    full_lists = _lists(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    partial_lists = _lists(kv_num_blocks, kv_indices)
+    tile_lists = _lists(kv_num_blocks, tile_index)
+    full_lists = _lists(full_kv_num_blocks, full_kv_indices)
+    tiles = _with_open_tile(tiles, bq, bkv, q.device)
     num_kv_blocks = math.ceil(num_kv / bkv)
     for g, hs in enumerate(head_groups):
         gathered: dict[int, list[tuple[int, list[int], list[int]]]] = {}
@@ -156,17 +219,18 @@ def block_sparse_attention(
             if not partial and q1 - q0 == bq:
                 full_only.append((qb, [(first, stop) for first, stop, _ in runs]))  # computed key-major below
                 continue
+            tile_of = dict(zip(partial, tile_lists[g][qb]))
             short = len(runs) > MAX_VIEW_RUNS and (len(partial) + len(full)) / len(runs) < MIN_VIEW_RUN
             if short and q1 - q0 == bq:
-                gathered.setdefault(len(partial) + len(full), []).append((qb, partial, full))
+                gathered.setdefault(len(partial) + len(full), []).append((qb, tile_of, full))
                 continue
             parts = []
             for first, stop, masked in runs:
                 k0, k1 = first * bkv, min(stop * bkv, num_kv)
                 mask = allowed = None
                 if masked:
-                    mask, allowed = _partial_mask(block_mask.mask_mod, g, per_head, q0, q1,
-                                                  torch.arange(k0, k1, device=q.device), q.dtype, q.device)
+                    allowed = _allowed(tiles, [tile_of[b] for b in range(first, stop)], q1 - q0)[:, :k1 - k0]
+                    mask = _additive(allowed, q.dtype)
                 o, l = _fused(q[:, hs, q0:q1], k[:, hs, k0:k1], v[:, hs, k0:k1],
                               None if mask is None else mask.view(1, 1, *mask.shape), scale)
                 if allowed is not None:
@@ -174,14 +238,75 @@ def block_sparse_attention(
                 parts.append((o, l))
             out[:, hs, q0:q1], lse[:, hs, q0:q1] = _merge(parts, q.dtype)
         if gathered:
-            _gathered_blocks(q, k, v, out, lse, hs, g, per_head, gathered, block_mask, bq, bkv, num_kv_blocks, scale)
-        order = _cached_key_order(block_mask, g, num_kv, bkv, full_only)
+            _gathered_blocks(q, k, v, out, lse, hs, gathered, tiles, bq, bkv, num_kv_blocks, scale)
+        order = _cached_key_order(kv_num_blocks, g, num_kv, bkv, full_only)
         if full_only and cpu_block_sparse.supports(q):  # longer runs fill the compiled loop's key tiles
             cpu_block_sparse.attend(q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs],
                                     _reordered(full_only, order) if order else full_only, bq, bkv, scale, order)
         else:
             _key_major(q, k, v, out, lse, hs, full_only, bq, bkv, scale, order)
     return out, lse
+
+
+def _with_open_tile(tiles: Tensor, bq: int, bkv: int, device: torch.device) -> Tensor:
+    """``tiles`` plus a last tile that allows every key (what tile index -1 and full blocks use)."""
+    open_tile = torch.ones(1, bq, bkv, dtype=torch.bool, device=device)
+    return torch.cat([tiles.to(device=device, dtype=torch.bool), open_tile])
+
+
+def backward(
+    grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor | None, full_kv_indices: Tensor | None,
+    tiles: Tensor, tile_index: Tensor, bq: int, bkv: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` of :func:`forward`, flash-attention style: per query block, the probabilities are
+    recomputed from the saved log-sum-exp over the same listed key blocks (element mask from the tiles), so at
+    most (query block x its keys) scores exist at a time. With ``dD = rowsum(dO * O)``:
+    ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - dD + dLSE)``, ``dQ = scale dS K``, ``dK = scale dS^T Q``.
+    Rows without keys (lse ``-inf``) get zero gradients. Computed in float32 (float64 for float64 inputs)."""
+    batch, heads, num_q, dim = q.shape
+    kv_heads, num_kv = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = heads // kv_heads
+    qa, doa = q.to(acc), grad_out.to(acc)
+    num_kv_blocks = math.ceil(num_kv / bkv)
+    pad = num_kv_blocks * bkv - num_kv
+    kb, vb = (torch.nn.functional.pad(x.to(acc).repeat_interleave(group, dim=1), (0, 0, 0, pad))
+              .view(batch, heads, num_kv_blocks, bkv, dim) for x in (k, v))
+    delta = (doa * out.to(acc)).sum(-1) - grad_lse.to(acc)  # (B, H, Sq)
+    lse_safe = torch.where(torch.isneginf(lse), float("inf"), lse).to(acc)  # empty rows: P = exp(-inf) = 0
+    dq = torch.zeros_like(qa)
+    dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
+    in_range = (torch.arange(num_kv_blocks * bkv, device=q.device) < num_kv).view(num_kv_blocks, bkv)
+    tiles = _with_open_tile(tiles, bq, bkv, q.device)
+    open_tile = tiles.shape[0] - 1
+    per_head = kv_num_blocks.shape[1] > 1
+    partial_lists = _lists(kv_num_blocks, kv_indices)
+    tile_lists = _lists(kv_num_blocks, tile_index)
+    full_lists = _lists(full_kv_num_blocks, full_kv_indices)
+    head_groups = [slice(h, h + 1) for h in range(heads)] if per_head else [slice(0, heads)]
+    for g, hs in enumerate(head_groups):
+        for qb in range(math.ceil(num_q / bq)):
+            full = full_lists[g][qb] if full_lists else []
+            blocks = partial_lists[g][qb] + full
+            if not blocks:
+                continue
+            q0, q1 = qb * bq, min((qb + 1) * bq, num_q)
+            ids = [t if t >= 0 else open_tile for t in tile_lists[g][qb]] + [open_tile] * len(full)
+            index = torch.tensor(blocks, device=q.device)
+            allowed = _allowed(tiles, ids, q1 - q0) & in_range[index].view(1, -1)
+            ks, vs = kb[:, hs, index].flatten(2, 3), vb[:, hs, index].flatten(2, 3)
+            qs, dos = qa[:, hs, q0:q1], doa[:, hs, q0:q1]
+            scores = torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale).masked_fill_(~allowed, _NEG_INF)
+            p = torch.exp(scores - lse_safe[:, hs, q0:q1].unsqueeze(-1))
+            dp = torch.matmul(dos, vs.transpose(-1, -2))
+            ds = p * (dp - delta[:, hs, q0:q1].unsqueeze(-1))
+            dq[:, hs, q0:q1] = torch.matmul(ds, ks) * scale
+            shape = (batch, hs.stop - hs.start, len(blocks), bkv, dim)
+            dkb[:, hs].index_add_(2, index, (torch.matmul(ds.transpose(-1, -2), qs) * scale).view(shape))
+            dvb[:, hs].index_add_(2, index, torch.matmul(p.transpose(-1, -2), dos).view(shape))
+    dk, dv = (x.flatten(2, 3)[:, :, :num_kv].unflatten(1, (kv_heads, group)).sum(2) for x in (dkb, dvb))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 # Key runs are cut at multiples of this many tokens (None: never) so that more query blocks share each piece.
@@ -194,9 +319,9 @@ KEY_ORDER_GAIN = 0.15
 _KEY_ORDERS: dict[int, dict] = {}  # by id of the mask's kv_num_blocks, dropped when that tensor dies
 
 
-def _cached_key_order(block_mask: BlockMask, group: int, num_kv: int, bkv: int, members) -> list[int] | None:
-    """The key order of one head group of a block mask, computed once per mask (masks are cached by pattern)."""
-    anchor = block_mask.kv_num_blocks
+def _cached_key_order(anchor: Tensor, group: int, num_kv: int, bkv: int, members) -> list[int] | None:
+    """The key order of one head group of a block mask (``anchor``: its ``kv_num_blocks``), computed once per mask
+    (masks are cached by pattern)."""
     if id(anchor) not in _KEY_ORDERS:
         _KEY_ORDERS[id(anchor)] = {}
         weakref.finalize(anchor, _KEY_ORDERS.pop, id(anchor), None)
@@ -330,35 +455,31 @@ def _key_order(members, num_blocks: int, movable: int, starts: int = 8) -> list[
     return [used[i] for i in best_order] + unused + list(range(movable, num_blocks))
 
 
-def _gathered_blocks(q, k, v, out, lse, hs, g, per_head, groups, block_mask, bq, bkv, num_kv_blocks, scale) -> None:
-    """Query blocks with many runs: copy their key blocks together, one fused call per chunk of query blocks."""
+def _gathered_blocks(q, k, v, out, lse, hs, groups, tiles, bq, bkv, num_kv_blocks, scale) -> None:
+    """Query blocks with many runs: copy their key blocks together, one fused call per chunk of query blocks.
+    ``groups``: by block count, ``(query block, {partial block: tile}, full blocks)``."""
     batch, heads, num_kv, dim = k[:, hs].shape
     pad = num_kv_blocks * bkv - num_kv
     kb, vb = (torch.nn.functional.pad(x[:, hs], (0, 0, 0, pad)) if pad else x[:, hs] for x in (k, v))
     kb = kb.reshape(batch, heads, num_kv_blocks, bkv, dim)
     vb = vb.reshape(batch, heads, num_kv_blocks, bkv, dim)
+    in_range = (torch.arange(num_kv_blocks * bkv, device=q.device) < num_kv).view(num_kv_blocks, bkv)
     for count, members in groups.items():
         for c0 in range(0, len(members), GATHER_CHUNK):
             chunk = members[c0:c0 + GATHER_CHUNK]
-            blocks = torch.tensor([sorted(p + f) for _, p, f in chunk], device=q.device)  # (G, count)
+            rows = [sorted([*tile_of, *f]) for _, tile_of, f in chunk]
+            blocks = torch.tensor(rows, device=q.device)  # (G, count)
             kk = kb[:, :, blocks].reshape(batch, heads, len(chunk), count * bkv, dim).transpose(1, 2)
             vv = vb[:, :, blocks].reshape(batch, heads, len(chunk), count * bkv, dim).transpose(1, 2)
             qq = torch.stack([q[:, hs, qb * bq:(qb + 1) * bq] for qb, _, _ in chunk], dim=1)  # (B, G, H, bq, D)
-            need_mask = pad > 0 or any(p for _, p, _ in chunk)
+            need_mask = pad > 0 or any(tile_of for _, tile_of, _ in chunk)
             mask = rows_any = None
             if need_mask:
-                masks, alloweds = [], []
-                for (qb, partial, _), row in zip(chunk, blocks.tolist()):
-                    positions = (torch.tensor(row, device=q.device).view(-1, 1) * bkv
-                                 + torch.arange(bkv, device=q.device)).flatten()
-                    _, allowed = _partial_mask(block_mask.mask_mod, g, per_head, qb * bq, (qb + 1) * bq,
-                                               positions.clamp(max=num_kv - 1), q.dtype, q.device)
-                    in_partial = torch.tensor([b in partial for b in row], device=q.device).repeat_interleave(bkv)
-                    allowed = torch.where(in_partial.view(1, -1), allowed, True) & (positions < num_kv).view(1, -1)
-                    alloweds.append(allowed)
-                    masks.append(torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, _NEG_INF))
-                mask = torch.stack(masks).view(1, len(chunk), 1, bq, -1).expand(batch, -1, -1, -1, -1)
-                rows_any = torch.stack(alloweds).any(-1).view(1, len(chunk), 1, bq)
+                alloweds = torch.stack([
+                    _allowed(tiles, [tile_of.get(b, -1) for b in row], bq) & in_range[blocks[i]].view(1, -1)
+                    for i, ((_, tile_of, _), row) in enumerate(zip(chunk, rows))])  # (G, bq, count * bkv)
+                mask = _additive(alloweds, q.dtype).view(1, len(chunk), 1, bq, -1).expand(batch, -1, -1, -1, -1)
+                rows_any = alloweds.any(-1).view(1, len(chunk), 1, bq)
             o, l = _fused(qq.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1),
                           None if mask is None else mask.flatten(0, 1), scale)
             o = o.view(batch, len(chunk), heads, bq, dim)

@@ -48,6 +48,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from .errors import refuse_grad
+
 __all__ = [
     "interpreting",
     "partial_block_bits",
@@ -389,8 +391,9 @@ def triton_block_sparse_attention(
     Returns ``(out, lse)``: ``out`` in q's dtype, ``lse`` float32 (B, H, Sq), natural log; rows with no allowed
     key give 0 and ``-inf``. ``block_mask=None`` means dense attention (all keys, blocks of ``dense_block``).
     The mask's batch and head dims may be 1 (shared) or B / H. ``block_m`` / ``block_n`` override the kernel tile
-    (powers of two >= 16).
+    (powers of two >= 16). Forward only: refuses inputs that require grad (use the ``torch`` backend).
     """
+    refuse_grad("triton", q, k, v)
     _check(q, k, v, block_mask)
     batch, heads, num_q, dim = q.shape
     num_kv = k.shape[-2]

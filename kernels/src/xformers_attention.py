@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
+from .errors import refuse_grad
+
 __all__ = ["local_runs", "mask_structure", "xformers_block_attention", "gappy_bias"]
 
 _STRUCTURE_CACHE: "weakref.WeakKeyDictionary[BlockMask, dict]" = weakref.WeakKeyDictionary()
@@ -97,7 +99,9 @@ def gappy_bias(runs: list[tuple[int, int]], block_size: tuple[int, int], batch: 
 def xformers_block_attention(
     q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, *, scale: float | None = None, return_lse: bool = True
 ) -> tuple[Tensor, Tensor | None]:
-    """``(out, lse)`` for a dense or local ``block_mask`` (see the module doc); lse float32 (B, H, Sq)."""
+    """``(out, lse)`` for a dense or local ``block_mask`` (see the module doc); lse float32 (B, H, Sq). Forward only:
+    refuses inputs that require grad (use the ``torch`` backend)."""
+    refuse_grad("xformers", q, k, v)
     import xformers.ops as xops
 
     batch, heads, num_q, dim = q.shape
