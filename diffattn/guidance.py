@@ -5,7 +5,8 @@
     handle.remove()
 
 How it works. The method (an attention method acting on the ``"perturbed"`` batch entries only) is installed on the
-chosen self-/joint-attention layers with :func:`diffattn.apply`. Its model hook then, on every guided step, appends a
+chosen self-/joint-attention layers like any application (outermost in the stack, see :mod:`diffattn.hooks`). Its
+model hook then, on every guided step, appends a
 copy of the conditional entries to every batched input of the denoiser (latents, timesteps, text embeddings,
 ``added_cond_kwargs``, pooled projections, guidance, masks, … — any tensor whose first dimension is the batch),
 runs the model once, and returns the pipeline's own batch with both the conditional and the unconditional
