@@ -185,7 +185,7 @@ def attach(target: Any, method: AttentionMethod, *, layers: LayerSpec = None, st
 def remove(target: Any) -> None:
     """Undo ``apply``: pass the handle (removes that application), or the pipeline or model (removes all diffattn
     applications on it). Nothing applied means nothing to do."""
-    if hasattr(target, "remove") and not isinstance(target, torch.nn.Module) and not hasattr(target, "components"):
+    if isinstance(target, Handle) or isinstance(getattr(target, "attention", None), Handle):  # or a GuidanceHandle
         target.remove()
         return
     models, _ = _denoisers(target)

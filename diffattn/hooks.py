@@ -123,8 +123,8 @@ class Forward:
     batch_roles: tuple[str, ...] | None
     timestep: float | None  # the model's own timestep input (its scale: Flux passes t / 1000)
     timestep_1000: float | None  # on the 1000-step scale of diffusers' schedulers
-    cache_name: str | None
     acted: dict[int, int] = field(default_factory=dict)  # application id -> attention calls it acted on
+    decisions: dict[int, bool] = field(default_factory=dict)  # application id -> acts in this forward
 
     @property
     def step(self) -> int | None:
@@ -212,7 +212,6 @@ class ModelState:
             batch_roles=self._batch_roles(_batch_size(inputs), cache_name, position),
             timestep=timestep,
             timestep_1000=None if timestep is None else timestep * self.adapter.timestep_scale,
-            cache_name=cache_name,
         )
 
     def _batch_roles(self, batch: int | None, cache_name: str | None, position: LoopPosition) -> tuple[str, ...] | None:
@@ -277,9 +276,12 @@ class Application:
         return self.schedule.is_active(position.step, position.num_steps, timestep)
 
     def acts(self, forward: Forward) -> bool:
-        if self.extension is not None and not self.extension.active(forward):
-            return False
-        return self.on_schedule(forward)
+        """Whether the method acts in this forward (decided once per forward, not per attention module)."""
+        decided = forward.decisions.get(self.id)
+        if decided is None:
+            decided = forward.decisions[self.id] = (
+                (self.extension is None or self.extension.active(forward)) and self.on_schedule(forward))
+        return decided
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def run_compare(
             if handle is not None:
                 handle.remove()
         densities = [m["density"] for m in metrics.values() if "density" in m]
-        selection = sum(m.get("selection_seconds", 0.0) * acted[layer] for layer, m in metrics.items())
+        selection = sum(m.get("selection_seconds", 0.0) * acted.get(layer, 0) for layer, m in metrics.items())
         rows.append(CompareRow(label, elapsed, sum(timed.seconds) if timed else math.nan,
                                sum(densities) / len(densities) if densities else 1.0, selection))
     stock, dense = rows[0], rows[1]
