@@ -16,6 +16,7 @@ from .errors import (
     LayerSelectionError,
     LayoutError,
     MethodConfigError,
+    NonFiniteInputError,
     StepSelectionError,
     UnsupportedModelError,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "LayerSelectionError",
     "LayoutError",
     "MethodConfigError",
+    "NonFiniteInputError",
     "StepSelectionError",
     "UnsupportedModelError",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["DiffattnError", "UnsupportedModelError", "LayerSelectionError", "InterceptionError", "LayoutError",
-           "ContextParallelError", "MethodConfigError", "StepSelectionError"]
+           "ContextParallelError", "MethodConfigError", "StepSelectionError", "NonFiniteInputError"]
 
 
 class DiffattnError(Exception):
@@ -36,3 +36,7 @@ class MethodConfigError(DiffattnError, ValueError):
 
 class StepSelectionError(LayerSelectionError):
     """A ``steps=`` selection acts on no step that the pipeline will run."""
+
+
+class NonFiniteInputError(DiffattnError, FloatingPointError):
+    """A method that cannot propagate NaN / Inf the way dense attention does met them in q, k or v (it says so)."""

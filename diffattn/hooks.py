@@ -28,13 +28,15 @@ and per-layer metric sums.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -310,6 +312,8 @@ class ModelStateHook(ModelHook):
         self.capture_handle: torch.utils.hooks.RemovableHandle | None = None
 
     def capture(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():  # pre_forward reads its own arguments (no context parallelism + compile)
+            return
         self._captured.inputs = model_inputs(module, args, kwargs)
 
     @torch.compiler.disable  # Python bookkeeping (the call stack, thread-local state): one graph break per forward
@@ -328,8 +332,15 @@ class ModelStateHook(ModelHook):
                 args, kwargs = application.extension.pre_forward(forward, module, args, kwargs)
         return args, kwargs
 
-    @torch.compiler.disable
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        # Without a batch extension there is nothing to do (and under torch.compile nothing to break the graph for);
+        # the forward stays current until the next one begins.
+        if all(application.extension is None for application in self.state.applications):
+            return output
+        return self._post_forward(module, output)
+
+    @torch.compiler.disable
+    def _post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         forward = self.state.begin(None)
         if forward is not None:
             for application in reversed(self.state.applications):
@@ -384,16 +395,57 @@ class AttentionHook(ModelHook):
 
     One hook per module (not one per application): diffusers' registry cannot unlink a hook with its own
     ``new_forward`` from the middle of a chain, and removing the middle application must leave the others exact.
+
+    Under ``torch.compile`` the hook is traced: the SDPA call becomes the custom op ``diffattn::attention_core``
+    (opaque to the compiler, so no graph break), whose implementation runs the same chain eagerly at run time, with
+    the step, batch roles and records of that call.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.entries: list[Entry] = []
+        self.key = next(_IDS)
+        self.module: weakref.ref[torch.nn.Module] | None = None
 
-    @torch.compiler.disable  # the interception mode runs eagerly: one graph break per hooked attention module
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.module = weakref.ref(module)
+        _LIVE_HOOKS[self.key] = self
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # diffusers' spelling
+        _LIVE_HOOKS.pop(self.key, None)
+        return module
+
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not self.entries:
             return self.fn_ref.original_forward(*args, **kwargs)
+        if torch.compiler.is_compiling() and not _needs_native_override(module.processor):
+            layer = self.entries[0].layer
+            parallel.processor_ulysses(module.processor, self.entries[0].application.state.model, layer.name,
+                                       getattr(module, "heads", None))
+            interceptor = _CoreInterceptor(functools.partial(_core_op, hook=self.key))
+            with interceptor:
+                out = self.fn_ref.original_forward(*args, **kwargs)
+            if interceptor.calls == 0:
+                raise _no_sdpa_error(layer.name, module.processor, self.entries)
+            return out
+        return self._eager_forward(module, *args, **kwargs)
+
+    @torch.compiler.disable  # under torch.compile only when the processor must be routed to SDPA for the call
+    def _eager_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        processor = module.processor
+        plan = self._plan(module)
+        if plan is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        interceptor = _CoreInterceptor(plan)
+        with _native_backend(processor), interceptor:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        if interceptor.calls == 0:
+            raise _no_sdpa_error(self.entries[0].layer.name, processor, plan.hooks)
+        return out
+
+    def _plan(self, module: torch.nn.Module) -> _Chain | None:
+        """The chain of the applications that act in the current forward (records the others), or None."""
         state = self.entries[0].application.state
         forward = state.forward
         stack = []
@@ -404,25 +456,77 @@ class AttentionHook(ModelHook):
                 entry.application.records.record(forward.step, entry.layer.name, entry.layer.role, acted=False)
         processor = module.processor
         heads = getattr(module, "heads", None)
-        layer = self.entries[0].layer
         # before anything else: a processor installed after enable_parallelism gets the model's parallel config
-        ulysses = parallel.processor_ulysses(processor, state.model, layer.name, heads)
+        ulysses = parallel.processor_ulysses(processor, state.model, self.entries[0].layer.name, heads)
         if not stack:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return None
         stack.sort(key=lambda e: (e.application.method.stack_level, e.application.id))
-        interceptor = _CoreInterceptor(_Chain(stack, forward, ulysses, heads, processor))
-        with _native_backend(processor), interceptor:
-            out = self.fn_ref.original_forward(*args, **kwargs)
-        if interceptor.calls == 0:
-            names = ", ".join(e.application.method.name for e in stack)
-            raise InterceptionError(
-                f"{layer.name}: the processor {type(processor).__name__} computed attention without "
-                f"torch.nn.functional.scaled_dot_product_attention (e.g. xformers, flex or a manual softmax), so "
-                f"{names} could not replace it. Set an SDPA processor (for UNets: model.set_default_attn_processor();"
-                " for dispatch_attention_fn models: model.set_attention_backend('native')), or remove the diffattn "
-                "handle first."
-            )
-        return out
+        return _Chain(stack, forward, ulysses, heads, processor)
+
+    def run_core(self, call: dict[str, Any]) -> Tensor:
+        """One intercepted SDPA call of a compiled module (see ``diffattn::attention_core``)."""
+        module = self.module() if self.module is not None else None
+        if module is None or not self.entries:
+            raise InterceptionError("a diffattn attention hook was removed while a compiled model still calls it; "
+                                    "call torch._dynamo.reset() (or recompile) after removing diffattn handles")
+        plan = self._plan(module)
+        if plan is None:
+            q, k, v = call.pop("query"), call.pop("key"), call.pop("value")
+            return _SDPA(q, k, v, **call)
+        return plan(_SDPA, call)
+
+
+def _no_sdpa_error(layer: str, processor: Any, entries: list[Entry]) -> InterceptionError:
+    names = ", ".join(e.application.method.name for e in entries)
+    return InterceptionError(
+        f"{layer}: the processor {type(processor).__name__} computed attention without "
+        f"torch.nn.functional.scaled_dot_product_attention (e.g. xformers, flex or a manual softmax), so "
+        f"{names} could not replace it. Set an SDPA processor (for UNets: model.set_default_attn_processor();"
+        " for dispatch_attention_fn models: model.set_attention_backend('native')), or remove the diffattn "
+        "handle first."
+    )
+
+
+_LIVE_HOOKS: dict[int, AttentionHook] = {}  # key -> hook, for the custom op (ints are what an op can take)
+
+
+@torch.library.custom_op("diffattn::attention_core", mutates_args=())
+def _attention_core(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                    is_causal: bool, scale: float | None, enable_gqa: bool, hook: int) -> Tensor:
+    """The chain of diffattn methods of attention hook ``hook`` on one SDPA call, run eagerly (the compiled graph
+    sees an opaque op; its Python runs with the current step, batch roles and records)."""
+    owner = _LIVE_HOOKS.get(hook)
+    if owner is None:
+        raise InterceptionError("a diffattn attention hook was removed while a compiled model still calls it; call "
+                                "torch._dynamo.reset() (or recompile) after removing diffattn handles")
+    out = owner.run_core(dict(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p,
+                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa))
+    return out.contiguous().clone() if _aliases(out, (query, key, value)) else out.contiguous()
+
+
+@_attention_core.register_fake
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, hook):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def _aliases(out: Tensor, inputs: tuple[Tensor, ...]) -> bool:
+    pointer = out.untyped_storage().data_ptr()
+    return any(x.untyped_storage().data_ptr() == pointer for x in inputs)
+
+
+def _core_op(sdpa: Any, call: dict[str, Any], *, hook: int) -> Tensor:
+    return _attention_core(call["query"], call["key"], call["value"], call["attn_mask"], float(call["dropout_p"]),
+                           bool(call["is_causal"]), call["scale"], bool(call["enable_gqa"]), hook)
+
+
+def _needs_native_override(processor: Any) -> bool:
+    """Whether a call of ``processor`` must be routed to diffusers' native backend to reach SDPA."""
+    if not hasattr(processor, "_attention_backend"):
+        return False
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    backend = processor._attention_backend
+    return backend != AttentionBackendName.NATIVE and (backend is not None or not _active_backend_is_native())
 
 
 def attach_entry(module: torch.nn.Module, entry: Entry) -> None:
@@ -461,7 +565,7 @@ def _native_backend(processor: Any) -> Iterator[None]:
 
     native = AttentionBackendName.NATIVE
     previous = processor._attention_backend
-    override = previous != native and (previous is not None or not _active_backend_is_native())
+    override = _needs_native_override(processor)
     if override:
         processor._attention_backend = native
     try:
@@ -471,10 +575,20 @@ def _native_backend(processor: Any) -> Iterator[None]:
             processor._attention_backend = previous
 
 
-class _CoreInterceptor(TorchFunctionMode):
-    """Replaces the SDPA calls made inside one attention-module call by the chain of acting methods."""
+def _passthrough(func: Any) -> Any:
+    """The function to run for a torch call the interceptor leaves alone. Under torch.compile a Tensor method written
+    in Python (``Tensor.unflatten``, ``Tensor.split``) calls ``super()``, which dynamo cannot trace inside a mode:
+    use the ``torch.<name>`` function of the same meaning."""
+    if torch.compiler.is_compiling() and getattr(func, "__module__", None) == "torch._tensor":
+        return getattr(torch, func.__name__, func)
+    return func
 
-    def __init__(self, chain: _Chain) -> None:
+
+class _CoreInterceptor(TorchFunctionMode):
+    """Replaces the SDPA calls made inside one attention-module call by ``chain(sdpa, call)``: the chain of acting
+    methods, or (compiled) the custom op that runs it."""
+
+    def __init__(self, chain: Callable[[Any, dict[str, Any]], Tensor]) -> None:
         super().__init__()
         self.chain = chain
         self.calls = 0
@@ -482,7 +596,7 @@ class _CoreInterceptor(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: A002 (torch's name)
         kwargs = kwargs or {}
         if func is not _SDPA:
-            return func(*args, **kwargs)
+            return _passthrough(func)(*args, **kwargs)
         self.calls += 1
         call = dict(_SDPA_DEFAULTS)
         call.update(zip(_SDPA_ARGS, args))

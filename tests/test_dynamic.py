@@ -626,3 +626,21 @@ def test_dense_warmup_and_rettention_through_apply(tiny_model, family, grid, til
     assert all(m["calibration"] == pytest.approx(0.5) for m in metrics.values())
     # the correction brings the sparse attention closer to dense than the same selection without it
     assert (outs[2] - stock[2]).abs().mean() < (plain[2] - stock[2]).abs().mean()
+
+
+@pytest.mark.parametrize("make", [lambda: PyramidSparseAttention(bands=(0.3, 0.5, 0.7, 0.9), tile=(1, 4, 4),
+                                                                 block_size=16),
+                                  lambda: Rettention(base=DynamicSparseAttention(topk=0.3, tile=(1, 4, 4),
+                                                                                 block_size=16))])
+def test_psa_and_rettention_report_non_finite_inputs(make):
+    """Their pooled keys / cached residuals cannot propagate NaN as dense attention restricted to a mask would, so
+    they report it (NonFiniteInputError naming the layer and the tensor); finite inputs pass untouched."""
+    layout = TokenLayout((2, 8, 8))
+    method = make()
+    q, k, v = qkv(1, 2, layout.num_tokens)
+    ctx, _ = make_ctx(layout, layer="blocks.3.attn1")
+    assert torch.isfinite(method(q, k, v, ctx)).all()
+    k = k.clone()
+    k[0, 1, 5, 0] = float("nan")
+    with pytest.raises(diffattn.NonFiniteInputError, match=r"blocks\.3\.attn1.*k contain NaN"):
+        method(q, k, v, make_ctx(layout, layer="blocks.3.attn1", step=1)[0])

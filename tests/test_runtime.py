@@ -303,3 +303,23 @@ def test_compiled_model_matches_eager(how):
         torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_model_graph_breaks_within_budget():
+    """Static patterns and Dense add no graph break beyond the stock model's (budget: one per transformer block):
+    the SDPA call becomes the opaque op diffattn::attention_core, whose Python runs at call time."""
+    model = tiny_model("wan")
+    inputs = tiny_inputs("wan", (2, 4, 4), batch=1, text_len=3)
+    budget = len(model.blocks)
+    try:
+        with torch.no_grad():
+            stock = torch._dynamo.explain(model)(**inputs).graph_break_count
+            for method in (diffattn.Dense(), diffattn.SlidingTileAttention(tile=(1, 2, 2), window=(1, 1, 1))):
+                torch._dynamo.reset()
+                with diffattn.apply(model, method) as handle:
+                    explained = torch._dynamo.explain(model)(**inputs)
+                    assert handle.acted(), method.name
+                assert explained.graph_break_count <= stock + budget, (method.name, explained.break_reasons)
+    finally:
+        torch._dynamo.reset()

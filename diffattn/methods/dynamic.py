@@ -31,7 +31,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from .. import kernels
 from ..context import AttentionContext
-from ..errors import LayoutError
+from ..errors import LayoutError, MethodConfigError, NonFiniteInputError
 from ..layout import TokenLayout
 from ..patterns.compile import KernelOrder, relation_block_mask
 from ..patterns.dynamic import (
@@ -403,7 +403,24 @@ class PyramidSparseAttention(AttentionMethod):
             select_s += mid - start
             attend_s += time.perf_counter() - mid
         ctx.report(density=sum(densities) / len(densities), selection_seconds=select_s, attention_seconds=attend_s)
+        return _finite_or_report(out, q, k, v, ctx, self.name)
+
+
+def _finite_or_report(out: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, owner: str) -> Tensor:
+    """PSA and Re-ttention report non-finite inputs instead of propagating them: a NaN / Inf pooled into a key
+    block (PSA) or cached in a residual (Re-ttention) would spread to queries that never saw that token. The check
+    costs one sum of the output when everything is finite."""
+    if bool(torch.isfinite(out.float().sum())):
         return out
+    bad = [name for name, x in (("q", q), ("k", k), ("v", v)) if not bool(torch.isfinite(x).all())]
+    if not bad:
+        return out  # the output overflowed on its own (as dense attention would)
+    raise NonFiniteInputError(
+        f"{owner} on {ctx.layer} (step {ctx.step}): {', '.join(bad)} contain NaN or Inf. {owner} reports this "
+        "instead of propagating it (pooled keys and cached residuals would spread it to queries that never saw the "
+        "token); find where the model produces it, or use a static sparse method, which propagates NaN as dense "
+        "attention restricted to its mask does."
+    )
 
 
 def _everything(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -516,6 +533,12 @@ class Rettention(AttentionMethod):
         return plans
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        if ctx.step is None:
+            raise MethodConfigError(
+                f"{self.name} on {ctx.layer}: calibration follows the denoising steps, but this call's step is unknown "
+                "(the model was not called from a diffusers pipeline). Wrap each call in "
+                "diffattn.denoising_step(i, num_steps)."
+            )
         key = self._key(q, v, ctx)
         state = self._cache.get(key)
         new_generation = state is not None and (
@@ -538,7 +561,7 @@ class Rettention(AttentionMethod):
             density = 1.0 + sum(p.density for p in plans) / len(plans)
             ctx.report(density=density, selection_seconds=selected - start,
                        attention_seconds=time.perf_counter() - selected, calibration=1.0)
-            return dense
+            return _finite_or_report(dense, q, k, v, ctx, self.name)
         sparse, _ = _run_plans(q, k, v, state.plans, scale, backend, need_lse=False)
         ratio = state.ratio
         if self.ratio_drift:
@@ -547,7 +570,7 @@ class Rettention(AttentionMethod):
         out = (ratio.unsqueeze(-1) * sparse.float() + state.residual).to(q.dtype)
         ctx.report(density=sum(p.density for p in state.plans) / len(state.plans), selection_seconds=0.0,
                    attention_seconds=time.perf_counter() - start, calibration=0.0)
-        return out
+        return _finite_or_report(out, q, k, v, ctx, self.name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
