@@ -5,7 +5,7 @@
     handle.remove()
 """
 
-from . import guidance
+from . import editing, guidance
 from .adapters import FamilyAdapter, RoleRule, register_adapter, supported_models
 from .api import Handle, apply, attention_modules, remove
 from .context import AttentionContext
@@ -31,6 +31,7 @@ from .methods import (
     Rettention,
     TokenDownsampling,
     Masked,
+    MutualSelfAttention,
     RadialAttention,
     ShiftedWindowAttention,
     SlidingTileAttention,
@@ -55,6 +56,8 @@ __all__ = [
     "SoftPAG",
     "SEG",
     "guidance",
+    "editing",
+    "MutualSelfAttention",
     "SparseAttention",
     "SlidingTileAttention",
     "SlidingWindowAttention",

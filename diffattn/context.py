@@ -49,3 +49,6 @@ class AttentionContext:
     # input (a UNet's highest resolution); ``None`` when unknown. Used by ToDo's timestep gate and resolution levels.
     timestep: float | None = None
     input_grid: tuple[int, ...] | None = None
+    # The branch of each batch entry (e.g. "source" / "target" in an edit), when the call declares them
+    # (diffattn.editing); None otherwise.
+    branches: tuple[str, ...] | None = None

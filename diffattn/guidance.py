@@ -235,7 +235,7 @@ class _GuidanceBatch:
         batch = len(roles)
         args = tuple(_grow(a, batch, index) for a in args)
         kwargs = {k: v if k in _UNBATCHED_INPUTS else _grow(v, batch, index) for k, v in kwargs.items()}
-        forward.extend_batch((PERTURBED,) * len(cond))
+        forward.extend_batch((PERTURBED,) * len(cond), cond)
         self._pending[id(forward)] = _Pending(batch, index, torch.tensor(uncond) if uncond else None, scale)
         return args, kwargs
 

@@ -52,7 +52,7 @@ from .errors import ContextParallelError, InterceptionError, LayoutError
 from .layout import TokenLayout
 from .methods.base import AttentionMethod
 from .schedule import StepSchedule
-from .steps import LoopPosition, loop_position
+from .steps import LoopPosition, declared_branches, loop_position
 
 __all__ = ["CallRecord", "Records", "Forward", "ModelState", "Application", "AttentionHook", "ModelStateHook",
            "BatchExtension", "Entry", "MODEL_HOOK", "ATTENTION_HOOK", "RECENT_CALLS", "attach_entry", "detach_application"]
@@ -125,6 +125,7 @@ class Forward:
     batch_roles: tuple[str, ...] | None
     timestep: float | None  # the model's own timestep input (its scale: Flux passes t / 1000)
     timestep_1000: float | None  # on the 1000-step scale of diffusers' schedulers
+    branches: tuple[str, ...] | None = None  # per entry, when the call declared prompt branches (editing)
     acted: dict[int, int] = field(default_factory=dict)  # application id -> attention calls it acted on
     decisions: dict[int, bool] = field(default_factory=dict)  # application id -> acts in this forward
 
@@ -136,14 +137,16 @@ class Forward:
     def num_steps(self) -> int | None:
         return self.position.num_steps
 
-    def extend_batch(self, roles: tuple[str, ...]) -> None:
-        """Entries with ``roles`` were appended to this forward's batch (after the pipeline's own entries)."""
+    def extend_batch(self, roles: tuple[str, ...], copied_from: list[int]) -> None:
+        """Entries with ``roles``, copies of the entries ``copied_from``, were appended to this forward's batch."""
         if self.batch_roles is None:
             raise LayoutError(
                 "entries were appended to a batch whose roles are unknown; call the model through a standard "
                 "pipeline or inside model.cache_context('cond')"
             )
         self.batch_roles = self.batch_roles + tuple(roles)
+        if self.branches is not None:
+            self.branches = self.branches + tuple(self.branches[i] for i in copied_from)
 
 
 class BatchExtension(Protocol):
@@ -177,6 +180,34 @@ def _batch_size(inputs: ModelInputs) -> int | None:
     return None
 
 
+def _entry_branches(batch: int | None, roles: tuple[str, ...] | None,
+                    declared: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The branch of each batch entry from the per-prompt branches: within each run of equal roles (a CFG half),
+    entries are the prompts in order, each repeated ``num_images_per_prompt`` times."""
+    if declared is None or batch is None:
+        return None
+    runs = [(0, batch)] if roles is None else _runs(roles)
+    out: list[str] = []
+    for start, stop in runs:
+        size = stop - start
+        if size % len(declared):
+            raise LayoutError(f"the call declares {len(declared)} prompt branches {declared}, but a CFG half of its "
+                              f"batch has {size} entries; pass one prompt per branch")
+        copies = size // len(declared)
+        out += [declared[j // copies] for j in range(size)]
+    return tuple(out)
+
+
+def _runs(roles: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of equal roles."""
+    found, start = [], 0
+    for _, group in itertools.groupby(roles):
+        stop = start + len(list(group))
+        found.append((start, stop))
+        start = stop
+    return found
+
+
 class ModelState:
     """The applications on one denoiser and, per thread, the forward it is in."""
 
@@ -208,12 +239,15 @@ class ModelState:
         if ulysses is not None:
             parallel.check_sequence_split(self.model, inputs, grid, ulysses)
         timestep = _timestep_value(inputs.get("timestep"))
+        batch = _batch_size(inputs)
+        roles = self._batch_roles(batch, cache_name, position)
         return Forward(
             position=position,
             grid=grid,
-            batch_roles=self._batch_roles(_batch_size(inputs), cache_name, position),
+            batch_roles=roles,
             timestep=timestep,
             timestep_1000=None if timestep is None else timestep * self.adapter.timestep_scale,
+            branches=_entry_branches(batch, roles, declared_branches()),
         )
 
     def _batch_roles(self, batch: int | None, cache_name: str | None, position: LoopPosition) -> tuple[str, ...] | None:
@@ -661,7 +695,8 @@ class _Chain:
             layer = hook.layer.name
             ctx = AttentionContext(
                 layer=layer, step=self.forward.step, num_steps=self.forward.num_steps,
-                batch_roles=self.forward.batch_roles, dense=lambda a, b, c: run(index + 1, a, b, c),
+                batch_roles=self.forward.batch_roles, branches=self.forward.branches,
+                dense=lambda a, b, c: run(index + 1, a, b, c),
                 report=lambda **metrics: application.records.report(layer, metrics), **shared,
             )
             key = (layer, q_layout, kv_layout)

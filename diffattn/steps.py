@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoopPosition", "denoising_step", "loop_position"]
+__all__ = ["LoopPosition", "denoising_step", "loop_position", "prompt_branches", "declared_branches"]
 
 _LOCAL = threading.local()
 
@@ -63,6 +63,25 @@ def denoising_step(step: int | None = None, num_steps: int | None = None, *, tim
         yield
     finally:
         _LOCAL.position = previous
+
+
+@contextlib.contextmanager
+def prompt_branches(branches: tuple[str, ...]) -> Iterator[None]:
+    """Declare, for model calls made inside, the branch of each prompt of the pipeline call (e.g. ``("source",
+    "target")`` for ``pipe([source_prompt, target_prompt])``); methods read it per batch entry as ``ctx.branches``
+    (CFG halves and ``num_images_per_prompt`` copies included). Used by :mod:`diffattn.editing`."""
+    if not branches or not all(isinstance(b, str) for b in branches):
+        raise ValueError(f"prompt_branches takes a non-empty tuple of names, got {branches!r}")
+    previous = getattr(_LOCAL, "branches", None)
+    _LOCAL.branches = tuple(branches)
+    try:
+        yield
+    finally:
+        _LOCAL.branches = previous
+
+
+def declared_branches() -> tuple[str, ...] | None:
+    return getattr(_LOCAL, "branches", None)
 
 
 def _as_float(value: Any) -> float | None:
