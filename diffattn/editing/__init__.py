@@ -12,6 +12,7 @@ and ``num_images_per_prompt`` copies included. ``method=None`` runs the plain pa
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,9 @@ from ..api import _denoisers, apply, attention_modules
 from ..methods.base import AttentionMethod
 from ..schedule import LayerSpec, StepSpec
 from ..steps import prompt_branches
+from .inversion import _scheduler, ddim_scheduler, invert
 
-__all__ = ["EditResult", "edit", "default_layers"]
+__all__ = ["EditResult", "edit", "default_layers", "invert", "ddim_scheduler"]
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,14 @@ def _images(output: Any) -> np.ndarray:
 
 
 def edit(pipe: Any, source: str, target: str, method: AttentionMethod | None, *, seed: int = 0,
-         layers: LayerSpec = None, steps: StepSpec = None, **call_kwargs: Any) -> EditResult:
+         layers: LayerSpec = None, steps: StepSpec = None, latents: torch.Tensor | None = None,
+         **call_kwargs: Any) -> EditResult:
     """Run ``source`` and ``target`` in one call of ``pipe`` with ``method`` applied (``None``: the plain pair).
 
-    ``layers=None`` uses :func:`default_layers`; ``steps`` as in :func:`diffattn.apply`; other keyword arguments go to
-    the pipeline call (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ...).
+    ``layers=None`` uses :func:`default_layers`; ``steps`` as in :func:`diffattn.apply`; ``latents``: the starting
+    noise of both branches, e.g. from :func:`invert` to edit an existing image (the call then runs with
+    :func:`ddim_scheduler`, the exact reverse of the inversion); other keyword arguments go to the pipeline call
+    (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ...).
     """
     handle = None
     if method is not None:
@@ -73,7 +78,11 @@ def edit(pipe: Any, source: str, target: str, method: AttentionMethod | None, *,
         copies = int(call_kwargs.get("num_images_per_prompt", 1))
         # the same noise for both prompts (copy c of each prompt: seed + c)
         generators = [torch.Generator().manual_seed(seed + c) for _ in range(2) for c in range(copies)]
-        with prompt_branches(("source", "target")):
+        replay = contextlib.nullcontext()
+        if latents is not None:
+            call_kwargs["latents"] = latents.expand(2 * copies, *latents.shape[1:]).clone()
+            replay = _scheduler(pipe, ddim_scheduler(pipe))
+        with prompt_branches(("source", "target")), replay:
             output = pipe(prompt=[source, target], generator=generators, output_type="np", **call_kwargs)
     finally:
         if handle is not None:
