@@ -114,3 +114,59 @@ def test_inversion_replays_a_rendered_scene_on_the_embedded_model():
     truth = image.astype(np.float32) / 255
     assert psnr(replay.source, truth) >= 25, psnr(replay.source, truth)
     assert psnr(replay.source, truth) > psnr(fresh.source, truth) + 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt-to-Prompt
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_to_prompt_replace_keeps_the_source_and_acts(kind):
+    method = diffattn.PromptToPrompt(cross_replace=1.0, self_replace=1.0)
+    plain = run(kind, "a red circle on the left", "a blue circle on the left", None)
+    edited = run(kind, "a red circle on the left", "a blue circle on the left", method)
+    assert np.array_equal(edited.source, plain.source)  # invariant 23
+    assert np.abs(edited.target - plain.target).max() > 1e-5
+    assert np.isfinite(edited.target).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_to_prompt_trivial_edits_are_identities(kind):
+    """Replace with identical prompts, and re-weight by 1 (invariant 24)."""
+    same = run(kind, "a red circle", "a red circle", diffattn.PromptToPrompt(cross_replace=1.0, self_replace=1.0))
+    np.testing.assert_allclose(same.target, same.source, rtol=0, atol=1e-5)
+    plain = run(kind, "a red circle", "a blue circle", None)
+    unit = run(kind, "a red circle", "a blue circle",
+               diffattn.PromptToPrompt(cross_replace=0.0, self_replace=0.0, reweight=((2, 1.0),)))
+    np.testing.assert_allclose(unit.target, plain.target, rtol=0, atol=1e-5)
+
+
+def test_prompt_to_prompt_reweight_changes_only_the_target():
+    pipe = pipeline("sd")
+    (token,) = diffattn.editing.token_indices(pipe, "a red circle", "red")
+    plain = run("sd", "a red circle", "a red circle", None)
+    louder = run("sd", "a red circle", "a red circle",
+                 diffattn.PromptToPrompt(cross_replace=0.0, self_replace=0.0, reweight=((token, 3.0),)))
+    assert np.array_equal(louder.source, plain.source)
+    assert np.abs(louder.target - plain.target).max() > 1e-4
+
+
+def test_prompt_to_prompt_replace_window_follows_the_steps():
+    """cross_replace = 0.5 of 4 steps acts on steps 0 and 1 only (and on the conditional target rows only)."""
+    from diffattn.methods.editing import PromptToPrompt
+
+    acted = []
+
+    class Spy(PromptToPrompt):
+        def _replace(self, *args, **kwargs):
+            acted.append(args[2].step)
+            return PromptToPrompt._replace(*args, **kwargs)
+
+    run("sd", "a red circle", "a blue circle", Spy(cross_replace=0.5, self_replace=0.0), num_inference_steps=4)
+    assert set(acted) == {0, 1}
+
+
+def test_prompt_to_prompt_parameters_are_checked():
+    with pytest.raises(ValueError, match="fraction"):
+        diffattn.PromptToPrompt(cross_replace=1.5)
+    with pytest.raises(ValueError, match="not a run of tokens"):
+        diffattn.editing.token_indices(pipeline("sd"), "a red circle", "green")

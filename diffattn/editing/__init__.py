@@ -27,7 +27,7 @@ from ..schedule import LayerSpec, StepSpec
 from ..steps import prompt_branches
 from .inversion import _scheduler, ddim_scheduler, invert
 
-__all__ = ["EditResult", "edit", "default_layers", "invert", "ddim_scheduler"]
+__all__ = ["EditResult", "edit", "default_layers", "invert", "ddim_scheduler", "token_indices"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,18 @@ def default_layers(model: torch.nn.Module, method: AttentionMethod) -> tuple[str
     return tuple(re.escape(b) for b in later)  # whole name parts: transformer_blocks.1 is not single_…blocks.1
 
 
+def token_indices(pipe: Any, prompt: str, word: str) -> tuple[int, ...]:
+    """The indices (BOS = 0) of the tokens of ``word`` in ``prompt`` as the pipeline's (first) tokenizer splits it,
+    for :class:`~diffattn.PromptToPrompt`'s ``reweight``."""
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(prompt).input_ids
+    word_ids = tokenizer(word, add_special_tokens=False).input_ids
+    for start in range(len(ids) - len(word_ids) + 1):
+        if ids[start:start + len(word_ids)] == word_ids:
+            return tuple(range(start, start + len(word_ids)))
+    raise ValueError(f"{word!r} is not a run of tokens of {prompt!r} for this tokenizer (tokens: {ids})")
+
+
 def _images(output: Any) -> np.ndarray:
     frames = getattr(output, "frames", None)
     return np.asarray(frames if frames is not None else output.images)
@@ -63,14 +75,15 @@ def edit(pipe: Any, source: str, target: str, method: AttentionMethod | None, *,
          **call_kwargs: Any) -> EditResult:
     """Run ``source`` and ``target`` in one call of ``pipe`` with ``method`` applied (``None``: the plain pair).
 
-    ``layers=None`` uses :func:`default_layers`; ``steps`` as in :func:`diffattn.apply`; ``latents``: the starting
+    ``layers=None``: :func:`default_layers` for methods that act on later layers only (MasaCtrl), else every layer
+    whose role the method acts on; ``steps`` as in :func:`diffattn.apply`; ``latents``: the starting
     noise of both branches, e.g. from :func:`invert` to edit an existing image (the call then runs with
     :func:`ddim_scheduler`, the exact reverse of the inversion); other keyword arguments go to the pipeline call
     (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ...).
     """
     handle = None
     if method is not None:
-        if layers is None:
+        if layers is None and getattr(method, "later_layers_only", False):
             models, _ = _denoisers(pipe)
             layers = default_layers(models[0], method)
         handle = apply(pipe, method, layers=layers, steps=steps)
