@@ -37,6 +37,7 @@ from diffattn.pipelines.shapes_data import render_scene
 from diffattn.shapes import COLOURS, POSITIONS, SHAPES, Scene, ShapeSpec, caption
 
 STEPS, GUIDANCE, SIZE = 20, 4.0, 32
+EXAMPLES = 4  # cases per task in the picture
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def _interval(successes: list[bool]) -> tuple[float, float]:
     return p, 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / n)
 
 
-def run_task(pipe, task: str, count: int, seed: int) -> dict:
+def run_task(pipe, task: str, count: int, seed: int, examples: list | None = None) -> dict:
+    """Score ``count`` cases; the first few (source, method target, baseline target) go to ``examples``."""
     rows = {"method": [], "baseline": []}
     seconds = {"method": 0.0, "baseline": 0.0}
     if task == "inversion":
@@ -128,6 +130,7 @@ def run_task(pipe, task: str, count: int, seed: int) -> dict:
     method = (diffattn.MutualSelfAttention(start_step=4) if task == "consistency"
               else diffattn.PromptToPrompt(cross_replace=0.8, self_replace=0.4))
     for i, case in enumerate(tqdm(_cases(task, count, seed), desc=task)):
+        shown = []
         for label, m in (("method", method), ("baseline", None)):
             start = time.perf_counter()
             out = edit(pipe, case.source, case.target, m, seed=seed + i, num_inference_steps=STEPS,
@@ -137,11 +140,37 @@ def run_task(pipe, task: str, count: int, seed: int) -> dict:
             ok = (_consistency_success(case, source, target) if task == "consistency"
                   else _replace_success(case, source, target, task))
             rows[label].append(ok)
+            shown += [source, target] if label == "method" else [target]
+        if examples is not None and i < EXAMPLES:
+            examples.append((task, case, shown))
     method_rate, method_ci = _interval(rows["method"])
     base_rate, base_ci = _interval(rows["baseline"])
     return {"task": task, "cases": count, "method": method.name, "success": method_rate, "ci95": method_ci,
             "baseline_success": base_rate, "baseline_ci95": base_ci,
             "seconds_per_edit": seconds["method"] / count, "baseline_seconds_per_edit": seconds["baseline"] / count}
+
+
+def save_grid(examples: list, path: Path, zoom: int = 4) -> None:
+    """Rows: task and case; columns: source, method's target, baseline's target (pixels enlarged, no smoothing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(examples), 3, figsize=(7.5, 1.9 * len(examples)), squeeze=False)
+    for row, (task, case, images) in enumerate(examples):
+        for col, (image, title) in enumerate(zip(images, ("source", "edited (method)", "baseline"))):
+            ax = axes[row][col]
+            ax.imshow(np.kron(image, np.ones((zoom, zoom, 1), np.uint8)), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=9)
+        axes[row][0].set_ylabel(f"{task}\n{case.source}\n-> {case.target}", fontsize=6, rotation=0, ha="right",
+                                va="center")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -150,10 +179,15 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["colour", "shape", "consistency", "inversion"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/eval_editing"))
+    parser.add_argument("--grid", type=Path, default=None, help="also save a picture of source / edited pairs")
     args = parser.parse_args()
     pipe = load_image_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    results = [run_task(pipe, task, args.cases, args.seed) for task in args.tasks]
+    examples: list = []
+    results = [run_task(pipe, task, args.cases, args.seed, examples) for task in args.tasks]
+    if args.grid is not None:
+        save_grid(examples, args.grid)
+        print(f"wrote {args.grid}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval_editing.json").write_text(json.dumps(results, indent=2))
     for r in results:
