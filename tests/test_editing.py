@@ -170,3 +170,61 @@ def test_prompt_to_prompt_parameters_are_checked():
         diffattn.PromptToPrompt(cross_replace=1.5)
     with pytest.raises(ValueError, match="not a run of tokens"):
         diffattn.editing.token_indices(pipeline("sd"), "a red circle", "green")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attentive Eraser
+# ----------------------------------------------------------------------------------------------------------------
+def _eraser_ctx(layout, step=0):
+    return diffattn.AttentionContext(
+        layer="up_blocks.0.attn1", role="self", step=step, num_steps=10, q_layout=layout, kv_layout=layout,
+        batch_roles=("cond", "cond"), attn_mask=None, scale=None, enable_gqa=False,
+        dense=lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v), branches=("wo", "w"))
+
+
+def test_attentive_eraser_hides_the_object_keys_in_the_w_branch_only():
+    layout = diffattn.TokenLayout((4, 4))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 8, generator=g) for _ in range(3))
+    mask = np.zeros((8, 8), bool)
+    mask[:4, :4] = True  # the top-left 2 x 2 cells of the 4 x 4 grid
+    method = diffattn.AttentiveEraser(ss_steps=0).with_mask(mask)
+    out = method(q, k, v, _eraser_ctx(layout, step=3))
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out[0], dense[0])  # wo: untouched
+    inside = torch.zeros(16, dtype=torch.bool)
+    inside[[0, 1, 4, 5]] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(q[1:, :, :, :], k[1:, :, ~inside], v[1:, :, ~inside])
+    torch.testing.assert_close(out[1:], expected, rtol=1e-5, atol=1e-6)
+    # similarity suppression composes fg * m + bg * (1 - m); ss_scale = 1 makes fg and bg coincide (invariant 25)
+    same = diffattn.AttentiveEraser(ss_steps=5, ss_scale=1.0).with_mask(mask)(q, k, v, _eraser_ctx(layout, step=0))
+    torch.testing.assert_close(same, out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_attentive_eraser_never_empties_a_row(fill):
+    layout = diffattn.TokenLayout((4, 4))
+    q = k = v = torch.randn(2, 2, 16, 8)
+    out = diffattn.AttentiveEraser().with_mask(np.full((8, 8), fill))(q, k, v, _eraser_ctx(layout))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))  # invariant 21
+
+
+def test_erase_removes_the_masked_object_on_the_embedded_model():
+    from diffattn.evaluation import segment
+    from diffattn.pipelines.embedded import load_image_pipeline
+    from diffattn.pipelines.shapes_data import render_scene
+    from diffattn.shapes import Scene, ShapeSpec
+
+    pipe = load_image_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    image, _ = render_scene(Scene((ShapeSpec("circle", "red", "left"), ShapeSpec("square", "blue", "right"))), 32,
+                            rng=0, jitter=False)
+    red = next(c for c in segment(image).components if c.colour == "red")
+    x0, y0, x1, y1 = red.bbox
+    mask = np.zeros((32, 32), bool)
+    mask[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = True
+    out = diffattn.editing.erase(pipe, image, mask, num_inference_steps=20)
+    found = segment((np.clip(out, 0, 1) * 255).round().astype(np.uint8)).components
+    assert not any(c.colour == "red" for c in found)
+    assert any(c.colour == "blue" and c.position == "right" for c in found)

@@ -25,9 +25,10 @@ from ..api import _denoisers, apply, attention_modules
 from ..methods.base import AttentionMethod
 from ..schedule import LayerSpec, StepSpec
 from ..steps import prompt_branches
+from .erase import erase
 from .inversion import _scheduler, ddim_scheduler, invert
 
-__all__ = ["EditResult", "edit", "default_layers", "invert", "ddim_scheduler", "token_indices"]
+__all__ = ["EditResult", "edit", "default_layers", "invert", "ddim_scheduler", "token_indices", "erase"]
 
 
 @dataclass(frozen=True)

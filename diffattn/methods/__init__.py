@@ -2,7 +2,7 @@
 
 from .base import AttentionMethod
 from .dense import Dense
-from .editing import MutualSelfAttention, PromptToPrompt
+from .editing import AttentiveEraser, MutualSelfAttention, PromptToPrompt
 from .dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
 from .masked import Masked
 from .sparse import (
@@ -16,4 +16,4 @@ from .sparse import (
 
 __all__ = ["AttentionMethod", "Dense", "Masked", "SparseAttention", "SlidingTileAttention", "SlidingWindowAttention",
            "ShiftedWindowAttention", "RadialAttention", "HIDIFFUSION_LAYERS",
-           "DynamicSparseAttention", "PyramidSparseAttention", "Rettention", "TokenDownsampling", "MutualSelfAttention", "PromptToPrompt"]
+           "DynamicSparseAttention", "PyramidSparseAttention", "Rettention", "TokenDownsampling", "MutualSelfAttention", "PromptToPrompt", "AttentiveEraser"]
