@@ -9,6 +9,9 @@ random inputs the selection is arbitrary but costs what it costs). Ratios are me
 noise.
 
     python scripts/bench_kernels.py --tokens 16384 32768 --dtypes float32 bfloat16
+
+``--isa avx2`` (or ``DIFFATTN_CPU_ISA``) forces a build of the compiled CPU loop, e.g. the AVX2 one on an AVX-512
+CPU; every row records the CPU model, the build and the GEMM kernel each dtype ran (``cpu``, ``cpu_loop``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,28 @@ TILE_CONFIGS = {4096: ((16, 16, 16), (4, 8, 8), (1, 1, 2)),  # a quick check; th
                 16384: ((16, 16, 64), (4, 8, 8), (1, 1, 7)), 32768: ((32, 32, 32), (4, 8, 8), (1, 3, 4))}
 # Radial's rule is only ~10% dense for long frames (e.g. 720p); at 16k-32k tokens it keeps 35-50% of the pairs.
 RADIAL_CONFIGS = {4096: ((16, 16, 16), 0.2), 16384: ((32, 16, 32), 0.2), 32768: ((16, 32, 64), 0.2)}  # (f, h, w), decay
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; the platform string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def loop_path(dtype: torch.dtype) -> str:
+    """Which build and GEMM kernel of the compiled CPU loop ``dtype`` ran (or why none)."""
+    choice = cpu_block_sparse.kernel_for(dtype)
+    if choice is None:
+        return f"SDPA path ({cpu_block_sparse.status()})"
+    compute = "" if choice.compute == dtype else f" in {str(choice.compute).removeprefix('torch.')}"
+    return f"{cpu_block_sparse.selected_isa().isa} {choice.kernel}{compute}"
 
 
 def timed(fn, repeats: int) -> float:
@@ -109,10 +134,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="NATTEN's CPU path materialises one head's score matrix (several copies); skip above this")
     parser.add_argument("--kv-tile", type=int, default=cpu_block_sparse.KV_TILE,
                         help="keys per score tile of the compiled CPU loop (a tuning knob)")
+    parser.add_argument("--isa", choices=["auto", *cpu_block_sparse.ISAS, "none"],
+                        help=f"build of the compiled CPU loop (sets {cpu_block_sparse.ISA_ENV}; default: the environment's)")
+    parser.add_argument("--gemm", choices=["auto", "vec", "onednn"],
+                        help=f"GEMM kernel of the compiled CPU loop (sets {cpu_block_sparse.GEMM_ENV})")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_kernels.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cpu_block_sparse.KV_TILE = args.kv_tile
+    for env, value in ((cpu_block_sparse.ISA_ENV, args.isa), (cpu_block_sparse.GEMM_ENV, args.gemm)):
+        if value is not None:
+            os.environ[env] = value
+    cpu_block_sparse.reset()
+    cpu_block_sparse.extension()  # built (once per source version and build) before any timing
+    cpu = cpu_model()
+    print(f"CPU: {cpu} (torch: {torch.backends.cpu.get_cpu_capability()}); loop: {cpu_block_sparse.status()}")
     rows = []
     cases = [(n, d, p) for n in args.tokens for d in args.dtypes for p in patterns_for(n)]
     for tokens, dtype_name, (name, pattern, grid, block, natten_cfg) in tqdm(cases, desc="benchmark"):
@@ -124,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, HEADS, plan.kernel_length, DIM, generator=g).to(dtype) for _ in range(3))
         row = {"tokens": tokens, "dtype": dtype_name, "pattern": name, "grid": grid, "density": plan.density,
-               "mask_build_s": mask_build_s, "threads": args.threads}
+               "mask_build_s": mask_build_s, "threads": args.threads, "cpu": cpu, "cpu_loop": loop_path(dtype)}
         row["runs_per_query_block"], row["runs_per_query_block_reordered"] = key_major_runs(
             plan.block_mask, plan.kernel_length, plan.kernel_length)
         row["dense_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
@@ -151,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         elif natten_cfg and not args.no_natten:
             row["natten_error"] = f"skipped: NATTEN's CPU path would materialise {score_gb:.1f} GB of scores per head"
         row["speedup_torch"] = row["dense_s"] / row["torch_s"]
-        row["torch_cpu_loop"], row["kv_tile"] = cpu_block_sparse.status(), args.kv_tile
+        row["torch_cpu_loop_status"], row["kv_tile"] = cpu_block_sparse.status(), args.kv_tile
         row["target"] = 0.8 / plan.density
         rows.append(row)
         tqdm.write(
@@ -167,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         grid = TILE_CONFIGS[tokens][0]
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, HEADS, math.prod(grid), DIM, generator=g).to(dtype) for _ in range(3))
-        row = {"tokens": tokens, "dtype": dtype_name, "pattern": name, "grid": grid, "threads": args.threads}
+        row = {"tokens": tokens, "dtype": dtype_name, "pattern": name, "grid": grid, "threads": args.threads,
+               "cpu": cpu, "cpu_loop": loop_path(dtype)}
         row["dense_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
         result = time_dynamic(method, q, k, v, grid, args.repeats)
         row.update(density=result["density"], torch_s=result["total_s"], select_s=result["select_s"])
@@ -184,14 +221,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| tokens | dtype | pattern | density | dense SDPA | torch kernel (incl. selection) | selection | speedup | "
-             "target 0.8/density | compiled flex | NATTEN flex-fna |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| tokens | dtype | pattern | CPU loop | density | dense SDPA | torch kernel (incl. selection) | selection | "
+             "speedup | target 0.8/density | compiled flex | NATTEN flex-fna |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         flex = f"{r['flex_s']:.3f} s ({r['dense_s'] / r['flex_s']:.1f}x)" if "flex_s" in r else "–"
         nat = f"{r['natten_s']:.2f} s ({r['dense_s'] / r['natten_s']:.2f}x)" if "natten_s" in r else "–"
         select = f"{r['select_s']:.3f} s" if "select_s" in r else "–"
-        lines.append(f"| {r['tokens']} | {r['dtype']} | {r['pattern']} | {r['density']:.3f} | {r['dense_s']:.2f} s | "
+        lines.append(f"| {r['tokens']} | {r['dtype']} | {r['pattern']} | {r.get('cpu_loop', '?')} | {r['density']:.3f} | "
+                     f"{r['dense_s']:.2f} s | "
                      f"{r['torch_s']:.3f} s | {select} | {r['speedup_torch']:.1f}x | {r['target']:.1f}x | {flex} | {nat} |")
     return "\n".join(lines)
 

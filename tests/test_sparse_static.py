@@ -391,64 +391,7 @@ def test_key_order_shortens_radial_runs_and_matches_reference(monkeypatch, text_
         torch.testing.assert_close(lse, lse64.float(), rtol=0, atol=1e-3)
 
 
-COMPILED_LOOP_CASES = [
-    # (pattern, layout, block size, reordered keys): whole tiles, radial with text (its blocks with text are
-    # partial and go to the SDPA path) and a partial last key block, radial whose key blocks are reordered
-    (SlidingTile((2, 2, 4), (1, 3, 3)), TokenLayout((4, 6, 12)), 16, False),
-    (Radial(decay=0.2, block_size=16), TokenLayout((8, 4, 8), text_len=3), 16, None),
-    (Radial(decay=0.2, block_size=64), TokenLayout((16, 8, 16), text_len=5), 64, True),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", range(len(COMPILED_LOOP_CASES)))
-def test_compiled_cpu_loop_matches_reference_and_sdpa_path(monkeypatch, dtype, case):
-    """The compiled CPU loop (full-block query blocks) against the float64 reference and the SDPA path, with q, k,
-    v in the (B, S, H, D) memory layout attention processors pass (strided heads)."""
-    from diffattn.kernels import cpu_block_sparse
-
-    if cpu_block_sparse.extension() is None:
-        pytest.skip(cpu_block_sparse.status())
-    pattern, layout, block, reordered = COMPILED_LOOP_CASES[case]
-    plan = compile_pattern(pattern, layout, block_size=block)
-    n = plan.kernel_length
-    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in random_qkv(2, 3, n, 32, dtype, seed=case))
-    if not cpu_block_sparse.supports(q):
-        pytest.skip(f"{dtype} is not routed to the compiled loop on this CPU (no bf16 brgemm: needs AMX or "
-                    f"AVX512-BF16 as oneDNN sees it); the SDPA path computes it")
-    calls = []
-    real = cpu_block_sparse.attend
-    monkeypatch.setattr(cpu_block_sparse, "attend", lambda *a: (calls.append((len(a[5]), a[9])), real(*a))[1])
-    out, lse = kernels.attention(q, k, v, plan.block_mask, backend="torch")
-    assert calls and sum(c[0] for c in calls) > 0, "no query block went through the compiled loop"
-    if reordered is not None:
-        assert (calls[0][1] is not None) == reordered, "radial's key order should (only) be used where it pays"
-    ref64, lse64 = kernels.attention(q.double(), k.double(), v.double(), plan.block_mask, backend="reference")
-    assert (out.double() - ref64).abs().max().item() <= TOLERANCE[dtype]
-    finite = torch.isfinite(lse64)
-    assert torch.equal(finite, torch.isfinite(lse))
-    torch.testing.assert_close(lse[finite], lse64[finite].float(), rtol=0, atol=1e-3)
-    monkeypatch.setattr(cpu_block_sparse, "DTYPES", ())
-    sdpa_out, sdpa_lse = kernels.attention(q, k, v, plan.block_mask, backend="torch")
-    assert len(calls) == 1, "DTYPES=() must route everything to the SDPA path"
-    assert (out.float() - sdpa_out.float()).abs().max().item() <= 2 * TOLERANCE[dtype]
-
-
-def test_compiled_cpu_loop_reports_why_it_is_off(monkeypatch):
-    from diffattn.kernels import cpu_block_sparse
-
-    monkeypatch.setenv("DIFFATTN_CPU_KERNEL", "0")
-    cpu_block_sparse.extension.cache_clear()
-    try:
-        assert cpu_block_sparse.extension() is None
-        assert "DIFFATTN_CPU_KERNEL=0" in cpu_block_sparse.status()
-        with pytest.raises(RuntimeError, match="unavailable"):
-            q = torch.zeros(1, 1, 16, 8)
-            cpu_block_sparse.attend(q, q, q, q.clone(), torch.zeros(1, 1, 16), [(0, [(0, 1)])], 16, 16, 1.0)
-    finally:
-        cpu_block_sparse.extension.cache_clear()
-        monkeypatch.delenv("DIFFATTN_CPU_KERNEL")
-        cpu_block_sparse.extension()
+# The compiled CPU loop's own tests (every build the CPU runs, bf16 in float32): tests/test_cpu_block_sparse.py
 
 
 @pytest.mark.parametrize("grid,tile,window", [((4, 16, 32), (4, 8, 8), (1, 1, 3)), ((8, 16, 32), (2, 8, 8), (3, 1, 4))])

@@ -1,12 +1,31 @@
 """The ``torch`` backend's compiled CPU inner loop (``kernels/src/csrc/block_sparse_cpu.cpp``), built on first use.
 
-Query blocks that see whole key blocks only (sliding tile, radial, top-k selections) are computed here when the
-extension builds and the CPU has oneDNN's batch-reduce GEMM for the dtype (AVX-512; AMX for bf16): one task per
-(batch, head, query block) walks that block's key runs with an online softmax, reading K and V packed once per
-call. It replaces a stack of SDPA calls whose per-call query split and key repacking cost most in bf16.
+Query blocks that see whole key blocks only (sliding tile, radial, top-k selections) are computed here: one task
+per (batch, head, query block) walks that block's key runs with an online softmax, reading K and V packed once
+per call. It replaces a stack of SDPA calls whose per-call query split and key repacking cost most in bf16.
 
-``DIFFATTN_CPU_KERNEL=0`` turns it off (the SDPA path computes the same thing); :func:`status` says whether it is
-in use and, if not, why.
+The source is built once per instruction set, the way ATen builds its ``CPU_CAPABILITY`` kernels, and the build
+is chosen at run time from what the CPU has: ``avx512`` and ``avx2`` on x86-64, ``neon`` on aarch64 (the flags
+never say ``-march=native``: a cached build may move to another machine). Each build is cached under its own
+name by ``torch.utils.cpp_extension`` (``TORCH_EXTENSIONS_DIR``), so switching is free after the first build.
+
+Two GEMM kernels compute the tiles (:func:`kernel_for` says which one a dtype gets and why):
+
+- ``vec``: register-tiled float32 GEMMs written with ATen's ``Vectorized<float>`` (every build). bfloat16
+  inputs are computed in float32 (K and V packed as float32, q converted per query block), as dense SDPA does on
+  CPUs without native bf16 math.
+- ``onednn``: oneDNN's batch-reduce GEMM through ATen's cpublas (the ``avx512`` build only); chosen for
+  bfloat16 where cpublas runs it natively (AMX / AVX512-BF16 as oneDNN sees the CPU).
+
+Environment (read when the extension is first loaded; :func:`reset` re-reads it):
+
+- ``DIFFATTN_CPU_ISA=auto|avx512|avx2|neon|none``: force a build (it must be one the CPU can run) or turn the
+  loop off. ``auto`` takes the best the CPU has, capped by torch's own choice (``ATEN_CPU_CAPABILITY``).
+- ``DIFFATTN_CPU_GEMM=auto|vec|onednn``: force the GEMM kernel (``onednn`` is refused where cpublas cannot run
+  the dtype).
+- ``DIFFATTN_CPU_KERNEL=0``: the loop is off (the SDPA path computes the same thing).
+
+:func:`status` says which build and kernels are in use and, where a fallback is taken, why.
 """
 
 from __future__ import annotations
@@ -14,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import sysconfig
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,43 +44,127 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DTYPES", "attend", "extension", "status", "supports"]
+__all__ = ["DTYPES", "ISAS", "attend", "extension", "kernel_for", "reset", "runnable_isas", "selected_isa",
+           "status", "supports"]
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "block_sparse_cpu.cpp"
 # dtypes routed to the compiled loop (others use the SDPA path)
 DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)
-_FLAGS = ["-O3", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
-          "-mavx512dq", "-mfma"]
+ISA_ENV, GEMM_ENV, SWITCH_ENV = "DIFFATTN_CPU_ISA", "DIFFATTN_CPU_GEMM", "DIFFATTN_CPU_KERNEL"
+# build flags per instruction set: ATen's CPU_CAPABILITY defines select its Vectorized<float> specialisation; the
+# -m flags exist only on x86 (aarch64 has NEON as its baseline, so its build adds no machine flag)
+_COMMON_FLAGS = ("-O3",)
+_ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "avx512": ("-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mfma"),
+    "avx2": ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"),
+    "neon": ("-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"),
+}
+ISAS: tuple[str, ...] = tuple(_ISA_FLAGS)  # best first within an architecture
+_X86 = ("x86_64", "amd64")
+_ARM = ("aarch64", "arm64")
+# torch's CPU capability -> the best of our builds it allows on x86
+_TORCH_CAP = {"AVX512": "avx512", "AVX2": "avx2"}
 # keys per score tile (rounded down to whole key blocks, at least one)
 KV_TILE = 256
 _STATUS: dict[str, str] = {"state": "not built yet (built on the first CPU call)"}
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The build to load (``isa`` None: the loop is off) and why."""
+
+    isa: str | None
+    reason: str
+
+
+def runnable_isas(machine: str | None = None) -> tuple[str, ...]:
+    """The builds this CPU can run, best first: ``avx512``/``avx2`` by the CPU's flags on x86-64 (as torch's
+    cpuinfo reads them), ``neon`` on aarch64, none elsewhere."""
+    machine = (machine or platform.machine()).lower()
+    if machine in _ARM:
+        return ("neon",)
+    if machine not in _X86:
+        return ()
+    found = []
+    for isa, probe in (("avx512", "_is_avx512_supported"), ("avx2", "_is_avx2_supported")):
+        check = getattr(torch.cpu, probe, None)
+        if check is None:  # an older torch: fall back to its dispatch capability
+            if _TORCH_CAP.get(torch.backends.cpu.get_cpu_capability()) in (isa, "avx512"):
+                found.append(isa)
+        elif check():
+            found.append(isa)
+    return tuple(found)
+
+
+def selected_isa() -> Selection:
+    """Which build the environment and the CPU select (see the module docstring for ``DIFFATTN_CPU_ISA``)."""
+    if os.environ.get(SWITCH_ENV, "1") == "0":
+        return Selection(None, f"disabled by {SWITCH_ENV}=0")
+    requested = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    if requested == "none":
+        return Selection(None, f"disabled by {ISA_ENV}=none")
+    if requested != "auto" and requested not in ISAS:
+        raise ValueError(f"{ISA_ENV}={requested!r} is not a build of the CPU loop: set it to one of auto, "
+                         f"{', '.join(ISAS)}, none (or unset it)")
+    machine = platform.machine()
+    runnable = runnable_isas(machine)
+    if requested != "auto":
+        if requested not in runnable:
+            return Selection(None, f"not used: {ISA_ENV}={requested} but this CPU ({machine}) runs "
+                                   f"{', '.join(runnable) or 'none of the builds'}; unset {ISA_ENV} to pick the best")
+        return Selection(requested, f"forced by {ISA_ENV}={requested}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if machine.lower() in _X86:
+        cap = _TORCH_CAP.get(capability)
+        allowed = [isa for isa in runnable if cap is not None and ISAS.index(isa) >= ISAS.index(cap)]
+    else:
+        allowed = list(runnable)
+    if not allowed:
+        return Selection(None, f"not used: no build for this CPU ({machine}, torch reports {capability}; the loop "
+                               f"has avx512 and avx2 builds for x86-64 and a neon build for aarch64)")
+    return Selection(allowed[0], f"auto: the best build this CPU runs (torch reports {capability})")
+
+
 @lru_cache(maxsize=1)
 def extension() -> Any | None:
-    """The compiled module, or None (with the reason in :func:`status`) when it is disabled or cannot build."""
-    if os.environ.get("DIFFATTN_CPU_KERNEL", "1") == "0":
-        _STATUS["state"] = "disabled by DIFFATTN_CPU_KERNEL=0"
+    """The compiled module of the selected build, or None (with the reason in :func:`status`) when it is off,
+    the CPU has no build, or it cannot build."""
+    selection = selected_isa()
+    if selection.isa is None:
+        _STATUS["state"] = selection.reason
         return None
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
-        _STATUS["state"] = f"not used: needs an AVX-512 CPU (torch reports {capability})"
-        return None
+    name = f"diffattn_block_sparse_cpu_{selection.isa}"
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("diffattn: building the CPU block-sparse loop %s (once per source version, ~30 s)", SOURCE.name)
+        logger.info("diffattn: building the %s CPU block-sparse loop from %s (once per source version, ~40 s)",
+                    selection.isa, SOURCE.name)
         with _tools_on_path():
-            module = load(name="diffattn_block_sparse_cpu", sources=[str(SOURCE)], extra_cflags=_FLAGS, verbose=False)
+            module = load(name=name, sources=[str(SOURCE)], extra_cflags=[*_COMMON_FLAGS, *_ISA_FLAGS[selection.isa]],
+                          verbose=False)
     except Exception as exc:  # no compiler / ninja: the SDPA path still computes the same result, only slower
-        _STATUS["state"] = f"not used: building {SOURCE.name} failed ({type(exc).__name__}: {exc})"
+        _STATUS["state"] = f"not used: building the {selection.isa} build of {SOURCE.name} failed ({type(exc).__name__}: {exc})"
         logger.warning("diffattn: %s; block-sparse attention falls back to SDPA calls (slower, same result). "
                        "Install a C++ compiler and ninja (`pip install ninja`) to build it.", _STATUS["state"])
         return None
-    _STATUS["state"] = "in use"
+    if module.isa() != selection.isa:
+        raise RuntimeError(f"{name} reports the {module.isa()} build: its cached copy is stale; delete "
+                           f"{name} under TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions) to rebuild it")
+    _STATUS["state"] = (f"in use: {selection.isa} build ({selection.reason}); "
+                        + "; ".join(f"{str(d).removeprefix('torch.')}: {_describe(module, d)}" for d in DTYPES))
+    _STATUS["isa"] = selection.isa
     return module
+
+
+def reset() -> None:
+    """Forget the loaded build, so the next call re-reads the environment (tests switch builds with it)."""
+    extension.cache_clear()
+    kernel_for.cache_clear()
+    _STATUS.clear()
+    _STATUS["state"] = "not built yet (built on the first CPU call)"
 
 
 @contextlib.contextmanager
@@ -79,25 +184,70 @@ def _tools_on_path() -> Iterator[None]:
 
 
 def status() -> str:
-    """Whether the compiled loop is in use and, if not, why."""
+    """Whether the compiled loop is in use, with which build and per-dtype kernel, and if not, why."""
     return _STATUS["state"]
 
 
-def _brgemm(dtype: torch.dtype) -> bool:
-    """oneDNN's brgemm runs float32 on any AVX-512 CPU; bfloat16 needs AMX or AVX512-BF16 (cpublas' own check)."""
+@dataclass(frozen=True)
+class KernelChoice:
+    """The GEMM kernel a dtype runs (``vec`` or ``onednn``), the dtype it computes in, and why."""
+
+    kernel: str
+    compute: torch.dtype
+    reason: str
+
+
+def _choose(module: Any, dtype: torch.dtype) -> KernelChoice:
+    bf16 = dtype == torch.bfloat16
+    native = bool(module.onednn_supported(bf16))
+    requested = os.environ.get(GEMM_ENV, "auto").strip().lower() or "auto"
+    if requested not in ("auto", "vec", "onednn"):
+        raise ValueError(f"{GEMM_ENV}={requested!r}: set it to auto, vec or onednn (or unset it)")
+    if requested == "onednn":
+        if not native:
+            raise ValueError(f"{GEMM_ENV}=onednn, but cpublas runs no {dtype} brgemm in the {module.isa()} build on "
+                             f"this CPU (needs the avx512 build; bfloat16 needs AMX or AVX512-BF16 as oneDNN sees "
+                             f"it): unset {GEMM_ENV} or set it to vec")
+        return KernelChoice("onednn", dtype, f"forced by {GEMM_ENV}=onednn")
+    forced = f"forced by {GEMM_ENV}=vec" if requested == "vec" else ""
+    if bf16:
+        if requested == "auto" and native:
+            return KernelChoice("onednn", dtype, "cpublas runs bfloat16 brgemm natively here (AMX / AVX512-BF16)")
+        why = forced or ("oneDNN has no bfloat16 brgemm on this CPU (needs AMX or AVX512-BF16 as oneDNN sees it)"
+                         if module.isa() == "avx512" else f"the {module.isa()} build has no native bfloat16 GEMM")
+        return KernelChoice("vec", torch.float32, why)
+    return KernelChoice("vec", torch.float32, forced or "at::vec float32 GEMMs")
+
+
+def _describe(module: Any, dtype: torch.dtype) -> str:
+    try:
+        choice = _choose(module, dtype)
+    except ValueError as exc:  # raised again when a call of that dtype arrives
+        return f"refused ({exc})"
+    compute = "" if choice.compute == dtype else f" in {str(choice.compute).removeprefix('torch.')}"
+    return f"{choice.kernel} kernel{compute} ({choice.reason})"
+
+
+@lru_cache(maxsize=None)
+def kernel_for(dtype: torch.dtype) -> KernelChoice | None:
+    """The GEMM kernel :func:`attend` uses for ``dtype`` (None: the loop is off or the dtype is not routed)."""
     module = extension()
-    return module is not None and (dtype == torch.float32 or module.bf16_brgemm_supported())
+    if module is None or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return _choose(module, dtype)
 
 
 def supports(q: Tensor) -> bool:
     """Whether :func:`attend` can compute this call (CPU, a routed dtype, even head dim, extension built)."""
     return (q.device.type == "cpu" and q.dtype in DTYPES and q.shape[-1] % 2 == 0 and q.stride(-1) == 1
-            and _brgemm(q.dtype))
+            and kernel_for(q.dtype) is not None)
 
 
-def _pack(k: Tensor, v: Tensor, block: int, order: list[int] | None = None) -> tuple[Tensor, Tensor]:
+def _pack(k: Tensor, v: Tensor, block: int, order: list[int] | None = None,
+          vnni: bool = False) -> tuple[Tensor, Tensor]:
     """K^T and V padded to whole key blocks, key blocks in ``order`` (block i of the copy is block ``order[i]``;
-    a partial last block must stay last), in the layouts the kernel reads (VNNI-2 pairs in bf16)."""
+    a partial last block must stay last), in the layouts the kernel reads (VNNI-2 pairs for the bf16 oneDNN
+    kernel; otherwise K^T per key block and V, in k's dtype)."""
     pad = (-k.shape[2]) % block
     if pad:
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
@@ -105,7 +255,7 @@ def _pack(k: Tensor, v: Tensor, block: int, order: list[int] | None = None) -> t
         index = torch.tensor(order, device=k.device)
         k, v = (x.unflatten(2, (x.shape[2] // block, block)).index_select(2, index).flatten(2, 3) for x in (k, v))
     blocks = k.unflatten(2, (k.shape[2] // block, block))  # (B, H, S/Bk, Bk, D)
-    if k.dtype == torch.bfloat16:
+    if vnni:
         kp = blocks.unflatten(-1, (k.shape[-1] // 2, 2)).permute(0, 1, 2, 4, 3, 5).contiguous()  # (B,H,S/Bk,D/2,Bk,2)
         vp = v.unflatten(2, (v.shape[2] // 2, 2)).transpose(3, 4).contiguous()  # (B, H, S/2, D, 2)
         return kp, vp
@@ -119,11 +269,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     ``members``: ``(query_block, [(first_key_block, stop_key_block), ...])``, every listed block whole; with
     ``key_order``, the runs index a copy of the key blocks in that order."""
     module = extension()
-    if module is None:
-        raise RuntimeError(f"the compiled block-sparse loop is unavailable: {status()}")
-    kp, vp = _pack(k, v, bkv, key_order)
+    choice = kernel_for(q.dtype)
+    if module is None or choice is None:
+        raise RuntimeError(f"the compiled block-sparse loop is unavailable for {q.dtype}: {status()}")
+    if choice.kernel == "vec" and k.dtype != torch.float32:
+        k, v = k.float(), v.float()  # computed in float32; the copy is O(S x D), the loop O(S^2 x D x density)
+    kp, vp = _pack(k, v, bkv, key_order, vnni=choice.kernel == "onednn" and q.dtype == torch.bfloat16)
     starts = torch.tensor([qb * bq for qb, _ in members], dtype=torch.int64)
     counts = torch.tensor([0] + [len(runs) for _, runs in members], dtype=torch.int64)
     runs = torch.tensor([[first * bkv, stop * bkv] for _, rs in members for first, stop in rs], dtype=torch.int64)
     module.block_sparse_forward(q, kp, vp, out, lse, starts, counts.cumsum(0), runs.view(-1, 2), bq, k.shape[2],
-                                float(scale), KV_TILE)
+                                float(scale), KV_TILE, choice.kernel)
