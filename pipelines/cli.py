@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -90,6 +91,28 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_app_path() -> Path:
+    """``demo/app.py`` of the source tree this package runs from (the demo ships with the repository, not as a module
+    of the installed package)."""
+    return Path(__file__).resolve().parents[1] / "demo" / "app.py"
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Serve the Gradio demo (``demo/app.py``; its options: ``diffattn demo --help``)."""
+    import importlib.util
+
+    path = demo_app_path()
+    if not path.is_file():
+        print(f"diffattn demo: {path} is missing; the demo runs from a clone of the repository installed with "
+              "`pip install -e \".[demo]\"` (scripts/bootstrap.sh does this)", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("diffattn_demo_app", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.main(args.demo_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffattn", description="Attention methods for diffusers models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what diffattn installs")
@@ -108,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--quick", action="store_true",
                          help="a short run (8 frames x 32 x 64 px, 1 step) that checks the whole job works (CI)")
     compare.set_defaults(run=_compare)
+    # every argument after "demo" goes to demo/app.py's own parser (--port, --host, --image-model, ...)
+    demo = sub.add_parser("demo", help="the Gradio editing demo (options: diffattn demo --help)", add_help=False,
+                          prefix_chars="\0")
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if getattr(args, "run", None) is None:

@@ -26,8 +26,8 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "${PIP[@]}" install --quiet "torch==${DIFFATTN_TORCH_VERSION:-2.13.0}"
 fi
 TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null)
-echo "bootstrap: installing diffattn with its test extra (torch $TORCH_VERSION kept)"
-"${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" -e ".[test]" "torch==${TORCH_VERSION}"
+echo "bootstrap: installing diffattn with its test and demo extras (torch $TORCH_VERSION kept)"
+"${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" -e ".[test,demo]" "torch==${TORCH_VERSION}"
 # NATTEN (compared against in tests and benchmarks) is a source package that builds Python-only; without build
 # isolation it takes seconds instead of pulling a second torch into an isolated build environment.
 if ! "$PY" -c "import natten" >/dev/null 2>&1; then
@@ -37,6 +37,18 @@ fi
 # its own triton, which is kept.
 if ! "$PY" -c "import triton" >/dev/null 2>&1; then
     "${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" "triton"
+fi
+# The demo's browser tests drive headless Chromium through Playwright; Playwright's own browser download cannot work
+# without internet, so they use Debian's chromium package (installed here when missing; needs root for apt-get).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing Debian's chromium (for the demo's browser tests)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "bootstrap: chromium is missing and this is not root with apt-get: the demo's browser tests will be" \
+             "skipped (run 'apt-get install chromium' as root, or set DIFFATTN_CHROMIUM=/path/to/chromium)"
+    fi
 fi
 "${PIP[@]}" check
 echo "bootstrap: ready ($("$PY" --version), torch $TORCH_VERSION) in $VENV"
