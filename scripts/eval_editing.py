@@ -18,7 +18,12 @@ Tasks (a case = one seeded single-object scene prompt):
   redirection (guidance 0). Success: no object found in the mask, the other object still found in its place, the
   mask region's mean within 12 levels of the background.
 - inversion: a rendered scene, DDIM-inverted and regenerated: PSNR against the scene.
-Bounded attention (layout) is not built yet.
+- layout: two objects in two random boxes (side 0.25-0.35 of the image, apart, in different cells of the 3x3
+  position grid, each box off its cell's named place: the nominal centre the prompt alone draws at); the prompt holds each object's colour, shape and the position word of its box's cell (the
+  grammar has no finer words), e.g. "a red circle at the top left and a blue square on the right"; the subjects are
+  the colour + shape words. Method: diffattn.editing.layout (bounded attention); baseline: the prompt alone from the
+  same noise. Success: both objects found with the right colour and shape, each centroid inside its box, no colour
+  leakage.
 """
 
 from __future__ import annotations
@@ -34,11 +39,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import diffattn
-from diffattn.editing import edit, erase, invert
+from diffattn.editing import edit, erase, invert, layout
 from diffattn.evaluation import evaluate_image, psnr, segment
 from diffattn.pipelines.embedded import load_image_pipeline
 from diffattn.pipelines.shapes_data import render_scene
-from diffattn.shapes import COLOURS, POSITIONS, SHAPES, Scene, ShapeSpec, caption
+from diffattn.shapes import COLOURS, POSITION_CENTRES, POSITIONS, SHAPES, Scene, ShapeSpec, caption, position_of
 
 STEPS, GUIDANCE, SIZE = 20, 4.0, 32
 EXAMPLES = 4  # cases per task in the picture
@@ -157,7 +162,76 @@ def _removal(pipe, count: int, seed: int, seconds: dict) -> dict:
             "baseline_seconds_per_edit": seconds["baseline"] / n}
 
 
-def run_task(pipe, task: str, count: int, seed: int, examples: list | None = None) -> dict:
+def _layout_cases(count: int, seed: int) -> list[tuple[str, list[tuple[str, tuple[float, ...]]]]]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < count:
+        sides = rng.uniform(0.25, 0.35, 2)
+        centres = [rng.uniform(s / 2, 1 - s / 2, 2) for s in sides]
+        boxes = [(c[0] - s / 2, c[1] - s / 2, c[0] + s / 2, c[1] + s / 2) for c, s in zip(centres, sides)]
+        apart = boxes[0][2] + 0.05 <= boxes[1][0] or boxes[1][2] + 0.05 <= boxes[0][0] or \
+            boxes[0][3] + 0.05 <= boxes[1][1] or boxes[1][3] + 0.05 <= boxes[0][1]
+        cells = [position_of(float(c[0]), float(c[1])) for c in centres]
+        named = [POSITION_CENTRES[c] for c in cells]  # where the prompt alone puts an object
+        off = all(not (b[0] <= x <= b[2] and b[1] <= y <= b[3]) for b, (x, y) in zip(boxes, named))
+        if not apart or not off or cells[0] == cells[1]:
+            continue
+        colours = rng.choice(list(COLOURS), 2, replace=False)
+        shapes = rng.choice(SHAPES, 2)
+        specs = [ShapeSpec(str(shapes[j]), str(colours[j]), cells[j]) for j in range(2)]
+        subjects = [(f"{spec.colour} {spec.shape}", tuple(round(float(v), 4) for v in box))
+                    for spec, box in zip(specs, boxes)]
+        cases.append((caption(Scene(tuple(specs))), subjects))
+    return cases
+
+
+def _layout_success(image: np.ndarray, prompt: str, subjects) -> bool:
+    result = evaluate_image(image, prompt)
+    if result.leaked_pairs or len(result.objects) != len(subjects):
+        return False
+    for obj, (_, (x0, y0, x1, y1)) in zip(result.objects, subjects):
+        c = obj.component
+        if c is None or not obj.shape_correct or not (x0 <= c.centroid[0] <= x1 and y0 <= c.centroid[1] <= y1):
+            return False
+    return True
+
+
+def _layout(pipe, count: int, seed: int, seconds: dict, examples: list | None, **options) -> dict:
+    rows = {"method": [], "baseline": []}
+    for i, (prompt, subjects) in enumerate(tqdm(_layout_cases(count, seed), desc="layout")):
+        shown = []
+        for label, bounded in (("method", True), ("baseline", False)):
+            start = time.perf_counter()
+            image = _uint8(layout(pipe, prompt, subjects, seed=seed + i, bounded=bounded, num_inference_steps=STEPS,
+                                  guidance_scale=GUIDANCE, **(options if bounded else {})))
+            seconds[label] += time.perf_counter() - start
+            rows[label].append(_layout_success(image, prompt, subjects))
+            shown.append(_with_boxes(image, subjects))
+        if examples is not None and i < EXAMPLES:
+            examples.append(("layout", Case(prompt, " / ".join(f"{w} in box {i + 1}" for i, (w, _) in
+                                                            enumerate(subjects)), None, None),
+                             [_with_boxes(np.zeros_like(image) + 16, subjects), *shown]))
+    method_rate, method_ci = _interval(rows["method"])
+    base_rate, base_ci = _interval(rows["baseline"])
+    n = len(rows["method"])
+    return {"task": "layout", "cases": n, "method": "BoundedAttention", "success": method_rate, "ci95": method_ci,
+            "baseline_success": base_rate, "baseline_ci95": base_ci, "seconds_per_edit": seconds["method"] / n,
+            "baseline_seconds_per_edit": seconds["baseline"] / n}
+
+
+def _with_boxes(image: np.ndarray, subjects) -> np.ndarray:
+    """The image with each box's outline drawn in grey (for the picture only, never scored)."""
+    out = image.copy()
+    h, w = out.shape[:2]
+    for _, (x0, y0, x1, y1) in subjects:
+        r0, r1 = int(round(y0 * h)), min(int(round(y1 * h)), h - 1)
+        c0, c1 = int(round(x0 * w)), min(int(round(x1 * w)), w - 1)
+        out[r0, c0:c1 + 1] = out[r1, c0:c1 + 1] = 200
+        out[r0:r1 + 1, c0] = out[r0:r1 + 1, c1] = 200
+    return out
+
+
+def run_task(pipe, task: str, count: int, seed: int, examples: list | None = None, **options) -> dict:
     """Score ``count`` cases; the first few (source, method target, baseline target) go to ``examples``."""
     rows = {"method": [], "baseline": []}
     seconds = {"method": 0.0, "baseline": 0.0}
@@ -175,10 +249,16 @@ def run_task(pipe, task: str, count: int, seed: int, examples: list | None = Non
                 "seconds_per_case": seconds["method"] / count}
     if task == "removal":
         return _removal(pipe, count, seed, seconds)
+    if task == "layout":
+        return _layout(pipe, count, seed, seconds, examples, **options)
     method = (diffattn.MutualSelfAttention(start_step=4) if task == "consistency"
               else diffattn.PromptToPrompt(cross_replace=0.8, self_replace=0.4))
+    blend = options.get("local_blend")
     for i, case in enumerate(tqdm(_cases(task, count, seed), desc=task)):
         shown = []
+        if blend is not None and task in ("colour", "shape"):  # the object's words in both prompts
+            method = diffattn.PromptToPrompt(cross_replace=0.8, self_replace=0.4, local_blend=diffattn.LocalBlend(
+                words=(case.spec.shape, case.edited.shape), **blend))
         for label, m in (("method", method), ("baseline", None)):
             start = time.perf_counter()
             out = edit(pipe, case.source, case.target, m, seed=seed + i, num_inference_steps=STEPS,
@@ -193,7 +273,8 @@ def run_task(pipe, task: str, count: int, seed: int, examples: list | None = Non
             examples.append((task, case, shown))
     method_rate, method_ci = _interval(rows["method"])
     base_rate, base_ci = _interval(rows["baseline"])
-    return {"task": task, "cases": count, "method": method.name, "success": method_rate, "ci95": method_ci,
+    name = method.name + (" + LocalBlend" if blend is not None and task in ("colour", "shape") else "")
+    return {"task": task, "cases": count, "method": name, "success": method_rate, "ci95": method_ci,
             "baseline_success": base_rate, "baseline_ci95": base_ci,
             "seconds_per_edit": seconds["method"] / count, "baseline_seconds_per_edit": seconds["baseline"] / count}
 
@@ -221,18 +302,31 @@ def save_grid(examples: list, path: Path, zoom: int = 4) -> None:
     plt.close(fig)
 
 
+def _options(task: str, args: argparse.Namespace) -> dict:
+    if task == "layout":
+        return json.loads(args.layout_options)
+    if task in ("colour", "shape") and args.local_blend is not None:
+        return {"local_blend": json.loads(args.local_blend)}
+    return {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=60)
-    parser.add_argument("--tasks", nargs="+", default=["colour", "shape", "consistency", "removal", "inversion"])
+    parser.add_argument("--tasks", nargs="+", default=["colour", "shape", "consistency", "layout", "removal", "inversion"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/eval_editing"))
     parser.add_argument("--grid", type=Path, default=None, help="also save a picture of source / edited pairs")
+    parser.add_argument("--layout-options", default="{}", help="JSON keyword arguments for diffattn.editing.layout")
+    parser.add_argument("--local-blend", default=None,
+                        help='colour/shape tasks: PromptToPrompt with LocalBlend over the object words, with these '
+                             'JSON options (e.g. \'{"threshold": 0.3}\')')
     args = parser.parse_args()
     pipe = load_image_pipeline()
     pipe.set_progress_bar_config(disable=True)
     examples: list = []
-    results = [run_task(pipe, task, args.cases, args.seed, examples) for task in args.tasks]
+    results = [run_task(pipe, task, args.cases, args.seed, examples,
+                        **_options(task, args)) for task in args.tasks]
     if args.grid is not None:
         save_grid(examples, args.grid)
         print(f"wrote {args.grid}")

@@ -228,3 +228,146 @@ def test_erase_removes_the_masked_object_on_the_embedded_model():
     found = segment((np.clip(out, 0, 1) * 255).round().astype(np.uint8)).components
     assert not any(c.colour == "red" for c in found)
     assert any(c.colour == "blue" and c.position == "right" for c in found)
+
+
+def test_local_blend_keeps_the_source_latents_outside_the_mask_exactly():
+    from diffattn.editing import _blend_step
+    from diffattn.methods.editing import BlendStore
+
+    blend = diffattn.LocalBlend(words=("circle",), threshold=0.5, start=0.0)
+    store = BlendStore({"source": (1,), "target": (1,)}, (4, 4), blend)
+    heat = torch.zeros(4, 4)
+    heat[0, 0] = 1.0  # one hot spot: after the 3x3 max-pool the mask is the top-left 2x2
+    store.maps[("source", 0)] = heat
+    latents = torch.randn(2, 3, 4, 4)
+    source, target = latents[0].clone(), latents[1].clone()
+    out = _blend_step(store, 1, 10)(None, 0, None, {"latents": latents})["latents"]
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:2, :2] = True
+    assert torch.equal(out[0], source), "the source is never blended"
+    assert torch.equal(out[1][:, ~mask], source[:, ~mask])  # invariant 26
+    assert torch.equal(out[1][:, mask], target[:, mask])
+    packed = torch.randn(2, 16, 5)  # Flux: (batch, tokens, channels)
+    p_source = packed[0].clone()
+    out = _blend_step(store, 1, 10)(None, 0, None, {"latents": packed})["latents"]
+    assert torch.equal(out[1][~mask.flatten()], p_source[~mask.flatten()])
+
+
+def test_local_blend_waits_for_its_start_step():
+    from diffattn.editing import _blend_step
+    from diffattn.methods.editing import BlendStore
+
+    store = BlendStore({"source": (1,)}, (4, 4), diffattn.LocalBlend(words=("x",), start=0.5))
+    store.maps[("source", 0)] = torch.zeros(4, 4).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(1.0))
+    latents = torch.randn(2, 1, 4, 4)
+    before = latents.clone()
+    _blend_step(store, 1, 10)(None, 3, None, {"latents": latents})  # step 4 of 10 < 5
+    assert torch.equal(latents, before)
+    _blend_step(store, 1, 10)(None, 4, None, {"latents": latents})
+    assert not torch.equal(latents, before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_to_prompt_with_local_blend_runs_and_blends(kind, monkeypatch):
+    import diffattn.editing as editing
+
+    stores = []
+    original = editing._blend_step
+    monkeypatch.setattr(editing, "_blend_step", lambda store, *a: stores.append(store) or original(store, *a))
+    blend = diffattn.LocalBlend(words=("circle", "square"), start=0.0)
+    plain = run(kind, "a red circle on the left", "a red square on the left", diffattn.PromptToPrompt())
+    blended = run(kind, "a red circle on the left", "a red square on the left",
+                  diffattn.PromptToPrompt(local_blend=blend))
+    assert np.array_equal(blended.source, plain.source), "the source branch is untouched (invariant 23)"
+    assert np.isfinite(blended.target).all()
+    (store,) = stores
+    assert set(store.maps) == {("source", 0), ("target", 0)}, "both prompts' word maps are recorded"
+    assert store.mask(0) is not None and store.mask(0).shape == store.grid
+
+
+def test_local_blend_words_must_be_in_the_prompts():
+    with pytest.raises(ValueError, match="none of the words"):
+        run("sd", "a red circle", "a blue circle", diffattn.PromptToPrompt(local_blend=diffattn.LocalBlend(
+            words=("triangle",))))
+    with pytest.raises(ValueError, match="name the words"):
+        diffattn.LocalBlend(words=())
+
+
+def _masa_ctx(role="self", grid=(4, 4), text=0):
+    layout = diffattn.TokenLayout(grid, text_len=text, text_first=True)
+
+    def dense(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return diffattn.AttentionContext(layer="l", role=role, step=10, num_steps=20, q_layout=layout, kv_layout=layout,
+                                     batch_roles=("cond", "cond"), attn_mask=None, scale=None, enable_gqa=False,
+                                     dense=dense, branches=("source", "target"))
+
+
+def _explicit(q, k, v, allowed):
+    logits = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return logits.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("role", ["self", "joint"])
+def test_mask_guided_masactrl_composes_object_and_background_attention(role):
+    torch.manual_seed(0)
+    text = 3 if role == "joint" else 0
+    ctx = _masa_ctx(role, (4, 4), text)
+    n = 16 + text
+    q, k, v = (torch.randn(2, 2, n, 8) for _ in range(3))
+    mask_s = torch.zeros(8, 8, dtype=torch.bool)
+    mask_s[:4, :4] = True  # top-left quarter at 8 x 8 -> top-left 2 x 2 at 4 x 4 (nearest)
+    mask_t = torch.zeros(8, 8, dtype=torch.bool)
+    mask_t[4:, 4:] = True
+    method = diffattn.MutualSelfAttention(start_step=0, mask_source=mask_s, mask_target=mask_t)
+    out = method(q, k, v, ctx)
+    inside_s = torch.zeros(4, 4, dtype=torch.bool)
+    inside_s[:2, :2] = True
+    inside_t = torch.zeros(4, 4, dtype=torch.bool)
+    inside_t[2:, 2:] = True
+    keys_fg = torch.cat([torch.ones(text, dtype=torch.bool), inside_s.flatten()])
+    # the target's queries on the source's image keys (joint: and on its own text keys)
+    k_read = torch.cat([k[1][:, :text], k[0][:, text:]], 1)
+    v_read = torch.cat([v[1][:, :text], v[0][:, text:]], 1)
+    fg = _explicit(q[1], k_read, v_read, keys_fg)
+    bg = _explicit(q[1], k_read, v_read, torch.cat([torch.ones(text, dtype=torch.bool), ~inside_s.flatten()]))
+    m = torch.cat([torch.zeros(text), inside_t.flatten().float()])[:, None]
+    expected = fg * m + bg * (1 - m)  # invariant 25
+    image = slice(text, None)
+    torch.testing.assert_close(out[1][:, image], expected[:, image], rtol=1e-5, atol=1e-5)
+    plain = diffattn.MutualSelfAttention(start_step=0)(q, k, v, ctx)
+    torch.testing.assert_close(out[0], plain[0], rtol=0, atol=0)  # the source reads itself, unmasked
+    if text:
+        torch.testing.assert_close(out[1][:, :text], plain[1][:, :text], rtol=0, atol=0)
+
+
+def test_mask_guided_masactrl_with_full_masks_is_plain_masactrl():
+    torch.manual_seed(0)
+    ctx = _masa_ctx()
+    q, k, v = (torch.randn(2, 2, 16, 8) for _ in range(3))
+    full = torch.ones(5, 5, dtype=torch.bool)
+    masked = diffattn.MutualSelfAttention(start_step=0, mask_source=full, mask_target=full)(q, k, v, ctx)
+    torch.testing.assert_close(masked, diffattn.MutualSelfAttention(start_step=0)(q, k, v, ctx), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_mask_guided_masactrl_checks_its_masks():
+    with pytest.raises(ValueError, match="needs both mask_source and mask_target"):
+        diffattn.MutualSelfAttention(mask_source=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="2-D"):
+        diffattn.MutualSelfAttention(mask_source=torch.ones(1, 4, 4), mask_target=torch.ones(1, 4, 4))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mask_guided_masactrl_runs_on_every_family(kind):
+    mask_s = np.zeros((32, 32), bool)
+    mask_s[4:16, 2:14] = True
+    mask_t = np.zeros((32, 32), bool)
+    mask_t[4:16, 18:30] = True
+    method = diffattn.MutualSelfAttention(start_step=0, mask_source=torch.from_numpy(mask_s),
+                                          mask_target=torch.from_numpy(mask_t))
+    plain = run(kind, "a red circle on the left", "a red circle on the right", diffattn.MutualSelfAttention(start_step=0))
+    masked = run(kind, "a red circle on the left", "a red circle on the right", method)
+    assert np.array_equal(masked.source, plain.source)
+    assert np.isfinite(masked.target).all() and np.abs(masked.target - plain.target).max() > 1e-5

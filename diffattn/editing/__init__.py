@@ -13,6 +13,7 @@ and ``num_images_per_prompt`` copies included. ``method=None`` runs the plain pa
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +24,14 @@ import torch
 from ..adapters import adapter_for
 from ..api import _denoisers, apply, attention_modules
 from ..methods.base import AttentionMethod
+from ..methods.editing import BLEND_STORE, BlendStore, LocalBlend
 from ..schedule import LayerSpec, StepSpec
 from ..steps import prompt_branches
 from .erase import erase
 from .inversion import _scheduler, ddim_scheduler, invert
+from .layout import layout, layout_method
 
-__all__ = ["EditResult", "edit", "default_layers", "invert", "ddim_scheduler", "token_indices", "erase"]
+__all__ = ["LocalBlend", "EditResult", "edit", "default_layers", "invert", "ddim_scheduler", "token_indices", "erase", "layout", "layout_method"]
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,19 @@ def edit(pipe: Any, source: str, target: str, method: AttentionMethod | None, *,
         if latents is not None:
             call_kwargs["latents"] = latents.expand(2 * copies, *latents.shape[1:]).clone()
             replay = _scheduler(pipe, ddim_scheduler(pipe))
-        with prompt_branches(("source", "target")), replay:
-            output = pipe(prompt=[source, target], generator=generators, output_type="np", **call_kwargs)
+        blend = getattr(method, "local_blend", None)
+        store = None
+        if blend is not None:
+            store = _blend_store(pipe, source, target, blend, call_kwargs)
+            call_kwargs["callback_on_step_end"] = _blend_step(store, copies, int(call_kwargs.get(
+                "num_inference_steps", 50)))
+            call_kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+        token = BLEND_STORE.set(store)
+        try:
+            with prompt_branches(("source", "target")), replay:
+                output = pipe(prompt=[source, target], generator=generators, output_type="np", **call_kwargs)
+        finally:
+            BLEND_STORE.reset(token)
     finally:
         if handle is not None:
             handle.remove()
@@ -105,3 +119,54 @@ def edit(pipe: Any, source: str, target: str, method: AttentionMethod | None, *,
     if copies == 1:
         return EditResult(source=images[0], target=images[1])
     return EditResult(source=images[:copies], target=images[copies:])
+
+
+def _words_tokens(pipe: Any, prompt: str, words: tuple[str, ...]) -> tuple[int, ...]:
+    found: list[int] = []
+    for word in words:
+        with contextlib.suppress(ValueError):
+            found.extend(token_indices(pipe, prompt, word))
+    return tuple(found)
+
+
+def _latent_grid(pipe: Any, call_kwargs: dict[str, Any]) -> tuple[int, int]:
+    """The (rows, columns) of the latents the pipeline's loop updates (Flux: its packed 2 x 2 patches)."""
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    default = getattr(pipe, "default_sample_size", None)
+    if default is None:
+        default = pipe.unet.config.sample_size
+    height = int(call_kwargs.get("height") or default * factor)
+    width = int(call_kwargs.get("width") or default * factor)
+    packed = 2 if type(pipe).__name__.startswith("Flux") else 1
+    return height // (factor * packed), width // (factor * packed)
+
+
+def _blend_store(pipe: Any, source: str, target: str, blend: LocalBlend, call_kwargs: dict[str, Any]) -> BlendStore:
+    source_words, target_words = blend.split()
+    tokens = {"source": _words_tokens(pipe, source, source_words), "target": _words_tokens(pipe, target, target_words)}
+    if not tokens["source"] and not tokens["target"]:
+        raise ValueError(f"LocalBlend: none of the words {blend.words} is in {source!r} or {target!r}; name words "
+                         "of the prompts (the object that changes)")
+    return BlendStore(tokens, _latent_grid(pipe, call_kwargs), blend)
+
+
+def _blend_step(store: BlendStore, copies: int, steps: int):
+    """The step-end callback of LocalBlend: target latents <- source + mask * (target - source) from the start step
+    on (the latents are ``[source copies..., target copies...]``; Flux's are packed ``(batch, tokens, channels)``)."""
+    start = math.ceil(store.blend.start * steps - 1e-9)
+
+    def step_end(_pipe: Any, i: int, _t: Any, outputs: dict[str, Any]) -> dict[str, Any]:
+        if i + 1 < start:
+            return outputs
+        latents = outputs["latents"]
+        for c in range(copies):
+            mask = store.mask(c)
+            if mask is None:
+                continue
+            m = mask.to(latents.device)
+            m = m.flatten()[:, None] if latents.ndim == 3 else m[None]
+            latents[copies + c] = torch.where(m, latents[copies + c], latents[c])  # = src + m (tgt - src), exact
+        outputs["latents"] = latents
+        return outputs
+
+    return step_end

@@ -1,8 +1,9 @@
 """Attention methods: each is a frozen dataclass called as ``method(q, k, v, ctx)``."""
 
 from .base import AttentionMethod
+from .bounded import BoundedAttention
 from .dense import Dense
-from .editing import AttentiveEraser, MutualSelfAttention, PromptToPrompt
+from .editing import AttentiveEraser, LocalBlend, MutualSelfAttention, PromptToPrompt
 from .dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
 from .masked import Masked
 from .sparse import (
@@ -16,4 +17,4 @@ from .sparse import (
 
 __all__ = ["AttentionMethod", "Dense", "Masked", "SparseAttention", "SlidingTileAttention", "SlidingWindowAttention",
            "ShiftedWindowAttention", "RadialAttention", "HIDIFFUSION_LAYERS",
-           "DynamicSparseAttention", "PyramidSparseAttention", "Rettention", "TokenDownsampling", "MutualSelfAttention", "PromptToPrompt", "AttentiveEraser"]
+           "DynamicSparseAttention", "PyramidSparseAttention", "Rettention", "TokenDownsampling", "MutualSelfAttention", "PromptToPrompt", "AttentiveEraser", "BoundedAttention", "LocalBlend"]

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+import contextvars
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
-
-import math
 
 import torch
 from torch import Tensor
@@ -15,7 +15,7 @@ from ..context import AttentionContext
 from ..errors import LayoutError
 from .base import AttentionMethod, check_roles
 
-__all__ = ["AttentiveEraser", "MutualSelfAttention", "PromptToPrompt", "source_rows"]
+__all__ = ["AttentiveEraser", "LocalBlend", "MutualSelfAttention", "PromptToPrompt", "source_rows", "BlendStore"]
 
 _SELF_AND_JOINT = frozenset({"self", "joint"})
 
@@ -55,9 +55,16 @@ class MutualSelfAttention(AttentionMethod):
     :func:`diffattn.editing.edit` for UNets; the later half of the blocks for transformers). On joint attention
     (SD3, Flux) only the visual keys/values are taken from the source: the target's text tokens still condition it.
     Runs on SD1.5, SDXL, SD3 and Flux (tested); any model with self- or joint-attention works the same way.
+
+    **Mask-guided** (``mask_source``, ``mask_target``: H x W, True on the object, any resolution, nearest-resized to
+    each layer's grid): the target's queries inside ``mask_target`` read only the source's object keys, the others
+    only its background keys (``fg * m_t + bg * (1 - m_t)``), so object and background do not mix. The automatic
+    variant (masks from cross-attention maps) is not built.
     """
 
     start_step: int = 4
+    mask_source: Tensor | None = field(default=None, compare=False, repr=False)
+    mask_target: Tensor | None = field(default=None, compare=False, repr=False)
     source: str = "source"
     target: str = "target"
     roles: frozenset[str] = field(default=_SELF_AND_JOINT)
@@ -68,6 +75,59 @@ class MutualSelfAttention(AttentionMethod):
         object.__setattr__(self, "roles", check_roles(self.roles, self.name, _SELF_AND_JOINT))
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(f"{self.name}: start_step must be an int >= 0, got {self.start_step!r}")
+        if (self.mask_source is None) != (self.mask_target is None):
+            raise ValueError(f"{self.name}: the mask-guided variant needs both mask_source and mask_target (H x W, "
+                             "True on the object in the source and where it goes in the target); give both or none")
+        for name in ("mask_source", "mask_target"):
+            mask = getattr(self, name)
+            if mask is not None:
+                mask = torch.as_tensor(mask)
+                if mask.ndim != 2:
+                    raise ValueError(f"{self.name}: {name} must be a 2-D (H x W) mask, got shape {tuple(mask.shape)}")
+                object.__setattr__(self, name, mask.bool())
+
+    def _grid_mask(self, mask: Tensor, grid: tuple[int, ...]) -> Tensor:
+        """``mask`` nearest-resized to the layer's grid (MasaCtrl's rule), flattened row-major."""
+        return torch.nn.functional.interpolate(mask.float()[None, None], size=tuple(grid), mode="nearest")[0, 0] \
+            .flatten() > 0.5
+
+    def _masked(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, index: Tensor, out: Tensor) -> Tensor:
+        """Mask-guided MasaCtrl for the target rows: ``fg * m_t + bg * (1 - m_t)``, fg attending to the source's keys
+        inside its object mask, bg to those outside (text keys of joint attention stay visible to both). A mask
+        that leaves fg or bg without keys gives that part the unmasked source keys."""
+        grid = ctx.kv_layout.grid
+        if len(grid) != 2:
+            raise LayoutError(f"{self.name} on {ctx.layer}: the mask-guided variant needs a 2-D token grid, got "
+                              f"{ctx.kv_layout.describe()}")
+        inside_s = self._grid_mask(self.mask_source, grid).to(q.device)
+        inside_t = self._grid_mask(self.mask_target, ctx.q_layout.grid).to(q.device)
+        keys_fg = torch.ones(k.shape[-2], dtype=torch.bool, device=q.device)
+        keys_bg = keys_fg.clone()
+        visual = ctx.kv_layout.visual_slice if ctx.role == "joint" else slice(None)
+        keys_fg[visual], keys_bg[visual] = inside_s, ~inside_s
+        targets = [t for t, s in enumerate(index.tolist()) if s != t]
+        rows = torch.tensor(targets, device=q.device)
+        qt, kt, vt = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
+
+        def part(allowed: Tensor) -> Tensor:
+            if not bool(allowed[visual].any()):
+                allowed = torch.ones_like(allowed)
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed[None, None, None, :],
+                                                                    scale=ctx.scale)
+
+        fg, bg = part(keys_fg), part(keys_bg)
+        m = torch.zeros(q.shape[-2], dtype=fg.dtype, device=q.device)
+        if ctx.role == "joint":
+            m[ctx.q_layout.visual_slice] = inside_t.to(fg.dtype)
+            composed = fg * m[:, None] + bg * (1 - m[:, None])
+            text = ctx.q_layout.text_slice
+            composed[:, :, text] = out.index_select(0, rows)[:, :, text]  # text rows: the plain mutual attention
+        else:
+            m[:] = inside_t.to(fg.dtype)
+            composed = fg * m[:, None] + bg * (1 - m[:, None])
+        out = out.clone()
+        out[rows] = composed.to(out.dtype)
+        return out
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         if ctx.step is not None and ctx.step < self.start_step:
@@ -83,7 +143,10 @@ class MutualSelfAttention(AttentionMethod):
             v[:, :, visual] = v.index_select(0, index)[:, :, visual]
         else:
             k, v = k.index_select(0, index), v.index_select(0, index)
-        return ctx.dense(q, k, v)
+        out = ctx.dense(q, k, v)
+        if self.mask_source is not None:
+            return self._masked(q, k, v, ctx, index, out)
+        return out
 
 
 def _probs(q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> Tensor:
@@ -98,6 +161,86 @@ def _entry_mask(mask: Tensor | None, row: int) -> Tensor | None:
     if mask is None:
         return None
     return mask[row] if mask.ndim == 4 and mask.shape[0] > 1 else (mask[0] if mask.ndim == 4 else mask)
+
+
+@dataclass(frozen=True)
+class LocalBlend:
+    """Prompt-to-Prompt's local blending: the cross-attention maps of ``words`` (in the source and in the target
+    prompt: a word found in either counts; or ``(source_words, target_words)``) are summed over heads, layers with at
+    most ``max_tokens`` queries and the steps so far, max-pooled 3 x 3, resized to the latents, max-normalised and
+    thresholded at ``threshold``; the mask is the union of the source's and the target's. From ``start`` (fraction
+    of the steps) on, after every step the target's latents become ``source + mask * (target - source)``: outside
+    the mask they are the source's exactly. Run by :func:`diffattn.editing.edit` with a
+    :class:`PromptToPrompt` whose ``local_blend`` is set."""
+
+    words: tuple[str, ...] | tuple[tuple[str, ...], tuple[str, ...]] = ()
+    threshold: float = 0.3
+    start: float = 0.2
+    max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.words:
+            raise ValueError("LocalBlend: name the words whose region may change, e.g. LocalBlend(words=('circle', "
+                             "'square')) for 'a red circle' -> 'a red square'")
+        if not 0.0 < self.threshold < 1.0 or not 0.0 <= self.start <= 1.0:
+            raise ValueError(f"LocalBlend: threshold in (0, 1) and start in [0, 1], got {self.threshold}, "
+                             f"{self.start}")
+
+    def split(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        if all(isinstance(w, str) for w in self.words):
+            return tuple(self.words), tuple(self.words)  # type: ignore[arg-type]
+        source, target = self.words  # type: ignore[misc]
+        return tuple(source), tuple(target)
+
+
+class BlendStore:
+    """The blend words' cross-attention maps of one :func:`diffattn.editing.edit` call, summed on the latent grid per
+    (branch, copy) of the conditional entries."""
+
+    def __init__(self, tokens: dict[str, tuple[int, ...]], grid: tuple[int, int], blend: LocalBlend) -> None:
+        self.tokens = tokens  # branch -> its blend token indices
+        self.grid = grid
+        self.blend = blend
+        self.maps: dict[tuple[str, int], Tensor] = {}
+
+    def entries(self, ctx: AttentionContext, batch: int) -> list[tuple[int, str, int]]:
+        """(batch entry, branch, copy index) of the conditional entries whose branch has blend words."""
+        branches = ctx.branches or ()
+        roles = ctx.batch_roles if ctx.batch_roles is not None and len(ctx.batch_roles) == batch else ("cond",) * batch
+        seen: dict[str, int] = {}
+        out = []
+        for i in range(min(batch, len(branches))):
+            if roles[i] != "cond" or branches[i] not in self.tokens:
+                continue
+            copy = seen.get(branches[i], 0)
+            seen[branches[i]] = copy + 1
+            out.append((i, branches[i], copy))
+        return out
+
+    def add(self, branch: str, copy: int, probs: Tensor, q_grid: tuple[int, ...]) -> None:
+        """``probs``: ``(heads, queries, text)`` of one entry's image rows over the text keys."""
+        tokens = [t for t in self.tokens[branch] if t < probs.shape[-1]]
+        if not tokens or len(q_grid) != 2 or probs.shape[1] > self.blend.max_tokens:
+            return
+        heat = probs[..., tokens].sum(-1).sum(0).reshape(1, 1, *q_grid).float()
+        heat = torch.nn.functional.interpolate(heat, size=self.grid, mode="bilinear", align_corners=False)[0, 0]
+        key = (branch, copy)
+        self.maps[key] = self.maps.get(key, 0) + heat.detach().cpu()
+
+    def mask(self, copy: int) -> Tensor | None:
+        """The union over the branches of copy ``copy`` of their max-pooled, max-normalised, thresholded maps
+        (``(h, w)`` bool); None before any map was recorded."""
+        found = [heat for (_, c), heat in self.maps.items() if c == copy]
+        if not found:
+            return None
+        out = torch.zeros(self.grid, dtype=torch.bool)
+        for heat in found:
+            pooled = torch.nn.functional.max_pool2d(heat[None, None], 3, stride=1, padding=1)[0, 0]
+            out |= pooled / pooled.max().clamp_min(1e-12) > self.blend.threshold
+        return out
+
+
+BLEND_STORE: contextvars.ContextVar[BlendStore | None] = contextvars.ContextVar("diffattn_blend", default=None)
 
 
 @dataclass(frozen=True)
@@ -118,14 +261,17 @@ class PromptToPrompt(AttentionMethod):
       the source's distribution inside it, so rows stay normalised; text rows are untouched.
 
     The maps are computed explicitly for the target's edited rows (row blocks, never the whole batch at once); other
-    rows go through ``ctx.dense`` (a kernel-level method under it still runs for them). LocalBlend is not part of
-    this method yet. Tested on SD1.5, SDXL, SD3 and Flux tiny pipelines.
+    rows go through ``ctx.dense`` (a kernel-level method under it still runs for them).
+    - **LocalBlend** (``local_blend=LocalBlend(words=...)``): only the region of those words may change; see
+      :class:`LocalBlend` (run through :func:`diffattn.editing.edit`). Tested on SD1.5, SDXL, SD3 and Flux tiny
+      pipelines.
     """
 
     cross_replace: float = 0.8
     self_replace: float = 0.4
     self_max_tokens: int = 256
     reweight: tuple[tuple[int, float], ...] = ()
+    local_blend: LocalBlend | None = None
     source: str = "source"
     target: str = "target"
     roles: frozenset[str] = field(default=frozenset({"self", "cross", "joint"}))
@@ -153,6 +299,9 @@ class PromptToPrompt(AttentionMethod):
         replace_cross = ctx.role != "self" and self._active(self.cross_replace, ctx)
         reweight = self.reweight if ctx.role != "self" else ()
         out = ctx.dense(q, k, v)
+        store = BLEND_STORE.get() if ctx.role != "self" else None
+        if store is not None:
+            self._record_blend(q, k, ctx, store)
         if not (replace_self or replace_cross or reweight):
             return out
         index = source_rows(ctx, q.shape[0], self.source, self.target)
@@ -175,6 +324,18 @@ class PromptToPrompt(AttentionMethod):
                     p[:, rows, column] *= weight
             out[t] = torch.matmul(p, v[t].float()).to(out.dtype)
         return out
+
+    @staticmethod
+    def _record_blend(q: Tensor, k: Tensor, ctx: AttentionContext, store: BlendStore) -> None:
+        """The image rows' maps over the text keys of the entries whose blend words are known (the plain,
+        unedited maps: P2P's LocalBlend reads the attention store of both prompts)."""
+        scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
+        layout = ctx.q_layout
+        for entry, branch, copy in store.entries(ctx, q.shape[0]):
+            p = _probs(q[entry], k[entry], scale, _entry_mask(ctx.attn_mask, entry))
+            if ctx.role == "joint":
+                p = p[:, layout.visual_slice, layout.text_slice]
+            store.add(branch, copy, p, layout.grid)
 
     @staticmethod
     def _replace(p_t: Tensor, p_s: Tensor, ctx: AttentionContext, replace_self: bool, replace_cross: bool) -> Tensor:

@@ -1,0 +1,233 @@
+"""Bounded attention (*Be Yourself: Bounded Attention for Multi-Subject T2I*): boxes and subject words; cross- and
+self-attention are masked so that subjects do not leak into each other. The paper's latent update of the early steps
+is :func:`diffattn.editing.layout`'s part (it needs gradients through the model); this module holds the masks and the
+attention-mass loss terms that update reads.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+from ..context import AttentionContext
+from .base import AttentionMethod, check_roles
+
+__all__ = ["BoundedAttention", "Box", "box_masks", "LossCollector"]
+
+Box = tuple[float, float, float, float]
+
+
+def _check_box(box: Sequence[float], owner: str) -> Box:
+    if len(box) != 4:
+        raise ValueError(f"{owner}: a box is (x0, y0, x1, y1) in [0, 1], origin top-left; got {box!r}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
+        raise ValueError(f"{owner}: box {box!r} must have 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
+                         "(fractions of the image, origin top-left)")
+    return (x0, y0, x1, y1)
+
+
+def box_masks(boxes: Sequence[Box], grid: tuple[int, int]) -> Tensor:
+    """``(tokens, subjects)`` membership of a row-major ``(h, w)`` token grid: rows ``round(y0 h):round(y1 h)``,
+    columns ``round(x0 w):round(x1 w)`` (x -> columns, y -> rows); a box covers at least one cell at any grid."""
+    h, w = grid
+    out = torch.zeros(h, w, len(boxes), dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        r0, c0 = min(round(y0 * h), h - 1), min(round(x0 * w), w - 1)
+        r1, c1 = max(round(y1 * h), r0 + 1), max(round(x1 * w), c0 + 1)
+        out[r0:r1, c0:c1, i] = True
+    return out.reshape(h * w, len(boxes))
+
+
+def _self_allowed(members: Tensor) -> Tensor:
+    """(q, k) blocked iff both lie in subject regions and share no subject: subject queries see their own subject
+    and the background, background queries see everything."""
+    share = (members.float() @ members.float().T) > 0
+    inside = members.any(1)
+    return ~(inside[:, None] & inside[None, :]) | share
+
+
+class LossCollector:
+    """Collects, per loss layer, the attention mass on each subject inside its box (``fg``) and on the background
+    (``bg``), with gradients, while :func:`diffattn.editing.layout` runs its guidance passes."""
+
+    def __init__(self, layers: Sequence[str]) -> None:
+        self.layers = frozenset(layers)
+        self.cross: list[tuple[Tensor, Tensor]] = []
+        self.self_: list[tuple[Tensor, Tensor]] = []
+
+    def wants(self, layer: str) -> bool:
+        return layer in self.layers
+
+    def loss(self, subjects: int, cross_weight: float, self_weight: float) -> tuple[Tensor, float]:
+        """``L = cross_weight * sum_k (1 - IoU_k)^2 + self_weight * (same over self-attention)``, IoU_k = fg / (fg +
+        K bg) of the layer-averaged masses; also the per-subject mean (the paper's stopping value)."""
+        total, terms = None, 0
+        for values, weight in ((self.cross, cross_weight), (self.self_, self_weight)):
+            if not values:
+                continue
+            fg = torch.stack([f for f, _ in values]).mean(0)
+            bg = torch.stack([b for _, b in values]).mean(0)
+            part = ((1 - fg / (fg + subjects * bg).clamp_min(1e-12)) ** 2).sum() * weight
+            total = part if total is None else total + part
+            terms = max(terms, fg.numel())
+        if total is None:
+            raise RuntimeError("bounded attention collected no attention maps: the loss layers "
+                               f"{sorted(self.layers)} did not run; pick layers that the model calls")
+        return total, float(total.detach()) / max(terms, 1)
+
+
+_COLLECTOR: contextvars.ContextVar[LossCollector | None] = contextvars.ContextVar("diffattn_bounded", default=None)
+
+
+@dataclass(frozen=True)
+class BoundedAttention(AttentionMethod):
+    """Bounded attention's masks: ``boxes[i]`` (x0, y0, x1, y1 in [0, 1], origin top-left) holds subject ``i``,
+    whose words are the text tokens ``subject_tokens[i]`` (indices into the text sequence the model attends to;
+    :func:`diffattn.editing.layout` finds them from words).
+
+    - **Cross-attention** (conditional entries only): every subject token and every ``filter_tokens`` token (the
+      paper: determiners, conjunctions, numbers, prepositions, spatial words) is hidden from every pixel, then each
+      subject's tokens are shown again inside its own box; with ``mask_eos`` the tokens from ``eos_token`` on (EOS
+      and the padding after it, which carry the whole prompt) are hidden from background pixels.
+    - **Self-attention** (all entries): a query and a key in the boxes of different subjects do not see each other;
+      subject queries see their own subject and the background, background queries see everything.
+    - **Joint attention** (SD3, Flux): image queries get the cross rule on the text keys and the self rule on the
+      image keys; text queries are untouched.
+
+    A row that the masks would leave empty (e.g. with no BOS token in the text) is left unmasked, never NaN. Runs on
+    any model whose attention has a 2-D grid (SD1.5, SDXL, SD3, Flux tested); the latent update is
+    :func:`diffattn.editing.layout`'s (SD1.5-style UNets). Not built: the paper's mask refinement by clustering
+    self-attention (boxes are used as they are at every step).
+    """
+
+    boxes: tuple[Box, ...] = ()
+    subject_tokens: tuple[tuple[int, ...], ...] = ()
+    filter_tokens: tuple[int, ...] = ()
+    eos_token: int | None = None
+    mask_eos: bool = True
+    mask_cross: bool = True
+    mask_self: bool = True
+    roles: frozenset[str] = field(default=frozenset({"self", "cross", "joint"}))
+    stack_level: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "roles", check_roles(self.roles, self.name))
+        boxes = tuple(_check_box(b, self.name) for b in self.boxes)
+        tokens = tuple(tuple(int(t) for t in group) for group in self.subject_tokens)
+        if not boxes:
+            raise ValueError(f"{self.name}: give at least one box, e.g. boxes=((0.0, 0.0, 0.5, 1.0),)")
+        if len(tokens) != len(boxes):
+            raise ValueError(f"{self.name}: {len(boxes)} boxes but {len(tokens)} subject token groups; give one "
+                             "tuple of token indices per box (diffattn.editing.token_indices finds a word's)")
+        if any(not group or min(group) < 0 for group in tokens):
+            raise ValueError(f"{self.name}: every subject needs token indices >= 0, got {tokens}")
+        object.__setattr__(self, "boxes", boxes)
+        object.__setattr__(self, "subject_tokens", tokens)
+        object.__setattr__(self, "filter_tokens", tuple(int(t) for t in self.filter_tokens))
+
+    # ---- masks -------------------------------------------------------------------------------------------
+    def _members(self, ctx: AttentionContext) -> Tensor | None:
+        grid = ctx.q_layout.grid
+        if len(grid) != 2:
+            return None
+        return box_masks(self.boxes, (int(grid[0]), int(grid[1])))
+
+    def cross_allowed(self, members: Tensor, text_len: int, *, background: bool = False) -> Tensor:
+        """``(pixels, text_len)`` bool: what each pixel may see among the text tokens (conditional entries).
+        ``background=True`` (the guidance passes) shows subject tokens in the background too and keeps EOS."""
+        allowed = torch.ones(members.shape[0], text_len, dtype=torch.bool)
+        if not self.mask_cross:
+            return allowed
+        hidden = [t for group in self.subject_tokens for t in group] + list(self.filter_tokens)
+        allowed[:, [t for t in hidden if t < text_len]] = False
+        outside = ~members.any(1)
+        for i, group in enumerate(self.subject_tokens):
+            rows = members[:, i] | outside if background else members[:, i]
+            cols = [t for t in group if t < text_len]
+            allowed[rows.nonzero()[:, 0][:, None], torch.tensor(cols, dtype=torch.long)[None, :]] = True
+        if self.mask_eos and not background and self.eos_token is not None and self.eos_token < text_len:
+            allowed[outside, self.eos_token:] = False
+        return allowed
+
+    def self_allowed(self, members: Tensor) -> Tensor:
+        if not self.mask_self:
+            return torch.ones(members.shape[0], members.shape[0], dtype=torch.bool)
+        return _self_allowed(members)
+
+    def masks(self, ctx: AttentionContext, batch: int, *, background: bool = False) -> Tensor | None:
+        """The ``(batch, 1, Sq, Skv)`` boolean mask of this call (True = attend), or None where nothing is masked."""
+        members = self._members(ctx)
+        if members is None:
+            return None
+        roles = ctx.batch_roles if ctx.batch_roles is not None and len(ctx.batch_roles) == batch else ("cond",) * batch
+        sq, skv = ctx.q_layout.num_tokens, ctx.kv_layout.num_tokens
+        out = torch.ones(batch, 1, sq, skv, dtype=torch.bool)
+        if ctx.role == "self":
+            out[:] = self.self_allowed(members)
+        elif ctx.role == "cross":
+            cond = [i for i, r in enumerate(roles) if r == "cond"]
+            out[cond, 0] = self.cross_allowed(members, skv, background=background)
+        else:  # joint: image rows only
+            layout = ctx.q_layout
+            rows, text, image = layout.visual_slice, layout.text_slice, layout.visual_slice
+            cond = [i for i, r in enumerate(roles) if r == "cond"]
+            block = out[:, 0, rows]
+            block[:, :, image] = self.self_allowed(members)
+            out[:, 0, rows] = block
+            block = out[cond, 0, rows]
+            block[:, :, text] = self.cross_allowed(members, layout.text_len, background=background)
+            out[cond, 0, rows] = block
+        empty = ~out.any(-1, keepdim=True)
+        return out | empty  # never an empty row
+
+    # ---- attention -------------------------------------------------------------------------------------------
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        collector = _COLLECTOR.get()
+        guiding = collector is not None
+        mask = self.masks(ctx, q.shape[0], background=guiding)
+        if mask is None:
+            return ctx.dense(q, k, v)
+        mask = mask.to(q.device)
+        if ctx.attn_mask is not None:
+            given = ctx.attn_mask
+            mask = mask & given if given.dtype == torch.bool else torch.where(mask, given.to(q.dtype),
+                                                                             torch.finfo(q.dtype).min)
+        if guiding and collector.wants(ctx.layer):
+            return self._collect(q, k, v, mask, ctx, collector)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ctx.scale,
+                                                                enable_gqa=ctx.enable_gqa)
+
+    def _collect(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ctx: AttentionContext,
+                 collector: LossCollector) -> Tensor:
+        """Explicit masked attention (differentiable) that also records the loss terms of the conditional rows."""
+        scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
+        logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min) if mask.dtype == torch.bool else logits + mask
+        probs = logits.softmax(-1)
+        members = self._members(ctx).to(q.device)
+        inside, outside = members.T.float(), (~members.any(1)).float()  # (subjects, Sq), (Sq,)
+        layout = ctx.q_layout
+        rows = layout.visual_slice if ctx.role == "joint" else slice(None)
+        if ctx.role in ("cross", "joint"):
+            offset = layout.text_start if ctx.role == "joint" else 0
+            keys = torch.zeros(len(self.boxes), probs.shape[-1], device=q.device)
+            for i, group in enumerate(self.subject_tokens):
+                picked = [offset + t for t in (*group, self.eos_token if self.eos_token is not None else group[0])]
+                keys[i, picked] = 1.0
+            self._record(probs[..., rows, :], keys, inside, outside, collector.cross)
+        if ctx.role in ("self", "joint"):
+            keys = torch.zeros(len(self.boxes), probs.shape[-1], device=q.device)
+            keys[:, layout.visual_slice if ctx.role == "joint" else slice(None)] = inside
+            self._record(probs[..., rows, :], keys, inside, outside, collector.self_)
+        return torch.matmul(probs, v)
+
+    @staticmethod
+    def _record(probs: Tensor, keys: Tensor, inside: Tensor, outside: Tensor, into: list) -> None:
+        mass = torch.einsum("bhqk,sk->bsq", probs, keys)  # per subject, per query: mass on the subject's keys
+        into.append((torch.einsum("bsq,sq->s", mass, inside), torch.einsum("bsq,q->s", mass, outside)))
