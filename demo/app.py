@@ -284,7 +284,7 @@ def build_app(models: Any, temp: Path) -> Any:
                     s_methods = gr.CheckboxGroup(speed_methods, value=["sliding tile", "radial"],
                                                  label="Sparse methods (against dense attention)",
                                                  elem_id="speed-methods")
-                    s_size = gr.Dropdown(list(logic.SPEED_SIZES), value=next(iter(logic.SPEED_SIZES)),
+                    s_size = gr.Dropdown(list(logic.SPEED_SIZES), value=list(logic.SPEED_SIZES)[1],
                                          label="Video size (frames x height x width)", elem_id="speed-size")
                     s_steps = gr.Slider(1, 4, value=1, step=1, label="Steps", elem_id="speed-steps")
                     s_run = gr.Button("Compare", variant="primary", elem_id="speed-run")

@@ -1,0 +1,462 @@
+"""The demo as a person uses it: one server (``diffattn demo`` in a subprocess, on the embedded models), headless
+Chromium through Playwright (Debian's chromium, launched by path), one test per tab that fills the inputs, clicks,
+waits and checks the pixels of the image the page received; the API through ``gradio_client``; two sessions at
+once; a socket audit hook in the server process proving it connects to nothing outside loopback; its temporary
+folder removed when it stops.
+
+Screenshots and timings go to ``outputs/demo/``; ``DIFFATTN_DEMO_SCREENSHOTS=docs/images`` also writes the README's
+screenshots there. Without chromium the browser tests skip (outside CI) or fail (``CI`` set): run
+``scripts/bootstrap.sh`` as root, or point ``DIFFATTN_CHROMIUM`` at a Chromium binary.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "outputs" / "demo"
+STARTUP_TIMEOUT = 120.0
+RESULT_TIMEOUT = 120_000  # ms
+TOLERANCE = 2  # levels of 255: the server and this process may split float sums differently
+
+
+def _load_logic():
+    name = "diffattn_demo_logic"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "demo" / "logic.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+logic = _load_logic()
+
+# Run in the server process before anything else: every socket event is logged (one JSON line each), then the
+# `diffattn demo` command line runs with the remaining arguments.
+_SERVER = r"""
+import json, sys
+log = open(sys.argv[1], "a", buffering=1)
+def audit(event, args):
+    if event in ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg"):
+        address = args[1]
+        log.write(json.dumps([event, list(map(str, address[:2])) if isinstance(address, tuple) else str(address)]) + "\n")
+    elif event == "socket.getaddrinfo":
+        log.write(json.dumps([event, [str(args[0]), str(args[1])]]) + "\n")
+sys.addaudithook(audit)
+log.write(json.dumps(["audit", "installed"]) + "\n")
+from diffattn.pipelines.cli import main
+sys.exit(main(["demo", *sys.argv[2:]]))
+"""
+
+
+def _chromium() -> str:
+    path = os.environ.get("DIFFATTN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path:
+        return path
+    message = ("headless Chromium is not installed: run `bash scripts/bootstrap.sh` as root (it installs Debian's "
+               "chromium) or set DIFFATTN_CHROMIUM to a Chromium binary")
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, folder: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.audit_log = folder / "audit.jsonl"
+        self.output = folder / "server.log"
+        self.threads = torch.get_num_threads()  # the direct calls of this process use the same count
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, str(self.audit_log), "--port", str(self.port), "--threads",
+             str(self.threads)], cwd=folder, stdout=self.output.open("w"), stderr=subprocess.STDOUT)
+        self.startup_seconds: float | None = None
+        self.temp_folders: set[Path] = set()
+
+    def log(self) -> str:
+        return self.output.read_text()[-4000:]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # as Ctrl+C: the demo closes and removes its folder
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, args=[
+            "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--no-first-run",
+            "--disable-domain-reliability", "--disable-sync"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def server(browser, tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("demo-server"))
+    try:
+        page = browser.new_page()
+        deadline = server.started + STARTUP_TIMEOUT
+        while True:
+            assert server.process.poll() is None, f"the demo exited:\n{server.log()}"
+            assert time.perf_counter() < deadline, f"no page after {STARTUP_TIMEOUT} s:\n{server.log()}"
+            try:
+                page.goto(server.url, timeout=5000)
+                break
+            except Exception:  # connection refused until the server listens
+                time.sleep(0.25)
+        page.locator("#edit-run").wait_for(timeout=30000)
+        server.startup_seconds = time.perf_counter() - server.started
+        page.close()
+        _record("startup_to_usable_page_s", server.startup_seconds)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A new browser session on the demo; every request it makes is recorded and must go to loopback."""
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(server.url)
+    page.locator("#edit-run").wait_for()
+    yield page
+    context.close()
+    outside = [url for url in requests if not _loopback_url(url)]
+    assert not outside, f"the page requested addresses outside this machine: {outside[:5]}"
+
+
+def _loopback_url(url: str) -> bool:
+    parsed = urlparse(url)
+    if parsed.scheme in ("data", "blob", "about"):
+        return True
+    return _loopback_host(parsed.hostname or "")
+
+
+def _loopback_host(host: str) -> bool:
+    if host in ("localhost", "None", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _record(key: str, value: float) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "timings.json"
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings[key] = round(value, 2)
+    path.write_text(json.dumps(timings, indent=1))
+
+
+def _screenshot(page, name: str) -> None:
+    """The page as ``demo_<name>.png`` under outputs/demo (and DIFFATTN_DEMO_SCREENSHOTS), 256 colours: small."""
+    image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    small = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    folders = [OUT] + ([ROOT / os.environ["DIFFATTN_DEMO_SCREENSHOTS"]] if os.environ.get("DIFFATTN_DEMO_SCREENSHOTS")
+                       else [])
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        small.save(folder / f"demo_{name}.png", optimize=True)
+
+
+def _fill(page, elem_id: str, value: object) -> None:
+    box = page.locator(f"#{elem_id}").get_by_role("textbox")
+    box.fill(str(value))
+
+
+def _set_number(page, elem_id: str, value: int) -> None:
+    field = page.locator(f"#{elem_id} input[type=number]").first
+    field.fill(str(value))
+    field.press("Enter")
+
+
+def _image(page, server: Server, elem_id: str, previous: str | None = None) -> np.ndarray:
+    """The image the page shows in output ``elem_id`` (waiting for it, or for a new one than ``previous``), fetched
+    from the server as the browser got it: PNG, so pixels are exact."""
+    img = page.locator(f"#{elem_id} img").first
+    img.wait_for(timeout=RESULT_TIMEOUT)
+    if previous is not None:
+        page.wait_for_function(f"document.querySelector('#{elem_id} img').src !== {json.dumps(previous)}",
+                               timeout=RESULT_TIMEOUT)
+    src = img.get_attribute("src")
+    _remember_temp(server, src)
+    response = page.request.get(src)
+    assert response.ok, src
+    assert response.body()[:8] == b"\x89PNG\r\n\x1a\n", f"{elem_id} did not come as PNG"
+    return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
+
+
+def _remember_temp(server: Server, src: str) -> None:
+    path = unquote(urlparse(src).path)
+    if "/file=" in path:
+        file = Path(path.split("/file=", 1)[1])
+        server.temp_folders.add(next(p for p in [file, *file.parents] if p.name.startswith("diffattn-demo-")))
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def models(server):
+    torch.set_num_threads(server.threads)
+    return logic.Models().load()
+
+
+def _objects(image: np.ndarray) -> list[tuple[str, str, str]]:
+    from diffattn.evaluation import segment
+
+    return [(c.colour, c.shape, c.position) for c in segment(image).components]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one test per tab
+# ----------------------------------------------------------------------------------------------------------------
+def test_edit_tab(page, server, models):
+    assert server.startup_seconds is not None
+    _fill(page, "edit-source", "a red circle on the left")
+    _fill(page, "edit-target", "a blue circle on the left")
+    start = time.perf_counter()
+    page.locator("#edit-run").click()
+    target = _image(page, server, "edit-out-target")
+    _record("edit_click_to_image_s (20 steps, prompt-to-prompt)", time.perf_counter() - start)
+    source = _image(page, server, "edit-out-source")
+    factor = source.shape[0] // 32
+    assert _objects(logic.shrink(source, factor)) == [("red", "circle", "left")]
+    assert _objects(logic.shrink(target, factor)) == [("blue", "circle", "left")]
+    direct = logic.run_edit(models, "a red circle on the left", "a blue circle on the left", "prompt-to-prompt", 0, 20)
+    assert _close(source, direct.source) and _close(target, direct.target)
+    assert "20 steps" in page.locator("#edit-note").inner_text()
+    _screenshot(page, "edit")
+
+
+def test_layout_tab(page, server, models):
+    page.get_by_role("tab", name="Layout").click()
+    _fill(page, "layout-prompt", "a red circle and a blue square")
+    _fill(page, "layout-subjects", "circle: 0 0 0.5 0.5\nsquare: 0.5 0.5 1 1")
+    _set_number(page, "layout-steps", 8)
+    page.locator("#layout-run").click()
+    bounded = _image(page, server, "layout-bounded")
+    plain = _image(page, server, "layout-plain")
+    boxes = _image(page, server, "layout-boxes")
+    direct = logic.run_layout(models, "a red circle and a blue square", "circle: 0 0 0.5 0.5\nsquare: 0.5 0.5 1 1",
+                              0, 8)
+    assert _close(plain, direct.plain) and _close(bounded, direct.bounded)
+    assert not _close(plain, bounded)  # bounded attention changed the image
+    side = boxes.shape[0]
+    assert boxes[0, side // 4].tolist() == list(logic.BOX_COLOURS[0])
+    assert boxes[side - 1, 3 * side // 4].tolist() == list(logic.BOX_COLOURS[1])
+    _screenshot(page, "layout")
+
+
+def _canvas_image_rect(page) -> tuple[float, float, float, float]:
+    """Screen rectangle (x0, y0, x1, y1) of the image inside the Erase canvas: the rows and columns that are mostly
+    the generated image's dark background (the toolbar icons are thin)."""
+    canvas = page.locator("#erase-editor canvas").first
+    box = canvas.bounding_box()
+    shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")).astype(int)
+    dark = shot.max(-1) < 60
+    cols, rows = np.nonzero(dark.mean(0) > 0.3)[0], np.nonzero(dark.mean(1) > 0.3)[0]
+    sx, sy = box["width"] / shot.shape[1], box["height"] / shot.shape[0]
+    return (box["x"] + cols.min() * sx, box["y"] + rows.min() * sy, box["x"] + (cols.max() + 1) * sx,
+            box["y"] + (rows.max() + 1) * sy)
+
+
+def test_erase_tab(page, server, models):
+    from scipy.ndimage import binary_dilation
+
+    from diffattn.editing import erase
+    from diffattn.evaluation import segment
+
+    page.get_by_role("tab", name="Erase").click()
+    _fill(page, "erase-prompt", "a red circle on the left and a blue square on the right")
+    page.locator("#erase-generate").click()
+    page.locator("#erase-editor canvas").first.wait_for()
+    page.wait_for_timeout(1500)  # the canvas draws the generated image
+    x0, y0, x1, y1 = _canvas_image_rect(page)
+    assert 0.9 < (x1 - x0) / (y1 - y0) < 1.1, (x0, y0, x1, y1)
+    generated, _ = logic.generate_image(models, "a red circle on the left and a blue square on the right", 0, 10)
+    small = logic.shrink(generated, generated.shape[0] // 32)
+    red = segment(small).of_colour("red")
+    assert red, "the generated scene has no red object to remove"
+    cx, cy = red[0].centroid
+    # one brush stroke with the mouse, left to right through the red object
+    page.mouse.move(x0 + (cx - 0.14) * (x1 - x0), y0 + cy * (y1 - y0))
+    page.mouse.down()
+    page.mouse.move(x0 + (cx + 0.14) * (x1 - x0), y0 + cy * (y1 - y0), steps=3)
+    page.mouse.up()
+    page.locator("#erase-run").click()
+    erased = _image(page, server, "erase-out-erased")
+    source = _image(page, server, "erase-out-source")
+    shown = _image(page, server, "erase-out-mask")
+    factor = source.shape[0] // 32
+    image, erased_small = logic.shrink(source, factor), logic.shrink(erased, factor)
+    assert np.array_equal(image, small)  # the canvas image came back as generated
+    mask = np.abs(logic.shrink(shown, factor).astype(int) - image.astype(int)).max(-1) > 0
+    assert mask[red[0].mask].mean() > 0.6, "the stroke did not cover the red object"
+    assert mask.mean() < 0.4, "the stroke covered too much"
+    # the erased object is gone where the stroke was; the rest is untouched
+    found = segment(erased_small).components
+    assert not any(c.colour == "red" for c in found), [(c.colour, c.position) for c in found]
+    assert any(c.colour == "blue" and c.position == "right" for c in found)
+    far = ~binary_dilation(mask, iterations=3)  # 3 px away from the mask
+    assert far.sum() > 400
+    assert np.abs(erased_small[far].astype(int) - image[far].astype(int)).mean() < 4
+    with models.image() as pipe:
+        direct = logic.to_uint8(erase(pipe, image, mask, num_inference_steps=10, seed=0))
+    assert _close(erased_small, direct)
+    _screenshot(page, "erase")
+
+
+def test_guidance_tab(page, server):
+    page.get_by_role("tab", name="Guidance").click()
+    _fill(page, "guidance-prompt", "a red circle on the left")
+    _fill(page, "guidance-scales", "0, 3")
+    page.locator("#guidance-layers input").click()
+    page.get_by_role("option", name="up_blocks.2", exact=True).click()
+    _set_number(page, "guidance-steps", 8)
+    page.locator("#guidance-run").click()
+    grid = _image(page, server, "guidance-grid")
+    cell = (grid.shape[0] - 4) // 2
+    assert grid.shape[:2] == (2 * cell + 4, 2 * cell + 4)
+    cells = {(r, c): grid[r * (cell + 4):r * (cell + 4) + cell, c * (cell + 4):c * (cell + 4) + cell]
+             for r in range(2) for c in range(2)}
+    assert np.array_equal(cells[0, 0], cells[1, 0])  # no guidance: the same image in both rows
+    assert not np.array_equal(cells[0, 1], cells[0, 0]) and not np.array_equal(cells[1, 1], cells[0, 0])
+    assert _objects(logic.shrink(cells[0, 0], cell // 32)) == [("red", "circle", "left")]
+    table = page.locator("#guidance-table").inner_text()
+    assert "PAG" in table and "SEG" in table and "up_blocks.2" in table
+    _screenshot(page, "guidance")
+
+
+def test_speed_tab(page, server):
+    page.get_by_role("tab", name="Speed").click()
+    page.locator("#speed-methods").get_by_label("radial").uncheck()
+    page.locator("#speed-size input").click()
+    page.get_by_role("option", name="8 x 32 x 64 px (quick)").click()
+    start = time.perf_counter()
+    page.locator("#speed-run").click()
+    frames = _image(page, server, "speed-frames")
+    _record("speed_quick_click_to_result_s (sliding tile, 1 step, incl. video model load)",
+            time.perf_counter() - start)
+    plot = _image(page, server, "speed-plot")
+    table = page.locator("#speed-table").inner_text()
+    assert "sliding tile" in table and "dense (stock)" in table and "radial" not in table
+    assert "x" in table and "tokens" in table
+    factor = frames.shape[1] // (3 * 64)
+    assert frames.shape[:2] == (2 * 32 * factor, 3 * 64 * factor)  # rows: dense (stock), sliding tile
+    assert plot.shape[0] > 200 and plot.std() > 10
+    _screenshot(page, "speed")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input, the API, load, privacy, clean-up
+# ----------------------------------------------------------------------------------------------------------------
+def test_bad_upload_shows_a_message_not_a_traceback(page, server, tmp_path):
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((8, 2100, 3), np.uint8)).save(wide)
+    page.locator("#edit-upload input[type=file]").set_input_files(str(wide))
+    page.locator("#edit-upload img").first.wait_for()
+    page.locator("#edit-run").click()
+    message = page.get_by_text("upload one of at most 2048 px a side")
+    message.wait_for(timeout=RESULT_TIMEOUT)
+    assert "Traceback" not in page.content()
+
+
+def test_api_through_gradio_client(server, models, tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(server.url, download_files=str(tmp_path), verbose=False)
+    source, target, diff, note = client.predict("a green square on the right", "", "green", "yellow", "", 1.0,
+                                                "prompt-to-prompt", 3, 8, None, api_name="/edit")
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in (source, target, diff)]
+    direct = logic.run_edit(models, "a green square on the right", "", "prompt-to-prompt", 3, 8, swap_word="green",
+                            swap_to="yellow")
+    assert _close(images[0], direct.source) and _close(images[1], direct.target)
+    assert "a yellow square on the right" in note
+    with pytest.raises(AppError, match="500 is greater than maximum value 50"):  # the slider's own bound
+        client.predict("a red circle", "", "", "", "", 1.0, "prompt-to-prompt", 0, 500, None, api_name="/edit")
+    with pytest.raises(AppError, match="-5 is less than minimum value 0"):
+        client.predict("a red circle", "", "", "", "", 1.0, "prompt-to-prompt", -5, 8, None, api_name="/edit")
+    with pytest.raises(AppError, match="equal token count"):  # the demo's own check, through the API
+        client.predict("a red circle", "a big red circle", "", "", "", 1.0, "prompt-to-prompt", 0, 8, None,
+                       api_name="/edit")
+
+
+def test_two_sessions_at_once_each_get_their_own_result(browser, server, models):
+    jobs = [("a red circle on the left", "a blue circle on the left", 1),
+            ("a green square on the right", "a yellow square on the right", 2)]
+    contexts = [browser.new_context(viewport={"width": 1440, "height": 900}) for _ in jobs]
+    try:
+        pages = [context.new_page() for context in contexts]
+        for page, (source, target, seed) in zip(pages, jobs):
+            page.goto(server.url)
+            _fill(page, "edit-source", source)
+            _fill(page, "edit-target", target)
+            page.locator("#edit-seed input").fill(str(seed))
+            _set_number(page, "edit-steps", 8)
+        for page in pages:  # both clicks before either result: the queue runs them one after the other
+            page.locator("#edit-run").click()
+        for page, (source, target, seed) in zip(pages, jobs):
+            got = _image(page, server, "edit-out-target")
+            direct = logic.run_edit(models, source, target, "prompt-to-prompt", seed, 8)
+            assert _close(got, direct.target), (source, target)
+    finally:
+        for context in contexts:
+            context.close()
+
+
+def test_server_connects_only_to_loopback_and_cleans_its_temp_folder(server):
+    """Runs last: stops the server (as Ctrl+C) and reads what the audit hook saw during every test above."""
+    assert server.temp_folders, "no result image was served from the demo's temporary folder"
+    assert all(folder.is_dir() for folder in server.temp_folders)
+    code = server.stop()
+    assert code == 0, server.log()
+    events = [json.loads(line) for line in server.audit_log.read_text().splitlines()]
+    assert events[0] == ["audit", "installed"]
+    binds = [address for event, address in events if event == "socket.bind" and isinstance(address, list)]
+    assert ["127.0.0.1", str(server.port)] in binds, binds  # the hook saw the server's own socket
+    outside = [(event, address) for event, address in events if event != "audit"
+               and isinstance(address, list) and not _loopback_host(address[0])]
+    assert not outside, f"the demo made connections outside loopback: {outside[:5]}"
+    assert not any(folder.exists() for folder in server.temp_folders), "the demo left its temporary folder"
