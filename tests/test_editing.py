@@ -371,3 +371,22 @@ def test_mask_guided_masactrl_runs_on_every_family(kind):
     masked = run(kind, "a red circle on the left", "a red circle on the right", method)
     assert np.array_equal(masked.source, plain.source)
     assert np.isfinite(masked.target).all() and np.abs(masked.target - plain.target).max() > 1e-5
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_erase_runs_on_unet_families_and_keeps_the_outside(kind):
+    pipe = pipeline(kind)
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (32, 32, 3)).astype(np.float32)
+    mask = np.zeros((32, 32), bool)
+    mask[8:20, 8:20] = True
+    out = diffattn.editing.erase(pipe, image, mask, num_inference_steps=3)
+    plain = diffattn.editing.erase(pipe, image, mask, num_inference_steps=3, guidance=0.0)
+    assert out.shape == (32, 32, 3) and np.isfinite(out).all()
+    assert np.abs(out - plain).max() > 1e-4, "attention redirection changes the result"
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_erase_refuses_transformer_pipelines_with_a_reason(kind):
+    with pytest.raises(ValueError, match="UNet pipelines"):
+        diffattn.editing.erase(pipeline(kind), np.zeros((32, 32, 3), np.float32), np.ones((32, 32), bool))

@@ -6,8 +6,9 @@ The batch is two branches of one latent, ``wo`` (plain attention) and ``w`` (the
 acts), both with the empty prompt and no classifier-free guidance; the prediction is
 ``eps_wo + guidance * (eps_w - eps_wo)`` (SARG), and after every step the latent outside the (dilated) mask is
 reset to the source latent noised to that step (inpainting-style blending), so only the masked region is redrawn.
-The loop starts from the source image noised to ``strength`` (as img2img). SD1.5-style UNet pipelines
-(``StableDiffusionPipeline``); other families: not yet.
+The loop starts from the source image noised to ``strength`` (as img2img). UNet pipelines: SD1.5-style
+(``StableDiffusionPipeline``) and SDXL (``StableDiffusionXLPipeline``, the paper's model: its pooled text embeddings
+and size time ids are passed as the pipeline does). SD3 / Flux (flow-matching transformers) raise: not built.
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ def _latent_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
     return (F.adaptive_max_pool2d(m[None, None], size) > 0.5).float()
 
 
+def _empty_prompt(pipe: Any, x0: torch.Tensor, size: tuple[int, int]) -> dict[str, Any]:
+    """The UNet's conditioning for the empty prompt, batch 2 (``wo``, ``w``): text embeddings, and for SDXL the
+    pooled text embeddings and the (size, crop, size) time ids."""
+    encoded = pipe.encode_prompt("", device=x0.device, num_images_per_prompt=2, do_classifier_free_guidance=False)
+    if pipe.unet.config.addition_embed_type != "text_time":
+        return {"encoder_hidden_states": encoded[0]}
+    embeds, _, pooled, _ = encoded
+    projection = int(pooled.shape[-1])
+    time_ids = pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=embeds.dtype,
+                                      text_encoder_projection_dim=projection).repeat(2, 1).to(x0.device)
+    return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
 @torch.no_grad()
 def erase(pipe: Any, image: Any, mask: Any, *, num_inference_steps: int = 50, strength: float = 0.8,
           guidance: float = 9.0, method: AttentiveEraser | None = None, seed: int = 0,
@@ -41,6 +55,11 @@ def erase(pipe: Any, image: Any, mask: Any, *, num_inference_steps: int = 50, st
     """Remove the object under ``mask`` (H x W bool, True on the object) from ``image`` (H x W x 3 uint8 or floats in
     [0, 1]); returns the edited image as floats in [0, 1]. ``method`` sets AAS (default ``AttentiveEraser()``);
     ``layers``: where it acts (the paper: the decoder's self-attention)."""
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        raise ValueError(f"erase: runs on UNet pipelines (SD1.5, SDXL); {type(pipe).__name__} is not one (SD3 / Flux "
+                         "erasing is not built). Use a StableDiffusionPipeline or StableDiffusionXLPipeline")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"erase: strength must be in (0, 1], got {strength}")
     image = np.asarray(image)
@@ -55,13 +74,13 @@ def erase(pipe: Any, image: Any, mask: Any, *, num_inference_steps: int = 50, st
     timesteps = scheduler.timesteps[start:]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
     latents = scheduler.add_noise(x0, noise, timesteps[:1])
-    embeds, _ = pipe.encode_prompt("", x0.device, 2, False)
+    conditioning = _empty_prompt(pipe, x0, image.shape[:2])
     handle = apply(pipe, method.with_mask(mask), layers=layers)
     try:
         for i, t in enumerate(timesteps):
             with denoising_step(i, len(timesteps), timestep=float(t), batch_roles=("cond", "cond")), \
                     prompt_branches(("wo", "w")):
-                eps = pipe.unet(torch.cat([latents] * 2), t, encoder_hidden_states=embeds).sample
+                eps = pipe.unet(torch.cat([latents] * 2), t, **conditioning).sample
             eps_wo, eps_w = eps.chunk(2)
             latents = scheduler.step(eps_wo + guidance * (eps_w - eps_wo), t, latents).prev_sample
             if i + 1 < len(timesteps):  # outside the mask: the source, noised to the next step
