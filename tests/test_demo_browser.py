@@ -213,7 +213,9 @@ def _image(page, server: Server, elem_id: str, previous: str | None = None) -> n
     """The image the page shows in output ``elem_id`` (waiting for it, or for a new one than ``previous``), fetched
     from the server as the browser got it: PNG, so pixels are exact."""
     img = page.locator(f"#{elem_id} img").first
-    img.wait_for(timeout=RESULT_TIMEOUT)
+    error = page.locator("[data-testid='toast-body']").first
+    img.or_(error).wait_for(timeout=RESULT_TIMEOUT)  # an error message fails now, not after the timeout
+    assert not error.is_visible(), f"the page showed an error instead of {elem_id}: {error.inner_text()}"
     if previous is not None:
         page.wait_for_function(f"document.querySelector('#{elem_id} img').src !== {json.dumps(previous)}",
                                timeout=RESULT_TIMEOUT)
