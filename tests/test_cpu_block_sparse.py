@@ -258,11 +258,12 @@ def _syntax_check(compiler: str, flags: list[str]) -> subprocess.CompletedProces
     from torch.utils.cpp_extension import include_paths
 
     includes = [f"-I{p}" for p in (*include_paths(), sysconfig.get_paths()["include"])]
-    cmd = [compiler, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=check", *includes, *flags,
+    cmd = [compiler, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=check", *includes, *flags,
            str(loop.SOURCE)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_source_compiles_without_x86_machine_flags():
     """The neon build's flags on this host's compiler: every x86 intrinsic must sit behind its build's define
     (unguarded AVX code fails to compile without -m flags), which is what an aarch64 build needs too."""
@@ -273,6 +274,7 @@ def test_source_compiles_without_x86_machine_flags():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_source_compiles_for_aarch64_neon():
     """With a cross compiler (Debian: ``apt-get install g++-aarch64-linux-gnu``), the neon build type-checks for
     aarch64 against torch's headers (ATen's NEON Vectorized<float>)."""

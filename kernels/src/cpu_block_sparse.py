@@ -243,17 +243,12 @@ def supports(q: Tensor) -> bool:
             and kernel_for(q.dtype) is not None)
 
 
-def _pack(k: Tensor, v: Tensor, block: int, order: list[int] | None = None,
-          vnni: bool = False) -> tuple[Tensor, Tensor]:
-    """K^T and V padded to whole key blocks, key blocks in ``order`` (block i of the copy is block ``order[i]``;
-    a partial last block must stay last), in the layouts the kernel reads (VNNI-2 pairs for the bf16 oneDNN
+def _pack(k: Tensor, v: Tensor, block: int, vnni: bool = False) -> tuple[Tensor, Tensor]:
+    """K^T and V padded to whole key blocks, in the layouts the kernel reads (VNNI-2 pairs for the bf16 oneDNN
     kernel; otherwise K^T per key block and V, in k's dtype)."""
     pad = (-k.shape[2]) % block
     if pad:
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-    if order is not None:
-        index = torch.tensor(order, device=k.device)
-        k, v = (x.unflatten(2, (x.shape[2] // block, block)).index_select(2, index).flatten(2, 3) for x in (k, v))
     blocks = k.unflatten(2, (k.shape[2] // block, block))  # (B, H, S/Bk, Bk, D)
     if vnni:
         kp = blocks.unflatten(-1, (k.shape[-1] // 2, 2)).permute(0, 1, 2, 4, 3, 5).contiguous()  # (B,H,S/Bk,D/2,Bk,2)
@@ -262,21 +257,31 @@ def _pack(k: Tensor, v: Tensor, block: int, order: list[int] | None = None,
     return blocks.transpose(-1, -2).contiguous(), v.contiguous()  # (B, H, S/Bk, D, Bk), (B, H, S, D)
 
 
+def _block_lists(members: list[tuple[int, list[tuple[int, int]]]],
+                 key_order: list[int] | None) -> tuple[Tensor, Tensor]:
+    """Each member's key blocks as ascending block ids of k (runs index the ``key_order`` copy when given), in CSR
+    form: offsets (members + 1) and ids. The kernel reads the blocks where they are, so no reordered copy is made;
+    ascending order keeps a partial last block last."""
+    lists = [sorted(b if key_order is None else key_order[b] for first, stop in runs for b in range(first, stop))
+             for _, runs in members]
+    offsets = torch.tensor([0] + [len(ids) for ids in lists], dtype=torch.int64).cumsum(0)
+    return offsets, torch.tensor([b for ids in lists for b in ids], dtype=torch.int64)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
            members: list[tuple[int, list[tuple[int, int]]]], bq: int, bkv: int, scale: float,
            key_order: list[int] | None = None) -> None:
     """Write ``out`` and ``lse`` (views of the full outputs, (B, H, Sq, D) and (B, H, Sq)) for the query blocks in
     ``members``: ``(query_block, [(first_key_block, stop_key_block), ...])``, every listed block whole; with
-    ``key_order``, the runs index a copy of the key blocks in that order."""
+    ``key_order``, the runs index the key blocks in that order (block i is block ``key_order[i]`` of k)."""
     module = extension()
     choice = kernel_for(q.dtype)
     if module is None or choice is None:
         raise RuntimeError(f"the compiled block-sparse loop is unavailable for {q.dtype}: {status()}")
     if choice.kernel == "vec" and k.dtype != torch.float32:
         k, v = k.float(), v.float()  # computed in float32; the copy is O(S x D), the loop O(S^2 x D x density)
-    kp, vp = _pack(k, v, bkv, key_order, vnni=choice.kernel == "onednn" and q.dtype == torch.bfloat16)
+    kp, vp = _pack(k, v, bkv, vnni=choice.kernel == "onednn" and q.dtype == torch.bfloat16)
     starts = torch.tensor([qb * bq for qb, _ in members], dtype=torch.int64)
-    counts = torch.tensor([0] + [len(runs) for _, runs in members], dtype=torch.int64)
-    runs = torch.tensor([[first * bkv, stop * bkv] for _, rs in members for first, stop in rs], dtype=torch.int64)
-    module.block_sparse_forward(q, kp, vp, out, lse, starts, counts.cumsum(0), runs.view(-1, 2), bq, k.shape[2],
-                                float(scale), KV_TILE, choice.kernel)
+    offsets, ids = _block_lists(members, key_order)
+    module.block_sparse_forward(q, kp, vp, out, lse, starts, offsets, ids, bq, k.shape[2], float(scale), KV_TILE,
+                                choice.kernel)

@@ -1,9 +1,9 @@
 // Block-sparse flash attention for the CPU: the `torch` backend's compiled inner loop.
 //
-// Every task is one (batch, head, query block): it walks the query block's key runs in tiles of up to
-// `max_tile` keys, computes the scores tile by tile, keeps an online softmax in float32 and accumulates P V.
-// Unlike a stack of SDPA calls, nothing is paid per key run: K and V are packed once per call (by the Python side)
-// and every tile reads them in place.
+// Every task is one (batch, head, query block): it walks the query block's list of key blocks (any blocks, in
+// ascending order) in tiles of up to `max_tile` keys, computes the scores tile by tile, keeps an online softmax in
+// float32 and accumulates P V block by block. Unlike a stack of SDPA calls, nothing is paid per key run: K and V are
+// packed once per call (by the Python side) and every tile reads its blocks in place, wherever they are.
 //
 // One source, built once per instruction set (kernels/src/cpu_block_sparse.py picks the build at run time, the
 // way ATen compiles its CPU_CAPABILITY kernels): CPU_CAPABILITY_AVX512, CPU_CAPABILITY_AVX2, or no x86 define
@@ -19,7 +19,8 @@
 //   bfloat16 under "onednn": kp (B, H, S_pad/Bk, D/2, Bk, 2) K^T per key block in VNNI-2 pairs;
 //                            vp (B, H, S_pad/2, D, 2) V in pairs
 // K^T is packed per key block so that a GEMM's rows of B lie Bk apart (a K^T over all keys puts them S_pad apart:
-// on the same cache sets). Keys at or beyond `num_kv` are padding and get probability 0.
+// on the same cache sets). Keys at or beyond `num_kv` are padding and get probability 0 (only the last key block
+// can hold padding, and it is last in any list it is in).
 
 #include <torch/extension.h>
 
@@ -188,14 +189,15 @@ enum class Kernel { kVec, kOneDnn };
 // scalar_t: the dtype of q and out; packed_t: the dtype of kp and vp (float for kVec).
 template <typename scalar_t, typename packed_t, Kernel kKernel>
 void forward(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, at::Tensor& out, at::Tensor& lse,
-             const at::Tensor& q_starts, const at::Tensor& run_offsets, const at::Tensor& runs, int64_t q_rows,
-             int64_t num_kv, double scale_d, int64_t max_tile) {
+             const at::Tensor& q_starts, const at::Tensor& block_offsets, const at::Tensor& block_ids,
+             int64_t q_rows, int64_t num_kv, double scale_d, int64_t max_tile) {
   constexpr bool kVnni = kKernel == Kernel::kOneDnn && std::is_same_v<packed_t, at::BFloat16>;
   constexpr bool kConvertQ = kKernel == Kernel::kVec && !std::is_same_v<scalar_t, float>;
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3);
   const int64_t kv_block = kp.size(4);
   const int64_t k_block_stride = kp.stride(2);
-  const int64_t kv_tile = std::max(kv_block, (max_tile / kv_block) * kv_block);  // whole key blocks per tile
+  const int64_t tile_blocks = std::max<int64_t>(1, max_tile / kv_block);  // whole key blocks per tile
+  const int64_t kv_tile = tile_blocks * kv_block;
   const int64_t members = q_starts.size(0);
   const float scale = static_cast<float>(scale_d);
   const scalar_t* q_data = q.data_ptr<scalar_t>();
@@ -204,8 +206,8 @@ void forward(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, at
   scalar_t* out_data = out.data_ptr<scalar_t>();
   float* lse_data = lse.data_ptr<float>();
   const int64_t* starts = q_starts.data_ptr<int64_t>();
-  const int64_t* offsets = run_offsets.data_ptr<int64_t>();
-  const int64_t* bounds = runs.data_ptr<int64_t>();
+  const int64_t* offsets = block_offsets.data_ptr<int64_t>();
+  const int64_t* ids = block_ids.data_ptr<int64_t>();
   const int64_t qsb = q.stride(0), qsh = q.stride(1), qss = q.stride(2);
   const int64_t osb = out.stride(0), osh = out.stride(1), oss = out.stride(2);
   const int64_t lsb = lse.stride(0), lsh = lse.stride(1), lss = lse.stride(2);
@@ -243,61 +245,66 @@ void forward(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, at
       std::fill(acc.begin(), acc.begin() + rows * dim, 0.0f);
       std::fill(row_max.begin(), row_max.begin() + rows, -std::numeric_limits<float>::infinity());
       std::fill(row_sum.begin(), row_sum.begin() + rows, 0.0f);
-      for (int64_t r = offsets[member]; r < offsets[member + 1]; ++r) {
-        for (int64_t k0 = bounds[2 * r]; k0 < bounds[2 * r + 1]; k0 += kv_tile) {
-          const int64_t n = std::min(kv_tile, bounds[2 * r + 1] - k0);  // whole (padded) key blocks
-          const int64_t valid = std::max<int64_t>(0, std::min(n, num_kv - k0));
-          if (valid == 0) continue;
-          for (int64_t c = 0; c < n; c += kv_block) {  // scores of each key block of the tile
-            const packed_t* kt = kb + ((k0 + c) / kv_block) * k_block_stride;
-            if constexpr (kKernel == Kernel::kVec) {
-              gemm_f32(rows, kv_block, dim, qa, lda, kt, kv_block, scores.data() + c, n, false);
-            } else {
-#if defined(CPU_CAPABILITY_AVX512)
-              at::native::cpublas::brgemm(rows, kv_block, dim, qss, kv_block, n, false, qp, kt, scores.data() + c,
-                                          kVnni);
-#endif
-            }
-          }
-          for (int64_t i = 0; i < rows; ++i) {
-            new_max[i] = std::max(row_max[i], scaled_row_max(scores.data() + i * n, valid, scale));
-          }
-          // alpha = exp(old max - new max), a vector of rows at a time (exp(-inf) = 0 for rows that saw no key yet)
-          at::vec::map2([](fVec old_m, fVec new_m) { return (old_m - new_m).exp_u20(); }, alpha.data(),
-                        row_max.data(), new_max.data(), rows);
-          for (int64_t i = 0; i < rows; ++i) {
-            float* s = scores.data() + i * n;
-            float sum;
-            if constexpr (kVnni) {
-#if defined(CPU_CAPABILITY_AVX512)
-              packed_t* p = probs.data() + i * n;
-              sum = exp_into(s, p, valid, scale, new_max[i]);
-              std::fill(p + valid, p + n, static_cast<packed_t>(0.0f));
-#endif
-            } else {
-              sum = exp_into(s, s, valid, scale, new_max[i]);
-              std::fill(s + valid, s + n, 0.0f);
-            }
-            row_sum[i] = row_sum[i] * alpha[i] + sum;
-            row_max[i] = new_max[i];
-            if (alpha[i] != 1.0f) {
-              float* a = acc.data() + i * dim;
-              const fVec va(alpha[i]);
-              at::vec::map([va](fVec x) { return x * va; }, a, a, dim);
-            }
-          }
-          // (Splitting the rows so that a chunk's scores stay in L1 was slower with oneDNN: the GEMMs lose more
-          // than the softmax passes gain; measured with chunks of 16-64 rows.)
+      for (int64_t t0 = offsets[member]; t0 < offsets[member + 1]; t0 += tile_blocks) {
+        const int64_t count = std::min(tile_blocks, offsets[member + 1] - t0);  // key blocks of this tile
+        const int64_t* tile = ids + t0;
+        const int64_t n = count * kv_block;
+        // keys of the tile before the padding of its last block (the only one that can have any)
+        const int64_t valid = n - std::clamp<int64_t>((tile[count - 1] + 1) * kv_block - num_kv, 0, kv_block);
+        if (valid <= 0) continue;
+        for (int64_t c = 0; c < count; ++c) {  // scores of each key block of the tile
+          const packed_t* kt = kb + tile[c] * k_block_stride;
+          const int64_t col = c * kv_block;
           if constexpr (kKernel == Kernel::kVec) {
-            gemm_f32(rows, dim, n, scores.data(), n, vb + k0 * dim, dim, acc.data(), dim, true);
+            gemm_f32(rows, kv_block, dim, qa, lda, kt, kv_block, scores.data() + col, n, false);
+          } else {
+#if defined(CPU_CAPABILITY_AVX512)
+            at::native::cpublas::brgemm(rows, kv_block, dim, qss, kv_block, n, false, qp, kt,
+                                        scores.data() + col, kVnni);
+#endif
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          new_max[i] = std::max(row_max[i], scaled_row_max(scores.data() + i * n, valid, scale));
+        }
+        // alpha = exp(old max - new max), a vector of rows at a time (exp(-inf) = 0 for rows that saw no key yet)
+        at::vec::map2([](fVec old_m, fVec new_m) { return (old_m - new_m).exp_u20(); }, alpha.data(),
+                      row_max.data(), new_max.data(), rows);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* s = scores.data() + i * n;
+          float sum;
+          if constexpr (kVnni) {
+#if defined(CPU_CAPABILITY_AVX512)
+            packed_t* p = probs.data() + i * n;
+            sum = exp_into(s, p, valid, scale, new_max[i]);
+            std::fill(p + valid, p + n, static_cast<packed_t>(0.0f));
+#endif
+          } else {
+            sum = exp_into(s, s, valid, scale, new_max[i]);
+            std::fill(s + valid, s + n, 0.0f);
+          }
+          row_sum[i] = row_sum[i] * alpha[i] + sum;
+          row_max[i] = new_max[i];
+          if (alpha[i] != 1.0f) {
+            float* a = acc.data() + i * dim;
+            const fVec va(alpha[i]);
+            at::vec::map([va](fVec x) { return x * va; }, a, a, dim);
+          }
+        }
+        // (Splitting the rows so that a chunk's scores stay in L1 was slower with oneDNN: the GEMMs lose more
+        // than the softmax passes gain; measured with chunks of 16-64 rows.)
+        for (int64_t c = 0; c < count; ++c) {  // P V, one key block at a time (blocks need not be adjacent)
+          const int64_t col = c * kv_block, k0 = tile[c] * kv_block;
+          if constexpr (kKernel == Kernel::kVec) {
+            gemm_f32(rows, dim, kv_block, scores.data() + col, n, vb + k0 * dim, dim, acc.data(), dim, true);
           } else {
 #if defined(CPU_CAPABILITY_AVX512)
             if constexpr (kVnni) {
-              at::native::cpublas::brgemm(rows, dim, n, n, dim, dim, true, probs.data(), vb + (k0 / 2) * dim * 2,
-                                          acc.data(), true);
+              at::native::cpublas::brgemm(rows, dim, kv_block, n, dim, dim, true, probs.data() + col,
+                                          vb + (k0 / 2) * dim * 2, acc.data(), true);
             } else {
-              at::native::cpublas::brgemm(rows, dim, n, n, dim, dim, true, scores.data(), vb + k0 * dim,
-                                          acc.data(), false);
+              at::native::cpublas::brgemm(rows, dim, kv_block, n, dim, dim, true, scores.data() + col,
+                                          vb + k0 * dim, acc.data(), false);
             }
 #endif
           }
@@ -335,14 +342,17 @@ bool onednn_supported(at::ScalarType dtype) {
 }
 
 void block_sparse_forward(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, at::Tensor& out,
-                          at::Tensor& lse, const at::Tensor& q_starts, const at::Tensor& run_offsets,
-                          const at::Tensor& runs, int64_t q_rows, int64_t num_kv, double scale, int64_t max_tile,
+                          at::Tensor& lse, const at::Tensor& q_starts, const at::Tensor& block_offsets,
+                          const at::Tensor& block_ids, int64_t q_rows, int64_t num_kv, double scale, int64_t max_tile,
                           const std::string& kernel) {
   TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1, "q must be (B, H, S, D) with a contiguous last dimension");
   TORCH_CHECK(kp.is_contiguous() && vp.is_contiguous(), "packed k and v must be contiguous");
   TORCH_CHECK(out.sizes() == q.sizes() && out.stride(3) == 1, "out must match q");
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32");
-  TORCH_CHECK(run_offsets.size(0) == q_starts.size(0) + 1, "run_offsets needs one entry per query block + 1");
+  TORCH_CHECK(block_offsets.size(0) == q_starts.size(0) + 1, "block_offsets needs one entry per query block + 1");
+  TORCH_CHECK(block_ids.numel() == 0 || (block_ids.min().item<int64_t>() >= 0 &&
+                                         block_ids.max().item<int64_t>() < kp.size(2)),
+              "block_ids must index the packed key blocks");
   TORCH_CHECK(q.size(3) % 2 == 0, "head dim must be even");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
               "block_sparse_forward takes bfloat16 or float32, got ", q.scalar_type());
@@ -350,10 +360,10 @@ void block_sparse_forward(const at::Tensor& q, const at::Tensor& kp, const at::T
     TORCH_CHECK(kp.scalar_type() == at::kFloat && vp.scalar_type() == at::kFloat,
                 "the vec kernel reads float32 packed k and v (pack bfloat16 inputs as float32)");
     if (q.scalar_type() == at::kBFloat16) {
-      forward<at::BFloat16, float, Kernel::kVec>(q, kp, vp, out, lse, q_starts, run_offsets, runs, q_rows, num_kv,
+      forward<at::BFloat16, float, Kernel::kVec>(q, kp, vp, out, lse, q_starts, block_offsets, block_ids, q_rows, num_kv,
                                                  scale, max_tile);
     } else {
-      forward<float, float, Kernel::kVec>(q, kp, vp, out, lse, q_starts, run_offsets, runs, q_rows, num_kv, scale,
+      forward<float, float, Kernel::kVec>(q, kp, vp, out, lse, q_starts, block_offsets, block_ids, q_rows, num_kv, scale,
                                           max_tile);
     }
     return;
@@ -365,10 +375,10 @@ void block_sparse_forward(const at::Tensor& q, const at::Tensor& kp, const at::T
               "the onednn kernel reads k and v packed in q's dtype");
 #if defined(CPU_CAPABILITY_AVX512)
   if (q.scalar_type() == at::kBFloat16) {
-    forward<at::BFloat16, at::BFloat16, Kernel::kOneDnn>(q, kp, vp, out, lse, q_starts, run_offsets, runs, q_rows,
+    forward<at::BFloat16, at::BFloat16, Kernel::kOneDnn>(q, kp, vp, out, lse, q_starts, block_offsets, block_ids, q_rows,
                                                          num_kv, scale, max_tile);
   } else {
-    forward<float, float, Kernel::kOneDnn>(q, kp, vp, out, lse, q_starts, run_offsets, runs, q_rows, num_kv, scale,
+    forward<float, float, Kernel::kOneDnn>(q, kp, vp, out, lse, q_starts, block_offsets, block_ids, q_rows, num_kv, scale,
                                            max_tile);
   }
 #endif
