@@ -262,3 +262,64 @@ def test_layout_places_objects_in_boxes_the_prompt_alone_misses():
 
     assert inside(layout(pipe, prompt, subjects, bounded=False, **kwargs)) != [True, True]
     assert inside(layout(pipe, prompt, subjects, **kwargs)) == [True, True]
+
+
+def test_kmeans_separates_blobs_and_is_seeded():
+    from diffattn.methods.bounded import kmeans
+
+    g = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(20, 3, generator=g) * 0.1, torch.randn(30, 3, generator=g) * 0.1 + 5])
+    labels, centres = kmeans(points, 2, generator=torch.Generator().manual_seed(1))
+    assert len(set(labels[:20].tolist())) == 1 and len(set(labels[20:].tolist())) == 1
+    assert labels[0] != labels[20]
+    again, _ = kmeans(points, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(labels, again)
+    warm, _ = kmeans(points, 2, generator=g, init=centres)  # warm start keeps the clusters
+    assert torch.equal(warm, labels)
+
+
+def test_mask_refiner_gives_each_subject_the_cluster_its_word_attends():
+    from diffattn.methods.bounded import MaskRefiner
+
+    grid = (4, 4)
+    boxes = ((0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0))
+    method = _method(boxes, ((1,), (2,)))
+    refiner = MaskRefiner(method, ["l"], [0], clusters_per_box=2, seed=0)
+    group = torch.zeros(16, dtype=torch.long)  # 0 background, 1 object A (right column), 2 object B (bottom row)
+    group[[3, 7, 11]] = 1
+    group[[13, 14]] = 2
+    self_map = (group[:, None] == group[None, :]).float()
+    self_map = self_map / self_map.sum(-1, keepdim=True)
+    cross = torch.zeros(16, 3)
+    cross[group == 1, 1] = 1.0  # subject 0's word (token 1) attends to object A, outside its box
+    cross[:, 0] = 0.5
+    ctx = ctx_for("self", grid)
+    refiner.record(self_map[None, None], ctx, [0])
+    refiner.record(cross[None, None], ctx_for("cross", grid, 3), [0])
+    refiner.refresh()
+    assert refiner.masks[:, 0].tolist() == (group == 1).tolist()
+    assert refiner.masks[:, 1].tolist() == box_masks(boxes, grid)[:, 1].tolist(), "no cluster: the box stays"
+    assert refiner.members((8, 8)).shape == (64, 2)
+    assert refiner.members((8, 8))[:, 0].reshape(8, 8)[:6, 6:].all()  # nearest-exact upsampling of the column
+
+
+def test_layout_refines_masks_during_the_run():
+    import diffattn.methods.bounded as bounded
+
+    seen = []
+    original = bounded.MaskRefiner.refresh
+
+    def spy(self):
+        original(self)
+        seen.append(self.refreshed)
+
+    pipe = pipeline("sd")
+    bounded.MaskRefiner.refresh = spy
+    try:
+        out = layout(pipe, "a red circle and a blue square", [("circle", LEFT), ("square", RIGHT)],
+                     guidance_steps=0, num_inference_steps=4, height=32, width=32, refine_start=0.5,
+                     refine_every=0.25)
+    finally:
+        bounded.MaskRefiner.refresh = original
+    assert np.isfinite(out).all()
+    assert seen and max(seen) == 2  # steps 2 and 3 of 4 recorded and clustered

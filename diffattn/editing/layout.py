@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..api import apply
-from ..methods.bounded import _COLLECTOR, BoundedAttention, Box, LossCollector, _check_box
+from ..methods.bounded import _COLLECTOR, _REFINER, BoundedAttention, Box, LossCollector, MaskRefiner, _check_box
 from ..steps import denoising_step
 
 __all__ = ["layout", "layout_method", "FILTER_WORDS"]
@@ -98,7 +98,9 @@ def layout(pipe: Any, prompt: str, subjects: Sequence[tuple[str, Box]], *, seed:
            guidance_steps: float | int | None = None, step_size: tuple[float, float] = (200.0, 50.0),
            iterations: int = 5, stop_loss: float = 0.2, cross_weight: float = 1.5, self_weight: float = 0.5,
            loss_layers: Sequence[str] | None = None, filter_words: frozenset[str] | Sequence[str] = FILTER_WORDS,
-           method_options: dict[str, Any] | None = None, **call_kwargs: Any) -> np.ndarray:
+           refine: bool = True, refine_start: float = 0.3, refine_every: float = 0.1,
+           refine_layers: Sequence[str] | None = None, method_options: dict[str, Any] | None = None,
+           **call_kwargs: Any) -> np.ndarray:
     """One image of ``prompt`` with each subject ``(word, (x0, y0, x1, y1))`` bounded to its box (fractions of the
     image, origin top-left). ``bounded=False``: the plain prompt from the same noise (the baseline).
 
@@ -110,7 +112,11 @@ def layout(pipe: Any, prompt: str, subjects: Sequence[tuple[str, Box]], *, seed:
     (default: the decoder's layers of the two finest grids); ``filter_words``: words hidden from every pixel (the
     paper's rule: determiners, conjunctions, prepositions, spatial words; ``()`` keeps them, which a model that
     learnt its layout from position words needs, see the README's ShapesEdit numbers); ``method_options``: more
-    :class:`~diffattn.BoundedAttention` fields. Other keyword arguments go to the pipeline call.
+    :class:`~diffattn.BoundedAttention` fields; ``refine``: the paper's mask refinement by clustering self-attention
+    (:class:`~diffattn.methods.bounded.MaskRefiner`) from ``refine_start`` (fraction of the steps; the paper: 15 of
+    50) every ``refine_every`` (5 of 50), on ``refine_layers`` (default: the decoder level whose grid is nearest 16 x
+    16 tokens, the paper's; transformers: the later half of the blocks). Other keyword arguments go to the
+    pipeline call.
     Returns the image as ``(H, W, 3)`` floats in [0, 1].
     """
     method = layout_method(pipe, prompt, subjects, filter_words=filter_words, **(method_options or {}))
@@ -130,13 +136,19 @@ def layout(pipe: Any, prompt: str, subjects: Sequence[tuple[str, Box]], *, seed:
     if guided and not supported:
         raise ValueError(f"layout: the latent update (guidance_steps={guidance_steps}) needs an SD1.5-style UNet "
                          f"pipeline; {type(pipe).__name__} is not one: pass guidance_steps=0 for the masks alone")
+    refiner = None
+    if refine:
+        every = max(1, round(refine_every * steps))
+        first = math.ceil(refine_start * steps - 1e-9)
+        layers = tuple(refine_layers) if refine_layers is not None else _default_refine_layers(pipe, call_kwargs)
+        refiner = MaskRefiner(method, layers, range(first, steps, every), seed=seed)
     handle = apply(pipe, method)
+    token = _REFINER.set(refiner)
     try:
-        if not guided:
-            return np.asarray(pipe(prompt=prompt, generator=generator, output_type="np", **call_kwargs).images[0])
-        return _guided(pipe, method, prompt, generator, guided, steps, _step_sizes(guided, *step_size), iterations,
-                       stop_loss, cross_weight, self_weight, loss_layers, call_kwargs)
+        return _run(pipe, method, prompt, generator, guided, steps, _step_sizes(guided, *step_size), iterations,
+                    stop_loss, cross_weight, self_weight, loss_layers, refiner, call_kwargs)
     finally:
+        _REFINER.reset(token)
         handle.remove()
 
 
@@ -149,9 +161,38 @@ def _default_loss_layers(unet: torch.nn.Module) -> tuple[str, ...]:
     return tuple(n for n in names if n.split(".")[1] in finest)
 
 
-def _guided(pipe: Any, method: BoundedAttention, prompt: str, generator: torch.Generator, guided: int, steps: int,
-            sizes: list[float], iterations: int, stop_loss: float, cross_weight: float, self_weight: float,
-            loss_layers: Sequence[str] | None, call_kwargs: dict[str, Any]) -> np.ndarray:
+def _default_refine_layers(pipe: Any, call_kwargs: dict[str, Any]) -> tuple[str, ...]:
+    from ..api import _denoisers, attention_modules
+    from ..editing import _latent_grid
+
+    models, _ = _denoisers(pipe)
+    model = getattr(models[0], "_orig_mod", models[0])
+    names = [n for n, _ in attention_modules(model)]
+    if hasattr(pipe, "unet"):
+        levels = len(pipe.unet.config.block_out_channels)
+        side = _latent_grid(pipe, call_kwargs)[0]
+        ups = sorted({int(n.split(".")[1]) for n in names if n.startswith("up_blocks.")})
+        best = min(ups, key=lambda i: abs(math.log2(max(side / 2 ** (levels - 1 - i), 1)) - 4))
+        return tuple(n for n in names if n.startswith(f"up_blocks.{best}."))
+    blocks = sorted({n.split(".")[1] for n in names if n.startswith("transformer_blocks.")}, key=int)
+    later = set(blocks[len(blocks) // 2:])
+    return tuple(n for n in names if n.startswith("transformer_blocks.") and n.split(".")[1] in later)
+
+
+def _run(pipe: Any, method: BoundedAttention, prompt: str, generator: torch.Generator, guided: int, steps: int,
+         sizes: list[float], iterations: int, stop_loss: float, cross_weight: float, self_weight: float,
+         loss_layers: Sequence[str] | None, refiner: MaskRefiner | None, call_kwargs: dict[str, Any]) -> np.ndarray:
+    """The pipeline call: guided steps (latent update) before steps 0 .. guided - 1, mask refinement after its
+    steps."""
+    if not guided:
+        def refine_only(_pipe: Any, i: int, _t: Any, outputs: dict[str, Any]) -> dict[str, Any]:
+            if refiner is not None:
+                refiner.refresh()
+            return outputs
+
+        out = pipe(prompt=prompt, generator=generator, output_type="np", callback_on_step_end=refine_only,
+                   callback_on_step_end_tensor_inputs=["latents"], **call_kwargs)
+        return np.asarray(out.images[0])
     unet = pipe.unet
     layers = tuple(loss_layers) if loss_layers is not None else _default_loss_layers(unet)
     height = call_kwargs.get("height") or unet.config.sample_size * pipe.vae_scale_factor
@@ -186,6 +227,8 @@ def _guided(pipe: Any, method: BoundedAttention, prompt: str, generator: torch.G
         return current.detach()
 
     def on_step_end(_pipe: Any, i: int, _t: Any, outputs: dict[str, Any]) -> dict[str, Any]:
+        if refiner is not None:
+            refiner.refresh()
         if i + 1 < guided:
             outputs["latents"] = guide(outputs["latents"], i + 1)
         return outputs

@@ -7,6 +7,7 @@ attention-mass loss terms that update reads.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
@@ -17,7 +18,7 @@ from torch import Tensor
 from ..context import AttentionContext
 from .base import AttentionMethod, check_roles
 
-__all__ = ["BoundedAttention", "Box", "box_masks", "LossCollector"]
+__all__ = ["BoundedAttention", "Box", "box_masks", "LossCollector", "MaskRefiner", "kmeans"]
 
 Box = tuple[float, float, float, float]
 
@@ -85,6 +86,118 @@ class LossCollector:
 _COLLECTOR: contextvars.ContextVar[LossCollector | None] = contextvars.ContextVar("diffattn_bounded", default=None)
 
 
+def kmeans(points: Tensor, k: int, *, generator: torch.Generator, init: Tensor | None = None, restarts: int = 10,
+           iterations: int = 30) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means (k-means++ seeding, best of ``restarts`` by inertia; one run from ``init`` when given).
+    Returns (labels ``(n,)``, centres ``(k, d)``)."""
+    points = points.float()
+    n = points.shape[0]
+    k = min(k, n)
+    best: tuple[float, Tensor, Tensor] | None = None
+    for _ in range(1 if init is not None else restarts):
+        if init is not None:
+            centres = init.clone()
+        else:
+            centres = points[torch.randint(n, (1,), generator=generator)]
+            while centres.shape[0] < k:
+                d2 = torch.cdist(points, centres).min(1).values ** 2
+                pick = torch.multinomial(d2 / d2.sum() if d2.sum() > 0 else torch.ones(n), 1, generator=generator)
+                centres = torch.cat([centres, points[pick]])
+        for _ in range(iterations):
+            labels = torch.cdist(points, centres).argmin(1)
+            moved = torch.stack([points[labels == j].mean(0) if bool((labels == j).any()) else centres[j]
+                                 for j in range(k)])
+            if torch.allclose(moved, centres):
+                break
+            centres = moved
+        labels = torch.cdist(points, centres).argmin(1)
+        inertia = float(((points - centres[labels]) ** 2).sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, labels, centres)
+    assert best is not None
+    return best[1], best[2]
+
+
+class MaskRefiner:
+    """Bounded attention's mask refinement (run by :func:`diffattn.editing.layout`): on ``steps``, the conditional
+    self-attention maps and each subject's leading-token cross-attention map of ``layers`` (one grid) are averaged;
+    after the step, k-means (``clusters_per_box`` x boxes clusters, warm-started after the first time) splits the
+    pixels by their self-attention rows, and each cluster goes to the subject whose thresholded, min-max normalised
+    cross map it overlaps most (intersection / smaller area >= ``score_threshold``; otherwise background). A subject
+    that gets no cluster keeps its box. The masks then replace the boxes at every layer (nearest-exact resize)."""
+
+    def __init__(self, method: "BoundedAttention", layers: Sequence[str], steps: Sequence[int], *,
+                 clusters_per_box: int = 3, cross_threshold: float = 0.2, score_threshold: float = 0.2,
+                 seed: int = 0) -> None:
+        self.method = method
+        self.layers = frozenset(layers)
+        self.steps = frozenset(steps)
+        self.clusters = clusters_per_box * len(method.boxes)
+        self.cross_threshold = cross_threshold
+        self.score_threshold = score_threshold
+        self.generator = torch.Generator().manual_seed(seed)
+        self.centres: Tensor | None = None
+        self.masks: Tensor | None = None  # (h * w, subjects) at self.grid
+        self.grid: tuple[int, int] | None = None
+        self._self: list[Tensor] = []
+        self._cross: list[Tensor] = []
+        self.refreshed = 0
+
+    def wants(self, ctx: AttentionContext) -> bool:
+        return ctx.layer in self.layers and ctx.step in self.steps and len(ctx.q_layout.grid) == 2
+
+    def record(self, probs: Tensor, ctx: AttentionContext, cond: list[int]) -> None:
+        """``probs``: ``(batch, heads, Sq, Skv)`` of this call (image rows and their keys only for joint maps)."""
+        self.grid = (int(ctx.q_layout.grid[0]), int(ctx.q_layout.grid[1]))
+        mean = probs[cond].float().mean((0, 1)).detach()
+        if ctx.role == "self":
+            self._self.append(mean)
+        else:
+            leading = [group[-1] for group in self.method.subject_tokens]
+            self._cross.append(mean[:, [t if t < mean.shape[-1] else 0 for t in leading]])
+
+    def refresh(self) -> None:
+        """Cluster the maps recorded since the last refresh (nothing recorded: keep the current masks)."""
+        if not self._self or not self._cross:
+            self._self.clear()
+            self._cross.clear()
+            return
+        sa = torch.stack(self._self).mean(0)
+        ca = torch.stack(self._cross).mean(0)  # (n, subjects)
+        self._self.clear()
+        self._cross.clear()
+        labels, self.centres = kmeans(sa, self.clusters, generator=self.generator, init=self.centres)
+        lo, hi = ca.min(0).values, ca.max(0).values
+        cross = (ca - lo) / (hi - lo).clamp_min(1e-12) > self.cross_threshold
+        boxes = box_masks(self.method.boxes, self.grid)
+        masks = torch.zeros_like(boxes)
+        for j in range(int(labels.max()) + 1):
+            cluster = labels == j
+            if not bool(cluster.any()):
+                continue
+            overlap = (cluster[:, None] & cross).sum(0).float()
+            scores = overlap / torch.minimum(cluster.sum().float(), cross.sum(0).float()).clamp_min(1)
+            best = int(scores.argmax())
+            if float(scores[best]) >= self.score_threshold:
+                masks[:, best] |= cluster
+        empty = ~masks.any(0)
+        masks[:, empty] = boxes[:, empty]
+        self.masks = masks
+        self.refreshed += 1
+
+    def members(self, grid: tuple[int, int]) -> Tensor | None:
+        if self.masks is None or self.grid is None:
+            return None
+        if grid == self.grid:
+            return self.masks
+        planes = self.masks.T.reshape(1, -1, *self.grid).float()
+        resized = torch.nn.functional.interpolate(planes, size=grid, mode="nearest-exact")[0] > 0.5
+        return resized.reshape(resized.shape[0], -1).T
+
+
+_REFINER: contextvars.ContextVar[MaskRefiner | None] = contextvars.ContextVar("diffattn_bounded_refine", default=None)
+
+
 @dataclass(frozen=True)
 class BoundedAttention(AttentionMethod):
     """Bounded attention's masks: ``boxes[i]`` (x0, y0, x1, y1 in [0, 1], origin top-left) holds subject ``i``,
@@ -102,8 +215,8 @@ class BoundedAttention(AttentionMethod):
 
     A row that the masks would leave empty (e.g. with no BOS token in the text) is left unmasked, never NaN. Runs on
     any model whose attention has a 2-D grid (SD1.5, SDXL, SD3, Flux tested); the latent update is
-    :func:`diffattn.editing.layout`'s (SD1.5-style UNets). Not built: the paper's mask refinement by clustering
-    self-attention (boxes are used as they are at every step).
+    :func:`diffattn.editing.layout`'s (SD1.5-style UNets), and so is the mask refinement by clustering
+    self-attention (:class:`MaskRefiner`): until it runs, and without it, the boxes are the masks.
     """
 
     boxes: tuple[Box, ...] = ()
@@ -136,7 +249,9 @@ class BoundedAttention(AttentionMethod):
         grid = ctx.q_layout.grid
         if len(grid) != 2:
             return None
-        return box_masks(self.boxes, (int(grid[0]), int(grid[1])))
+        refiner = _REFINER.get()
+        refined = refiner.members((int(grid[0]), int(grid[1]))) if refiner is not None else None
+        return refined if refined is not None else box_masks(self.boxes, (int(grid[0]), int(grid[1])))
 
     def cross_allowed(self, members: Tensor, text_len: int, *, background: bool = False) -> Tensor:
         """``(pixels, text_len)`` bool: what each pixel may see among the text tokens (conditional entries).
@@ -200,8 +315,29 @@ class BoundedAttention(AttentionMethod):
                                                                              torch.finfo(q.dtype).min)
         if guiding and collector.wants(ctx.layer):
             return self._collect(q, k, v, mask, ctx, collector)
+        refiner = _REFINER.get()
+        if not guiding and refiner is not None and refiner.wants(ctx):
+            return self._refine_record(q, k, v, mask, ctx, refiner)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ctx.scale,
                                                                 enable_gqa=ctx.enable_gqa)
+
+    def _refine_record(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ctx: AttentionContext,
+                       refiner: MaskRefiner) -> Tensor:
+        scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
+        logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min) if mask.dtype == torch.bool else logits + mask
+        probs = logits.softmax(-1)
+        batch = q.shape[0]
+        roles = ctx.batch_roles if ctx.batch_roles is not None and len(ctx.batch_roles) == batch else ("cond",) * batch
+        cond = [i for i, r in enumerate(roles) if r == "cond"]
+        layout = ctx.q_layout
+        if ctx.role == "joint":
+            rows = layout.visual_slice
+            refiner.record(probs[:, :, rows, layout.visual_slice], dataclasses.replace(ctx, role="self"), cond)
+            refiner.record(probs[:, :, rows, layout.text_slice], ctx, cond)
+        else:
+            refiner.record(probs, ctx, cond)
+        return torch.matmul(probs, v)
 
     def _collect(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ctx: AttentionContext,
                  collector: LossCollector) -> Tensor:
