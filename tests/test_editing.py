@@ -286,7 +286,7 @@ def test_prompt_to_prompt_with_local_blend_runs_and_blends(kind, monkeypatch):
 
 
 def test_local_blend_words_must_be_in_the_prompts():
-    with pytest.raises(ValueError, match="none of the words"):
+    with pytest.raises(ValueError, match="none of the words .* LocalBlend"):
         run("sd", "a red circle", "a blue circle", diffattn.PromptToPrompt(local_blend=diffattn.LocalBlend(
             words=("triangle",))))
     with pytest.raises(ValueError, match="name the words"):
@@ -390,3 +390,30 @@ def test_erase_runs_on_unet_families_and_keeps_the_outside(kind):
 def test_erase_refuses_transformer_pipelines_with_a_reason(kind):
     with pytest.raises(ValueError, match="UNet pipelines"):
         diffattn.editing.erase(pipeline(kind), np.zeros((32, 32, 3), np.float32), np.ones((32, 32), bool))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masactrl_automatic_masks_come_from_the_words_cross_attention(kind, monkeypatch):
+    from diffattn.methods.editing import MutualSelfAttention
+
+    used = []
+    original = MutualSelfAttention._masked
+
+    def spy(self, q, k, v, ctx, index, out, mask_s, mask_t, targets=None):
+        used.append((mask_s.shape, mask_t.shape, targets))
+        return original(self, q, k, v, ctx, index, out, mask_s, mask_t, targets)
+
+    monkeypatch.setattr(MutualSelfAttention, "_masked", spy)
+    auto = diffattn.MutualSelfAttention(start_step=1, mask_words=("circle",))
+    plain = run(kind, "a red circle on the left", "a red circle on the right", None)
+    edited = run(kind, "a red circle on the left", "a red circle on the right", auto)
+    assert used, "the automatic masks were used once maps were recorded"
+    assert np.array_equal(edited.source, plain.source)
+    assert np.isfinite(edited.target).all()
+
+
+def test_masactrl_mask_words_need_words_of_the_prompts_and_no_explicit_masks():
+    with pytest.raises(ValueError, match="MasaCtrl's mask_words"):
+        run("sd", "a red circle", "a blue circle", diffattn.MutualSelfAttention(mask_words=("square",)))
+    with pytest.raises(ValueError, match="not both"):
+        diffattn.MutualSelfAttention(mask_words=("circle",), mask_source=torch.ones(2, 2), mask_target=torch.ones(2, 2))

@@ -24,7 +24,7 @@ import torch
 from ..adapters import adapter_for
 from ..api import _denoisers, apply, attention_modules
 from ..methods.base import AttentionMethod
-from ..methods.editing import BLEND_STORE, BlendStore, LocalBlend
+from ..methods.editing import BLEND_STORE, CROSS_MAPS, BlendStore, CrossMapRecorder, LocalBlend
 from ..schedule import LayerSpec, StepSpec
 from ..steps import prompt_branches
 from .erase import erase
@@ -85,12 +85,19 @@ def edit(pipe: Any, source: str, target: str, method: AttentionMethod | None, *,
     :func:`ddim_scheduler`, the exact reverse of the inversion); other keyword arguments go to the pipeline call
     (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ...).
     """
-    handle = None
+    handle = recorder = None
+    maps = None
     if method is not None:
         if layers is None and getattr(method, "later_layers_only", False):
             models, _ = _denoisers(pipe)
             layers = default_layers(models[0], method)
         handle = apply(pipe, method, layers=layers, steps=steps)
+        words = getattr(method, "mask_words", ())
+        if words:  # MasaCtrl's automatic masks: record the words' cross-attention maps on every layer
+            maps = _blend_store(pipe, source, target, LocalBlend(words=words, threshold=method.mask_threshold),
+                                call_kwargs)
+            recorder = apply(pipe, CrossMapRecorder())
+    maps_token = CROSS_MAPS.set(maps)
     try:
         copies = int(call_kwargs.get("num_images_per_prompt", 1))
         # the same noise for both prompts (copy c of each prompt: seed + c)
@@ -113,8 +120,10 @@ def edit(pipe: Any, source: str, target: str, method: AttentionMethod | None, *,
         finally:
             BLEND_STORE.reset(token)
     finally:
-        if handle is not None:
-            handle.remove()
+        CROSS_MAPS.reset(maps_token)
+        for h in (recorder, handle):
+            if h is not None:
+                h.remove()
     images = _images(output)
     if copies == 1:
         return EditResult(source=images[0], target=images[1])
@@ -145,8 +154,8 @@ def _blend_store(pipe: Any, source: str, target: str, blend: LocalBlend, call_kw
     source_words, target_words = blend.split()
     tokens = {"source": _words_tokens(pipe, source, source_words), "target": _words_tokens(pipe, target, target_words)}
     if not tokens["source"] and not tokens["target"]:
-        raise ValueError(f"LocalBlend: none of the words {blend.words} is in {source!r} or {target!r}; name words "
-                         "of the prompts (the object that changes)")
+        raise ValueError(f"none of the words {blend.words} is in {source!r} or {target!r}; name words of the "
+                         "prompts (the object: LocalBlend's region that may change, MasaCtrl's mask_words)")
     return BlendStore(tokens, _latent_grid(pipe, call_kwargs), blend)
 
 

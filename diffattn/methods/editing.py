@@ -15,7 +15,7 @@ from ..context import AttentionContext
 from ..errors import LayoutError
 from .base import AttentionMethod, check_roles
 
-__all__ = ["AttentiveEraser", "LocalBlend", "MutualSelfAttention", "PromptToPrompt", "source_rows", "BlendStore"]
+__all__ = ["AttentiveEraser", "CrossMapRecorder", "LocalBlend", "MutualSelfAttention", "PromptToPrompt", "source_rows", "BlendStore"]
 
 _SELF_AND_JOINT = frozenset({"self", "joint"})
 
@@ -58,13 +58,18 @@ class MutualSelfAttention(AttentionMethod):
 
     **Mask-guided** (``mask_source``, ``mask_target``: H x W, True on the object, any resolution, nearest-resized to
     each layer's grid): the target's queries inside ``mask_target`` read only the source's object keys, the others
-    only its background keys (``fg * m_t + bg * (1 - m_t)``), so object and background do not mix. The automatic
-    variant (masks from cross-attention maps) is not built.
+    only its background keys (``fg * m_t + bg * (1 - m_t)``), so object and background do not mix.
+    **Automatic masks** (``mask_words``, as MasaCtrl's auto variant): the masks come from the cross-attention maps of
+    those words in each prompt (or ``(source_words, target_words)``), summed over layers of at most 16 x 16 queries
+    and the steps so far, min-max normalised and thresholded at ``mask_threshold``; run through
+    :func:`diffattn.editing.edit`, which records the maps.
     """
 
     start_step: int = 4
     mask_source: Tensor | None = field(default=None, compare=False, repr=False)
     mask_target: Tensor | None = field(default=None, compare=False, repr=False)
+    mask_words: tuple[str, ...] | tuple[tuple[str, ...], tuple[str, ...]] = ()
+    mask_threshold: float = 0.1
     source: str = "source"
     target: str = "target"
     roles: frozenset[str] = field(default=_SELF_AND_JOINT)
@@ -75,6 +80,11 @@ class MutualSelfAttention(AttentionMethod):
         object.__setattr__(self, "roles", check_roles(self.roles, self.name, _SELF_AND_JOINT))
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(f"{self.name}: start_step must be an int >= 0, got {self.start_step!r}")
+        if self.mask_words and self.mask_source is not None:
+            raise ValueError(f"{self.name}: give masks (mask_source, mask_target) or mask_words (masks from "
+                             "cross-attention), not both")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"{self.name}: mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if (self.mask_source is None) != (self.mask_target is None):
             raise ValueError(f"{self.name}: the mask-guided variant needs both mask_source and mask_target (H x W, "
                              "True on the object in the source and where it goes in the target); give both or none")
@@ -91,7 +101,8 @@ class MutualSelfAttention(AttentionMethod):
         return torch.nn.functional.interpolate(mask.float()[None, None], size=tuple(grid), mode="nearest")[0, 0] \
             .flatten() > 0.5
 
-    def _masked(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, index: Tensor, out: Tensor) -> Tensor:
+    def _masked(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, index: Tensor, out: Tensor,
+                mask_source: Tensor, mask_target: Tensor, targets: list[int] | None = None) -> Tensor:
         """Mask-guided MasaCtrl for the target rows: ``fg * m_t + bg * (1 - m_t)``, fg attending to the source's keys
         inside its object mask, bg to those outside (text keys of joint attention stay visible to both). A mask
         that leaves fg or bg without keys gives that part the unmasked source keys."""
@@ -99,13 +110,14 @@ class MutualSelfAttention(AttentionMethod):
         if len(grid) != 2:
             raise LayoutError(f"{self.name} on {ctx.layer}: the mask-guided variant needs a 2-D token grid, got "
                               f"{ctx.kv_layout.describe()}")
-        inside_s = self._grid_mask(self.mask_source, grid).to(q.device)
-        inside_t = self._grid_mask(self.mask_target, ctx.q_layout.grid).to(q.device)
+        inside_s = self._grid_mask(mask_source, grid).to(q.device)
+        inside_t = self._grid_mask(mask_target, ctx.q_layout.grid).to(q.device)
         keys_fg = torch.ones(k.shape[-2], dtype=torch.bool, device=q.device)
         keys_bg = keys_fg.clone()
         visual = ctx.kv_layout.visual_slice if ctx.role == "joint" else slice(None)
         keys_fg[visual], keys_bg[visual] = inside_s, ~inside_s
-        targets = [t for t, s in enumerate(index.tolist()) if s != t]
+        if targets is None:
+            targets = [t for t, s in enumerate(index.tolist()) if s != t]
         rows = torch.tensor(targets, device=q.device)
         qt, kt, vt = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
 
@@ -145,7 +157,34 @@ class MutualSelfAttention(AttentionMethod):
             k, v = k.index_select(0, index), v.index_select(0, index)
         out = ctx.dense(q, k, v)
         if self.mask_source is not None:
-            return self._masked(q, k, v, ctx, index, out)
+            return self._masked(q, k, v, ctx, index, out, self.mask_source, self.mask_target)
+        if self.mask_words:
+            return self._auto_masked(q, k, v, ctx, index, out)
+        return out
+
+    def _auto_masked(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, index: Tensor,
+                     out: Tensor) -> Tensor:
+        """MasaCtrl's automatic masks: each copy's source and target masks from the ``mask_words``' cross-attention
+        maps recorded so far (min-max normalised, thresholded); no maps yet: plain mutual attention."""
+        store = CROSS_MAPS.get()
+        if store is None:
+            raise LayoutError(f"{self.name} on {ctx.layer}: mask_words needs the cross-attention maps that "
+                              "diffattn.editing.edit records; run it through edit()")
+        roles = ctx.batch_roles if ctx.batch_roles is not None and len(ctx.batch_roles) == q.shape[0] else \
+            ("?",) * q.shape[0]
+        ordinal: dict[tuple[str, str], int] = {}
+        by_copy: dict[int, list[int]] = {}
+        for t, s in enumerate(index.tolist()):
+            key = (roles[t], ctx.branches[t])
+            copy = ordinal.get(key, 0)
+            ordinal[key] = copy + 1
+            if s != t:
+                by_copy.setdefault(copy, []).append(t)
+        for copy, rows in by_copy.items():
+            mask_s = store.branch_mask(self.source, copy, self.mask_threshold)
+            mask_t = store.branch_mask(self.target, copy, self.mask_threshold)
+            if mask_s is not None and mask_t is not None:
+                out = self._masked(q, k, v, ctx, index, out, mask_s, mask_t, rows)
         return out
 
 
@@ -227,6 +266,14 @@ class BlendStore:
         key = (branch, copy)
         self.maps[key] = self.maps.get(key, 0) + heat.detach().cpu()
 
+    def branch_mask(self, branch: str, copy: int, threshold: float) -> Tensor | None:
+        """One branch's map, min-max normalised and thresholded (MasaCtrl's automatic mask), or None."""
+        heat = self.maps.get((branch, copy))
+        if heat is None:
+            return None
+        lo, hi = heat.min(), heat.max()
+        return (heat - lo) / (hi - lo).clamp_min(1e-12) > threshold
+
     def mask(self, copy: int) -> Tensor | None:
         """The union over the branches of copy ``copy`` of their max-pooled, max-normalised, thresholded maps
         (``(h, w)`` bool); None before any map was recorded."""
@@ -241,6 +288,33 @@ class BlendStore:
 
 
 BLEND_STORE: contextvars.ContextVar[BlendStore | None] = contextvars.ContextVar("diffattn_blend", default=None)
+CROSS_MAPS: contextvars.ContextVar[BlendStore | None] = contextvars.ContextVar("diffattn_cross_maps", default=None)
+
+
+@dataclass(frozen=True)
+class CrossMapRecorder(AttentionMethod):
+    """Records the cross-attention maps that mask-guided MasaCtrl's automatic masks are made from (into the store
+    :func:`diffattn.editing.edit` sets); attention itself is unchanged."""
+
+    roles: frozenset[str] = field(default=frozenset({"cross", "joint"}))
+    stack_level: ClassVar[int] = 1
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        store = CROSS_MAPS.get()
+        if store is not None:
+            _record_maps(q, k, ctx, store)
+        return ctx.dense(q, k, v)
+
+
+def _record_maps(q: Tensor, k: Tensor, ctx: AttentionContext, store: BlendStore) -> None:
+    """The image rows' maps over the text keys of the conditional entries whose words are known (plain maps)."""
+    scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
+    layout = ctx.q_layout
+    for entry, branch, copy in store.entries(ctx, q.shape[0]):
+        p = _probs(q[entry], k[entry], scale, _entry_mask(ctx.attn_mask, entry))
+        if ctx.role == "joint":
+            p = p[:, layout.visual_slice, layout.text_slice]
+        store.add(branch, copy, p, layout.grid)
 
 
 @dataclass(frozen=True)
@@ -301,7 +375,7 @@ class PromptToPrompt(AttentionMethod):
         out = ctx.dense(q, k, v)
         store = BLEND_STORE.get() if ctx.role != "self" else None
         if store is not None:
-            self._record_blend(q, k, ctx, store)
+            _record_maps(q, k, ctx, store)
         if not (replace_self or replace_cross or reweight):
             return out
         index = source_rows(ctx, q.shape[0], self.source, self.target)
@@ -324,18 +398,6 @@ class PromptToPrompt(AttentionMethod):
                     p[:, rows, column] *= weight
             out[t] = torch.matmul(p, v[t].float()).to(out.dtype)
         return out
-
-    @staticmethod
-    def _record_blend(q: Tensor, k: Tensor, ctx: AttentionContext, store: BlendStore) -> None:
-        """The image rows' maps over the text keys of the entries whose blend words are known (the plain,
-        unedited maps: P2P's LocalBlend reads the attention store of both prompts)."""
-        scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
-        layout = ctx.q_layout
-        for entry, branch, copy in store.entries(ctx, q.shape[0]):
-            p = _probs(q[entry], k[entry], scale, _entry_mask(ctx.attn_mask, entry))
-            if ctx.role == "joint":
-                p = p[:, layout.visual_slice, layout.text_slice]
-            store.add(branch, copy, p, layout.grid)
 
     @staticmethod
     def _replace(p_t: Tensor, p_s: Tensor, ctx: AttentionContext, replace_self: bool, replace_cross: bool) -> Tensor:
