@@ -120,6 +120,16 @@ def _interval(successes: list[bool]) -> tuple[float, float]:
     return p, 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / n)
 
 
+def _summary(task: str, method: str, rows: dict, seconds: dict) -> dict:
+    """Success rates with 95% intervals and time per edit, method beside baseline."""
+    method_rate, method_ci = _interval(rows["method"])
+    base_rate, base_ci = _interval(rows["baseline"])
+    n = len(rows["method"])
+    return {"task": task, "cases": n, "method": method, "success": method_rate, "ci95": method_ci,
+            "baseline_success": base_rate, "baseline_ci95": base_ci, "seconds_per_edit": seconds["method"] / n,
+            "baseline_seconds_per_edit": seconds["baseline"] / n}
+
+
 def _removal(pipe, count: int, seed: int, seconds: dict) -> dict:
     rng = np.random.default_rng(seed)
     rows = {"method": [], "baseline": []}
@@ -154,12 +164,7 @@ def _removal(pipe, count: int, seed: int, seconds: dict) -> dict:
             rows[label].append(bool(not inside and kept and flat))
         progress.update(1)
     progress.close()
-    method_rate, method_ci = _interval(rows["method"])
-    base_rate, base_ci = _interval(rows["baseline"])
-    n = len(rows["method"])
-    return {"task": "removal", "cases": n, "method": "AttentiveEraser", "success": method_rate, "ci95": method_ci,
-            "baseline_success": base_rate, "baseline_ci95": base_ci, "seconds_per_edit": seconds["method"] / n,
-            "baseline_seconds_per_edit": seconds["baseline"] / n}
+    return _summary("removal", "AttentiveEraser", rows, seconds)
 
 
 def _layout_cases(count: int, seed: int) -> list[tuple[str, list[tuple[str, tuple[float, ...]]]]]:
@@ -211,12 +216,7 @@ def _layout(pipe, count: int, seed: int, seconds: dict, examples: list | None, *
             examples.append(("layout", Case(prompt, " / ".join(f"{w} in box {i + 1}" for i, (w, _) in
                                                             enumerate(subjects)), None, None),
                              [_with_boxes(np.zeros_like(image) + 16, subjects), *shown]))
-    method_rate, method_ci = _interval(rows["method"])
-    base_rate, base_ci = _interval(rows["baseline"])
-    n = len(rows["method"])
-    return {"task": "layout", "cases": n, "method": "BoundedAttention", "success": method_rate, "ci95": method_ci,
-            "baseline_success": base_rate, "baseline_ci95": base_ci, "seconds_per_edit": seconds["method"] / n,
-            "baseline_seconds_per_edit": seconds["baseline"] / n}
+    return _summary("layout", "BoundedAttention", rows, seconds)
 
 
 def _with_boxes(image: np.ndarray, subjects) -> np.ndarray:
@@ -271,12 +271,8 @@ def run_task(pipe, task: str, count: int, seed: int, examples: list | None = Non
             shown += [source, target] if label == "method" else [target]
         if examples is not None and i < EXAMPLES:
             examples.append((task, case, shown))
-    method_rate, method_ci = _interval(rows["method"])
-    base_rate, base_ci = _interval(rows["baseline"])
     name = method.name + (" + LocalBlend" if blend is not None and task in ("colour", "shape") else "")
-    return {"task": task, "cases": count, "method": name, "success": method_rate, "ci95": method_ci,
-            "baseline_success": base_rate, "baseline_ci95": base_ci,
-            "seconds_per_edit": seconds["method"] / count, "baseline_seconds_per_edit": seconds["baseline"] / count}
+    return _summary(task, name, rows, seconds)
 
 
 def save_grid(examples: list, path: Path, zoom: int = 4) -> None:

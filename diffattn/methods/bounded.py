@@ -195,6 +195,14 @@ class MaskRefiner:
         return resized.reshape(resized.shape[0], -1).T
 
 
+def _masked_probs(q: Tensor, k: Tensor, mask: Tensor, ctx: AttentionContext) -> Tensor:
+    """Explicit (differentiable) softmax maps of this call under ``mask`` (bool: True = attend, or additive)."""
+    scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min) if mask.dtype == torch.bool else logits + mask
+    return logits.softmax(-1)
+
+
 _REFINER: contextvars.ContextVar[MaskRefiner | None] = contextvars.ContextVar("diffattn_bounded_refine", default=None)
 
 
@@ -323,10 +331,7 @@ class BoundedAttention(AttentionMethod):
 
     def _refine_record(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ctx: AttentionContext,
                        refiner: MaskRefiner) -> Tensor:
-        scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
-        logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min) if mask.dtype == torch.bool else logits + mask
-        probs = logits.softmax(-1)
+        probs = _masked_probs(q, k, mask, ctx)
         batch = q.shape[0]
         roles = ctx.batch_roles if ctx.batch_roles is not None and len(ctx.batch_roles) == batch else ("cond",) * batch
         cond = [i for i, r in enumerate(roles) if r == "cond"]
@@ -342,10 +347,7 @@ class BoundedAttention(AttentionMethod):
     def _collect(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ctx: AttentionContext,
                  collector: LossCollector) -> Tensor:
         """Explicit masked attention (differentiable) that also records the loss terms of the conditional rows."""
-        scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
-        logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min) if mask.dtype == torch.bool else logits + mask
-        probs = logits.softmax(-1)
+        probs = _masked_probs(q, k, mask, ctx)
         members = self._members(ctx).to(q.device)
         inside, outside = members.T.float(), (~members.any(1)).float()  # (subjects, Sq), (Sq,)
         layout = ctx.q_layout
