@@ -417,3 +417,14 @@ def test_masactrl_mask_words_need_words_of_the_prompts_and_no_explicit_masks():
         run("sd", "a red circle", "a blue circle", diffattn.MutualSelfAttention(mask_words=("square",)))
     with pytest.raises(ValueError, match="not both"):
         diffattn.MutualSelfAttention(mask_words=("circle",), mask_source=torch.ones(2, 2), mask_target=torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_inversion_runs_on_unet_families(kind):
+    pipe = pipeline(kind)
+    image = np.random.default_rng(0).uniform(0, 1, (32, 32, 3)).astype(np.float32)
+    latents = diffattn.editing.invert(pipe, image, "a red circle", 3, height=32, width=32)
+    assert latents.shape[0] == 1 and torch.isfinite(latents).all()
+    replay = edit(pipe, "a red circle", "a red circle", None, latents=latents, num_inference_steps=3, height=32,
+                  width=32, guidance_scale=1.0)
+    assert np.isfinite(replay.source).all() and np.array_equal(replay.source, replay.target)
