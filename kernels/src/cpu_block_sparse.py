@@ -243,18 +243,20 @@ def supports(q: Tensor) -> bool:
             and kernel_for(q.dtype) is not None)
 
 
-def _pack(k: Tensor, v: Tensor, block: int, vnni: bool = False) -> tuple[Tensor, Tensor]:
-    """K^T and V padded to whole key blocks, in the layouts the kernel reads (VNNI-2 pairs for the bf16 oneDNN
-    kernel; otherwise K^T per key block and V, in k's dtype)."""
+def _pack(k: Tensor, v: Tensor, block: int, dtype: torch.dtype, vnni: bool = False) -> tuple[Tensor, Tensor]:
+    """K^T and V padded to whole key blocks, in ``dtype`` and the layouts the kernel reads (VNNI-2 pairs for the
+    bf16 oneDNN kernel; otherwise K^T per key block and V). One copy each: conversion and layout change at once."""
     pad = (-k.shape[2]) % block
     if pad:
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
     blocks = k.unflatten(2, (k.shape[2] // block, block))  # (B, H, S/Bk, Bk, D)
     if vnni:
-        kp = blocks.unflatten(-1, (k.shape[-1] // 2, 2)).permute(0, 1, 2, 4, 3, 5).contiguous()  # (B,H,S/Bk,D/2,Bk,2)
-        vp = v.unflatten(2, (v.shape[2] // 2, 2)).transpose(3, 4).contiguous()  # (B, H, S/2, D, 2)
-        return kp, vp
-    return blocks.transpose(-1, -2).contiguous(), v.contiguous()  # (B, H, S/Bk, D, Bk), (B, H, S, D)
+        kp = blocks.unflatten(-1, (k.shape[-1] // 2, 2)).permute(0, 1, 2, 4, 3, 5)  # (B, H, S/Bk, D/2, Bk, 2)
+        vp = v.unflatten(2, (v.shape[2] // 2, 2)).transpose(3, 4)  # (B, H, S/2, D, 2)
+    else:
+        kp, vp = blocks.transpose(-1, -2), v  # (B, H, S/Bk, D, Bk), (B, H, S, D)
+    return tuple(x.contiguous() if x.dtype == dtype else torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
+                 for x in (kp, vp))
 
 
 def _block_lists(members: list[tuple[int, list[tuple[int, int]]]],
@@ -278,9 +280,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     choice = kernel_for(q.dtype)
     if module is None or choice is None:
         raise RuntimeError(f"the compiled block-sparse loop is unavailable for {q.dtype}: {status()}")
-    if choice.kernel == "vec" and k.dtype != torch.float32:
-        k, v = k.float(), v.float()  # computed in float32; the copy is O(S x D), the loop O(S^2 x D x density)
-    kp, vp = _pack(k, v, bkv, vnni=choice.kernel == "onednn" and q.dtype == torch.bfloat16)
+    # packed in the compute dtype (float32 for the vec kernel: bf16 computed in float32); O(S x D) per call
+    kp, vp = _pack(k, v, bkv, choice.compute, vnni=choice.kernel == "onednn" and q.dtype == torch.bfloat16)
     starts = torch.tensor([qb * bq for qb, _ in members], dtype=torch.int64)
     offsets, ids = _block_lists(members, key_order)
     module.block_sparse_forward(q, kp, vp, out, lse, starts, offsets, ids, bq, k.shape[2], float(scale), KV_TILE,
