@@ -256,6 +256,11 @@ def run_task(pipe, task: str, count: int, seed: int, examples: list | None = Non
     blend = options.get("local_blend")
     for i, case in enumerate(tqdm(_cases(task, count, seed), desc=task)):
         shown = []
+        if task == "consistency" and options.get("masactrl"):  # e.g. {"mask_words": true, "start_step": 2}
+            settings = dict(options["masactrl"])
+            if settings.pop("mask_words", False):
+                settings["mask_words"] = (case.spec.shape,)
+            method = diffattn.MutualSelfAttention(**{"start_step": 4, **settings})
         if blend is not None and task in ("colour", "shape"):  # the object's words in both prompts
             method = diffattn.PromptToPrompt(cross_replace=0.8, self_replace=0.4, local_blend=diffattn.LocalBlend(
                 words=(case.spec.shape, case.edited.shape), **blend))
@@ -271,7 +276,8 @@ def run_task(pipe, task: str, count: int, seed: int, examples: list | None = Non
             shown += [source, target] if label == "method" else [target]
         if examples is not None and i < EXAMPLES:
             examples.append((task, case, shown))
-    name = method.name + (" + LocalBlend" if blend is not None and task in ("colour", "shape") else "")
+    name = method.name + (" + LocalBlend" if blend is not None and task in ("colour", "shape") else "") + \
+        (" (automatic masks)" if getattr(method, "mask_words", ()) else "")
     return _summary(task, name, rows, seconds)
 
 
@@ -301,6 +307,8 @@ def save_grid(examples: list, path: Path, zoom: int = 4) -> None:
 def _options(task: str, args: argparse.Namespace) -> dict:
     if task == "layout":
         return json.loads(args.layout_options)
+    if task == "consistency" and args.masactrl is not None:
+        return {"masactrl": json.loads(args.masactrl)}
     if task in ("colour", "shape") and args.local_blend is not None:
         return {"local_blend": json.loads(args.local_blend)}
     return {}
@@ -314,6 +322,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/eval_editing"))
     parser.add_argument("--grid", type=Path, default=None, help="also save a picture of source / edited pairs")
     parser.add_argument("--layout-options", default="{}", help="JSON keyword arguments for diffattn.editing.layout")
+    parser.add_argument("--masactrl", default=None,
+                        help='consistency task: MutualSelfAttention options as JSON; "mask_words": true uses the '
+                             'shape word for automatic masks (e.g. \'{"mask_words": true}\')')
     parser.add_argument("--local-blend", default=None,
                         help='colour/shape tasks: PromptToPrompt with LocalBlend over the object words, with these '
                              'JSON options (e.g. \'{"threshold": 0.3}\')')

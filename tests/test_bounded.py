@@ -206,10 +206,22 @@ def test_layout_runs_and_acts_on_every_family(kind):
     assert np.abs(bounded - plain).max() > 1e-4
 
 
-def test_latent_update_needs_an_sd_unet_pipeline():
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_latent_update_needs_a_unet_pipeline(kind):
     with pytest.raises(ValueError, match="guidance_steps=0"):
-        layout(pipeline("sdxl"), "a red circle", [("circle", LEFT)], guidance_steps=1, num_inference_steps=2,
+        layout(pipeline(kind), "a red circle", [("circle", LEFT)], guidance_steps=1, num_inference_steps=2,
                height=32, width=32)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_latent_update_runs_on_unet_families(kind):
+    pipe = pipeline(kind)
+    subjects = [("red circle", (0.0, 0.0, 0.5, 0.5)), ("blue square", (0.5, 0.5, 1.0, 1.0))]
+    kwargs = dict(num_inference_steps=2, height=32, width=32, refine=False)
+    masks_only = layout(pipe, "a red circle and a blue square", subjects, guidance_steps=0, **kwargs)
+    guided = layout(pipe, "a red circle and a blue square", subjects, guidance_steps=1, iterations=1,
+                    step_size=(1e4, 1e4), stop_loss=0.0, **kwargs)
+    assert np.isfinite(guided).all() and np.abs(guided - masks_only).max() > 1e-6  # random tiny models: small
 
 
 def test_the_latent_update_lowers_the_attention_loss_on_the_embedded_model():

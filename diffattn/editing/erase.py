@@ -35,16 +35,15 @@ def _latent_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
     return (F.adaptive_max_pool2d(m[None, None], size) > 0.5).float()
 
 
-def _empty_prompt(pipe: Any, x0: torch.Tensor, size: tuple[int, int]) -> dict[str, Any]:
-    """The UNet's conditioning for the empty prompt, batch 2 (``wo``, ``w``): text embeddings, and for SDXL the
-    pooled text embeddings and the (size, crop, size) time ids."""
-    encoded = pipe.encode_prompt("", device=x0.device, num_images_per_prompt=2, do_classifier_free_guidance=False)
+def unet_conditioning(pipe: Any, prompt: str, batch: int, size: tuple[int, int], device: Any) -> dict[str, Any]:
+    """The UNet's keyword arguments for ``prompt`` repeated ``batch`` times, no CFG, as the pipeline builds them:
+    text embeddings, and for SDXL the pooled text embeddings and the (size, crop (0, 0), size) time ids."""
+    encoded = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=batch, do_classifier_free_guidance=False)
     if pipe.unet.config.addition_embed_type != "text_time":
         return {"encoder_hidden_states": encoded[0]}
     embeds, _, pooled, _ = encoded
-    projection = int(pooled.shape[-1])
     time_ids = pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=embeds.dtype,
-                                      text_encoder_projection_dim=projection).repeat(2, 1).to(x0.device)
+                                      text_encoder_projection_dim=int(pooled.shape[-1])).repeat(batch, 1).to(device)
     return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
@@ -74,7 +73,7 @@ def erase(pipe: Any, image: Any, mask: Any, *, num_inference_steps: int = 50, st
     timesteps = scheduler.timesteps[start:]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
     latents = scheduler.add_noise(x0, noise, timesteps[:1])
-    conditioning = _empty_prompt(pipe, x0, image.shape[:2])
+    conditioning = unet_conditioning(pipe, "", 2, image.shape[:2], x0.device)
     handle = apply(pipe, method.with_mask(mask), layers=layers)
     try:
         for i, t in enumerate(timesteps):

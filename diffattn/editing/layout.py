@@ -6,7 +6,8 @@
 The masks (:class:`~diffattn.BoundedAttention`) act on every attention layer of the denoiser for the whole run; for
 the first ``guidance_steps`` steps the latents are also moved down the gradient of the paper's attention-mass loss
 (``(1 - IoU)^2`` per subject, cross- and self-attention), which needs gradients through the model: built for
-SD1.5-style UNet pipelines (``StableDiffusionPipeline``). On other families (SDXL, SD3, Flux) the masks run alone.
+UNet pipelines, SD1.5-style and SDXL (the paper's two models). On SD3 and Flux the masks (and refinement) run
+alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from ..api import apply
 from ..methods.bounded import _COLLECTOR, _REFINER, BoundedAttention, Box, LossCollector, MaskRefiner, _check_box
 from ..steps import denoising_step
+from .erase import unet_conditioning
 
 __all__ = ["layout", "layout_method", "FILTER_WORDS"]
 
@@ -86,7 +88,7 @@ def _supports_guidance(pipe: Any) -> bool:
     from diffusers import UNet2DConditionModel
 
     unet = getattr(pipe, "unet", None)
-    return isinstance(unet, UNet2DConditionModel) and unet.config.addition_embed_type is None \
+    return isinstance(unet, UNet2DConditionModel) and unet.config.addition_embed_type in (None, "text_time") \
         and hasattr(pipe, "encode_prompt")
 
 
@@ -128,14 +130,14 @@ def layout(pipe: Any, prompt: str, subjects: Sequence[tuple[str, Box]], *, seed:
     if guidance_steps is None:
         guidance_steps = 0.3 if supported else 0
         if not supported:
-            logger.warning("layout: the latent update runs on SD1.5-style UNet pipelines only; %s gets the "
+            logger.warning("layout: the latent update runs on UNet pipelines (SD1.5, SDXL) only; %s gets the "
                            "bounded-attention masks alone", type(pipe).__name__)
     guided = guidance_steps if isinstance(guidance_steps, int) else math.ceil(float(guidance_steps) * steps)
     if guided < 0 or guided > steps:
         raise ValueError(f"layout: guidance_steps must be within the {steps} steps, got {guidance_steps!r}")
     if guided and not supported:
-        raise ValueError(f"layout: the latent update (guidance_steps={guidance_steps}) needs an SD1.5-style UNet "
-                         f"pipeline; {type(pipe).__name__} is not one: pass guidance_steps=0 for the masks alone")
+        raise ValueError(f"layout: the latent update (guidance_steps={guidance_steps}) needs a UNet pipeline (SD1.5, "
+                         f"SDXL); {type(pipe).__name__} is not one: pass guidance_steps=0 for the masks alone")
     refiner = None
     if refine:
         every = max(1, round(refine_every * steps))
@@ -199,7 +201,7 @@ def _run(pipe: Any, method: BoundedAttention, prompt: str, generator: torch.Gene
     width = call_kwargs.get("width") or unet.config.sample_size * pipe.vae_scale_factor
     shape = (1, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     noise = torch.randn(shape, generator=generator, dtype=unet.dtype)
-    embeds, _ = pipe.encode_prompt(prompt, unet.device, 1, False)
+    conditioning = unet_conditioning(pipe, prompt, 1, (height, width), unet.device)
     pipe.scheduler.set_timesteps(steps)
     timesteps = pipe.scheduler.timesteps.clone()
     sigma = float(pipe.scheduler.init_noise_sigma)
@@ -215,7 +217,7 @@ def _run(pipe: Any, method: BoundedAttention, prompt: str, generator: torch.Gene
             token = _COLLECTOR.set(collector)
             try:
                 with denoising_step(index, steps, timestep=float(t), batch_roles=("cond",)):
-                    unet(current, t, encoder_hidden_states=embeds)
+                    unet(current, t, **conditioning)
             finally:
                 _COLLECTOR.reset(token)
             loss, per_subject = collector.loss(len(method.boxes), cross_weight, self_weight)

@@ -223,7 +223,7 @@ class BoundedAttention(AttentionMethod):
 
     A row that the masks would leave empty (e.g. with no BOS token in the text) is left unmasked, never NaN. Runs on
     any model whose attention has a 2-D grid (SD1.5, SDXL, SD3, Flux tested); the latent update is
-    :func:`diffattn.editing.layout`'s (SD1.5-style UNets), and so is the mask refinement by clustering
+    :func:`diffattn.editing.layout`'s (UNets: SD1.5, SDXL), and so is the mask refinement by clustering
     self-attention (:class:`MaskRefiner`): until it runs, and without it, the boxes are the masks.
     """
 
