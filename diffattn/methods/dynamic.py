@@ -35,6 +35,7 @@ from ..errors import LayoutError, MethodConfigError, NonFiniteInputError
 from ..layout import TokenLayout
 from ..patterns.compile import KernelOrder, relation_block_mask
 from ..patterns.dynamic import (
+    POOL_MODES,
     PYRAMID_LEVELS,
     block_order,
     block_probabilities,
@@ -579,21 +580,24 @@ class Rettention(AttentionMethod):
 
 @dataclass(frozen=True)
 class TokenDownsampling(AttentionMethod):
-    """ToDo (token downsampling): queries at full resolution attend to keys and values pooled over
-    ``factor x factor`` cells of the token grid (each frame of a video separately; odd sizes give smaller border
-    cells). Cheap and training-free; meant for UNets at high resolution.
+    """ToDo (token downsampling): queries at full resolution attend to keys and values downsampled by ``factor``
+    on the token grid (each frame of a video separately). Cheap and training-free; meant for UNets at high
+    resolution.
 
     As the original, the factor depends on the resolution level of the call: ``factor`` at the model's highest
     resolution, ``factor_level_2`` at half of it (default 1: untouched), none below; so SDXL, whose top level has no
     attention, is untouched with the defaults. Downsampling stops once ``t / 1000 <= timestep_threshold_stop``
-    (``t`` the model's timestep on the 0..1000 scale; 0 = never stops). ``mode``: ``"avg"`` (default), ``"max"``,
-    or ``"nearest"`` (the original's default: the cell's top-left token). Text tokens of joint attention are kept.
-    Where the factor is 1 the stock attention runs unchanged (bitwise).
+    (``t`` the model's timestep on the 0..1000 scale; 0 = never stops). ``mode`` (see
+    :func:`~diffattn.patterns.dynamic.pool_grid`): ``"nearest-exact"`` (default, the authors' library default:
+    ``F.interpolate`` to ``floor(h / factor) x floor(w / factor)``) or ``"nearest"`` (the authors' demo app);
+    diffattn's ``"avg"`` / ``"max"`` (its earlier default: the mean / max of each ``factor x factor`` cell, ``ceil``
+    sizes with smaller border cells) or ``"top-left"`` (each cell's first token). Text tokens of joint attention
+    are kept. Where the factor is 1 the stock attention runs unchanged (bitwise).
     """
 
     factor: int = 2
     factor_level_2: int = 1
-    mode: str = "avg"
+    mode: str = "nearest-exact"
     timestep_threshold_stop: float = 0.0
     roles: frozenset[str] = field(default=_ROLES)
 
@@ -603,8 +607,9 @@ class TokenDownsampling(AttentionMethod):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{self.name}: {name} is a positive int (1 = no downsampling), got {value!r}")
-        if self.mode not in ("avg", "max", "nearest"):
-            raise ValueError(f"{self.name}: mode is 'avg', 'max' or 'nearest', got {self.mode!r}")
+        if self.mode not in POOL_MODES:
+            raise ValueError(f"{self.name}: mode is one of {POOL_MODES} (default 'nearest-exact', the authors'), "
+                             f"got {self.mode!r}")
         if not 0.0 <= self.timestep_threshold_stop <= 1.0:
             raise ValueError(f"{self.name}: timestep_threshold_stop is t/1000 in [0, 1], got "
                              f"{self.timestep_threshold_stop}")
@@ -618,15 +623,24 @@ class TokenDownsampling(AttentionMethod):
         return 1 + max(0, round(math.log2(max(ratio, 1.0)) / len(grid)))
 
     def validate(self, ctx: AttentionContext) -> None:
-        """Refuse a factor that pools every frame of this layer into one key token (its cells cover the frame)."""
+        """Refuse a factor that pools every frame of this layer into one key token (its cells cover the frame), or,
+        with the interpolating modes (``floor`` sizes), into none on its shorter side."""
         grid, level = ctx.kv_layout.grid, self.level(ctx)
         factor = {1: self.factor, 2: self.factor_level_2}.get(level, 1)
-        if factor > 1 and len(grid) >= 2 and factor >= max(grid[-2:]):
-            name = "factor" if level == 1 else "factor_level_2"
+        if factor <= 1 or len(grid) < 2:
+            return
+        name = "factor" if level == 1 else "factor_level_2"
+        if factor >= max(grid[-2:]):
             raise config_error(
                 self.name, ctx, f"{name}={factor} pools each {grid[-2]}x{grid[-1]} frame into a single key token",
                 f"use {name} < {max(grid[-2:])} (ToDo uses 2 to 4 at high resolution) or apply it to "
                 "higher-resolution layers (layers=...)")
+        if self.mode in ("nearest-exact", "nearest") and factor > min(grid[-2:]):
+            raise config_error(
+                self.name, ctx, f"{name}={factor} with mode={self.mode!r} keeps floor({min(grid[-2:])} / {factor}) = 0 "
+                f"rows or columns of each {grid[-2]}x{grid[-1]} frame",
+                f"use {name} <= {min(grid[-2:])}, mode='avg' (ceil sizes), or apply it to higher-resolution layers "
+                "(layers=...)")
 
     def factor_for(self, ctx: AttentionContext) -> int:
         if ctx.timestep is not None and ctx.timestep / 1000.0 <= self.timestep_threshold_stop:

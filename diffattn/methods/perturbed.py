@@ -12,7 +12,9 @@ never on cross-attention. Besides the attention change, each carries its guidanc
   ``joint="full"`` makes every row one-hot (output = V for text tokens too), like diffusers' guider-based PAG.
 * :class:`SoftPAG` (HeadHunter): the map is interpolated toward the PAG map, A' = (1 - u) A + u I.
 * :class:`SEG` (smoothed energy guidance): the perturbed entries' visual queries are blurred by a Gaussian of
-  ``sigma`` tokens over the token grid (every axis, frames included); ``sigma = inf`` gives the mean query.
+  ``sigma`` tokens over the token grid (every axis, frames included); ``sigma = inf`` gives the mean query. By
+  default with the authors' kernel (``faithful=True``: ``ceil(6 sigma) + 1`` odd taps clamped to the map, whole-sample
+  reflection; :func:`seg_blur_matrix`), else an untruncated Gaussian (:func:`gaussian_blur_matrix`).
 
 ``heads`` restricts the perturbation to chosen heads (HeadHunter's head-level guidance): ``None`` = all heads, a
 sequence of head indices = those heads in every selected layer, or a mapping ``{layer pattern: head indices}``
@@ -35,7 +37,10 @@ from ..errors import LayerSelectionError, LayoutError
 from ..schedule import StepSchedule, StepSpec, _component_regex
 from .base import AttentionMethod, check_roles
 
-__all__ = ["PerturbedAttention", "PAG", "SoftPAG", "SEG", "HeadSpec", "PERTURBED", "gaussian_blur_matrix"]
+__all__ = [
+    "PerturbedAttention", "PAG", "SoftPAG", "SEG", "HeadSpec", "PERTURBED", "gaussian_blur_matrix", "seg_blur_matrix",
+    "SEG_INF_BLUR_THRESHOLD",
+]
 
 #: The batch role of the entries a perturbed-attention method changes.
 PERTURBED = "perturbed"
@@ -329,18 +334,59 @@ def gaussian_blur_matrix(n: int, sigma: float) -> Tensor:
     return _blur_matrix_cpu(n, float(sigma))
 
 
-def blur_tokens(x: Tensor, grid: tuple[int, ...], sigma: float) -> Tensor:
-    """Blur ``x`` of shape ``(..., prod(grid), D)`` (raster order over ``grid``) along every grid axis."""
+#: SEG's ``inf_blur_threshold``: with the authors' rule a sigma above it means the mean query (infinite blur).
+SEG_INF_BLUR_THRESHOLD = 9999.0
+
+
+def seg_kernel_size(sigma: float, n: int) -> int:
+    """Taps of the authors' SEG kernel on an axis of ``n`` tokens: ``ceil(6 sigma)`` made odd (+1 if even), then
+    clamped to ``n`` (odd n) or ``n + 1`` (even n), so the reflect padding of ``size // 2`` always fits."""
+    size = math.ceil(6.0 * sigma)
+    size = size + 1 - size % 2
+    return min(size, n + 1 - n % 2)
+
+
+@functools.lru_cache(maxsize=128)
+def _seg_matrix_cpu(n: int, sigma: float) -> Tensor:
+    size = seg_kernel_size(sigma, n)
+    half = size // 2
+    offsets = torch.arange(-half, half + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    weights = weights / weights.sum()
+    src = torch.arange(n)[:, None] + offsets.long()[None, :]  # (n, size) sample positions, reflected into range
+    src = torch.where(src < 0, -src, torch.where(src > n - 1, 2 * (n - 1) - src, src))
+    matrix = torch.zeros(n, n, dtype=torch.float64)
+    return matrix.scatter_add_(1, src, weights.expand(n, size).contiguous())
+
+
+def seg_blur_matrix(n: int, sigma: float) -> Tensor:
+    """``(n, n)`` float64 matrix of SEG's own 1-D blur (SusungHong/SEG-SDXL ``gaussian_blur_2d``, one axis):
+    a Gaussian of ``sigma`` truncated to :func:`seg_kernel_size` taps, normalised over those taps, with whole-sample
+    reflection at the borders (``F.pad(mode="reflect")``: ... 2 1 | 0 1 ... n-1 | n-2 ...). ``sigma = 0`` is the
+    identity; above :data:`SEG_INF_BLUR_THRESHOLD` the authors use the mean instead (see :func:`blur_tokens`)."""
+    if sigma == 0 or n == 1:
+        return torch.eye(n, dtype=torch.float64)
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"seg_blur_matrix: sigma must be finite and >= 0, got {sigma}")
+    return _seg_matrix_cpu(n, float(sigma))
+
+
+def blur_tokens(x: Tensor, grid: tuple[int, ...], sigma: float, faithful: bool = False) -> Tensor:
+    """Blur ``x`` of shape ``(..., prod(grid), D)`` (raster order over ``grid``) along every grid axis.
+
+    ``faithful``: SEG's own kernel (:func:`seg_blur_matrix`; sigma above :data:`SEG_INF_BLUR_THRESHOLD` = mean),
+    else the untruncated Gaussian (:func:`gaussian_blur_matrix`; only ``inf`` = mean). Runs where ``x`` lives; the
+    per-axis matrices are built once on the CPU in float64 and cast to ``x``'s dtype."""
     lead = x.shape[:-2]
-    if math.isinf(sigma):
+    if math.isinf(sigma) or (faithful and sigma > SEG_INF_BLUR_THRESHOLD):
         return x.mean(dim=-2, keepdim=True).expand_as(x)
     y = x.reshape(*lead, *grid, x.shape[-1])
     for axis, n in enumerate(grid):
         if n == 1:
             continue
         dim = len(lead) + axis
-        matrix = gaussian_blur_matrix(n, sigma).to(device=x.device, dtype=x.dtype)
-        y = torch.matmul(matrix, y.movedim(dim, -2)).movedim(-2, dim)
+        matrix = (seg_blur_matrix if faithful else gaussian_blur_matrix)(n, sigma)
+        y = torch.matmul(matrix.to(device=x.device, dtype=x.dtype), y.movedim(dim, -2)).movedim(-2, dim)
     return y.reshape(x.shape)
 
 
@@ -350,15 +396,26 @@ class SEG(PerturbedAttention):
     over the token grid (every axis, video frames included; any aspect ratio). Keys, values and text queries are
     untouched. Attention logits are linear in the queries, so this blurs the attention energy along the query axis.
     ``sigma = inf`` (default, like SEG's 9999999) replaces every visual query by the mean query (uniform attention);
-    ``sigma -> 0`` is the stock attention. Borders reflect; see :func:`gaussian_blur_matrix`."""
+    ``sigma -> 0`` is the stock attention.
+
+    ``faithful=True`` (default) blurs with the authors' kernel (SEG-SDXL's ``gaussian_blur_2d``, applied per axis):
+    ``ceil(6 sigma) + 1`` odd taps clamped to the axis (so a large finite sigma is a flat but not uniform kernel),
+    whole-sample ``reflect`` padding, and any sigma above 9999 is the mean query; see :func:`seg_blur_matrix`.
+    ``faithful=False`` is diffattn's earlier blur: an untruncated Gaussian with half-sample reflection, which tends
+    to the mean smoothly and works on any map (:func:`gaussian_blur_matrix`). They agree at ``sigma = inf``.
+    """
 
     sigma: float = math.inf
+    faithful: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         s = self.sigma
         if isinstance(s, bool) or not isinstance(s, (int, float)) or math.isnan(s) or s < 0:
             raise ValueError(f"SEG: sigma must be >= 0 tokens (math.inf = mean query), got {s!r}")
+        if not isinstance(self.faithful, bool):
+            raise ValueError(f"SEG: faithful must be a bool (True: the authors' truncated kernel, False: diffattn's "
+                             f"untruncated Gaussian), got {self.faithful!r}")
         object.__setattr__(self, "sigma", float(s))
 
     @property
@@ -372,6 +429,6 @@ class SEG(PerturbedAttention):
         layout = ctx.q_layout
         vis = layout.visual_slice
         blurred = q.index_select(0, rows).clone()
-        blurred[:, :, vis] = blur_tokens(blurred[:, :, vis], layout.grid, self.sigma)
+        blurred[:, :, vis] = blur_tokens(blurred[:, :, vis], layout.grid, self.sigma, self.faithful)
         # One SDPA call for the whole batch: the other entries (and heads) see their original queries, bitwise.
         return ctx.dense(_replace(q, blurred, rows, heads), k, v)

@@ -274,17 +274,30 @@ class ShiftedWindowAttention(SparseAttention):
     """HiDiffusion's MSW-MSA: self-attention inside a ``windows`` grid of windows (2 x 2: a quarter of the cost),
     cyclically shifted by a fraction of the window drawn per (step, layer) from ``seed`` (never the global RNG),
     or a fixed ``shift`` fraction. Odd sizes need no resizing. Use it on a UNet's highest-resolution
-    self-attention (see ``HIDIFFUSION_LAYERS``)."""
+    self-attention (see ``HIDIFFUSION_LAYERS``).
+
+    ``faithful=True`` (default) shifts by HiDiffusion's ``(window // 4) * k`` tokens for the fraction ``k / 4``
+    (fixed ``shift`` must then be 0, 0.25, 0.5 or 0.75); ``faithful=False`` by diffattn's earlier
+    ``floor(fraction * window)``. They differ only for windows that are not a multiple of 4 tokens
+    (see ``ShiftedWindow.from_fraction``)."""
 
     windows: int | tuple[int, ...] = (2, 2)
     shift: float | None = None
     seed: int = 0
+    faithful: bool = True
     roles: frozenset[str] = field(default=frozenset({"self"}))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.shift is not None and not 0.0 <= self.shift < 1.0:
             raise ValueError(f"ShiftedWindowAttention: shift is a fraction of the window in [0, 1), got {self.shift}")
+        if not isinstance(self.faithful, bool):
+            raise ValueError(f"ShiftedWindowAttention: faithful must be a bool, got {self.faithful!r}")
+        if self.faithful and self.shift is not None and 4 * self.shift != int(4 * self.shift):
+            raise ValueError(
+                f"ShiftedWindowAttention: HiDiffusion's shift rule (faithful=True) takes a quarter of the window "
+                f"(0, 0.25, 0.5 or 0.75), got shift={self.shift}; pass faithful=False for floor(shift * window)"
+            )
 
     def pattern_for(self, ctx: AttentionContext) -> Pattern:
         if self.shift is None and ctx.step is None:
@@ -292,7 +305,7 @@ class ShiftedWindowAttention(SparseAttention):
                                "step (the model ran outside a pipeline's loop)", "run it in a pipeline, inside "
                                "diffattn.denoising_step(i, num_steps), or give a fixed shift=, e.g. shift=0.25")
         fraction = self.shift if self.shift is not None else hidiffusion_shift(ctx.step, ctx.layer, self.seed)
-        return ShiftedWindow.from_fraction(ctx.q_layout.grid, fraction, self.windows)
+        return ShiftedWindow.from_fraction(ctx.q_layout.grid, fraction, self.windows, faithful=self.faithful)
 
     def validate(self, ctx: AttentionContext) -> None:
         super().validate(replace(ctx, step=0))  # the shift changes with the step, the windows it checks do not
@@ -315,18 +328,28 @@ HIDIFFUSION_LAYERS = {
 @dataclass(frozen=True)
 class RadialAttention(SparseAttention):
     """Radial Attention for video: dense within neighbouring frames, a band that shrinks exponentially with frame
-    distance (``decay``), optional first-frame sink; block-level (``block_size`` 128 or 64). Text stays dense."""
+    distance (``decay``), optional first-frame sink; block-level (``block_size`` 128 or 64). Text stays dense.
+
+    ``faithful=True`` reproduces the authors' mask: their block shrink drops the tail blocks of frame pairs that
+    straddle one more block than ``ceil(S_f / block_size)`` (Wan 480p), and their diagonal split empties
+    neighbouring frames when a frame has fewer than 128 tokens. ``faithful=False`` (default, diffattn's rule; it
+    measured better on the embedded video model) keeps both. Equal when the tokens per frame are a multiple of the
+    block and at least 128; see ``patterns.Radial``."""
 
     decay: float = 1.0
     frame_sink: bool = True
     dense_band_frames: int = 1
+    faithful: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        Radial(self.decay, self.block_size, self.frame_sink, self.dense_band_frames)  # validate now
+        self._radial()  # validate now
+
+    def _radial(self) -> Radial:
+        return Radial(self.decay, self.block_size, self.frame_sink, self.dense_band_frames, self.faithful)
 
     def pattern_for(self, ctx: AttentionContext) -> Pattern:
-        return Radial(self.decay, self.block_size, self.frame_sink, self.dense_band_frames)
+        return self._radial()
 
     def fix_for(self, grid: tuple[int, ...]) -> str:
         return ("apply RadialAttention to video models (a (frames, height, width) grid); on image models use "

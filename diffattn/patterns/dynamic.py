@@ -52,6 +52,7 @@ __all__ = [
     "pyramid_levels",
     "selection_block_mask",
     "pool_grid",
+    "POOL_MODES",
 ]
 
 #: KV pooling levels of pyramid sparse attention (PSA): full resolution, then 2x, 4x, 8x pooled blocks.
@@ -215,21 +216,53 @@ def selection_block_mask(ko: KernelOrder, selected: Tensor, device: torch.device
     return block_mask, kept_token_pairs(any_, ko.valid, block) / max(real * real, 1)
 
 
-def pool_grid(x: Tensor, grid: tuple[int, ...], factor: int, mode: str = "avg") -> tuple[Tensor, tuple[int, ...]]:
-    """ToDo's downsampling: ``x`` (..., S, D) with S = prod(grid) raster tokens, pooled over ``factor x factor`` cells
-    of the last two grid axes (each frame of a video separately); border cells of odd sizes hold fewer tokens
-    (ceil). ``mode``: ``"avg"`` (mean of the cell), ``"max"`` or ``"nearest"`` (the cell's top-left token).
-    Returns the pooled tokens (..., S', D) in raster order of the pooled grid, and that grid."""
+#: ``pool_grid`` modes: the authors' interpolations (output ``floor(L / factor)`` per axis) and diffattn's cell
+#: pools (output ``ceil(L / factor)``, smaller border cells).
+POOL_MODES = ("nearest-exact", "nearest", "avg", "max", "top-left")
+
+
+def _interpolate_index(length: int, out: int, mode: str) -> Tensor:
+    """Source index of each of ``out`` samples that ``F.interpolate(size=out, mode=mode)`` picks on an axis of
+    ``length`` (computed by the op itself, so float rounding matches it exactly)."""
+    src = torch.arange(length, dtype=torch.float64).view(1, 1, length)
+    return F.interpolate(src, size=out, mode=mode).view(out).round().long()
+
+
+def pool_grid(
+    x: Tensor, grid: tuple[int, ...], factor: int, mode: str = "nearest-exact"
+) -> tuple[Tensor, tuple[int, ...]]:
+    """ToDo's downsampling: ``x`` (..., S, D) with S = prod(grid) raster tokens, reduced by ``factor`` on the last
+    two grid axes (each frame of a video separately). Runs where ``x`` lives.
+
+    ``mode``: ``"nearest-exact"`` (the authors' library default) and ``"nearest"`` (their demo app) are their
+    ``F.interpolate(size=(h // factor, w // factor), mode=...)``: ``floor`` sizes, one token per output (nearest-exact
+    takes ``floor((i + 0.5) * h / h')``, nearest ``floor(i * h / h')``). diffattn's ``"avg"`` / ``"max"`` pool
+    ``factor x factor`` cells and ``"top-left"`` takes each cell's first token: ``ceil`` sizes, border cells of sizes
+    the factor does not divide hold fewer tokens. Returns the reduced tokens (..., S', D) in raster order of the
+    reduced grid, and that grid."""
     if len(grid) < 2:
         raise ValueError(f"pool_grid needs a grid of at least 2 axes, got {grid}")
+    if mode not in POOL_MODES:
+        raise ValueError(f"pool_grid: mode is one of {POOL_MODES}, got {mode!r}")
     *lead, h, w = grid
-    pooled_grid = (*lead, math.ceil(h / factor), math.ceil(w / factor))
+    interpolate = mode in ("nearest-exact", "nearest")
+    size = (lambda n: n // factor) if interpolate else (lambda n: -(-n // factor))
+    pooled_grid = (*lead, size(h), size(w))
     if factor == 1:
         return x, tuple(grid)
+    if interpolate and min(pooled_grid[-2:]) < 1:
+        raise ValueError(
+            f"pool_grid: factor {factor} leaves no token of a {h}x{w} frame with mode={mode!r} (output floor(L / "
+            f"factor)); use a factor <= {min(h, w)} or mode='avg'"
+        )
     batch_shape, dim = x.shape[:-2], x.shape[-1]
     frames = math.prod(lead) if lead else 1
     planes = x.reshape(-1, h, w, dim)  # (N·frames, h, w, D)
-    if mode == "nearest":
+    if interpolate:
+        rows = _interpolate_index(h, pooled_grid[-2], mode).to(x.device)
+        cols = _interpolate_index(w, pooled_grid[-1], mode).to(x.device)
+        out = planes.index_select(1, rows).index_select(2, cols)
+    elif mode == "top-left":
         out = planes[:, ::factor, ::factor]
     else:
         planes = planes.permute(0, 3, 1, 2)

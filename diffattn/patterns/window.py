@@ -424,14 +424,40 @@ class ShiftedWindow(Pattern):
         object.__setattr__(self, "shift", shift)
 
     @classmethod
-    def from_fraction(cls, grid: tuple[int, ...], fraction: float, windows: int | tuple[int, ...] = (2, 2)):
+    def from_fraction(
+        cls,
+        grid: tuple[int, ...],
+        fraction: float,
+        windows: int | tuple[int, ...] = (2, 2),
+        *,
+        faithful: bool = True,
+    ):
         """The pattern for ``grid`` shifted by ``fraction`` of the window size on every windowed axis
-        (HiDiffusion: one fraction from :func:`hidiffusion_shift`); shift = floor(fraction * window size)."""
+        (HiDiffusion: one fraction from :func:`hidiffusion_shift`).
+
+        ``faithful=True`` (default) is HiDiffusion's own rule: the fraction must be a quarter ``k / 4``
+        (k = 0..3) and the shift is ``(window // 4) * k`` tokens per axis; when that gives 0 on the first windowed
+        axis no axis is shifted (their roll is skipped then). ``faithful=False`` is diffattn's earlier rule,
+        ``floor(fraction * window)`` per axis for any fraction in [0, 1); the two differ when a window is not a
+        multiple of 4 tokens (window 10: 0, 2, 4, 6 faithful; 0, 2, 5, 7 floor)."""
         if not 0 <= fraction < 1:
             raise ValueError(f"ShiftedWindow.from_fraction: fraction must be in [0, 1), got {fraction}")
+        if not isinstance(faithful, bool):
+            raise ValueError(f"ShiftedWindow.from_fraction: faithful must be a bool, got {faithful!r}")
         base = cls(windows=windows)
         sizes = base.window_sizes(grid)
-        return cls(windows=base.windows, shift=tuple(int(math.floor(fraction * w)) for w in sizes))
+        if not faithful:
+            return cls(windows=base.windows, shift=tuple(int(math.floor(fraction * w)) for w in sizes))
+        quarter = 4 * fraction
+        if quarter != int(quarter):
+            raise ValueError(
+                f"ShiftedWindow.from_fraction: HiDiffusion's shift rule (faithful=True) takes a quarter of the window "
+                f"(0, 0.25, 0.5 or 0.75), got {fraction}; pass faithful=False for floor(fraction * window)"
+            )
+        shift = tuple((w // 4) * int(quarter) for w in sizes)
+        if shift[0] == 0:
+            shift = (0,) * len(shift)
+        return cls(windows=base.windows, shift=shift)
 
     def _axes(self, grid: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
         name = type(self).__name__
@@ -536,18 +562,23 @@ def _bitlen(x: int) -> int:
     return int(x).bit_length()
 
 
-def _pair_rule(i: int, j: int, tokens: int, decay: float, block: int, sink: bool, band_frames: int):
+def _pair_rule(
+    i: int, j: int, tokens: int, decay: float, block: int, sink: bool, band_frames: int, faithful: bool = False
+):
     """Pre-shrink token mask of frame pair (i, j): ``"dense"``, ``"empty"`` or the integer band half-width W
     (token p of frame i sees token q of frame j iff ``|p - q| <= W``)."""
     if sink and j == 0:
         return "dense"
     d = abs(i - j)
-    if d <= band_frames:
-        return "dense"
     exponent = _bitlen(tokens) - _bitlen(d)  # lambda(d) = 2**exponent
-    if exponent < 7:  # lambda < 128 (hard-coded, also for 64-token blocks): split = 128 / lambda, a power of two
-        if d % (1 << (7 - exponent)) != 0:
-            return "empty"
+    # Diagonal split: lambda < 128 (hard-coded, also for 64-token blocks) keeps only distances that are multiples of
+    # 128 / lambda (a power of two). The authors apply it to every pair but the sink, neighbouring frames included
+    # (it reaches d = 1 only when S_f < 128); diffattn's earlier rule (faithful=False) never splits the dense band.
+    split_off = exponent < 7 and d % (1 << (7 - exponent)) != 0
+    if d <= band_frames:
+        return "empty" if faithful and split_off else "dense"
+    if split_off:
+        return "empty"
     width = max(float(block), math.ldexp(decay, exponent))
     width = int(math.floor(width))
     return "dense" if width >= tokens - 1 else width
@@ -575,31 +606,37 @@ def _shrink_pair(rule, tokens: int, block: int, row_off: int, col_off: int) -> T
 
 
 @functools.lru_cache(maxsize=32)
-def _radial_kept(frames: int, tokens: int, decay: float, block: int, sink: bool, band_frames: int) -> Tensor:
+def _radial_kept(
+    frames: int, tokens: int, decay: float, block: int, sink: bool, band_frames: int, faithful: bool
+) -> Tensor:
     n = frames * tokens
     nb = blocks_of(n, block)
     kept = torch.zeros(nb, nb, dtype=torch.bool)
     shrunk: dict = {}
+    # The authors' generator pads each pair's canvas to ceil(S_f / b) blocks after the offset and keeps only those,
+    # so a pair that straddles one more block (offset + S_f > that) loses its tail tiles; diffattn's earlier rule
+    # (faithful=False) keeps every block the pair touches.
+    limit = blocks_of(tokens, block) if faithful else None
     for i in range(frames):
         for j in range(frames):
-            rule = _pair_rule(i, j, tokens, decay, block, sink, band_frames)
+            rule = _pair_rule(i, j, tokens, decay, block, sink, band_frames, faithful)
             if rule == "empty":
                 continue
             r, c = (i * tokens) % block, (j * tokens) % block
             key = (rule, r, c)
             if key not in shrunk:
                 shrunk[key] = _shrink_pair(rule, tokens, block, r, c)
-            tile = shrunk[key]
+            tile = shrunk[key][:limit, :limit]
             r0, c0 = (i * tokens) // block, (j * tokens) // block
             kept[r0 : r0 + tile.shape[0], c0 : c0 + tile.shape[1]] |= tile
-    # diffattn's one deviation from the paper: the diagonal block is always kept, so no query is left without keys.
-    # It changes nothing when frames are whole blocks (d = 0 is dense); it matters when frames are shorter than a
-    # block, where the block shrink can drop a row's only blocks.
+    # Kept in both modes (not in the authors' code): the diagonal block, so no query is left without keys. It
+    # changes nothing when frames are whole blocks (d = 0 is dense); it matters where the block shrink drops a
+    # row's only blocks (frames shorter than a block, or the tail tiles the faithful rule drops).
     kept |= torch.eye(nb, dtype=torch.bool)
     return kept
 
 
-def _check_radial_args(owner: str, decay, block_size, frame_sink, dense_band_frames) -> None:
+def _check_radial_args(owner: str, decay, block_size, frame_sink, dense_band_frames, faithful=False) -> None:
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay) or decay <= 0:
         raise ValueError(
             f"{owner}: decay must be a positive number (γ, e.g. 0.2 for Wan, 0.95 for HunyuanVideo), got {decay!r}"
@@ -612,6 +649,11 @@ def _check_radial_args(owner: str, decay, block_size, frame_sink, dense_band_fra
         )
     if isinstance(dense_band_frames, bool) or not isinstance(dense_band_frames, int) or dense_band_frames < 0:
         raise ValueError(f"{owner}: dense_band_frames must be an int >= 0, got {dense_band_frames!r}")
+    if not isinstance(faithful, bool):
+        raise ValueError(
+            f"{owner}: faithful must be a bool (True: the authors' block shrink, False: diffattn's, which keeps the "
+            f"tail blocks of frames that straddle a block), got {faithful!r}"
+        )
 
 
 def radial_density(
@@ -622,15 +664,17 @@ def radial_density(
     *,
     frame_sink: bool = True,
     dense_band_frames: int = 1,
+    faithful: bool = False,
 ) -> float:
     """Fraction of video token pairs Radial Attention computes (its kept blocks, last partial block counted by its
-    real tokens; equal to the kept-block fraction when the token count is a multiple of ``block_size``)."""
-    _check_radial_args("radial_density", decay, block_size, frame_sink, dense_band_frames)
+    real tokens; equal to the kept-block fraction when the token count is a multiple of ``block_size``).
+    ``faithful``: the authors' block shrink or diffattn's (see :class:`Radial`)."""
+    _check_radial_args("radial_density", decay, block_size, frame_sink, dense_band_frames, faithful)
     if frames < 1 or tokens_per_frame < 1:
         raise ValueError(
             f"radial_density: frames and tokens_per_frame must be positive, got {frames}, {tokens_per_frame}"
         )
-    kept = _radial_kept(frames, tokens_per_frame, float(decay), block_size, frame_sink, dense_band_frames)
+    kept = _radial_kept(frames, tokens_per_frame, float(decay), block_size, frame_sink, dense_band_frames, faithful)
     n = frames * tokens_per_frame
     sizes = torch.full((kept.shape[0],), block_size, dtype=torch.float64)
     sizes[-1] = n - block_size * (kept.shape[0] - 1)
@@ -648,15 +692,26 @@ class Radial(Pattern):
     d is a multiple of 128 / lambda. Each pair's token mask is shrunk to ``block_size`` blocks at its canvas offset
     (a tile is kept when more than 60 % of its non-empty columns have more than a third of the tile's rows set) and
     OR-ed into the global block mask. The mask is block-level: ``mask_mod`` looks up the kept blocks.
+
+    ``faithful=True`` is the authors' generator (``gen_log_mask_shrinked``) in the two points where diffattn's rule
+    (``faithful=False``, the default: it measured better on the embedded video model, see the README) differs:
+    (1) a pair's canvas is padded to ``ceil(S_f / b)`` blocks from its offset and only those are kept, so where a
+    frame is not a whole number of blocks (Wan 480p: S_f = 1,560) the tail of a pair that straddles one more block
+    is dropped (diffattn shrinks every block the pair touches: +48..67 blocks of ~13-19k at 16 x 1,560 tokens,
+    b = 128); (2) the diagonal split also applies to the dense band, which empties neighbouring frames (d = 1) when
+    S_f < 128. Both rules give the same mask when S_f is a multiple of ``block_size`` and at least 128. In both, the
+    diagonal block is always kept (the authors' mask can lack it), so no query is left without keys.
     """
 
     decay: float = 1.0
     block_size: int = 128
     frame_sink: bool = True
     dense_band_frames: int = 1
+    faithful: bool = False
 
     def __post_init__(self) -> None:
-        _check_radial_args(type(self).__name__, self.decay, self.block_size, self.frame_sink, self.dense_band_frames)
+        _check_radial_args(type(self).__name__, self.decay, self.block_size, self.frame_sink, self.dense_band_frames,
+                           self.faithful)
         object.__setattr__(self, "decay", float(self.decay))
 
     def _frames(self, grid: tuple[int, ...]) -> tuple[int, int]:
@@ -674,19 +729,21 @@ class Radial(Pattern):
         frames, tokens = self._frames(grid)
         if not (0 <= i < frames and 0 <= j < frames):
             raise ValueError(f"{type(self).__name__}: frame pair ({i}, {j}) outside 0..{frames - 1}")
-        return _pair_rule(i, j, tokens, self.decay, self.block_size, self.frame_sink, self.dense_band_frames)
+        return _pair_rule(i, j, tokens, self.decay, self.block_size, self.frame_sink, self.dense_band_frames,
+                          self.faithful)
 
     def kept_blocks(self, grid: tuple[int, ...]) -> Tensor:
         """Kept blocks ``(nb, nb)`` of ``block_size`` raster tokens (a fresh tensor)."""
         frames, tokens = self._frames(grid)
-        kept = _radial_kept(frames, tokens, self.decay, self.block_size, self.frame_sink, self.dense_band_frames)
+        kept = _radial_kept(frames, tokens, self.decay, self.block_size, self.frame_sink, self.dense_band_frames,
+                            self.faithful)
         return kept.clone()
 
     def density(self, grid: tuple[int, ...]) -> float:
         frames, tokens = self._frames(grid)
         return radial_density(
             frames, tokens, self.decay, self.block_size,
-            frame_sink=self.frame_sink, dense_band_frames=self.dense_band_frames,
+            frame_sink=self.frame_sink, dense_band_frames=self.dense_band_frames, faithful=self.faithful,
         )
 
     def mask_mod(self, grid: tuple[int, ...]) -> PositionMaskMod:
