@@ -102,15 +102,19 @@ def _replace_success(case: Case, source: np.ndarray, target: np.ndarray, task: s
     return same and moved <= 2.0 and _outside_psnr(source, target, [src.bbox, tgt.bbox]) >= 35.0
 
 
-def _consistency_success(case: Case, source: np.ndarray, target: np.ndarray) -> bool:
+def _consistency_failures(case: Case, source: np.ndarray, target: np.ndarray) -> list[str]:
+    """The consistency checks this case fails (empty: success): missing, place, colour, area."""
     src = _main_object(source, case.source)
     result = evaluate_image(target, case.target)
     tgt = result.objects[0].component if result.objects else None
-    if src is None or tgt is None or not result.objects[0].position_correct:
-        return False
-    colour_src = source[src.mask].mean(0)
-    colour_tgt = target[tgt.mask].mean(0)
-    return bool(np.abs(colour_src - colour_tgt).max() <= 10 and abs(tgt.area - src.area) <= 0.15 * src.area)
+    if src is None or tgt is None:
+        return ["missing"]
+    failed = [] if result.objects[0].position_correct else ["place"]
+    if np.abs(source[src.mask].mean(0) - target[tgt.mask].mean(0)).max() > 10:
+        failed.append("colour")
+    if abs(tgt.area - src.area) > 0.15 * src.area:
+        failed.append("area")
+    return failed
 
 
 def _interval(successes: list[bool]) -> tuple[float, float]:
@@ -254,6 +258,7 @@ def run_task(pipe, task: str, count: int, seed: int, examples: list | None = Non
     method = (diffattn.MutualSelfAttention(start_step=4) if task == "consistency"
               else diffattn.PromptToPrompt(cross_replace=0.8, self_replace=0.4))
     blend = options.get("local_blend")
+    failures: dict[str, dict[str, int]] = {"method": {}, "baseline": {}}
     for i, case in enumerate(tqdm(_cases(task, count, seed), desc=task)):
         shown = []
         if task == "consistency" and options.get("masactrl"):  # e.g. {"mask_words": true, "start_step": 2}
@@ -270,15 +275,23 @@ def run_task(pipe, task: str, count: int, seed: int, examples: list | None = Non
                        guidance_scale=GUIDANCE)
             seconds[label] += time.perf_counter() - start
             source, target = _uint8(out.source), _uint8(out.target)
-            ok = (_consistency_success(case, source, target) if task == "consistency"
-                  else _replace_success(case, source, target, task))
+            if task == "consistency":
+                failed = _consistency_failures(case, source, target)
+                for reason in failed:
+                    failures[label][reason] = failures[label].get(reason, 0) + 1
+                ok = not failed
+            else:
+                ok = _replace_success(case, source, target, task)
             rows[label].append(ok)
             shown += [source, target] if label == "method" else [target]
         if examples is not None and i < EXAMPLES:
             examples.append((task, case, shown))
     name = method.name + (" + LocalBlend" if blend is not None and task in ("colour", "shape") else "") + \
         (" (automatic masks)" if getattr(method, "mask_words", ()) else "")
-    return _summary(task, name, rows, seconds)
+    summary = _summary(task, name, rows, seconds)
+    if task == "consistency":  # which check failed, per run (a case can fail several)
+        summary["failures"], summary["baseline_failures"] = failures["method"], failures["baseline"]
+    return summary
 
 
 def save_grid(examples: list, path: Path, zoom: int = 4) -> None:
@@ -346,7 +359,8 @@ def main() -> None:
         else:
             print(f"{r['task']:12s} {r['method']:20s} {100 * r['success']:5.1f}% ± {100 * r['ci95']:.1f}  "
                   f"baseline {100 * r['baseline_success']:5.1f}% ± {100 * r['baseline_ci95']:.1f}  "
-                  f"{r['seconds_per_edit']:.2f} s vs {r['baseline_seconds_per_edit']:.2f} s per edit")
+                  f"{r['seconds_per_edit']:.2f} s vs {r['baseline_seconds_per_edit']:.2f} s per edit"
+                  + (f"  failed checks {r['failures']} vs {r['baseline_failures']}" if "failures" in r else ""))
     print(f"wrote {args.out / 'eval_editing.json'}")
 
 
