@@ -239,11 +239,10 @@ def forward(
             out[:, hs, q0:q1], lse[:, hs, q0:q1] = _merge(parts, q.dtype)
         if gathered:
             _gathered_blocks(q, k, v, out, lse, hs, gathered, tiles, bq, bkv, num_kv_blocks, scale)
-        order = _cached_key_order(kv_num_blocks, g, num_kv, bkv, full_only)
-        if full_only and cpu_block_sparse.supports(q):  # longer runs fill the compiled loop's key tiles
-            cpu_block_sparse.attend(q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs],
-                                    _reordered(full_only, order) if order else full_only, bq, bkv, scale, order)
-        else:
+        if full_only and cpu_block_sparse.supports(q):  # the compiled loop reads key blocks where they are
+            cpu_block_sparse.attend(q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs], full_only, bq, bkv, scale)
+        else:  # only the fallback gains from a key order (longer contiguous runs): computed only for it
+            order = _cached_key_order(kv_num_blocks, g, num_kv, bkv, full_only)
             _key_major(q, k, v, out, lse, hs, full_only, bq, bkv, scale, order)
     return out, lse
 
