@@ -640,18 +640,6 @@ class SpeedOutput:
     rows: list = field(default_factory=list)  # diffattn.pipelines.compare.CompareRow
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out_folder: Path, *,
               progress: Progress = _no_progress) -> SpeedOutput:
     """Speed tab: ``diffattn compare`` for the chosen sparse methods at the chosen size, in this process: times and
@@ -678,6 +666,7 @@ def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out
                                  + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
         progress(0.05, "comparing")
         import diffattn
+        from diffattn.kernels import cpu_block_sparse
 
         try:
             rows, videos = run_compare(pipe, frames=frames, height=height, width=width, steps=steps,
@@ -685,7 +674,7 @@ def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out
         except diffattn.DiffattnError as error:
             raise DemoInputError(f"a method cannot run at {size}: {error}") from None
     title = f"{frames} frames x {height}x{width} px = {int(np.prod(grid))} tokens, {steps} steps, " \
-            f"{torch.get_num_threads()} threads, {cpu_name()}"
+            f"{torch.get_num_threads()} threads, {cpu_block_sparse.cpu_model()}"
     png = save_outputs(rows, videos, Path(out_folder), title)[0]
     plot = np.asarray(Image.open(png).convert("RGB"))
     lines = [f"Measured now, one process: {title}.", "",

@@ -43,19 +43,6 @@ TILE_CONFIGS = {4096: ((16, 16, 16), (4, 8, 8), (1, 1, 2)),  # a quick check; th
 RADIAL_CONFIGS = {4096: ((16, 16, 16), 0.2), 16384: ((32, 16, 32), 0.2), 32768: ((16, 32, 64), 0.2)}  # (f, h, w), decay
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo; the platform string elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def loop_path(dtype: torch.dtype) -> str:
     """Which build and GEMM kernel of the compiled CPU loop ``dtype`` ran (or why none)."""
     choice = cpu_block_sparse.kernel_for(dtype)
@@ -147,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[env] = value
     cpu_block_sparse.reset()
     cpu_block_sparse.extension()  # built (once per source version and build) before any timing
-    cpu = cpu_model()
+    cpu = cpu_block_sparse.cpu_model()
     print(f"CPU: {cpu} (torch: {torch.backends.cpu.get_cpu_capability()}); loop: {cpu_block_sparse.status()}")
     rows = []
     cases = [(n, d, p) for n in args.tokens for d in args.dtypes for p in patterns_for(n)]

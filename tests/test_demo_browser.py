@@ -11,7 +11,6 @@ screenshots there. Without chromium the browser tests skip (outside CI) or fail 
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import ipaddress
 import json
@@ -30,6 +29,8 @@ import pytest
 import torch
 from PIL import Image
 
+from demo_helpers import load_logic
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "outputs" / "demo"
 STARTUP_TIMEOUT = 120.0
@@ -37,17 +38,7 @@ RESULT_TIMEOUT = 120_000  # ms
 TOLERANCE = 2  # levels of 255: the server and this process may split float sums differently
 
 
-def _load_logic():
-    name = "diffattn_demo_logic"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "demo" / "logic.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-logic = _load_logic()
+logic = load_logic()
 
 # Run in the server process before anything else: every socket event is logged (one JSON line each), then the
 # `diffattn demo` command line runs with the remaining arguments.

@@ -3,8 +3,6 @@ on the embedded image model (few steps), scored from pixels."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from demo_helpers import load_logic
 
-
-def _load_logic():
-    name = "diffattn_demo_logic"  # the name demo/app.py loads it under, so both share one module
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "demo" / "logic.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-logic = _load_logic()
+logic = load_logic()
 STEPS = 8
 
 

@@ -183,6 +183,17 @@ def _tools_on_path() -> Iterator[None]:
         os.environ["PATH"] = old
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; the platform string elsewhere), for speed figures."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def status() -> str:
     """Whether the compiled loop is in use, with which build and per-dtype kernel, and if not, why."""
     return _STATUS["state"]
