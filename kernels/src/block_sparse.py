@@ -4,8 +4,8 @@ Driven by a FlexAttention ``BlockMask``: for every query block it visits only th
 stretch by one fused SDPA call that also returns the log-sum-exp; the parts of a query block are merged by
 log-sum-exp. Rows with no allowed key give 0 and lse ``-inf``.
 
-Query blocks with full blocks only (sliding tile, radial, top-k selections) go, on AVX-512 CPUs, to the compiled
-loop of :mod:`.cpu_block_sparse` (the fastest path in every benchmark case). Elsewhere (GPU, other CPUs,
+Query blocks with full blocks only (sliding tile, radial, top-k selections) go, on CPUs with a build of it (AVX-512,
+AVX2, NEON), to the compiled loop of :mod:`.cpu_block_sparse` (the fastest path in every benchmark case). Elsewhere (GPU, other CPUs,
 ``DIFFATTN_CPU_KERNEL=0``, float16) they are computed *key-major*: their key runs are grouped by stretch and every query block that needs a stretch attends it in one call with all their rows
 stacked. The CPU flash kernel splits short queries into 32-row tiles and reaches only ~60% of its dense speed on
 128-row calls (~55% in bf16); long stacked queries run at its efficient 256-row split. When a reordered copy of the
