@@ -6,6 +6,7 @@ from .dense import Dense
 from .editing import AttentiveEraser, LocalBlend, MutualSelfAttention, PromptToPrompt
 from .dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
 from .masked import Masked
+from .scaling import EntropyScaling
 from .sparse import (
     HIDIFFUSION_LAYERS,
     RadialAttention,
@@ -17,4 +18,4 @@ from .sparse import (
 
 __all__ = ["AttentionMethod", "Dense", "Masked", "SparseAttention", "SlidingTileAttention", "SlidingWindowAttention",
            "ShiftedWindowAttention", "RadialAttention", "HIDIFFUSION_LAYERS",
-           "DynamicSparseAttention", "PyramidSparseAttention", "Rettention", "TokenDownsampling", "MutualSelfAttention", "PromptToPrompt", "AttentiveEraser", "BoundedAttention", "LocalBlend"]
+           "DynamicSparseAttention", "PyramidSparseAttention", "Rettention", "TokenDownsampling", "MutualSelfAttention", "PromptToPrompt", "AttentiveEraser", "BoundedAttention", "LocalBlend", "EntropyScaling"]

@@ -1,0 +1,73 @@
+"""Attention-entropy scaling for sizes a model was not trained at (Jin et al., NeurIPS 2023, arXiv 2306.08645).
+
+The entropy of a softmax over N keys grows with log N, so a model run on more tokens than it was trained on spreads
+its attention thinner (repeated, disordered content), and on fewer tokens concentrates it (incomplete objects). The
+paper (§3.2) replaces the logit scale 1/sqrt(d) by sqrt(log_T N / d), N the keys of a self-attention layer and T
+the same layer's key count at the training size: the
+logits are multiplied by sqrt(log N / log T), which keeps the entropy about where training left it. Training-free;
+it changes one number per attention call, so it composes with every other method (``base``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..context import AttentionContext
+from .base import SELF_AND_JOINT, AttentionMethod, check_roles
+from .dense import Dense
+
+__all__ = ["EntropyScaling", "entropy_scale"]
+
+
+def entropy_scale(tokens: int, train_tokens: int) -> float:
+    """The logit multiplier sqrt(log_T N) = sqrt(log N / log T) for ``tokens`` keys at a trained count of ``train_tokens``."""
+    if tokens < 1 or train_tokens < 2:
+        raise ValueError(f"entropy_scale: need tokens >= 1 and train_tokens >= 2, got {tokens} and {train_tokens}")
+    return math.sqrt(math.log(max(tokens, 1)) / math.log(train_tokens)) if tokens > 1 else 1.0
+
+
+@dataclass(frozen=True)
+class EntropyScaling(AttentionMethod):
+    """Multiply the attention logits by sqrt(log N / log ``train_tokens``), N = the keys of the call, then run ``base``.
+
+    ``train_tokens``: the number of keys the layer saw at the training size (for a video DiT: frames x rows x
+    columns of the patch grid at the trained size, plus the text tokens of a joint-attention model). Scaling the
+    queries scales every logit, so any ``base`` (dense, a static or dynamic sparse method, token downsampling)
+    sees the rescaled attention; a dynamic method's block selection sees it too. At the trained size the factor is
+    exactly 1. Cross-attention is left alone by default: its key count (the text) does not change with the size.
+    """
+
+    train_tokens: int
+    base: AttentionMethod = field(default_factory=Dense)
+    roles: frozenset[str] = field(default=SELF_AND_JOINT)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train_tokens, int) or self.train_tokens < 2:
+            raise ValueError(f"EntropyScaling: train_tokens is the key count at the training size (an int >= 2), got "
+                             f"{self.train_tokens!r}; for a video DiT use frames x rows x columns of its patch grid")
+        if not isinstance(self.base, AttentionMethod) or isinstance(self.base, EntropyScaling):
+            raise TypeError(f"EntropyScaling: base must be another attention method (Dense, SlidingTileAttention, ...), "
+                            f"got {type(self.base).__name__}")
+        if self.base.stack_level != self.stack_level:
+            raise TypeError(f"{self.name}: base {self.base.name} is not a kernel-level method; apply it separately "
+                            "(diffattn.apply stacks guidance and editing methods around this one)")
+        object.__setattr__(self, "roles", check_roles(self.roles, self.name))
+
+    @property
+    def name(self) -> str:
+        return "EntropyScaling" if isinstance(self.base, Dense) else f"EntropyScaling({self.base.name})"
+
+    def validate(self, ctx: AttentionContext) -> None:
+        self.base.validate(ctx)
+
+    def factor(self, ctx: AttentionContext, keys: int) -> float:
+        """The logit multiplier for a call with ``keys`` keys (the whole sequence's count under context parallelism)."""
+        return entropy_scale(max(keys, ctx.kv_layout.num_tokens), self.train_tokens)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        factor = self.factor(ctx, k.shape[-2])
+        ctx.report(entropy_scale=factor)
+        return self.base(q * factor if factor != 1.0 else q, k, v, ctx)
