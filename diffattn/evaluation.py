@@ -51,6 +51,8 @@ __all__ = [
     "ObjectResult",
     "Segmentation",
     "VideoResult",
+    "shapes_prompts",
+    "summarize_videos",
     "classify_shape",
     "evaluate_image",
     "evaluate_video",
@@ -627,6 +629,42 @@ def evaluate_video(
         flicker=_flicker(video, segs),
         frames=tuple(results),
     )
+
+
+def summarize_videos(results: Sequence[VideoResult]) -> dict[str, float]:
+    """ShapesBench video scores of a set of clips: mean / median trajectory error over the clips whose objects were
+    found, the fraction of clips with every object found in two frames or more, of objects placed right, and the mean
+    flicker. A clip passes the bench's bar when its trajectory error is below 0.04 (see the model card)."""
+    errors = np.array([r.trajectory_error for r in results], dtype=float)
+    found = np.isfinite(errors)
+    return {
+        "mean_trajectory_error": float(np.mean(errors[found])) if found.any() else math.nan,
+        "median_trajectory_error": float(np.median(errors[found])) if found.any() else math.nan,
+        "clips_with_objects_found": float(np.mean(found)) if len(errors) else math.nan,
+        "positions_correct": float(np.mean([p for r in results for p in r.positions_correct])),
+        "mean_flicker": float(np.mean(flicker)) if len(flicker := [r.flicker for r in results if math.isfinite(r.flicker)])
+        else math.nan,
+    }
+
+
+def shapes_prompts(kind: str, count: int, seed: int = 1234) -> list[str]:
+    """ShapesBench's prompt set: half single-object, half two-object prompts (videos: with motions), fixed by the
+    seed; scenes that fit a 32 x 32 frame (and so any larger one: objects scale with the frame)."""
+    from .pipelines.shapes_data import random_scene, random_video_scene
+    from .shapes import caption
+
+    if kind not in ("image", "video"):
+        raise ValueError(f"kind is 'image' or 'video', got {kind!r}")
+    prompts = []
+    for i in range(count):
+        rng = np.random.default_rng((seed, i))
+        objects = 1 if i % 2 == 0 else 2
+        if kind == "image":
+            prompts.append(caption(random_scene(rng, objects, min_objects=objects, size=32)))
+        else:
+            scene, motions = random_video_scene(rng, objects, min_objects=objects, frames=8, size=32)
+            prompts.append(caption(scene, motions=motions))
+    return prompts
 
 
 def _flicker(video: np.ndarray, segs: Sequence[Segmentation]) -> float:

@@ -58,35 +58,74 @@ def _example(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    """Dense vs sparse methods on the embedded video model at 16k+ tokens: times, Amdahl bound, PSNR/SSIM."""
+    """diffattn's methods and their peers on the embedded models: speed and ShapesBench quality from one run."""
+    import json
     from pathlib import Path
 
     import torch
 
+    from diffattn.evaluation import shapes_prompts
+    from diffattn.kernels import cpu_block_sparse
     from diffattn.pipelines import embedded
-    from diffattn.pipelines.compare import format_rows, run_compare, save_outputs
+    from diffattn.pipelines.compare import (
+        ClipSize,
+        extension_runs,
+        format_markdown,
+        run_image,
+        run_video,
+        save_outputs,
+        unsupported_note,
+        video_peers,
+    )
+    from diffattn.pipelines.peers import calibrate_mag_cache
 
     torch.set_num_threads(args.threads)
-    if args.quick:
-        args.frames, args.height, args.width, args.steps = 8, 32, 64, 1
-    try:
-        pipe = embedded.load_video_pipeline()
-        weights = "trained embedded video model"
-    except FileNotFoundError:
-        pipe = embedded.random_video_pipeline(seed=0)
-        weights = "embedded video architecture, random weights (train it: scripts/train_shapes_video.py)"
+    if args.full:
+        args.prompts, args.steps = args.prompts or 6, args.steps or 20
+    if args.quick:  # checks that the whole job works (CI): small clips, few steps
+        args.frames, args.height, args.width, args.prompts, args.steps = 8, 32, 32, 1, 4
+    prompts_n, steps = args.prompts or 2, args.steps or 10
+    size = ClipSize(args.frames, args.height, args.width)
+    pipe = embedded.load_video_pipeline(args.video_model)
     pipe.set_progress_bar_config(leave=False, desc="denoising")
-    rows, videos = run_compare(pipe, frames=args.frames, height=args.height, width=args.width, steps=args.steps)
     patch = pipe.transformer.config.patch_size
-    tokens = (args.frames // patch[0]) * (args.height // patch[1]) * (args.width // patch[2])
-    title = (f"{weights}; {args.frames} frames x {args.height}x{args.width} px = {tokens} tokens, "
-             f"{args.steps} steps with CFG, {torch.get_num_threads()} CPU threads")
-    print(title)
-    print(format_rows(rows))
-    print("e2e x: speedup of the whole generation over stock dense attention; Amdahl: the best e2e speedup the model "
-          "allows for that method's measured attention speedup; reach = e2e / Amdahl; ideal: the bound if attention "
-          "cost were exactly proportional to density.")
-    for path in save_outputs(rows, videos, Path(args.out), title):
+    grid = size.grid(patch)
+    prompts = shapes_prompts("video", prompts_n)
+    cpu = f"{cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads; CPU loop: {cpu_block_sparse.status()}"
+    print(f"diffattn compare on {cpu}")
+
+    def first_prompt() -> None:
+        pipe(prompts[0], num_frames=size.frames, height=size.height, width=size.width, num_inference_steps=steps,
+             generator=torch.Generator().manual_seed(0))
+
+    ratios = calibrate_mag_cache(pipe, first_prompt, steps)
+    sections = {}
+    title = (f"embedded video model, {size.label} ({size.tokens(patch)} tokens), {prompts_n} ShapesBench prompts, "
+             f"{steps} steps with CFG; {cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads")
+    sections[f"video {size.label}"] = run_video(pipe, size, video_peers(grid, ratios, steps), prompts=prompts,
+                                                steps=steps, desc="video")
+    if args.full or args.extension:
+        longer = ClipSize(size.frames * 4, size.height, size.width)
+        ext_prompts = prompts[: max(1, min(len(prompts), args.extension_prompts))]
+        sections[f"video {longer.label} (4x the frames)"] = run_video(
+            pipe, longer, extension_runs(longer.grid(patch), size.tokens(patch)), prompts=ext_prompts,
+            steps=args.extension_steps or steps, desc="length extension")
+    if not args.no_image:
+        image_pipe = embedded.load_image_pipeline()
+        image_pipe.set_progress_bar_config(leave=False, desc="denoising")
+        sections["image 4x tokens"] = run_image(image_pipe, scale=4.0, prompts=shapes_prompts("image", args.image_prompts
+                                                                                               if not args.quick else 2),
+                                                steps=steps)
+    for name, (rows, _) in sections.items():
+        print(f"\n### {name}\n")
+        print(format_markdown(rows, "image" if name.startswith("image") else "video"))
+    print("\nspeedup: end to end over stock dense attention, same process, same prompts and seeds; attention x: "
+          "attention-core time of diffattn's dense over the method's; Amdahl bound: the best end-to-end speedup that "
+          "attention speedup allows; reach = speedup / bound. Trajectory error in bold: passes ShapesBench (< 0.04, "
+          "positions >= 90%, every object found). Not compared: " + unsupported_note())
+    meta = {"cpu": cpu, "size": size.label, "prompts": list(prompts), "steps": steps, "mag_cache_ratios": ratios,
+            "torch": torch.__version__}
+    for path in save_outputs(sections, Path(args.out), title, meta):
         print(f"wrote {path}")
     return 0
 
@@ -121,15 +160,23 @@ def main(argv: list[str] | None = None) -> int:
     example.add_argument("--steps", type=int, default=4)
     example.add_argument("--size", type=int, default=64, help="image size in pixels (multiple of 16)")
     example.set_defaults(run=_example)
-    compare = sub.add_parser("compare", help="speed and quality of sparse methods vs dense attention (main job)")
-    compare.add_argument("--frames", type=int, default=32)
+    compare = sub.add_parser("compare", help="speed and quality of diffattn's methods and their peers (main job)")
+    compare.add_argument("--frames", type=int, default=16, help="frames of the quality size (where dense is right)")
     compare.add_argument("--height", type=int, default=64)
-    compare.add_argument("--width", type=int, default=128)
-    compare.add_argument("--steps", type=int, default=2, help="denoising steps (each runs cond and uncond passes)")
+    compare.add_argument("--width", type=int, default=64)
+    compare.add_argument("--prompts", type=int, default=None, help="ShapesBench prompts per run (default 2; --full 6)")
+    compare.add_argument("--steps", type=int, default=None, help="denoising steps with CFG (default 10; --full 20)")
+    compare.add_argument("--full", action="store_true", help="more prompts and steps, and the length extension")
+    compare.add_argument("--extension", action="store_true", help="add the 4x-frames length extension")
+    compare.add_argument("--extension-prompts", type=int, default=2)
+    compare.add_argument("--extension-steps", type=int, default=None, help="default: --steps")
+    compare.add_argument("--image-prompts", type=int, default=8, help="prompts of the image part (ToDo vs tomesd)")
+    compare.add_argument("--no-image", action="store_true", help="skip the image part")
+    compare.add_argument("--video-model", default=None, help="a saved ShapesVideoPipeline (default: the shipped one)")
     compare.add_argument("--threads", type=int, default=2)
-    compare.add_argument("--out", default="outputs/compare", help="folder for compare.png and compare.json")
+    compare.add_argument("--out", default="outputs/compare", help="folder for compare.json, compare.png, pareto.png")
     compare.add_argument("--quick", action="store_true",
-                         help="a short run (8 frames x 32 x 64 px, 1 step) that checks the whole job works (CI)")
+                         help="a short run (8 frames x 32 x 32 px, 1 prompt, 4 steps) that checks the whole job works (CI)")
     compare.set_defaults(run=_compare)
     # every argument after "demo" goes to demo/app.py's own parser (--port, --host, --image-model, ...)
     demo = sub.add_parser("demo", help="the Gradio editing demo (options: diffattn demo --help)", add_help=False,

@@ -1,9 +1,12 @@
-"""``diffattn compare``: dense attention and each sparse method side by side, in one process, on the embedded
-video model (random weights when it is not trained yet) at 16k+ tokens.
+"""``diffattn compare``: diffattn's methods and the tools a diffusers user would pick instead, in one process, on
+the embedded models, with speed and quality from the same run.
 
-For every method it measures the end-to-end generation time, the time spent in attention cores, the speedup over
-stock dense attention, the Amdahl bound that the model allows for that attention speedup, and PSNR / SSIM of the
-output against the dense output for the same seed; it prints a table and saves a plot.
+Video (the embedded Wan-architecture model): at the size where dense attention is right (``quality`` size), every
+run generates the same ShapesBench prompts with the same seeds; the table has the end-to-end time and speedup over
+stock dense attention, the time in attention cores, the Amdahl bound the model allows for that attention speedup
+and the reach, ShapesBench's trajectory error and positions, and PSNR / SSIM against dense. The length-extension
+part runs dense and each sparse method, with and without :class:`~diffattn.EntropyScaling`, at 4x the frames.
+Image (the embedded SD1.5-format model at 4x its native token count): ToDo against tomesd, speed and ShapesBench.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +24,25 @@ import torch
 from tqdm.auto import tqdm
 
 import diffattn
-from diffattn.evaluation import psnr, ssim
+from diffattn.evaluation import evaluate_image, evaluate_video, psnr, shapes_prompts, ssim, summarize, summarize_videos
 from diffattn.kernels import cpu_block_sparse
 
-__all__ = ["Timed", "default_methods", "run_compare", "CompareRow"]
+from .peers import (
+    UNSUPPORTED_CACHE_HOOKS,
+    NattenTile,
+    Peer,
+    cache_peers,
+    calibrate_mag_cache,
+    combined,
+    method_peer,
+    tomesd_peer,
+)
+
+__all__ = ["ClipSize", "CompareRow", "Timed", "default_methods", "video_peers", "extension_runs", "run_video",
+           "run_image", "format_markdown", "save_outputs"]
+
+PASS_TRAJECTORY_ERROR = 0.04  # ShapesBench's bar (model card): below it an object follows most of its path
+PASS_POSITIONS = 0.9
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,9 @@ class Timed(diffattn.AttentionMethod):
     def name(self) -> str:
         return self.inner.name
 
+    def validate(self, ctx) -> None:
+        self.inner.validate(ctx)
+
     def __call__(self, q, k, v, ctx):
         start = time.perf_counter()
         out = self.inner(q, k, v, ctx)
@@ -48,157 +70,360 @@ class Timed(diffattn.AttentionMethod):
         return out
 
 
-def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod]:
-    """Methods at roughly 10% density on a ``(frames, h, w)`` token grid (radial is as dense as its rule makes it).
+@dataclass(frozen=True)
+class ClipSize:
+    frames: int
+    height: int
+    width: int
 
-    Tiles are 4 frames x 8 x 8 tokens (256 tokens, the kernel's block): sliding tile keeps two tiles in time, one
-    band of 8 rows and the whole width (one contiguous run of key blocks per query tile); the dynamic methods select
-    among the same tiles. Re-ttention's density counts its calibration steps (dense + sparse), so it only pays off
-    over more steps than the compare default.
+    def grid(self, patch: Sequence[int]) -> tuple[int, int, int]:
+        return (self.frames // patch[0], self.height // patch[1], self.width // patch[2])
+
+    def tokens(self, patch: Sequence[int]) -> int:
+        return math.prod(self.grid(patch))
+
+    @property
+    def label(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+
+def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod]:
+    """diffattn's methods at roughly 10-25% density on a ``(frames, h, w)`` token grid (radial: as its rule makes it).
+
+    Tiles are up to 4 frames x 8 x 8 tokens (256 tokens, the CPU loop's block); sliding tile keeps two tiles in time
+    and one band of rows; the dynamic methods select among the same tiles. Re-ttention's density counts its
+    calibration steps (dense + sparse), so it pays off only over more steps.
     """
     from diffattn.methods.dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
 
-    tile = (4, 8, 8)
+    tile = tuple(min(t, n) for t, n in zip((4, 8, 8), grid))
     return {
         "sliding tile": diffattn.SlidingTileAttention(tile=tile, window=(2, 1, 4)),
         "radial": diffattn.RadialAttention(decay=0.2),
         "sliding window": diffattn.SlidingWindowAttention(window=tuple(min(w, n) for w, n in zip((5, 9, 9), grid))),
         "dynamic top-k": DynamicSparseAttention(topk=0.125, tile=tile),
-        "pyramid (PSA)": PyramidSparseAttention(bands=(0.06, 0.08, 0.12, 0.2), tile=tile),  # 6+2/2+4/4+8/8 = 9 %
+        "pyramid (PSA)": PyramidSparseAttention(bands=(0.06, 0.08, 0.12, 0.2), tile=tile),
         "re-ttention": Rettention(base=DynamicSparseAttention(topk=0.125, tile=tile), calibrate_every=5),
         "ToDo 3x": TokenDownsampling(factor=3),  # keys and values on a 3x coarser grid per frame: 1/9
     }
 
 
+def video_peers(grid: tuple[int, ...], mag_ratios: Sequence[float] | None, steps: int) -> list[Peer]:
+    """Every run of the video comparison after stock dense: diffattn's dense and sparse methods, NATTEN and compiled
+    FlexAttention with the sliding-tile pattern, diffusers' cache hooks and two combinations."""
+    methods = default_methods(grid)
+    tile_method = methods["sliding tile"]
+    peers = [method_peer("dense (diffattn)", diffattn.Dense())]
+    peers += [method_peer(name, method) for name, method in methods.items()]
+    peers.append(method_peer("sliding tile: NATTEN", NattenTile(tile=tile_method.tile, window=tile_method.window),
+                             kind="NATTEN", settings=f"na3d flex-fna, kernel = window x tile {tile_method.tile}"))
+    flex = diffattn.SlidingTileAttention(tile=tile_method.tile, window=tile_method.window, backend="flex-compiled")
+    peers.append(method_peer("sliding tile: compiled FlexAttention", flex, kind="FlexAttention",
+                             settings="diffattn's block mask, torch.compile'd flex_attention"))
+    caches = cache_peers(mag_ratios, steps)
+    peers += caches
+    by_label = {p.label: p for p in caches}
+    tile_peer = method_peer("sliding tile", tile_method)
+    peers.append(combined("FirstBlockCache 0.2 + sliding tile", by_label["FirstBlockCache 0.2"], tile_peer))
+    peers.append(combined("TaylorSeer + sliding tile", by_label["TaylorSeer"], tile_peer))
+    return peers
+
+
+def extension_runs(grid: tuple[int, ...], train_tokens: int) -> list[Peer]:
+    """Length extension: dense and each static / dynamic sparse method, alone and with EntropyScaling."""
+    methods = {k: v for k, v in default_methods(grid).items() if k != "re-ttention"}
+    runs = [method_peer("dense (diffattn)", diffattn.Dense()),
+            method_peer("dense + entropy scaling", diffattn.EntropyScaling(train_tokens=train_tokens))]
+    for name, method in methods.items():
+        runs.append(method_peer(name, method))
+        runs.append(method_peer(f"{name} + entropy scaling", diffattn.EntropyScaling(train_tokens=train_tokens,
+                                                                                     base=method)))
+    return runs
+
+
 @dataclass
 class CompareRow:
     method: str
+    kind: str
+    size: str
+    tokens: int
     seconds: float
-    attention_seconds: float
-    density: float
+    settings: str = ""
+    attention_seconds: float = math.nan
+    density: float = math.nan
     selection_seconds: float = 0.0
     speedup: float = 1.0
-    attention_speedup: float = 1.0
-    amdahl_bound: float = 1.0
-    ideal_bound: float = 1.0
+    attention_speedup: float = math.nan
+    amdahl_bound: float = math.nan
     psnr: float = math.inf
     ssim: float = 1.0
+    scores: dict = field(default_factory=dict)
+    error: str = ""
 
     @property
     def reach(self) -> float:
-        return self.speedup / self.amdahl_bound
+        return self.speedup / self.amdahl_bound if math.isfinite(self.amdahl_bound) else math.nan
 
 
-def _generate(pipe: Any, prompt: str, frames: int, height: int, width: int, steps: int, seed: int) -> np.ndarray:
-    out = pipe(prompt, num_frames=frames, height=height, width=width, num_inference_steps=steps,
-               generator=torch.Generator().manual_seed(seed), output_type="np")
-    return np.asarray(out.frames[0])
+def _clip_uint8(clip: np.ndarray) -> np.ndarray:
+    return (np.asarray(clip).clip(0, 1) * 255).round().astype(np.uint8)
 
 
-def run_compare(
+def _run(pipe: Any, peer: Peer, generate: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], float, Timed | None,
+                                                                                   dict, dict]:
+    timed = Timed(peer.method) if peer.method is not None else None
+    undo = peer.setup(pipe) if peer.setup is not None else None
+    handle = None
+    try:
+        handle = diffattn.apply(pipe, timed, steps=None) if timed is not None else None
+        start = time.perf_counter()
+        outputs = generate()
+        elapsed = time.perf_counter() - start
+        metrics = {} if handle is None else handle.metrics()
+        acted = {} if handle is None else handle.acted_calls()
+    finally:
+        if handle is not None:
+            handle.remove()
+        if undo is not None:
+            undo()
+    return outputs, elapsed, timed, metrics, acted
+
+
+def run_video(
     pipe: Any,
+    size: ClipSize,
+    peers: Sequence[Peer],
     *,
-    frames: int = 32,
-    height: int = 64,
-    width: int = 128,
-    steps: int = 2,
-    prompt: str = "a red circle on the left moving right",
-    methods: dict[str, diffattn.AttentionMethod] | None = None,
+    prompts: Sequence[str],
+    steps: int,
     seed: int = 0,
+    guidance: float = 4.0,
+    desc: str = "video",
 ) -> tuple[list[CompareRow], dict[str, np.ndarray]]:
+    """Stock dense attention, then every peer, generating ``prompts`` (seeds ``seed + i``) at ``size``. Returns the
+    rows (quality scored with ShapesBench, PSNR / SSIM against stock dense) and the first prompt's clip per run."""
     patch = pipe.transformer.config.patch_size
-    grid = (frames // patch[0], height // patch[1], width // patch[2])
-    methods = methods if methods is not None else default_methods(grid)
-    videos: dict[str, np.ndarray] = {}
-    runs = [("dense (stock)", None), ("dense", diffattn.Dense()), *methods.items()]
-    rows: list[CompareRow] = []
-    # One untimed step first: the first generation would otherwise pay one-time costs (GEMM kernel creation,
-    # allocator growth, loading the compiled attention loop) inside the stock dense time every ratio divides.
+    tokens = size.tokens(patch)
+
+    def generate(count_steps: int = steps, only: int | None = None) -> list[np.ndarray]:
+        chosen = prompts if only is None else prompts[:only]
+        return [np.asarray(pipe(p, num_frames=size.frames, height=size.height, width=size.width,
+                                num_inference_steps=count_steps, guidance_scale=guidance,
+                                generator=torch.Generator().manual_seed(seed + i), output_type="np").frames[0])
+                for i, p in enumerate(chosen)]
+
+    # one untimed step first: the first generation would otherwise pay one-time costs (GEMM kernel creation,
+    # allocator growth, loading the compiled attention loop) inside the stock dense time every ratio divides
     cpu_block_sparse.extension()
-    _generate(pipe, prompt, frames, height, width, 1, seed)
-    for label, method in tqdm(runs, desc=f"compare at {math.prod(grid)} tokens", unit="run"):
-        timed = None if method is None else Timed(method)
-        handle = None if timed is None else diffattn.apply(pipe, timed, steps=None)
+    generate(1, only=1)
+    rows: list[CompareRow] = []
+    clips: dict[str, list[np.ndarray]] = {}
+    runs = [Peer("dense (stock)", "stock", "diffusers' own attention processor"), *peers]
+    for peer in tqdm(runs, desc=f"{desc}: {size.label} ({tokens} tokens), {len(prompts)} prompts", unit="run"):
         try:
-            start = time.perf_counter()
-            videos[label] = _generate(pipe, prompt, frames, height, width, steps, seed)
-            elapsed = time.perf_counter() - start
-            metrics = {} if handle is None else handle.metrics()
-            acted = {} if handle is None else handle.acted_calls()
-        finally:
-            if handle is not None:
-                handle.remove()
+            outputs, elapsed, timed, metrics, acted = _run(pipe, peer, generate)
+        except Exception as exc:  # a peer that fails on this model is reported, not hidden, and the rest still runs
+            rows.append(CompareRow(peer.label, peer.kind, size.label, tokens, math.nan, peer.settings,
+                                   error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+            continue
         densities = [m["density"] for m in metrics.values() if "density" in m]
         selection = sum(m.get("selection_seconds", 0.0) * acted.get(layer, 0) for layer, m in metrics.items())
-        rows.append(CompareRow(label, elapsed, sum(timed.seconds) if timed else math.nan,
-                               sum(densities) / len(densities) if densities else 1.0, selection))
-    stock, dense = rows[0], rows[1]
-    attention_share = min(dense.attention_seconds / dense.seconds, 1.0)
-    for row in rows[1:]:
-        row.speedup = stock.seconds / row.seconds
-        row.attention_speedup = dense.attention_seconds / row.attention_seconds
-        row.amdahl_bound = 1.0 / ((1 - attention_share) + attention_share / row.attention_speedup)
-        row.ideal_bound = 1.0 / ((1 - attention_share) + attention_share * row.density)
-        row.psnr = psnr(videos[row.method], videos["dense (stock)"], data_range=1.0)
-        row.ssim = float(np.mean([ssim(a, b, data_range=1.0) for a, b in zip(videos[row.method], videos["dense (stock)"])]))
-    return rows, videos
+        clips[peer.label] = outputs
+        rows.append(CompareRow(
+            peer.label, peer.kind, size.label, tokens, elapsed, peer.settings,
+            attention_seconds=sum(timed.seconds) if timed is not None else math.nan,
+            density=sum(densities) / len(densities) if densities else (1.0 if peer.method is not None else math.nan),
+            selection_seconds=selection,
+            scores=summarize_videos([evaluate_video(_clip_uint8(c), p) for c, p in zip(outputs, prompts)]),
+        ))
+    _finish(rows, clips, reference="dense (stock)", timing_reference="dense (diffattn)")
+    return rows, {label: c[0] for label, c in clips.items()}
 
 
-def format_rows(rows: list[CompareRow]) -> str:
-    header = (f"{'method':16s} {'density':>7s} {'total s':>8s} {'attn s':>8s} {'select s':>8s} {'attn x':>7s} {'e2e x':>6s} "
-              f"{'Amdahl':>7s} {'reach':>6s} {'ideal':>6s} {'PSNR dB':>8s} {'SSIM':>6s}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        if r.method == "dense (stock)":
-            lines.append(f"{r.method:16s} {1.0:7.3f} {r.seconds:8.2f} {'':>8s} {'':>7s} {1.0:6.2f}")
+def _finish(rows: list[CompareRow], outputs: dict[str, list[np.ndarray]], *, reference: str,
+            timing_reference: str | None) -> None:
+    """Speedups against ``reference``, the Amdahl bound from ``timing_reference``'s attention share, PSNR / SSIM."""
+    by_label = {r.method: r for r in rows}
+    stock = by_label[reference]
+    timing = by_label.get(timing_reference) if timing_reference else None
+    share = (min(timing.attention_seconds / timing.seconds, 1.0)
+             if timing is not None and math.isfinite(timing.attention_seconds) else math.nan)
+    for row in rows:
+        if row.error:
             continue
+        row.speedup = stock.seconds / row.seconds
+        if math.isfinite(row.attention_seconds) and math.isfinite(share) and row.kind != "combination":
+            row.attention_speedup = timing.attention_seconds / row.attention_seconds
+            row.amdahl_bound = 1.0 / ((1 - share) + share / row.attention_speedup)
+        ref, out = outputs[reference], outputs[row.method]
+        row.psnr = float(np.mean([psnr(a, b, data_range=1.0) for a, b in zip(out, ref)]))
+        row.ssim = float(np.mean([np.mean([ssim(fa, fb, data_range=1.0) for fa, fb in zip(a, b)]) if a.ndim == 4
+                                  else ssim(a, b, data_range=1.0) for a, b in zip(out, ref)]))
+
+
+def run_image(
+    pipe: Any,
+    *,
+    scale: float,
+    prompts: Sequence[str],
+    steps: int,
+    seed: int = 0,
+    guidance: float = 4.0,
+) -> tuple[list[CompareRow], dict[str, np.ndarray]]:
+    """ToDo against tomesd on the SD-format image model at ``scale`` x its native token count (same prompts, seeds)."""
+    from diffattn.methods.dynamic import TokenDownsampling
+
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = int(round(native * math.sqrt(scale) / 8)) * 8
+    tokens = (side // pipe.vae_scale_factor) ** 2
+
+    def generate() -> list[np.ndarray]:
+        images = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=side, width=side,
+                      generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
+                      output_type="np").images
+        return list(np.asarray(images))
+
+    generate_one = pipe(prompts[0], num_inference_steps=1, height=side, width=side, output_type="np")  # warm-up
+    del generate_one
+    runs = [Peer("dense (stock)", "stock", "diffusers' own attention processor"),
+            method_peer("ToDo 2x", TokenDownsampling(factor=2)),
+            method_peer("ToDo 4x", TokenDownsampling(factor=4)),
+            tomesd_peer(0.5), tomesd_peer(0.75)]
+    rows, outputs = [], {}
+    for peer in tqdm(runs, desc=f"image: {side}x{side} px ({tokens} latent tokens), {len(prompts)} prompts", unit="run"):
+        try:
+            images, elapsed, timed, metrics, _ = _run(pipe, peer, generate)
+        except Exception as exc:
+            rows.append(CompareRow(peer.label, peer.kind, f"{side}x{side}", tokens, math.nan, peer.settings,
+                                   error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+            continue
+        outputs[peer.label] = images
+        summary = summarize([evaluate_image(_clip_uint8(im), p) for im, p in zip(images, prompts)])
+        scores = {k: float(v) for k, v in asdict(summary).items()}
+        densities = [m["density"] for m in metrics.values() if "density" in m]
+        rows.append(CompareRow(peer.label, peer.kind, f"{side}x{side}", tokens, elapsed, peer.settings,
+                               density=sum(densities) / len(densities) if densities else math.nan, scores=scores))
+    _finish(rows, outputs, reference="dense (stock)", timing_reference=None)
+    return rows, {label: im[0] for label, im in outputs.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# report
+
+
+def _f(x: float, fmt: str, missing: str = "–") -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) and math.isfinite(x) else missing
+
+
+def passes(row: CompareRow) -> bool:
+    s = row.scores
+    return (math.isfinite(s.get("mean_trajectory_error", math.nan)) and s["mean_trajectory_error"] < PASS_TRAJECTORY_ERROR
+            and s.get("positions_correct", 0.0) >= PASS_POSITIONS and s.get("clips_with_objects_found", 0.0) == 1.0)
+
+
+def format_markdown(rows: Sequence[CompareRow], kind: str = "video") -> str:
+    """The comparison as a Markdown table (the README's tables are this output)."""
+    if kind == "image":
+        lines = ["| method | kind | time s | speedup | shapes right | colour+position (1 obj / 2 obj) | overall | "
+                 "PSNR dB vs dense | settings |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r.error:
+                lines.append(f"| {r.method} | {r.kind} | failed: {r.error} | | | | | | {r.settings} |")
+                continue
+            s = r.scores
+            lines.append(f"| {r.method} | {r.kind} | {r.seconds:.2f} | {r.speedup:.2f}x | "
+                         f"{_f(s.get('shape_accuracy'), '.0%')} | {_f(s.get('colour_position_single'), '.0%')} / "
+                         f"{_f(s.get('colour_position_two'), '.0%')} | {_f(s.get('overall_accuracy'), '.0%')} | "
+                         f"{_f(r.psnr, '.1f', 'identical')} | {r.settings} |")
+        return "\n".join(lines)
+    lines = ["| method | kind | density | time s | speedup | attention x | Amdahl bound | reach | trajectory error | "
+             "positions | objects found | PSNR dB | SSIM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.method} | {r.kind} | failed: {r.error} | | | | | | | | | | |")
+            continue
+        s = r.scores
+        err = _f(s.get("mean_trajectory_error"), ".4f")
         lines.append(
-            f"{r.method:16s} {r.density:7.3f} {r.seconds:8.2f} {r.attention_seconds:8.2f} {r.selection_seconds:8.2f} "
-            f"{r.attention_speedup:7.2f} "
-            f"{r.speedup:6.2f} {r.amdahl_bound:7.2f} {r.reach:6.0%} {r.ideal_bound:6.2f} {r.psnr:8.1f} {r.ssim:6.3f}"
-        )
+            f"| {r.method} | {r.kind} | {_f(r.density, '.2f')} | {r.seconds:.1f} | {r.speedup:.2f}x | "
+            f"{_f(r.attention_speedup, '.1f')} | {_f(r.amdahl_bound, '.2f')} | {_f(r.reach, '.0%')} | "
+            f"{'**' + err + '**' if passes(r) else err} | {_f(s.get('positions_correct'), '.0%')} | "
+            f"{_f(s.get('clips_with_objects_found'), '.0%')} | {_f(r.psnr, '.1f', '= dense')} | {_f(r.ssim, '.3f')} |")
     return "\n".join(lines)
 
 
-def save_outputs(rows: list[CompareRow], videos: dict[str, np.ndarray], out: Path, title: str) -> list[Path]:
+def unsupported_note() -> str:
+    return "; ".join(f"{name}: {why}" for name, why in UNSUPPORTED_CACHE_HOOKS.items())
+
+
+def save_outputs(sections: dict[str, tuple[list[CompareRow], dict[str, np.ndarray]]], out: Path, title: str,
+                 meta: dict) -> list[Path]:
+    """compare.json (every row and the run's settings), compare.png (speedup bars with quality marks and the frame
+    strip of the quality size), pareto.png (speedup against ShapesBench trajectory error, every section)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps([r.__dict__ | {"reach": r.reach} for r in rows], indent=1, default=float))
-    methods = [r for r in rows if r.method not in ("dense (stock)", "dense")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
-    x = np.arange(len(methods))
-    axes[0].bar(x - 0.2, [r.speedup for r in methods], 0.4, label="end-to-end speedup (measured)")
-    axes[0].bar(x + 0.2, [r.amdahl_bound for r in methods], 0.4, label="Amdahl bound (measured attention speedup)",
-                alpha=0.6)
-    axes[0].scatter(x, [r.ideal_bound for r in methods], marker="_", s=400, color="black",
-                    label="bound if attention cost were proportional to density", zorder=3)
-    for i, r in enumerate(methods):
-        axes[0].text(i, max(r.speedup, r.amdahl_bound) * 1.02, f"attn {r.attention_speedup:.1f}x\nPSNR {r.psnr:.0f} dB",
-                     ha="center", va="bottom", fontsize=8)
-    axes[0].axhline(1.0, color="grey", lw=0.8)
-    axes[0].set_xticks(x, [f"{r.method}\n(density {r.density:.2f})" for r in methods], fontsize=7, rotation=25,
-                       ha="right")
-    axes[0].set_ylabel("x faster than dense")
-    axes[0].set_title(title, fontsize=9)
-    axes[0].legend(fontsize=8, loc="upper right")
-    axes[0].set_ylim(0, max(max(r.amdahl_bound, r.ideal_bound) for r in methods) * 1.35)
-    # First, middle and last frame of each output, dense first.
-    labels = ["dense (stock)", *[r.method for r in methods]]
-    strips = []
-    for label in labels:
-        clip = videos[label]
-        picks = [clip[0], clip[len(clip) // 2], clip[-1]]
-        strips.append(np.concatenate(picks, axis=1))
-    axes[1].imshow(np.concatenate(strips, axis=0).clip(0, 1), interpolation="nearest")
-    axes[1].set_yticks([(i + 0.5) * videos[labels[0]].shape[1] for i in range(len(labels))], labels, fontsize=8)
-    axes[1].set_xticks([])
-    axes[1].set_title("first / middle / last frame", fontsize=9)
-    fig.tight_layout()
-    png = out / "compare.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return [png, out / "compare.json"]
+    payload = {"meta": meta, "sections": {name: [asdict(r) | {"reach": r.reach, "passes": passes(r)} for r in rows]
+                                          for name, (rows, _) in sections.items()}}
+    (out / "compare.json").write_text(json.dumps(payload, indent=1, default=float))
+    paths = [out / "compare.json"]
+    video_sections = [name for name in sections if name.startswith("video")]
+    if video_sections:
+        rows, clips = sections[video_sections[0]]
+        shown = [r for r in rows if not r.error and r.method != "dense (stock)"]
+        fig, axes = plt.subplots(1, 2, figsize=(15, 0.42 * len(rows) + 2.5), gridspec_kw={"width_ratios": [3, 2]})
+        y = np.arange(len(shown))
+        axes[0].barh(y + 0.2, [r.speedup for r in shown], 0.4, label="end-to-end speedup (measured)",
+                     color=["tab:green" if passes(r) else "tab:red" for r in shown])
+        axes[0].barh(y - 0.2, [r.amdahl_bound if math.isfinite(r.amdahl_bound) else 0 for r in shown], 0.4,
+                     alpha=0.4, color="tab:blue", label="Amdahl bound (measured attention speedup)")
+        for i, r in enumerate(shown):
+            err = r.scores.get("mean_trajectory_error", math.nan)
+            axes[0].text(max(r.speedup, 0) + 0.03, i + 0.2, f"traj {_f(err, '.3f')}, pos "
+                         f"{_f(r.scores.get('positions_correct'), '.0%')}", va="center", fontsize=7)
+        axes[0].axvline(1.0, color="grey", lw=0.8)
+        axes[0].set_yticks(y, [f"{r.method} [{r.kind}]" for r in shown], fontsize=7)
+        axes[0].invert_yaxis()
+        axes[0].set_xlabel("x faster than stock dense attention (green: passes ShapesBench, red: fails)")
+        axes[0].set_title(title, fontsize=8)
+        axes[0].legend(fontsize=7, loc="lower right")
+        labels = [r.method for r in rows if r.method in clips]
+        strips = [np.concatenate([clips[lb][0], clips[lb][len(clips[lb]) // 2], clips[lb][-1]], axis=1) for lb in labels]
+        axes[1].imshow(np.concatenate(strips, axis=0).clip(0, 1), interpolation="nearest")
+        h = clips[labels[0]].shape[1]
+        axes[1].set_yticks([(i + 0.5) * h for i in range(len(labels))], labels, fontsize=7)
+        axes[1].set_xticks([])
+        axes[1].set_title("first prompt: first / middle / last frame", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "compare.png", dpi=100)
+        plt.close(fig)
+        paths.append(out / "compare.png")
+        fig, axes = plt.subplots(1, len(video_sections), figsize=(7 * len(video_sections), 5), squeeze=False)
+        colours = {"stock": "black", "diffattn": "tab:blue", "diffusers cache": "tab:orange", "NATTEN": "tab:purple",
+                   "FlexAttention": "tab:brown", "combination": "tab:green"}
+        for ax, name in zip(axes[0], video_sections):
+            rows = [r for r in sections[name][0] if not r.error]
+            for r in rows:
+                err = r.scores.get("mean_trajectory_error", math.nan)
+                if not math.isfinite(err):
+                    continue
+                ax.scatter(r.speedup, err, color=colours.get(r.kind, "grey"), s=30,
+                           marker="o" if "entropy" not in r.method else "^")
+                ax.annotate(r.method, (r.speedup, err), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            ax.axhline(PASS_TRAJECTORY_ERROR, color="grey", ls="--", lw=0.8)
+            ax.text(ax.get_xlim()[0], PASS_TRAJECTORY_ERROR, " pass bar 0.04", fontsize=7, va="bottom")
+            ax.set_xlabel("speedup over stock dense (end to end)")
+            ax.set_ylabel("ShapesBench trajectory error (lower is better)")
+            ax.set_title(name, fontsize=9)
+            for kind, colour in colours.items():
+                ax.scatter([], [], color=colour, label=kind)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "pareto.png", dpi=100)
+        plt.close(fig)
+        paths.append(out / "pareto.png")
+    return paths

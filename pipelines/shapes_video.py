@@ -61,6 +61,12 @@ class ShapesVideoPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
     @property
+    def current_timestep(self):
+        """The timestep being denoised (None outside a call), as on WanPipeline: diffusers' cache hooks
+        (PyramidAttentionBroadcast, FasterCache) read it through their ``current_timestep_callback``."""
+        return getattr(self, "_current_timestep", None)
+
+    @property
     def do_classifier_free_guidance(self) -> bool:
         return self._guidance_scale > 1.0
 
@@ -97,14 +103,17 @@ class ShapesVideoPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             timestep = t.expand(len(prompts))
+            self._current_timestep = t
             inputs = with_coordinates(latents.to(dtype), self.transformer)
-            with self.transformer.cache_context("cond", step_index=i, num_inference_steps=num_inference_steps):
+            where = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": num_inference_steps}
+            with self.transformer.cache_context("cond", **where):
                 pred = self.transformer(inputs, timestep, cond, return_dict=False)[0].float()
             if uncond is not None:
-                with self.transformer.cache_context("uncond", step_index=i, num_inference_steps=num_inference_steps):
+                with self.transformer.cache_context("uncond", **where):
                     pred_u = self.transformer(inputs, timestep, uncond, return_dict=False)[0].float()
                 pred = pred_u + guidance_scale * (pred - pred_u)
             latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+        self._current_timestep = None
         video = latents.clamp(-1, 1)
         if output_type == "pt":
             return ShapesVideoOutput(frames=video)

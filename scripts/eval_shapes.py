@@ -22,24 +22,6 @@ from tqdm.auto import tqdm
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def prompt_set(kind: str, count: int, seed: int = 1234) -> list[str]:
-    """Half single-object, half two-object prompts (videos: with motions), fixed by the seed."""
-    from diffattn.pipelines.shapes_data import random_scene, random_video_scene
-    from diffattn.shapes import caption
-
-    prompts = []
-    for i in range(count):
-        rng = np.random.default_rng((seed, i))
-        objects = 1 if i % 2 == 0 else 2
-        if kind == "image":
-            scene = random_scene(rng, objects, min_objects=objects, size=32)
-            prompts.append(caption(scene))
-        else:
-            scene, motions = random_video_scene(rng, objects, min_objects=objects, frames=8, size=32)
-            prompts.append(caption(scene, motions=motions))
-    return prompts
-
-
 def grid_image(images: list[np.ndarray], captions: list[str], columns: int, scale: int, path: Path) -> None:
     import matplotlib
 
@@ -65,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--prompts", type=int, default=None)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--frames", type=int, default=8, help="video: frames per clip")
+    parser.add_argument("--height", type=int, default=32, help="video: frame height in pixels")
+    parser.add_argument("--width", type=int, default=32, help="video: frame width in pixels")
+    parser.add_argument("--entropy-scaling", type=int, default=None, metavar="TRAIN_TOKENS",
+                        help="video: run with EntropyScaling(train_tokens=TRAIN_TOKENS)")
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -77,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from diffattn.evaluation import evaluate_image, evaluate_video, summarize
+    from diffattn.evaluation import evaluate_image, evaluate_video, shapes_prompts, summarize, summarize_videos
     from diffattn.pipelines import embedded
 
     if args.kind == "image":
@@ -93,9 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         method = (attention_guidance.PAG(scale=args.pag, layers=args.guidance_layers) if args.pag is not None
                   else attention_guidance.SEG(scale=args.seg, layers=args.guidance_layers))
         attention_guidance.enable(pipe, method)
+    if args.entropy_scaling is not None:
+        import diffattn
+
+        diffattn.apply(pipe, diffattn.EntropyScaling(train_tokens=args.entropy_scaling))
     out = args.out or Path(f"outputs/eval-{args.kind}")
     out.mkdir(parents=True, exist_ok=True)
-    prompts = prompt_set(args.kind, count)
+    prompts = shapes_prompts(args.kind, count)
     outputs = []
     for start in tqdm(range(0, count, args.batch), desc=f"generating {count} {args.kind}s"):
         chunk = prompts[start:start + args.batch]
@@ -105,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                           height=32, width=32, output_type="np").images
         else:
             result = np.concatenate([
-                pipe(p, num_inference_steps=args.steps, guidance_scale=guidance, generator=g).frames
+                pipe(p, num_inference_steps=args.steps, guidance_scale=guidance, generator=g, num_frames=args.frames,
+                     height=args.height, width=args.width).frames
                 for p, g in zip(chunk, generator)
             ])
         outputs.extend((np.asarray(result).clip(0, 1) * 255).round().astype(np.uint8))
@@ -116,16 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         shown = outputs[: args.samples]
     else:
         results = [evaluate_video(clip, prompt) for clip, prompt in zip(outputs, prompts)]
-        errors = np.array([r.trajectory_error for r in results], dtype=float)
-        scores = {
-            "mean_trajectory_error": float(np.nanmean(errors)),
-            "median_trajectory_error": float(np.nanmedian(errors)),
-            "clips_with_objects_found": float(np.mean(np.isfinite(errors))),
-            "positions_correct": float(np.mean([p for r in results for p in r.positions_correct])),
-            "mean_flicker": float(np.nanmean([r.flicker for r in results])),
-        }
+        scores = summarize_videos(results)
         shown = [np.concatenate(list(clip[::2]), axis=1) for clip in outputs[: min(args.samples, 12)]]
     scores.update(prompts=count, steps=args.steps, guidance=guidance, pag=args.pag, seg=args.seg)
+    if args.kind == "video":
+        scores.update(frames=args.frames, height=args.height, width=args.width, entropy_scaling=args.entropy_scaling)
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     for i, image in enumerate(outputs[:200]):
         frames = image if image.ndim == 3 else np.concatenate(list(image), axis=1)

@@ -1,0 +1,124 @@
+"""The comparison's peers and bookkeeping: NATTEN's sliding tile equals diffattn's, every peer comes off the pipeline
+without a trace, MagCache calibration yields one ratio per step, TaylorSeer's default patterns miss Wan (why the
+compare names its own), a failing peer is reported as failed, and the table marks a pass only when it is one."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import diffattn
+from diffattn import TokenLayout
+from diffattn.pipelines import embedded
+from diffattn.pipelines.compare import ClipSize, CompareRow, format_markdown, passes, run_video, video_peers
+from diffattn.pipelines.peers import NattenTile, Peer, calibrate_mag_cache, combined, method_peer
+from test_dynamic import make_ctx, qkv
+
+SIZE = ClipSize(8, 32, 32)  # grid (8, 8, 8)
+PROMPT = "a red circle on the left moving right"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = embedded.random_video_pipeline(seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def generate(pipe, steps=3):
+    return pipe(PROMPT, num_frames=SIZE.frames, height=SIZE.height, width=SIZE.width, num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+
+
+def test_natten_peer_equals_diffattn_sliding_tile():
+    pytest.importorskip("natten")
+    layout = TokenLayout(grid=(4, 8, 8))
+    q, k, v = qkv(1, 2, layout.num_tokens, dim=16)
+    ctx, metrics = make_ctx(layout)
+    tile, window = (2, 4, 4), (1, 1, 2)
+    ours = diffattn.SlidingTileAttention(tile=tile, window=window)(q, k, v, ctx)
+    theirs = NattenTile(tile=tile, window=window)(q, k, v, ctx)
+    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=0)
+    assert metrics["density"] == pytest.approx(1 / 2 * 1 / 2 * 1)
+
+
+def test_natten_peer_refuses_a_grid_it_cannot_tile():
+    layout = TokenLayout(grid=(3, 8, 8))
+    ctx, _ = make_ctx(layout)
+    with pytest.raises(diffattn.MethodConfigError, match="divisible by the tile"):
+        NattenTile(tile=(2, 4, 4), window=(1, 1, 1)).validate(ctx)
+
+
+def test_every_peer_comes_off_without_a_trace(pipe):
+    stock = generate(pipe)
+    ratios = calibrate_mag_cache(pipe, lambda: generate(pipe), steps=3)
+    peers = [p for p in video_peers(SIZE.grid((1, 4, 4)), ratios, 3) if p.kind != "FlexAttention"]  # compile: slow
+    changed = 0
+    for peer in peers:
+        undo = peer.setup(pipe) if peer.setup else None
+        handle = diffattn.apply(pipe, peer.method) if peer.method else None
+        try:
+            out = generate(pipe)
+        finally:
+            if handle:
+                handle.remove()
+            if undo:
+                undo()
+        changed += not np.array_equal(out, stock)
+        assert np.array_equal(generate(pipe), stock), f"{peer.label} left something behind"
+    assert changed >= len(peers) // 2  # the peers act: most change the output
+
+
+def test_mag_cache_calibration_gives_one_ratio_per_step(pipe):
+    ratios = calibrate_mag_cache(pipe, lambda: generate(pipe, steps=4), steps=4)
+    assert len(ratios) == 4 and ratios[0] == pytest.approx(1.0) and all(math.isfinite(r) and r > 0 for r in ratios)
+
+
+def test_taylorseer_default_patterns_match_no_wan_module(pipe):
+    """diffusers' TaylorSeer hooks modules matching '^blocks.*attn' with re.fullmatch: Wan's are 'blocks.0.attn1', so
+    the defaults do nothing on Wan; the compare passes the blocks explicitly. If this fails, diffusers fixed it."""
+    from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
+
+    names = [n for n, _ in pipe.transformer.named_modules()]
+    assert "blocks.0.attn1" in names
+    assert not any(re.fullmatch(p, n) for p in _TRANSFORMER_BLOCK_IDENTIFIERS for n in names)
+
+
+def test_a_failing_peer_is_reported_and_the_rest_still_runs(pipe):
+    def broken(_pipe):
+        raise RuntimeError("this hook does not support the model")
+
+    peers = [method_peer("dense (diffattn)", diffattn.Dense()), Peer("broken", "diffusers cache", setup=broken),
+             method_peer("sliding tile", diffattn.SlidingTileAttention(tile=(4, 4, 4), window=(1, 1, 1)))]
+    rows, clips = run_video(pipe, SIZE, peers, prompts=[PROMPT], steps=2)
+    by = {r.method: r for r in rows}
+    assert by["broken"].error.startswith("RuntimeError: this hook does not support")
+    assert set(clips) == {"dense (stock)", "dense (diffattn)", "sliding tile"}
+    tile = by["sliding tile"]
+    assert tile.density == pytest.approx(1 / 8) and tile.speedup > 0 and math.isfinite(tile.amdahl_bound)
+    assert tile.psnr < 100 and "mean_trajectory_error" in tile.scores
+    assert by["dense (diffattn)"].psnr == math.inf  # diffattn's dense is stock attention, bit for bit
+    table = format_markdown(rows)
+    assert "| broken | diffusers cache | failed: RuntimeError" in table
+
+
+def test_combination_needs_a_hook_and_a_method():
+    tile = method_peer("tile", diffattn.SlidingTileAttention(tile=(4, 4, 4), window=(1, 1, 1)))
+    hook = Peer("hook", "diffusers cache", setup=lambda pipe: (lambda: None))
+    assert combined("both", hook, tile).method is tile.method
+    with pytest.raises(ValueError, match="set-up peer"):
+        combined("wrong", tile, hook)
+
+
+@pytest.mark.parametrize("error,positions,found,expected", [
+    (0.02, 1.0, 1.0, True), (0.05, 1.0, 1.0, False), (0.02, 0.8, 1.0, False), (0.02, 1.0, 0.5, False),
+    (math.nan, 0.0, 0.0, False)])
+def test_pass_mark_follows_the_bench_bar(error, positions, found, expected):
+    row = CompareRow("m", "diffattn", "8x32x32", 512, 1.0, scores={
+        "mean_trajectory_error": error, "positions_correct": positions, "clips_with_objects_found": found})
+    assert passes(row) is expected
+    assert ("**" in format_markdown([row])) is expected
