@@ -5,6 +5,10 @@ empty captions for classifier-free guidance, EMA weights, seeded. The transforme
 row / column coordinate channels (its rotary embeddings are relative only, so "on the left" needs them). Saves in
 diffusers format (safetensors).
 
+Clips come in several sizes (``--sizes``, frames x height x width, with sampling weights): a step draws one size and
+a batch of about ``--batch-tokens`` tokens of it, so the model learns that objects, positions and motions scale with
+the frame and the clip length instead of learning one token grid.
+
     python scripts/train_shapes_video.py --out pipelines/assets/shapes-video   # 60 minutes
 """
 
@@ -15,6 +19,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +34,50 @@ from train_shapes_image import distinct_frozen_token_embeddings, save_curve, upd
 from diffattn.pipelines.embedded import MAX_TEXT_TOKENS, shapes_text_encoder, shapes_tokenizer, video_transformer  # noqa: E402
 
 logger = logging.getLogger("train_shapes_video")
-FRAMES, SIZE = 8, 32
+PATCH = 4
+# frames x height x width : sampling weight. The trained range: 512 to 4,096 tokens, frames 32 to 64 px square.
+DEFAULT_SIZES = ("8x32x32:3", "16x32x32:1", "32x32x32:1", "8x48x48:1", "4x64x64:1", "8x64x64:1", "16x64x64:2")
 
 
-def render_set(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+@dataclass(frozen=True)
+class ClipSize:
+    frames: int
+    height: int
+    width: int
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> ClipSize:
+        """``"16x64x64"`` or ``"16x64x64:2"`` (frames x height x width, optional sampling weight)."""
+        dims, _, weight = text.partition(":")
+        try:
+            t, h, w = (int(v) for v in dims.lower().split("x"))
+            size = cls(t, h, w, float(weight) if weight else 1.0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"size {text!r}: write FRAMESxHEIGHTxWIDTH[:WEIGHT], e.g. 16x64x64:2")
+        if h % PATCH or w % PATCH or min(t, h, w) < 1 or size.weight <= 0:
+            raise argparse.ArgumentTypeError(f"size {text!r}: height and width must be multiples of {PATCH}, "
+                                             "all dimensions and the weight positive")
+        return size
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * (self.height // PATCH) * (self.width // PATCH)
+
+    def label(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+
+def render_set(count: int, seed: int, size: ClipSize) -> tuple[torch.Tensor, list[str]]:
     from diffattn.pipelines.shapes_data import random_video_scene, render_video
     from diffattn.shapes import caption
 
     videos, captions = [], []
-    for i in tqdm(range(count), desc="rendering clips", leave=False):
-        rng = np.random.default_rng((seed, i))
-        scene, motions = random_video_scene(rng, max_objects=2, frames=FRAMES, size=SIZE)
-        clip, _ = render_video(scene, motions, frames=FRAMES, size=SIZE, rng=rng)
+    hw = (size.height, size.width)
+    for i in tqdm(range(count), desc=f"rendering {size.label()} clips", leave=False):
+        rng = np.random.default_rng((seed, size.frames, size.height, size.width, i))
+        scene, motions = random_video_scene(rng, max_objects=2, frames=size.frames, size=hw)
+        clip, _ = render_video(scene, motions, frames=size.frames, size=hw, rng=rng)
         videos.append(torch.from_numpy(clip))
         captions.append(caption(scene, motions=motions))
     return torch.stack(videos).permute(0, 4, 1, 2, 3).contiguous(), captions  # (N, 3, T, H, W) uint8
@@ -51,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("pipelines/assets/shapes-video"))
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (reproducible runs)")
-    parser.add_argument("--clips", type=int, default=12000)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--clips", type=int, default=12000, help="clips rendered in all, shared by the sizes by weight")
+    parser.add_argument("--sizes", type=ClipSize.parse, nargs="+", default=[ClipSize.parse(s) for s in DEFAULT_SIZES],
+                        help="clip sizes FRAMESxHEIGHTxWIDTH[:WEIGHT] a step draws from (default: %(default)s)")
+    parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch (batch = this / clip tokens)")
+    parser.add_argument("--init", type=Path, default=None, help="continue from this saved pipeline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--curve", type=Path, default=Path("outputs/shapes-video-loss.png"))
@@ -70,14 +110,28 @@ def main(argv: list[str] | None = None) -> int:
     from diffattn.pipelines.shapes_video import ShapesVideoPipeline, with_coordinates
 
     tokenizer = shapes_tokenizer()
-    text_encoder, transformer = shapes_text_encoder(tokenizer, layers=args.text_layers), video_transformer()
     started = time.time()
-    videos, captions = render_set(args.clips, args.seed)
-    ids = tokenizer(captions + [""], padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True,
-                    return_tensors="pt").input_ids
-    empty, ids = ids[-1], ids[:-1]
+    if args.init is not None:
+        initial = ShapesVideoPipeline.from_pretrained(args.init)
+        text_encoder, transformer = initial.text_encoder.train(), initial.transformer.train()
+        text_encoder.get_input_embeddings().weight.requires_grad_(False)
+        text_params = [p for p in text_encoder.parameters() if p.requires_grad]
+    else:
+        text_encoder, transformer = shapes_text_encoder(tokenizer, layers=args.text_layers), video_transformer()
+        text_params = distinct_frozen_token_embeddings(text_encoder, seed=1)
+    sizes = list(args.sizes)
+    weights = torch.tensor([s.weight for s in sizes], dtype=torch.float64)
+    batches = [max(1, round(args.batch_tokens / s.tokens)) for s in sizes]
+    # each size gets clips in proportion to the clips its steps draw
+    counts = [max(4 * b, int(args.clips * float(w) * b / float((weights * torch.tensor(batches)).sum())))
+              for w, b in zip(weights.tolist(), batches)]
+    data = [render_set(n, args.seed, s) for n, s in zip(counts, sizes)]
+    logger.info("sizes %s, batches %s, clips %s", [s.label() for s in sizes], batches, counts)
+    empty = tokenizer([""], padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True,
+                      return_tensors="pt").input_ids[0]
+    ids = [tokenizer(c, padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt").input_ids
+           for _, c in data]
     shift = 3.0
-    text_params = distinct_frozen_token_embeddings(text_encoder, seed=1)
     params = list(transformer.parameters()) + text_params
     opt = torch.optim.AdamW([{"params": list(transformer.parameters()), "weight_decay": 1e-2},
                              {"params": text_params, "weight_decay": 0.0}], lr=args.lr)
@@ -86,13 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.minutes * 60 - (time.time() - started) - 30
     step = 0
     bar = tqdm(desc="Wan transformer + text encoder", unit="step", total=args.steps)
+    drawn = [0] * len(sizes)
     while time.time() - started < seconds and (args.steps is None or step < args.steps):
-        idx = torch.randint(0, len(videos), (args.batch,), generator=rng)
-        x0 = videos[idx].float().div(127.5).sub(1.0)
-        tokens = ids[idx].clone()
-        tokens[torch.rand(args.batch, generator=rng) < 0.1] = empty
-        u = torch.sigmoid(torch.randn(args.batch, generator=rng))  # logit-normal sigmas, then Wan's shift
+        k = int(torch.multinomial(weights, 1, generator=rng))
+        batch = batches[k]
+        idx = torch.randint(0, len(ids[k]), (batch,), generator=rng)
+        x0 = data[k][0][idx].float().div(127.5).sub(1.0)
+        tokens = ids[k][idx].clone()
+        tokens[torch.rand(batch, generator=rng) < 0.1] = empty
+        u = torch.sigmoid(torch.randn(batch, generator=rng))  # logit-normal sigmas, then Wan's shift
         sigma = shift * u / (1 + (shift - 1) * u)
+        drawn[k] += 1
         noise = torch.randn(x0.shape, generator=rng)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
@@ -110,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     pipe.save_pretrained(args.out, safe_serialization=True)
     args.curve.parent.mkdir(parents=True, exist_ok=True)
     save_curve(curve, args.curve)
-    info = {"seed": args.seed, "clips": args.clips, "frames": FRAMES, "size": SIZE, "batch": args.batch,
-            "lr": args.lr, "text_layers": args.text_layers, "threads": args.threads,
+    info = {"seed": args.seed, "init": str(args.init) if args.init else None,
+            "sizes": {s.label(): {"weight": s.weight, "batch": b, "clips": n, "steps": d}
+                      for s, b, n, d in zip(sizes, batches, counts, drawn)},
+            "batch_tokens": args.batch_tokens, "lr": args.lr, "text_layers": args.text_layers, "threads": args.threads,
             "steps": step, "minutes": round((time.time() - started) / 60, 1),
             "final_loss": float(np.mean([v for *_, v in curve][-200:])), "torch": torch.__version__}
     (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
