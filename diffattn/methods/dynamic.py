@@ -301,7 +301,9 @@ def _merge_lse(parts: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Tensor
     lses = torch.stack([l for _, l in parts])
     total = torch.logsumexp(lses, dim=0)
     total = torch.where(torch.isneginf(total), 0.0, total)
-    out = sum(torch.exp(l - total).unsqueeze(-1) * o.float() for o, l in parts)
+    out = torch.zeros(parts[0][0].shape, dtype=torch.float32, device=parts[0][0].device)
+    for o, l in parts:  # in place: one full-size temporary per part instead of three
+        out.addcmul_(torch.exp(l - total).unsqueeze(-1), o if o.dtype == torch.float32 else o.float())
     return out.to(dtype)
 
 
