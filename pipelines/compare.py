@@ -11,6 +11,7 @@ Image (the embedded SD1.5-format model at 4x its native token count): ToDo again
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -118,8 +119,8 @@ def video_peers(grid: tuple[int, ...], mag_ratios: Sequence[float] | None, steps
     peers.append(method_peer("sliding tile: NATTEN", NattenTile(tile=tile_method.tile, window=tile_method.window),
                              kind="NATTEN", settings=f"na3d flex-fna, kernel = window x tile {tile_method.tile}"))
     flex = diffattn.SlidingTileAttention(tile=tile_method.tile, window=tile_method.window, backend="flex-compiled")
-    peers.append(method_peer("sliding tile: compiled FlexAttention", flex, kind="FlexAttention",
-                             settings="diffattn's block mask, torch.compile'd flex_attention"))
+    peers.append(method_peer("sliding tile: compiled FlexAttention", flex, kind="FlexAttention", warmup=True,
+                             settings="diffattn's block mask, torch.compile'd flex_attention (compiled before timing)"))
     caches = cache_peers(mag_ratios, steps)
     peers += caches
     by_label = {p.label: p for p in caches}
@@ -165,16 +166,24 @@ class CompareRow:
         return self.speedup / self.amdahl_bound if math.isfinite(self.amdahl_bound) else math.nan
 
 
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
 def _clip_uint8(clip: np.ndarray) -> np.ndarray:
     return (np.asarray(clip).clip(0, 1) * 255).round().astype(np.uint8)
 
 
-def _run(pipe: Any, peer: Peer, generate: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], float, Timed | None,
-                                                                                   dict, dict]:
+def _run(pipe: Any, peer: Peer, generate: Callable[[], list[np.ndarray]], warm: Callable[[], Any] | None = None
+         ) -> tuple[list[np.ndarray], float, Timed | None, dict, dict]:
     timed = Timed(peer.method) if peer.method is not None else None
     undo = peer.setup(pipe) if peer.setup is not None else None
     handle = None
     try:
+        if peer.warmup and warm is not None:
+            with diffattn.apply(pipe, peer.method, steps=None) if peer.method is not None else _nothing():
+                warm()
         handle = diffattn.apply(pipe, timed, steps=None) if timed is not None else None
         start = time.perf_counter()
         outputs = generate()
@@ -221,7 +230,7 @@ def run_video(
     runs = [Peer("dense (stock)", "stock", "diffusers' own attention processor"), *peers]
     for peer in tqdm(runs, desc=f"{desc}: {size.label} ({tokens} tokens), {len(prompts)} prompts", unit="run"):
         try:
-            outputs, elapsed, timed, metrics, acted = _run(pipe, peer, generate)
+            outputs, elapsed, timed, metrics, acted = _run(pipe, peer, generate, lambda: generate(1, only=1))
         except Exception as exc:  # a peer that fails on this model is reported, not hidden, and the rest still runs
             rows.append(CompareRow(peer.label, peer.kind, size.label, tokens, math.nan, peer.settings,
                                    error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
@@ -283,12 +292,14 @@ def run_image(
                       output_type="np").images
         return list(np.asarray(images))
 
-    generate_one = pipe(prompts[0], num_inference_steps=1, height=side, width=side, output_type="np")  # warm-up
-    del generate_one
+    pipe(prompts[0], num_inference_steps=1, height=side, width=side, output_type="np")  # warm-up, untimed
     runs = [Peer("dense (stock)", "stock", "diffusers' own attention processor"),
             method_peer("ToDo 2x", TokenDownsampling(factor=2)),
             method_peer("ToDo 4x", TokenDownsampling(factor=4)),
-            tomesd_peer(0.5), tomesd_peer(0.75)]
+            tomesd_peer(0.5), tomesd_peer(0.75),
+            method_peer("entropy scaling", diffattn.EntropyScaling(token_ratio=scale)),
+            method_peer("ToDo 2x + entropy scaling", diffattn.EntropyScaling(token_ratio=scale,
+                                                                             base=TokenDownsampling(factor=2)))]
     rows, outputs = [], {}
     for peer in tqdm(runs, desc=f"image: {side}x{side} px ({tokens} latent tokens), {len(prompts)} prompts", unit="run"):
         try:
@@ -324,16 +335,17 @@ def passes(row: CompareRow) -> bool:
 def format_markdown(rows: Sequence[CompareRow], kind: str = "video") -> str:
     """The comparison as a Markdown table (the README's tables are this output)."""
     if kind == "image":
-        lines = ["| method | kind | time s | speedup | shapes right | colour+position (1 obj / 2 obj) | overall | "
-                 "PSNR dB vs dense | settings |", "|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| method | kind | time s | speedup | shapes right | colour+position (1 obj / 2 obj) | count right | "
+                 "overall | PSNR dB vs dense | settings |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r.error:
-                lines.append(f"| {r.method} | {r.kind} | failed: {r.error} | | | | | | {r.settings} |")
+                lines.append(f"| {r.method} | {r.kind} | failed: {r.error} | | | | | | | {r.settings} |")
                 continue
             s = r.scores
             lines.append(f"| {r.method} | {r.kind} | {r.seconds:.2f} | {r.speedup:.2f}x | "
                          f"{_f(s.get('shape_accuracy'), '.0%')} | {_f(s.get('colour_position_single'), '.0%')} / "
-                         f"{_f(s.get('colour_position_two'), '.0%')} | {_f(s.get('overall_accuracy'), '.0%')} | "
+                         f"{_f(s.get('colour_position_two'), '.0%')} | {_f(s.get('count_accuracy'), '.0%')} | "
+                         f"{_f(s.get('overall_accuracy'), '.0%')} | "
                          f"{_f(r.psnr, '.1f', 'identical')} | {r.settings} |")
         return "\n".join(lines)
     lines = ["| method | kind | density | time s | speedup | attention x | Amdahl bound | reach | trajectory error | "

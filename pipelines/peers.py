@@ -51,10 +51,12 @@ class Peer:
     settings: str = ""
     method: diffattn.AttentionMethod | None = None
     setup: Callable[[Any], Undo] | None = None
+    warmup: bool = False  # one untimed generation first (a compiled kernel's compile time is not its speed)
 
 
-def method_peer(label: str, method: diffattn.AttentionMethod, kind: str = "diffattn", settings: str = "") -> Peer:
-    return Peer(label, kind, settings or _describe(method), method=method)
+def method_peer(label: str, method: diffattn.AttentionMethod, kind: str = "diffattn", settings: str = "",
+                warmup: bool = False) -> Peer:
+    return Peer(label, kind, settings or _describe(method), method=method, warmup=warmup)
 
 
 def _describe(method: diffattn.AttentionMethod) -> str:

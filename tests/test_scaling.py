@@ -95,8 +95,20 @@ def test_on_a_tiny_wan_it_acts_on_self_attention_and_reports_the_factor():
     torch.testing.assert_close(same, stock, atol=1e-6, rtol=0)
 
 
+def test_token_ratio_gives_each_layer_its_own_trained_count():
+    """A UNet's levels see different token counts; with token_ratio every layer is scaled from its own."""
+    method = EntropyScaling(token_ratio=4.0)
+    for grid in [(16, 16), (32, 32)]:
+        ctx, _ = make_ctx(TokenLayout(grid=grid))
+        n = grid[0] * grid[1]
+        assert method.factor(ctx, n) == pytest.approx(math.sqrt(math.log(n) / math.log(n / 4)))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"train_tokens": 1}, "train_tokens"),
+    ({}, "exactly one"),
+    ({"train_tokens": 512, "token_ratio": 4.0}, "exactly one"),
+    ({"token_ratio": -1.0}, "token_ratio"),
     ({"train_tokens": 512.0}, "train_tokens"),
     ({"train_tokens": 512, "base": "dense"}, "base must be"),
     ({"train_tokens": 512, "base": EntropyScaling(train_tokens=64)}, "base must be"),

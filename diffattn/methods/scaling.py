@@ -31,23 +31,32 @@ def entropy_scale(tokens: int, train_tokens: int) -> float:
 
 @dataclass(frozen=True)
 class EntropyScaling(AttentionMethod):
-    """Multiply the attention logits by sqrt(log N / log ``train_tokens``), N = the keys of the call, then run ``base``.
+    """Multiply the attention logits by sqrt(log N / log T), N = the keys of the call, then run ``base``.
 
-    ``train_tokens``: the number of keys the layer saw at the training size (for a video DiT: frames x rows x
-    columns of the patch grid at the trained size, plus the text tokens of a joint-attention model). Scaling the
+    T, the keys the layer saw at the training size, is given one of two ways: ``train_tokens`` (for a DiT, where
+    every layer sees the same tokens: frames x rows x columns of the patch grid at the trained size, plus the text
+    tokens of a joint-attention model) or ``token_ratio``, the size's token count over the trained one (for a UNet,
+    whose levels see different counts: T = N / ratio in each layer; 4.0 for twice the trained height and width). Scaling the
     queries scales every logit, so any ``base`` (dense, a static or dynamic sparse method, token downsampling)
     sees the rescaled attention; a dynamic method's block selection sees it too. At the trained size the factor is
     exactly 1. Cross-attention is left alone by default: its key count (the text) does not change with the size.
     """
 
-    train_tokens: int
+    train_tokens: int | None = None
     base: AttentionMethod = field(default_factory=Dense)
+    token_ratio: float | None = None
     roles: frozenset[str] = field(default=SELF_AND_JOINT)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.train_tokens, int) or self.train_tokens < 2:
+        if (self.train_tokens is None) == (self.token_ratio is None):
+            raise ValueError("EntropyScaling: give train_tokens (the key count at the training size, for a DiT) or "
+                             "token_ratio (this size's tokens over the trained ones, for a UNet), exactly one")
+        if self.train_tokens is not None and (not isinstance(self.train_tokens, int) or self.train_tokens < 2):
             raise ValueError(f"EntropyScaling: train_tokens is the key count at the training size (an int >= 2), got "
                              f"{self.train_tokens!r}; for a video DiT use frames x rows x columns of its patch grid")
+        if self.token_ratio is not None and not (isinstance(self.token_ratio, (int, float)) and self.token_ratio > 0):
+            raise ValueError(f"EntropyScaling: token_ratio is a positive number (4.0 for twice the trained height and "
+                             f"width), got {self.token_ratio!r}")
         if not isinstance(self.base, AttentionMethod) or isinstance(self.base, EntropyScaling):
             raise TypeError(f"EntropyScaling: base must be another attention method (Dense, SlidingTileAttention, ...), "
                             f"got {type(self.base).__name__}")
@@ -65,7 +74,9 @@ class EntropyScaling(AttentionMethod):
 
     def factor(self, ctx: AttentionContext, keys: int) -> float:
         """The logit multiplier for a call with ``keys`` keys (the whole sequence's count under context parallelism)."""
-        return entropy_scale(max(keys, ctx.kv_layout.num_tokens), self.train_tokens)
+        keys = max(keys, ctx.kv_layout.num_tokens)
+        trained = self.train_tokens if self.train_tokens is not None else max(2, round(keys / self.token_ratio))
+        return entropy_scale(keys, trained)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         factor = self.factor(ctx, k.shape[-2])
