@@ -640,6 +640,9 @@ class SpeedOutput:
     rows: list = field(default_factory=list)  # diffattn.pipelines.compare.CompareRow
 
 
+SPEED_PROMPT = "a red circle on the left moving right"
+
+
 def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out_folder: Path, *,
               progress: Progress = _no_progress) -> SpeedOutput:
     """Speed tab: ``diffattn compare`` for the chosen sparse methods at the chosen size, in this process: times and
@@ -647,7 +650,8 @@ def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out
     import torch
     from PIL import Image
 
-    from diffattn.pipelines.compare import default_methods, run_compare, save_outputs
+    from diffattn.pipelines.compare import ClipSize, default_methods, run_video, save_outputs
+    from diffattn.pipelines.peers import method_peer
 
     if size not in SPEED_SIZES:
         raise DemoInputError(f"size must be one of {', '.join(SPEED_SIZES)}, got {size!r}")
@@ -668,24 +672,26 @@ def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out
         import diffattn
         from diffattn.kernels import cpu_block_sparse
 
-        try:
-            rows, videos = run_compare(pipe, frames=frames, height=height, width=width, steps=steps,
-                                       methods={m: available[m] for m in chosen})
-        except diffattn.DiffattnError as error:
-            raise DemoInputError(f"a method cannot run at {size}: {error}") from None
+        peers = [method_peer("dense", diffattn.Dense()), *(method_peer(m, available[m]) for m in chosen)]
+        rows, videos = run_video(pipe, ClipSize(frames, height, width), peers, prompts=[SPEED_PROMPT], steps=steps,
+                                 desc="speed tab")
+        failed = [r for r in rows if r.error]
+        if failed:
+            raise DemoInputError(f"a method cannot run at {size}: " + "; ".join(f"{r.method}: {r.error}" for r in failed))
     title = f"{frames} frames x {height}x{width} px = {int(np.prod(grid))} tokens, {steps} steps, " \
             f"{torch.get_num_threads()} threads, {cpu_block_sparse.cpu_model()}"
-    png = save_outputs(rows, videos, Path(out_folder), title)[0]
+    png = save_outputs({"video": (rows, videos)}, Path(out_folder), title, {"title": title})[1]
     plot = np.asarray(Image.open(png).convert("RGB"))
     lines = [f"Measured now, one process: {title}.", "",
-             "| method | density | generation | attention | attention speedup | end-to-end speedup | PSNR vs dense |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | density | generation | attention | attention speedup | end-to-end speedup | PSNR vs dense | "
+             "ShapesBench trajectory error |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        error = r.scores.get("mean_trajectory_error", float("nan"))
         if r.method == "dense (stock)":
-            lines.append(f"| {r.method} | 1 | {r.seconds:.2f} s | | | 1.00x | |")
+            lines.append(f"| {r.method} | 1 | {r.seconds:.2f} s | | | 1.00x | | {error:.3f} |")
         else:
             lines.append(f"| {r.method} | {r.density:.3f} | {r.seconds:.2f} s | {r.attention_seconds:.2f} s | "
-                         f"{r.attention_speedup:.2f}x | **{r.speedup:.2f}x** | {r.psnr:.1f} dB |")
+                         f"{r.attention_speedup:.2f}x | **{r.speedup:.2f}x** | {r.psnr:.1f} dB | {error:.3f} |")
     strips = []
     labels = [r.method for r in rows if r.method != "dense"]
     for label in labels:

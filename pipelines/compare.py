@@ -245,7 +245,8 @@ def run_video(
             selection_seconds=selection,
             scores=summarize_videos([evaluate_video(_clip_uint8(c), p) for c, p in zip(outputs, prompts)]),
         ))
-    _finish(rows, clips, reference="dense (stock)", timing_reference="dense (diffattn)")
+    timing = next((p.label for p in peers if isinstance(p.method, diffattn.Dense)), None)
+    _finish(rows, clips, reference="dense (stock)", timing_reference=timing)
     return rows, {label: c[0] for label, c in clips.items()}
 
 

@@ -231,3 +231,15 @@ def test_box_preview_draws_each_box_in_its_colour():
     assert canvas[0, 25].tolist() == first and canvas[25, 50].tolist() == first  # top and right edges
     assert canvas[100, 75].tolist() == second and canvas[75, 100].tolist() == second  # bottom and right edges
     assert canvas[25, 25].tolist() == [24, 24, 24] and canvas[75, 25].tolist() == [24, 24, 24]
+
+
+def test_speed_tab_measures_the_chosen_methods_against_dense(models, tmp_path):
+    size = min(logic.SPEED_SIZES, key=lambda k: np.prod(logic.SPEED_SIZES[k]))
+    out = logic.run_speed(models, ["sliding tile"], size, 1, tmp_path)
+    labels = [r.method for r in out.rows]
+    assert labels == ["dense (stock)", "dense", "sliding tile"]
+    tile = out.rows[-1]
+    assert 0 < tile.density <= 1 and tile.speedup > 0 and "mean_trajectory_error" in tile.scores
+    assert "| sliding tile |" in out.table and out.plot.ndim == 3 and out.frames.ndim == 3
+    with pytest.raises(logic.DemoInputError, match="pick sparse methods"):
+        logic.run_speed(models, ["no such method"], size, 1, tmp_path)
