@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention (compiles per shape)")
     parser.add_argument("--no-natten", action="store_true")
     parser.add_argument("--no-dynamic", action="store_true", help="skip the dynamic methods (selection + kernel)")
+    parser.add_argument("--only-dynamic", action="store_true", help="only the dynamic methods (no static patterns)")
     parser.add_argument("--natten-max-gb", type=float, default=1.5,
                         help="NATTEN's CPU path materialises one head's score matrix (several copies); skip above this")
     parser.add_argument("--kv-tile", type=int, default=cpu_block_sparse.KV_TILE,
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_block_sparse.cpu_model()
     print(f"CPU: {cpu} (torch: {torch.backends.cpu.get_cpu_capability()}); loop: {cpu_block_sparse.status()}")
     rows = []
-    cases = [(n, d, p) for n in args.tokens for d in args.dtypes for p in patterns_for(n)]
+    cases = [] if args.only_dynamic else [(n, d, p) for n in args.tokens for d in args.dtypes for p in patterns_for(n)]
     for tokens, dtype_name, (name, pattern, grid, block, natten_cfg) in tqdm(cases, desc="benchmark"):
         dtype = getattr(torch, dtype_name)
         layout = TokenLayout(grid)
