@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=12000, help="clips rendered in all, shared by the sizes by weight")
     parser.add_argument("--sizes", type=ClipSize.parse, nargs="+", default=[ClipSize.parse(s) for s in DEFAULT_SIZES],
                         help="clip sizes FRAMESxHEIGHTxWIDTH[:WEIGHT] a step draws from (default: %(default)s)")
+    parser.add_argument("--then-sizes", type=ClipSize.parse, nargs="+", default=None,
+                        help="sizes (with weights) drawn after --switch of the time: a curriculum that learns the scenes "
+                             "at the first sizes, then their scaling")
+    parser.add_argument("--switch", type=float, default=0.6, help="fraction of the time before --then-sizes")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch (batch = this / clip tokens)")
     parser.add_argument("--init", type=Path, default=None, help="continue from this saved pipeline")
     parser.add_argument("--seed", type=int, default=0)
@@ -119,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         text_encoder, transformer = shapes_text_encoder(tokenizer, layers=args.text_layers), video_transformer()
         text_params = distinct_frozen_token_embeddings(text_encoder, seed=1)
-    sizes = list(args.sizes)
-    weights = torch.tensor([s.weight for s in sizes], dtype=torch.float64)
+    first = {s.label(): s.weight for s in args.sizes}
+    then = {s.label(): s.weight for s in (args.then_sizes or args.sizes)}
+    sizes = list({s.label(): s for s in [*args.sizes, *(args.then_sizes or [])]}.values())
+    weights = torch.tensor([first.get(s.label(), 0.0) for s in sizes], dtype=torch.float64)
+    later = torch.tensor([then.get(s.label(), 0.0) for s in sizes], dtype=torch.float64)
     batches = [max(1, round(args.batch_tokens / s.tokens)) for s in sizes]
-    # each size gets clips in proportion to the clips its steps draw
-    counts = [max(4 * b, int(args.clips * float(w) * b / float((weights * torch.tensor(batches)).sum())))
-              for w, b in zip(weights.tolist(), batches)]
+    # each size gets clips in proportion to the clips its steps draw (the phases weighted by their time)
+    share = args.switch * weights / weights.sum() + (1 - args.switch) * later / later.sum()
+    counts = [max(4 * b, int(args.clips * float(w) * b / float((share * torch.tensor(batches)).sum())))
+              for w, b in zip(share.tolist(), batches)]
     data = [render_set(n, args.seed, s) for n, s in zip(counts, sizes)]
     logger.info("sizes %s, batches %s, clips %s", [s.label() for s in sizes], batches, counts)
     empty = tokenizer([""], padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True,
@@ -137,11 +145,16 @@ def main(argv: list[str] | None = None) -> int:
                              {"params": text_params, "weight_decay": 0.0}], lr=args.lr)
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True)
     curve: list = []
-    seconds = args.minutes * 60 - (time.time() - started) - 30
+    end = started + args.minutes * 60 - 30  # rendering counts toward the budget; 30 s left for saving
     step = 0
     bar = tqdm(desc="Wan transformer + text encoder", unit="step", total=args.steps)
     drawn = [0] * len(sizes)
-    while time.time() - started < seconds and (args.steps is None or step < args.steps):
+    switch_at = time.time() + args.switch * (end - time.time())  # a fraction of the training time after rendering
+    switched = args.then_sizes is None
+    while time.time() < end and (args.steps is None or step < args.steps):
+        if not switched and time.time() >= switch_at:
+            weights, switched = later, True
+            logger.info("step %d: now drawing %s", step, {k: v for k, v in then.items()})
         k = int(torch.multinomial(weights, 1, generator=rng))
         batch = batches[k]
         idx = torch.randint(0, len(ids[k]), (batch,), generator=rng)
@@ -169,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     args.curve.parent.mkdir(parents=True, exist_ok=True)
     save_curve(curve, args.curve)
     info = {"seed": args.seed, "init": str(args.init) if args.init else None,
-            "sizes": {s.label(): {"weight": s.weight, "batch": b, "clips": n, "steps": d}
+            "sizes": {s.label(): {"weight": first.get(s.label(), 0.0), "then_weight": then.get(s.label(), 0.0),
+                                  "batch": b, "clips": n, "steps": d}
                       for s, b, n, d in zip(sizes, batches, counts, drawn)},
+            "switch": args.switch if args.then_sizes else None,
             "batch_tokens": args.batch_tokens, "lr": args.lr, "text_layers": args.text_layers, "threads": args.threads,
             "steps": step, "minutes": round((time.time() - started) / 60, 1),
             "final_loss": float(np.mean([v for *_, v in curve][-200:])), "torch": torch.__version__}
