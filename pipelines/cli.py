@@ -102,7 +102,7 @@ def _compare(args: argparse.Namespace) -> int:
     sections = {}
     title = (f"embedded video model, {size.label} ({size.tokens(patch)} tokens), {prompts_n} ShapesBench prompts, "
              f"{steps} steps with CFG; {cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads")
-    sections[f"video {size.label}"] = run_video(pipe, size, video_peers(grid, ratios, steps), prompts=prompts,
+    sections[f"video {size.label}"] = run_video(pipe, size, video_peers(grid, ratios, steps, natten=args.full or args.quick), prompts=prompts,
                                                 steps=steps, desc="video")
     if args.full or args.extension:
         longer = ClipSize(size.frames * 4, size.height, size.width)

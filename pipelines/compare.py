@@ -109,15 +109,17 @@ def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod
     }
 
 
-def video_peers(grid: tuple[int, ...], mag_ratios: Sequence[float] | None, steps: int) -> list[Peer]:
-    """Every run of the video comparison after stock dense: diffattn's dense and sparse methods, NATTEN and compiled
-    FlexAttention with the sliding-tile pattern, diffusers' cache hooks and two combinations."""
+def video_peers(grid: tuple[int, ...], mag_ratios: Sequence[float] | None, steps: int, *,
+                natten: bool = True) -> list[Peer]:
+    """Every run of the video comparison after stock dense: diffattn's dense and sparse methods, NATTEN (``natten``:
+    its CPU path materialises the scores, ~100x slower than dense at 4,096 tokens) and compiled FlexAttention with
+    the sliding-tile pattern, diffusers' cache hooks and two combinations."""
     methods = default_methods(grid)
     tile_method = methods["sliding tile"]
     peers = [method_peer("dense (diffattn)", diffattn.Dense())]
     peers += [method_peer(name, method) for name, method in methods.items()]
-    peers.append(method_peer("sliding tile: NATTEN", NattenTile(tile=tile_method.tile, window=tile_method.window),
-                             kind="NATTEN", settings=f"na3d flex-fna, kernel = window x tile {tile_method.tile}"))
+    peers += [] if not natten else [method_peer("sliding tile: NATTEN", NattenTile(tile=tile_method.tile, window=tile_method.window),
+                             kind="NATTEN", settings=f"na3d flex-fna, kernel = window x tile {tile_method.tile}")]
     flex = diffattn.SlidingTileAttention(tile=tile_method.tile, window=tile_method.window, backend="flex-compiled")
     peers.append(method_peer("sliding tile: compiled FlexAttention", flex, kind="FlexAttention", warmup=True,
                              settings="diffattn's block mask, torch.compile'd flex_attention (compiled before timing)"))
