@@ -59,7 +59,6 @@ def _example(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     """diffattn's methods and their peers on the embedded models: speed and ShapesBench quality from one run."""
-    import json
     from pathlib import Path
 
     import torch

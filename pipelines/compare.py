@@ -112,7 +112,7 @@ def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod
 def video_peers(grid: tuple[int, ...], mag_ratios: Sequence[float] | None, steps: int, *,
                 natten: bool = True) -> list[Peer]:
     """Every run of the video comparison after stock dense: diffattn's dense and sparse methods, NATTEN (``natten``:
-    its CPU path materialises the scores, ~100x slower than dense at 4,096 tokens) and compiled FlexAttention with
+    its CPU path materialises the scores, ~24x slower than dense at 4,096 tokens) and compiled FlexAttention with
     the sliding-tile pattern, diffusers' cache hooks and two combinations."""
     methods = default_methods(grid)
     tile_method = methods["sliding tile"]
@@ -168,11 +168,6 @@ class CompareRow:
         return self.speedup / self.amdahl_bound if math.isfinite(self.amdahl_bound) else math.nan
 
 
-@contextlib.contextmanager
-def _nothing():
-    yield
-
-
 def _clip_uint8(clip: np.ndarray) -> np.ndarray:
     return (np.asarray(clip).clip(0, 1) * 255).round().astype(np.uint8)
 
@@ -184,7 +179,7 @@ def _run(pipe: Any, peer: Peer, generate: Callable[[], list[np.ndarray]], warm: 
     handle = None
     try:
         if peer.warmup and warm is not None:
-            with diffattn.apply(pipe, peer.method, steps=None) if peer.method is not None else _nothing():
+            with diffattn.apply(pipe, peer.method, steps=None) if peer.method is not None else contextlib.nullcontext():
                 warm()
         handle = diffattn.apply(pipe, timed, steps=None) if timed is not None else None
         start = time.perf_counter()
@@ -198,6 +193,32 @@ def _run(pipe: Any, peer: Peer, generate: Callable[[], list[np.ndarray]], warm: 
         if undo is not None:
             undo()
     return outputs, elapsed, timed, metrics, acted
+
+
+def _measure(pipe: Any, runs: Sequence[Peer], generate: Callable[[], list[np.ndarray]], warm: Callable[[], Any],
+             score: Callable[[list[np.ndarray]], dict], size: str, tokens: int, desc: str
+             ) -> tuple[list[CompareRow], dict[str, list[np.ndarray]]]:
+    """Run every peer in turn: time, attention time, density, selection time and ``score`` of its outputs. A peer that
+    fails on this model is reported as a failed row, not hidden, and the rest still run."""
+    rows: list[CompareRow] = []
+    outputs: dict[str, list[np.ndarray]] = {}
+    for peer in tqdm(runs, desc=desc, unit="run"):
+        try:
+            out, elapsed, timed, metrics, acted = _run(pipe, peer, generate, warm)
+        except Exception as exc:
+            rows.append(CompareRow(peer.label, peer.kind, size, tokens, math.nan, peer.settings,
+                                   error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+            continue
+        densities = [m["density"] for m in metrics.values() if "density" in m]
+        outputs[peer.label] = out
+        rows.append(CompareRow(
+            peer.label, peer.kind, size, tokens, elapsed, peer.settings,
+            attention_seconds=sum(timed.seconds) if timed is not None else math.nan,
+            density=sum(densities) / len(densities) if densities else (1.0 if peer.method is not None else math.nan),
+            selection_seconds=sum(m.get("selection_seconds", 0.0) * acted.get(layer, 0) for layer, m in metrics.items()),
+            scores=score(out),
+        ))
+    return rows, outputs
 
 
 def run_video(
@@ -227,26 +248,11 @@ def run_video(
     # allocator growth, loading the compiled attention loop) inside the stock dense time every ratio divides
     cpu_block_sparse.extension()
     generate(1, only=1)
-    rows: list[CompareRow] = []
-    clips: dict[str, list[np.ndarray]] = {}
     runs = [Peer("dense (stock)", "stock", "diffusers' own attention processor"), *peers]
-    for peer in tqdm(runs, desc=f"{desc}: {size.label} ({tokens} tokens), {len(prompts)} prompts", unit="run"):
-        try:
-            outputs, elapsed, timed, metrics, acted = _run(pipe, peer, generate, lambda: generate(1, only=1))
-        except Exception as exc:  # a peer that fails on this model is reported, not hidden, and the rest still runs
-            rows.append(CompareRow(peer.label, peer.kind, size.label, tokens, math.nan, peer.settings,
-                                   error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
-            continue
-        densities = [m["density"] for m in metrics.values() if "density" in m]
-        selection = sum(m.get("selection_seconds", 0.0) * acted.get(layer, 0) for layer, m in metrics.items())
-        clips[peer.label] = outputs
-        rows.append(CompareRow(
-            peer.label, peer.kind, size.label, tokens, elapsed, peer.settings,
-            attention_seconds=sum(timed.seconds) if timed is not None else math.nan,
-            density=sum(densities) / len(densities) if densities else (1.0 if peer.method is not None else math.nan),
-            selection_seconds=selection,
-            scores=summarize_videos([evaluate_video(_clip_uint8(c), p) for c, p in zip(outputs, prompts)]),
-        ))
+    rows, clips = _measure(
+        pipe, runs, generate, lambda: generate(1, only=1),
+        lambda out: summarize_videos([evaluate_video(_clip_uint8(c), p) for c, p in zip(out, prompts)]),
+        size.label, tokens, f"{desc}: {size.label} ({tokens} tokens), {len(prompts)} prompts")
     timing = next((p.label for p in peers if isinstance(p.method, diffattn.Dense)), None)
     _finish(rows, clips, reference="dense (stock)", timing_reference=timing)
     return rows, {label: c[0] for label, c in clips.items()}
@@ -303,20 +309,11 @@ def run_image(
             method_peer("entropy scaling", diffattn.EntropyScaling(token_ratio=scale)),
             method_peer("ToDo 2x + entropy scaling", diffattn.EntropyScaling(token_ratio=scale,
                                                                              base=TokenDownsampling(factor=2)))]
-    rows, outputs = [], {}
-    for peer in tqdm(runs, desc=f"image: {side}x{side} px ({tokens} latent tokens), {len(prompts)} prompts", unit="run"):
-        try:
-            images, elapsed, timed, metrics, _ = _run(pipe, peer, generate)
-        except Exception as exc:
-            rows.append(CompareRow(peer.label, peer.kind, f"{side}x{side}", tokens, math.nan, peer.settings,
-                                   error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
-            continue
-        outputs[peer.label] = images
-        summary = summarize([evaluate_image(_clip_uint8(im), p) for im, p in zip(images, prompts)])
-        scores = {k: float(v) for k, v in asdict(summary).items()}
-        densities = [m["density"] for m in metrics.values() if "density" in m]
-        rows.append(CompareRow(peer.label, peer.kind, f"{side}x{side}", tokens, elapsed, peer.settings,
-                               density=sum(densities) / len(densities) if densities else math.nan, scores=scores))
+    rows, outputs = _measure(
+        pipe, runs, generate, generate,
+        lambda out: {k: float(v) for k, v in asdict(summarize([evaluate_image(_clip_uint8(im), p)
+                                                                for im, p in zip(out, prompts)])).items()},
+        f"{side}x{side}", tokens, f"image: {side}x{side} px ({tokens} latent tokens), {len(prompts)} prompts")
     _finish(rows, outputs, reference="dense (stock)", timing_reference=None)
     return rows, {label: im[0] for label, im in outputs.items()}
 

@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
                              "at the first sizes, then their scaling")
     parser.add_argument("--switch", type=float, default=0.6, help="fraction of the time before --then-sizes")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch (batch = this / clip tokens)")
-    parser.add_argument("--init", type=Path, default=None, help="continue from this saved pipeline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--curve", type=Path, default=Path("outputs/shapes-video-loss.png"))
@@ -115,14 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = shapes_tokenizer()
     started = time.time()
-    if args.init is not None:
-        initial = ShapesVideoPipeline.from_pretrained(args.init)
-        text_encoder, transformer = initial.text_encoder.train(), initial.transformer.train()
-        text_encoder.get_input_embeddings().weight.requires_grad_(False)
-        text_params = [p for p in text_encoder.parameters() if p.requires_grad]
-    else:
-        text_encoder, transformer = shapes_text_encoder(tokenizer, layers=args.text_layers), video_transformer()
-        text_params = distinct_frozen_token_embeddings(text_encoder, seed=1)
+    text_encoder, transformer = shapes_text_encoder(tokenizer, layers=args.text_layers), video_transformer()
+    text_params = distinct_frozen_token_embeddings(text_encoder, seed=1)
     first = {s.label(): s.weight for s in args.sizes}
     then = {s.label(): s.weight for s in (args.then_sizes or args.sizes)}
     sizes = list({s.label(): s for s in [*args.sizes, *(args.then_sizes or [])]}.values())
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.save_pretrained(args.out, safe_serialization=True)
     args.curve.parent.mkdir(parents=True, exist_ok=True)
     save_curve(curve, args.curve)
-    info = {"seed": args.seed, "init": str(args.init) if args.init else None,
+    info = {"seed": args.seed,
             "sizes": {s.label(): {"weight": first.get(s.label(), 0.0), "then_weight": then.get(s.label(), 0.0),
                                   "batch": b, "clips": n, "steps": d}
                       for s, b, n, d in zip(sizes, batches, counts, drawn)},

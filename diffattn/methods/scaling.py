@@ -26,7 +26,7 @@ def entropy_scale(tokens: int, train_tokens: int) -> float:
     """The logit multiplier sqrt(log_T N) = sqrt(log N / log T) for ``tokens`` keys at a trained count of ``train_tokens``."""
     if tokens < 1 or train_tokens < 2:
         raise ValueError(f"entropy_scale: need tokens >= 1 and train_tokens >= 2, got {tokens} and {train_tokens}")
-    return math.sqrt(math.log(max(tokens, 1)) / math.log(train_tokens)) if tokens > 1 else 1.0
+    return math.sqrt(math.log(tokens) / math.log(train_tokens)) if tokens > 1 else 1.0
 
 
 @dataclass(frozen=True)
