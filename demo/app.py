@@ -286,7 +286,9 @@ def build_app(models: Any, temp: Path) -> Any:
                                                  elem_id="speed-methods")
                     s_size = gr.Dropdown(list(logic.SPEED_SIZES), value=list(logic.SPEED_SIZES)[1],
                                          label="Video size (frames x height x width)", elem_id="speed-size")
-                    s_steps = gr.Slider(1, 4, value=1, step=1, label="Steps", elem_id="speed-steps")
+                    s_steps = gr.Slider(1, logic.SPEED_MAX_STEPS, value=logic.SPEED_MAX_STEPS, step=1,
+                                        label="Steps (fewer: faster, but the clips are unfinished)",
+                                        elem_id="speed-steps")
                     s_run = gr.Button("Compare", variant="primary", elem_id="speed-run")
                 with gr.Column(scale=2):
                     s_table = gr.Markdown(elem_id="speed-table")

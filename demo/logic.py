@@ -25,7 +25,8 @@ __all__ = [
     "DemoInputError", "Limits", "LIMITS", "Models", "EditOutput", "LayoutOutput", "EraseOutput", "GuidanceOutput",
     "SpeedOutput", "check_seed", "check_steps", "fit_prompt", "load_upload", "mask_from_editor", "enlarge",
     "shrink", "difference_map", "parse_subjects", "parse_scales", "draw_boxes", "run_edit", "run_layout",
-    "run_erase", "generate_image", "run_guidance", "run_speed", "SPEED_SIZES", "GUIDANCE_METHODS", "EDIT_METHODS",
+    "run_erase", "generate_image", "run_guidance", "run_speed", "SPEED_SIZES", "SPEED_MAX_STEPS", "GUIDANCE_METHODS",
+    "EDIT_METHODS",
 ]
 
 
@@ -54,9 +55,10 @@ GUIDANCE_METHODS = ("PAG", "SEG", "SoftPAG")
 # (frames, height, width) in pixels of the video model; the last is `diffattn compare`'s default
 SPEED_SIZES: dict[str, tuple[int, int, int]] = {
     "8 x 32 x 64 px (quick)": (8, 32, 64),
-    "16 x 64 x 64 px": (16, 64, 64),
-    "32 x 64 x 128 px (diffattn compare)": (32, 64, 128),
+    "16 x 64 x 64 px (diffattn compare's size)": (16, 64, 64),
+    "64 x 64 x 64 px (length extension, slow)": (64, 64, 64),
 }
+SPEED_MAX_STEPS = 10  # every step runs once per method; at 10 steps ShapesBench's score means something
 CFG = 4.0  # classifier-free guidance of every image call (the embedded model's evaluation setting)
 
 
@@ -656,8 +658,9 @@ def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out
     if size not in SPEED_SIZES:
         raise DemoInputError(f"size must be one of {', '.join(SPEED_SIZES)}, got {size!r}")
     steps = check_steps(steps)
-    if steps > 4:
-        raise DemoInputError(f"the speed comparison runs at most 4 steps (each runs every method), got {steps}")
+    if steps > SPEED_MAX_STEPS:
+        raise DemoInputError(f"the speed comparison runs at most {SPEED_MAX_STEPS} steps (each runs every method), "
+                             f"got {steps}")
     frames, height, width = SPEED_SIZES[size]
     with models.video() as pipe:
         patch = pipe.transformer.config.patch_size

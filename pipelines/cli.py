@@ -80,7 +80,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     if args.full:
-        args.prompts, args.steps = args.prompts or 6, args.steps or 20
+        args.prompts, args.extension_prompts = args.prompts or 6, args.extension_prompts or 3
     if args.quick:  # checks that the whole job works (CI): small clips, few steps
         args.frames, args.height, args.width, args.prompts, args.steps = 8, 32, 32, 1, 4
     prompts_n, steps = args.prompts or 2, args.steps or 10
@@ -105,7 +105,7 @@ def _compare(args: argparse.Namespace) -> int:
                                                 steps=steps, desc="video")
     if args.full or args.extension:
         longer = ClipSize(size.frames * 4, size.height, size.width)
-        ext_prompts = prompts[: max(1, min(len(prompts), args.extension_prompts))]
+        ext_prompts = prompts[: max(1, min(len(prompts), args.extension_prompts or 2))]
         sections[f"video {longer.label} (4x the frames)"] = run_video(
             pipe, longer, extension_runs(longer.grid(patch), size.tokens(patch)), prompts=ext_prompts,
             steps=args.extension_steps or steps, desc="length extension")
@@ -164,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--height", type=int, default=64)
     compare.add_argument("--width", type=int, default=64)
     compare.add_argument("--prompts", type=int, default=None, help="ShapesBench prompts per run (default 2; --full 6)")
-    compare.add_argument("--steps", type=int, default=None, help="denoising steps with CFG (default 10; --full 20)")
-    compare.add_argument("--full", action="store_true", help="more prompts and steps, and the length extension")
+    compare.add_argument("--steps", type=int, default=None, help="denoising steps with CFG (default 10)")
+    compare.add_argument("--full", action="store_true",
+                         help="6 prompts, NATTEN and the length extension (3 prompts); about an hour")
     compare.add_argument("--extension", action="store_true", help="add the 4x-frames length extension")
-    compare.add_argument("--extension-prompts", type=int, default=2)
+    compare.add_argument("--extension-prompts", type=int, default=None, help="default 2; --full 3")
     compare.add_argument("--extension-steps", type=int, default=None, help="default: --steps")
     compare.add_argument("--image-prompts", type=int, default=8, help="prompts of the image part (ToDo vs tomesd)")
     compare.add_argument("--no-image", action="store_true", help="skip the image part")

@@ -122,3 +122,18 @@ def test_pass_mark_follows_the_bench_bar(error, positions, found, expected):
         "mean_trajectory_error": error, "positions_correct": positions, "clips_with_objects_found": found})
     assert passes(row) is expected
     assert ("**" in format_markdown([row])) is expected
+
+
+def test_psnr_pools_the_error_over_every_clip():
+    """One clip identical to dense's must not make the run read as identical: PSNR comes from the pooled MSE."""
+    from diffattn.pipelines.compare import _finish
+
+    rng = np.random.default_rng(0)
+    ref = [rng.random((2, 16, 16, 3)) for _ in range(2)]
+    moved = [ref[0].copy(), np.clip(ref[1] + 0.1, 0, 1)]
+    rows = [CompareRow("dense (stock)", "stock", "s", 1, 1.0), CompareRow("cache", "cache", "s", 1, 0.5)]
+    _finish(rows, {"dense (stock)": ref, "cache": moved}, reference="dense (stock)", timing_reference=None)
+    mse = np.mean((moved[1] - ref[1]) ** 2) / 2
+    assert rows[0].psnr == math.inf
+    assert rows[1].psnr == pytest.approx(10 * math.log10(1 / mse))
+    assert rows[1].speedup == pytest.approx(2.0)

@@ -369,7 +369,7 @@ def test_speed_tab(page, server):
     start = time.perf_counter()
     page.locator("#speed-run").click()
     frames = _image(page, server, "speed-frames")
-    _record("speed_quick_click_to_result_s (sliding tile, 1 step, incl. video model load)",
+    _record("speed_quick_click_to_result_s (sliding tile, default steps, incl. video model load)",
             time.perf_counter() - start)
     plot = _image(page, server, "speed-plot")
     table = page.locator("#speed-table").inner_text()
