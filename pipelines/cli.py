@@ -57,6 +57,14 @@ def _example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clip_size(text: str) -> tuple[int, int, int]:
+    """``FRAMESxHEIGHTxWIDTH`` in pixels, e.g. ``8x128x128``."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected FRAMESxHEIGHTxWIDTH in pixels, e.g. 8x128x128; got {text!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
 def _compare(args: argparse.Namespace) -> int:
     """diffattn's methods and their peers on the embedded models: speed and ShapesBench quality from one run."""
     from pathlib import Path
@@ -88,7 +96,17 @@ def _compare(args: argparse.Namespace) -> int:
     pipe = embedded.load_video_pipeline(args.video_model)
     pipe.set_progress_bar_config(leave=False, desc="denoising")
     patch = pipe.transformer.config.patch_size
-    grid = size.grid(patch)
+    longer = None  # the extension size
+    if args.full or args.extension or args.extension_size:
+        longer = ClipSize(*args.extension_size) if args.extension_size else ClipSize(size.frames * 4, size.height,
+                                                                                      size.width)
+    try:  # both sizes are checked before any work
+        grid = size.grid(patch)
+        if longer is not None:
+            longer.grid(patch)
+    except ValueError as exc:
+        print(f"diffattn compare: {exc}", file=sys.stderr)
+        return 2
     prompts = shapes_prompts("video", prompts_n)
     cpu = f"{cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads; CPU loop: {cpu_block_sparse.status()}"
     print(f"diffattn compare on {cpu}")
@@ -103,10 +121,11 @@ def _compare(args: argparse.Namespace) -> int:
              f"{steps} steps with CFG; {cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads")
     sections[f"video {size.label}"] = run_video(pipe, size, video_peers(grid, ratios, steps, natten=args.full or args.quick), prompts=prompts,
                                                 steps=steps, desc="video")
-    if args.full or args.extension:
-        longer = ClipSize(size.frames * 4, size.height, size.width)
+    if longer is not None:
         ext_prompts = prompts[: max(1, min(len(prompts), args.extension_prompts or 2))]
-        sections[f"video {longer.label} (4x the frames)"] = run_video(
+        what = ("4x the frames" if not args.extension_size
+                else f"{longer.tokens(patch) / size.tokens(patch):g}x the tokens")
+        sections[f"video {longer.label} ({what})"] = run_video(
             pipe, longer, extension_runs(longer.grid(patch), size.tokens(patch)), prompts=ext_prompts,
             steps=args.extension_steps or steps, desc="length extension")
     if not args.no_image:
@@ -168,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--full", action="store_true",
                          help="6 prompts, NATTEN and the length extension (3 prompts); about an hour")
     compare.add_argument("--extension", action="store_true", help="add the 4x-frames length extension")
+    compare.add_argument("--extension-size", type=_clip_size, default=None, metavar="FxHxW",
+                         help="size of the extension run (implies --extension; default: 4x the frames), e.g. 8x128x128")
     compare.add_argument("--extension-prompts", type=int, default=None, help="default 2; --full 3")
     compare.add_argument("--extension-steps", type=int, default=None, help="default: --steps")
     compare.add_argument("--image-prompts", type=int, default=8, help="prompts of the image part (ToDo vs tomesd)")

@@ -137,3 +137,38 @@ def test_psnr_pools_the_error_over_every_clip():
     assert rows[0].psnr == math.inf
     assert rows[1].psnr == pytest.approx(10 * math.log10(1 / mse))
     assert rows[1].speedup == pytest.approx(2.0)
+
+
+def test_pareto_front_keeps_only_runs_nothing_beats():
+    from diffattn.pipelines.compare import pareto_front
+
+    points = [(1.0, 0.025), (1.2, 0.023), (2.0, 0.05), (1.5, 0.06), (5.0, 0.10), (1.1, 0.030), (1.2, 0.023)]
+    # (1.0, 0.025) and (1.1, 0.030) are beaten by (1.2, 0.023); (1.5, 0.06) by (2.0, 0.05); equal points both stay
+    assert pareto_front(points) == [1, 2, 4, 6]
+
+
+def test_compare_refuses_sizes_the_model_cannot_patch_before_any_work(capsys):
+    from diffattn.pipelines.cli import main
+
+    with pytest.raises(SystemExit):  # argparse: not FRAMESxHEIGHTxWIDTH
+        main(["compare", "--extension-size", "8x128"])
+    assert "FRAMESxHEIGHTxWIDTH" in capsys.readouterr().err
+    assert main(["compare", "--extension-size", "8x130x128", "--no-image", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "8x130x128" in err and "multiples" in err
+    assert main(["compare", "--frames", "16", "--height", "62", "--no-image", "--out", "unused"]) == 2
+    assert "16x62x64" in capsys.readouterr().err
+
+
+def test_saved_rows_load_back_and_redraw(tmp_path):
+    from diffattn.pipelines.compare import load_rows, plot_pareto, save_outputs
+
+    rows = [CompareRow("dense (stock)", "stock", "8x32x32", 512, 2.0, scores={"mean_trajectory_error": 0.02}),
+            CompareRow("radial", "diffattn", "8x32x32", 512, 1.0, density=0.5, psnr=21.5, speedup=2.0,
+                       scores={"mean_trajectory_error": 0.05, "positions_correct": 1.0})]
+    clips = {r.method: np.zeros((2, 32, 32, 3)) for r in rows}
+    save_outputs({"video 8x32x32": (rows, clips)}, tmp_path, "title", {"cpu": "test"})
+    loaded = load_rows(tmp_path / "compare.json")
+    assert repr(loaded) == repr({"video 8x32x32": rows})  # repr: NaN fields compare unequal
+    plot_pareto(loaded, tmp_path / "again.png")
+    assert (tmp_path / "again.png").stat().st_size > 1000
