@@ -88,19 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     prompts = shapes_prompts(args.kind, count)
     outputs = []
-    for start in tqdm(range(0, count, args.batch), desc=f"generating {count} {args.kind}s"):
+    bar = tqdm(total=count, desc=f"generating {count} {args.kind}s", unit=args.kind)
+    for start in range(0, count, args.batch):
         chunk = prompts[start:start + args.batch]
         generator = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
         if args.kind == "image":
             result = pipe(chunk, num_inference_steps=args.steps, guidance_scale=guidance, generator=generator,
                           height=32, width=32, output_type="np").images
+            bar.update(len(chunk))
         else:
-            result = np.concatenate([
-                pipe(p, num_inference_steps=args.steps, guidance_scale=guidance, generator=g, num_frames=args.frames,
-                     height=args.height, width=args.width).frames
-                for p, g in zip(chunk, generator)
-            ])
+            clips = []
+            for p, g in zip(chunk, generator):  # one clip at a time: the bar moves per clip
+                clips.append(pipe(p, num_inference_steps=args.steps, guidance_scale=guidance, generator=g,
+                                  num_frames=args.frames, height=args.height, width=args.width).frames)
+                bar.update(1)
+            result = np.concatenate(clips)
         outputs.extend((np.asarray(result).clip(0, 1) * 255).round().astype(np.uint8))
+    bar.close()
     if args.kind == "image":
         results = [evaluate_image(image, prompt) for image, prompt in zip(outputs, prompts)]
         summary = summarize(results)
