@@ -52,7 +52,7 @@ class Limits:
 LIMITS = Limits()
 EDIT_METHODS = ("prompt-to-prompt", "MasaCtrl")
 GUIDANCE_METHODS = ("PAG", "SEG", "SoftPAG")
-# (frames, height, width) in pixels of the video model; the last is `diffattn compare`'s default
+# (frames, height, width) in pixels of the video model; the second (the tab's default) is `diffattn compare`'s size
 SPEED_SIZES: dict[str, tuple[int, int, int]] = {
     "8 x 32 x 64 px (quick)": (8, 32, 64),
     "16 x 64 x 64 px (diffattn compare's size)": (16, 64, 64),
