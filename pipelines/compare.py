@@ -434,7 +434,8 @@ def plot_pareto(sections: dict[str, Sequence[CompareRow]], path: Path) -> None:
         for kind, colour in colours.items():
             if any(r.kind == kind for r in rows):
                 ax.scatter([], [], color=colour, label=kind)
-        ax.scatter([], [], color="grey", marker="^", label="with entropy scaling")
+        if any("entropy" in r.method for r in rows):
+            ax.scatter([], [], color="grey", marker="^", label="with entropy scaling")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
