@@ -75,6 +75,7 @@ def _compare(args: argparse.Namespace) -> int:
     from diffattn.kernels import cpu_block_sparse
     from diffattn.pipelines import embedded
     from diffattn.pipelines.compare import (
+        QUALITY_SIZE,
         ClipSize,
         extension_runs,
         format_markdown,
@@ -92,7 +93,9 @@ def _compare(args: argparse.Namespace) -> int:
     if args.quick:  # checks that the whole job works (CI): small clips, few steps
         args.frames, args.height, args.width, args.prompts, args.steps = 8, 32, 32, 1, 4
     prompts_n, steps = args.prompts or 2, args.steps or 10
-    size = ClipSize(args.frames, args.height, args.width)
+    size = ClipSize(QUALITY_SIZE.frames if args.frames is None else args.frames,
+                    QUALITY_SIZE.height if args.height is None else args.height,
+                    QUALITY_SIZE.width if args.width is None else args.width)
     pipe = embedded.load_video_pipeline(args.video_model)
     pipe.set_progress_bar_config(leave=False, desc="denoising")
     patch = pipe.transformer.config.patch_size
@@ -119,8 +122,8 @@ def _compare(args: argparse.Namespace) -> int:
     sections = {}
     title = (f"embedded video model, {size.label} ({size.tokens(patch)} tokens), {prompts_n} ShapesBench prompts, "
              f"{steps} steps with CFG; {cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads")
-    sections[f"video {size.label}"] = run_video(pipe, size, video_peers(grid, ratios, steps, natten=args.full or args.quick), prompts=prompts,
-                                                steps=steps, desc="video")
+    peers = video_peers(grid, ratios, steps, natten=args.full or args.quick)
+    sections[f"video {size.label}"] = run_video(pipe, size, peers, prompts=prompts, steps=steps, desc="video")
     if longer is not None:
         ext_prompts = prompts[: max(1, min(len(prompts), args.extension_prompts or 2))]
         what = ("4x the frames" if not args.extension_size
@@ -179,16 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     example.add_argument("--size", type=int, default=64, help="image size in pixels (multiple of 16)")
     example.set_defaults(run=_example)
     compare = sub.add_parser("compare", help="speed and quality of diffattn's methods and their peers (main job)")
-    compare.add_argument("--frames", type=int, default=16, help="frames of the quality size (where dense is right)")
-    compare.add_argument("--height", type=int, default=64)
-    compare.add_argument("--width", type=int, default=64)
+    compare.add_argument("--frames", type=int, default=None,
+                         help="frames of the quality size, where dense is right (default 16; height, width: 64)")
+    compare.add_argument("--height", type=int, default=None)
+    compare.add_argument("--width", type=int, default=None)
     compare.add_argument("--prompts", type=int, default=None, help="ShapesBench prompts per run (default 2; --full 6)")
     compare.add_argument("--steps", type=int, default=None, help="denoising steps with CFG (default 10)")
     compare.add_argument("--full", action="store_true",
                          help="6 prompts, NATTEN and the length extension (3 prompts); about an hour")
     compare.add_argument("--extension", action="store_true", help="add the 4x-frames length extension")
     compare.add_argument("--extension-size", type=_clip_size, default=None, metavar="FxHxW",
-                         help="size of the extension run (implies --extension; default: 4x the frames), e.g. 8x128x128")
+                         help="size of the extension run, e.g. 8x128x128 (implies --extension; default: 4x the frames)")
     compare.add_argument("--extension-prompts", type=int, default=None, help="default 2; --full 3")
     compare.add_argument("--extension-steps", type=int, default=None, help="default: --steps")
     compare.add_argument("--image-prompts", type=int, default=8, help="prompts of the image part (ToDo vs tomesd)")

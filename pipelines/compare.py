@@ -92,12 +92,15 @@ class ClipSize:
         return f"{self.frames}x{self.height}x{self.width}"
 
 
+QUALITY_SIZE = ClipSize(16, 64, 64)  # where dense attention passes ShapesBench: the compare's default (4,096 tokens)
+
+
 def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod]:
     """diffattn's methods on a ``(frames, h, w)`` token grid, set for the embedded video model at 16 x 64 x 64 px.
 
     Tiles are up to 4 frames x 8 x 8 tokens (256 tokens, the CPU loop's block); sliding tile keeps two tiles in time
     and one band of rows (density 0.25 there). This model attends across the whole frame, so local windows cost it
-    quality: a sweep at 4,096 tokens (2 prompts x 10 steps) put top-k 0.125 at trajectory error 0.067 with 64-token
+    quality: ``scripts/sweep_compare_methods.py`` at 4,096 tokens (2 prompts x 10 steps) put top-k 0.125 at trajectory error 0.067 with 64-token
     tiles and 0.049 with 256-token tiles, top-k 0.25 at 0.0375 (passes), PSA's bands (0.08, 0.12, 0.2, 0.35) at
     0.027 (passes; the paper's sparser bands: 0.052), ToDo 2x at 0.041 and 3x at 0.061; sliding tile passes (0.028)
     only from density 0.75. Re-ttention's density counts its calibration steps (dense + sparse), so it pays off only
@@ -126,8 +129,9 @@ def video_peers(grid: tuple[int, ...], mag_ratios: Sequence[float] | None, steps
     tile_method = methods["sliding tile"]
     peers = [method_peer("dense (diffattn)", diffattn.Dense())]
     peers += [method_peer(name, method) for name, method in methods.items()]
-    peers += [] if not natten else [method_peer("sliding tile: NATTEN", NattenTile(tile=tile_method.tile, window=tile_method.window),
-                             kind="NATTEN", settings=f"na3d flex-fna, kernel = window x tile {tile_method.tile}")]
+    if natten:
+        peers.append(method_peer("sliding tile: NATTEN", NattenTile(tile=tile_method.tile, window=tile_method.window),
+                                 kind="NATTEN", settings=f"na3d flex-fna, kernel = window x tile {tile_method.tile}"))
     flex = diffattn.SlidingTileAttention(tile=tile_method.tile, window=tile_method.window, backend="flex-compiled")
     peers.append(method_peer("sliding tile: compiled FlexAttention", flex, kind="FlexAttention", warmup=True,
                              settings="diffattn's block mask, torch.compile'd flex_attention (compiled before timing)"))
@@ -410,7 +414,7 @@ def plot_pareto(sections: dict[str, Sequence[CompareRow]], path: Path) -> None:
         rows = [r for r in section
                 if not r.error and math.isfinite(r.scores.get("mean_trajectory_error", math.nan))]
         points = [(r.speedup, r.scores["mean_trajectory_error"]) for r in rows]
-        front = pareto_front(points)
+        front = set(pareto_front(points))
         for i, (r, (x, err)) in enumerate(zip(rows, points)):
             ax.scatter(x, err, color=colours.get(r.kind, "grey"), s=30 if i in front else 14,
                        marker="o" if "entropy" not in r.method else "^", alpha=1.0 if i in front else 0.5)

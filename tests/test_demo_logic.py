@@ -246,4 +246,7 @@ def test_speed_tab_measures_the_chosen_methods_against_dense(models, tmp_path):
     with pytest.raises(logic.DemoInputError, match=f"at most {logic.SPEED_MAX_STEPS} steps"):
         logic.run_speed(models, ["sliding tile"], size, logic.SPEED_MAX_STEPS + 1, tmp_path)
     # the default size of the tab is the one diffattn compare scores quality at
-    assert logic.SPEED_SIZES[list(logic.SPEED_SIZES)[1]] == (16, 64, 64)
+    from diffattn.pipelines.compare import QUALITY_SIZE
+
+    assert logic.SPEED_SIZES[list(logic.SPEED_SIZES)[1]] == (QUALITY_SIZE.frames, QUALITY_SIZE.height,
+                                                            QUALITY_SIZE.width)
