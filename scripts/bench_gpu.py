@@ -6,7 +6,7 @@ times, on the same q, k, v:
 - dense ``scaled_dot_product_attention`` restricted to its FlashAttention backend (``sdpa-flash``) and with
   PyTorch's default choice (``sdpa``); ``flash_attn.flash_attn_func`` (FA2) and ``flash_attn_interface``
   (FA3, Hopper) when installed;
-- the block mask on the ``triton`` backend (the kernel of ``kernels/src/triton_block_sparse.py``), and optionally on
+- the block mask on the ``triton`` backend (the kernel of ``kernels/src/diffattn_kernels/triton_block_sparse.py``), and optionally on
   ``xformers`` (when it accepts the mask), ``flex-compiled`` and ``torch`` (``--backends``).
 
 It prints and saves (``outputs/bench_gpu/<gpu>-<time>.json``) the median time, the density (fraction of token
@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffattn import TokenLayout, kernels
+import diffattn_kernels as kernels
+from diffattn import TokenLayout
 from diffattn.patterns import Radial, ShiftedWindow, SlidingWindow
 from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile
@@ -206,7 +207,7 @@ def main() -> None:
                 compile_s = time.perf_counter() - t0
                 bm = plan.block_mask
                 if int(bm.kv_num_blocks.sum()):
-                    from diffattn.kernels.triton_block_sparse import partial_block_bits
+                    from diffattn_kernels.triton_block_sparse import partial_block_bits
 
                     t0 = time.perf_counter()
                     partial_block_bits(bm, n, n, device)

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffattn import TokenLayout, kernels
-from diffattn.kernels import cpu_block_sparse
-from diffattn.kernels.block_sparse import key_major_runs
+import diffattn_kernels as kernels
+from diffattn import TokenLayout
+from diffattn_kernels import cpu_block_sparse
+from diffattn_kernels.block_sparse import key_major_runs
 from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile
 
@@ -99,7 +100,7 @@ def natten_tile(q, k, v, grid, tile, window, head: int = 0):
     """NATTEN's generalized neighborhood attention equal to the sliding tile pattern, on one head: its CPU path
     (eager flex) materialises the score matrix, so all heads at once would not fit in memory at 16k+ tokens; the
     benchmark times one head and multiplies by the number of heads."""
-    from diffattn.pipelines.peers import natten_tile as natten_sliding_tile
+    from diffattn_bench.peers import natten_tile as natten_sliding_tile
 
     one = slice(head, head + 1)
     return natten_sliding_tile(q[:, one], k[:, one], v[:, one], grid, tile, window)

@@ -21,7 +21,7 @@ import torch
 
 import diffattn
 from diffattn.methods.dynamic import TokenDownsampling
-from diffattn.pipelines.tiny import tiny_inputs, tiny_model
+from diffattn.testing import tiny_inputs, tiny_model
 
 
 def sd15_unet() -> torch.nn.Module:

@@ -26,8 +26,10 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "${PIP[@]}" install --quiet "torch==${DIFFATTN_TORCH_VERSION:-2.13.0}"
 fi
 TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null)
-echo "bootstrap: installing diffattn with its test and demo extras (torch $TORCH_VERSION kept)"
-"${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" -e ".[test,demo]" "torch==${TORCH_VERSION}"
+# Every distribution of the repository, editable: kernels/ (diffattn-kernels) and the root (diffattn, with the bench in
+# pipelines/ and the demo in demo/ behind their extras).
+echo "bootstrap: installing diffattn-kernels and diffattn with every extra (torch $TORCH_VERSION kept)"
+"${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" -e ./kernels -e ".[bench,demo,test]" "torch==${TORCH_VERSION}"
 # NATTEN (compared against in tests and benchmarks) is a source package that builds Python-only; without build
 # isolation it takes seconds instead of pulling a second torch into an isolated build environment.
 if ! "$PY" -c "import natten" >/dev/null 2>&1; then

@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 
 import diffattn
 from diffattn.editing import edit, erase, invert, layout
-from diffattn.evaluation import evaluate_image, psnr, segment
-from diffattn.pipelines.embedded import load_image_pipeline
-from diffattn.pipelines.shapes_data import render_scene
-from diffattn.shapes import COLOURS, POSITION_CENTRES, POSITIONS, SHAPES, Scene, ShapeSpec, caption, position_of
+from diffattn_bench.scoring import evaluate_image, psnr, segment
+from diffattn_bench.embedded import load_image_pipeline
+from diffattn_bench.render import render_scene
+from diffattn_bench.grammar import COLOURS, POSITION_CENTRES, POSITIONS, SHAPES, Scene, ShapeSpec, caption, position_of
 
 STEPS, GUIDANCE, SIZE = 20, 4.0, 32
 EXAMPLES = 4  # cases per task in the picture

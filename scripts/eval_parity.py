@@ -79,7 +79,7 @@ def _generate(pipe, kind: str, prompts: list[str], size: int | None, steps: int,
 
 
 def _scores(kind: str, outputs: list[np.ndarray], prompts: list[str], dense: list[np.ndarray] | None) -> dict:
-    from diffattn.evaluation import evaluate_image, evaluate_video, psnr, summarize
+    from diffattn_bench.scoring import evaluate_image, evaluate_video, psnr, summarize
 
     if kind == "image":
         summary = summarize(evaluate_image(o, p) for o, p in zip(outputs, prompts))
@@ -98,7 +98,7 @@ def _scores(kind: str, outputs: list[np.ndarray], prompts: list[str], dense: lis
 def run(name: str, count: int, steps: int, guidance: float) -> dict:
     import diffattn
     from diffattn import guidance as attention_guidance
-    from diffattn.pipelines import embedded
+    from diffattn_bench import embedded
     from eval_shapes import prompt_set
 
     kind, size, variants = _variants(name)

@@ -1,7 +1,7 @@
 """ShapesBench on the embedded models: generate from a fixed, seeded prompt set and score from pixels only.
 
-    python scripts/eval_shapes.py image --model pipelines/assets/shapes-image --prompts 120
-    python scripts/eval_shapes.py video --model pipelines/assets/shapes-video --prompts 40
+    python scripts/eval_shapes.py image --model pipelines/diffattn_bench/assets/shapes-image --prompts 120
+    python scripts/eval_shapes.py video --model pipelines/diffattn_bench/assets/shapes-video --prompts 40
 
 Writes scores (JSON) and a grid of samples (PNG) to --out; --method applies a diffattn method first, so a method's
 quality can be compared with dense on the same seeds (PSNR/SSIM against --against, a folder of dense outputs).
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from diffattn.evaluation import evaluate_image, evaluate_video, shapes_prompts, summarize, summarize_videos
-    from diffattn.pipelines import embedded
+    from diffattn_bench.scoring import evaluate_image, evaluate_video, shapes_prompts, summarize, summarize_videos
+    from diffattn_bench import embedded
 
     if args.kind == "image":
         pipe = embedded.load_image_pipeline(args.model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import diffattn
-from diffattn.pipelines.tiny import tiny_inputs, tiny_model
+from diffattn.testing import tiny_inputs, tiny_model
 
 
 def breaks(method: diffattn.AttentionMethod | None) -> int:

@@ -1,4 +1,4 @@
-"""The sweep behind ``default_methods`` in ``pipelines/compare.py``: candidate settings of each sparse method on the
+"""The sweep behind ``default_methods`` in ``pipelines/diffattn_bench/compare.py``: candidate settings of each sparse method on the
 embedded video model at the compare's quality size, speed and ShapesBench quality from one run (as ``diffattn
 compare``). ``python scripts/sweep_compare_methods.py`` (about 4 min on 2 cores; ``--only top-k psa`` for a subset).
 """
@@ -11,11 +11,11 @@ import sys
 import torch
 
 import diffattn
-from diffattn.evaluation import shapes_prompts
+from diffattn_bench.scoring import shapes_prompts
 from diffattn.methods.dynamic import DynamicSparseAttention, PyramidSparseAttention, TokenDownsampling
-from diffattn.pipelines import embedded
-from diffattn.pipelines.compare import QUALITY_SIZE, ClipSize, format_markdown, run_video
-from diffattn.pipelines.peers import method_peer
+from diffattn_bench import embedded
+from diffattn_bench.compare import QUALITY_SIZE, ClipSize, format_markdown, run_video
+from diffattn_bench.peers import method_peer
 
 
 def candidates() -> dict[str, diffattn.AttentionMethod]:

@@ -5,7 +5,7 @@ channels) -> encode the set -> train a UNet2DConditionModel and a CLIP text enco
 objective (10% empty captions for classifier-free guidance, EMA weights) -> save in diffusers format (safetensors)
 with the grammar's tokenizer, a DPM-Solver scheduler and a loss-curve PNG.
 
-    python scripts/train_shapes_image.py --out pipelines/assets/shapes-image   # 60 minutes on 2 cores
+    python scripts/train_shapes_image.py --out pipelines/diffattn_bench/assets/shapes-image   # 60 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffattn.pipelines.embedded import MAX_TEXT_TOKENS, shapes_tokenizer
+from diffattn_bench.embedded import MAX_TEXT_TOKENS, shapes_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,7 +35,7 @@ IMAGE_SIZE = 32
 def build_models(tokenizer, text_layers: int = 4):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from diffattn.pipelines.embedded import shapes_text_encoder
+    from diffattn_bench.embedded import shapes_text_encoder
 
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE, layers_per_block=1,
@@ -71,7 +71,7 @@ def distinct_frozen_token_embeddings(text_encoder, seed: int) -> list[torch.nn.P
 
 def render_set(count: int, seed: int, two_objects: float) -> tuple[torch.Tensor, list[str]]:
     """``count`` scenes, a fraction ``two_objects`` of them with two objects, the rest with one, shuffled."""
-    from diffattn.pipelines.shapes_data import ShapesDataset
+    from diffattn_bench.render import ShapesDataset
 
     two = round(count * two_objects)
     singles = ShapesDataset(count - two, seed=seed, size=IMAGE_SIZE, max_objects=1)
@@ -199,7 +199,7 @@ def save_curve(curve: list, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("pipelines/assets/shapes-image"))
+    parser.add_argument("--out", type=Path, default=Path("pipelines/diffattn_bench/assets/shapes-image"))
     parser.add_argument("--minutes", type=float, default=60.0, help="total training budget (VAE gets 12%%)")
     parser.add_argument("--images", type=int, default=40000)
     parser.add_argument("--batch", type=int, default=32)

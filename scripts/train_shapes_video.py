@@ -9,7 +9,7 @@ Clips come in several sizes (``--sizes``, frames x height x width, with sampling
 a batch of about ``--batch-tokens`` tokens of it, so the model learns that objects, positions and motions scale with
 the frame and the clip length instead of learning one token grid.
 
-    python scripts/train_shapes_video.py --out pipelines/assets/shapes-video   # 60 minutes
+    python scripts/train_shapes_video.py --out pipelines/diffattn_bench/assets/shapes-video   # 60 minutes
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from train_shapes_image import distinct_frozen_token_embeddings, save_curve, update  # noqa: E402
 
-from diffattn.pipelines.embedded import MAX_TEXT_TOKENS, shapes_text_encoder, shapes_tokenizer, video_transformer  # noqa: E402
+from diffattn_bench.embedded import MAX_TEXT_TOKENS, shapes_text_encoder, shapes_tokenizer, video_transformer  # noqa: E402
 
 logger = logging.getLogger("train_shapes_video")
 PATCH = 4
@@ -69,8 +69,8 @@ class ClipSize:
 
 
 def render_set(count: int, seed: int, size: ClipSize) -> tuple[torch.Tensor, list[str]]:
-    from diffattn.pipelines.shapes_data import random_video_scene, render_video
-    from diffattn.shapes import caption
+    from diffattn_bench.render import random_video_scene, render_video
+    from diffattn_bench.grammar import caption
 
     videos, captions = [], []
     hw = (size.height, size.width)
@@ -85,7 +85,7 @@ def render_set(count: int, seed: int, size: ClipSize) -> tuple[torch.Tensor, lis
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("pipelines/assets/shapes-video"))
+    parser.add_argument("--out", type=Path, default=Path("pipelines/diffattn_bench/assets/shapes-video"))
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (reproducible runs)")
     parser.add_argument("--clips", type=int, default=12000, help="clips rendered in all, shared by the sizes by weight")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import EMAModel
 
-    from diffattn.pipelines.shapes_video import ShapesVideoPipeline, with_coordinates
+    from diffattn_bench.shapes_video import ShapesVideoPipeline, with_coordinates
 
     tokenizer = shapes_tokenizer()
     started = time.time()

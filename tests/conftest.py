@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
-from diffattn.pipelines import tiny  # noqa: E402
+from diffattn import testing as tiny  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)

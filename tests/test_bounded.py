@@ -12,7 +12,7 @@ import torch
 import diffattn
 from diffattn.editing import layout, layout_method
 from diffattn.methods.bounded import _COLLECTOR, LossCollector, box_masks
-from diffattn.pipelines.tiny import tiny_pipeline
+from diffattn.testing import tiny_pipeline
 
 LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
 
@@ -225,7 +225,7 @@ def test_latent_update_runs_on_unet_families(kind):
 
 
 def test_the_latent_update_lowers_the_attention_loss_on_the_embedded_model():
-    from diffattn.pipelines.embedded import load_image_pipeline
+    from diffattn_bench.embedded import load_image_pipeline
 
     pipe = load_image_pipeline()
     prompt = "a red circle at the top left and a blue square on the right"
@@ -255,8 +255,8 @@ def test_the_latent_update_lowers_the_attention_loss_on_the_embedded_model():
 def test_layout_places_objects_in_boxes_the_prompt_alone_misses():
     """One seeded case on the embedded model: the prompt alone draws the square at its position word's centre
     (outside its box); bounded attention draws both objects inside their boxes."""
-    from diffattn.evaluation import evaluate_image
-    from diffattn.pipelines.embedded import load_image_pipeline
+    from diffattn_bench.scoring import evaluate_image
+    from diffattn_bench.embedded import load_image_pipeline
 
     pipe = load_image_pipeline()
     pipe.set_progress_bar_config(disable=True)

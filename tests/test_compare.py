@@ -13,9 +13,9 @@ import torch
 
 import diffattn
 from diffattn import TokenLayout
-from diffattn.pipelines import embedded
-from diffattn.pipelines.compare import ClipSize, CompareRow, format_markdown, passes, run_video, video_peers
-from diffattn.pipelines.peers import NattenTile, Peer, calibrate_mag_cache, combined, method_peer
+from diffattn_bench import embedded
+from diffattn_bench.compare import ClipSize, CompareRow, format_markdown, passes, run_video, video_peers
+from diffattn_bench.peers import NattenTile, Peer, calibrate_mag_cache, combined, method_peer
 from test_dynamic import make_ctx, qkv
 
 SIZE = ClipSize(8, 32, 32)  # grid (8, 8, 8)
@@ -126,7 +126,7 @@ def test_pass_mark_follows_the_bench_bar(error, positions, found, expected):
 
 def test_psnr_pools_the_error_over_every_clip():
     """One clip identical to dense's must not make the run read as identical: PSNR comes from the pooled MSE."""
-    from diffattn.pipelines.compare import _finish
+    from diffattn_bench.compare import _finish
 
     rng = np.random.default_rng(0)
     ref = [rng.random((2, 16, 16, 3)) for _ in range(2)]
@@ -140,7 +140,7 @@ def test_psnr_pools_the_error_over_every_clip():
 
 
 def test_pareto_front_keeps_only_runs_nothing_beats():
-    from diffattn.pipelines.compare import pareto_front
+    from diffattn_bench.compare import pareto_front
 
     points = [(1.0, 0.025), (1.2, 0.023), (2.0, 0.05), (1.5, 0.06), (5.0, 0.10), (1.1, 0.030), (1.2, 0.023)]
     # (1.0, 0.025) and (1.1, 0.030) are beaten by (1.2, 0.023); (1.5, 0.06) by (2.0, 0.05); equal points both stay
@@ -148,7 +148,7 @@ def test_pareto_front_keeps_only_runs_nothing_beats():
 
 
 def test_compare_refuses_sizes_the_model_cannot_patch_before_any_work(capsys):
-    from diffattn.pipelines.cli import main
+    from diffattn.cli import main
 
     with pytest.raises(SystemExit):  # argparse: not FRAMESxHEIGHTxWIDTH
         main(["compare", "--extension-size", "8x128"])
@@ -161,7 +161,7 @@ def test_compare_refuses_sizes_the_model_cannot_patch_before_any_work(capsys):
 
 
 def test_saved_rows_load_back_and_redraw(tmp_path):
-    from diffattn.pipelines.compare import load_rows, plot_pareto, save_outputs
+    from diffattn_bench.compare import load_rows, plot_pareto, save_outputs
 
     rows = [CompareRow("dense (stock)", "stock", "8x32x32", 512, 2.0, scores={"mean_trajectory_error": 0.02}),
             CompareRow("radial", "diffattn", "8x32x32", 512, 1.0, density=0.5, psnr=21.5, speedup=2.0,

@@ -77,7 +77,7 @@ class IgnoresParallelConfig(LocalOnlyProcessor):
 def _wan_with_heads(heads: int):
     from diffusers import WanTransformer3DModel
 
-    from diffattn.pipelines.tiny import tiny_model
+    from diffattn.testing import tiny_model
 
     config = dict(tiny_model("wan").config)
     config["num_attention_heads"] = heads
@@ -86,7 +86,7 @@ def _wan_with_heads(heads: int):
 
 
 def rank_worker(rank: int, world_size: int) -> dict:
-    from diffattn.pipelines.tiny import tiny_inputs, tiny_model
+    from diffattn.testing import tiny_inputs, tiny_model
 
     diffs: dict[tuple[str, str, str], float] = {}
     sparse_vs_dense: dict[tuple[str, str], float] = {}

@@ -1,4 +1,4 @@
-"""The compiled CPU loop (``diffattn.kernels.cpu_block_sparse``) on every build this CPU can run (``avx512``,
+"""The compiled CPU loop (``diffattn_kernels.cpu_block_sparse``) on every build this CPU can run (``avx512``,
 ``avx2`` forced on an AVX-512 CPU through ``DIFFATTN_CPU_ISA``, ``neon`` on aarch64) and with each GEMM kernel,
 against the float64 reference; how it reports its build, its bf16 path and why it is off; flags that keep the
 source portable (no x86 flag outside the x86 builds, x86 intrinsics behind their build's define)."""
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffattn import TokenLayout, kernels
-from diffattn.kernels import cpu_block_sparse as loop
+import diffattn_kernels as kernels
+from diffattn import TokenLayout
+from diffattn_kernels import cpu_block_sparse as loop
 from diffattn.patterns import Radial
 from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile

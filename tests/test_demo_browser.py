@@ -53,7 +53,7 @@ def audit(event, args):
         log.write(json.dumps([event, [str(args[0]), str(args[1])]]) + "\n")
 sys.addaudithook(audit)
 log.write(json.dumps(["audit", "installed"]) + "\n")
-from diffattn.pipelines.cli import main
+from diffattn.cli import main
 sys.exit(main(["demo", *sys.argv[2:]]))
 """
 
@@ -236,7 +236,7 @@ def models(server):
 
 
 def _objects(image: np.ndarray) -> list[tuple[str, str, str]]:
-    from diffattn.evaluation import segment
+    from diffattn_bench.scoring import segment
 
     return [(c.colour, c.shape, c.position) for c in segment(image).components]
 
@@ -298,7 +298,7 @@ def test_erase_tab(page, server, models):
     from scipy.ndimage import binary_dilation
 
     from diffattn.editing import erase
-    from diffattn.evaluation import segment
+    from diffattn_bench.scoring import segment
 
     page.get_by_role("tab", name="Erase").click()
     _fill(page, "erase-prompt", "a red circle on the left and a blue square on the right")

@@ -28,7 +28,7 @@ def pipe(models):
 
 
 def _objects(image: np.ndarray) -> list[tuple[str, str, str]]:
-    from diffattn.evaluation import segment
+    from diffattn_bench.scoring import segment
 
     return [(c.colour, c.shape, c.position) for c in segment(image).components]
 
@@ -187,9 +187,9 @@ def test_edit_refuses_what_it_cannot_do(models):
 
 
 def test_edit_of_an_uploaded_image_inverts_it(models, tmp_path):
-    from diffattn.evaluation import psnr
-    from diffattn.pipelines.shapes_data import render_scene
-    from diffattn.shapes import Scene, ShapeSpec
+    from diffattn_bench.scoring import psnr
+    from diffattn_bench.render import render_scene
+    from diffattn_bench.grammar import Scene, ShapeSpec
 
     scene, _ = render_scene(Scene((ShapeSpec("square", "green", "left"),)), 32, rng=0, jitter=False)
     path = _save(tmp_path, "scene.png", logic.enlarge(scene, 4))  # shown-size upload: shrinks back exactly
@@ -246,7 +246,7 @@ def test_speed_tab_measures_the_chosen_methods_against_dense(models, tmp_path):
     with pytest.raises(logic.DemoInputError, match=f"at most {logic.SPEED_MAX_STEPS} steps"):
         logic.run_speed(models, ["sliding tile"], size, logic.SPEED_MAX_STEPS + 1, tmp_path)
     # the default size of the tab is the one diffattn compare scores quality at
-    from diffattn.pipelines.compare import QUALITY_SIZE
+    from diffattn_bench.compare import QUALITY_SIZE
 
     assert logic.SPEED_SIZES[list(logic.SPEED_SIZES)[1]] == (QUALITY_SIZE.frames, QUALITY_SIZE.height,
                                                             QUALITY_SIZE.width)

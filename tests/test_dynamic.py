@@ -15,7 +15,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import diffattn
-from diffattn import TokenLayout, kernels
+import diffattn_kernels as kernels
+from diffattn import TokenLayout
 from diffattn.context import AttentionContext
 from diffattn.methods.dynamic import (
     DynamicSparseAttention,
@@ -33,7 +34,7 @@ from diffattn.patterns.dynamic import (
     select_topk,
     select_topp,
 )
-from diffattn.pipelines.tiny import tiny_inputs
+from diffattn.testing import tiny_inputs
 
 F32 = 2e-5  # kernel vs float64 reference on unit-variance inputs (as test_sparse_static)
 

@@ -10,7 +10,7 @@ import torch
 
 import diffattn
 from diffattn.editing import default_layers, edit
-from diffattn.pipelines.tiny import tiny_pipeline
+from diffattn.testing import tiny_pipeline
 
 KINDS = ["sd", "sdxl", "sd3", "flux"]
 
@@ -98,10 +98,10 @@ def test_masactrl_stacks_with_sparse_attention():
 def test_inversion_replays_a_rendered_scene_on_the_embedded_model():
     """Invert a rendered ground-truth scene (not a sample of the model) and regenerate it: the source branch of an
     edit from the inverted noise reproduces the scene; plain noise gives another picture."""
-    from diffattn.evaluation import psnr
-    from diffattn.pipelines.embedded import load_image_pipeline
-    from diffattn.pipelines.shapes_data import render_scene
-    from diffattn.shapes import Scene, ShapeSpec
+    from diffattn_bench.scoring import psnr
+    from diffattn_bench.embedded import load_image_pipeline
+    from diffattn_bench.render import render_scene
+    from diffattn_bench.grammar import Scene, ShapeSpec
 
     pipe = load_image_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -211,10 +211,10 @@ def test_attentive_eraser_never_empties_a_row(fill):
 
 
 def test_erase_removes_the_masked_object_on_the_embedded_model():
-    from diffattn.evaluation import segment
-    from diffattn.pipelines.embedded import load_image_pipeline
-    from diffattn.pipelines.shapes_data import render_scene
-    from diffattn.shapes import Scene, ShapeSpec
+    from diffattn_bench.scoring import segment
+    from diffattn_bench.embedded import load_image_pipeline
+    from diffattn_bench.render import render_scene
+    from diffattn_bench.grammar import Scene, ShapeSpec
 
     pipe = load_image_pipeline()
     pipe.set_progress_bar_config(disable=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffattn.pipelines import embedded
+from diffattn_bench import embedded
 
 
 def test_image_model_loads_offline_with_stable_diffusion_pipeline():
@@ -16,7 +16,7 @@ def test_image_model_loads_offline_with_stable_diffusion_pipeline():
 
     pipe = StableDiffusionPipeline.from_pretrained(embedded.IMAGE_MODEL_DIR, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    from diffattn.evaluation import evaluate_image
+    from diffattn_bench.scoring import evaluate_image
 
     prompt = "a red circle on the left"
     out = pipe(prompt, num_inference_steps=10, guidance_scale=4.0, height=32, width=32, output_type="np",
@@ -27,7 +27,7 @@ def test_image_model_loads_offline_with_stable_diffusion_pipeline():
 
 
 def test_video_model_loads_offline_and_generates():
-    from diffattn.pipelines.shapes_video import ShapesVideoPipeline
+    from diffattn_bench.shapes_video import ShapesVideoPipeline
 
     pipe = ShapesVideoPipeline.from_pretrained(embedded.VIDEO_MODEL_DIR, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -51,7 +51,7 @@ def test_model_cards_and_sizes():
 
 def test_video_coordinates_give_absolute_position_and_check_channels():
     """The transformer's rotary embeddings are relative; the coordinate channels tell frames and sides apart."""
-    from diffattn.pipelines.shapes_video import COORDINATE_CHANNELS, with_coordinates
+    from diffattn_bench.shapes_video import COORDINATE_CHANNELS, with_coordinates
 
     transformer = embedded.video_transformer()
     x = torch.zeros(2, 3, 4, 8, 12)

@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import AttnProcessor
 
 import diffattn
 from diffattn import adapters
-from diffattn.pipelines.tiny import tiny_inputs, tiny_model as build_tiny_model
+from diffattn.testing import tiny_inputs, tiny_model as build_tiny_model
 
 from conftest import global_attention_backend_restored
 from test_models_layout import hide_mask, run

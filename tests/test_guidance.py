@@ -25,7 +25,7 @@ from diffattn.errors import InterceptionError, LayerSelectionError, LayoutError
 from diffattn.guidance import PAG, SEG, SoftPAG
 from diffattn.layout import TokenLayout
 from diffattn.methods.perturbed import blur_tokens, gaussian_blur_matrix
-from diffattn.pipelines.tiny import tiny_inputs, tiny_model, tiny_pipeline
+from diffattn.testing import tiny_inputs, tiny_model, tiny_pipeline
 
 from conftest import global_attention_backend_restored
 

@@ -17,9 +17,14 @@ import pytest
 from diffattn.adapters import supported_models
 
 ROOT = Path(__file__).resolve().parents[1]
-# installed code (runtime imports) and the folders whose imports only the test extra must cover
-RUNTIME = [ROOT / "diffattn", ROOT / "kernels" / "src", ROOT / "pipelines"]
-OURS = {"diffattn"}
+# each room of installed code: its folder, the pyproject that declares it, and the extras its imports may use
+ROOMS = {
+    "kernels": (ROOT / "kernels" / "src" / "diffattn_kernels", ROOT / "kernels" / "pyproject.toml", ()),
+    "library": (ROOT / "diffattn", ROOT / "pyproject.toml", ()),
+    "bench": (ROOT / "pipelines" / "diffattn_bench", ROOT / "pyproject.toml", ("bench",)),
+    "demo": (ROOT / "demo" / "diffattn_demo", ROOT / "pyproject.toml", ("bench", "demo")),
+}
+OURS = {"diffattn", "diffattn_kernels", "diffattn_bench", "diffattn_demo"}
 
 try:
     import tomllib
@@ -27,10 +32,10 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = None
 
 
-def _project() -> dict:
+def _project(path: Path = ROOT / "pyproject.toml") -> dict:
     if tomllib is None:
         pytest.skip("tomllib needs Python 3.11+")
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return tomllib.loads(path.read_text())["project"]
 
 
 def _name(requirement: str) -> str:
@@ -63,7 +68,7 @@ def test_no_root_package_is_a_dependency_name() -> None:
     assert not clashes, (
         f"repository-root packages {sorted(clashes)} have the import names of installed distributions {clashes}; "
         "move the Python package below a folder that only resolves as diffattn.<name> (see README, layout)")
-    assert _regular_root_names() <= {"diffattn", "pipelines"}, _regular_root_names()
+    assert _regular_root_names() <= {"diffattn"}, _regular_root_names()
     assert not (ROOT / "kernels" / "__init__.py").exists()
 
 
@@ -107,27 +112,31 @@ OPTIONAL = {
 }
 
 
-def test_every_runtime_import_is_declared() -> None:
-    """Each third-party module the installed code imports comes from a distribution in ``dependencies`` (or is an
-    optional, guarded import listed in OPTIONAL). Removing e.g. ``accelerate`` from pyproject.toml fails here."""
-    project = _project()
-    declared = _declared(project, ())
+@pytest.mark.parametrize("room", list(ROOMS))
+def test_every_runtime_import_is_declared(room: str) -> None:
+    """Each third-party module a room imports comes from a distribution its pyproject declares (the library's
+    ``dependencies``, plus the bench's or demo's extra for those rooms), or is an optional, guarded import listed in
+    OPTIONAL. Removing e.g. ``tomesd`` from the bench extra fails here; so does a library import of matplotlib."""
+    folder, pyproject, extras = ROOMS[room]
+    project = _project(pyproject)
+    declared = _declared(project, extras)
     provided = metadata.packages_distributions()
     missing = {}
-    for module, files in _third_party_imports(RUNTIME).items():
+    for module, files in _third_party_imports([folder]).items():
         if module in OPTIONAL:
             continue
         dists = {_normalise(d) for d in provided.get(module, [])}
         if not dists & declared:
             missing[module] = (sorted(dists) or ["<not installed>"], sorted(files)[:3])
-    assert not missing, f"imported but not declared in [project].dependencies: {missing}"
-    # accelerate is never imported by name: diffusers needs it to load models with keep_in_fp32_modules (Wan)
-    assert "accelerate" in declared
+    assert not missing, f"{room}: imported but not declared in {pyproject.relative_to(ROOT)}: {missing}"
+    if "bench" in extras:
+        # accelerate is never imported by name: diffusers needs it to load models with keep_in_fp32_modules (Wan)
+        assert "accelerate" in _declared(project, ("bench",))
 
 
 def test_every_test_import_is_declared() -> None:
     project = _project()
-    declared = _declared(project, ("test",))
+    declared = _declared(project, ("test", "bench", "demo")) | _declared(_project(ROOT / "kernels" / "pyproject.toml"), ())
     provided = metadata.packages_distributions()
     local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {p.stem for p in (ROOT / "scripts").glob("*.py")}
     missing = {}
@@ -150,7 +159,8 @@ def test_constraints_pin_every_installed_distribution() -> None:
             assert version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
             pins[_normalise(name)] = version
     project = _project()
-    unpinned = _declared(project, ("test",)) - set(pins) - {"torch"}  # torch: pinned by bootstrap.sh, kept on GPUs
+    unpinned = (_declared(project, ("test", "bench", "demo")) | _declared(_project(ROOT / "kernels" / "pyproject.toml"), ())
+                ) - set(pins) - {"torch", "diffattn", "diffattn-kernels"}  # torch: pinned by bootstrap.sh, kept on GPUs
     assert not unpinned, f"declared but not pinned in constraints.txt: {sorted(unpinned)}"
 
 
@@ -160,7 +170,7 @@ import diffusers
 names = json.loads(sys.argv[1])
 for name in names:
     getattr(diffusers, name)
-from diffattn.pipelines import embedded
+from diffattn_bench import embedded
 image = embedded.load_image_pipeline()
 video = embedded.load_video_pipeline()
 print(json.dumps({"kernels": importlib.import_module("kernels").__file__,

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from diffattn import TokenLayout, kernels
-from diffattn.kernels import KernelUnsupportedError, block_sparse
+import diffattn_kernels as kernels
+from diffattn import TokenLayout
+from diffattn_kernels import KernelUnsupportedError, block_sparse
 from diffattn.patterns import SlidingWindow
 from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile
@@ -195,7 +196,7 @@ def test_backends_without_backward_refuse_with_the_alternative():
 
 def test_triton_kernel_refuses_grad_when_called_directly():
     pytest.importorskip("triton")
-    from diffattn.kernels.triton_block_sparse import triton_block_sparse_attention
+    from diffattn_kernels.triton_block_sparse import triton_block_sparse_attention
 
     bm, heads, kv_heads, n = case("partial_full_empty_row_ragged")
     q, k, v = qkv(heads, kv_heads, n, dtype=torch.float32)
@@ -284,8 +285,8 @@ def test_import_and_first_use_change_no_process_setting():
 import json, os, sys
 import torch
 before = (dict(os.environ), torch._dynamo.config.recompile_limit)
-import diffattn, diffattn.kernels
-from diffattn.kernels import flex
+import diffattn, diffattn_kernels
+from diffattn_kernels import flex
 flex._compiled_flex()
 with flex._recompile_room(True):
     inside = torch._dynamo.config.recompile_limit

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import diffattn
-from diffattn import kernels
+import diffattn_kernels as kernels
 from diffattn.context import AttentionContext
 from diffattn.errors import MethodConfigError
 from diffattn.layout import TokenLayout
 from diffattn.methods import dynamic, masked, sparse
 from diffattn.methods.dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
 from diffattn.patterns import SlidingWindow
-from diffattn.pipelines.tiny import tiny_inputs
+from diffattn.testing import tiny_inputs
 
 
 def forward(model, family, grid):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import diffattn
-from diffattn.pipelines.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs
+from diffattn.testing import FAMILIES, VIDEO_FAMILIES, tiny_inputs
 
 TEXT_LEN = 7
 GRIDS_2D = {"square": (4, 4), "non-square": (4, 6), "odd": (5, 3)}

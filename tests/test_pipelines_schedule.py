@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import diffattn
-from diffattn.pipelines.tiny import tiny_pipeline
+from diffattn.testing import tiny_pipeline
 
 STEPS = 4
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffattn import TokenLayout
-from diffattn.kernels.reference import merge_attention, reference_attention
+from diffattn_kernels.reference import merge_attention, reference_attention
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 

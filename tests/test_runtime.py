@@ -16,7 +16,7 @@ import torch
 import diffattn
 from diffattn import guidance
 from diffattn.methods.perturbed import PAG
-from diffattn.pipelines.tiny import tiny_inputs, tiny_model, tiny_pipeline
+from diffattn.testing import tiny_inputs, tiny_model, tiny_pipeline
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,7 +275,7 @@ def test_import_changes_no_process_wide_setting():
     import sys
 
     code = ("import os, torch; env = dict(os.environ); limit = torch._dynamo.config.recompile_limit; "
-            "import diffattn, diffattn.kernels, diffattn.pipelines.compare; "
+            "import diffattn, diffattn_kernels, diffattn_bench.compare; "
             "assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items()); "
             "assert torch._dynamo.config.recompile_limit == limit")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import diffattn
 from diffattn import TokenLayout
 from diffattn.methods.scaling import EntropyScaling, entropy_scale
-from diffattn.pipelines.tiny import tiny_inputs, tiny_model
+from diffattn.testing import tiny_inputs, tiny_model
 from test_dynamic import make_ctx, qkv
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from diffattn.evaluation import (
+from diffattn_bench.scoring import (
     BenchConfig,
     classify_shape,
     evaluate_image,
@@ -24,7 +24,7 @@ from diffattn.evaluation import (
     ssim,
     summarize,
 )
-from diffattn.pipelines.shapes_data import (
+from diffattn_bench.render import (
     BACKGROUND_AMPLITUDE,
     ShapesDataset,
     random_scene,
@@ -33,7 +33,7 @@ from diffattn.pipelines.shapes_data import (
     render_video,
     scene_problem,
 )
-from diffattn.shapes import (
+from diffattn_bench.grammar import (
     BACKGROUNDS,
     CIRCLE_RADIUS,
     COLOURS,

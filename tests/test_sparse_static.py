@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffattn
-from diffattn import TokenLayout, kernels
+import diffattn_kernels as kernels
+from diffattn import TokenLayout
 from diffattn.patterns import Radial
 from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile
-from diffattn.pipelines.tiny import tiny_inputs, tiny_model
+from diffattn.testing import tiny_inputs, tiny_model
 
 # Written tolerance per dtype for kernel vs float64 reference (max abs error on unit-variance inputs).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
@@ -276,7 +277,7 @@ def test_gather_and_view_paths_agree(monkeypatch):
     """The torch kernel's two execution paths (views of runs, gathered blocks) on a scattered partial pattern."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from diffattn.kernels import block_sparse
+    from diffattn_kernels import block_sparse
 
     n = 300
 
@@ -337,7 +338,7 @@ def test_compiled_flex_agrees_and_refuses_lse_on_cpu():
 def test_key_major_query_groups_match_reference(monkeypatch, chunk, budget, max_rows):
     """Full-block query blocks are computed key piece by key piece, every query block needing a piece stacked into
     one long call; also with pieces cut at chunk boundaries, waves of one block (tiny budget) and short calls."""
-    from diffattn.kernels import block_sparse, cpu_block_sparse
+    from diffattn_kernels import block_sparse, cpu_block_sparse
 
     monkeypatch.setattr(cpu_block_sparse, "DTYPES", ())  # the SDPA path (the compiled loop has its own test)
     rows = []
@@ -367,7 +368,7 @@ def test_key_major_query_groups_match_reference(monkeypatch, chunk, budget, max_
 @pytest.mark.parametrize("text_len", [0, 5])
 def test_key_order_shortens_radial_runs_and_matches_reference(monkeypatch, text_len):
     """Radial's key sets form fewer, longer runs in a reordered copy of k and v; the result is unchanged."""
-    from diffattn.kernels import block_sparse, cpu_block_sparse
+    from diffattn_kernels import block_sparse, cpu_block_sparse
 
     monkeypatch.setattr(cpu_block_sparse, "DTYPES", ())  # the key order serves the SDPA path
 

@@ -1,4 +1,4 @@
-"""Tests for the tiny offline models, inputs and pipelines in ``diffattn.pipelines.tiny``."""
+"""Tests for the tiny offline models, inputs and pipelines in ``diffattn.testing``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffattn.pipelines.tiny import (
+from diffattn.testing import (
     COGVIDEOX_TEXT_LEN,
     FAMILIES,
     PIPELINE_KINDS,

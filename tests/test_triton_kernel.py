@@ -19,7 +19,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 pytest.importorskip("triton", reason="triton is not installed (pip install triton; scripts/bootstrap.sh does)")
 
 import diffattn  # noqa: E402
-from diffattn import TokenLayout, kernels  # noqa: E402
+import diffattn_kernels as kernels  # noqa: E402
+from diffattn import TokenLayout  # noqa: E402
 from diffattn.patterns import Radial, ShiftedWindow, SlidingWindow  # noqa: E402
 from diffattn.patterns.compile import compile_pattern  # noqa: E402
 from diffattn.patterns.compose import PerHead  # noqa: E402
@@ -62,7 +63,7 @@ def reference64(q, k, v, block_mask, scale=None):
 
 def assert_matches_reference(q, k, v, block_mask, *, scale=None, reference_masks=None, **kernel_kwargs):
     """Kernel vs float64 reference; ``reference_masks``: one batch-1 mask per batch entry for per-batch masks."""
-    from diffattn.kernels.triton_block_sparse import triton_block_sparse_attention
+    from diffattn_kernels.triton_block_sparse import triton_block_sparse_attention
 
     out, lse = triton_block_sparse_attention(q, k, v, block_mask, scale=scale, **kernel_kwargs)
     if reference_masks is None:
@@ -150,7 +151,7 @@ def test_empty_rows_give_zero_and_minus_inf(dtype):
 
 
 def test_fully_empty_mask_and_empty_sequences():
-    from diffattn.kernels.triton_block_sparse import triton_block_sparse_attention
+    from diffattn_kernels.triton_block_sparse import triton_block_sparse_attention
 
     n = 40
     bm = create_block_mask(lambda b, h, q, kv: q < 0, None, None, n, n, device="cpu", BLOCK_SIZE=16)
@@ -222,7 +223,7 @@ def test_non_contiguous_inputs():
 
 
 def test_dense_mode_matches_sdpa():
-    from diffattn.kernels.triton_block_sparse import triton_block_sparse_attention
+    from diffattn_kernels.triton_block_sparse import triton_block_sparse_attention
 
     q, k, v = random_qkv(1, 2, 100, 64, torch.float32, seed=8)
     out, lse = triton_block_sparse_attention(q, k, v, None, dense_block=32)
@@ -233,7 +234,7 @@ def test_dense_mode_matches_sdpa():
 
 def test_packed_bits_equal_the_element_mask():
     """The bit tiles of the partial blocks hold exactly ``mask_mod`` inside the block (0 past the sequence)."""
-    from diffattn.kernels.triton_block_sparse import partial_block_bits
+    from diffattn_kernels.triton_block_sparse import partial_block_bits
 
     plan, _ = compiled("per_head")
     bm, n = plan.block_mask, plan.kernel_length
@@ -326,7 +327,7 @@ def band_block_mask(n, block, gap=False):
 
 
 def test_mask_structure_for_xformers():
-    from diffattn.kernels.xformers_attention import local_runs
+    from diffattn_kernels.xformers_attention import local_runs
 
     dense = kernels.dense_block_mask(100, 100, 32)
     assert local_runs(dense, 100, 100)[0] == "dense"
@@ -344,7 +345,7 @@ def test_mask_structure_for_xformers():
 def test_xformers_gappy_bias_equals_the_block_mask():
     """The xformers bias of a local mask (built and materialised on CPU; the attention itself needs CUDA)."""
     pytest.importorskip("xformers.ops.fmha.attn_bias", reason="xformers is not installed (GPU extra)")
-    from diffattn.kernels.xformers_attention import gappy_bias, local_runs
+    from diffattn_kernels.xformers_attention import gappy_bias, local_runs
 
     n = 100  # ragged last block
     bm = band_block_mask(n, 16)
@@ -358,7 +359,7 @@ def test_xformers_gappy_bias_equals_the_block_mask():
 
 def test_sparse_method_on_model_with_triton_backend(tiny_model):
     """diffattn.apply with a SparseAttention method on backend='triton' == backend='torch'."""
-    from diffattn.pipelines.tiny import tiny_inputs
+    from diffattn.testing import tiny_inputs
 
     model = tiny_model("flux")
     inputs = tiny_inputs("flux", (6, 5), batch=1, text_len=7)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .. import kernels
+import diffattn_kernels as kernels
 from ..context import AttentionContext
 from ..errors import LayoutError, MethodConfigError, NonFiniteInputError
 from ..layout import TokenLayout

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..context import ROLES, AttentionContext
 from ..errors import MethodConfigError
-from ..kernels.reference import reference_attention
+from diffattn_kernels.reference import reference_attention
 from .base import AttentionMethod, check_roles
 
 __all__ = ["Masked", "MaskMod", "stock_mask_parts"]
@@ -34,7 +34,7 @@ class Masked(AttentionMethod):
     ``mask_mod`` gets index tensors ``q_idx`` of shape ``(Sq, 1)`` and ``kv_idx`` of shape ``(1, Skv)`` plus the
     call's context (use ``ctx.q_layout`` / ``ctx.kv_layout`` to tell text from visual tokens and to get grid
     coordinates) and returns a boolean tensor broadcastable to ``(B, H, Sq, Skv)``. The stock call's own mask still
-    applies. Rows left with no key give 0 (see ``diffattn.kernels.reference``). Computed in float64: for checking
+    applies. Rows left with no key give 0 (see ``diffattn_kernels.reference``). Computed in float64: for checking
     layouts and prototyping masks, not for speed. A mask of another shape or dtype is refused before any attention
     (:class:`~diffattn.errors.MethodConfigError` naming the layer and its layouts).
     """

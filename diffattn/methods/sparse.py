@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from .. import kernels
+import diffattn_kernels as kernels
 from ..context import AttentionContext
 from ..errors import LayoutError, MethodConfigError
 from ..layout import TokenLayout
@@ -111,7 +111,7 @@ class SparseAttention(AttentionMethod):
     ``pattern``: a pattern of :mod:`diffattn.patterns` (``SlidingWindow``, ``ShiftedWindow``, ``Radial``,
     ``SlidingTile``, or ``Union`` / ``Intersection`` / ``PerHead`` of them). ``backend``: ``"auto"`` (fastest
     supported), ``"torch"``, ``"flex"``, ``"flex-compiled"``, ``"triton"`` (fused block-sparse flash attention,
-    CUDA), ``"xformers"`` (dense / local masks, CUDA) or ``"reference"``; see :mod:`diffattn.kernels`. Acts on
+    CUDA), ``"xformers"`` (dense / local masks, CUDA) or ``"reference"``; see :mod:`diffattn_kernels`. Acts on
     self and joint attention; cross-attention stays dense. The pattern is checked against each layer's grid
     before its first call (:class:`~diffattn.errors.MethodConfigError`).
 

@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 import diffattn
-from diffattn.evaluation import evaluate_image, evaluate_video, psnr, shapes_prompts, ssim, summarize, summarize_videos
-from diffattn.kernels import cpu_block_sparse
+from diffattn_bench.scoring import evaluate_image, evaluate_video, psnr, shapes_prompts, ssim, summarize, summarize_videos
+from diffattn_kernels import cpu_block_sparse
 
 from .peers import (
     UNSUPPORTED_CACHE_HOOKS,

@@ -9,7 +9,7 @@ supports a call and explains why it rejected the others.
 | ``torch`` | block-sparse: on x86 (AVX-512, AVX2) and ARM CPUs a compiled loop (``cpu_block_sparse``: vectorised float32 GEMMs per ISA build, online softmax) for query blocks that see whole key blocks; otherwise runs of key blocks as views, fused SDPA per run, log-sum-exp merge | any (the fallback for devices no backend lists: mps, xpu, ...) | yes (:mod:`.ops`: custom op, flash-style backward) |
 | ``flex`` | FlexAttention, eager (exact, slow on CPU) | CPU, CUDA | CUDA only (FlexAttention has none on CPU) |
 | ``flex-compiled`` | FlexAttention under ``torch.compile`` | CPU, CUDA (compiles per shape) | CUDA only |
-| ``triton`` | block-sparse flash attention in Triton (``kernels/src/triton_block_sparse.py``) | CUDA; CPU only under ``TRITON_INTERPRET=1`` (tests) | no |
+| ``triton`` | block-sparse flash attention in Triton (``kernels/src/diffattn_kernels/triton_block_sparse.py``) | CUDA; CPU only under ``TRITON_INTERPRET=1`` (tests) | no |
 | ``xformers`` | xformers memory-efficient attention for dense and local (one key run per query block) masks | CUDA | no |
 
 ``triton`` and ``xformers`` are optional (the ``gpu`` extra) and imported only when a call runs on them. A call whose

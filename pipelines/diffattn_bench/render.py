@@ -12,7 +12,7 @@ Pixel coordinates are continuous with pixel ``i`` covering ``[i, i + 1)``; its c
 
 Only readable scenes are produced: objects stay ``EDGE_MARGIN_PX`` inside the image and at
 least ``max(MIN_GAP_PX, MIN_GAP * shorter side)`` apart, and their centroids stay inside the
-region of their position word (see :func:`diffattn.shapes.position_of`). Scenes that cannot
+region of their position word (see :func:`diffattn_bench.grammar.position_of`). Scenes that cannot
 be drawn that way raise ValueError instead of rendering something ShapesBench cannot read.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from diffattn.shapes import (
+from diffattn_bench.grammar import (
     BACKGROUNDS,
     COLOURS,
     MOTION_DIRECTIONS,

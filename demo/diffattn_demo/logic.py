@@ -300,7 +300,7 @@ def draw_boxes(subjects: Sequence[tuple[str, tuple[float, float, float, float]]]
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 def _load_image_model(path: Path | None) -> Any:
-    from diffattn.pipelines import embedded
+    from diffattn_bench import embedded
 
     if path is None:
         return embedded.load_image_pipeline()
@@ -310,7 +310,7 @@ def _load_image_model(path: Path | None) -> Any:
 
 
 def _load_video_model(path: Path | None) -> Any:
-    from diffattn.pipelines import embedded
+    from diffattn_bench import embedded
 
     if path is None:
         return embedded.load_video_pipeline()
@@ -639,7 +639,7 @@ class SpeedOutput:
     table: str  # markdown
     frames: np.ndarray  # rows: dense (stock), then each method; first / middle / last frame
     plot: np.ndarray  # the compare plot (uint8)
-    rows: list = field(default_factory=list)  # diffattn.pipelines.compare.CompareRow
+    rows: list = field(default_factory=list)  # diffattn_bench.compare.CompareRow
 
 
 SPEED_PROMPT = "a red circle on the left moving right"
@@ -652,8 +652,8 @@ def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out
     import torch
     from PIL import Image
 
-    from diffattn.pipelines.compare import ClipSize, default_methods, run_video, save_outputs
-    from diffattn.pipelines.peers import method_peer
+    from diffattn_bench.compare import ClipSize, default_methods, run_video, save_outputs
+    from diffattn_bench.peers import method_peer
 
     if size not in SPEED_SIZES:
         raise DemoInputError(f"size must be one of {', '.join(SPEED_SIZES)}, got {size!r}")
@@ -673,7 +673,7 @@ def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out
                                  + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
         progress(0.05, "comparing")
         import diffattn
-        from diffattn.kernels import cpu_block_sparse
+        from diffattn_kernels import cpu_block_sparse
 
         peers = [method_peer("dense", diffattn.Dense()), *(method_peer(m, available[m]) for m in chosen)]
         rows, videos = run_video(pipe, ClipSize(frames, height, width), peers, prompts=[SPEED_PROMPT], steps=steps,

@@ -1,6 +1,6 @@
 """ShapesBench: objective scores for generated shapes images and videos, from pixels only.
 
-Pipeline for one image and its prompt (a caption of :mod:`diffattn.shapes`):
+Pipeline for one image and its prompt (a caption of :mod:`diffattn_bench.grammar`):
 
 1. **Background** colour = per-channel median of the pixels that are not close to any palette
    colour (fallback: the image border).
@@ -14,7 +14,7 @@ Pipeline for one image and its prompt (a caption of :mod:`diffattn.shapes`):
    of its colour nearest its nominal position (jointly, when a colour is prompted twice);
    any other component is an extra object and fails the count check.
 4. **Scores per object:** colour present (a component was matched), position correct (its
-   centroid lies in the region of the prompted position word, :func:`diffattn.shapes.position_of`),
+   centroid lies in the region of the prompted position word, :func:`diffattn_bench.grammar.position_of`),
    shape correct (see :func:`classify_shape`). **Per image:** count correct (every palette
    colour has exactly as many components as the prompt asks for, so extra, missing and
    unprompted-colour objects all fail it) and colour leakage between subjects (see
@@ -23,7 +23,7 @@ Pipeline for one image and its prompt (a caption of :mod:`diffattn.shapes`):
 Videos: the same per frame, plus trajectory error and flicker (see :func:`evaluate_video`).
 Also :func:`psnr` and :func:`ssim` for comparing a method's output with the dense baseline.
 
-CLI: ``python -m diffattn.evaluation IMAGE_DIR`` scores ``IMAGE_DIR/*.png`` listed in
+CLI: ``python -m diffattn_bench.scoring IMAGE_DIR`` scores ``IMAGE_DIR/*.png`` listed in
 ``IMAGE_DIR/prompts.json`` (``{"file.png": "a red circle on the left", ...}``).
 """
 
@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from diffattn.shapes import COLOURS, SHAPE_AREAS, SHAPES, ParsedObject, parse_caption, position_of, shape_coverage
+from diffattn_bench.grammar import COLOURS, SHAPE_AREAS, SHAPES, ParsedObject, parse_caption, position_of, shape_coverage
 
 __all__ = [
     "BenchConfig",
@@ -650,8 +650,8 @@ def summarize_videos(results: Sequence[VideoResult]) -> dict[str, float]:
 def shapes_prompts(kind: str, count: int, seed: int = 1234) -> list[str]:
     """ShapesBench's prompt set: half single-object, half two-object prompts (videos: with motions), fixed by the
     seed; scenes that fit a 32 x 32 frame (and so any larger one: objects scale with the frame)."""
-    from .pipelines.shapes_data import random_scene, random_video_scene
-    from .shapes import caption
+    from .render import random_scene, random_video_scene
+    from .grammar import caption
 
     if kind not in ("image", "video"):
         raise ValueError(f"kind is 'image' or 'video', got {kind!r}")
@@ -783,11 +783,11 @@ def format_table(names: Sequence[str], results: Sequence[ImageResult]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m diffattn.evaluation IMAGE_DIR``: score the PNGs listed in IMAGE_DIR/prompts.json."""
+    """``python -m diffattn_bench.scoring IMAGE_DIR``: score the PNGs listed in IMAGE_DIR/prompts.json."""
     from PIL import Image
 
     parser = argparse.ArgumentParser(
-        prog="python -m diffattn.evaluation", description="ShapesBench: score a folder of PNGs."
+        prog="python -m diffattn_bench.scoring", description="ShapesBench: score a folder of PNGs."
     )
     parser.add_argument("image_dir", type=Path, help="folder with PNGs and prompts.json mapping file name -> prompt")
     args = parser.parse_args(argv)

@@ -1,60 +1,15 @@
-"""The ``diffattn`` command line."""
+"""``diffattn compare``: registered under the ``diffattn.commands`` entry points (the library never imports the
+bench). Heavy imports wait until the command runs, so ``diffattn --help`` stays fast."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from diffattn.cli import require_extra
 
-__all__ = ["main"]
-
-
-def _example(args: argparse.Namespace) -> int:
-    """Apply Dense and a local Masked method to a tiny Flux pipeline and report what changed."""
-    import numpy as np
-    import torch
-
-    import diffattn
-    from diffattn.pipelines.tiny import tiny_pipeline
-
-    pipe = tiny_pipeline("flux", seed=0)
-    pipe.set_progress_bar_config(desc="denoising", leave=False)
-
-    def generate() -> np.ndarray:
-        out = pipe("a red circle on the left", num_inference_steps=args.steps, height=args.size, width=args.size,
-                   output_type="np", generator=torch.Generator().manual_seed(0))
-        return np.asarray(out.images)
-
-    def local(q_idx: torch.Tensor, kv_idx: torch.Tensor, ctx: diffattn.AttentionContext) -> torch.Tensor:
-        """Image tokens see text and image tokens within 1 row/column; text sees everything."""
-        ql, kl = ctx.q_layout, ctx.kv_layout
-        qy, qx = ql.visual_coords(q_idx)
-        ky, kx = kl.visual_coords(kv_idx)
-        near = ((qy - ky).abs() <= 1) & ((qx - kx).abs() <= 1)
-        return near | ql.is_text(q_idx) | kl.is_text(kv_idx)
-
-    stock = generate()
-    rows = [("stock processors", 0.0, "-")]
-    for label, method, steps in (
-        ("Dense", diffattn.Dense(), None),
-        ("Masked 3x3 window", diffattn.Masked(local), None),
-        ("Masked 3x3, dense warm-up 50%", diffattn.Masked(local), 0.5),
-    ):
-        with diffattn.apply(pipe, method, steps=steps) as handle:
-            image = generate()
-            acted = handle.acted()
-        rows.append((label, float(np.abs(image - stock).max()),
-                     f"{len({s for s, _ in acted})} steps x {len({l for _, l in acted})} layers"))
-
-    print(f"tiny FluxPipeline, {args.size}x{args.size} px, {args.steps} steps (random weights)")
-    print(f"{'method':32s} {'max |diff| vs stock':>20s}  acted on")
-    for label, diff, acted in rows:
-        print(f"{label:32s} {diff:20.3g}  {acted}")
-    return 0
+__all__ = ["register"]
 
 
 def _clip_size(text: str) -> tuple[int, int, int]:
@@ -67,14 +22,13 @@ def _clip_size(text: str) -> tuple[int, int, int]:
 
 def _compare(args: argparse.Namespace) -> int:
     """diffattn's methods and their peers on the embedded models: speed and ShapesBench quality from one run."""
-    from pathlib import Path
-
+    require_extra("bench", "matplotlib", "tqdm", "tomesd")
     import torch
 
-    from diffattn.evaluation import shapes_prompts
-    from diffattn.kernels import cpu_block_sparse
-    from diffattn.pipelines import embedded
-    from diffattn.pipelines.compare import (
+    from diffattn_bench.scoring import shapes_prompts
+    from diffattn_kernels import cpu_block_sparse
+    from diffattn_bench import embedded
+    from diffattn_bench.compare import (
         QUALITY_SIZE,
         ClipSize,
         extension_runs,
@@ -85,7 +39,7 @@ def _compare(args: argparse.Namespace) -> int:
         unsupported_note,
         video_peers,
     )
-    from diffattn.pipelines.peers import calibrate_mag_cache
+    from diffattn_bench.peers import calibrate_mag_cache
 
     torch.set_num_threads(args.threads)
     if args.full:
@@ -151,37 +105,9 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_app_path() -> Path:
-    """``demo/app.py`` of the source tree this package runs from (the demo ships with the repository, not as a module
-    of the installed package)."""
-    return Path(__file__).resolve().parents[1] / "demo" / "app.py"
-
-
-def _demo(args: argparse.Namespace) -> int:
-    """Serve the Gradio demo (``demo/app.py``; its options: ``diffattn demo --help``)."""
-    import importlib.util
-
-    path = demo_app_path()
-    if not path.is_file():
-        print(f"diffattn demo: {path} is missing; the demo runs from a clone of the repository installed with "
-              "`pip install -e \".[demo]\"` (scripts/bootstrap.sh does this)", file=sys.stderr)
-        return 2
-    spec = importlib.util.spec_from_file_location("diffattn_demo_app", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.main(args.demo_args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffattn", description="Attention methods for diffusers models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what diffattn installs")
-    sub = parser.add_subparsers(dest="command")
-    example = sub.add_parser("example", help="apply methods to a tiny pipeline and show what changed")
-    example.add_argument("--steps", type=int, default=4)
-    example.add_argument("--size", type=int, default=64, help="image size in pixels (multiple of 16)")
-    example.set_defaults(run=_example)
-    compare = sub.add_parser("compare", help="speed and quality of diffattn's methods and their peers (main job)")
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``compare`` (the main job)."""
+    compare = commands.add_parser("compare", help="speed and quality of diffattn's methods and their peers (main job)")
     compare.add_argument("--frames", type=int, default=None,
                          help="frames of the quality size, where dense is right (default 16; height, width: 64)")
     compare.add_argument("--height", type=int, default=None)
@@ -203,18 +129,3 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--quick", action="store_true",
                          help="a short run (8 frames x 32 x 32 px, 1 prompt, 4 steps) that checks the whole job works (CI)")
     compare.set_defaults(run=_compare)
-    # every argument after "demo" goes to demo/app.py's own parser (--port, --host, --image-model, ...)
-    demo = sub.add_parser("demo", help="the Gradio editing demo (options: diffattn demo --help)", add_help=False,
-                          prefix_chars="\0")
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
-    demo.set_defaults(run=_demo)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    if getattr(args, "run", None) is None:
-        parser.print_help()
-        return 2
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The ``torch`` backend's compiled CPU inner loop (``kernels/src/csrc/block_sparse_cpu.cpp``), built on first use.
+"""The ``torch`` backend's compiled CPU inner loop (``kernels/src/diffattn_kernels/csrc/block_sparse_cpu.cpp``), built on first use.
 
 Query blocks that see whole key blocks only (sliding tile, radial, top-k selections) are computed here: one task
 per (batch, head, query block) walks that block's key runs with an online softmax, reading K and V packed once

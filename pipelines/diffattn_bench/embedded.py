@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..shapes import VOCABULARY
-from .tiny import write_clip_vocab
+from .grammar import VOCABULARY
+from diffattn.testing import write_clip_vocab
 
 __all__ = [
     "IMAGE_MODEL_DIR",

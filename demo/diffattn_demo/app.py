@@ -2,7 +2,7 @@
 (Attentive Eraser), perturbed-attention guidance and the sparse-attention speed comparison, on the embedded models.
 
     diffattn demo                        # http://127.0.0.1:7860, the embedded image and video models
-    python demo/app.py --port 7861 --image-model PATH/TO/SD-FOLDER --video-model PATH/TO/WAN-FOLDER
+    python -m diffattn_demo --port 7861 --image-model PATH/TO/SD-FOLDER --video-model PATH/TO/WAN-FOLDER
 
 Everything stays on this machine: Gradio's analytics are off, no share link is made, the server listens on
 127.0.0.1 unless ``--host`` says otherwise, and models load offline (any local diffusers SD1.5 / SDXL / SD3 / Flux
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -25,29 +24,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from . import logic
 
 __all__ = ["DemoSettings", "prepare_environment", "build_app", "launch", "main", "logic"]
 
-_HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("diffattn.demo")
-
-
-def _load_sibling(name: str) -> ModuleType:
-    """A module of this folder (``demo/`` is not an installed package: the repository root holds only ``diffattn``
-    and ``pipelines``, so no root folder can shadow a dependency's import name)."""
-    qualified = f"diffattn_demo_{name}"
-    if qualified not in sys.modules:
-        spec = importlib.util.spec_from_file_location(qualified, _HERE / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[qualified] = module
-        spec.loader.exec_module(module)
-    return sys.modules[qualified]
-
-
-logic = _load_sibling("logic")
 
 CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; image-rendering: crisp-edges; }
@@ -119,7 +102,7 @@ def build_app(models: Any, temp: Path) -> Any:
     """The Gradio ``Blocks`` with the five tabs, calling ``logic`` on ``models`` (a :class:`logic.Models`)."""
     import gradio as gr
 
-    from diffattn.pipelines.compare import default_methods
+    from diffattn_bench.compare import default_methods
 
     with models.image() as pipe:
         layer_choices = logic.guidance_layer_choices(pipe)

@@ -1,0 +1,1 @@
+"""diffattn's Gradio demo: a thin layer over the public API and the bench's embedded models (``diffattn demo``)."""
