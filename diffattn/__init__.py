@@ -1,8 +1,8 @@
 """diffattn: attention methods for diffusers models, delivered as attention processors.
 
-    handle = diffattn.apply(pipe, diffattn.Dense(), layers=["transformer_blocks.1"], steps=0.25)
-    ...
-    handle.remove()
+handle = diffattn.apply(pipe, diffattn.Dense(), layers=["transformer_blocks.1"], steps=0.25)
+...
+handle.remove()
 """
 
 from . import editing, guidance
@@ -21,28 +21,28 @@ from .errors import (
     UnsupportedModelError,
 )
 from .layout import TokenLayout
-from .methods.perturbed import PAG, SEG, SoftPAG
 from .methods import (
     HIDIFFUSION_LAYERS,
     AttentionMethod,
+    AttentiveEraser,
+    BoundedAttention,
     Dense,
     DynamicSparseAttention,
     EntropyScaling,
-    PyramidSparseAttention,
-    Rettention,
-    TokenDownsampling,
+    LocalBlend,
     Masked,
     MutualSelfAttention,
     PromptToPrompt,
-    AttentiveEraser,
-    BoundedAttention,
-    LocalBlend,
+    PyramidSparseAttention,
     RadialAttention,
+    Rettention,
     ShiftedWindowAttention,
     SlidingTileAttention,
     SlidingWindowAttention,
     SparseAttention,
+    TokenDownsampling,
 )
+from .methods.perturbed import PAG, SEG, SoftPAG
 from .schedule import StepSchedule
 from .steps import denoising_step
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -27,7 +28,8 @@ GridFn = Callable[[torch.nn.Module, ModelInputs], tuple[int, ...]]
 
 @dataclass(frozen=True)
 class RoleRule:
-    """Attention modules whose name fully matches ``pattern`` play ``role``; ``text_first`` places text in joint calls."""
+    """Attention modules whose name fully matches ``pattern`` play ``role``; ``text_first`` places text in joint
+    calls."""
 
     pattern: str
     role: Role

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -109,8 +110,11 @@ class Handle:
 def _denoisers(target: Any) -> tuple[list[torch.nn.Module], Any]:
     if isinstance(target, torch.nn.Module):
         return [_unwrap(target)], None
-    found = [_unwrap(getattr(target, a)) for a in _DENOISER_ATTRIBUTES
-             if isinstance(getattr(target, a, None), torch.nn.Module)]
+    found = [
+        _unwrap(getattr(target, a))
+        for a in _DENOISER_ATTRIBUTES
+        if isinstance(getattr(target, a, None), torch.nn.Module)
+    ]
     if not found:
         raise UnsupportedModelError(
             f"{type(target).__name__} is neither a diffusers model nor a pipeline with a unet/transformer; pass the "
@@ -138,8 +142,14 @@ def apply(target: Any, method: AttentionMethod, *, layers: LayerSpec = None, ste
     return attach(target, method, layers=layers, steps=steps)
 
 
-def attach(target: Any, method: AttentionMethod, *, layers: LayerSpec = None, steps: StepSpec = None,
-           extension: Callable[[Application], BatchExtension] | None = None) -> Handle:
+def attach(
+    target: Any,
+    method: AttentionMethod,
+    *,
+    layers: LayerSpec = None,
+    steps: StepSpec = None,
+    extension: Callable[[Application], BatchExtension] | None = None,
+) -> Handle:
     """``apply`` without the guidance check; ``extension`` builds a batch extension per denoiser (guidance)."""
     schedule = StepSchedule.parse(steps)
     models, _ = _denoisers(target)

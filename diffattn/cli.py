@@ -31,7 +31,8 @@ def require_extra(extra: str, *modules: str) -> None:
         raise MissingExtraError(
             f"this command needs the {extra!r} extra ({', '.join(missing)} not installed): "
             f"pip install './kernels' '.[{extra}]' from a clone of the repository (scripts/bootstrap.sh installs "
-            "every extra)")
+            "every extra)"
+        )
 
 
 def _example(args: argparse.Namespace) -> int:
@@ -40,14 +41,21 @@ def _example(args: argparse.Namespace) -> int:
     import torch
 
     import diffattn
+
     from .testing import tiny_pipeline
 
     pipe = tiny_pipeline("flux", seed=0)
     pipe.set_progress_bar_config(desc="denoising", leave=False)
 
     def generate() -> np.ndarray:
-        out = pipe("a red circle on the left", num_inference_steps=args.steps, height=args.size, width=args.size,
-                   output_type="np", generator=torch.Generator().manual_seed(0))
+        out = pipe(
+            "a red circle on the left",
+            num_inference_steps=args.steps,
+            height=args.size,
+            width=args.size,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        )
         return np.asarray(out.images)
 
     def local(q_idx: torch.Tensor, kv_idx: torch.Tensor, ctx: diffattn.AttentionContext) -> torch.Tensor:
@@ -68,8 +76,13 @@ def _example(args: argparse.Namespace) -> int:
         with diffattn.apply(pipe, method, steps=steps) as handle:
             image = generate()
             acted = handle.acted()
-        rows.append((label, float(np.abs(image - stock).max()),
-                     f"{len({s for s, _ in acted})} steps x {len({l for _, l in acted})} layers"))
+        rows.append(
+            (
+                label,
+                float(np.abs(image - stock).max()),
+                f"{len({s for s, _ in acted})} steps x {len({l for _, l in acted})} layers",
+            )
+        )
 
     print(f"tiny FluxPipeline, {args.size}x{args.size} px, {args.steps} steps (random weights)")
     print(f"{'method':32s} {'max |diff| vs stock':>20s}  acted on")
@@ -80,8 +93,11 @@ def _example(args: argparse.Namespace) -> int:
 
 def _missing(extra: str, reason: str):
     def run(args: argparse.Namespace) -> int:
-        print(f"diffattn {args.command}: needs the {extra!r} extra ({reason}): pip install './kernels' '.[{extra}]' "
-              "from a clone of the repository", file=sys.stderr)
+        print(
+            f"diffattn {args.command}: needs the {extra!r} extra ({reason}): pip install './kernels' '.[{extra}]' "
+            "from a clone of the repository",
+            file=sys.stderr,
+        )
         return 2
 
     return run
@@ -100,7 +116,8 @@ def _register_plugins(commands: argparse._SubParsersAction) -> None:
     for name, extra in EXTRAS.items():
         if name not in found:
             commands.add_parser(name, add_help=False, help=f"(needs the {extra!r} extra)").set_defaults(
-                run=_missing(extra, "not installed"))
+                run=_missing(extra, "not installed")
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:

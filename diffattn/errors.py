@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-__all__ = ["DiffattnError", "UnsupportedModelError", "LayerSelectionError", "InterceptionError", "LayoutError",
-           "ContextParallelError", "MethodConfigError", "StepSelectionError", "NonFiniteInputError"]
+__all__ = [
+    "DiffattnError",
+    "UnsupportedModelError",
+    "LayerSelectionError",
+    "InterceptionError",
+    "LayoutError",
+    "ContextParallelError",
+    "MethodConfigError",
+    "StepSelectionError",
+    "NonFiniteInputError",
+]
 
 
 class DiffattnError(Exception):

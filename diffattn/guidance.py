@@ -57,8 +57,17 @@ from .hooks import Application, Forward
 from .methods.perturbed import PAG, PERTURBED, SEG, PerturbedAttention, SoftPAG
 from .schedule import select_layers
 
-__all__ = ["enable", "disable", "default_layers", "GuidanceHandle", "GuidanceRecord", "PAG", "SoftPAG", "SEG",
-           "PerturbedAttention"]
+__all__ = [
+    "enable",
+    "disable",
+    "default_layers",
+    "GuidanceHandle",
+    "GuidanceRecord",
+    "PAG",
+    "SoftPAG",
+    "SEG",
+    "PerturbedAttention",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +128,12 @@ def _check_layers(model: torch.nn.Module, method: PerturbedAttention, layers: tu
                 matched = select_layers([pattern], all_names)
             except LayerSelectionError:
                 matched = []
-            what = (f"matches only {', '.join(matched[:4])}{' …' if len(matched) > 4 else ''}, which guidance never "
-                    "perturbs (cross-attention)" if matched else "matches no attention layer")
+            what = (
+                f"matches only {', '.join(matched[:4])}{' …' if len(matched) > 4 else ''}, which guidance never "
+                "perturbs (cross-attention)"
+                if matched
+                else "matches no attention layer"
+            )
             raise LayerSelectionError(
                 f"{method.name}: layers pattern {pattern!r} {what}. Patterns match whole dot-separated parts of "
                 f"module names; perturbable layers of {type(model).__name__}: {', '.join(eligible[:8])}"
@@ -269,8 +282,9 @@ class _GuidanceBatch:
             out[uncond] = base.index_select(0, uncond) + shift
         else:
             self._shift = (self._key(forward), shift)
-        self.records.append(GuidanceRecord(forward.step, float(forward.timestep_1000), pending.scale,
-                                           float(delta.detach().abs().max())))
+        self.records.append(
+            GuidanceRecord(forward.step, float(forward.timestep_1000), pending.scale, float(delta.detach().abs().max()))
+        )
         del self.records[:-RECENT_RECORDS]
         return _with_prediction(output, out, pending.batch, extended)
 
@@ -348,8 +362,13 @@ def enable(target: Any, method: PerturbedAttention) -> GuidanceHandle:
     for model in models:
         chosen = _check_layers(model, method, layers)
         logger.info("diffattn guidance: %s on %s of %s", method.name, ", ".join(chosen), type(model).__name__)
-    attention = attach(target, method, layers=layers, steps=method.steps,
-                       extension=lambda application: _GuidanceBatch(application, method))
+    attention = attach(
+        target,
+        method,
+        layers=layers,
+        steps=method.steps,
+        extension=lambda application: _GuidanceBatch(application, method),
+    )
     return GuidanceHandle(method, attention, [a.extension for a in attention.applications])
 
 

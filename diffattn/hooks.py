@@ -34,9 +34,9 @@ import logging
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,22 @@ from .methods.base import AttentionMethod
 from .schedule import StepSchedule
 from .steps import LoopPosition, declared_branches, loop_position
 
-__all__ = ["CallRecord", "Records", "Forward", "ModelState", "Application", "AttentionHook", "ModelStateHook",
-           "BatchExtension", "Entry", "MODEL_HOOK", "ATTENTION_HOOK", "RECENT_CALLS", "attach_entry", "detach_application"]
+__all__ = [
+    "CallRecord",
+    "Records",
+    "Forward",
+    "ModelState",
+    "Application",
+    "AttentionHook",
+    "ModelStateHook",
+    "BatchExtension",
+    "Entry",
+    "MODEL_HOOK",
+    "ATTENTION_HOOK",
+    "RECENT_CALLS",
+    "attach_entry",
+    "detach_application",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +173,9 @@ class BatchExtension(Protocol):
 
     def active(self, forward: Forward) -> bool: ...
 
-    def pre_forward(self, forward: Forward, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]: ...
+    def pre_forward(
+        self, forward: Forward, module: torch.nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]: ...
 
     def post_forward(self, forward: Forward, module: torch.nn.Module, output: Any) -> Any: ...
 
@@ -180,8 +196,9 @@ def _batch_size(inputs: ModelInputs) -> int | None:
     return None
 
 
-def _entry_branches(batch: int | None, roles: tuple[str, ...] | None,
-                    declared: tuple[str, ...] | None) -> tuple[str, ...] | None:
+def _entry_branches(
+    batch: int | None, roles: tuple[str, ...] | None, declared: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
     """The branch of each batch entry from the per-prompt branches: within each run of equal roles (a CFG half),
     entries are the prompts in order, each repeated ``num_images_per_prompt`` times."""
     if declared is None or batch is None:
@@ -191,8 +208,10 @@ def _entry_branches(batch: int | None, roles: tuple[str, ...] | None,
     for start, stop in runs:
         size = stop - start
         if size % len(declared):
-            raise LayoutError(f"the call declares {len(declared)} prompt branches {declared}, but a CFG half of its "
-                              f"batch has {size} entries; pass one prompt per branch")
+            raise LayoutError(
+                f"the call declares {len(declared)} prompt branches {declared}, but a CFG half of its "
+                f"batch has {size} entries; pass one prompt per branch"
+            )
         copies = size // len(declared)
         out += [declared[j // copies] for j in range(size)]
     return tuple(out)
@@ -257,8 +276,10 @@ class ModelState:
             return None
         if position.batch_roles is not None:
             if len(position.batch_roles) != batch:
-                raise LayoutError(f"denoising_step(batch_roles={position.batch_roles}) names "
-                                  f"{len(position.batch_roles)} entries, but the model was called with a batch of {batch}")
+                raise LayoutError(
+                    f"denoising_step(batch_roles={position.batch_roles}) names "
+                    f"{len(position.batch_roles)} entries, but the model was called with a batch of {batch}"
+                )
             return position.batch_roles
         pipeline = position.pipeline
         if cache_name in ("cond", "uncond"):
@@ -287,8 +308,9 @@ class LayerInfo:
 class Application:
     """One method applied to one denoiser: its schedule, selected layers, hooks and records."""
 
-    def __init__(self, state: ModelState, method: AttentionMethod, schedule: StepSchedule,
-                 layers: dict[str, LayerInfo]) -> None:
+    def __init__(
+        self, state: ModelState, method: AttentionMethod, schedule: StepSchedule, layers: dict[str, LayerInfo]
+    ) -> None:
         self.id = next(_IDS)
         self.state = state
         self.method = method
@@ -305,8 +327,9 @@ class Application:
         position = forward.position
         loop = (position.num_steps, position.timesteps)
         if loop != self._checked_loop and (position.num_steps is not None or position.timesteps is not None):
-            self.schedule.check_selects(position.num_steps, position.timesteps,
-                                        f"{self.method.name} on {type(self.state.model).__name__}")
+            self.schedule.check_selects(
+                position.num_steps, position.timesteps, f"{self.method.name} on {type(self.state.model).__name__}"
+            )
             self._checked_loop = loop
         timestep = position.timestep if position.timestep is not None else forward.timestep_1000
         return self.schedule.is_active(position.step, position.num_steps, timestep)
@@ -316,7 +339,8 @@ class Application:
         decided = forward.decisions.get(self.id)
         if decided is None:
             decided = forward.decisions[self.id] = (
-                (self.extension is None or self.extension.active(forward)) and self.on_schedule(forward))
+                self.extension is None or self.extension.active(forward)
+            ) and self.on_schedule(forward)
         return decided
 
 
@@ -358,8 +382,11 @@ class ModelStateHook(ModelHook):
             context = None
         inputs = getattr(self._captured, "inputs", None)
         self._captured.inputs = None
-        forward = self.state.read_forward(inputs if inputs is not None else model_inputs(module, args, kwargs),
-                                          getattr(context, "name", None), context)
+        forward = self.state.read_forward(
+            inputs if inputs is not None else model_inputs(module, args, kwargs),
+            getattr(context, "name", None),
+            context,
+        )
         self.state.begin(forward)
         for application in self.state.applications:
             if application.extension is not None:
@@ -455,8 +482,9 @@ class AttentionHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         if torch.compiler.is_compiling() and not _needs_native_override(module.processor):
             layer = self.entries[0].layer
-            parallel.processor_ulysses(module.processor, self.entries[0].application.state.model, layer.name,
-                                       getattr(module, "heads", None))
+            parallel.processor_ulysses(
+                module.processor, self.entries[0].application.state.model, layer.name, getattr(module, "heads", None)
+            )
             interceptor = _CoreInterceptor(functools.partial(_core_op, hook=self.key))
             with interceptor:
                 out = self.fn_ref.original_forward(*args, **kwargs)
@@ -501,8 +529,10 @@ class AttentionHook(ModelHook):
         """One intercepted SDPA call of a compiled module (see ``diffattn::attention_core``)."""
         module = self.module() if self.module is not None else None
         if module is None or not self.entries:
-            raise InterceptionError("a diffattn attention hook was removed while a compiled model still calls it; "
-                                    "call torch._dynamo.reset() (or recompile) after removing diffattn handles")
+            raise InterceptionError(
+                "a diffattn attention hook was removed while a compiled model still calls it; "
+                "call torch._dynamo.reset() (or recompile) after removing diffattn handles"
+            )
         plan = self._plan(module)
         if plan is None:
             q, k, v = call.pop("query"), call.pop("key"), call.pop("value")
@@ -525,16 +555,37 @@ _LIVE_HOOKS: dict[int, AttentionHook] = {}  # key -> hook, for the custom op (in
 
 
 @torch.library.custom_op("diffattn::attention_core", mutates_args=())
-def _attention_core(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
-                    is_causal: bool, scale: float | None, enable_gqa: bool, hook: int) -> Tensor:
+def _attention_core(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    hook: int,
+) -> Tensor:
     """The chain of diffattn methods of attention hook ``hook`` on one SDPA call, run eagerly (the compiled graph
     sees an opaque op; its Python runs with the current step, batch roles and records)."""
     owner = _LIVE_HOOKS.get(hook)
     if owner is None:
-        raise InterceptionError("a diffattn attention hook was removed while a compiled model still calls it; call "
-                                "torch._dynamo.reset() (or recompile) after removing diffattn handles")
-    out = owner.run_core(dict(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p,
-                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa))
+        raise InterceptionError(
+            "a diffattn attention hook was removed while a compiled model still calls it; call "
+            "torch._dynamo.reset() (or recompile) after removing diffattn handles"
+        )
+    out = owner.run_core(
+        dict(
+            query=query,
+            key=key,
+            value=value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    )
     return out.contiguous().clone() if _aliases(out, (query, key, value)) else out.contiguous()
 
 
@@ -549,8 +600,17 @@ def _aliases(out: Tensor, inputs: tuple[Tensor, ...]) -> bool:
 
 
 def _core_op(sdpa: Any, call: dict[str, Any], *, hook: int) -> Tensor:
-    return _attention_core(call["query"], call["key"], call["value"], call["attn_mask"], float(call["dropout_p"]),
-                           bool(call["is_causal"]), call["scale"], bool(call["enable_gqa"]), hook)
+    return _attention_core(
+        call["query"],
+        call["key"],
+        call["value"],
+        call["attn_mask"],
+        float(call["dropout_p"]),
+        bool(call["is_causal"]),
+        call["scale"],
+        bool(call["enable_gqa"]),
+        hook,
+    )
 
 
 def _needs_native_override(processor: Any) -> bool:
@@ -641,8 +701,9 @@ class _CoreInterceptor(TorchFunctionMode):
 class _Chain:
     """The acting methods of one attention-module call, outermost first; the last one's ``dense`` is the stock core."""
 
-    def __init__(self, hooks: list[Entry], forward: Forward, ulysses: parallel.Ulysses | None,
-                 heads: int | None, processor: Any) -> None:
+    def __init__(
+        self, hooks: list[Entry], forward: Forward, ulysses: parallel.Ulysses | None, heads: int | None, processor: Any
+    ) -> None:
         self.hooks = hooks
         self.forward = forward
         self.ulysses = ulysses
@@ -675,11 +736,17 @@ class _Chain:
         if split and q_layout.text_len and positional:
             q, k, v, inverse = self._to_layout_order(q, k, v, call, q_layout, ulysses)
         shared = dict(
-            role=self.layer.role, q_layout=q_layout, kv_layout=kv_layout, attn_mask=call["attn_mask"],
-            scale=call["scale"], enable_gqa=call["enable_gqa"],
+            role=self.layer.role,
+            q_layout=q_layout,
+            kv_layout=kv_layout,
+            attn_mask=call["attn_mask"],
+            scale=call["scale"],
+            enable_gqa=call["enable_gqa"],
             head_offset=ulysses.head_offset(local_heads) if split else 0,
-            total_heads=local_heads * ulysses.degree if split else None, q_range=q_range,
-            timestep=self.forward.timestep, input_grid=self.forward.grid,
+            total_heads=local_heads * ulysses.degree if split else None,
+            q_range=q_range,
+            timestep=self.forward.timestep,
+            input_grid=self.forward.grid,
         )
 
         ran = set()
@@ -694,10 +761,14 @@ class _Chain:
             application = hook.application
             layer = hook.layer.name
             ctx = AttentionContext(
-                layer=layer, step=self.forward.step, num_steps=self.forward.num_steps,
-                batch_roles=self.forward.batch_roles, branches=self.forward.branches,
+                layer=layer,
+                step=self.forward.step,
+                num_steps=self.forward.num_steps,
+                batch_roles=self.forward.batch_roles,
+                branches=self.forward.branches,
                 dense=lambda a, b, c: run(index + 1, a, b, c),
-                report=lambda **metrics: application.records.report(layer, metrics), **shared,
+                report=lambda **metrics: application.records.report(layer, metrics),
+                **shared,
             )
             key = (layer, q_layout, kv_layout)
             if key not in application.validated:
@@ -770,8 +841,9 @@ class _Chain:
             "model."
         )
 
-    def _to_layout_order(self, q: Tensor, k: Tensor, v: Tensor, call: dict[str, Any], layout: TokenLayout,
-                         ulysses: parallel.Ulysses) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _to_layout_order(
+        self, q: Tensor, k: Tensor, v: Tensor, call: dict[str, Any], layout: TokenLayout, ulysses: parallel.Ulysses
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The all-to-all concatenated the ranks' ``[text shard | visual shard]`` joint sequences: put q, k, v (and
         the stock mask, in ``call``) in layout order. Returns them and the index that restores the gathered order."""
         if not parallel.text_split_with_visual(self.state.model):
@@ -780,8 +852,9 @@ class _Chain:
                 "sit only when the model's _cp_plan splits encoder_hidden_states together with the visual tokens "
                 f"(Flux, Flux2, QwenImage); {type(self.state.model).__name__}'s plan does not."
             )
-        order, inverse = parallel.joint_order(layout.text_len, layout.num_visual, ulysses.degree, layout.text_first,
-                                              q.device)
+        order, inverse = parallel.joint_order(
+            layout.text_len, layout.num_visual, ulysses.degree, layout.text_first, q.device
+        )
         mask = call["attn_mask"]
         if mask is not None:
             n = q.shape[-2]

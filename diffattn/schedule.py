@@ -6,14 +6,12 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 from .errors import LayerSelectionError, StepSelectionError
 
 __all__ = ["select_layers", "StepSchedule"]
 
-LayerSpec = Union[str, Sequence[str], None]
-StepSpec = Union[int, float, range, Iterable[int], "StepSchedule", None]
+LayerSpec = str | Sequence[str] | None
 
 
 def _component_regex(pattern: str) -> re.Pattern[str]:
@@ -72,8 +70,9 @@ class StepSchedule:
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.indices, self.warmup_fraction, self.fraction_range, self.timestep_range)]
         if sum(given) > 1:
-            raise LayerSelectionError("StepSchedule takes one of: step indices, a warm-up fraction, a fraction range "
-                                      "or a timestep range")
+            raise LayerSelectionError(
+                "StepSchedule takes one of: step indices, a warm-up fraction, a fraction range or a timestep range"
+            )
         if self.indices is not None and any(i < 0 for i in self.indices):
             raise LayerSelectionError(f"step indices must be >= 0, got {sorted(self.indices)}")
         if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:
@@ -84,7 +83,9 @@ class StepSchedule:
         if self.fraction_range is not None:
             start, stop = self.fraction_range
             if not 0.0 <= start < stop <= 1.0:
-                raise LayerSelectionError(f"steps=(start, stop) needs 0 <= start < stop <= 1, got {self.fraction_range}")
+                raise LayerSelectionError(
+                    f"steps=(start, stop) needs 0 <= start < stop <= 1, got {self.fraction_range}"
+                )
         if self.timestep_range is not None:
             low, high = self.timestep_range
             if not low <= high:
@@ -150,13 +151,15 @@ class StepSchedule:
             if timestep is None:
                 raise StepSelectionError(
                     f"{self.describe()}: the scheduler timestep of this model call is unknown. Call the model through "
-                    "a diffusers pipeline, or inside diffattn.denoising_step(i, num_steps, timestep=t)")
+                    "a diffusers pipeline, or inside diffattn.denoising_step(i, num_steps, timestep=t)"
+                )
             return self.timestep_range[0] <= timestep <= self.timestep_range[1]
         if step is None or (self.needs_num_steps and num_steps is None):
             raise StepSelectionError(
                 f"{self.describe()}: the denoising step of this model call is unknown (the model was not called from "
                 "a diffusers pipeline's loop). Wrap each call in diffattn.denoising_step(i, num_steps), or apply "
-                "with steps=None")
+                "with steps=None"
+            )
         if self.indices is not None:
             return step in self.indices
         if self.warmup_fraction is not None:
@@ -178,8 +181,15 @@ class StepSchedule:
                 return
             hits = [s for s in range(num_steps) if self.is_active(s, num_steps)]
         if not hits:
-            seen = (f"timesteps {min(timesteps):.0f}..{max(timesteps):.0f}" if self.timestep_range is not None
-                    else f"steps 0..{num_steps - 1}")
+            seen = (
+                f"timesteps {min(timesteps):.0f}..{max(timesteps):.0f}"
+                if self.timestep_range is not None
+                else f"steps 0..{num_steps - 1}"
+            )
             raise StepSelectionError(
                 f"{where}: {self.describe()} selects none of the {num_steps} steps this pipeline call runs ({seen}), "
-                "so the method would never act. Choose steps inside that range (or steps=None for all)")
+                "so the method would never act. Choose steps inside that range (or steps=None for all)"
+            )
+
+
+StepSpec = int | float | range | Iterable[int] | StepSchedule | None

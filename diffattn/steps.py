@@ -47,8 +47,13 @@ class LoopPosition:
 
 
 @contextlib.contextmanager
-def denoising_step(step: int | None = None, num_steps: int | None = None, *, timestep: float | None = None,
-                   batch_roles: tuple[str, ...] | None = None) -> Iterator[None]:
+def denoising_step(
+    step: int | None = None,
+    num_steps: int | None = None,
+    *,
+    timestep: float | None = None,
+    batch_roles: tuple[str, ...] | None = None,
+) -> Iterator[None]:
     """Declare, for model calls made inside, the loop position (``step`` of ``num_steps``, the scheduler
     ``timestep``) and what each batch entry is (``batch_roles``, e.g. ``("uncond", "cond")``): for loops that are not
     a diffusers pipeline's, and models without ``cache_context`` (UNets, SD3) called directly."""
@@ -57,8 +62,13 @@ def denoising_step(step: int | None = None, num_steps: int | None = None, *, tim
     if batch_roles is not None and not set(batch_roles) <= {"uncond", "cond"}:
         raise ValueError(f"denoising_step: batch_roles are 'uncond' or 'cond', got {batch_roles}")
     previous = getattr(_LOCAL, "position", None)
-    _LOCAL.position = LoopPosition(step, num_steps, timestep, source="denoising_step",
-                                   batch_roles=None if batch_roles is None else tuple(batch_roles))
+    _LOCAL.position = LoopPosition(
+        step,
+        num_steps,
+        timestep,
+        source="denoising_step",
+        batch_roles=None if batch_roles is None else tuple(batch_roles),
+    )
     try:
         yield
     finally:
@@ -94,8 +104,9 @@ def _as_float(value: Any) -> float | None:
 
 def _owns(pipeline: Any, model: torch.nn.Module) -> bool:
     components = getattr(pipeline, "components", None) or {}
-    return any(component is model or getattr(component, "_orig_mod", None) is model
-               for component in components.values())
+    return any(
+        component is model or getattr(component, "_orig_mod", None) is model for component in components.values()
+    )
 
 
 def _pipeline_frame(model: torch.nn.Module) -> tuple[Any, dict[str, Any]] | None:
@@ -117,16 +128,34 @@ def loop_position(model: torch.nn.Module, cache_context: Any = None) -> LoopPosi
     found = _pipeline_frame(model)
     pipeline, local = found if found is not None else (None, {})
     if explicit is not None and explicit.step is not None:
-        return LoopPosition(explicit.step, explicit.num_steps, explicit.timestep, pipeline=pipeline,
-                            source=explicit.source, batch_roles=explicit.batch_roles)
+        return LoopPosition(
+            explicit.step,
+            explicit.num_steps,
+            explicit.timestep,
+            pipeline=pipeline,
+            source=explicit.source,
+            batch_roles=explicit.batch_roles,
+        )
     roles = None if explicit is None else explicit.batch_roles
     if cache_context is not None and getattr(cache_context, "step_index", None) is not None:
-        return LoopPosition(int(cache_context.step_index), cache_context.num_inference_steps,
-                            _as_float(getattr(cache_context, "timestep", None)), pipeline=pipeline,
-                            source="cache_context", batch_roles=roles)
+        return LoopPosition(
+            int(cache_context.step_index),
+            cache_context.num_inference_steps,
+            _as_float(getattr(cache_context, "timestep", None)),
+            pipeline=pipeline,
+            source="cache_context",
+            batch_roles=roles,
+        )
     timesteps, step = local.get("timesteps"), local.get("i")
     if pipeline is not None and isinstance(step, int) and timesteps is not None and len(timesteps):
         values = tuple(float(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps))
-        return LoopPosition(step, len(values), values[step] if step < len(values) else None, values, pipeline,
-                            source="pipeline loop", batch_roles=roles)
+        return LoopPosition(
+            step,
+            len(values),
+            values[step] if step < len(values) else None,
+            values,
+            pipeline,
+            source="pipeline loop",
+            batch_roles=roles,
+        )
     return LoopPosition(None, None, pipeline=pipeline, batch_roles=roles)

@@ -32,8 +32,8 @@ import atexit
 import json
 import shutil
 import tempfile
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch

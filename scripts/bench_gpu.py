@@ -6,7 +6,8 @@ times, on the same q, k, v:
 - dense ``scaled_dot_product_attention`` restricted to its FlashAttention backend (``sdpa-flash``) and with
   PyTorch's default choice (``sdpa``); ``flash_attn.flash_attn_func`` (FA2) and ``flash_attn_interface``
   (FA3, Hopper) when installed;
-- the block mask on the ``triton`` backend (the kernel of ``kernels/src/diffattn_kernels/triton_block_sparse.py``), and optionally on
+- the block mask on the ``triton`` backend (the kernel of ``kernels/src/diffattn_kernels/triton_block_sparse.py``), and
+optionally on
   ``xformers`` (when it accepts the mask), ``flex-compiled`` and ``torch`` (``--backends``).
 
 It prints and saves (``outputs/bench_gpu/<gpu>-<time>.json``) the median time, the density (fraction of token
@@ -24,6 +25,7 @@ Needs a CUDA GPU: without one it refuses to run (exit code 2); ``--plan`` only b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -81,8 +83,13 @@ def patterns(tokens: int, densities, decays):
     yield "sliding window", f"window={window} stride={stride}", SlidingWindow(window, stride=stride), BLOCK, grid
     dilation = (1, 2, 2)
     window = _odd(_axis_windows(grid, d), tuple(n // dl for n, dl in zip(grid, dilation)))
-    yield ("sliding window", f"window={window} dilation={dilation}", SlidingWindow(window, dilation=dilation), BLOCK,
-           grid)
+    yield (
+        "sliding window",
+        f"window={window} dilation={dilation}",
+        SlidingWindow(window, dilation=dilation),
+        BLOCK,
+        grid,
+    )
     image = IMAGE_GRIDS[tokens]
     for windows in ((2, 2), (4, 4)):
         pattern = ShiftedWindow.from_fraction(image, 0.25, windows)
@@ -139,9 +146,12 @@ def plan_only(args) -> None:
             t0 = time.perf_counter()
             plan = compile_pattern(pattern, layout, block_size=block)
             bm = plan.block_mask
-            print(f"{tokens:>7} {name:<15} {label:<45} density {plan.density:6.3f}  "
-                  f"partial blocks {int(bm.kv_num_blocks.sum()):>7}  full {int(bm.full_kv_num_blocks.sum()):>7}  "
-                  f"compile {time.perf_counter() - t0:5.1f} s", flush=True)
+            print(
+                f"{tokens:>7} {name:<15} {label:<45} density {plan.density:6.3f}  "
+                f"partial blocks {int(bm.kv_num_blocks.sum()):>7}  full {int(bm.full_kv_num_blocks.sum()):>7}  "
+                f"compile {time.perf_counter() - t0:5.1f} s",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -154,8 +164,12 @@ def main() -> None:
     parser.add_argument("--text", type=int, default=0, help="text tokens of joint attention (dense rows/columns)")
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     parser.add_argument("--decays", type=float, nargs="+", default=list(RADIAL_DECAYS))
-    parser.add_argument("--backends", nargs="+", default=["triton", "xformers"],
-                        help="block-mask backends to time (triton, xformers, flex-compiled, torch)")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["triton", "xformers"],
+        help="block-mask backends to time (triton, xformers, flex-compiled, torch)",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--check", action="store_true", help="compare triton with the torch backend (max abs error)")
@@ -167,24 +181,33 @@ def main() -> None:
         plan_only(args)
         return
     if not torch.cuda.is_available():
-        print("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False): it measures the Triton kernel "
-              "compiled for the GPU and has no CPU fallback. Use scripts/bench_kernels.py on CPU, or --plan to list "
-              "the configurations.", file=sys.stderr)
+        print(
+            "bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False): it measures the Triton kernel "
+            "compiled for the GPU and has no CPU fallback. Use scripts/bench_kernels.py on CPU, or --plan to list "
+            "the configurations.",
+            file=sys.stderr,
+        )
         sys.exit(2)
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name(device)
     results = []
-    print(f"GPU: {gpu}; torch {torch.__version__}; heads {args.heads} x dim {args.dim}, batch {args.batch}, "
-          f"text tokens {args.text}")
-    header = (f"{'tokens':>7} {'dtype':<8} {'pattern':<15} {'parameters':<45} {'density':>7} {'backend':<13} "
-              f"{'ms':>9} {'TFLOP/s':>8} {'dense-eq':>8} {'speedup':>8} {'ideal':>6}")
+    print(
+        f"GPU: {gpu}; torch {torch.__version__}; heads {args.heads} x dim {args.dim}, batch {args.batch}, "
+        f"text tokens {args.text}"
+    )
+    header = (
+        f"{'tokens':>7} {'dtype':<8} {'pattern':<15} {'parameters':<45} {'density':>7} {'backend':<13} "
+        f"{'ms':>9} {'TFLOP/s':>8} {'dense-eq':>8} {'speedup':>8} {'ideal':>6}"
+    )
     for tokens in args.tokens:
         n = tokens + args.text
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             g = torch.Generator(device=device).manual_seed(0)
-            q, k, v = (torch.randn(args.batch, args.heads, n, args.dim, device=device, dtype=dtype, generator=g)
-                       for _ in range(3))
+            q, k, v = (
+                torch.randn(args.batch, args.heads, n, args.dim, device=device, dtype=dtype, generator=g)
+                for _ in range(3)
+            )
             dense_flops = 4.0 * args.batch * args.heads * args.dim * n * n
             print(header)
             baseline = {}
@@ -195,10 +218,22 @@ def main() -> None:
                     print(f"{tokens:>7} {dtype_name:<8} dense {name}: not available ({error})")
                     continue
                 baseline[name] = seconds
-                print(f"{tokens:>7} {dtype_name:<8} {'dense':<15} {'':<45} {1.0:7.3f} {name:<13} {seconds * 1e3:9.2f} "
-                      f"{dense_flops / seconds / 1e12:8.1f} {dense_flops / seconds / 1e12:8.1f} {'':>8} {'':>6}")
-                results.append(dict(tokens=n, dtype=dtype_name, pattern="dense", parameters="", density=1.0,
-                                    backend=name, seconds=seconds, tflops=dense_flops / seconds / 1e12))
+                print(
+                    f"{tokens:>7} {dtype_name:<8} {'dense':<15} {'':<45} {1.0:7.3f} {name:<13} {seconds * 1e3:9.2f} "
+                    f"{dense_flops / seconds / 1e12:8.1f} {dense_flops / seconds / 1e12:8.1f} {'':>8} {'':>6}"
+                )
+                results.append(
+                    dict(
+                        tokens=n,
+                        dtype=dtype_name,
+                        pattern="dense",
+                        parameters="",
+                        density=1.0,
+                        backend=name,
+                        seconds=seconds,
+                        tflops=dense_flops / seconds / 1e12,
+                    )
+                )
             reference = baseline.get("sdpa-flash") or baseline.get("sdpa")
             for pname, label, pattern, block, grid in patterns(tokens, args.densities, args.decays):
                 t0 = time.perf_counter()
@@ -221,17 +256,31 @@ def main() -> None:
                     try:
                         kernels.select_backend(backend, qk, kk.shape[-2], block_mask=bm)
                     except ValueError as error:
-                        print(f"{tokens:>7} {dtype_name:<8} {pname:<15} {label:<45} {plan.density:7.3f} "
-                              f"{backend:<13} skipped: {error}")
+                        print(
+                            f"{tokens:>7} {dtype_name:<8} {pname:<15} {label:<45} {plan.density:7.3f} "
+                            f"{backend:<13} skipped: {error}"
+                        )
                         continue
-                    fn = (lambda b=backend: kernels.attention(qk, kk, vk, bm, backend=b, return_lse=False))
+                    fn = functools.partial(kernels.attention, qk, kk, vk, bm, backend=backend, return_lse=False)
                     seconds = cuda_time(fn, args.warmup, args.repeats)
                     speedup = reference / seconds if reference else float("nan")
-                    row = dict(tokens=n, dtype=dtype_name, pattern=pname, parameters=label, density=plan.density,
-                               backend=backend, seconds=seconds, tflops=work_flops / seconds / 1e12,
-                               dense_equivalent_tflops=dense_flops / seconds / 1e12, speedup_vs_sdpa_flash=speedup,
-                               ideal_speedup=1.0 / plan.density, mask_compile_s=compile_s, mask_bits_s=bits_s,
-                               partial_blocks=int(bm.kv_num_blocks.sum()), full_blocks=int(bm.full_kv_num_blocks.sum()))
+                    row = dict(
+                        tokens=n,
+                        dtype=dtype_name,
+                        pattern=pname,
+                        parameters=label,
+                        density=plan.density,
+                        backend=backend,
+                        seconds=seconds,
+                        tflops=work_flops / seconds / 1e12,
+                        dense_equivalent_tflops=dense_flops / seconds / 1e12,
+                        speedup_vs_sdpa_flash=speedup,
+                        ideal_speedup=1.0 / plan.density,
+                        mask_compile_s=compile_s,
+                        mask_bits_s=bits_s,
+                        partial_blocks=int(bm.kv_num_blocks.sum()),
+                        full_blocks=int(bm.full_kv_num_blocks.sum()),
+                    )
                     for other in ("fa2", "fa3"):
                         if other in baseline:
                             row[f"speedup_vs_{other}"] = baseline[other] / seconds
@@ -240,9 +289,12 @@ def main() -> None:
                         ref = kernels.attention(qk, kk, vk, bm, backend="torch", return_lse=False)[0]
                         row["max_abs_err_vs_torch"] = (got.float() - ref.float()).abs().max().item()
                     results.append(row)
-                    print(f"{tokens:>7} {dtype_name:<8} {pname:<15} {label:<45} {plan.density:7.3f} {backend:<13} "
-                          f"{seconds * 1e3:9.2f} {row['tflops']:8.1f} {row['dense_equivalent_tflops']:8.1f} "
-                          f"{speedup:8.2f} {1.0 / plan.density:6.1f}", flush=True)
+                    print(
+                        f"{tokens:>7} {dtype_name:<8} {pname:<15} {label:<45} {plan.density:7.3f} {backend:<13} "
+                        f"{seconds * 1e3:9.2f} {row['tflops']:8.1f} {row['dense_equivalent_tflops']:8.1f} "
+                        f"{speedup:8.2f} {1.0 / plan.density:6.1f}",
+                        flush=True,
+                    )
                 del qk, kk, vk
             del q, k, v
             torch.cuda.empty_cache()

@@ -17,6 +17,7 @@ CPU; every row records the CPU model, the build and the GEMM kernel each dtype r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -30,16 +31,19 @@ from tqdm.auto import tqdm
 
 import diffattn_kernels as kernels
 from diffattn import TokenLayout
-from diffattn_kernels import cpu_block_sparse
-from diffattn_kernels.block_sparse import key_major_runs
 from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile
+from diffattn_kernels import cpu_block_sparse
+from diffattn_kernels.block_sparse import key_major_runs
 
 HEADS, DIM = 8, 64
 # grid, tile, window (odd windows and tile-aligned grids make NATTEN's GNA the same pattern)
 # 256-token tiles; odd windows (or whole axes) so that NATTEN's GNA with stride = tile is the same pattern.
-TILE_CONFIGS = {4096: ((16, 16, 16), (4, 8, 8), (1, 1, 2)),  # a quick check; the benchmark is 16k and 32k
-                16384: ((16, 16, 64), (4, 8, 8), (1, 1, 7)), 32768: ((32, 32, 32), (4, 8, 8), (1, 3, 4))}
+TILE_CONFIGS = {
+    4096: ((16, 16, 16), (4, 8, 8), (1, 1, 2)),  # a quick check; the benchmark is 16k and 32k
+    16384: ((16, 16, 64), (4, 8, 8), (1, 1, 7)),
+    32768: ((32, 32, 32), (4, 8, 8), (1, 3, 4)),
+}
 # Radial's rule is only ~10% dense for long frames (e.g. 720p); at 16k-32k tokens it keeps 35-50% of the pairs.
 RADIAL_CONFIGS = {4096: ((16, 16, 16), 0.2), 16384: ((32, 16, 32), 0.2), 32768: ((16, 32, 64), 0.2)}  # (f, h, w), decay
 
@@ -88,10 +92,20 @@ def time_dynamic(method, q, k, v, grid, repeats: int) -> dict:
 
     reports: dict = {}
     layout = TokenLayout(grid)
-    ctx = AttentionContext(layer="bench", role="self", step=0, num_steps=None, q_layout=layout, kv_layout=layout,
-                           batch_roles=None, attn_mask=None, scale=None, enable_gqa=False,
-                           dense=lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_),
-                           report=lambda **m: reports.update(m))
+    ctx = AttentionContext(
+        layer="bench",
+        role="self",
+        step=0,
+        num_steps=None,
+        q_layout=layout,
+        kv_layout=layout,
+        batch_roles=None,
+        attn_mask=None,
+        scale=None,
+        enable_gqa=False,
+        dense=lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_),
+        report=lambda **m: reports.update(m),
+    )
     seconds = timed(lambda: method(q, k, v, ctx), repeats)
     return {"total_s": seconds, "select_s": reports["selection_seconds"], "density": reports["density"]}
 
@@ -116,14 +130,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-natten", action="store_true")
     parser.add_argument("--no-dynamic", action="store_true", help="skip the dynamic methods (selection + kernel)")
     parser.add_argument("--only-dynamic", action="store_true", help="only the dynamic methods (no static patterns)")
-    parser.add_argument("--natten-max-gb", type=float, default=1.5,
-                        help="NATTEN's CPU path materialises one head's score matrix (several copies); skip above this")
-    parser.add_argument("--kv-tile", type=int, default=cpu_block_sparse.KV_TILE,
-                        help="keys per score tile of the compiled CPU loop (a tuning knob)")
-    parser.add_argument("--isa", choices=["auto", *cpu_block_sparse.ISAS, "none"],
-                        help=f"build of the compiled CPU loop (sets {cpu_block_sparse.ISA_ENV}; default: the environment's)")
-    parser.add_argument("--gemm", choices=["auto", "vec", "onednn"],
-                        help=f"GEMM kernel of the compiled CPU loop (sets {cpu_block_sparse.GEMM_ENV})")
+    parser.add_argument(
+        "--natten-max-gb",
+        type=float,
+        default=1.5,
+        help="NATTEN's CPU path materialises one head's score matrix (several copies); skip above this",
+    )
+    parser.add_argument(
+        "--kv-tile",
+        type=int,
+        default=cpu_block_sparse.KV_TILE,
+        help="keys per score tile of the compiled CPU loop (a tuning knob)",
+    )
+    parser.add_argument(
+        "--isa",
+        choices=["auto", *cpu_block_sparse.ISAS, "none"],
+        help=f"build of the compiled CPU loop (sets {cpu_block_sparse.ISA_ENV}; default: the environment's)",
+    )
+    parser.add_argument(
+        "--gemm",
+        choices=["auto", "vec", "onednn"],
+        help=f"GEMM kernel of the compiled CPU loop (sets {cpu_block_sparse.GEMM_ENV})",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_kernels.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -145,20 +173,36 @@ def main(argv: list[str] | None = None) -> int:
         mask_build_s = time.perf_counter() - start
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, HEADS, plan.kernel_length, DIM, generator=g).to(dtype) for _ in range(3))
-        row = {"tokens": tokens, "dtype": dtype_name, "pattern": name, "grid": grid, "density": plan.density,
-               "mask_build_s": mask_build_s, "threads": args.threads, "cpu": cpu, "cpu_loop": loop_path(dtype)}
+        row = {
+            "tokens": tokens,
+            "dtype": dtype_name,
+            "pattern": name,
+            "grid": grid,
+            "density": plan.density,
+            "mask_build_s": mask_build_s,
+            "threads": args.threads,
+            "cpu": cpu,
+            "cpu_loop": loop_path(dtype),
+        }
         row["runs_per_query_block"], row["runs_per_query_block_reordered"] = key_major_runs(
-            plan.block_mask, plan.kernel_length, plan.kernel_length)
-        row["dense_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+            plan.block_mask, plan.kernel_length, plan.kernel_length
+        )
+        row["dense_s"] = timed(functools.partial(F.scaled_dot_product_attention, q, k, v), args.repeats)
         out, _ = kernels.attention(q, k, v, plan.block_mask, backend="torch")
-        row["torch_s"] = timed(lambda: kernels.attention(q, k, v, plan.block_mask, backend="torch"), args.repeats)
+        row["torch_s"] = timed(
+            functools.partial(kernels.attention, q, k, v, plan.block_mask, backend="torch"), args.repeats
+        )
         if not args.no_flex:
             start = time.perf_counter()
             flex_out, _ = kernels.attention(q, k, v, plan.block_mask, backend="flex-compiled", return_lse=False)
             row["flex_compile_s"] = time.perf_counter() - start
             row["flex_max_diff"] = float((flex_out.float() - out.float()).abs().max())
-            row["flex_s"] = timed(lambda: kernels.attention(q, k, v, plan.block_mask, backend="flex-compiled", return_lse=False),
-                                  args.repeats)
+            row["flex_s"] = timed(
+                functools.partial(
+                    kernels.attention, q, k, v, plan.block_mask, backend="flex-compiled", return_lse=False
+                ),
+                args.repeats,
+            )
         score_gb = tokens * tokens * 4 / 1e9  # one head's fp32 scores
         if natten_cfg and not args.no_natten and score_gb <= args.natten_max_gb:
             try:
@@ -180,26 +224,40 @@ def main(argv: list[str] | None = None) -> int:
             f"{tokens:6d} {dtype_name:8s} {name:12s} density {plan.density:.3f}  dense {row['dense_s']:.2f}s  "
             f"torch {row['torch_s']:.3f}s ({row['speedup_torch']:.1f}x, target {row['target']:.1f}x)"
             + (f"  flex {row['flex_s']:.3f}s ({row['dense_s'] / row['flex_s']:.1f}x)" if "flex_s" in row else "")
-            + (f"  natten {row['natten_s']:.2f}s ({row['dense_s'] / row['natten_s']:.2f}x)" if "natten_s" in row else "")
+            + (
+                f"  natten {row['natten_s']:.2f}s ({row['dense_s'] / row['natten_s']:.2f}x)"
+                if "natten_s" in row
+                else ""
+            )
         )
-    dynamic_cases = [] if args.no_dynamic else [(n, d, m) for n in args.tokens for d in args.dtypes
-                                                for m in dynamic_methods()]
+    dynamic_cases = (
+        [] if args.no_dynamic else [(n, d, m) for n in args.tokens for d in args.dtypes for m in dynamic_methods()]
+    )
     for tokens, dtype_name, (name, method) in tqdm(dynamic_cases, desc="dynamic"):
         dtype = getattr(torch, dtype_name)
         grid = TILE_CONFIGS[tokens][0]
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, HEADS, math.prod(grid), DIM, generator=g).to(dtype) for _ in range(3))
-        row = {"tokens": tokens, "dtype": dtype_name, "pattern": name, "grid": grid, "threads": args.threads,
-               "cpu": cpu, "cpu_loop": loop_path(dtype)}
-        row["dense_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+        row = {
+            "tokens": tokens,
+            "dtype": dtype_name,
+            "pattern": name,
+            "grid": grid,
+            "threads": args.threads,
+            "cpu": cpu,
+            "cpu_loop": loop_path(dtype),
+        }
+        row["dense_s"] = timed(functools.partial(F.scaled_dot_product_attention, q, k, v), args.repeats)
         result = time_dynamic(method, q, k, v, grid, args.repeats)
         row.update(density=result["density"], torch_s=result["total_s"], select_s=result["select_s"])
         row["speedup_torch"] = row["dense_s"] / row["torch_s"]
         row["target"] = 0.8 / row["density"]
         rows.append(row)
-        tqdm.write(f"{tokens:6d} {dtype_name:8s} {name:12s} density {row['density']:.3f}  dense {row['dense_s']:.2f}s  "
-                   f"torch {row['torch_s']:.3f}s incl. selection {row['select_s']:.3f}s "
-                   f"({row['speedup_torch']:.1f}x, target {row['target']:.1f}x)")
+        tqdm.write(
+            f"{tokens:6d} {dtype_name:8s} {name:12s} density {row['density']:.3f}  dense {row['dense_s']:.2f}s  "
+            f"torch {row['torch_s']:.3f}s incl. selection {row['select_s']:.3f}s "
+            f"({row['speedup_torch']:.1f}x, target {row['target']:.1f}x)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
     print(markdown_table(rows))
@@ -207,16 +265,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| tokens | dtype | pattern | CPU loop | density | dense SDPA | torch kernel (incl. selection) | selection | "
-             "speedup | target 0.8/density | compiled flex | NATTEN flex-fna |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| tokens | dtype | pattern | CPU loop | density | dense SDPA | torch kernel (incl. selection) | selection | "
+        "speedup | target 0.8/density | compiled flex | NATTEN flex-fna |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         flex = f"{r['flex_s']:.3f} s ({r['dense_s'] / r['flex_s']:.1f}x)" if "flex_s" in r else "–"
         nat = f"{r['natten_s']:.2f} s ({r['dense_s'] / r['natten_s']:.2f}x)" if "natten_s" in r else "–"
         select = f"{r['select_s']:.3f} s" if "select_s" in r else "–"
-        lines.append(f"| {r['tokens']} | {r['dtype']} | {r['pattern']} | {r.get('cpu_loop', '?')} | {r['density']:.3f} | "
-                     f"{r['dense_s']:.2f} s | "
-                     f"{r['torch_s']:.3f} s | {select} | {r['speedup_torch']:.1f}x | {r['target']:.1f}x | {flex} | {nat} |")
+        lines.append(
+            f"| {r['tokens']} | {r['dtype']} | {r['pattern']} | {r.get('cpu_loop', '?')} | {r['density']:.3f} | "
+            f"{r['dense_s']:.2f} s | "
+            f"{r['torch_s']:.3f} s | {select} | {r['speedup_torch']:.1f}x | {r['target']:.1f}x | {flex} | {nat} |"
+        )
     return "\n".join(lines)
 
 

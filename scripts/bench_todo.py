@@ -31,7 +31,9 @@ def sd15_unet() -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return UNet2DConditionModel(
-            sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
             block_out_channels=(320, 640, 1280, 1280),
         ).eval()
 
@@ -76,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         stock = model(**inputs)[0]
         times = interleaved_times(model, inputs, methods, args.repeats)
         dense_s = min(times["dense (stock)"])
-        rows.append({"method": "dense (stock)", "seconds": dense_s, "median_s": statistics.median(times["dense (stock)"])})
+        rows.append(
+            {"method": "dense (stock)", "seconds": dense_s, "median_s": statistics.median(times["dense (stock)"])}
+        )
         for name, method in methods.items():
             if method is None:
                 continue
@@ -85,20 +89,32 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = handle.metrics()
             diff = out - stock
             seconds = min(times[name])
-            rows.append({
-                "method": name, "seconds": seconds, "median_s": statistics.median(times[name]),
-                "speedup": dense_s / seconds,
-                "max_abs_diff": float(diff.abs().max()),
-                "rel_l2_diff": float(diff.norm() / stock.norm()),
-                "key_density_top_level": min(m["density"] for m in metrics.values()),
-            })
-    title = (f"{args.config} UNet, latent {side}x{side} = {side * side} tokens at the top level "
-             f"({args.scale:g}x native {native}x{native}), batch 2, {torch.get_num_threads()} threads")
+            rows.append(
+                {
+                    "method": name,
+                    "seconds": seconds,
+                    "median_s": statistics.median(times[name]),
+                    "speedup": dense_s / seconds,
+                    "max_abs_diff": float(diff.abs().max()),
+                    "rel_l2_diff": float(diff.norm() / stock.norm()),
+                    "key_density_top_level": min(m["density"] for m in metrics.values()),
+                }
+            )
+    title = (
+        f"{args.config} UNet, latent {side}x{side} = {side * side} tokens at the top level "
+        f"({args.scale:g}x native {native}x{native}), batch 2, {torch.get_num_threads()} threads"
+    )
     print(title)
-    print(f"{'method':14s} {'min s':>9s} {'median s':>9s} {'speedup':>8s} {'max |diff|':>10s} {'rel L2':>8s} {'key density':>11s}")
+    print(
+        f"{'method':14s} {'min s':>9s} {'median s':>9s} {'speedup':>8s} {'max |diff|':>10s} {'rel L2':>8s} "
+        f"{'key density':>11s}"
+    )
     for r in rows:
-        print(f"{r['method']:14s} {r['seconds']:9.3f} {r['median_s']:9.3f} {r.get('speedup', 1.0):8.2f} {r.get('max_abs_diff', 0.0):10.4f} "
-              f"{r.get('rel_l2_diff', 0.0):8.4f} {r.get('key_density_top_level', 1.0):11.3f}")
+        print(
+            f"{r['method']:14s} {r['seconds']:9.3f} {r['median_s']:9.3f} {r.get('speedup', 1.0):8.2f} "
+            f"{r.get('max_abs_diff', 0.0):10.4f} "
+            f"{r.get('rel_l2_diff', 0.0):8.4f} {r.get('key_density_top_level', 1.0):11.3f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"title": title, "rows": rows}, indent=1))
     return 0

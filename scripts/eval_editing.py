@@ -19,11 +19,11 @@ Tasks (a case = one seeded single-object scene prompt):
   mask region's mean within 12 levels of the background.
 - inversion: a rendered scene, DDIM-inverted and regenerated: PSNR against the scene.
 - layout: two objects in two random boxes (side 0.25-0.35 of the image, apart, in different cells of the 3x3
-  position grid, each box off its cell's named place: the nominal centre the prompt alone draws at); the prompt holds each object's colour, shape and the position word of its box's cell (the
-  grammar has no finer words), e.g. "a red circle at the top left and a blue square on the right"; the subjects are
-  the colour + shape words. Method: diffattn.editing.layout (bounded attention); baseline: the prompt alone from the
-  same noise. Success: both objects found with the right colour and shape, each centroid inside its box, no colour
-  leakage.
+  position grid, each box off its cell's named place: the nominal centre the prompt alone draws at); the prompt holds
+  each object's colour, shape and the position word of its box's cell (the grammar has no finer words), e.g. "a red
+  circle at the top left and a blue square on the right"; the subjects are the colour + shape words. Method:
+  diffattn.editing.layout (bounded attention); baseline: the prompt alone from the same noise. Success: both objects
+  found with the right colour and shape, each centroid inside its box, no colour leakage.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 
 import diffattn
 from diffattn.editing import edit, erase, invert, layout
-from diffattn_bench.scoring import evaluate_image, psnr, segment
 from diffattn_bench.embedded import load_image_pipeline
-from diffattn_bench.render import render_scene
 from diffattn_bench.grammar import COLOURS, POSITION_CENTRES, POSITIONS, SHAPES, Scene, ShapeSpec, caption, position_of
+from diffattn_bench.render import render_scene
+from diffattn_bench.scoring import evaluate_image, psnr, segment
 
 STEPS, GUIDANCE, SIZE = 20, 4.0, 32
 EXAMPLES = 4  # cases per task in the picture
@@ -85,7 +85,7 @@ def _main_object(image: np.ndarray, prompt: str):
 def _outside_psnr(a: np.ndarray, b: np.ndarray, boxes: list[tuple[int, int, int, int]], pad: int = 2) -> float:
     keep = np.ones(a.shape[:2], bool)
     for x0, y0, x1, y1 in boxes:
-        keep[max(0, y0 - pad):y1 + pad, max(0, x0 - pad):x1 + pad] = False
+        keep[max(0, y0 - pad) : y1 + pad, max(0, x0 - pad) : x1 + pad] = False
     if not keep.any():
         return math.inf
     return psnr(a[keep], b[keep])
@@ -129,9 +129,17 @@ def _summary(task: str, method: str, rows: dict, seconds: dict) -> dict:
     method_rate, method_ci = _interval(rows["method"])
     base_rate, base_ci = _interval(rows["baseline"])
     n = len(rows["method"])
-    return {"task": task, "cases": n, "method": method, "success": method_rate, "ci95": method_ci,
-            "baseline_success": base_rate, "baseline_ci95": base_ci, "seconds_per_edit": seconds["method"] / n,
-            "baseline_seconds_per_edit": seconds["baseline"] / n}
+    return {
+        "task": task,
+        "cases": n,
+        "method": method,
+        "success": method_rate,
+        "ci95": method_ci,
+        "baseline_success": base_rate,
+        "baseline_ci95": base_ci,
+        "seconds_per_edit": seconds["method"] / n,
+        "baseline_seconds_per_edit": seconds["baseline"] / n,
+    }
 
 
 def _removal(pipe, count: int, seed: int, seconds: dict) -> dict:
@@ -143,8 +151,12 @@ def _removal(pipe, count: int, seed: int, seconds: dict) -> dict:
         i += 1
         a, b = rng.choice(POSITIONS, 2, replace=False)
         colours = rng.choice(list(COLOURS), 2, replace=False)
-        scene = Scene((ShapeSpec(str(rng.choice(SHAPES)), str(colours[0]), str(a)),
-                       ShapeSpec(str(rng.choice(SHAPES)), str(colours[1]), str(b))))
+        scene = Scene(
+            (
+                ShapeSpec(str(rng.choice(SHAPES)), str(colours[0]), str(a)),
+                ShapeSpec(str(rng.choice(SHAPES)), str(colours[1]), str(b)),
+            )
+        )
         try:
             image, _ = render_scene(scene, SIZE, rng=seed + i, jitter=False)
         except ValueError:  # objects too close to render apart: draw another case
@@ -155,7 +167,7 @@ def _removal(pipe, count: int, seed: int, seconds: dict) -> dict:
             continue
         x0, y0, x1, y1 = gone.bbox
         mask = np.zeros(image.shape[:2], bool)
-        mask[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = True
+        mask[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1] = True
         background = np.asarray(seg.background)
         for label, guidance in (("method", 9.0), ("baseline", 0.0)):
             start = time.perf_counter()
@@ -178,8 +190,12 @@ def _layout_cases(count: int, seed: int) -> list[tuple[str, list[tuple[str, tupl
         sides = rng.uniform(0.25, 0.35, 2)
         centres = [rng.uniform(s / 2, 1 - s / 2, 2) for s in sides]
         boxes = [(c[0] - s / 2, c[1] - s / 2, c[0] + s / 2, c[1] + s / 2) for c, s in zip(centres, sides)]
-        apart = boxes[0][2] + 0.05 <= boxes[1][0] or boxes[1][2] + 0.05 <= boxes[0][0] or \
-            boxes[0][3] + 0.05 <= boxes[1][1] or boxes[1][3] + 0.05 <= boxes[0][1]
+        apart = (
+            boxes[0][2] + 0.05 <= boxes[1][0]
+            or boxes[1][2] + 0.05 <= boxes[0][0]
+            or boxes[0][3] + 0.05 <= boxes[1][1]
+            or boxes[1][3] + 0.05 <= boxes[0][1]
+        )
         cells = [position_of(float(c[0]), float(c[1])) for c in centres]
         named = [POSITION_CENTRES[c] for c in cells]  # where the prompt alone puts an object
         off = all(not (b[0] <= x <= b[2] and b[1] <= y <= b[3]) for b, (x, y) in zip(boxes, named))
@@ -188,8 +204,9 @@ def _layout_cases(count: int, seed: int) -> list[tuple[str, list[tuple[str, tupl
         colours = rng.choice(list(COLOURS), 2, replace=False)
         shapes = rng.choice(SHAPES, 2)
         specs = [ShapeSpec(str(shapes[j]), str(colours[j]), cells[j]) for j in range(2)]
-        subjects = [(f"{spec.colour} {spec.shape}", tuple(round(float(v), 4) for v in box))
-                    for spec, box in zip(specs, boxes)]
+        subjects = [
+            (f"{spec.colour} {spec.shape}", tuple(round(float(v), 4) for v in box)) for spec, box in zip(specs, boxes)
+        ]
         cases.append((caption(Scene(tuple(specs))), subjects))
     return cases
 
@@ -211,15 +228,29 @@ def _layout(pipe, count: int, seed: int, seconds: dict, examples: list | None, *
         shown = []
         for label, bounded in (("method", True), ("baseline", False)):
             start = time.perf_counter()
-            image = _uint8(layout(pipe, prompt, subjects, seed=seed + i, bounded=bounded, num_inference_steps=STEPS,
-                                  guidance_scale=GUIDANCE, **(options if bounded else {})))
+            image = _uint8(
+                layout(
+                    pipe,
+                    prompt,
+                    subjects,
+                    seed=seed + i,
+                    bounded=bounded,
+                    num_inference_steps=STEPS,
+                    guidance_scale=GUIDANCE,
+                    **(options if bounded else {}),
+                )
+            )
             seconds[label] += time.perf_counter() - start
             rows[label].append(_layout_success(image, prompt, subjects))
             shown.append(_with_boxes(image, subjects))
         if examples is not None and i < EXAMPLES:
-            examples.append(("layout", Case(prompt, " / ".join(f"{w} in box {i + 1}" for i, (w, _) in
-                                                            enumerate(subjects)), None, None),
-                             [_with_boxes(np.zeros_like(image) + 16, subjects), *shown]))
+            examples.append(
+                (
+                    "layout",
+                    Case(prompt, " / ".join(f"{w} in box {i + 1}" for i, (w, _) in enumerate(subjects)), None, None),
+                    [_with_boxes(np.zeros_like(image) + 16, subjects), *shown],
+                )
+            )
     return _summary("layout", "BoundedAttention", rows, seconds)
 
 
@@ -230,8 +261,8 @@ def _with_boxes(image: np.ndarray, subjects) -> np.ndarray:
     for _, (x0, y0, x1, y1) in subjects:
         r0, r1 = int(round(y0 * h)), min(int(round(y1 * h)), h - 1)
         c0, c1 = int(round(x0 * w)), min(int(round(x1 * w)), w - 1)
-        out[r0, c0:c1 + 1] = out[r1, c0:c1 + 1] = 200
-        out[r0:r1 + 1, c0] = out[r0:r1 + 1, c1] = 200
+        out[r0, c0 : c1 + 1] = out[r1, c0 : c1 + 1] = 200
+        out[r0 : r1 + 1, c0] = out[r0 : r1 + 1, c1] = 200
     return out
 
 
@@ -245,18 +276,27 @@ def run_task(pipe, task: str, count: int, seed: int, examples: list | None = Non
             image, _ = render_scene(Scene((case.spec,)), SIZE, rng=seed + i, jitter=False)
             start = time.perf_counter()
             latents = invert(pipe, image, case.source, STEPS)
-            replay = edit(pipe, case.source, case.source, None, latents=latents, num_inference_steps=STEPS,
-                          guidance_scale=1.0)
+            replay = edit(
+                pipe, case.source, case.source, None, latents=latents, num_inference_steps=STEPS, guidance_scale=1.0
+            )
             seconds["method"] += time.perf_counter() - start
             scores.append(psnr(_uint8(replay.source), image))
-        return {"task": task, "cases": count, "psnr_mean": float(np.mean(scores)), "psnr_min": float(np.min(scores)),
-                "seconds_per_case": seconds["method"] / count}
+        return {
+            "task": task,
+            "cases": count,
+            "psnr_mean": float(np.mean(scores)),
+            "psnr_min": float(np.min(scores)),
+            "seconds_per_case": seconds["method"] / count,
+        }
     if task == "removal":
         return _removal(pipe, count, seed, seconds)
     if task == "layout":
         return _layout(pipe, count, seed, seconds, examples, **options)
-    method = (diffattn.MutualSelfAttention(start_step=4) if task == "consistency"
-              else diffattn.PromptToPrompt(cross_replace=0.8, self_replace=0.4))
+    method = (
+        diffattn.MutualSelfAttention(start_step=4)
+        if task == "consistency"
+        else diffattn.PromptToPrompt(cross_replace=0.8, self_replace=0.4)
+    )
     blend = options.get("local_blend")
     failures: dict[str, dict[str, int]] = {"method": {}, "baseline": {}}
     for i, case in enumerate(tqdm(_cases(task, count, seed), desc=task)):
@@ -267,12 +307,16 @@ def run_task(pipe, task: str, count: int, seed: int, examples: list | None = Non
                 settings["mask_words"] = (case.spec.shape,)
             method = diffattn.MutualSelfAttention(**{"start_step": 4, **settings})
         if blend is not None and task in ("colour", "shape"):  # the object's words in both prompts
-            method = diffattn.PromptToPrompt(cross_replace=0.8, self_replace=0.4, local_blend=diffattn.LocalBlend(
-                words=(case.spec.shape, case.edited.shape), **blend))
+            method = diffattn.PromptToPrompt(
+                cross_replace=0.8,
+                self_replace=0.4,
+                local_blend=diffattn.LocalBlend(words=(case.spec.shape, case.edited.shape), **blend),
+            )
         for label, m in (("method", method), ("baseline", None)):
             start = time.perf_counter()
-            out = edit(pipe, case.source, case.target, m, seed=seed + i, num_inference_steps=STEPS,
-                       guidance_scale=GUIDANCE)
+            out = edit(
+                pipe, case.source, case.target, m, seed=seed + i, num_inference_steps=STEPS, guidance_scale=GUIDANCE
+            )
             seconds[label] += time.perf_counter() - start
             source, target = _uint8(out.source), _uint8(out.target)
             if task == "consistency":
@@ -286,8 +330,11 @@ def run_task(pipe, task: str, count: int, seed: int, examples: list | None = Non
             shown += [source, target] if label == "method" else [target]
         if examples is not None and i < EXAMPLES:
             examples.append((task, case, shown))
-    name = method.name + (" + LocalBlend" if blend is not None and task in ("colour", "shape") else "") + \
-        (" (automatic masks)" if getattr(method, "mask_words", ()) else "")
+    name = (
+        method.name
+        + (" + LocalBlend" if blend is not None and task in ("colour", "shape") else "")
+        + (" (automatic masks)" if getattr(method, "mask_words", ()) else "")
+    )
     summary = _summary(task, name, rows, seconds)
     if task == "consistency":  # which check failed, per run (a case can fail several)
         summary["failures"], summary["baseline_failures"] = failures["method"], failures["baseline"]
@@ -309,8 +356,9 @@ def save_grid(examples: list, path: Path, zoom: int = 4) -> None:
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
                 ax.set_title(title, fontsize=9)
-        axes[row][0].set_ylabel(f"{task}\n{case.source}\n-> {case.target}", fontsize=6, rotation=0, ha="right",
-                                va="center")
+        axes[row][0].set_ylabel(
+            f"{task}\n{case.source}\n-> {case.target}", fontsize=6, rotation=0, ha="right", va="center"
+        )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -330,23 +378,30 @@ def _options(task: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=60)
-    parser.add_argument("--tasks", nargs="+", default=["colour", "shape", "consistency", "layout", "removal", "inversion"])
+    parser.add_argument(
+        "--tasks", nargs="+", default=["colour", "shape", "consistency", "layout", "removal", "inversion"]
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/eval_editing"))
     parser.add_argument("--grid", type=Path, default=None, help="also save a picture of source / edited pairs")
     parser.add_argument("--layout-options", default="{}", help="JSON keyword arguments for diffattn.editing.layout")
-    parser.add_argument("--masactrl", default=None,
-                        help='consistency task: MutualSelfAttention options as JSON; "mask_words": true uses the '
-                             'shape word for automatic masks (e.g. \'{"mask_words": true}\')')
-    parser.add_argument("--local-blend", default=None,
-                        help='colour/shape tasks: PromptToPrompt with LocalBlend over the object words, with these '
-                             'JSON options (e.g. \'{"threshold": 0.3}\')')
+    parser.add_argument(
+        "--masactrl",
+        default=None,
+        help='consistency task: MutualSelfAttention options as JSON; "mask_words": true uses the '
+        "shape word for automatic masks (e.g. '{\"mask_words\": true}')",
+    )
+    parser.add_argument(
+        "--local-blend",
+        default=None,
+        help="colour/shape tasks: PromptToPrompt with LocalBlend over the object words, with these "
+        "JSON options (e.g. '{\"threshold\": 0.3}')",
+    )
     args = parser.parse_args()
     pipe = load_image_pipeline()
     pipe.set_progress_bar_config(disable=True)
     examples: list = []
-    results = [run_task(pipe, task, args.cases, args.seed, examples,
-                        **_options(task, args)) for task in args.tasks]
+    results = [run_task(pipe, task, args.cases, args.seed, examples, **_options(task, args)) for task in args.tasks]
     if args.grid is not None:
         save_grid(examples, args.grid)
         print(f"wrote {args.grid}")
@@ -354,13 +409,17 @@ def main() -> None:
     (args.out / "eval_editing.json").write_text(json.dumps(results, indent=2))
     for r in results:
         if r["task"] == "inversion":
-            print(f"inversion: PSNR {r['psnr_mean']:.1f} dB mean, {r['psnr_min']:.1f} min over {r['cases']} scenes, "
-                  f"{r['seconds_per_case']:.2f} s per invert + replay")
+            print(
+                f"inversion: PSNR {r['psnr_mean']:.1f} dB mean, {r['psnr_min']:.1f} min over {r['cases']} scenes, "
+                f"{r['seconds_per_case']:.2f} s per invert + replay"
+            )
         else:
-            print(f"{r['task']:12s} {r['method']:20s} {100 * r['success']:5.1f}% ± {100 * r['ci95']:.1f}  "
-                  f"baseline {100 * r['baseline_success']:5.1f}% ± {100 * r['baseline_ci95']:.1f}  "
-                  f"{r['seconds_per_edit']:.2f} s vs {r['baseline_seconds_per_edit']:.2f} s per edit"
-                  + (f"  failed checks {r['failures']} vs {r['baseline_failures']}" if "failures" in r else ""))
+            print(
+                f"{r['task']:12s} {r['method']:20s} {100 * r['success']:5.1f}% ± {100 * r['ci95']:.1f}  "
+                f"baseline {100 * r['baseline_success']:5.1f}% ± {100 * r['baseline_ci95']:.1f}  "
+                f"{r['seconds_per_edit']:.2f} s vs {r['baseline_seconds_per_edit']:.2f} s per edit"
+                + (f"  failed checks {r['failures']} vs {r['baseline_failures']}" if "failures" in r else "")
+            )
     print(f"wrote {args.out / 'eval_editing.json'}")
 
 

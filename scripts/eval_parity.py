@@ -44,37 +44,61 @@ def _variants(name: str):
     from diffattn.guidance import SEG
 
     if name in ("radial", "radial56"):
-        return "video", 56 if name == "radial56" else 32, {
-            "faithful": ("apply", diffattn.RadialAttention(decay=0.2), None),
-            "diffattn": ("apply", diffattn.RadialAttention(decay=0.2, faithful=False), None),
-        }
+        return (
+            "video",
+            56 if name == "radial56" else 32,
+            {
+                "faithful": ("apply", diffattn.RadialAttention(decay=0.2), None),
+                "diffattn": ("apply", diffattn.RadialAttention(decay=0.2, faithful=False), None),
+            },
+        )
     if name == "seg":
-        return "image", 32, {
-            "faithful": ("guidance", SEG(scale=3.0, sigma=2.0), None),
-            "diffattn": ("guidance", SEG(scale=3.0, sigma=2.0, faithful=False), None),
-        }
+        return (
+            "image",
+            32,
+            {
+                "faithful": ("guidance", SEG(scale=3.0, sigma=2.0), None),
+                "diffattn": ("guidance", SEG(scale=3.0, sigma=2.0, faithful=False), None),
+            },
+        )
     if name == "todo":
-        return "image", 32, {
-            "faithful": ("apply", diffattn.TokenDownsampling(factor=2), None),
-            "diffattn": ("apply", diffattn.TokenDownsampling(factor=2, mode="avg"), None),
-        }
+        return (
+            "image",
+            32,
+            {
+                "faithful": ("apply", diffattn.TokenDownsampling(factor=2), None),
+                "diffattn": ("apply", diffattn.TokenDownsampling(factor=2, mode="avg"), None),
+            },
+        )
     if name == "hidiffusion":
         layers = diffattn.HIDIFFUSION_LAYERS["sd15"]
-        return "image", 40, {
-            "faithful": ("apply", diffattn.ShiftedWindowAttention(), layers),
-            "diffattn": ("apply", diffattn.ShiftedWindowAttention(faithful=False), layers),
-        }
+        return (
+            "image",
+            40,
+            {
+                "faithful": ("apply", diffattn.ShiftedWindowAttention(), layers),
+                "diffattn": ("apply", diffattn.ShiftedWindowAttention(faithful=False), layers),
+            },
+        )
     raise ValueError(f"unknown comparison {name!r}; choose from {COMPARISONS}")
 
 
 def _generate(pipe, kind: str, prompts: list[str], size: int | None, steps: int, guidance: float) -> list[np.ndarray]:
     generator = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     if kind == "image":
-        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                      height=size, width=size, output_type="np").images
+        images = pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            height=size,
+            width=size,
+            output_type="np",
+        ).images
         return list((np.asarray(images).clip(0, 1) * 255).round().astype(np.uint8))
-    clips = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator, height=size,
-                 width=size).frames
+    clips = pipe(
+        prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator, height=size, width=size
+    ).frames
     return list((np.asarray(clips).clip(0, 1) * 255).round().astype(np.uint8))
 
 
@@ -87,19 +111,22 @@ def _scores(kind: str, outputs: list[np.ndarray], prompts: list[str], dense: lis
     else:
         results = [evaluate_video(o, p) for o, p in zip(outputs, prompts)]
         errors = np.array([r.trajectory_error for r in results], dtype=float)
-        out = {"mean_trajectory_error": float(np.nanmean(errors)),
-               "positions_correct": float(np.mean([p for r in results for p in r.positions_correct])),
-               "mean_flicker": float(np.nanmean([r.flicker for r in results]))}
+        out = {
+            "mean_trajectory_error": float(np.nanmean(errors)),
+            "positions_correct": float(np.mean([p for r in results for p in r.positions_correct])),
+            "mean_flicker": float(np.nanmean([r.flicker for r in results])),
+        }
     if dense is not None:
         out["psnr_vs_dense"] = float(np.mean([min(psnr(o, d, 255.0), 100.0) for o, d in zip(outputs, dense)]))
     return out
 
 
 def run(name: str, count: int, steps: int, guidance: float) -> dict:
+    from eval_shapes import prompt_set
+
     import diffattn
     from diffattn import guidance as attention_guidance
     from diffattn_bench import embedded
-    from eval_shapes import prompt_set
 
     kind, size, variants = _variants(name)
     pipe = embedded.load_image_pipeline(None) if kind == "image" else embedded.load_video_pipeline(None)
@@ -107,8 +134,13 @@ def run(name: str, count: int, steps: int, guidance: float) -> dict:
     prompts = prompt_set(kind, count)
     start = time.perf_counter()
     dense = _generate(pipe, kind, prompts, size, steps, guidance)
-    result = {"kind": kind, "prompts": count, "steps": steps, "size": size,
-              "dense": _scores(kind, dense, prompts, None)}
+    result = {
+        "kind": kind,
+        "prompts": count,
+        "steps": steps,
+        "size": size,
+        "dense": _scores(kind, dense, prompts, None),
+    }
     for variant, (how, method, layers) in variants.items():
         if how == "apply":
             with diffattn.apply(pipe, method, layers=layers):

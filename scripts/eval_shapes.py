@@ -50,22 +50,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=8, help="video: frames per clip")
     parser.add_argument("--height", type=int, default=32, help="video: frame height in pixels")
     parser.add_argument("--width", type=int, default=32, help="video: frame width in pixels")
-    parser.add_argument("--entropy-scaling", type=int, default=None, metavar="TRAIN_TOKENS",
-                        help="video: run with EntropyScaling(train_tokens=TRAIN_TOKENS)")
+    parser.add_argument(
+        "--entropy-scaling",
+        type=int,
+        default=None,
+        metavar="TRAIN_TOKENS",
+        help="video: run with EntropyScaling(train_tokens=TRAIN_TOKENS)",
+    )
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--samples", type=int, default=24, help="samples shown in the PNG grid")
     parser.add_argument("--pag", type=float, default=None, help="perturbed-attention guidance scale (image model)")
-    parser.add_argument("--seg", type=float, default=None, help="smoothed energy guidance scale (image model, sigma=inf)")
-    parser.add_argument("--guidance-layers", nargs="+", default=None,
-                        help="layers PAG / SEG perturb (regexes; default: the family's default, mid_block for UNets)")
+    parser.add_argument(
+        "--seg", type=float, default=None, help="smoothed energy guidance scale (image model, sigma=inf)"
+    )
+    parser.add_argument(
+        "--guidance-layers",
+        nargs="+",
+        default=None,
+        help="layers PAG / SEG perturb (regexes; default: the family's default, mid_block for UNets)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from diffattn_bench.scoring import evaluate_image, evaluate_video, shapes_prompts, summarize, summarize_videos
     from diffattn_bench import embedded
+    from diffattn_bench.scoring import evaluate_image, evaluate_video, shapes_prompts, summarize, summarize_videos
 
     if args.kind == "image":
         pipe = embedded.load_image_pipeline(args.model)
@@ -77,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.pag is not None or args.seg is not None:
         from diffattn import guidance as attention_guidance
 
-        method = (attention_guidance.PAG(scale=args.pag, layers=args.guidance_layers) if args.pag is not None
-                  else attention_guidance.SEG(scale=args.seg, layers=args.guidance_layers))
+        method = (
+            attention_guidance.PAG(scale=args.pag, layers=args.guidance_layers)
+            if args.pag is not None
+            else attention_guidance.SEG(scale=args.seg, layers=args.guidance_layers)
+        )
         attention_guidance.enable(pipe, method)
     if args.entropy_scaling is not None:
         import diffattn
@@ -90,17 +104,33 @@ def main(argv: list[str] | None = None) -> int:
     outputs = []
     bar = tqdm(total=count, desc=f"generating {count} {args.kind}s", unit=args.kind)
     for start in range(0, count, args.batch):
-        chunk = prompts[start:start + args.batch]
+        chunk = prompts[start : start + args.batch]
         generator = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
         if args.kind == "image":
-            result = pipe(chunk, num_inference_steps=args.steps, guidance_scale=guidance, generator=generator,
-                          height=32, width=32, output_type="np").images
+            result = pipe(
+                chunk,
+                num_inference_steps=args.steps,
+                guidance_scale=guidance,
+                generator=generator,
+                height=32,
+                width=32,
+                output_type="np",
+            ).images
             bar.update(len(chunk))
         else:
             clips = []
             for p, g in zip(chunk, generator):  # one clip at a time: the bar moves per clip
-                clips.append(pipe(p, num_inference_steps=args.steps, guidance_scale=guidance, generator=g,
-                                  num_frames=args.frames, height=args.height, width=args.width).frames)
+                clips.append(
+                    pipe(
+                        p,
+                        num_inference_steps=args.steps,
+                        guidance_scale=guidance,
+                        generator=g,
+                        num_frames=args.frames,
+                        height=args.height,
+                        width=args.width,
+                    ).frames
+                )
                 bar.update(1)
             result = np.concatenate(clips)
         outputs.extend((np.asarray(result).clip(0, 1) * 255).round().astype(np.uint8))

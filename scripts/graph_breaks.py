@@ -1,6 +1,6 @@
 """Graph breaks of a compiled tiny Wan (2 blocks) with and without diffattn methods (torch._dynamo.explain).
 
-    python scripts/graph_breaks.py
+python scripts/graph_breaks.py
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ def breaks(method: diffattn.AttentionMethod | None) -> int:
 def main() -> None:
     blocks = len(tiny_model("wan").blocks)
     print(f"tiny Wan, {blocks} blocks; graph breaks under torch.compile:")
-    for label, method in (("stock", None), ("Dense()", diffattn.Dense()),
-                          ("SlidingTileAttention", diffattn.SlidingTileAttention(tile=(1, 2, 2), window=(1, 1, 1)))):
+    for label, method in (
+        ("stock", None),
+        ("Dense()", diffattn.Dense()),
+        ("SlidingTileAttention", diffattn.SlidingTileAttention(tile=(1, 2, 2), window=(1, 1, 1))),
+    ):
         print(f"  {label:22s} {breaks(method)}")
 
 

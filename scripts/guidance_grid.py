@@ -34,14 +34,28 @@ def main(argv: list[str] | None = None) -> int:
     fig, axes = plt.subplots(args.rows, len(SETTINGS), figsize=(len(SETTINGS) * 1.3, args.rows * 1.45))
     for c, setting in enumerate(SETTINGS):
         scores = json.loads((args.folder / setting / "scores.json").read_text())
-        label = "no guidance" if setting == "none-0" else setting.replace("-", " ").upper().replace("PAG", "PAG s=").replace("SEG", "SEG s=")
+        label = (
+            "no guidance"
+            if setting == "none-0"
+            else setting.replace("-", " ").upper().replace("PAG", "PAG s=").replace("SEG", "SEG s=")
+        )
         axes[0, c].set_title(f"{label}\ncol+pos {scores['colour_position_single']:.0%}", fontsize=7)
         for r, name in enumerate(names):
             axes[r, c].imshow(np.asarray(Image.open(args.folder / setting / name)), interpolation="nearest")
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
             if c == 0:
-                axes[r, c].set_ylabel(prompts[name].replace(" and ", "\n& ").replace(" at the ", "\n").replace(" on the ", "\n").replace(" in the ", "\n"), fontsize=5, rotation=0, ha="right", va="center")
+                axes[r, c].set_ylabel(
+                    prompts[name]
+                    .replace(" and ", "\n& ")
+                    .replace(" at the ", "\n")
+                    .replace(" on the ", "\n")
+                    .replace(" in the ", "\n"),
+                    fontsize=5,
+                    rotation=0,
+                    ha="right",
+                    va="center",
+                )
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

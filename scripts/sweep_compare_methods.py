@@ -1,6 +1,7 @@
-"""The sweep behind ``default_methods`` in ``pipelines/diffattn_bench/compare.py``: candidate settings of each sparse method on the
-embedded video model at the compare's quality size, speed and ShapesBench quality from one run (as ``diffattn
-compare``). ``python scripts/sweep_compare_methods.py`` (about 4 min on 2 cores; ``--only top-k psa`` for a subset).
+"""The sweep behind ``default_methods`` in ``pipelines/diffattn_bench/compare.py``: candidate settings of each sparse
+method on the embedded video model at the compare's quality size, speed and ShapesBench quality from one run (as
+``diffattn compare``). ``python scripts/sweep_compare_methods.py`` (about 4 min on 2 cores; ``--only top-k psa`` for a
+subset).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import sys
 import torch
 
 import diffattn
-from diffattn_bench.scoring import shapes_prompts
 from diffattn.methods.dynamic import DynamicSparseAttention, PyramidSparseAttention, TokenDownsampling
 from diffattn_bench import embedded
 from diffattn_bench.compare import QUALITY_SIZE, ClipSize, format_markdown, run_video
 from diffattn_bench.peers import method_peer
+from diffattn_bench.scoring import shapes_prompts
 
 
 def candidates() -> dict[str, diffattn.AttentionMethod]:
@@ -47,8 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="keep candidates whose name contains one of these")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--size", type=int, nargs=3, default=None, metavar=("FRAMES", "HEIGHT", "WIDTH"),
-                        help="pixels (default: the compare's quality size); the tiles above assume 16 x 16 x 16 tokens")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("FRAMES", "HEIGHT", "WIDTH"),
+        help="pixels (default: the compare's quality size); the tiles above assume 16 x 16 x 16 tokens",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -60,8 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     pipe = embedded.load_video_pipeline(None)
     pipe.set_progress_bar_config(disable=True)
     size = ClipSize(*args.size) if args.size else QUALITY_SIZE
-    rows, _ = run_video(pipe, size, [method_peer(k, v) for k, v in chosen.items()],
-                        prompts=shapes_prompts("video", args.prompts), steps=args.steps, desc="sweep")
+    rows, _ = run_video(
+        pipe,
+        size,
+        [method_peer(k, v) for k, v in chosen.items()],
+        prompts=shapes_prompts("video", args.prompts),
+        steps=args.steps,
+        desc="sweep",
+    )
     print(format_markdown(rows, "video"))
     return 0
 

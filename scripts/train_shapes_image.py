@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -38,8 +37,13 @@ def build_models(tokenizer, text_layers: int = 4):
     from diffattn_bench.embedded import shapes_text_encoder
 
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE, layers_per_block=1,
-        block_out_channels=(16, 32), norm_num_groups=8,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=IMAGE_SIZE,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
     )
@@ -47,8 +51,14 @@ def build_models(tokenizer, text_layers: int = 4):
     # Four levels (16 -> 8 -> 4 -> 2 latent pixels): at 2x2 and 4x4 every cell sees a different zero-padding
     # pattern, the UNet's only absolute-position cue (it has no positional encoding), so "on the left" is learnable.
     unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 64, 96), norm_num_groups=16, cross_attention_dim=64, attention_head_dim=8,
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64, 96),
+        norm_num_groups=16,
+        cross_attention_dim=64,
+        attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
@@ -113,8 +123,12 @@ def train_vae(vae, images: torch.Tensor, seconds: float, batch: int, rng: torch.
 
 @torch.no_grad()
 def encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return torch.cat([vae.encode(to_pixels(images[i:i + batch])).latent_dist.mode() for i in
-                      tqdm(range(0, len(images), batch), desc="encoding", leave=False)])
+    return torch.cat(
+        [
+            vae.encode(to_pixels(images[i : i + batch])).latent_dist.mode()
+            for i in tqdm(range(0, len(images), batch), desc="encoding", leave=False)
+        ]
+    )
 
 
 def update(loss, opt, params, ema, curve: list, bar, step: int) -> int:
@@ -130,20 +144,24 @@ def update(loss, opt, params, ema, curve: list, bar, step: int) -> int:
     return step + 1
 
 
-def train_denoiser(unet, text_encoder, tokenizer, latents, captions, seconds, batch, rng, curve, lr=5e-4,
-                   max_steps: int | None = None) -> dict:
+def train_denoiser(
+    unet, text_encoder, tokenizer, latents, captions, seconds, batch, rng, curve, lr=5e-4, max_steps: int | None = None
+) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                beta_end=0.012)
+    noise_sched = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
     text_params = distinct_frozen_token_embeddings(text_encoder, seed=1)
     params = list(unet.parameters()) + text_params
-    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "weight_decay": 1e-2},
-                             {"params": text_params, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(
+        [{"params": list(unet.parameters()), "weight_decay": 1e-2}, {"params": text_params, "weight_decay": 0.0}], lr=lr
+    )
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True)  # both models, so the pair stays consistent
-    ids = tokenizer(captions + [""], padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions + [""], padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
     empty, ids = ids[-1], ids[:-1]
     unet.train()
     text_encoder.train()
@@ -204,16 +222,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=40000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                        help="torch threads; use 1 when other jobs share the CPU (OpenMP oversubscription is slow)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="torch threads; use 1 when other jobs share the CPU (OpenMP oversubscription is slow)",
+    )
     parser.add_argument("--curve", type=Path, default=Path("outputs/shapes-image-loss.png"))
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=None, help="stop the denoiser after this many steps")
-    parser.add_argument("--two-objects", type=float, default=0.8,
-                        help="fraction of two-object training scenes (binding two objects needs most of the data)")
+    parser.add_argument(
+        "--two-objects",
+        type=float,
+        default=0.8,
+        help="fraction of two-object training scenes (binding two objects needs most of the data)",
+    )
     parser.add_argument("--text-layers", type=int, default=4, help="layers of the CLIP text encoder")
-    parser.add_argument("--vae-from", type=Path, default=None,
-                        help="reuse the VAE of an earlier run (its training minutes count towards the budget)")
+    parser.add_argument(
+        "--vae-from",
+        type=Path,
+        default=None,
+        help="reuse the VAE of an earlier run (its training minutes count towards the budget)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
@@ -242,23 +272,53 @@ def main(argv: list[str] | None = None) -> int:
     raw = encode_all(vae, images)
     scaling = float(1.0 / raw.std())
     vae.register_to_config(scaling_factor=scaling)
-    stats = train_denoiser(unet, text_encoder, tokenizer, raw * scaling, captions,
-                           args.minutes * 60 - (time.time() - started) - 30, args.batch, rng, curve, lr=args.lr,
-                           max_steps=args.steps)
-    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                            beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    stats = train_denoiser(
+        unet,
+        text_encoder,
+        tokenizer,
+        raw * scaling,
+        captions,
+        args.minutes * 60 - (time.time() - started) - 30,
+        args.batch,
+        rng,
+        curve,
+        lr=args.lr,
+        max_steps=args.steps,
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(args.out, safe_serialization=True)
     args.curve.parent.mkdir(parents=True, exist_ok=True)
     save_curve(curve, args.curve)
     info = {
-        "seed": args.seed, "images": args.images, "two_objects": args.two_objects, "text_layers": args.text_layers,
-        "batch": args.batch, "image_size": IMAGE_SIZE,
-        "vae_steps": sum(1 for s, *_ in curve if s == "vae"), "vae_minutes": round(vae_minutes, 1),
-        "vae_from": str(args.vae_from) if args.vae_from else None, "lr": args.lr, **stats,
-        "minutes": round((time.time() - started) / 60, 1), "scaling_factor": scaling,
+        "seed": args.seed,
+        "images": args.images,
+        "two_objects": args.two_objects,
+        "text_layers": args.text_layers,
+        "batch": args.batch,
+        "image_size": IMAGE_SIZE,
+        "vae_steps": sum(1 for s, *_ in curve if s == "vae"),
+        "vae_minutes": round(vae_minutes, 1),
+        "vae_from": str(args.vae_from) if args.vae_from else None,
+        "lr": args.lr,
+        **stats,
+        "minutes": round((time.time() - started) / 60, 1),
+        "scaling_factor": scaling,
         "final_vae_loss": float(np.mean([v for s, _, v in curve if s == "vae"][-100:] or [float("nan")])),
         "final_denoiser_loss": float(np.mean([v for s, _, v in curve if s == "denoiser"][-200:])),
         "torch": torch.__version__,

@@ -54,10 +54,13 @@ class ClipSize:
             t, h, w = (int(v) for v in dims.lower().split("x"))
             size = cls(t, h, w, float(weight) if weight else 1.0)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"size {text!r}: write FRAMESxHEIGHTxWIDTH[:WEIGHT], e.g. 16x64x64:2")
+            raise argparse.ArgumentTypeError(
+                f"size {text!r}: write FRAMESxHEIGHTxWIDTH[:WEIGHT], e.g. 16x64x64:2"
+            ) from None
         if h % PATCH or w % PATCH or min(t, h, w) < 1 or size.weight <= 0:
-            raise argparse.ArgumentTypeError(f"size {text!r}: height and width must be multiples of {PATCH}, "
-                                             "all dimensions and the weight positive")
+            raise argparse.ArgumentTypeError(
+                f"size {text!r}: height and width must be multiples of {PATCH}, all dimensions and the weight positive"
+            )
         return size
 
     @property
@@ -69,8 +72,8 @@ class ClipSize:
 
 
 def render_set(count: int, seed: int, size: ClipSize) -> tuple[torch.Tensor, list[str]]:
-    from diffattn_bench.render import random_video_scene, render_video
     from diffattn_bench.grammar import caption
+    from diffattn_bench.render import random_video_scene, render_video
 
     videos, captions = [], []
     hw = (size.height, size.width)
@@ -89,11 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (reproducible runs)")
     parser.add_argument("--clips", type=int, default=12000, help="clips rendered in all, shared by the sizes by weight")
-    parser.add_argument("--sizes", type=ClipSize.parse, nargs="+", default=[ClipSize.parse(s) for s in DEFAULT_SIZES],
-                        help="clip sizes FRAMESxHEIGHTxWIDTH[:WEIGHT] a step draws from (default: %(default)s)")
-    parser.add_argument("--then-sizes", type=ClipSize.parse, nargs="+", default=None,
-                        help="sizes (with weights) drawn after --switch of the time: a curriculum that learns the scenes "
-                             "at the first sizes, then their scaling")
+    parser.add_argument(
+        "--sizes",
+        type=ClipSize.parse,
+        nargs="+",
+        default=[ClipSize.parse(s) for s in DEFAULT_SIZES],
+        help="clip sizes FRAMESxHEIGHTxWIDTH[:WEIGHT] a step draws from (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--then-sizes",
+        type=ClipSize.parse,
+        nargs="+",
+        default=None,
+        help="sizes (with weights) drawn after --switch of the time: a curriculum that learns the scenes "
+        "at the first sizes, then their scaling",
+    )
     parser.add_argument("--switch", type=float, default=0.6, help="fraction of the time before --then-sizes")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch (batch = this / clip tokens)")
     parser.add_argument("--seed", type=int, default=0)
@@ -124,18 +137,28 @@ def main(argv: list[str] | None = None) -> int:
     batches = [max(1, round(args.batch_tokens / s.tokens)) for s in sizes]
     # each size gets clips in proportion to the clips its steps draw (the phases weighted by their time)
     share = args.switch * weights / weights.sum() + (1 - args.switch) * later / later.sum()
-    counts = [max(4 * b, int(args.clips * float(w) * b / float((share * torch.tensor(batches)).sum())))
-              for w, b in zip(share.tolist(), batches)]
+    counts = [
+        max(4 * b, int(args.clips * float(w) * b / float((share * torch.tensor(batches)).sum())))
+        for w, b in zip(share.tolist(), batches)
+    ]
     data = [render_set(n, args.seed, s) for n, s in zip(counts, sizes)]
     logger.info("sizes %s, batches %s, clips %s", [s.label() for s in sizes], batches, counts)
-    empty = tokenizer([""], padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True,
-                      return_tensors="pt").input_ids[0]
-    ids = [tokenizer(c, padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt").input_ids
-           for _, c in data]
+    empty = tokenizer(
+        [""], padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids[0]
+    ids = [
+        tokenizer(c, padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt").input_ids
+        for _, c in data
+    ]
     shift = 3.0
     params = list(transformer.parameters()) + text_params
-    opt = torch.optim.AdamW([{"params": list(transformer.parameters()), "weight_decay": 1e-2},
-                             {"params": text_params, "weight_decay": 0.0}], lr=args.lr)
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(transformer.parameters()), "weight_decay": 1e-2},
+            {"params": text_params, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+    )
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True)
     curve: list = []
     end = started + args.minutes * 60 - 30  # rendering counts toward the budget; 30 s left for saving
@@ -170,18 +193,34 @@ def main(argv: list[str] | None = None) -> int:
     transformer.eval()
     text_encoder.eval()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    pipe = ShapesVideoPipeline(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    pipe = ShapesVideoPipeline(
+        transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+    )
     pipe.save_pretrained(args.out, safe_serialization=True)
     args.curve.parent.mkdir(parents=True, exist_ok=True)
     save_curve(curve, args.curve)
-    info = {"seed": args.seed,
-            "sizes": {s.label(): {"weight": first.get(s.label(), 0.0), "then_weight": then.get(s.label(), 0.0),
-                                  "batch": b, "clips": n, "steps": d}
-                      for s, b, n, d in zip(sizes, batches, counts, drawn)},
-            "switch": args.switch if args.then_sizes else None,
-            "batch_tokens": args.batch_tokens, "lr": args.lr, "text_layers": args.text_layers, "threads": args.threads,
-            "steps": step, "minutes": round((time.time() - started) / 60, 1),
-            "final_loss": float(np.mean([v for *_, v in curve][-200:])), "torch": torch.__version__}
+    info = {
+        "seed": args.seed,
+        "sizes": {
+            s.label(): {
+                "weight": first.get(s.label(), 0.0),
+                "then_weight": then.get(s.label(), 0.0),
+                "batch": b,
+                "clips": n,
+                "steps": d,
+            }
+            for s, b, n, d in zip(sizes, batches, counts, drawn)
+        },
+        "switch": args.switch if args.then_sizes else None,
+        "batch_tokens": args.batch_tokens,
+        "lr": args.lr,
+        "text_layers": args.text_layers,
+        "threads": args.threads,
+        "steps": step,
+        "minutes": round((time.time() - started) / 60, 1),
+        "final_loss": float(np.mean([v for *_, v in curve][-200:])),
+        "torch": torch.__version__,
+    }
     (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     logger.info("saved %s: %s", args.out, info)
     return 0

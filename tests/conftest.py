@@ -12,12 +12,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
-from diffattn import testing as tiny  # noqa: E402
 
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_model(family: str) -> torch.nn.Module:
-    return tiny.tiny_model(family, seed=0)
+    from diffattn.testing import tiny_model  # after HF_HUB_OFFLINE is set above
+
+    return tiny_model(family, seed=0)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from diffattn.testing import tiny_pipeline
 LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pipeline(kind: str):
     pipe = tiny_pipeline(kind, seed=0)
     pipe.set_progress_bar_config(disable=True)
@@ -37,9 +37,19 @@ def ctx_for(role: str, grid: tuple[int, int], text_len: int = 0, roles=("cond",)
     def dense(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-    return diffattn.AttentionContext(layer="l", role=role, step=0, num_steps=1, q_layout=q_layout,
-                                     kv_layout=kv_layout, batch_roles=tuple(roles), attn_mask=None, scale=None,
-                                     enable_gqa=False, dense=dense)
+    return diffattn.AttentionContext(
+        layer="l",
+        role=role,
+        step=0,
+        num_steps=1,
+        q_layout=q_layout,
+        kv_layout=kv_layout,
+        batch_roles=tuple(roles),
+        attn_mask=None,
+        scale=None,
+        enable_gqa=False,
+        dense=dense,
+    )
 
 
 @pytest.mark.parametrize("grid", [(16, 16), (8, 8), (4, 6), (3, 5), (7, 2)])
@@ -47,7 +57,7 @@ def test_a_left_half_box_is_the_left_half_columns_at_every_grid(grid):
     h, w = grid
     members = box_masks([LEFT], grid).reshape(h, w)
     expected = np.zeros((h, w), bool)
-    expected[:, :round(w / 2)] = True
+    expected[:, : round(w / 2)] = True
     assert np.array_equal(members.numpy(), expected)  # x -> columns, y -> rows, row-major
 
 
@@ -127,8 +137,14 @@ def test_eos_is_hidden_from_background_pixels_only():
     assert off[:, 6:].all()
 
 
-@pytest.mark.parametrize("boxes", [((0.0, 0.0, 1.0, 1.0),), ((0.0, 0.0, 0.7, 0.7), (0.3, 0.3, 1.0, 1.0)),
-                                   ((0.2, 0.2, 0.21, 0.21), (0.2, 0.2, 0.22, 0.22))])
+@pytest.mark.parametrize(
+    "boxes",
+    [
+        ((0.0, 0.0, 1.0, 1.0),),
+        ((0.0, 0.0, 0.7, 0.7), (0.3, 0.3, 1.0, 1.0)),
+        ((0.2, 0.2, 0.21, 0.21), (0.2, 0.2, 0.22, 0.22)),
+    ],
+)
 @pytest.mark.parametrize("role", ["self", "cross", "joint"])
 def test_no_row_is_ever_fully_masked(boxes, role):
     torch.manual_seed(0)
@@ -181,15 +197,18 @@ def test_bad_boxes_and_subjects_say_how_to_fix_them():
 
 def test_layout_method_finds_subject_filter_and_eos_tokens():
     pipe = pipeline("sd")
-    method = layout_method(pipe, "a red circle and a blue square on the right",
-                           [("red circle", LEFT), ("square", RIGHT)])
+    method = layout_method(
+        pipe, "a red circle and a blue square on the right", [("red circle", LEFT), ("square", RIGHT)]
+    )
     ids = pipe.tokenizer("a red circle and a blue square on the right").input_ids
     words = [pipe.tokenizer.decode([i]).strip() for i in ids]
     assert [words[t] for t in method.subject_tokens[0]] == ["red", "circle"]
     assert [words[t] for t in method.subject_tokens[1]] == ["square"]
     right = pipe.tokenizer("right", add_special_tokens=False).input_ids  # several tokens in the tiny vocabulary
-    start = next(i for i in range(len(ids)) if ids[i:i + len(right)] == right)
-    expected = {i for i, w in enumerate(words) if w in {"a", "and", "on", "the"}} | set(range(start, start + len(right)))
+    start = next(i for i in range(len(ids)) if ids[i : i + len(right)] == right)
+    expected = {i for i, w in enumerate(words) if w in {"a", "and", "on", "the"}} | set(
+        range(start, start + len(right))
+    )
     assert set(method.filter_tokens) == expected
     assert method.eos_token == len(ids) - 1
 
@@ -209,8 +228,15 @@ def test_layout_runs_and_acts_on_every_family(kind):
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_latent_update_needs_a_unet_pipeline(kind):
     with pytest.raises(ValueError, match="guidance_steps=0"):
-        layout(pipeline(kind), "a red circle", [("circle", LEFT)], guidance_steps=1, num_inference_steps=2,
-               height=32, width=32)
+        layout(
+            pipeline(kind),
+            "a red circle",
+            [("circle", LEFT)],
+            guidance_steps=1,
+            num_inference_steps=2,
+            height=32,
+            width=32,
+        )
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
@@ -219,8 +245,16 @@ def test_latent_update_runs_on_unet_families(kind):
     subjects = [("red circle", (0.0, 0.0, 0.5, 0.5)), ("blue square", (0.5, 0.5, 1.0, 1.0))]
     kwargs = dict(num_inference_steps=2, height=32, width=32, refine=False)
     masks_only = layout(pipe, "a red circle and a blue square", subjects, guidance_steps=0, **kwargs)
-    guided = layout(pipe, "a red circle and a blue square", subjects, guidance_steps=1, iterations=1,
-                    step_size=(1e4, 1e4), stop_loss=0.0, **kwargs)
+    guided = layout(
+        pipe,
+        "a red circle and a blue square",
+        subjects,
+        guidance_steps=1,
+        iterations=1,
+        step_size=(1e4, 1e4),
+        stop_loss=0.0,
+        **kwargs,
+    )
     assert np.isfinite(guided).all() and np.abs(guided - masks_only).max() > 1e-6  # random tiny models: small
 
 
@@ -229,8 +263,9 @@ def test_the_latent_update_lowers_the_attention_loss_on_the_embedded_model():
 
     pipe = load_image_pipeline()
     prompt = "a red circle at the top left and a blue square on the right"
-    method = layout_method(pipe, prompt, [("red circle", (0.25, 0.2, 0.5, 0.45)),
-                                          ("blue square", (0.65, 0.6, 0.9, 0.85))])
+    method = layout_method(
+        pipe, prompt, [("red circle", (0.25, 0.2, 0.5, 0.45)), ("blue square", (0.65, 0.6, 0.9, 0.85))]
+    )
     embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     layers = [n for n, _ in diffattn.attention_modules(pipe.unet) if n.startswith("up_blocks.3")]
@@ -255,8 +290,8 @@ def test_the_latent_update_lowers_the_attention_loss_on_the_embedded_model():
 def test_layout_places_objects_in_boxes_the_prompt_alone_misses():
     """One seeded case on the embedded model: the prompt alone draws the square at its position word's centre
     (outside its box); bounded attention draws both objects inside their boxes."""
-    from diffattn_bench.scoring import evaluate_image
     from diffattn_bench.embedded import load_image_pipeline
+    from diffattn_bench.scoring import evaluate_image
 
     pipe = load_image_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -329,9 +364,17 @@ def test_layout_refines_masks_during_the_run():
     pipe = pipeline("sd")
     bounded.MaskRefiner.refresh = spy
     try:
-        out = layout(pipe, "a red circle and a blue square", [("circle", LEFT), ("square", RIGHT)],
-                     guidance_steps=0, num_inference_steps=4, height=32, width=32, refine_start=0.5,
-                     refine_every=0.25)
+        out = layout(
+            pipe,
+            "a red circle and a blue square",
+            [("circle", LEFT), ("square", RIGHT)],
+            guidance_steps=0,
+            num_inference_steps=4,
+            height=32,
+            width=32,
+            refine_start=0.5,
+            refine_every=0.25,
+        )
     finally:
         bounded.MaskRefiner.refresh = original
     assert np.isfinite(out).all()

@@ -10,13 +10,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from test_dynamic import make_ctx, qkv
 
 import diffattn
 from diffattn import TokenLayout
 from diffattn_bench import embedded
 from diffattn_bench.compare import ClipSize, CompareRow, format_markdown, passes, run_video, video_peers
 from diffattn_bench.peers import NattenTile, Peer, calibrate_mag_cache, combined, method_peer
-from test_dynamic import make_ctx, qkv
 
 SIZE = ClipSize(8, 32, 32)  # grid (8, 8, 8)
 PROMPT = "a red circle on the left moving right"
@@ -30,8 +30,15 @@ def pipe():
 
 
 def generate(pipe, steps=3):
-    return pipe(PROMPT, num_frames=SIZE.frames, height=SIZE.height, width=SIZE.width, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+    return pipe(
+        PROMPT,
+        num_frames=SIZE.frames,
+        height=SIZE.height,
+        width=SIZE.width,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).frames[0]
 
 
 def test_natten_peer_equals_diffattn_sliding_tile():
@@ -92,8 +99,11 @@ def test_a_failing_peer_is_reported_and_the_rest_still_runs(pipe):
     def broken(_pipe):
         raise RuntimeError("this hook does not support the model")
 
-    peers = [method_peer("dense (diffattn)", diffattn.Dense()), Peer("broken", "diffusers cache", setup=broken),
-             method_peer("sliding tile", diffattn.SlidingTileAttention(tile=(4, 4, 4), window=(1, 1, 1)))]
+    peers = [
+        method_peer("dense (diffattn)", diffattn.Dense()),
+        Peer("broken", "diffusers cache", setup=broken),
+        method_peer("sliding tile", diffattn.SlidingTileAttention(tile=(4, 4, 4), window=(1, 1, 1))),
+    ]
     rows, clips = run_video(pipe, SIZE, peers, prompts=[PROMPT], steps=2)
     by = {r.method: r for r in rows}
     assert by["broken"].error.startswith("RuntimeError: this hook does not support")
@@ -108,18 +118,31 @@ def test_a_failing_peer_is_reported_and_the_rest_still_runs(pipe):
 
 def test_combination_needs_a_hook_and_a_method():
     tile = method_peer("tile", diffattn.SlidingTileAttention(tile=(4, 4, 4), window=(1, 1, 1)))
-    hook = Peer("hook", "diffusers cache", setup=lambda pipe: (lambda: None))
+    hook = Peer("hook", "diffusers cache", setup=lambda pipe: lambda: None)
     assert combined("both", hook, tile).method is tile.method
     with pytest.raises(ValueError, match="set-up peer"):
         combined("wrong", tile, hook)
 
 
-@pytest.mark.parametrize("error,positions,found,expected", [
-    (0.02, 1.0, 1.0, True), (0.05, 1.0, 1.0, False), (0.02, 0.8, 1.0, False), (0.02, 1.0, 0.5, False),
-    (math.nan, 0.0, 0.0, False)])
+@pytest.mark.parametrize(
+    "error,positions,found,expected",
+    [
+        (0.02, 1.0, 1.0, True),
+        (0.05, 1.0, 1.0, False),
+        (0.02, 0.8, 1.0, False),
+        (0.02, 1.0, 0.5, False),
+        (math.nan, 0.0, 0.0, False),
+    ],
+)
 def test_pass_mark_follows_the_bench_bar(error, positions, found, expected):
-    row = CompareRow("m", "diffattn", "8x32x32", 512, 1.0, scores={
-        "mean_trajectory_error": error, "positions_correct": positions, "clips_with_objects_found": found})
+    row = CompareRow(
+        "m",
+        "diffattn",
+        "8x32x32",
+        512,
+        1.0,
+        scores={"mean_trajectory_error": error, "positions_correct": positions, "clips_with_objects_found": found},
+    )
     assert passes(row) is expected
     assert ("**" in format_markdown([row])) is expected
 
@@ -163,9 +186,20 @@ def test_compare_refuses_sizes_the_model_cannot_patch_before_any_work(capsys):
 def test_saved_rows_load_back_and_redraw(tmp_path):
     from diffattn_bench.compare import load_rows, plot_pareto, save_outputs
 
-    rows = [CompareRow("dense (stock)", "stock", "8x32x32", 512, 2.0, scores={"mean_trajectory_error": 0.02}),
-            CompareRow("radial", "diffattn", "8x32x32", 512, 1.0, density=0.5, psnr=21.5, speedup=2.0,
-                       scores={"mean_trajectory_error": 0.05, "positions_correct": 1.0})]
+    rows = [
+        CompareRow("dense (stock)", "stock", "8x32x32", 512, 2.0, scores={"mean_trajectory_error": 0.02}),
+        CompareRow(
+            "radial",
+            "diffattn",
+            "8x32x32",
+            512,
+            1.0,
+            density=0.5,
+            psnr=21.5,
+            speedup=2.0,
+            scores={"mean_trajectory_error": 0.05, "positions_correct": 1.0},
+        ),
+    ]
     clips = {r.method: np.zeros((2, 32, 32, 3)) for r in rows}
     save_outputs({"video 8x32x32": (rows, clips)}, tmp_path, "title", {"cpu": "test"})
     loaded = load_rows(tmp_path / "compare.json")

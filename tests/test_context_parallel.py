@@ -9,13 +9,12 @@ import types
 
 import pytest
 import torch
+from cp_helpers import enable_context_parallel, run_on_ranks
 
 import diffattn
 from diffattn import parallel
 from diffattn.patterns import SlidingWindow
 from diffattn.patterns.compose import PerHead
-
-from cp_helpers import enable_context_parallel, run_on_ranks
 
 DEGREE = 2
 TOLERANCE = 1e-5
@@ -49,7 +48,7 @@ def _forward(model, inputs):
 def _error(fn) -> tuple[str, str] | None:
     try:
         fn()
-    except Exception as exc:  # noqa: BLE001 (recorded and checked by the parent)
+    except Exception as exc:  # any failure is recorded and checked by the parent
         return type(exc).__name__, str(exc)
     return None
 
@@ -207,17 +206,20 @@ def test_processors_installed_after_enable_parallelism_inherit_its_config(ranks)
         assert result["diffs"]["wan", "radial", "processors installed after enable_parallelism"] <= TOLERANCE
 
 
-@pytest.mark.parametrize("case,error,match", [
-    ("ring, apply after", "ContextParallelError", r"Ulysses context parallelism only.*ring_degree=2"),
-    ("ring, apply before", "ContextParallelError", r"Ulysses context parallelism only.*ring_degree=2"),
-    ("3 heads, apply after", "ContextParallelError", r"3 attention heads.*ulysses_degree=2"),
-    ("3 heads, apply before", "ContextParallelError", r"3 attention heads.*ulysses_degree=2"),
-    ("9 visual tokens", "ContextParallelError", r"9 visual tokens \(grid 1x3x3\).*ulysses_degree=2"),
-    ("7 text tokens", "ContextParallelError", r"`encoder_hidden_states` has 7 tokens"),
-    ("processor without _parallel_config", "ContextParallelError", r"LocalOnlyProcessor does not support it"),
-    ("processor ignoring _parallel_config", "LayoutError", r"32 query .*IgnoresParallelConfig attended within"),
-    ("position-dependent method on local queries", "ContextParallelError", r"32 of 64 queries.*Masked needs"),
-])
+@pytest.mark.parametrize(
+    "case,error,match",
+    [
+        ("ring, apply after", "ContextParallelError", r"Ulysses context parallelism only.*ring_degree=2"),
+        ("ring, apply before", "ContextParallelError", r"Ulysses context parallelism only.*ring_degree=2"),
+        ("3 heads, apply after", "ContextParallelError", r"3 attention heads.*ulysses_degree=2"),
+        ("3 heads, apply before", "ContextParallelError", r"3 attention heads.*ulysses_degree=2"),
+        ("9 visual tokens", "ContextParallelError", r"9 visual tokens \(grid 1x3x3\).*ulysses_degree=2"),
+        ("7 text tokens", "ContextParallelError", r"`encoder_hidden_states` has 7 tokens"),
+        ("processor without _parallel_config", "ContextParallelError", r"LocalOnlyProcessor does not support it"),
+        ("processor ignoring _parallel_config", "LayoutError", r"32 query .*IgnoresParallelConfig attended within"),
+        ("position-dependent method on local queries", "ContextParallelError", r"32 of 64 queries.*Masked needs"),
+    ],
+)
 def test_unsupported_parallel_setups_fail_clearly_on_every_rank(ranks, case, error, match):
     import re
 
@@ -237,7 +239,7 @@ def test_joint_order_puts_rank_chunks_in_layout_order(text_first):
     t, n = text // degree, visual // degree
     gathered = []
     for r in range(degree):  # what the all-to-all concatenates: each rank's [text shard | visual shard]
-        parts = [tokens[0][r * t:(r + 1) * t], tokens[1][r * n:(r + 1) * n]]
+        parts = [tokens[0][r * t : (r + 1) * t], tokens[1][r * n : (r + 1) * n]]
         gathered += parts[0] + parts[1] if text_first else parts[1] + parts[0]
     order, inverse = parallel.joint_order(text, visual, degree, text_first, torch.device("cpu"))
     ordered = [gathered[i] for i in order]
@@ -255,8 +257,18 @@ def test_per_head_pattern_is_sliced_by_the_ranks_heads():
 
     def ctx(**cp):
         return diffattn.AttentionContext(
-            layer="l", role="joint", step=0, num_steps=None, q_layout=layout, kv_layout=layout, batch_roles=None,
-            attn_mask=None, scale=None, enable_gqa=False, dense=None, **cp,
+            layer="l",
+            role="joint",
+            step=0,
+            num_steps=None,
+            q_layout=layout,
+            kv_layout=layout,
+            batch_roles=None,
+            attn_mask=None,
+            scale=None,
+            enable_gqa=False,
+            dense=None,
+            **cp,
         )
 
     full = method(q, k, v, ctx())
@@ -268,17 +280,21 @@ def test_per_head_pattern_is_sliced_by_the_ranks_heads():
         method(q[:, :2], k[:, :2], v[:, :2], ctx(head_offset=2, total_heads=6))
 
 
-@pytest.mark.parametrize("config,match", [
-    (dict(ring_degree=2, ulysses_degree=1), "Ulysses context parallelism only"),
-    (dict(ring_degree=2, ulysses_degree=2), "Ulysses context parallelism only"),
-    (dict(ring_degree=1, ulysses_degree=2, ulysses_anything=True), "ulysses_anything"),
-])
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (dict(ring_degree=2, ulysses_degree=1), "Ulysses context parallelism only"),
+        (dict(ring_degree=2, ulysses_degree=2), "Ulysses context parallelism only"),
+        (dict(ring_degree=1, ulysses_degree=2, ulysses_anything=True), "ulysses_anything"),
+    ],
+)
 def test_modes_other_than_plain_ulysses_are_refused(config, match):
     fake = types.SimpleNamespace(context_parallel_config=types.SimpleNamespace(**config, _ulysses_local_rank=0))
     with pytest.raises(diffattn.DiffattnError, match=match):
         parallel.ulysses_of(fake)
     assert parallel.ulysses_of(None) is None
-    plain = types.SimpleNamespace(context_parallel_config=types.SimpleNamespace(ring_degree=1, ulysses_degree=4,
-                                                                                 _ulysses_local_rank=3))
+    plain = types.SimpleNamespace(
+        context_parallel_config=types.SimpleNamespace(ring_degree=1, ulysses_degree=4, _ulysses_local_rank=3)
+    )
     assert parallel.ulysses_of(plain) == parallel.Ulysses(4, 3)
     assert parallel.Ulysses(4, 3).head_offset(2) == 6 and parallel.Ulysses(4, 3).query_range(64) == (48, 64)

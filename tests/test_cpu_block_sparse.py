@@ -17,10 +17,10 @@ import torch
 
 import diffattn_kernels as kernels
 from diffattn import TokenLayout
-from diffattn_kernels import cpu_block_sparse as loop
 from diffattn.patterns import Radial
 from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile
+from diffattn_kernels import cpu_block_sparse as loop
 
 # max abs error vs float64 on unit-variance inputs (as tests/test_sparse_static.py)
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -58,9 +58,17 @@ def use_loop():
 
 
 def _isa_param(isa: str, *more):
-    return pytest.param(isa, *more, marks=pytest.mark.skipif(isa not in RUNNABLE, reason=(
-        f"this CPU cannot run the {isa} build (it runs {', '.join(RUNNABLE) or 'none'}); "
-        f"the builds it runs are tested instead")))
+    return pytest.param(
+        isa,
+        *more,
+        marks=pytest.mark.skipif(
+            isa not in RUNNABLE,
+            reason=(
+                f"this CPU cannot run the {isa} build (it runs {', '.join(RUNNABLE) or 'none'}); "
+                f"the builds it runs are tested instead"
+            ),
+        ),
+    )
 
 
 ISA_PARAMS = [_isa_param(isa) for isa in loop.ISAS]
@@ -124,8 +132,12 @@ def _expected(q, k, v, members, bq, bkv, scale, order):
     out = torch.zeros(q.shape, dtype=torch.float64)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
     for qb, runs in members:
-        keys = [j for first, stop in runs for b in range(first, stop)
-                for j in range(order[b] * bkv, min((order[b] + 1) * bkv, num_kv))]
+        keys = [
+            j
+            for first, stop in runs
+            for b in range(first, stop)
+            for j in range(order[b] * bkv, min((order[b] + 1) * bkv, num_kv))
+        ]
         rows = slice(qb * bq, min((qb + 1) * bq, q.shape[2]))
         s = q[:, :, rows].double() @ k[:, :, keys].double().transpose(-1, -2) * scale
         out[:, :, rows] = torch.softmax(s, -1) @ v[:, :, keys].double()
@@ -133,18 +145,20 @@ def _expected(q, k, v, members, bq, bkv, scale, order):
     return out, lse
 
 
-@pytest.mark.parametrize("isa,gemm", [*(_isa_param(isa, "vec") for isa in loop.ISAS),
-                                      _isa_param("avx512", "onednn")])
+@pytest.mark.parametrize("isa,gemm", [*(_isa_param(isa, "vec") for isa in loop.ISAS), _isa_param("avx512", "onednn")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [
-    # (query rows, key rows, head dim, query block, key block, key order): ragged edges of the register tiles —
-    # blocks of 8 / 24 keys and head dims 20 / 34 (not multiples of the 8- or 16-float vectors), query blocks of 16
-    # and 13 rows (not multiples of the 6-row tile), a partial last query block, padded last key block, reordered
-    # key blocks, and key tiles that split long runs (48-key block, 256-key tiles)
-    (40, 36, 20, 16, 8, None),
-    (50, 96, 34, 13, 24, [2, 0, 3, 1]),
-    (64, 600, 64, 32, 48, None),
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # (query rows, key rows, head dim, query block, key block, key order): ragged edges of the register tiles —
+        # blocks of 8 / 24 keys and head dims 20 / 34 (not multiples of the 8- or 16-float vectors), query blocks of 16
+        # and 13 rows (not multiples of the 6-row tile), a partial last query block, padded last key block, reordered
+        # key blocks, and key tiles that split long runs (48-key block, 256-key tiles)
+        (40, 36, 20, 16, 8, None),
+        (50, 96, 34, 13, 24, [2, 0, 3, 1]),
+        (64, 600, 64, 32, 48, None),
+    ],
+)
 def test_loop_edges_match_float64(use_loop, isa, gemm, dtype, shape):
     """:func:`attend` called directly on shapes that exercise every tail of the GEMM micro-kernels."""
     nq, nk, dim, bq, bkv, order = shape
@@ -153,8 +167,10 @@ def test_loop_edges_match_float64(use_loop, isa, gemm, dtype, shape):
         pytest.fail(loop.status())
     module = loop.extension()
     if gemm == "onednn" and not module.onednn_supported(dtype == torch.bfloat16):
-        pytest.skip(f"cpublas runs no {dtype} brgemm in the {isa} build on this CPU (the onednn kernel needs the "
-                    f"avx512 build, and AMX / AVX512-BF16 for bf16)")
+        pytest.skip(
+            f"cpublas runs no {dtype} brgemm in the {isa} build on this CPU (the onednn kernel needs the "
+            f"avx512 build, and AMX / AVX512-BF16 for bf16)"
+        )
     choice = loop.kernel_for(dtype)
     assert choice is not None and choice.kernel == gemm
     q = random_qkv(1, 2, nq, dim, dtype, seed=nq)[0]
@@ -170,7 +186,7 @@ def test_loop_edges_match_float64(use_loop, isa, gemm, dtype, shape):
         if qb == 1:
             runs = [(0, blocks)]  # every key: several tiles when the blocks exceed a tile
         members.append((qb, runs))
-    scale = dim ** -0.5
+    scale = dim**-0.5
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:3], float("-inf"))
     loop.attend(q, k, v, out, lse, members, bq, bkv, scale, order)
@@ -205,10 +221,13 @@ def test_forced_avx2_on_an_avx512_cpu(use_loop):
     assert not module.onednn_supported(False), "the avx2 build has no oneDNN path"
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({"DIFFATTN_CPU_KERNEL": "0"}, "DIFFATTN_CPU_KERNEL=0"),
-    ({"DIFFATTN_CPU_ISA": "none"}, "DIFFATTN_CPU_ISA=none"),
-])
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({"DIFFATTN_CPU_KERNEL": "0"}, "DIFFATTN_CPU_KERNEL=0"),
+        ({"DIFFATTN_CPU_ISA": "none"}, "DIFFATTN_CPU_ISA=none"),
+    ],
+)
 def test_compiled_cpu_loop_reports_why_it_is_off(use_loop, env, expected):
     use_loop(isa=env.get(loop.ISA_ENV), switch=env.get(loop.SWITCH_ENV))
     assert loop.extension() is None
@@ -258,8 +277,7 @@ def _syntax_check(compiler: str, flags: list[str]) -> subprocess.CompletedProces
     from torch.utils.cpp_extension import include_paths
 
     includes = [f"-I{p}" for p in (*include_paths(), sysconfig.get_paths()["include"])]
-    cmd = [compiler, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=check", *includes, *flags,
-           str(loop.SOURCE)]
+    cmd = [compiler, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=check", *includes, *flags, str(loop.SOURCE)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -292,12 +310,32 @@ def test_benchmark_records_the_cpu_and_the_forced_build(use_loop, tmp_path):
 
     isa = RUNNABLE[-1] if RUNNABLE else pytest.skip("no build runs on this CPU")
     use_loop()
-    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "scripts" / "bench_kernels.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_kernels", Path(__file__).parents[1] / "scripts" / "bench_kernels.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    assert bench.main(["--tokens", "4096", "--dtypes", "bfloat16", "--repeats", "1", "--no-flex", "--no-natten",
-                       "--no-dynamic", "--isa", isa, "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--tokens",
+                "4096",
+                "--dtypes",
+                "bfloat16",
+                "--repeats",
+                "1",
+                "--no-flex",
+                "--no-natten",
+                "--no-dynamic",
+                "--isa",
+                isa,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())
     assert {r["pattern"] for r in rows} == {"sliding tile", "radial"}
     for row in rows:

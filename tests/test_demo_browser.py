@@ -27,9 +27,8 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from demo_helpers import load_logic
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "outputs" / "demo"
@@ -48,7 +47,8 @@ log = open(sys.argv[1], "a", buffering=1)
 def audit(event, args):
     if event in ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg"):
         address = args[1]
-        log.write(json.dumps([event, list(map(str, address[:2])) if isinstance(address, tuple) else str(address)]) + "\n")
+        shown = list(map(str, address[:2])) if isinstance(address, tuple) else str(address)
+        log.write(json.dumps([event, shown]) + "\n")
     elif event == "socket.getaddrinfo":
         log.write(json.dumps([event, [str(args[0]), str(args[1])]]) + "\n")
 sys.addaudithook(audit)
@@ -62,8 +62,10 @@ def _chromium() -> str:
     path = os.environ.get("DIFFATTN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if path:
         return path
-    message = ("headless Chromium is not installed: run `bash scripts/bootstrap.sh` as root (it installs Debian's "
-               "chromium) or set DIFFATTN_CHROMIUM to a Chromium binary")
+    message = (
+        "headless Chromium is not installed: run `bash scripts/bootstrap.sh` as root (it installs Debian's "
+        "chromium) or set DIFFATTN_CHROMIUM to a Chromium binary"
+    )
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
@@ -84,8 +86,20 @@ class Server:
         self.threads = torch.get_num_threads()  # the direct calls of this process use the same count
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _SERVER, str(self.audit_log), "--port", str(self.port), "--threads",
-             str(self.threads)], cwd=folder, stdout=self.output.open("w"), stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-c",
+                _SERVER,
+                str(self.audit_log),
+                "--port",
+                str(self.port),
+                "--threads",
+                str(self.threads),
+            ],
+            cwd=folder,
+            stdout=self.output.open("w"),
+            stderr=subprocess.STDOUT,
+        )
         self.startup_seconds: float | None = None
         self.temp_folders: set[Path] = set()
 
@@ -109,9 +123,17 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=executable, args=[
-            "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--no-first-run",
-            "--disable-domain-reliability", "--disable-sync"])
+        chromium = playwright.chromium.launch(
+            executable_path=executable,
+            args=[
+                "--no-sandbox",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-domain-reliability",
+                "--disable-sync",
+            ],
+        )
         yield chromium
         chromium.close()
 
@@ -182,8 +204,9 @@ def _screenshot(page, name: str) -> None:
     """The page as ``demo_<name>.png`` under outputs/demo (and DIFFATTN_DEMO_SCREENSHOTS), 256 colours: small."""
     image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
     small = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
-    folders = [OUT] + ([ROOT / os.environ["DIFFATTN_DEMO_SCREENSHOTS"]] if os.environ.get("DIFFATTN_DEMO_SCREENSHOTS")
-                       else [])
+    folders = [OUT] + (
+        [ROOT / os.environ["DIFFATTN_DEMO_SCREENSHOTS"]] if os.environ.get("DIFFATTN_DEMO_SCREENSHOTS") else []
+    )
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         small.save(folder / f"demo_{name}.png", optimize=True)
@@ -208,8 +231,9 @@ def _image(page, server: Server, elem_id: str, previous: str | None = None) -> n
     img.or_(error).wait_for(timeout=RESULT_TIMEOUT)  # an error message fails now, not after the timeout
     assert not error.is_visible(), f"the page showed an error instead of {elem_id}: {error.inner_text()}"
     if previous is not None:
-        page.wait_for_function(f"document.querySelector('#{elem_id} img').src !== {json.dumps(previous)}",
-                               timeout=RESULT_TIMEOUT)
+        page.wait_for_function(
+            f"document.querySelector('#{elem_id} img').src !== {json.dumps(previous)}", timeout=RESULT_TIMEOUT
+        )
     src = img.get_attribute("src")
     _remember_temp(server, src)
     response = page.request.get(src)
@@ -271,8 +295,9 @@ def test_layout_tab(page, server, models):
     bounded = _image(page, server, "layout-bounded")
     plain = _image(page, server, "layout-plain")
     boxes = _image(page, server, "layout-boxes")
-    direct = logic.run_layout(models, "a red circle and a blue square", "circle: 0 0 0.5 0.5\nsquare: 0.5 0.5 1 1",
-                              0, 8)
+    direct = logic.run_layout(
+        models, "a red circle and a blue square", "circle: 0 0 0.5 0.5\nsquare: 0.5 0.5 1 1", 0, 8
+    )
     assert _close(plain, direct.plain) and _close(bounded, direct.bounded)
     assert not _close(plain, bounded)  # bounded attention changed the image
     side = boxes.shape[0]
@@ -290,8 +315,12 @@ def _canvas_image_rect(page) -> tuple[float, float, float, float]:
     dark = shot.max(-1) < 60
     cols, rows = np.nonzero(dark.mean(0) > 0.3)[0], np.nonzero(dark.mean(1) > 0.3)[0]
     sx, sy = box["width"] / shot.shape[1], box["height"] / shot.shape[0]
-    return (box["x"] + cols.min() * sx, box["y"] + rows.min() * sy, box["x"] + (cols.max() + 1) * sx,
-            box["y"] + (rows.max() + 1) * sy)
+    return (
+        box["x"] + cols.min() * sx,
+        box["y"] + rows.min() * sy,
+        box["x"] + (cols.max() + 1) * sx,
+        box["y"] + (rows.max() + 1) * sy,
+    )
 
 
 def test_erase_tab(page, server, models):
@@ -351,8 +380,11 @@ def test_guidance_tab(page, server):
     grid = _image(page, server, "guidance-grid")
     cell = (grid.shape[0] - 4) // 2
     assert grid.shape[:2] == (2 * cell + 4, 2 * cell + 4)
-    cells = {(r, c): grid[r * (cell + 4):r * (cell + 4) + cell, c * (cell + 4):c * (cell + 4) + cell]
-             for r in range(2) for c in range(2)}
+    cells = {
+        (r, c): grid[r * (cell + 4) : r * (cell + 4) + cell, c * (cell + 4) : c * (cell + 4) + cell]
+        for r in range(2)
+        for c in range(2)
+    }
     assert np.array_equal(cells[0, 0], cells[1, 0])  # no guidance: the same image in both rows
     assert not np.array_equal(cells[0, 1], cells[0, 0]) and not np.array_equal(cells[1, 1], cells[0, 0])
     assert _objects(logic.shrink(cells[0, 0], cell // 32)) == [("red", "circle", "left")]
@@ -369,8 +401,10 @@ def test_speed_tab(page, server):
     start = time.perf_counter()
     page.locator("#speed-run").click()
     frames = _image(page, server, "speed-frames")
-    _record("speed_quick_click_to_result_s (sliding tile, default steps, incl. video model load)",
-            time.perf_counter() - start)
+    _record(
+        "speed_quick_click_to_result_s (sliding tile, default steps, incl. video model load)",
+        time.perf_counter() - start,
+    )
     plot = _image(page, server, "speed-plot")
     table = page.locator("#speed-table").inner_text()
     assert "sliding tile" in table and "dense (stock)" in table and "radial" not in table
@@ -400,11 +434,13 @@ def test_api_through_gradio_client(server, models, tmp_path):
     from gradio_client.exceptions import AppError
 
     client = Client(server.url, download_files=str(tmp_path), verbose=False)
-    source, target, diff, note = client.predict("a green square on the right", "", "green", "yellow", "", 1.0,
-                                                "prompt-to-prompt", 3, 8, None, api_name="/edit")
+    source, target, diff, note = client.predict(
+        "a green square on the right", "", "green", "yellow", "", 1.0, "prompt-to-prompt", 3, 8, None, api_name="/edit"
+    )
     images = [np.asarray(Image.open(p).convert("RGB")) for p in (source, target, diff)]
-    direct = logic.run_edit(models, "a green square on the right", "", "prompt-to-prompt", 3, 8, swap_word="green",
-                            swap_to="yellow")
+    direct = logic.run_edit(
+        models, "a green square on the right", "", "prompt-to-prompt", 3, 8, swap_word="green", swap_to="yellow"
+    )
     assert _close(images[0], direct.source) and _close(images[1], direct.target)
     assert "a yellow square on the right" in note
     with pytest.raises(AppError, match="500 is greater than maximum value 50"):  # the slider's own bound
@@ -412,13 +448,16 @@ def test_api_through_gradio_client(server, models, tmp_path):
     with pytest.raises(AppError, match="-5 is less than minimum value 0"):
         client.predict("a red circle", "", "", "", "", 1.0, "prompt-to-prompt", -5, 8, None, api_name="/edit")
     with pytest.raises(AppError, match="equal token count"):  # the demo's own check, through the API
-        client.predict("a red circle", "a big red circle", "", "", "", 1.0, "prompt-to-prompt", 0, 8, None,
-                       api_name="/edit")
+        client.predict(
+            "a red circle", "a big red circle", "", "", "", 1.0, "prompt-to-prompt", 0, 8, None, api_name="/edit"
+        )
 
 
 def test_two_sessions_at_once_each_get_their_own_result(browser, server, models):
-    jobs = [("a red circle on the left", "a blue circle on the left", 1),
-            ("a green square on the right", "a yellow square on the right", 2)]
+    jobs = [
+        ("a red circle on the left", "a blue circle on the left", 1),
+        ("a green square on the right", "a yellow square on the right", 2),
+    ]
     contexts = [browser.new_context(viewport={"width": 1440, "height": 900}) for _ in jobs]
     try:
         pages = [context.new_page() for context in contexts]
@@ -449,7 +488,10 @@ def test_server_connects_only_to_loopback_and_cleans_its_temp_folder(server):
     assert events[0] == ["audit", "installed"]
     binds = [address for event, address in events if event == "socket.bind" and isinstance(address, list)]
     assert ["127.0.0.1", str(server.port)] in binds, binds  # the hook saw the server's own socket
-    outside = [(event, address) for event, address in events if event != "audit"
-               and isinstance(address, list) and not _loopback_host(address[0])]
+    outside = [
+        (event, address)
+        for event, address in events
+        if event != "audit" and isinstance(address, list) and not _loopback_host(address[0])
+    ]
     assert not outside, f"the demo made connections outside loopback: {outside[:5]}"
     assert not any(folder.exists() for folder in server.temp_folders), "the demo left its temporary folder"

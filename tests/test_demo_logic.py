@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from demo_helpers import load_logic
+from PIL import Image
 
 logic = load_logic()
 STEPS = 8
@@ -41,8 +40,17 @@ def test_seed_accepts_whole_numbers(value, expected):
     assert logic.check_seed(value) == expected
 
 
-@pytest.mark.parametrize("value, message", [(-1, "between 0 and"), (2**31, "between 0 and"), (1.5, "whole number"),
-                                            ("x", "whole number"), (None, "whole number"), (True, "whole number")])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (-1, "between 0 and"),
+        (2**31, "between 0 and"),
+        (1.5, "whole number"),
+        ("x", "whole number"),
+        (None, "whole number"),
+        (True, "whole number"),
+    ],
+)
 def test_seed_refuses_with_a_message(value, message):
     with pytest.raises(logic.DemoInputError, match=message):
         logic.check_seed(value)
@@ -80,8 +88,9 @@ def test_upload_checks_format_size_and_place(tmp_path):
     image, note = logic.load_upload(_save(tmp_path, "s.png", scene), tmp_path, size)
     assert note == "" and image.shape == (32, 32, 3)
     assert np.array_equal(image, logic.shrink(scene, 2))  # a 2x enlargement comes back exactly
-    image, note = logic.load_upload(_save(tmp_path, "s.jpg", np.zeros((40, 50, 3), np.uint8), quality=95),
-                                    tmp_path, size)
+    image, note = logic.load_upload(
+        _save(tmp_path, "s.jpg", np.zeros((40, 50, 3), np.uint8), quality=95), tmp_path, size
+    )
     assert image.shape == (32, 32, 3) and "50 x 40 px was resized" in note.replace("(", "").replace(")", "")
     with pytest.raises(logic.DemoInputError, match="PNG, JPEG or WebP.*GIF"):
         logic.load_upload(_save(tmp_path, "s.gif", scene), tmp_path, size)
@@ -127,11 +136,18 @@ def test_editor_mask_is_resized_or_refused_with_a_message():
         logic.mask_from_editor({"background": background, "layers": [np.zeros((256, 256), np.uint8)]}, (32, 32))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "at least one subject"), ("circle 0 0 1 1", "word: x0 y0 x1 y1"), ("circle: 0 0 1", "word: x0 y0 x1 y1"),
-    ("circle: 0 0 a 1", "four numbers"), ("circle: 0.5 0 0.2 1", "x0 < x1"), ("circle: 0 0 1.5 1", "x0 < x1"),
-    ("\n".join(f"w{i}: 0 0 1 1" for i in range(5)), "at most 4"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "at least one subject"),
+        ("circle 0 0 1 1", "word: x0 y0 x1 y1"),
+        ("circle: 0 0 1", "word: x0 y0 x1 y1"),
+        ("circle: 0 0 a 1", "four numbers"),
+        ("circle: 0.5 0 0.2 1", "x0 < x1"),
+        ("circle: 0 0 1.5 1", "x0 < x1"),
+        ("\n".join(f"w{i}: 0 0 1 1" for i in range(5)), "at most 4"),
+    ],
+)
 def test_subject_lines_are_checked(text, message):
     with pytest.raises(logic.DemoInputError, match=message):
         logic.parse_subjects(text)
@@ -139,7 +155,9 @@ def test_subject_lines_are_checked(text, message):
 
 def test_subjects_and_scales_parse():
     assert logic.parse_subjects("circle: 0, 0, 0.5, 0.5\n\nsquare: 0.5 0.5 1 1") == [
-        ("circle", (0.0, 0.0, 0.5, 0.5)), ("square", (0.5, 0.5, 1.0, 1.0))]
+        ("circle", (0.0, 0.0, 0.5, 0.5)),
+        ("square", (0.5, 0.5, 1.0, 1.0)),
+    ]
     assert logic.parse_scales("3, 1.5 3") == [0.0, 1.5, 3.0]
     for bad in ("3, x", "-1", "25", "1 2 3 4 5 6"):
         with pytest.raises(logic.DemoInputError):
@@ -162,8 +180,9 @@ def test_enlarge_shrink_and_difference_map():
 # the tabs on the embedded image model
 # ----------------------------------------------------------------------------------------------------------------
 def test_edit_prompt_to_prompt_recolours_and_swap_fills_the_target(models):
-    out = logic.run_edit(models, "a red circle on the left", "", "prompt-to-prompt", 0, STEPS, swap_word="red",
-                         swap_to="blue")
+    out = logic.run_edit(
+        models, "a red circle on the left", "", "prompt-to-prompt", 0, STEPS, swap_word="red", swap_to="blue"
+    )
     factor = out.source.shape[0] // 32
     source, target = logic.shrink(out.source, factor), logic.shrink(out.target, factor)
     assert _objects(source) == [("red", "circle", "left")]
@@ -180,21 +199,30 @@ def test_edit_refuses_what_it_cannot_do(models):
     with pytest.raises(logic.DemoInputError, match="'green' to swap is not in"):
         logic.run_edit(models, "a red circle", "", "prompt-to-prompt", 0, 2, swap_word="green", swap_to="blue")
     with pytest.raises(logic.DemoInputError, match="'square' to re-weight"):
-        logic.run_edit(models, "a red circle", "a blue circle", "prompt-to-prompt", 0, 2, reweight_word="square",
-                       reweight=2.0)
+        logic.run_edit(
+            models, "a red circle", "a blue circle", "prompt-to-prompt", 0, 2, reweight_word="square", reweight=2.0
+        )
     with pytest.raises(logic.DemoInputError, match="method must be one of"):
         logic.run_edit(models, "a red circle", "a blue circle", "sdedit", 0, 2)
 
 
 def test_edit_of_an_uploaded_image_inverts_it(models, tmp_path):
-    from diffattn_bench.scoring import psnr
-    from diffattn_bench.render import render_scene
     from diffattn_bench.grammar import Scene, ShapeSpec
+    from diffattn_bench.render import render_scene
+    from diffattn_bench.scoring import psnr
 
     scene, _ = render_scene(Scene((ShapeSpec("square", "green", "left"),)), 32, rng=0, jitter=False)
     path = _save(tmp_path, "scene.png", logic.enlarge(scene, 4))  # shown-size upload: shrinks back exactly
-    out = logic.run_edit(models, "a green square on the left", "a green square on the right", "MasaCtrl", 0, 20,
-                         upload=path, upload_folder=tmp_path)
+    out = logic.run_edit(
+        models,
+        "a green square on the left",
+        "a green square on the right",
+        "MasaCtrl",
+        0,
+        20,
+        upload=path,
+        upload_folder=tmp_path,
+    )
     factor = out.source.shape[0] // 32
     assert psnr(logic.shrink(out.source, factor), scene) > 25  # the inverted source regenerates the upload
     assert "from the inverted upload" in out.note
@@ -204,8 +232,13 @@ def test_guidance_sweep_shares_the_unguided_column(models, pipe):
     out = logic.run_guidance(models, "a red circle on the left", ["PAG", "SEG"], "3", 0, STEPS, "up_blocks.2")
     plain = out.cells[("PAG", 0.0)]
     with models.image():
-        direct = pipe("a red circle on the left", num_inference_steps=STEPS, guidance_scale=logic.CFG,
-                      output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+        direct = pipe(
+            "a red circle on the left",
+            num_inference_steps=STEPS,
+            guidance_scale=logic.CFG,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
     assert np.array_equal(plain, logic.to_uint8(direct))  # scale 0 is the plain pipeline, same seed
     assert np.array_equal(out.cells[("SEG", 0.0)], plain)
     for name in ("PAG", "SEG"):
@@ -248,5 +281,8 @@ def test_speed_tab_measures_the_chosen_methods_against_dense(models, tmp_path):
     # the default size of the tab is the one diffattn compare scores quality at
     from diffattn_bench.compare import QUALITY_SIZE
 
-    assert logic.SPEED_SIZES[list(logic.SPEED_SIZES)[1]] == (QUALITY_SIZE.frames, QUALITY_SIZE.height,
-                                                            QUALITY_SIZE.width)
+    assert logic.SPEED_SIZES[list(logic.SPEED_SIZES)[1]] == (
+        QUALITY_SIZE.frames,
+        QUALITY_SIZE.height,
+        QUALITY_SIZE.width,
+    )

@@ -43,17 +43,29 @@ F32 = 2e-5  # kernel vs float64 reference on unit-variance inputs (as test_spars
 # helpers
 
 
-def make_ctx(layout, *, step=0, batch_roles=None, attn_mask=None, timestep=None, input_grid=None, scale=None,
-             layer="layer"):
+def make_ctx(
+    layout, *, step=0, batch_roles=None, attn_mask=None, timestep=None, input_grid=None, scale=None, layer="layer"
+):
     metrics = {}
 
     def dense(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
     ctx = AttentionContext(
-        layer=layer, role="joint" if layout.text_len else "self", step=step, num_steps=None, q_layout=layout,
-        kv_layout=layout, batch_roles=batch_roles, attn_mask=attn_mask, scale=scale, enable_gqa=False, dense=dense,
-        report=lambda **m: metrics.update(m), timestep=timestep, input_grid=input_grid,
+        layer=layer,
+        role="joint" if layout.text_len else "self",
+        step=step,
+        num_steps=None,
+        q_layout=layout,
+        kv_layout=layout,
+        batch_roles=batch_roles,
+        attn_mask=attn_mask,
+        scale=scale,
+        enable_gqa=False,
+        dense=dense,
+        report=lambda **m: metrics.update(m),
+        timestep=timestep,
+        input_grid=input_grid,
     )
     return ctx, metrics
 
@@ -74,8 +86,10 @@ def tiles_of(layout, tile):
 
 def raster_tiles(layout, block):
     """Block id of every sequence token for raster blocks of ``block`` visual tokens (text: -1)."""
-    return [(-1 if layout.is_text(torch.tensor(i)) else (i - layout.visual_start) // block)
-            for i in range(layout.num_tokens)]
+    return [
+        (-1 if layout.is_text(torch.tensor(i)) else (i - layout.visual_start) // block)
+        for i in range(layout.num_tokens)
+    ]
 
 
 def plan_token_mask(plan, num_tokens, head):
@@ -124,7 +138,7 @@ def brute_force_selection(q, k, ids, *, topk=None, topp=None, guard=None, scale)
         qm = {t: q[h, members[t]].double().mean(0) for t in tiles}
         km = {t: k[h, members[t]].double().mean(0) for t in tiles}
 
-        def sim(x, t):
+        def sim(x, t, h=h):
             m = members[t]
             if len(m) < 2:
                 return 1.0
@@ -139,8 +153,9 @@ def brute_force_selection(q, k, ids, *, topk=None, topp=None, guard=None, scale)
             logits = torch.stack([scale * qm[tq] @ km[tk] + math.log(len(members[tk])) for tk in tiles])
             probs = torch.softmax(logits, 0).tolist()
             forced = [tk == tq or (guard is not None and (qs[tq] < guard or ks[tk] < guard)) for tk in tiles]
-            kept = brute_force_choice(probs, forced, topk=None if topk is None else topk[h],
-                                      topp=None if topp is None else topp[h])
+            kept = brute_force_choice(
+                probs, forced, topk=None if topk is None else topk[h], topp=None if topp is None else topp[h]
+            )
             selected[tq] = {tiles[j] for j in kept}
             # near-ties make "the" selection ambiguous: skip such draws
             free = sorted(p for p, f in zip(probs, forced) if not f)
@@ -156,11 +171,16 @@ def brute_force_selection(q, k, ids, *, topk=None, topp=None, guard=None, scale)
 # selection rules against brute force
 
 
-rows_strategy = st.integers(1, 3).flatmap(lambda heads: st.integers(1, 6).flatmap(lambda n: st.tuples(
-    st.just(heads), st.just(n),
-    st.lists(st.floats(-3, 3), min_size=heads * 2 * n, max_size=heads * 2 * n),
-    st.lists(st.booleans(), min_size=heads * 2 * n, max_size=heads * 2 * n),
-)))
+rows_strategy = st.integers(1, 3).flatmap(
+    lambda heads: st.integers(1, 6).flatmap(
+        lambda n: st.tuples(
+            st.just(heads),
+            st.just(n),
+            st.lists(st.floats(-3, 3), min_size=heads * 2 * n, max_size=heads * 2 * n),
+            st.lists(st.booleans(), min_size=heads * 2 * n, max_size=heads * 2 * n),
+        )
+    )
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -206,8 +226,10 @@ def test_pyramid_levels_equal_brute_force(rows, edges, data):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    grid=st.one_of(st.tuples(st.integers(1, 5), st.integers(1, 6)),
-                   st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4))),
+    grid=st.one_of(
+        st.tuples(st.integers(1, 5), st.integers(1, 6)),
+        st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)),
+    ),
     data=st.data(),
 )
 def test_block_selection_equals_brute_force(grid, data):
@@ -230,8 +252,9 @@ def test_block_selection_equals_brute_force(grid, data):
     if guard is not None:  # similarities right at the threshold make the guard ambiguous
         for x in (q, k):
             ko = block_order(layout, tile, block)
-            sims = block_self_similarity(x[0].index_select(-2, ko.gather)[:, :ko.num_visual],
-                                         ko.valid[:ko.num_visual], ko.block_size)
+            sims = block_self_similarity(
+                x[0].index_select(-2, ko.gather)[:, : ko.num_visual], ko.valid[: ko.num_visual], ko.block_size
+            )
             assume(bool(((sims - guard).abs() > 1e-9).all()))
     expected = brute_force_selection(q[0], k[0], ids, **{rule: budgets}, guard=guard, scale=1 / math.sqrt(4))
     (plan,) = method.plans(q, k, ctx)
@@ -287,7 +310,7 @@ def test_budget_everything_is_dense(layout):
 def test_budget_nothing_is_block_diagonal(layout):
     q, k, v = qkv(2, 2, layout.num_tokens, seed=1)
     for method in methods_with_budget(False, layout):
-        tile = getattr(method, "tile")
+        tile = method.tile
         ids = tiles_of(layout, tile) if tile is not None else raster_tiles(layout, method.block_size)
         mask = torch.tensor([[a == -1 or b == -1 or a == b for b in ids] for a in ids])
         expected = kernels.reference_attention(q, k, v, mask=mask)[0]
@@ -323,8 +346,8 @@ def test_batch_entries_select_separately():
     ctx, _ = make_ctx(layout)
     both = method(q, k, v, ctx)
     for b in range(2):
-        alone = method(q[b:b + 1], k[b:b + 1], v[b:b + 1], ctx)
-        torch.testing.assert_close(both[b:b + 1], alone, rtol=0, atol=0)
+        alone = method(q[b : b + 1], k[b : b + 1], v[b : b + 1], ctx)
+        torch.testing.assert_close(both[b : b + 1], alone, rtol=0, atol=0)
 
 
 def test_bad_parameters_say_how_to_fix():
@@ -396,10 +419,14 @@ def rettention_expected(q, k, v, mask, ratio_source):
     return (ratio * sparse + residual).float()
 
 
-@pytest.mark.parametrize("base", [
-    DynamicSparseAttention(topk=0.25, tile=(2, 4)),
-    diffattn.SlidingTileAttention(tile=(2, 4), window=(1, 1)),
-], ids=["dynamic", "sliding-tile"])
+@pytest.mark.parametrize(
+    "base",
+    [
+        DynamicSparseAttention(topk=0.25, tile=(2, 4)),
+        diffattn.SlidingTileAttention(tile=(2, 4), window=(1, 1)),
+    ],
+    ids=["dynamic", "sliding-tile"],
+)
 def test_rettention_calibrates_and_corrects(base):
     layout = TokenLayout((4, 8), text_len=2)
     ids = tiles_of(layout, (2, 4))
@@ -475,9 +502,14 @@ def test_rettention_full_budget_and_drift_stay_dense():
 
 
 @settings(max_examples=25, deadline=None)
-@given(grid=st.one_of(st.tuples(st.integers(1, 7), st.integers(1, 7)),
-                      st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5))),
-       factor=st.integers(1, 4), mode=st.sampled_from(["avg", "max", "top-left"]))
+@given(
+    grid=st.one_of(
+        st.tuples(st.integers(1, 7), st.integers(1, 7)),
+        st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5)),
+    ),
+    factor=st.integers(1, 4),
+    mode=st.sampled_from(["avg", "max", "top-left"]),
+)
 def test_pool_grid_equals_cells_by_hand(grid, factor, mode):
     """diffattn's cell pools (ceil sizes); the authors' interpolating modes are checked in tests/test_parity.py."""
     n = math.prod(grid)
@@ -490,8 +522,11 @@ def test_pool_grid_equals_cells_by_hand(grid, factor, mode):
     for f in range(frames):
         for i in range(ph):
             for j in range(pw):
-                cell = [f * h * w + r * w + c for r in range(i * factor, min((i + 1) * factor, h))
-                        for c in range(j * factor, min((j + 1) * factor, w))]
+                cell = [
+                    f * h * w + r * w + c
+                    for r in range(i * factor, min((i + 1) * factor, h))
+                    for c in range(j * factor, min((j + 1) * factor, w))
+                ]
                 values = x[:, :, cell]
                 expected = {"avg": values.mean(-2), "max": values.amax(-2), "top-left": values[:, :, 0]}[mode]
                 torch.testing.assert_close(got[:, :, f * ph * pw + i * pw + j], expected)
@@ -575,7 +610,10 @@ def test_dynamic_methods_on_models(tiny_model, family, grid, tile):
     inputs = tiny_inputs(family, grid, batch=2, text_len=7)
     with torch.no_grad():
         stock = model(**inputs)[0]
-        for everything in (DynamicSparseAttention(topk=1.0, tile=tile), PyramidSparseAttention(bands=(1,) * 4, tile=tile)):
+        for everything in (
+            DynamicSparseAttention(topk=1.0, tile=tile),
+            PyramidSparseAttention(bands=(1,) * 4, tile=tile),
+        ):
             with diffattn.apply(model, everything):
                 torch.testing.assert_close(model(**inputs)[0], stock, rtol=1e-4, atol=1e-4)
         sparse = DynamicSparseAttention(topk=0.3, tile=tile)
@@ -630,10 +668,13 @@ def test_dense_warmup_and_rettention_through_apply(tiny_model, family, grid, til
     assert (outs[2] - stock[2]).abs().mean() < (plain[2] - stock[2]).abs().mean()
 
 
-@pytest.mark.parametrize("make", [lambda: PyramidSparseAttention(bands=(0.3, 0.5, 0.7, 0.9), tile=(1, 4, 4),
-                                                                 block_size=16),
-                                  lambda: Rettention(base=DynamicSparseAttention(topk=0.3, tile=(1, 4, 4),
-                                                                                 block_size=16))])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PyramidSparseAttention(bands=(0.3, 0.5, 0.7, 0.9), tile=(1, 4, 4), block_size=16),
+        lambda: Rettention(base=DynamicSparseAttention(topk=0.3, tile=(1, 4, 4), block_size=16)),
+    ],
+)
 def test_psa_and_rettention_report_non_finite_inputs(make):
     """Their pooled keys / cached residuals cannot propagate NaN as dense attention restricted to a mask would, so
     they report it (NonFiniteInputError naming the layer and the tensor); finite inputs pass untouched."""

@@ -15,7 +15,7 @@ from diffattn.testing import tiny_pipeline
 KINDS = ["sd", "sdxl", "sd3", "flux"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pipeline(kind: str):
     pipe = tiny_pipeline(kind, seed=0)
     pipe.set_progress_bar_config(disable=True)
@@ -52,8 +52,18 @@ def test_branches_follow_cfg_halves_and_copies():
             seen.append((ctx.batch_roles, ctx.branches))
             return ctx.dense(q, k, v)
 
-    edit(pipeline("sd"), "a", "b", Spy(), layers="mid_block", num_inference_steps=1, height=32, width=32,
-         guidance_scale=5.0, num_images_per_prompt=2)
+    edit(
+        pipeline("sd"),
+        "a",
+        "b",
+        Spy(),
+        layers="mid_block",
+        num_inference_steps=1,
+        height=32,
+        width=32,
+        guidance_scale=5.0,
+        num_images_per_prompt=2,
+    )
     assert set(seen) == {(("uncond",) * 4 + ("cond",) * 4, ("source", "source", "target", "target") * 2)}
     seen.clear()
     edit(pipeline("flux"), "a", "b", Spy(), num_inference_steps=1, height=32, width=32)
@@ -65,9 +75,19 @@ def test_source_rows_pair_each_target_with_its_source_per_half():
 
     layout = diffattn.TokenLayout((2, 2))
     ctx = diffattn.AttentionContext(
-        layer="l", role="self", step=0, num_steps=1, q_layout=layout, kv_layout=layout,
-        batch_roles=("uncond", "uncond", "cond", "cond"), attn_mask=None, scale=None, enable_gqa=False,
-        dense=lambda q, k, v: q, branches=("source", "target", "source", "target"))
+        layer="l",
+        role="self",
+        step=0,
+        num_steps=1,
+        q_layout=layout,
+        kv_layout=layout,
+        batch_roles=("uncond", "uncond", "cond", "cond"),
+        attn_mask=None,
+        scale=None,
+        enable_gqa=False,
+        dense=lambda q, k, v: q,
+        branches=("source", "target", "source", "target"),
+    )
     assert source_rows(ctx, 4, "source", "target").tolist() == [0, 0, 2, 2]
 
 
@@ -98,10 +118,10 @@ def test_masactrl_stacks_with_sparse_attention():
 def test_inversion_replays_a_rendered_scene_on_the_embedded_model():
     """Invert a rendered ground-truth scene (not a sample of the model) and regenerate it: the source branch of an
     edit from the inverted noise reproduces the scene; plain noise gives another picture."""
-    from diffattn_bench.scoring import psnr
     from diffattn_bench.embedded import load_image_pipeline
-    from diffattn_bench.render import render_scene
     from diffattn_bench.grammar import Scene, ShapeSpec
+    from diffattn_bench.render import render_scene
+    from diffattn_bench.scoring import psnr
 
     pipe = load_image_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -135,8 +155,12 @@ def test_prompt_to_prompt_trivial_edits_are_identities(kind):
     same = run(kind, "a red circle", "a red circle", diffattn.PromptToPrompt(cross_replace=1.0, self_replace=1.0))
     np.testing.assert_allclose(same.target, same.source, rtol=0, atol=1e-5)
     plain = run(kind, "a red circle", "a blue circle", None)
-    unit = run(kind, "a red circle", "a blue circle",
-               diffattn.PromptToPrompt(cross_replace=0.0, self_replace=0.0, reweight=((2, 1.0),)))
+    unit = run(
+        kind,
+        "a red circle",
+        "a blue circle",
+        diffattn.PromptToPrompt(cross_replace=0.0, self_replace=0.0, reweight=((2, 1.0),)),
+    )
     np.testing.assert_allclose(unit.target, plain.target, rtol=0, atol=1e-5)
 
 
@@ -144,8 +168,12 @@ def test_prompt_to_prompt_reweight_changes_only_the_target():
     pipe = pipeline("sd")
     (token,) = diffattn.editing.token_indices(pipe, "a red circle", "red")
     plain = run("sd", "a red circle", "a red circle", None)
-    louder = run("sd", "a red circle", "a red circle",
-                 diffattn.PromptToPrompt(cross_replace=0.0, self_replace=0.0, reweight=((token, 3.0),)))
+    louder = run(
+        "sd",
+        "a red circle",
+        "a red circle",
+        diffattn.PromptToPrompt(cross_replace=0.0, self_replace=0.0, reweight=((token, 3.0),)),
+    )
     assert np.array_equal(louder.source, plain.source)
     assert np.abs(louder.target - plain.target).max() > 1e-4
 
@@ -177,9 +205,19 @@ def test_prompt_to_prompt_parameters_are_checked():
 # ----------------------------------------------------------------------------------------------------------------
 def _eraser_ctx(layout, step=0):
     return diffattn.AttentionContext(
-        layer="up_blocks.0.attn1", role="self", step=step, num_steps=10, q_layout=layout, kv_layout=layout,
-        batch_roles=("cond", "cond"), attn_mask=None, scale=None, enable_gqa=False,
-        dense=lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v), branches=("wo", "w"))
+        layer="up_blocks.0.attn1",
+        role="self",
+        step=step,
+        num_steps=10,
+        q_layout=layout,
+        kv_layout=layout,
+        batch_roles=("cond", "cond"),
+        attn_mask=None,
+        scale=None,
+        enable_gqa=False,
+        dense=lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        branches=("wo", "w"),
+    )
 
 
 def test_attentive_eraser_hides_the_object_keys_in_the_w_branch_only():
@@ -211,19 +249,20 @@ def test_attentive_eraser_never_empties_a_row(fill):
 
 
 def test_erase_removes_the_masked_object_on_the_embedded_model():
-    from diffattn_bench.scoring import segment
     from diffattn_bench.embedded import load_image_pipeline
-    from diffattn_bench.render import render_scene
     from diffattn_bench.grammar import Scene, ShapeSpec
+    from diffattn_bench.render import render_scene
+    from diffattn_bench.scoring import segment
 
     pipe = load_image_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    image, _ = render_scene(Scene((ShapeSpec("circle", "red", "left"), ShapeSpec("square", "blue", "right"))), 32,
-                            rng=0, jitter=False)
+    image, _ = render_scene(
+        Scene((ShapeSpec("circle", "red", "left"), ShapeSpec("square", "blue", "right"))), 32, rng=0, jitter=False
+    )
     red = next(c for c in segment(image).components if c.colour == "red")
     x0, y0, x1, y1 = red.bbox
     mask = np.zeros((32, 32), bool)
-    mask[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = True
+    mask[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1] = True
     out = diffattn.editing.erase(pipe, image, mask, num_inference_steps=20)
     found = segment((np.clip(out, 0, 1) * 255).round().astype(np.uint8)).components
     assert not any(c.colour == "red" for c in found)
@@ -276,8 +315,9 @@ def test_prompt_to_prompt_with_local_blend_runs_and_blends(kind, monkeypatch):
     monkeypatch.setattr(editing, "_blend_step", lambda store, *a: stores.append(store) or original(store, *a))
     blend = diffattn.LocalBlend(words=("circle", "square"), start=0.0)
     plain = run(kind, "a red circle on the left", "a red square on the left", diffattn.PromptToPrompt())
-    blended = run(kind, "a red circle on the left", "a red square on the left",
-                  diffattn.PromptToPrompt(local_blend=blend))
+    blended = run(
+        kind, "a red circle on the left", "a red square on the left", diffattn.PromptToPrompt(local_blend=blend)
+    )
     assert np.array_equal(blended.source, plain.source), "the source branch is untouched (invariant 23)"
     assert np.isfinite(blended.target).all()
     (store,) = stores
@@ -287,8 +327,12 @@ def test_prompt_to_prompt_with_local_blend_runs_and_blends(kind, monkeypatch):
 
 def test_local_blend_words_must_be_in_the_prompts():
     with pytest.raises(ValueError, match="none of the words .* LocalBlend"):
-        run("sd", "a red circle", "a blue circle", diffattn.PromptToPrompt(local_blend=diffattn.LocalBlend(
-            words=("triangle",))))
+        run(
+            "sd",
+            "a red circle",
+            "a blue circle",
+            diffattn.PromptToPrompt(local_blend=diffattn.LocalBlend(words=("triangle",))),
+        )
     with pytest.raises(ValueError, match="name the words"):
         diffattn.LocalBlend(words=())
 
@@ -299,9 +343,20 @@ def _masa_ctx(role="self", grid=(4, 4), text=0):
     def dense(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-    return diffattn.AttentionContext(layer="l", role=role, step=10, num_steps=20, q_layout=layout, kv_layout=layout,
-                                     batch_roles=("cond", "cond"), attn_mask=None, scale=None, enable_gqa=False,
-                                     dense=dense, branches=("source", "target"))
+    return diffattn.AttentionContext(
+        layer="l",
+        role=role,
+        step=10,
+        num_steps=20,
+        q_layout=layout,
+        kv_layout=layout,
+        batch_roles=("cond", "cond"),
+        attn_mask=None,
+        scale=None,
+        enable_gqa=False,
+        dense=dense,
+        branches=("source", "target"),
+    )
 
 
 def _explicit(q, k, v, allowed):
@@ -348,8 +403,7 @@ def test_mask_guided_masactrl_with_full_masks_is_plain_masactrl():
     q, k, v = (torch.randn(2, 2, 16, 8) for _ in range(3))
     full = torch.ones(5, 5, dtype=torch.bool)
     masked = diffattn.MutualSelfAttention(start_step=0, mask_source=full, mask_target=full)(q, k, v, ctx)
-    torch.testing.assert_close(masked, diffattn.MutualSelfAttention(start_step=0)(q, k, v, ctx), rtol=1e-6,
-                               atol=1e-6)
+    torch.testing.assert_close(masked, diffattn.MutualSelfAttention(start_step=0)(q, k, v, ctx), rtol=1e-6, atol=1e-6)
 
 
 def test_mask_guided_masactrl_checks_its_masks():
@@ -365,9 +419,12 @@ def test_mask_guided_masactrl_runs_on_every_family(kind):
     mask_s[4:16, 2:14] = True
     mask_t = np.zeros((32, 32), bool)
     mask_t[4:16, 18:30] = True
-    method = diffattn.MutualSelfAttention(start_step=0, mask_source=torch.from_numpy(mask_s),
-                                          mask_target=torch.from_numpy(mask_t))
-    plain = run(kind, "a red circle on the left", "a red circle on the right", diffattn.MutualSelfAttention(start_step=0))
+    method = diffattn.MutualSelfAttention(
+        start_step=0, mask_source=torch.from_numpy(mask_s), mask_target=torch.from_numpy(mask_t)
+    )
+    plain = run(
+        kind, "a red circle on the left", "a red circle on the right", diffattn.MutualSelfAttention(start_step=0)
+    )
     masked = run(kind, "a red circle on the left", "a red circle on the right", method)
     assert np.array_equal(masked.source, plain.source)
     assert np.isfinite(masked.target).all() and np.abs(masked.target - plain.target).max() > 1e-5
@@ -425,6 +482,15 @@ def test_inversion_runs_on_unet_families(kind):
     image = np.random.default_rng(0).uniform(0, 1, (32, 32, 3)).astype(np.float32)
     latents = diffattn.editing.invert(pipe, image, "a red circle", 3, height=32, width=32)
     assert latents.shape[0] == 1 and torch.isfinite(latents).all()
-    replay = edit(pipe, "a red circle", "a red circle", None, latents=latents, num_inference_steps=3, height=32,
-                  width=32, guidance_scale=1.0)
+    replay = edit(
+        pipe,
+        "a red circle",
+        "a red circle",
+        None,
+        latents=latents,
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        guidance_scale=1.0,
+    )
     assert np.isfinite(replay.source).all() and np.array_equal(replay.source, replay.target)

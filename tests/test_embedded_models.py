@@ -19,8 +19,15 @@ def test_image_model_loads_offline_with_stable_diffusion_pipeline():
     from diffattn_bench.scoring import evaluate_image
 
     prompt = "a red circle on the left"
-    out = pipe(prompt, num_inference_steps=10, guidance_scale=4.0, height=32, width=32, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images  # < 8 steps leave this v-prediction model flat
+    out = pipe(
+        prompt,
+        num_inference_steps=10,
+        guidance_scale=4.0,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images  # < 8 steps leave this v-prediction model flat
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
     result = evaluate_image((out[0].clip(0, 1) * 255).round().astype(np.uint8), prompt)
     assert result.count_correct and result.objects[0].position_correct and result.objects[0].shape_correct, result
@@ -31,8 +38,9 @@ def test_video_model_loads_offline_and_generates():
 
     pipe = ShapesVideoPipeline.from_pretrained(embedded.VIDEO_MODEL_DIR, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    frames = pipe("a blue square on the left moving right", num_inference_steps=4,
-                  generator=torch.Generator().manual_seed(0)).frames
+    frames = pipe(
+        "a blue square on the left moving right", num_inference_steps=4, generator=torch.Generator().manual_seed(0)
+    ).frames
     assert frames.shape == (1, 8, 32, 32, 3) and np.isfinite(frames).all()
     assert frames.std() > 0.05
 

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import global_attention_backend_restored
 from diffusers.models.attention_dispatch import attention_backend
 from diffusers.models.attention_processor import AttnProcessor
+from test_models_layout import hide_mask, run
 
 import diffattn
 from diffattn import adapters
-from diffattn.testing import tiny_inputs, tiny_model as build_tiny_model
-
-from conftest import global_attention_backend_restored
-from test_models_layout import hide_mask, run
+from diffattn.testing import tiny_inputs
+from diffattn.testing import tiny_model as build_tiny_model
 
 
 def test_unsupported_model_says_what_is_supported():
     from diffusers import UNet2DModel
 
     with pytest.raises(diffattn.UnsupportedModelError, match="Supported models: .*UNet2DConditionModel"):
-        diffattn.apply(UNet2DModel(block_out_channels=(32, 32), norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")), diffattn.Dense())
+        diffattn.apply(
+            UNet2DModel(
+                block_out_channels=(32, 32),
+                norm_num_groups=8,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            ),
+            diffattn.Dense(),
+        )
     with pytest.raises(diffattn.UnsupportedModelError, match="neither a diffusers model nor a pipeline"):
         diffattn.apply(object(), diffattn.Dense())
     with pytest.raises(TypeError, match="diffattn method"):
@@ -37,8 +45,10 @@ def test_layers_matching_nothing_lists_valid_names(tiny_model):
     with diffattn.apply(model, diffattn.Dense(), steps=0.25):  # a bare model outside a pipeline: say how to fix
         with pytest.raises(diffattn.StepSelectionError, match="denoising_step"):
             run(model, tiny_inputs("wan", (2, 4, 4)))
-    assert not any(getattr(m, "_diffusers_hook", None) and any(n.startswith("diffattn") for n in m._diffusers_hook.hooks)
-                   for m in model.modules())
+    assert not any(
+        getattr(m, "_diffusers_hook", None) and any(n.startswith("diffattn") for n in m._diffusers_hook.hooks)
+        for m in model.modules()
+    )
 
 
 def test_layer_patterns_match_whole_name_parts():
@@ -52,10 +62,20 @@ def test_layer_patterns_match_whole_name_parts():
     assert select_layers(None, names) == names
 
 
-@pytest.mark.parametrize("spec,step,num_steps,active", [
-    (None, 7, None, True), (3, 3, None, True), (3, 4, None, False), (range(2, 4), 3, None, True),
-    (0.25, 2, 10, False), (0.25, 3, 10, True), (0.24, 12, 50, True), (0.24, 11, 50, False), ([0, 5], 5, 9, True),
-])
+@pytest.mark.parametrize(
+    "spec,step,num_steps,active",
+    [
+        (None, 7, None, True),
+        (3, 3, None, True),
+        (3, 4, None, False),
+        (range(2, 4), 3, None, True),
+        (0.25, 2, 10, False),
+        (0.25, 3, 10, True),
+        (0.24, 12, 50, True),
+        (0.24, 11, 50, False),
+        ([0, 5], 5, 9, True),
+    ],
+)
 def test_step_schedule(spec, step, num_steps, active):
     assert diffattn.StepSchedule.parse(spec).is_active(step, num_steps) is active
 
@@ -76,8 +96,9 @@ def test_processor_without_sdpa_core_raises_instead_of_running_without_effect(ti
 
 def test_layout_mismatch_is_an_error_not_a_silent_wrong_mask(tiny_model):
     model = tiny_model("wan")
-    wrong = adapters.FamilyAdapter("wan", "WanTransformer3DModel", adapters.adapter_for(model).rules,
-                                   grid=lambda m, inputs: (1, 2, 2))
+    wrong = adapters.FamilyAdapter(
+        "wan", "WanTransformer3DModel", adapters.adapter_for(model).rules, grid=lambda m, inputs: (1, 2, 2)
+    )
     handle = diffattn.apply(model, diffattn.Masked(hide_mask))
     for application in handle.applications:
         application.state.adapter = wrong

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import global_attention_backend_restored
 
 import diffattn
 from diffattn import guidance
@@ -27,8 +28,6 @@ from diffattn.layout import TokenLayout
 from diffattn.methods.perturbed import blur_tokens, gaussian_blur_matrix
 from diffattn.testing import tiny_inputs, tiny_model, tiny_pipeline
 
-from conftest import global_attention_backend_restored
-
 STEPS = 2
 KINDS = ("sd", "sdxl", "sd3", "flux", "wan")
 # Stock Wan gives identical batch entries outputs that differ by ~3e-7 (so do batches of different sizes, for every
@@ -36,12 +35,12 @@ KINDS = ("sd", "sdxl", "sd3", "flux", "wan")
 BATCH_NOISE = 1e-5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pipeline(kind: str):
     return tiny_pipeline(kind, seed=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sd3_without_qk_norm():
     """The tiny SD3 pipeline with a transformer diffusers' SD3 PAG processor computes correctly (it drops qk-norm)."""
     import diffusers
@@ -85,8 +84,14 @@ def generate(pipe, kind: str, *, output_type: str = "np", **kwargs) -> np.ndarra
     size = dict(num_frames=5, height=16, width=16) if kind == "wan" else dict(height=32, width=32)
     if kind == "flux" and "true_cfg_scale" not in kwargs:
         kwargs.update(true_cfg_scale=4.0, negative_prompt="a blue square")  # Flux's separate-call CFG
-    out = pipe("a red circle", num_inference_steps=STEPS, output_type=output_type,
-               generator=torch.Generator().manual_seed(0), **size, **kwargs)
+    out = pipe(
+        "a red circle",
+        num_inference_steps=STEPS,
+        output_type=output_type,
+        generator=torch.Generator().manual_seed(0),
+        **size,
+        **kwargs,
+    )
     if output_type == "latent":
         return (out.frames if kind == "wan" else out.images).numpy()
     return np.asarray(out.frames if kind == "wan" else out.images)
@@ -109,8 +114,9 @@ def relative_diff(a, b) -> float:
 # Equality with diffusers' PAG pipelines
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["native", "flex"])
-@pytest.mark.parametrize("kind,cfg", [("sd", 7.5), ("sd", 1.0), ("sdxl", 5.0), ("sdxl", 1.0), ("sd3", 7.0),
-                                      ("sd3", 1.0)])
+@pytest.mark.parametrize(
+    "kind,cfg", [("sd", 7.5), ("sd", 1.0), ("sdxl", 5.0), ("sdxl", 1.0), ("sd3", 7.0), ("sd3", 1.0)]
+)
 def test_matches_diffusers_pag_pipeline(kind, cfg, backend):
     pipe = sd3_without_qk_norm() if kind == "sd3" else pipeline(kind)
     ref = reference_pag(kind)
@@ -119,8 +125,9 @@ def test_matches_diffusers_pag_pipeline(kind, cfg, backend):
             denoiser(pipe).set_attention_backend("flex")
         try:
             base = generate(pipe, kind, guidance_scale=cfg, output_type="latent")
-            expected = {t: generate(ref, kind, guidance_scale=cfg, pag_scale=3.0, output_type=t)
-                        for t in ("latent", "np")}
+            expected = {
+                t: generate(ref, kind, guidance_scale=cfg, pag_scale=3.0, output_type=t) for t in ("latent", "np")
+            }
             with guidance.enable(pipe, PAG(scale=3.0)) as handle:
                 got = {t: generate(pipe, kind, guidance_scale=cfg, output_type=t) for t in ("latent", "np")}
                 assert {r.step for r in handle.records} == set(range(STEPS))
@@ -235,8 +242,19 @@ def make_ctx(roles, layout, *, role="self", mask=None, layer="blocks.0.attn1"):
     def dense(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    return AttentionContext(layer=layer, role=role, step=0, num_steps=1, q_layout=layout, kv_layout=layout,
-                            batch_roles=tuple(roles), attn_mask=mask, scale=None, enable_gqa=False, dense=dense)
+    return AttentionContext(
+        layer=layer,
+        role=role,
+        step=0,
+        num_steps=1,
+        q_layout=layout,
+        kv_layout=layout,
+        batch_roles=tuple(roles),
+        attn_mask=mask,
+        scale=None,
+        enable_gqa=False,
+        dense=dense,
+    )
 
 
 def qkv(batch, heads, tokens, dim=8, seed=0):
@@ -256,8 +274,9 @@ def test_identity_path_and_untouched_entries():
     assert torch.equal(out[:2], dense[:2])  # non-perturbed entries: bitwise the stock core
     assert torch.equal(out[2], v[2])  # identity: output = V exactly
     off_diagonal = torch.full((15, 15), float("-inf")).fill_diagonal_(0.0)
-    assert torch.allclose(out[2], F.scaled_dot_product_attention(q[2:], k[2:], v[2:], attn_mask=off_diagonal)[0],
-                          atol=1e-6)
+    assert torch.allclose(
+        out[2], F.scaled_dot_product_attention(q[2:], k[2:], v[2:], attn_mask=off_diagonal)[0], atol=1e-6
+    )
     # the non-perturbed entries do not depend on the perturbed entry's input
     q2, k2, v2 = (x.clone() for x in (q, k, v))
     for x in (q2, k2, v2):
@@ -371,8 +390,9 @@ def test_seg_blur_on_any_grid(grid):
         blurred = blur_tokens(q[1:].double(), grid, sigma, faithful)
         logits = (q[1:].double() @ k[1:].double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
         blurred_logits = blur_tokens(logits, grid, sigma, faithful)
-        assert torch.allclose(blurred @ k[1:].double().transpose(-1, -2) / math.sqrt(q.shape[-1]), blurred_logits,
-                              atol=1e-10)
+        assert torch.allclose(
+            blurred @ k[1:].double().transpose(-1, -2) / math.sqrt(q.shape[-1]), blurred_logits, atol=1e-10
+        )
         expected = torch.softmax(blurred_logits, -1) @ v[1:].double()
         assert torch.allclose(SEG(sigma=sigma, faithful=faithful)(q, k, v, ctx)[1:].double(), expected, atol=1e-5)
         # the perturbation grows with sigma (catches an inverted sigma branch). Not past sigma = 1 for the authors'
@@ -483,7 +503,7 @@ def test_default_layers_per_family():
             assert handle.layers == layers, kind
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def wan_with_11_blocks():
     import diffusers
 
@@ -599,8 +619,10 @@ def test_flex_backend(kind):
                 assert calls and len(handle.records) == STEPS
             with guidance.enable(pipe, SoftPAG(u=1.0)):
                 assert np.array_equal(generate(pipe, kind), pag)
-            assert all(getattr(p, "_attention_backend", None) == AttentionBackendName.FLEX
-                       for p in model.attn_processors.values())
+            assert all(
+                getattr(p, "_attention_backend", None) == AttentionBackendName.FLEX
+                for p in model.attn_processors.values()
+            )
         finally:
             _AttentionBackendRegistry._backends[AttentionBackendName.FLEX] = flex_fn
             model.reset_attention_backend()

@@ -67,7 +67,8 @@ def test_no_root_package_is_a_dependency_name() -> None:
     clashes = {name: provided[name] for name in _regular_root_names() - OURS if name in provided}
     assert not clashes, (
         f"repository-root packages {sorted(clashes)} have the import names of installed distributions {clashes}; "
-        "move the Python package below a folder that only resolves as diffattn.<name> (see README, layout)")
+        "move the Python package below a folder that only resolves as diffattn.<name> (see README, layout)"
+    )
     assert _regular_root_names() <= {"diffattn"}, _regular_root_names()
     assert not (ROOT / "kernels" / "__init__.py").exists()
 
@@ -83,8 +84,12 @@ def _third_party_imports(folders: list[Path]) -> dict[str, set[str]]:
                     modules = [alias.name for alias in node.names]
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     modules = [node.module]
-                elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip"
-                      and node.args and isinstance(node.args[0], ast.Constant)):
+                elif (
+                    isinstance(node, ast.Call)
+                    and getattr(node.func, "attr", None) == "importorskip"
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                ):
                     modules = [node.args[0].value]  # a test that skips silently when its import is missing
                 else:
                     continue
@@ -136,11 +141,13 @@ def test_every_runtime_import_is_declared(room: str) -> None:
 
 def test_every_test_import_is_declared() -> None:
     project = _project()
-    declared = _declared(project, ("test", "bench", "demo")) | _declared(_project(ROOT / "kernels" / "pyproject.toml"), ())
+    declared = _declared(project, ("test", "bench", "demo")) | _declared(
+        _project(ROOT / "kernels" / "pyproject.toml"), ()
+    )
     provided = metadata.packages_distributions()
     local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {p.stem for p in (ROOT / "scripts").glob("*.py")}
     missing = {}
-    for module, files in _third_party_imports([ROOT / "tests"]).items():
+    for module in _third_party_imports([ROOT / "tests"]):
         if module in OPTIONAL or module in local:
             continue
         dists = {_normalise(d) for d in provided.get(module, [])}
@@ -159,8 +166,11 @@ def test_constraints_pin_every_installed_distribution() -> None:
             assert version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
             pins[_normalise(name)] = version
     project = _project()
-    unpinned = (_declared(project, ("test", "bench", "demo")) | _declared(_project(ROOT / "kernels" / "pyproject.toml"), ())
-                ) - set(pins) - {"torch", "diffattn", "diffattn-kernels"}  # torch: pinned by bootstrap.sh, kept on GPUs
+    unpinned = (
+        (_declared(project, ("test", "bench", "demo")) | _declared(_project(ROOT / "kernels" / "pyproject.toml"), ()))
+        - set(pins)
+        - {"torch", "diffattn", "diffattn-kernels"}
+    )  # torch: pinned by bootstrap.sh, kept on GPUs
     assert not unpinned, f"declared but not pinned in constraints.txt: {sorted(unpinned)}"
 
 
@@ -182,8 +192,13 @@ def test_model_classes_and_embedded_pipelines_import_from_repository_root() -> N
     """In a subprocess whose working directory is the repository root (as ``python -m pytest`` and
     ``python -c`` run), with Hugging Face's ``kernels`` installed."""
     assert "kernels" in metadata.packages_distributions(), "Hugging Face's kernels (the test extra) is not installed"
-    result = subprocess.run([sys.executable, "-c", _FROM_ROOT, json.dumps(supported_models())], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _FROM_ROOT, json.dumps(supported_models())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert not Path(loaded["kernels"]).resolve().is_relative_to(ROOT / "kernels"), loaded["kernels"]

@@ -17,10 +17,10 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 import diffattn_kernels as kernels
 from diffattn import TokenLayout
-from diffattn_kernels import KernelUnsupportedError, block_sparse
 from diffattn.patterns import SlidingWindow
 from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile
+from diffattn_kernels import KernelUnsupportedError, block_sparse
 
 # gradcheck (float64, finite differences with eps 1e-6): the backward recomputes probabilities from the float32
 # log-sum-exp the op returns, so analytic gradients carry ~1e-7 relative error.
@@ -40,8 +40,10 @@ def one_thread():
 
 def qkv(heads: int, kv_heads: int, n: int, dim: int = 8, dtype=torch.float64, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, h, n, dim, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-            for h in (heads, kv_heads, kv_heads)]
+    return [
+        torch.randn(1, h, n, dim, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+        for h in (heads, kv_heads, kv_heads)
+    ]
 
 
 def mask_from(mod, n: int, heads: int | None = None, block: int = 16) -> BlockMask:
@@ -83,8 +85,14 @@ def case(name: str) -> tuple[BlockMask, int, int, int]:
     raise KeyError(name)
 
 
-CASES = ["partial_full_empty_row_ragged", "empty_query_block", "gqa_per_head_mask", "scattered_gqa",
-         "tile_full_blocks_only", "window_with_text"]
+CASES = [
+    "partial_full_empty_row_ragged",
+    "empty_query_block",
+    "gqa_per_head_mask",
+    "scattered_gqa",
+    "tile_full_blocks_only",
+    "window_with_text",
+]
 
 
 def blocks_of_case(bm: BlockMask) -> tuple[int, int]:
@@ -98,8 +106,9 @@ def test_torch_backend_gradcheck_float64(name):
     bm, heads, kv_heads, n = case(name)
     q, k, v = qkv(heads, kv_heads, n)
     fast = name != CASES[0]  # the full Jacobian costs 2 forward calls per input element: random projections else
-    assert torch.autograd.gradcheck(lambda a, b, c: kernels.attention(a, b, c, bm, backend="torch")[0], (q, k, v),
-                                    fast_mode=fast, **GRADCHECK)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: kernels.attention(a, b, c, bm, backend="torch")[0], (q, k, v), fast_mode=fast, **GRADCHECK
+    )
 
 
 def test_cases_cover_the_block_kinds():
@@ -162,8 +171,9 @@ def test_reference_backend_is_differentiable():
     bm, heads, kv_heads, n = case("partial_full_empty_row_ragged")
     q, k, v = (x.detach()[:, :, :24].requires_grad_() for x in qkv(heads, kv_heads, n))
     small = mask_from(window_with_empty_row, 24, block=8)
-    assert torch.autograd.gradcheck(lambda a, b, c: kernels.attention(a, b, c, small, backend="reference")[0],
-                                    (q, k, v), **GRADCHECK)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: kernels.attention(a, b, c, small, backend="reference")[0], (q, k, v), **GRADCHECK
+    )
 
 
 def test_backends_without_backward_refuse_with_the_alternative():
@@ -228,8 +238,20 @@ def op_args(dtype=torch.float32, requires_grad=False):
     bm, heads, kv_heads, n = case("partial_full_empty_row_ragged")
     q, k, v = (x.detach().requires_grad_(requires_grad) for x in qkv(heads, kv_heads, n, dtype=dtype))
     tiles, tile_index = block_sparse.partial_tiles(bm, n, n, q.device)
-    return (q, k, v, bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, tiles, tile_index,
-            16, 16, 1 / math.sqrt(8))
+    return (
+        q,
+        k,
+        v,
+        bm.kv_num_blocks,
+        bm.kv_indices,
+        bm.full_kv_num_blocks,
+        bm.full_kv_indices,
+        tiles,
+        tile_index,
+        16,
+        16,
+        1 / math.sqrt(8),
+    )
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -294,8 +316,13 @@ after = (dict(os.environ), torch._dynamo.config.recompile_limit)
 changed = sorted(k for k in set(before[0]) | set(after[0]) if before[0].get(k) != after[0].get(k))
 print(json.dumps({"env": changed, "limit": [before[1], after[1]], "inside": inside}))
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["env"] == [], f"environment variables changed: {report['env']}"

@@ -55,8 +55,15 @@ def test_every_room_exists_with_its_package() -> None:
         assert (folder / "__init__.py").is_file(), f"{room}: {folder} is not a package"
 
 
-@pytest.mark.parametrize(("room", "module"), [("diffattn", "diffattn_bench.compare"), ("diffattn_kernels", "diffattn"),
-                                              ("diffattn_kernels", "diffusers.hooks"), ("diffattn_bench", "diffattn_demo")])
+@pytest.mark.parametrize(
+    ("room", "module"),
+    [
+        ("diffattn", "diffattn_bench.compare"),
+        ("diffattn_kernels", "diffattn"),
+        ("diffattn_kernels", "diffusers.hooks"),
+        ("diffattn_bench", "diffattn_demo"),
+    ],
+)
 def test_an_upward_import_is_caught(tmp_path: Path, room: str, module: str) -> None:
     """The checker itself: a lazy upward import written into a room is reported."""
     folder = tmp_path / room

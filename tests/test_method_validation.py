@@ -45,26 +45,61 @@ def wrong_shape(q_idx, kv_idx, ctx):
 
 # method, family, grid, what the message must say (besides the method name and the layer)
 BAD = {
-    "2-D window on video": (lambda: diffattn.SlidingWindowAttention(window=(3, 3)), "wan", (2, 4, 4),
-                            ["2x4x4", "3-value window (frames, height, width)", "window=(2, 4, 4)"]),
-    "video tile on image": (lambda: diffattn.SlidingTileAttention(), "flux", (4, 4),
-                            ["4x4", "2-value tile (height, width)", "tile=(4, 4)"]),
-    "video tile on unet": (lambda: diffattn.SlidingTileAttention(), "unet_sd15", (8, 8),
-                           ["8x8", "2-value tile", "tile=(8, 8)"]),
-    "window too large": (lambda: diffattn.SlidingWindowAttention(window=7), "sd3", (4, 6),
-                         ["4x6", "larger than", "clip_to_grid=True"]),
-    "too many shifted windows": (lambda: diffattn.ShiftedWindowAttention(windows=(2, 2, 2)), "unet_sd15", (8, 8),
-                                 ["8x8", "describe 3 axes", "windows=(2, 2)"]),
-    "mask of fixed shape": (lambda: diffattn.Masked(wrong_shape), "flux", (4, 4),
-                            ["4x4", "(3, 3)", "q_idx"]),
-    "dynamic video tile on image": (lambda: DynamicSparseAttention(topk=0.5, tile=(4, 4, 8)), "flux", (4, 4),
-                                    ["4x4", "2-value tile", "tile=(4, 4)", "tile='auto'"]),
-    "pyramid 2-D tile on video": (lambda: PyramidSparseAttention(tile=(2, 4)), "wan", (2, 4, 4),
-                                  ["2x4x4", "3-value tile", "tile=(2, 4, 4)"]),
-    "rettention base": (lambda: Rettention(base=diffattn.SlidingWindowAttention(window=(3, 3))), "wan", (2, 4, 4),
-                        ["2x4x4", "3-value window"]),
-    "todo factor covers the frame": (lambda: TokenDownsampling(factor=8), "unet_sd15", (8, 8),
-                                     ["8x8", "factor=8", "factor < 8"]),
+    "2-D window on video": (
+        lambda: diffattn.SlidingWindowAttention(window=(3, 3)),
+        "wan",
+        (2, 4, 4),
+        ["2x4x4", "3-value window (frames, height, width)", "window=(2, 4, 4)"],
+    ),
+    "video tile on image": (
+        lambda: diffattn.SlidingTileAttention(),
+        "flux",
+        (4, 4),
+        ["4x4", "2-value tile (height, width)", "tile=(4, 4)"],
+    ),
+    "video tile on unet": (
+        lambda: diffattn.SlidingTileAttention(),
+        "unet_sd15",
+        (8, 8),
+        ["8x8", "2-value tile", "tile=(8, 8)"],
+    ),
+    "window too large": (
+        lambda: diffattn.SlidingWindowAttention(window=7),
+        "sd3",
+        (4, 6),
+        ["4x6", "larger than", "clip_to_grid=True"],
+    ),
+    "too many shifted windows": (
+        lambda: diffattn.ShiftedWindowAttention(windows=(2, 2, 2)),
+        "unet_sd15",
+        (8, 8),
+        ["8x8", "describe 3 axes", "windows=(2, 2)"],
+    ),
+    "mask of fixed shape": (lambda: diffattn.Masked(wrong_shape), "flux", (4, 4), ["4x4", "(3, 3)", "q_idx"]),
+    "dynamic video tile on image": (
+        lambda: DynamicSparseAttention(topk=0.5, tile=(4, 4, 8)),
+        "flux",
+        (4, 4),
+        ["4x4", "2-value tile", "tile=(4, 4)", "tile='auto'"],
+    ),
+    "pyramid 2-D tile on video": (
+        lambda: PyramidSparseAttention(tile=(2, 4)),
+        "wan",
+        (2, 4, 4),
+        ["2x4x4", "3-value tile", "tile=(2, 4, 4)"],
+    ),
+    "rettention base": (
+        lambda: Rettention(base=diffattn.SlidingWindowAttention(window=(3, 3))),
+        "wan",
+        (2, 4, 4),
+        ["2x4x4", "3-value window"],
+    ),
+    "todo factor covers the frame": (
+        lambda: TokenDownsampling(factor=8),
+        "unet_sd15",
+        (8, 8),
+        ["8x8", "factor=8", "factor < 8"],
+    ),
 }
 
 
@@ -84,14 +119,17 @@ def test_bad_parameters_name_the_layer_grid_and_fix_before_any_attention(case, t
         assert part in message, f"{part!r} missing from: {message}"
 
 
-@pytest.mark.parametrize("family,grid,method", [
-    ("wan", (2, 4, 4), diffattn.SlidingWindowAttention(window=(1, 3, 3), block_size=8)),
-    ("flux", (4, 4), diffattn.SlidingTileAttention(tile=(2, 2), window=3)),
-    ("unet_sd15", (8, 8), diffattn.ShiftedWindowAttention(shift=0.25)),
-    ("wan", (3, 4, 4), diffattn.RadialAttention(block_size=16)),
-    ("flux", (4, 4), DynamicSparseAttention(topk=0.5)),
-    ("unet_sd15", (8, 8), TokenDownsampling(factor=2)),
-])
+@pytest.mark.parametrize(
+    "family,grid,method",
+    [
+        ("wan", (2, 4, 4), diffattn.SlidingWindowAttention(window=(1, 3, 3), block_size=8)),
+        ("flux", (4, 4), diffattn.SlidingTileAttention(tile=(2, 2), window=3)),
+        ("unet_sd15", (8, 8), diffattn.ShiftedWindowAttention(shift=0.25)),
+        ("wan", (3, 4, 4), diffattn.RadialAttention(block_size=16)),
+        ("flux", (4, 4), DynamicSparseAttention(topk=0.5)),
+        ("unet_sd15", (8, 8), TokenDownsampling(factor=2)),
+    ],
+)
 def test_valid_parameters_still_run(family, grid, method, tiny_model):
     model = tiny_model(family)
     with diffattn.apply(model, method) as handle:
@@ -131,16 +169,27 @@ def test_sparse_attention_without_a_pattern_fails_at_construction():
 
 def make_ctx(layout: TokenLayout, layer: str = "blocks.3.attn") -> AttentionContext:
     return AttentionContext(
-        layer=layer, role="joint" if layout.text_len else "self", step=0, num_steps=None, q_layout=layout,
-        kv_layout=layout, batch_roles=None, attn_mask=None, scale=None, enable_gqa=False,
+        layer=layer,
+        role="joint" if layout.text_len else "self",
+        step=0,
+        num_steps=None,
+        q_layout=layout,
+        kv_layout=layout,
+        batch_roles=None,
+        attn_mask=None,
+        scale=None,
+        enable_gqa=False,
         dense=lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
     )
 
 
 def test_radial_on_a_one_axis_grid_and_validate_called_directly():
     ctx = make_ctx(TokenLayout((16,)), layer="blocks.0.attn1")
-    with pytest.raises(MethodConfigError, match=r"RadialAttention on layer blocks\.0\.attn1 \(visual grid 16 .*"
-                                                r"Fix: apply RadialAttention to video models"):
+    with pytest.raises(
+        MethodConfigError,
+        match=r"RadialAttention on layer blocks\.0\.attn1 \(visual grid 16 .*"
+        r"Fix: apply RadialAttention to video models",
+    ):
         diffattn.RadialAttention(block_size=8).validate(ctx)
     diffattn.RadialAttention(block_size=8).validate(make_ctx(TokenLayout((2, 4, 4))))
 
@@ -164,7 +213,7 @@ def visible_attention(q, k, v, mask):
             seen = mask[..., i, :]
             for h in range(q.shape[1]):
                 row = seen[h] if seen.ndim == 2 else seen
-                out[:, h, i:i + 1] = F.scaled_dot_product_attention(q[:, h, i:i + 1], k[:, h, row], v[:, h, row])
+                out[:, h, i : i + 1] = F.scaled_dot_product_attention(q[:, h, i : i + 1], k[:, h, row], v[:, h, row])
     return out
 
 
@@ -203,8 +252,16 @@ def test_static_sparse_nan_inf_match_dense_attention_with_the_same_mask(name, wh
         assert not bad_rows.all()
 
 
-@pytest.mark.parametrize("where,value,token", [("k", float("nan"), 13), ("v", float("nan"), 0), ("v", float("inf"), 0),
-                                               ("v", float("-inf"), 31), ("q", float("nan"), 7)])
+@pytest.mark.parametrize(
+    "where,value,token",
+    [
+        ("k", float("nan"), 13),
+        ("v", float("nan"), 0),
+        ("v", float("inf"), 0),
+        ("v", float("-inf"), 31),
+        ("q", float("nan"), 7),
+    ],
+)
 def test_dynamic_sparse_nan_inf_match_dense_attention_with_its_selection(where, value, token):
     """Token 0 also fills the padding of the kernel order (tiles of 2x4 on 5x6): it must not reach those rows."""
     method = DynamicSparseAttention(topk=0.3, tile=(2, 4), backend="torch")

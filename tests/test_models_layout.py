@@ -58,8 +58,11 @@ def test_dense_is_bitwise_stock_and_remove_restores(family, tiny_model):
     again.remove()
     handle.remove()
     assert all(m.processor is originals[n] for n, m in diffattn.attention_modules(model)), "processors untouched"
-    assert not any(name.startswith("diffattn") for _, m in model.named_modules()
-                   for name in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}))
+    assert not any(
+        name.startswith("diffattn")
+        for _, m in model.named_modules()
+        for name in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})
+    )
     assert torch.equal(run(model, inputs), stock)
 
     diffattn.remove(model)
@@ -120,7 +123,7 @@ class IndependentMask(TorchFunctionMode):
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         names = ("query", "key", "value")
-        q, k, v = (*args[:3], *(kwargs.pop(n) for n in names[len(args[:3]):]))
+        q, k, v = (*args[:3], *(kwargs.pop(n) for n in names[len(args[:3]) :]))
         self.calls += 1
         keep = torch.from_numpy(self.key_mask(q.shape[-2], k.shape[-2]))
         mask = kwargs.pop("attn_mask", None)
@@ -143,7 +146,9 @@ def test_layout_matches_independent_masked_attention(family, kind, tiny_model):
     with mode:
         expected = run(model, inputs)
     assert mode.calls > 0
-    assert not torch.allclose(expected, stock, atol=1e-4), "the mask must change the output for the test to mean anything"
+    assert not torch.allclose(expected, stock, atol=1e-4), (
+        "the mask must change the output for the test to mean anything"
+    )
 
     handle = diffattn.apply(model, diffattn.Masked(hide_mask))
     got = run(model, inputs)

@@ -44,9 +44,20 @@ def one_thread():
 
 
 def make_ctx(layout: TokenLayout, *, roles=None, step=0) -> AttentionContext:
-    return AttentionContext(layer="blocks.0.attn1", role="self", step=step, num_steps=10, q_layout=layout,
-                            kv_layout=layout, batch_roles=roles, attn_mask=None, scale=None, enable_gqa=False,
-                            dense=lambda q, k, v: F.scaled_dot_product_attention(q, k, v), report=lambda **m: None)
+    return AttentionContext(
+        layer="blocks.0.attn1",
+        role="self",
+        step=step,
+        num_steps=10,
+        q_layout=layout,
+        kv_layout=layout,
+        batch_roles=roles,
+        attn_mask=None,
+        scale=None,
+        enable_gqa=False,
+        dense=lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+        report=lambda **m: None,
+    )
 
 
 def randn(*shape, seed=0, dtype=torch.float64):
@@ -66,7 +77,10 @@ def authors_radial(frames: int, tokens: int, block: int, decay: float, wan: bool
     nb = frames * tokens // block
     final = torch.zeros(nb, nb, dtype=torch.bool)
     idx = torch.arange(tokens, dtype=torch.int32)
-    bitlen = lambda x: int(x).bit_length()  # noqa: E731  (Python's int.bit_length, as theirs)
+
+    def bitlen(x):  # Python's int.bit_length, as theirs
+        return int(x).bit_length()
+
     padded = ((tokens - 1) // block + 1) * block  # the canvas: remainder + this many tokens per side
     tiles = padded // block  # rows // block of that canvas, for any remainder < block
     row_prefix: dict = {}
@@ -90,11 +104,11 @@ def authors_radial(frames: int, tokens: int, block: int, decay: float, wan: bool
             t = torch.arange(tiles)
             lo, hi = (t * block - r).clamp(0, tokens), ((t + 1) * block - r).clamp(0, tokens)
             counts = torch.zeros(tiles, c + padded, dtype=torch.int32)  # canvas columns; rows start at offset r
-            counts[:, c:c + tokens] = prefix[hi] - prefix[lo]
-            density = counts[:, :tiles * block].reshape(tiles, tiles, block) / block
+            counts[:, c : c + tokens] = prefix[hi] - prefix[lo]
+            density = counts[:, : tiles * block].reshape(tiles, tiles, block) / block
             kept = (density > 1 / 3).sum(-1) / ((density > 0).sum(-1) + 1e-9) > 0.6
             r0, c0 = i * tokens // block, j * tokens // block
-            final[r0:r0 + tiles, c0:c0 + tiles] |= kept
+            final[r0 : r0 + tiles, c0 : c0 + tiles] |= kept
     return final
 
 
@@ -247,8 +261,9 @@ def test_todo_default_is_authors_and_attends_downsampled_keys():
     layout = TokenLayout((10, 7))
     q, k, v = (randn(2, 2, 70, 8, seed=s, dtype=torch.float32) for s in (4, 5, 6))
     kd, vd = (authors_downsample(x.reshape(4, 70, 8), 10, 7, 3, "nearest-exact").reshape(2, 2, 6, 8) for x in (k, v))
-    torch.testing.assert_close(method(q, k, v, make_ctx(layout)), F.scaled_dot_product_attention(q, kd, vd),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        method(q, k, v, make_ctx(layout)), F.scaled_dot_product_attention(q, kd, vd), rtol=0, atol=1e-6
+    )
 
 
 def test_todo_interpolating_modes_refuse_a_factor_that_leaves_no_row():

@@ -120,8 +120,10 @@ def neighborhood(draw, causal_allowed=True):
 
 def pattern_args(k, s, d, c, draw_int):
     """Exercise the int-broadcast form when all axes agree."""
+
     def pack(v):
         return v[0] if draw_int and len(set(v)) == 1 else v
+
     return pack(k), pack(s), pack(d), pack(c)
 
 
@@ -325,13 +327,23 @@ NATTEN_CASES = [
 @pytest.mark.parametrize("grid, kernel, stride, dilation, causal", NATTEN_CASES)
 def test_sliding_window_matches_natten(grid, kernel, stride, dilation, causal):
     import natten  # installed by scripts/bootstrap.sh; a missing NATTEN must fail, not skip
+
     fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(grid)]
     g = torch.Generator().manual_seed(len(grid) * 100 + sum(grid))
     q, k, v = (torch.randn(2, *grid, 2, 16, generator=g) for _ in range(3))  # heads-last layout
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = fn(q, k, v, kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal,
-                 backend="flex-fna", attention_kwargs={"backend": "flex-fmha"})
+        out = fn(
+            q,
+            k,
+            v,
+            kernel_size=kernel,
+            stride=stride,
+            dilation=dilation,
+            is_causal=causal,
+            backend="flex-fna",
+            attention_kwargs={"backend": "flex-fmha"},
+        )
     n = math.prod(grid)
     mask = token_mask(SlidingWindow(kernel, stride, dilation, causal), grid)
     flat = [x.reshape(2, n, 2, 16).transpose(1, 2) for x in (q, k, v)]
@@ -350,7 +362,10 @@ def slow_radial(frames, tokens, decay, block, sink=True, band_frames=1):
     kept = np.zeros((nb, nb), dtype=bool)
     p = np.arange(tokens)[:, None]
     q = np.arange(tokens)[None, :]
-    bitlen = lambda x: int(math.floor(math.log2(x))) + 1  # noqa: E731
+
+    def bitlen(x):
+        return int(math.floor(math.log2(x))) + 1
+
     for i in range(frames):
         for j in range(frames):
             d = abs(i - j)
@@ -383,8 +398,13 @@ def slow_radial(frames, tokens, decay, block, sink=True, band_frames=1):
 
 @pytest.mark.parametrize(
     "grid, decay, block",
-    [((8, 16, 16), 1.0, 64), ((8, 16, 16), 0.5, 128), ((13, 16, 20), 1.0, 128), ((13, 16, 20), 0.3, 64),
-     ((21, 8, 25), 0.2, 128)],
+    [
+        ((8, 16, 16), 1.0, 64),
+        ((8, 16, 16), 0.5, 128),
+        ((13, 16, 20), 1.0, 128),
+        ((13, 16, 20), 0.3, 64),
+        ((21, 8, 25), 0.2, 128),
+    ],
 )
 def test_radial_matches_slow_construction(grid, decay, block):
     frames, tokens = grid[0], grid[1] * grid[2]
@@ -457,8 +477,13 @@ def test_radial_cache_key_and_validation():
     kept.fill_(False)  # a caller's copy: must not leak into the next build
     assert base.kept_blocks(grid).any()
     assert radial_density(9, 256, 1.0, 64) != radial_density(9, 256, 0.25, 64)
-    for bad in (dict(decay=0), dict(decay=float("nan")), dict(block_size=0), dict(dense_band_frames=-1),
-                dict(frame_sink=1)):
+    for bad in (
+        dict(decay=0),
+        dict(decay=float("nan")),
+        dict(block_size=0),
+        dict(dense_band_frames=-1),
+        dict(frame_sink=1),
+    ):
         with pytest.raises(ValueError):
             Radial(**bad)
     with pytest.raises(ValueError, match="video pattern"):

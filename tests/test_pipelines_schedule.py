@@ -16,7 +16,7 @@ from diffattn.testing import tiny_pipeline
 STEPS = 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pipeline(kind: str):
     return tiny_pipeline(kind, seed=0)
 
@@ -25,8 +25,13 @@ def generate(pipe, kind: str, steps: int = STEPS, guidance: float | None = None)
     kwargs = dict(num_frames=5, height=16, width=16) if kind == "wan" else dict(height=32, width=32)
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
-    out = pipe("a red circle", num_inference_steps=steps, output_type="np",
-               generator=torch.Generator().manual_seed(0), **kwargs)
+    out = pipe(
+        "a red circle",
+        num_inference_steps=steps,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
     return np.asarray(out.frames if kind == "wan" else out.images)
 
 

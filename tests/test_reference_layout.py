@@ -18,8 +18,11 @@ FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 
 def qkv(b=2, h=3, sq=9, skv=11, d=8, hkv=None, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, sq, d, generator=g, dtype=dtype), torch.randn(b, hkv or h, skv, d, generator=g, dtype=dtype),
-            torch.randn(b, hkv or h, skv, d, generator=g, dtype=dtype))
+    return (
+        torch.randn(b, h, sq, d, generator=g, dtype=dtype),
+        torch.randn(b, hkv or h, skv, d, generator=g, dtype=dtype),
+        torch.randn(b, hkv or h, skv, d, generator=g, dtype=dtype),
+    )
 
 
 @settings(max_examples=30, deadline=None)
@@ -55,8 +58,11 @@ def test_lse_merge_of_disjoint_key_sets_equals_one_attention():
 
 
 @settings(max_examples=60, deadline=None)
-@given(grid=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple), text_len=st.integers(0, 5),
-       text_first=st.booleans())
+@given(
+    grid=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
+    text_len=st.integers(0, 5),
+    text_first=st.booleans(),
+)
 def test_layout_indexing_matches_numpy(grid, text_len, text_first):
     layout = TokenLayout(grid, text_len=text_len, text_first=text_first)
     idx = torch.arange(layout.num_tokens)

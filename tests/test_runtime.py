@@ -19,7 +19,7 @@ from diffattn.methods.perturbed import PAG
 from diffattn.testing import tiny_inputs, tiny_model, tiny_pipeline
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pipeline(kind: str):
     return tiny_pipeline(kind, seed=0)
 
@@ -30,8 +30,13 @@ def generate(pipe, steps: int = 4, guidance_scale: float | None = None, **extra)
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
     kwargs.update(extra)
-    out = pipe("a red circle", num_inference_steps=steps, output_type="np",
-               generator=torch.Generator().manual_seed(0), **kwargs)
+    out = pipe(
+        "a red circle",
+        num_inference_steps=steps,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
     return np.asarray(out.frames if video else out.images)
 
 
@@ -159,8 +164,14 @@ def test_img2img_strength_counts_only_the_steps_that_run():
     image = torch.rand(1, 3, 32, 32)
     recording = Recording(roles=frozenset({"self"}))
     with diffattn.apply(pipe, recording, steps=0.5) as handle:
-        pipe("a red circle", image=image, strength=0.5, num_inference_steps=4, output_type="np",
-             generator=torch.Generator().manual_seed(0))
+        pipe(
+            "a red circle",
+            image=image,
+            strength=0.5,
+            num_inference_steps=4,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        )
         assert {s for s, _ in handle.acted()} == {1}  # 2 of 4 steps run; the second half of them is step 1
     assert {n for _, n, _ in recording.seen} == {2}
 
@@ -274,10 +285,12 @@ def test_import_changes_no_process_wide_setting():
     import subprocess
     import sys
 
-    code = ("import os, torch; env = dict(os.environ); limit = torch._dynamo.config.recompile_limit; "
-            "import diffattn, diffattn_kernels, diffattn_bench.compare; "
-            "assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items()); "
-            "assert torch._dynamo.config.recompile_limit == limit")
+    code = (
+        "import os, torch; env = dict(os.environ); limit = torch._dynamo.config.recompile_limit; "
+        "import diffattn, diffattn_kernels, diffattn_bench.compare; "
+        "assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items()); "
+        "assert torch._dynamo.config.recompile_limit == limit"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-2000:]
 

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_dynamic import make_ctx, qkv
 
 import diffattn
 from diffattn import TokenLayout
 from diffattn.methods.scaling import EntropyScaling, entropy_scale
 from diffattn.testing import tiny_inputs, tiny_model
-from test_dynamic import make_ctx, qkv
 
 
 def reference(q, k, v, logit_scale):
@@ -104,16 +104,19 @@ def test_token_ratio_gives_each_layer_its_own_trained_count():
         assert method.factor(ctx, n) == pytest.approx(math.sqrt(math.log(n) / math.log(n / 4)))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"train_tokens": 1}, "train_tokens"),
-    ({}, "exactly one"),
-    ({"train_tokens": 512, "token_ratio": 4.0}, "exactly one"),
-    ({"token_ratio": -1.0}, "token_ratio"),
-    ({"train_tokens": 512.0}, "train_tokens"),
-    ({"train_tokens": 512, "base": "dense"}, "base must be"),
-    ({"train_tokens": 512, "base": EntropyScaling(train_tokens=64)}, "base must be"),
-    ({"train_tokens": 512, "roles": {"diagonal"}}, "roles"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"train_tokens": 1}, "train_tokens"),
+        ({}, "exactly one"),
+        ({"train_tokens": 512, "token_ratio": 4.0}, "exactly one"),
+        ({"token_ratio": -1.0}, "token_ratio"),
+        ({"train_tokens": 512.0}, "train_tokens"),
+        ({"train_tokens": 512, "base": "dense"}, "base must be"),
+        ({"train_tokens": 512, "base": EntropyScaling(train_tokens=64)}, "base must be"),
+        ({"train_tokens": 512, "roles": {"diagonal"}}, "roles"),
+    ],
+)
 def test_bad_configuration_says_how_to_fix_it(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         EntropyScaling(**kwargs)
@@ -122,5 +125,6 @@ def test_bad_configuration_says_how_to_fix_it(kwargs, match):
 def test_plain_sdpa_reference_agrees_with_torch():
     """The reference itself: at the stock scale it is F.scaled_dot_product_attention."""
     q, k, v = qkv(1, 2, 32, dim=8)
-    torch.testing.assert_close(reference(q, k, v, 1 / math.sqrt(8)), F.scaled_dot_product_attention(q, k, v),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        reference(q, k, v, 1 / math.sqrt(8)), F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=0
+    )

@@ -14,25 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from diffattn_bench.scoring import (
-    BenchConfig,
-    classify_shape,
-    evaluate_image,
-    evaluate_video,
-    main,
-    psnr,
-    ssim,
-    summarize,
-)
-from diffattn_bench.render import (
-    BACKGROUND_AMPLITUDE,
-    ShapesDataset,
-    random_scene,
-    random_video_scene,
-    render_scene,
-    render_video,
-    scene_problem,
-)
 from diffattn_bench.grammar import (
     BACKGROUNDS,
     CIRCLE_RADIUS,
@@ -52,6 +33,25 @@ from diffattn_bench.grammar import (
     parse_caption,
     position_of,
     shape_coverage,
+)
+from diffattn_bench.render import (
+    BACKGROUND_AMPLITUDE,
+    ShapesDataset,
+    random_scene,
+    random_video_scene,
+    render_scene,
+    render_video,
+    scene_problem,
+)
+from diffattn_bench.scoring import (
+    BenchConfig,
+    classify_shape,
+    evaluate_image,
+    evaluate_video,
+    main,
+    psnr,
+    ssim,
+    summarize,
 )
 
 ALL_MOTIONS = (None, Motion("circular"), *(Motion("linear", d) for d in MOTION_DIRECTIONS))

@@ -4,8 +4,8 @@ partial blocks) against token truth, every kernel against the float64 reference,
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -43,10 +43,10 @@ def obvious_tile_mask(grid, tile, window, text_len=0, text_first=False, text_pad
                 start = min(max(ta - win[ax] // 2, 0), tiles[ax] - win[ax])
                 ok &= start <= tb < start + win[ax]
             mask[vis0 + i, vis0 + j] = ok
-    mask[txt0:txt0 + text_len, :] = True
-    mask[:, txt0:txt0 + text_len] = True
+    mask[txt0 : txt0 + text_len, :] = True
+    mask[:, txt0 : txt0 + text_len] = True
     if text_padding:
-        mask[:, txt0 + text_len - text_padding:txt0 + text_len] = False
+        mask[:, txt0 + text_len - text_padding : txt0 + text_len] = False
     return mask
 
 
@@ -76,7 +76,7 @@ def test_sliding_tile_equals_obvious_mask(grid, data):
     expected = obvious_tile_mask(grid, tile, window, text_len, text_first, text_padding)
     real = np.ones(layout.num_tokens, dtype=bool)  # padded text query rows are discarded by the model
     if text_padding:
-        real[layout.text_start + text_len - text_padding:layout.text_start + text_len] = False
+        real[layout.text_start + text_len - text_padding : layout.text_start + text_len] = False
     assert np.array_equal(got[real], expected[real])
 
 
@@ -108,8 +108,9 @@ def test_blocks_are_exact_for_tiles_and_conservative_with_text(grid, data):
             elif kb not in partial:
                 assert not tile_pairs.any(), "a skipped block must hold no allowed pair"
         if text_len == 0 and bool(valid[rows].all()):
-            assert not [kb for kb in partial if bool(valid[kb * block:(kb + 1) * block].all())], \
+            assert not [kb for kb in partial if bool(valid[kb * block : (kb + 1) * block].all())], (
                 "with whole tiles as blocks, blocks of real tokens are never partial"
+            )
 
 
 def random_qkv(batch, heads, n, dim, dtype, seed=0):
@@ -200,14 +201,17 @@ def tile_masked_equivalent(tile, window):
     return diffattn.Masked(mod, roles={"self", "joint"})
 
 
-@pytest.mark.parametrize("family,grid,tile,window", [
-    ("wan", (3, 4, 6), (1, 2, 2), (1, 2, 2)),
-    ("flux", (5, 6), (2, 2), (2, 2)),
-    ("cogvideox", (2, 5, 3), (1, 2, 2), (2, 1, 1)),
-    ("hunyuan_video", (3, 4, 4), (1, 2, 2), (1, 1, 2)),
-    ("ltx_video", (2, 4, 6), (2, 2, 2), (1, 1, 2)),
-    ("sd3", (6, 4), (3, 2), (1, 2)),
-])
+@pytest.mark.parametrize(
+    "family,grid,tile,window",
+    [
+        ("wan", (3, 4, 6), (1, 2, 2), (1, 2, 2)),
+        ("flux", (5, 6), (2, 2), (2, 2)),
+        ("cogvideox", (2, 5, 3), (1, 2, 2), (2, 1, 1)),
+        ("hunyuan_video", (3, 4, 4), (1, 2, 2), (1, 1, 2)),
+        ("ltx_video", (2, 4, 6), (2, 2, 2), (1, 1, 2)),
+        ("sd3", (6, 4), (3, 2), (1, 2)),
+    ],
+)
 def test_sliding_tile_method_on_models_matches_masked_reference(family, grid, tile, window):
     model = tiny_model(family)
     inputs = tiny_inputs(family, grid, batch=2, text_len=7)
@@ -237,14 +241,17 @@ def pattern_as_masked(pattern):
     return diffattn.Masked(mod, roles={"self", "joint"})
 
 
-@pytest.mark.parametrize("family,grid,method", [
-    ("wan", (3, 4, 6), diffattn.SlidingWindowAttention(window=(3, 3, 3), block_size=16)),
-    ("flux", (6, 5), diffattn.SlidingWindowAttention(window=3, stride=2, dilation=1, block_size=8)),
-    ("cogvideox", (2, 6, 5), diffattn.SlidingWindowAttention(window=(2, 3, 3), dilation=(1, 2, 1), block_size=16)),
-    ("hunyuan_video", (5, 16, 16), diffattn.RadialAttention(decay=0.5, block_size=64)),
-    ("wan", (6, 8, 8), diffattn.RadialAttention(decay=0.5, block_size=64)),
-    ("unet_sd15", (9, 7), diffattn.ShiftedWindowAttention(shift=0.25, block_size=16)),
-])
+@pytest.mark.parametrize(
+    "family,grid,method",
+    [
+        ("wan", (3, 4, 6), diffattn.SlidingWindowAttention(window=(3, 3, 3), block_size=16)),
+        ("flux", (6, 5), diffattn.SlidingWindowAttention(window=3, stride=2, dilation=1, block_size=8)),
+        ("cogvideox", (2, 6, 5), diffattn.SlidingWindowAttention(window=(2, 3, 3), dilation=(1, 2, 1), block_size=16)),
+        ("hunyuan_video", (5, 16, 16), diffattn.RadialAttention(decay=0.5, block_size=64)),
+        ("wan", (6, 8, 8), diffattn.RadialAttention(decay=0.5, block_size=64)),
+        ("unet_sd15", (9, 7), diffattn.ShiftedWindowAttention(shift=0.25, block_size=16)),
+    ],
+)
 def test_window_methods_on_models_match_masked_reference(family, grid, method):
     model = tiny_model(family)
     inputs = tiny_inputs(family, grid, batch=2, text_len=7)
@@ -376,11 +383,16 @@ def test_key_order_shortens_radial_runs_and_matches_reference(monkeypatch, text_
     mask, n = plan.block_mask, plan.kernel_length
     partial = block_sparse._lists(mask.kv_num_blocks, mask.kv_indices)[0]
     full = block_sparse._lists(mask.full_kv_num_blocks, mask.full_kv_indices)[0]
-    members = [(qb, [(a, b) for a, b, _ in runs]) for qb in range(len(partial))
-               if (runs := block_sparse._runs(partial[qb], full[qb])) and not partial[qb] and (qb + 1) * 64 <= n]
+    members = [
+        (qb, [(a, b) for a, b, _ in runs])
+        for qb in range(len(partial))
+        if (runs := block_sparse._runs(partial[qb], full[qb])) and not partial[qb] and (qb + 1) * 64 <= n
+    ]
     blocks = math.ceil(n / 64)
     order = block_sparse._key_order(members, blocks, n // 64)
-    assert order is not None and sorted(order) == list(range(blocks)) and order[n // 64:] == list(range(n // 64, blocks))
+    assert (
+        order is not None and sorted(order) == list(range(blocks)) and order[n // 64 :] == list(range(n // 64, blocks))
+    )
     before, after = block_sparse.key_major_runs(mask, n, n)
     assert before == sum(len(runs) for _, runs in members) / len(members)
     assert after <= (1 - block_sparse.KEY_ORDER_GAIN) * before
@@ -410,6 +422,7 @@ def test_sliding_tile_equals_natten_generalized_neighborhood_attention(grid, til
         return x.index_select(2, plan.scatter)[0].permute(1, 0, 2).reshape(1, *grid, 2, 16)
 
     kernel = tuple(w * t for w, t in zip(window, tile))
-    theirs = natten.na3d(heads_last(q), heads_last(k), heads_last(v), kernel_size=kernel, stride=tile,
-                         backend="flex-fna")
+    theirs = natten.na3d(
+        heads_last(q), heads_last(k), heads_last(v), kernel_size=kernel, stride=tile, backend="flex-fna"
+    )
     torch.testing.assert_close(theirs, ours[0].permute(1, 0, 2).reshape(1, *grid, 2, 16), rtol=0, atol=2e-6)

@@ -38,7 +38,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str) -> torch.nn.Module:
     return tiny_model(family)
 

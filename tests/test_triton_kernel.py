@@ -16,15 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
 
+import diffattn
+import diffattn_kernels as kernels
+from diffattn import TokenLayout
+from diffattn.patterns import Radial, ShiftedWindow, SlidingWindow
+from diffattn.patterns.compile import compile_pattern
+from diffattn.patterns.compose import PerHead
+from diffattn.patterns.tile import SlidingTile
+
 pytest.importorskip("triton", reason="triton is not installed (pip install triton; scripts/bootstrap.sh does)")
 
-import diffattn  # noqa: E402
-import diffattn_kernels as kernels  # noqa: E402
-from diffattn import TokenLayout  # noqa: E402
-from diffattn.patterns import Radial, ShiftedWindow, SlidingWindow  # noqa: E402
-from diffattn.patterns.compile import compile_pattern  # noqa: E402
-from diffattn.patterns.compose import PerHead  # noqa: E402
-from diffattn.patterns.tile import SlidingTile  # noqa: E402
 
 # Written tolerance per dtype: max abs error of the output against float64 attention of the same (rounded) inputs,
 # unit-variance q, k, v. fp32 dots are exact-precision ("ieee"); fp16 / bf16 round the probabilities to the value
@@ -34,8 +35,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the compiled kernel); the interpreter "
-                                                       "tests above cover the same cases on CPU")
+needs_cuda = pytest.mark.skipif(
+    not HAS_CUDA,
+    reason="needs a CUDA GPU (the compiled kernel); the interpreter tests above cover the same cases on CPU",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +60,9 @@ def random_qkv(batch, heads, n, dim, dtype, seed=0, kv_heads=None, device="cpu")
 
 def reference64(q, k, v, block_mask, scale=None):
     """Float64 attention of the given (already rounded) inputs under ``block_mask`` (batch dim 1)."""
-    return kernels.attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), block_mask.to("cpu"),
-                             backend="reference", scale=scale)
+    return kernels.attention(
+        q.double().cpu(), k.double().cpu(), v.double().cpu(), block_mask.to("cpu"), backend="reference", scale=scale
+    )
 
 
 def assert_matches_reference(q, k, v, block_mask, *, scale=None, reference_masks=None, **kernel_kwargs):
@@ -69,7 +73,7 @@ def assert_matches_reference(q, k, v, block_mask, *, scale=None, reference_masks
     if reference_masks is None:
         ref, ref_lse = reference64(q, k, v, block_mask, scale=scale)
     else:
-        parts = [reference64(q[b:b + 1], k[b:b + 1], v[b:b + 1], m, scale) for b, m in enumerate(reference_masks)]
+        parts = [reference64(q[b : b + 1], k[b : b + 1], v[b : b + 1], m, scale) for b, m in enumerate(reference_masks)]
         ref, ref_lse = torch.cat([o for o, _ in parts]), torch.cat([l for _, l in parts])
     tol = TOLERANCE[q.dtype]
     assert out.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
@@ -116,8 +120,9 @@ def compiled(case):
 def test_patterns_match_float64_reference(case, dtype):
     plan, heads = compiled(case)
     bm = plan.block_mask
-    assert int(bm.kv_num_blocks.sum()) + int(bm.full_kv_num_blocks.sum()) < bm.kv_num_blocks.shape[-1] ** 2 * heads, \
+    assert int(bm.kv_num_blocks.sum()) + int(bm.full_kv_num_blocks.sum()) < bm.kv_num_blocks.shape[-1] ** 2 * heads, (
         "the case must be sparse to mean anything"
+    )
     q, k, v = random_qkv(1, heads, plan.kernel_length, 64, dtype, seed=1)
     assert_matches_reference(q, k, v, bm)
 
@@ -175,8 +180,15 @@ def test_tile_splitting_and_padding_paths():
 
 
 @settings(max_examples=12, deadline=None)
-@given(num_q=st.integers(1, 150), num_kv=st.integers(1, 150), bq=st.integers(3, 70), bkv=st.integers(3, 70),
-       width=st.integers(0, 40), salt=st.integers(2, 7), heads=st.integers(1, 2))
+@given(
+    num_q=st.integers(1, 150),
+    num_kv=st.integers(1, 150),
+    bq=st.integers(3, 70),
+    bkv=st.integers(3, 70),
+    width=st.integers(0, 40),
+    salt=st.integers(2, 7),
+    heads=st.integers(1, 2),
+)
 def test_random_masks_block_shapes_and_lengths(num_q, num_kv, bq, bkv, width, salt, heads):
     """Any block shape (bq != bkv, not powers of two), any lengths (Sq != Skv), scattered element masks."""
 
@@ -204,12 +216,15 @@ def test_batch_gqa_scale_and_per_batch_masks():
         return (q - kv).abs() <= 4 + 9 * b + 3 * h
 
     bm = create_block_mask(mod, 2, 2, n, n, device="cpu", BLOCK_SIZE=block)
-    per_entry = [create_block_mask(lambda _, h, q, kv, b=b: mod(b, h, q, kv), None, 2, n, n, device="cpu",
-                                   BLOCK_SIZE=block) for b in range(2)]
+    per_entry = [
+        create_block_mask(lambda _, h, q, kv, b=b: mod(b, h, q, kv), None, 2, n, n, device="cpu", BLOCK_SIZE=block)
+        for b in range(2)
+    ]
     q, k, v = random_qkv(2, 2, n, 64, torch.float32, seed=5)
     assert_matches_reference(q, k, v, bm, scale=0.3, reference_masks=per_entry)
-    shared = create_block_mask(lambda b, h, q, kv: (q - kv).abs() <= 6, None, None, n, n, device="cpu",
-                               BLOCK_SIZE=block)
+    shared = create_block_mask(
+        lambda b, h, q, kv: (q - kv).abs() <= 6, None, None, n, n, device="cpu", BLOCK_SIZE=block
+    )
     q, k, v = random_qkv(2, 4, n, 64, torch.float32, seed=6, kv_heads=2)  # grouped-query: 2 query heads per kv head
     assert_matches_reference(q, k, v, shared)
 
@@ -251,8 +266,8 @@ def test_packed_bits_equal_the_element_mask():
                 tile = bits[int(tile_index[0, h, qb, j])]  # (bq, words)
                 unpacked = ((tile.unsqueeze(-1) >> shifts) & 1).flatten(-2).bool()[:, :bkv]
                 expected = torch.zeros(bq, bkv, dtype=torch.bool)
-                block = dense[qb * bq:(qb + 1) * bq, kb * bkv:(kb + 1) * bkv]
-                expected[:block.shape[0], :block.shape[1]] = block
+                block = dense[qb * bq : (qb + 1) * bq, kb * bkv : (kb + 1) * bkv]
+                expected[: block.shape[0], : block.shape[1]] = block
                 assert torch.equal(unpacked, expected)
 
 
@@ -267,8 +282,9 @@ def test_lse_merge_of_sparse_visual_and_dense_text_is_exact():
     order_valid = pattern.token_order(grid) >= 0
     key_valid = torch.cat([order_valid, torch.arange(text) < text - 2])
     q, k, v = random_qkv(1, 2, joint.kernel_length, 64, torch.float32, seed=9)
-    out, lse = kernels.split_text_attention(q, k, v, visual.block_mask, nv, key_valid=key_valid, backend="triton",
-                                            block_size=16)
+    out, lse = kernels.split_text_attention(
+        q, k, v, visual.block_mask, nv, key_valid=key_valid, backend="triton", block_size=16
+    )
     ref, ref_lse = reference64(q, k, v, joint.block_mask)
     assert (out.double() - ref).abs().max().item() <= TOLERANCE[torch.float32]
     finite = torch.isfinite(ref_lse)
@@ -321,9 +337,15 @@ def band_block_mask(n, block, gap=False):
     num = kept.sum(-1, dtype=torch.int32).view(1, 1, nb)
     idx = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True).to(torch.int32).view(1, 1, nb, nb)
     zero = torch.zeros_like(num)
-    return BlockMask.from_kv_blocks(zero, idx.clone(), num, idx, BLOCK_SIZE=block,
-                                    mask_mod=lambda b, h, q, kv: torch.ones_like(q - kv, dtype=torch.bool),
-                                    seq_lengths=(n, n))
+    return BlockMask.from_kv_blocks(
+        zero,
+        idx.clone(),
+        num,
+        idx,
+        BLOCK_SIZE=block,
+        mask_mod=lambda b, h, q, kv: torch.ones_like(q - kv, dtype=torch.bool),
+        seq_lengths=(n, n),
+    )
 
 
 def test_mask_structure_for_xformers():

@@ -19,7 +19,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``demo``; every argument after it goes to the demo's own parser (--port, --host, --image-model, ...)."""
-    demo = commands.add_parser("demo", help="the Gradio editing demo (options: diffattn demo --help)", add_help=False,
-                               prefix_chars="\0")
+    demo = commands.add_parser(
+        "demo", help="the Gradio editing demo (options: diffattn demo --help)", add_help=False, prefix_chars="\0"
+    )
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)
     demo.set_defaults(run=_demo)

@@ -14,18 +14,43 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "DemoInputError", "Limits", "LIMITS", "Models", "EditOutput", "LayoutOutput", "EraseOutput", "GuidanceOutput",
-    "SpeedOutput", "check_seed", "check_steps", "fit_prompt", "load_upload", "mask_from_editor", "enlarge",
-    "shrink", "difference_map", "parse_subjects", "parse_scales", "draw_boxes", "run_edit", "run_layout",
-    "run_erase", "generate_image", "run_guidance", "run_speed", "SPEED_SIZES", "SPEED_MAX_STEPS", "GUIDANCE_METHODS",
+    "DemoInputError",
+    "Limits",
+    "LIMITS",
+    "Models",
+    "EditOutput",
+    "LayoutOutput",
+    "EraseOutput",
+    "GuidanceOutput",
+    "SpeedOutput",
+    "check_seed",
+    "check_steps",
+    "fit_prompt",
+    "load_upload",
+    "mask_from_editor",
+    "enlarge",
+    "shrink",
+    "difference_map",
+    "parse_subjects",
+    "parse_scales",
+    "draw_boxes",
+    "run_edit",
+    "run_layout",
+    "run_erase",
+    "generate_image",
+    "run_guidance",
+    "run_speed",
+    "SPEED_SIZES",
+    "SPEED_MAX_STEPS",
+    "GUIDANCE_METHODS",
     "EDIT_METHODS",
 ]
 
@@ -105,8 +130,8 @@ def fit_prompt(pipe: Any, prompt: Any, what: str = "prompt") -> tuple[str, str]:
     if len(ids) <= limit:
         return prompt, ""
     # keep the first limit - 2 word tokens (BOS and EOS take the other two places)
-    kept = tokenizer.decode(ids[1:limit - 1], skip_special_tokens=True).strip()
-    return kept, f"The {what} was longer than the model's {limit} tokens and was cut to: \"{kept}\"."
+    kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True).strip()
+    return kept, f'The {what} was longer than the model\'s {limit} tokens and was cut to: "{kept}".'
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -130,16 +155,19 @@ def load_upload(path: Any, upload_folder: Path, size: tuple[int, int]) -> tuple[
         raise DemoInputError("the image must be uploaded through the page (drop a PNG, JPEG or WebP file)")
     nbytes = file.stat().st_size
     if nbytes > LIMITS.upload_bytes:
-        raise DemoInputError(f"the image file is {nbytes / 2**20:.1f} MB; upload one of at most "
-                             f"{LIMITS.upload_bytes // 2**20} MB")
+        raise DemoInputError(
+            f"the image file is {nbytes / 2**20:.1f} MB; upload one of at most {LIMITS.upload_bytes // 2**20} MB"
+        )
     try:
         with Image.open(file) as image:
             kind = image.format
             if kind not in LIMITS.upload_formats:
                 raise DemoInputError(f"upload a PNG, JPEG or WebP image (this file is {kind or 'not an image'})")
             if max(image.size) > LIMITS.upload_side:
-                raise DemoInputError(f"the image is {image.size[0]} x {image.size[1]} px; upload one of at most "
-                                     f"{LIMITS.upload_side} px a side")
+                raise DemoInputError(
+                    f"the image is {image.size[0]} x {image.size[1]} px; upload one of at most "
+                    f"{LIMITS.upload_side} px a side"
+                )
             rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError):
         raise DemoInputError("the file is not a readable PNG, JPEG or WebP image") from None
@@ -170,8 +198,10 @@ def mask_from_editor(value: Any, size: tuple[int, int]) -> tuple[np.ndarray, np.
     if background.ndim != 3 or background.shape[2] not in (3, 4):
         raise DemoInputError(f"the canvas image must be colour (H x W x 3), got shape {background.shape}")
     if max(background.shape[:2]) > LIMITS.upload_side:
-        raise DemoInputError(f"the image is {background.shape[1]} x {background.shape[0]} px; use one of at most "
-                             f"{LIMITS.upload_side} px a side")
+        raise DemoInputError(
+            f"the image is {background.shape[1]} x {background.shape[0]} px; use one of at most "
+            f"{LIMITS.upload_side} px a side"
+        )
     background = background[..., :3].astype(np.uint8)
     painted = np.zeros(background.shape[:2], bool)
     notes = []
@@ -182,8 +212,10 @@ def mask_from_editor(value: Any, size: tuple[int, int]) -> tuple[np.ndarray, np.
         alpha = layer[..., 3] > 0
         if alpha.shape != painted.shape:
             alpha = _resize_mask(alpha, painted.shape)
-            notes.append(f"The mask ({layer.shape[1]} x {layer.shape[0]} px) was resized to the image's "
-                         f"{painted.shape[1]} x {painted.shape[0]} px.")
+            notes.append(
+                f"The mask ({layer.shape[1]} x {layer.shape[0]} px) was resized to the image's "
+                f"{painted.shape[1]} x {painted.shape[0]} px."
+            )
         painted |= alpha
     if not painted.any():
         raise DemoInputError("paint over the object to remove with the brush first")
@@ -224,8 +256,10 @@ def parse_subjects(text: Any) -> list[tuple[str, tuple[float, float, float, floa
             raise DemoInputError(f"subject line {number}: the box must be four numbers, got {rest.strip()!r}") from None
         x0, y0, x1, y1 = box
         if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in box) or not (x0 < x1 and y0 < y1):
-            raise DemoInputError(f"subject line {number}: the box {box} must satisfy 0 <= x0 < x1 <= 1 and "
-                                 "0 <= y0 < y1 <= 1 (fractions of the image, origin top-left)")
+            raise DemoInputError(
+                f"subject line {number}: the box {box} must satisfy 0 <= x0 < x1 <= 1 and "
+                "0 <= y0 < y1 <= 1 (fractions of the image, origin top-left)"
+            )
         subjects.append((word.strip(), box))
     if len(subjects) > LIMITS.max_subjects:
         raise DemoInputError(f"at most {LIMITS.max_subjects} subjects, got {len(subjects)}")
@@ -267,7 +301,7 @@ def enlarge(image: np.ndarray, factor: int) -> np.ndarray:
 def shrink(image: np.ndarray, factor: int) -> np.ndarray:
     """The inverse of :func:`enlarge` (block mean, exact for enlarged images)."""
     h, w = image.shape[0] // factor, image.shape[1] // factor
-    blocks = image[:h * factor, :w * factor].reshape(h, factor, w, factor, -1).astype(np.float32).mean(axis=(1, 3))
+    blocks = image[: h * factor, : w * factor].reshape(h, factor, w, factor, -1).astype(np.float32).mean(axis=(1, 3))
     return blocks.round().astype(np.uint8).reshape(h, w, *image.shape[2:])
 
 
@@ -289,10 +323,10 @@ def draw_boxes(subjects: Sequence[tuple[str, tuple[float, float, float, float]]]
         a, b = int(round(x0 * (size - 1))), int(round(x1 * (size - 1)))
         c, d = int(round(y0 * (size - 1))), int(round(y1 * (size - 1)))
         for t in range(2):
-            canvas[c:d + 1, min(a + t, b)] = colour
-            canvas[c:d + 1, max(b - t, a)] = colour
-            canvas[min(c + t, d), a:b + 1] = colour
-            canvas[max(d - t, c), a:b + 1] = colour
+            canvas[c : d + 1, min(a + t, b)] = colour
+            canvas[c : d + 1, max(b - t, a)] = colour
+            canvas[min(c + t, d), a : b + 1] = colour
+            canvas[max(d - t, c), a : b + 1] = colour
     return canvas
 
 
@@ -321,8 +355,10 @@ def _load_video_model(path: Path | None) -> Any:
 
 def _model_folder(path: Path) -> Path:
     if not (Path(path) / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass the folder "
-                                "that from_pretrained would load")
+        raise FileNotFoundError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json); pass the folder "
+            "that from_pretrained would load"
+        )
     return Path(path)
 
 
@@ -402,10 +438,22 @@ def _swap(source: str, word: str, replacement: str) -> str:
     return re.sub(pattern, replacement, source)
 
 
-def run_edit(models: Models, source: str, target: str, method: str, seed: Any, steps: Any, *,
-             swap_word: str = "", swap_to: str = "", reweight_word: str = "", reweight: float = 1.0,
-             upload: Any = None, upload_folder: Path | None = None,
-             progress: Progress = _no_progress) -> EditOutput:
+def run_edit(
+    models: Models,
+    source: str,
+    target: str,
+    method: str,
+    seed: Any,
+    steps: Any,
+    *,
+    swap_word: str = "",
+    swap_to: str = "",
+    reweight_word: str = "",
+    reweight: float = 1.0,
+    upload: Any = None,
+    upload_folder: Path | None = None,
+    progress: Progress = _no_progress,
+) -> EditOutput:
     """Edit tab: the source prompt's image and the target prompt's edit of it, from the same noise, with
     prompt-to-prompt (word swap and re-weight) or MasaCtrl; with an uploaded image, its DDIM inversion replaces the
     noise. An empty target prompt means the source prompt (with the swap applied, if one is given)."""
@@ -432,14 +480,16 @@ def run_edit(models: Models, source: str, target: str, method: str, seed: Any, s
             if n_source != n_target:
                 raise DemoInputError(
                     f"prompt-to-prompt needs prompts of equal token count (source {n_source}, target {n_target}): "
-                    "swap one word for one word, or use MasaCtrl")
+                    "swap one word for one word, or use MasaCtrl"
+                )
             reweights: tuple[tuple[int, float], ...] = ()
             if reweight_word and reweight_word.strip() and float(reweight) != 1.0:
                 try:
                     indices = token_indices(pipe, target, reweight_word.strip())
                 except ValueError:
-                    raise DemoInputError(f"the word {reweight_word.strip()!r} to re-weight is not in the target "
-                                         f"prompt {target!r}") from None
+                    raise DemoInputError(
+                        f"the word {reweight_word.strip()!r} to re-weight is not in the target prompt {target!r}"
+                    ) from None
                 reweights = tuple((i, float(reweight)) for i in indices)
             method_obj: Any = diffattn.PromptToPrompt(reweight=reweights)
         else:
@@ -454,15 +504,19 @@ def run_edit(models: Models, source: str, target: str, method: str, seed: Any, s
             progress(0.1, "inverting the uploaded image")
             latents = invert(pipe, image, source, steps)
         progress(0.5 if latents is not None else 0.1, "editing")
-        result = edit(pipe, source, target, method_obj, seed=seed, latents=latents, num_inference_steps=steps,
-                      guidance_scale=CFG)
+        result = edit(
+            pipe, source, target, method_obj, seed=seed, latents=latents, num_inference_steps=steps, guidance_scale=CFG
+        )
     a, b = to_uint8(result.source), to_uint8(result.target)
     factor = display_factor(a.shape[:2])
     seconds = time.perf_counter() - start
-    notes.append(f"{method}: \"{source}\" -> \"{target}\", seed {seed}, {steps} steps"
-                 f"{' from the inverted upload' if latents is not None else ''}, {seconds:.1f} s.")
-    return EditOutput(enlarge(a, factor), enlarge(b, factor), enlarge(difference_map(a, b), factor), " ".join(notes),
-                      seconds)
+    notes.append(
+        f'{method}: "{source}" -> "{target}", seed {seed}, {steps} steps'
+        f"{' from the inverted upload' if latents is not None else ''}, {seconds:.1f} s."
+    )
+    return EditOutput(
+        enlarge(a, factor), enlarge(b, factor), enlarge(difference_map(a, b), factor), " ".join(notes), seconds
+    )
 
 
 @dataclass(frozen=True)
@@ -473,8 +527,9 @@ class LayoutOutput:
     note: str
 
 
-def run_layout(models: Models, prompt: str, subjects_text: str, seed: Any, steps: Any, *,
-               progress: Progress = _no_progress) -> LayoutOutput:
+def run_layout(
+    models: Models, prompt: str, subjects_text: str, seed: Any, steps: Any, *, progress: Progress = _no_progress
+) -> LayoutOutput:
     """Layout tab: the prompt without and with bounded attention (each subject word kept in its box), same noise."""
     from diffattn.editing import layout
 
@@ -486,15 +541,38 @@ def run_layout(models: Models, prompt: str, subjects_text: str, seed: Any, steps
         for i, bounded in enumerate((False, True)):
             progress(0.1 + 0.45 * i, "bounded attention" if bounded else "plain prompt")
             try:
-                images.append(to_uint8(layout(pipe, prompt, subjects, seed=seed, bounded=bounded,
-                                              num_inference_steps=steps, guidance_scale=CFG)))
+                images.append(
+                    to_uint8(
+                        layout(
+                            pipe,
+                            prompt,
+                            subjects,
+                            seed=seed,
+                            bounded=bounded,
+                            num_inference_steps=steps,
+                            guidance_scale=CFG,
+                        )
+                    )
+                )
             except ValueError as error:  # a subject word not in the prompt, a bad box: layout says which
                 raise DemoInputError(str(error)) from None
     factor = display_factor(images[0].shape[:2])
     side = images[0].shape[0] * factor
-    return LayoutOutput(draw_boxes(subjects, side), enlarge(images[0], factor), enlarge(images[1], factor),
-                        " ".join(filter(None, [note, f"seed {seed}, {steps} steps; boxes: " + "; ".join(
-                            f"{w} ({x0:g}, {y0:g}) - ({x1:g}, {y1:g})" for w, (x0, y0, x1, y1) in subjects)])))
+    return LayoutOutput(
+        draw_boxes(subjects, side),
+        enlarge(images[0], factor),
+        enlarge(images[1], factor),
+        " ".join(
+            filter(
+                None,
+                [
+                    note,
+                    f"seed {seed}, {steps} steps; boxes: "
+                    + "; ".join(f"{w} ({x0:g}, {y0:g}) - ({x1:g}, {y1:g})" for w, (x0, y0, x1, y1) in subjects),
+                ],
+            )
+        ),
+    )
 
 
 def generate_image(models: Models, prompt: str, seed: Any, steps: Any) -> tuple[np.ndarray, str]:
@@ -504,8 +582,13 @@ def generate_image(models: Models, prompt: str, seed: Any, steps: Any) -> tuple[
     seed, steps = check_seed(seed), check_steps(steps)
     with models.image() as pipe:
         prompt, note = fit_prompt(pipe, prompt)
-        out = pipe(prompt, num_inference_steps=steps, guidance_scale=CFG, output_type="np",
-                   generator=torch.Generator().manual_seed(seed))
+        out = pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=CFG,
+            output_type="np",
+            generator=torch.Generator().manual_seed(seed),
+        )
     image = to_uint8(np.asarray(out.images[0]))
     return enlarge(image, display_factor(image.shape[:2])), note
 
@@ -532,9 +615,12 @@ def run_erase(models: Models, editor: Any, seed: Any, steps: Any, *, progress: P
             raise DemoInputError(f"erase cannot run on this model ({type(pipe).__name__}): {error}") from None
     factor = display_factor(image.shape[:2])
     shown = np.where(mask[..., None], (0.5 * image + 0.5 * np.array([255, 0, 255])).astype(np.uint8), image)
-    return EraseOutput(enlarge(image, factor), enlarge(shown, factor), enlarge(out, factor),
-                       " ".join(filter(None, [note, f"{int(mask.sum())} of {mask.size} pixels masked, seed {seed}, "
-                                                    f"{steps} steps."])))
+    return EraseOutput(
+        enlarge(image, factor),
+        enlarge(shown, factor),
+        enlarge(out, factor),
+        " ".join(filter(None, [note, f"{int(mask.sum())} of {mask.size} pixels masked, seed {seed}, {steps} steps."])),
+    )
 
 
 @dataclass(frozen=True)
@@ -560,19 +646,31 @@ def guidance_layer_choices(pipe: Any) -> list[str]:
     """'family default' and the top-level blocks with self-attention, for the Guidance tab's layer picker."""
     import diffattn
 
-    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+    model = getattr(pipe, "unet", None) or pipe.transformer
     blocks = []
     for name, _ in diffattn.attention_modules(model):
         parts = name.split(".")
-        block = ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks", "blocks", "transformer_blocks",
-                                                    "single_transformer_blocks") else parts[0]
+        block = (
+            ".".join(parts[:2])
+            if parts[0] in ("down_blocks", "up_blocks", "blocks", "transformer_blocks", "single_transformer_blocks")
+            else parts[0]
+        )
         if block not in blocks:
             blocks.append(block)
     return ["family default", *blocks]
 
 
-def run_guidance(models: Models, prompt: str, methods: Sequence[str], scales_text: str, seed: Any, steps: Any,
-                 layers: str = "family default", *, progress: Progress = _no_progress) -> GuidanceOutput:
+def run_guidance(
+    models: Models,
+    prompt: str,
+    methods: Sequence[str],
+    scales_text: str,
+    seed: Any,
+    steps: Any,
+    layers: str = "family default",
+    *,
+    progress: Progress = _no_progress,
+) -> GuidanceOutput:
     """Guidance tab: the prompt at each scale of each guidance method, same seed; scale 0 is the plain pipeline."""
     import torch
 
@@ -594,8 +692,13 @@ def run_guidance(models: Models, prompt: str, methods: Sequence[str], scales_tex
         pattern = None if layers == "family default" else layers
 
         def generate() -> np.ndarray:
-            out = pipe(prompt, num_inference_steps=steps, guidance_scale=CFG, output_type="np",
-                       generator=torch.Generator().manual_seed(seed))
+            out = pipe(
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=CFG,
+                output_type="np",
+                generator=torch.Generator().manual_seed(seed),
+            )
             return to_uint8(np.asarray(out.images[0]))
 
         total = 1 + len(methods) * (len(scales) - 1)
@@ -625,12 +728,19 @@ def run_guidance(models: Models, prompt: str, methods: Sequence[str], scales_tex
         row = []
         for c, scale in enumerate(scales):
             cell = cells[(name, scale)]
-            grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = enlarge(cell, factor)
+            grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = enlarge(cell, factor)
             row.append(f"{int(np.abs(cell.astype(int) - plain.astype(int)).max())}")
         lines.append(f"| {name} | " + " | ".join(row) + " |")
-    table = "\n".join([*([note] if note else []), f"Rows: {', '.join(methods)}; columns: scales {', '.join(f'{s:g}' for s in scales)} "
-                       f"(layers: {layers}; seed {seed}, {steps} steps, CFG {CFG:g}). Max |difference| to no guidance "
-                       "(levels of 255):", "", *lines])
+    table = "\n".join(
+        [
+            *([note] if note else []),
+            f"Rows: {', '.join(methods)}; columns: scales {', '.join(f'{s:g}' for s in scales)} "
+            f"(layers: {layers}; seed {seed}, {steps} steps, CFG {CFG:g}). Max |difference| to no guidance "
+            "(levels of 255):",
+            "",
+            *lines,
+        ]
+    )
     return GuidanceOutput(grid, table, cells)
 
 
@@ -645,8 +755,15 @@ class SpeedOutput:
 SPEED_PROMPT = "a red circle on the left moving right"
 
 
-def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out_folder: Path, *,
-              progress: Progress = _no_progress) -> SpeedOutput:
+def run_speed(
+    models: Models,
+    methods: Sequence[str],
+    size: str,
+    steps: Any,
+    out_folder: Path,
+    *,
+    progress: Progress = _no_progress,
+) -> SpeedOutput:
     """Speed tab: ``diffattn compare`` for the chosen sparse methods at the chosen size, in this process: times and
     density against dense attention, the frames side by side and the speed plot."""
     import torch
@@ -659,8 +776,9 @@ def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out
         raise DemoInputError(f"size must be one of {', '.join(SPEED_SIZES)}, got {size!r}")
     steps = check_steps(steps)
     if steps > SPEED_MAX_STEPS:
-        raise DemoInputError(f"the speed comparison runs at most {SPEED_MAX_STEPS} steps (each runs every method), "
-                             f"got {steps}")
+        raise DemoInputError(
+            f"the speed comparison runs at most {SPEED_MAX_STEPS} steps (each runs every method), got {steps}"
+        )
     frames, height, width = SPEED_SIZES[size]
     with models.video() as pipe:
         patch = pipe.transformer.config.patch_size
@@ -669,32 +787,45 @@ def run_speed(models: Models, methods: Sequence[str], size: str, steps: Any, out
         chosen = [m for m in methods or []]
         unknown = [m for m in chosen if m not in available]
         if not chosen or unknown:
-            raise DemoInputError(f"pick sparse methods among {', '.join(available)}"
-                                 + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+            raise DemoInputError(
+                f"pick sparse methods among {', '.join(available)}"
+                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+            )
         progress(0.05, "comparing")
         import diffattn
         from diffattn_kernels import cpu_block_sparse
 
         peers = [method_peer("dense", diffattn.Dense()), *(method_peer(m, available[m]) for m in chosen)]
-        rows, videos = run_video(pipe, ClipSize(frames, height, width), peers, prompts=[SPEED_PROMPT], steps=steps,
-                                 desc="speed tab")
+        rows, videos = run_video(
+            pipe, ClipSize(frames, height, width), peers, prompts=[SPEED_PROMPT], steps=steps, desc="speed tab"
+        )
         failed = [r for r in rows if r.error]
         if failed:
-            raise DemoInputError(f"a method cannot run at {size}: " + "; ".join(f"{r.method}: {r.error}" for r in failed))
-    title = f"{frames} frames x {height}x{width} px = {int(np.prod(grid))} tokens, {steps} steps, " \
-            f"{torch.get_num_threads()} threads, {cpu_block_sparse.cpu_model()}"
+            raise DemoInputError(
+                f"a method cannot run at {size}: " + "; ".join(f"{r.method}: {r.error}" for r in failed)
+            )
+    title = (
+        f"{frames} frames x {height}x{width} px = {int(np.prod(grid))} tokens, {steps} steps, "
+        f"{torch.get_num_threads()} threads, {cpu_block_sparse.cpu_model()}"
+    )
     png = save_outputs({"video": (rows, videos)}, Path(out_folder), title, {"title": title})[1]
     plot = np.asarray(Image.open(png).convert("RGB"))
-    lines = [f"Measured now, one process: {title}.", "",
-             "| method | density | generation | attention | attention speedup | end-to-end speedup | PSNR vs dense | "
-             "ShapesBench trajectory error |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured now, one process: {title}.",
+        "",
+        "| method | density | generation | attention | attention speedup | end-to-end speedup | PSNR vs dense | "
+        "ShapesBench trajectory error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         error = r.scores.get("mean_trajectory_error", float("nan"))
         if r.method == "dense (stock)":
             lines.append(f"| {r.method} | 1 | {r.seconds:.2f} s | | | 1.00x | | {error:.3f} |")
         else:
-            lines.append(f"| {r.method} | {r.density:.3f} | {r.seconds:.2f} s | {r.attention_seconds:.2f} s | "
-                         f"{r.attention_speedup:.2f}x | **{r.speedup:.2f}x** | {r.psnr:.1f} dB | {error:.3f} |")
+            lines.append(
+                f"| {r.method} | {r.density:.3f} | {r.seconds:.2f} s | {r.attention_seconds:.2f} s | "
+                f"{r.attention_speedup:.2f}x | **{r.speedup:.2f}x** | {r.psnr:.1f} dB | {error:.3f} |"
+            )
     strips = []
     labels = [r.method for r in rows if r.method != "dense"]
     for label in labels:

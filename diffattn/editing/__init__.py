@@ -31,7 +31,18 @@ from .erase import erase
 from .inversion import _scheduler, ddim_scheduler, invert
 from .layout import layout, layout_method
 
-__all__ = ["LocalBlend", "EditResult", "edit", "default_layers", "invert", "ddim_scheduler", "token_indices", "erase", "layout", "layout_method"]
+__all__ = [
+    "LocalBlend",
+    "EditResult",
+    "edit",
+    "default_layers",
+    "invert",
+    "ddim_scheduler",
+    "token_indices",
+    "erase",
+    "layout",
+    "layout_method",
+]
 
 
 @dataclass(frozen=True)
@@ -50,10 +61,14 @@ def default_layers(model: torch.nn.Module, method: AttentionMethod) -> tuple[str
     adapter = adapter_for(model)
     if adapter.family == "unet":
         return ("up_blocks",)
-    names = [n for n, _ in attention_modules(model) if (r := adapter.rule_for(n)) is not None and r.role in method.roles]
-    blocks = sorted({m.group(0) for n in names if (m := re.match(r"(?:single_)?(?:transformer_)?blocks\.\d+", n))},
-                    key=lambda b: (b.startswith("single_"), int(b.rsplit(".", 1)[1])))
-    later = blocks[len(blocks) // 2:] or blocks
+    names = [
+        n for n, _ in attention_modules(model) if (r := adapter.rule_for(n)) is not None and r.role in method.roles
+    ]
+    blocks = sorted(
+        {m.group(0) for n in names if (m := re.match(r"(?:single_)?(?:transformer_)?blocks\.\d+", n))},
+        key=lambda b: (b.startswith("single_"), int(b.rsplit(".", 1)[1])),
+    )
+    later = blocks[len(blocks) // 2 :] or blocks
     return tuple(re.escape(b) for b in later)  # whole name parts: transformer_blocks.1 is not single_…blocks.1
 
 
@@ -64,7 +79,7 @@ def token_indices(pipe: Any, prompt: str, word: str) -> tuple[int, ...]:
     ids = tokenizer(prompt).input_ids
     word_ids = tokenizer(word, add_special_tokens=False).input_ids
     for start in range(len(ids) - len(word_ids) + 1):
-        if ids[start:start + len(word_ids)] == word_ids:
+        if ids[start : start + len(word_ids)] == word_ids:
             return tuple(range(start, start + len(word_ids)))
     raise ValueError(f"{word!r} is not a run of tokens of {prompt!r} for this tokenizer (tokens: {ids})")
 
@@ -74,9 +89,18 @@ def _images(output: Any) -> np.ndarray:
     return np.asarray(frames if frames is not None else output.images)
 
 
-def edit(pipe: Any, source: str, target: str, method: AttentionMethod | None, *, seed: int = 0,
-         layers: LayerSpec = None, steps: StepSpec = None, latents: torch.Tensor | None = None,
-         **call_kwargs: Any) -> EditResult:
+def edit(
+    pipe: Any,
+    source: str,
+    target: str,
+    method: AttentionMethod | None,
+    *,
+    seed: int = 0,
+    layers: LayerSpec = None,
+    steps: StepSpec = None,
+    latents: torch.Tensor | None = None,
+    **call_kwargs: Any,
+) -> EditResult:
     """Run ``source`` and ``target`` in one call of ``pipe`` with ``method`` applied (``None``: the plain pair).
 
     ``layers=None``: :func:`default_layers` for methods that act on later layers only (MasaCtrl), else every layer
@@ -94,8 +118,9 @@ def edit(pipe: Any, source: str, target: str, method: AttentionMethod | None, *,
         handle = apply(pipe, method, layers=layers, steps=steps)
         words = getattr(method, "mask_words", ())
         if words:  # MasaCtrl's automatic masks: record the words' cross-attention maps on every layer
-            maps = _blend_store(pipe, source, target, LocalBlend(words=words, threshold=method.mask_threshold),
-                                call_kwargs)
+            maps = _blend_store(
+                pipe, source, target, LocalBlend(words=words, threshold=method.mask_threshold), call_kwargs
+            )
             recorder = apply(pipe, CrossMapRecorder())
     maps_token = CROSS_MAPS.set(maps)
     try:
@@ -110,8 +135,9 @@ def edit(pipe: Any, source: str, target: str, method: AttentionMethod | None, *,
         store = None
         if blend is not None:
             store = _blend_store(pipe, source, target, blend, call_kwargs)
-            call_kwargs["callback_on_step_end"] = _blend_step(store, copies, int(call_kwargs.get(
-                "num_inference_steps", 50)))
+            call_kwargs["callback_on_step_end"] = _blend_step(
+                store, copies, int(call_kwargs.get("num_inference_steps", 50))
+            )
             call_kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
         token = BLEND_STORE.set(store)
         try:
@@ -154,8 +180,10 @@ def _blend_store(pipe: Any, source: str, target: str, blend: LocalBlend, call_kw
     source_words, target_words = blend.split()
     tokens = {"source": _words_tokens(pipe, source, source_words), "target": _words_tokens(pipe, target, target_words)}
     if not tokens["source"] and not tokens["target"]:
-        raise ValueError(f"none of the words {blend.words} is in {source!r} or {target!r}; name words of the "
-                         "prompts (the object: LocalBlend's region that may change, MasaCtrl's mask_words)")
+        raise ValueError(
+            f"none of the words {blend.words} is in {source!r} or {target!r}; name words of the "
+            "prompts (the object: LocalBlend's region that may change, MasaCtrl's mask_words)"
+        )
     return BlendStore(tokens, _latent_grid(pipe, call_kwargs), blend)
 
 

@@ -42,23 +42,39 @@ def unet_conditioning(pipe: Any, prompt: str, batch: int, size: tuple[int, int],
     if pipe.unet.config.addition_embed_type != "text_time":
         return {"encoder_hidden_states": encoded[0]}
     embeds, _, pooled, _ = encoded
-    time_ids = pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=embeds.dtype,
-                                      text_encoder_projection_dim=int(pooled.shape[-1])).repeat(batch, 1).to(device)
+    time_ids = (
+        pipe._get_add_time_ids(
+            tuple(size), (0, 0), tuple(size), dtype=embeds.dtype, text_encoder_projection_dim=int(pooled.shape[-1])
+        )
+        .repeat(batch, 1)
+        .to(device)
+    )
     return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
 @torch.no_grad()
-def erase(pipe: Any, image: Any, mask: Any, *, num_inference_steps: int = 50, strength: float = 0.8,
-          guidance: float = 9.0, method: AttentiveEraser | None = None, seed: int = 0,
-          layers: Any = "up_blocks") -> np.ndarray:
+def erase(
+    pipe: Any,
+    image: Any,
+    mask: Any,
+    *,
+    num_inference_steps: int = 50,
+    strength: float = 0.8,
+    guidance: float = 9.0,
+    method: AttentiveEraser | None = None,
+    seed: int = 0,
+    layers: Any = "up_blocks",
+) -> np.ndarray:
     """Remove the object under ``mask`` (H x W bool, True on the object) from ``image`` (H x W x 3 uint8 or floats in
     [0, 1]); returns the edited image as floats in [0, 1]. ``method`` sets AAS (default ``AttentiveEraser()``);
     ``layers``: where it acts (the paper: the decoder's self-attention)."""
     from diffusers import UNet2DConditionModel
 
     if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
-        raise ValueError(f"erase: runs on UNet pipelines (SD1.5, SDXL); {type(pipe).__name__} is not one (SD3 / Flux "
-                         "erasing is not built). Use a StableDiffusionPipeline or StableDiffusionXLPipeline")
+        raise ValueError(
+            f"erase: runs on UNet pipelines (SD1.5, SDXL); {type(pipe).__name__} is not one (SD3 / Flux "
+            "erasing is not built). Use a StableDiffusionPipeline or StableDiffusionXLPipeline"
+        )
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"erase: strength must be in (0, 1], got {strength}")
     image = np.asarray(image)
@@ -77,13 +93,15 @@ def erase(pipe: Any, image: Any, mask: Any, *, num_inference_steps: int = 50, st
     handle = apply(pipe, method.with_mask(mask), layers=layers)
     try:
         for i, t in enumerate(timesteps):
-            with denoising_step(i, len(timesteps), timestep=float(t), batch_roles=("cond", "cond")), \
-                    prompt_branches(("wo", "w")):
+            with (
+                denoising_step(i, len(timesteps), timestep=float(t), batch_roles=("cond", "cond")),
+                prompt_branches(("wo", "w")),
+            ):
                 eps = pipe.unet(torch.cat([latents] * 2), t, **conditioning).sample
             eps_wo, eps_w = eps.chunk(2)
             latents = scheduler.step(eps_wo + guidance * (eps_w - eps_wo), t, latents).prev_sample
             if i + 1 < len(timesteps):  # outside the mask: the source, noised to the next step
-                source = scheduler.add_noise(x0, noise, timesteps[i + 1:i + 2])
+                source = scheduler.add_noise(x0, noise, timesteps[i + 1 : i + 2])
             else:
                 source = x0
             latents = keep * source + (1.0 - keep) * latents

@@ -43,8 +43,16 @@ def _encode(pipe: Any, image: Any, height: int | None, width: int | None) -> tor
     return (latents - shift) * pipe.vae.config.scaling_factor
 
 
-def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 50, *, height: int | None = None,
-           width: int | None = None, **call_kwargs: Any) -> torch.Tensor:
+def invert(
+    pipe: Any,
+    image: Any,
+    prompt: str,
+    num_inference_steps: int = 50,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    **call_kwargs: Any,
+) -> torch.Tensor:
     """The latents that the pipeline, with :func:`ddim_scheduler` and the same prompt and step count, turns back into
     ``image`` (PIL, numpy ``(H, W, 3)`` in [0, 1] or a tensor): DDIM inversion with diffusers'
     ``DDIMInverseScheduler``, run through the pipeline's own loop (``output_type="latent"``, no classifier-free
@@ -61,7 +69,15 @@ def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 50, *,
     latents = _encode(pipe, image, height, width)
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config, **_SPACING)
     with _scheduler(pipe, inverse):
-        out = pipe(prompt=prompt, latents=latents, num_inference_steps=num_inference_steps, guidance_scale=1.0,
-                   output_type="latent", height=height, width=width, **call_kwargs)
+        out = pipe(
+            prompt=prompt,
+            latents=latents,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=1.0,
+            output_type="latent",
+            height=height,
+            width=width,
+            **call_kwargs,
+        )
     result = out.images if hasattr(out, "images") else out[0]
     return result.detach()

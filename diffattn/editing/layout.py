@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,10 +31,38 @@ logger = logging.getLogger(__name__)
 
 #: Words hidden from every pixel (the paper filters determiners, conjunctions, numbers, prepositions and spatial
 #: words by part-of-speech tags; these are the ones such prompts hold).
-FILTER_WORDS = frozenset({
-    "a", "an", "the", "and", "or", "of", "on", "in", "at", "with", "to", "next", "near", "above", "below", "behind",
-    "left", "right", "top", "bottom", "centre", "center", "middle", "one", "two", "three", "four", "five",
-})
+FILTER_WORDS = frozenset(
+    {
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "of",
+        "on",
+        "in",
+        "at",
+        "with",
+        "to",
+        "next",
+        "near",
+        "above",
+        "below",
+        "behind",
+        "left",
+        "right",
+        "top",
+        "bottom",
+        "centre",
+        "center",
+        "middle",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+    }
+)
 
 
 def _text_tokenizer(pipe: Any) -> Any:
@@ -47,14 +76,22 @@ def _text_tokenizer(pipe: Any) -> Any:
 def _word_tokens(tokenizer: Any, ids: list[int], word: str, prompt: str) -> tuple[int, ...]:
     word_ids = tokenizer(word, add_special_tokens=False).input_ids
     for start in range(len(ids) - len(word_ids) + 1):
-        if ids[start:start + len(word_ids)] == word_ids:
+        if ids[start : start + len(word_ids)] == word_ids:
             return tuple(range(start, start + len(word_ids)))
-    raise ValueError(f"layout: subject word {word!r} is not in the prompt {prompt!r}; name each subject by a word "
-                     "of the prompt (e.g. ('circle', box) for 'a red circle ...')")
+    raise ValueError(
+        f"layout: subject word {word!r} is not in the prompt {prompt!r}; name each subject by a word "
+        "of the prompt (e.g. ('circle', box) for 'a red circle ...')"
+    )
 
 
-def layout_method(pipe: Any, prompt: str, subjects: Sequence[tuple[str, Box]], *,
-                  filter_words: frozenset[str] | Sequence[str] = FILTER_WORDS, **options: Any) -> BoundedAttention:
+def layout_method(
+    pipe: Any,
+    prompt: str,
+    subjects: Sequence[tuple[str, Box]],
+    *,
+    filter_words: frozenset[str] | Sequence[str] = FILTER_WORDS,
+    **options: Any,
+) -> BoundedAttention:
     """The :class:`~diffattn.BoundedAttention` for ``prompt`` with ``subjects`` ((word, box), ...): the words' token
     indices, the ``filter_words``' (hidden from every pixel; ``()`` hides none) and the EOS index found with the
     pipeline's tokenizer; ``options`` go to the method (``mask_eos``, ``mask_cross``, ``mask_self``, ...)."""
@@ -74,9 +111,12 @@ def layout_method(pipe: Any, prompt: str, subjects: Sequence[tuple[str, Box]], *
     filters: set[int] = set()
     for word in {w.strip(".,;:!?").lower() for w in prompt.split()} & {w.lower() for w in filter_words}:
         word_ids = tokenizer(word, add_special_tokens=False).input_ids
-        filters.update(i for start in range(len(ids) - len(word_ids) + 1)
-                       if ids[start:start + len(word_ids)] == word_ids
-                       for i in range(start, start + len(word_ids)))
+        filters.update(
+            i
+            for start in range(len(ids) - len(word_ids) + 1)
+            if ids[start : start + len(word_ids)] == word_ids
+            for i in range(start, start + len(word_ids))
+        )
     filters = tuple(sorted(i for i in filters if i not in subject_ids and ids[i] not in special))
     eos = next((i for i, token in enumerate(ids) if token == tokenizer.eos_token_id and i > 0), len(ids) - 1)
     settings: dict[str, Any] = dict(filter_tokens=filters, eos_token=eos)
@@ -88,32 +128,51 @@ def _supports_guidance(pipe: Any) -> bool:
     from diffusers import UNet2DConditionModel
 
     unet = getattr(pipe, "unet", None)
-    return isinstance(unet, UNet2DConditionModel) and unet.config.addition_embed_type in (None, "text_time") \
+    return (
+        isinstance(unet, UNet2DConditionModel)
+        and unet.config.addition_embed_type in (None, "text_time")
         and hasattr(pipe, "encode_prompt")
+    )
 
 
 def _step_sizes(count: int, first: float, last: float) -> list[float]:
     return [first + (last - first) * i / max(count - 1, 1) for i in range(count)]
 
 
-def layout(pipe: Any, prompt: str, subjects: Sequence[tuple[str, Box]], *, seed: int = 0, bounded: bool = True,
-           guidance_steps: float | int | None = None, step_size: tuple[float, float] = (200.0, 50.0),
-           iterations: int = 5, stop_loss: float = 0.2, cross_weight: float = 1.5, self_weight: float = 0.5,
-           loss_layers: Sequence[str] | None = None, filter_words: frozenset[str] | Sequence[str] = FILTER_WORDS,
-           refine: bool = True, refine_start: float = 0.3, refine_every: float = 0.1,
-           refine_layers: Sequence[str] | None = None, method_options: dict[str, Any] | None = None,
-           **call_kwargs: Any) -> np.ndarray:
+def layout(
+    pipe: Any,
+    prompt: str,
+    subjects: Sequence[tuple[str, Box]],
+    *,
+    seed: int = 0,
+    bounded: bool = True,
+    guidance_steps: float | int | None = None,
+    step_size: tuple[float, float] = (200.0, 50.0),
+    iterations: int = 5,
+    stop_loss: float = 0.2,
+    cross_weight: float = 1.5,
+    self_weight: float = 0.5,
+    loss_layers: Sequence[str] | None = None,
+    filter_words: frozenset[str] | Sequence[str] = FILTER_WORDS,
+    refine: bool = True,
+    refine_start: float = 0.3,
+    refine_every: float = 0.1,
+    refine_layers: Sequence[str] | None = None,
+    method_options: dict[str, Any] | None = None,
+    **call_kwargs: Any,
+) -> np.ndarray:
     """One image of ``prompt`` with each subject ``(word, (x0, y0, x1, y1))`` bounded to its box (fractions of the
     image, origin top-left). ``bounded=False``: the plain prompt from the same noise (the baseline).
 
     ``guidance_steps``: steps (int) or fraction of the steps (float) with the latent update (default: 0.3 of the
     steps where the pipeline supports it, the paper's 15 of 50; 0 = masks only); ``step_size``: the update's step,
     linear from the first to the last guided step (the paper: 8 -> 2 on SD1.5; the default 200 -> 50 was chosen on
-    the embedded model's development seeds, where 20 -> 5 barely moved the objects; scale it to your model); ``iterations``: gradient steps per guided step, stopping early
-    once the per-subject loss is below ``stop_loss``; ``loss_layers``: attention layer names whose maps make the loss
-    (default: the decoder's layers of the two finest grids); ``filter_words``: words hidden from every pixel (the
-    paper's rule: determiners, conjunctions, prepositions, spatial words; ``()`` keeps them, which a model that
-    learnt its layout from position words needs, see the README's ShapesEdit numbers); ``method_options``: more
+    the embedded model's development seeds, where 20 -> 5 barely moved the objects; scale it to your model);
+    ``iterations``: gradient steps per guided step, stopping early once the per-subject loss is below ``stop_loss``;
+    ``loss_layers``: attention layer names whose maps make the loss (default: the decoder's layers of the two finest
+    grids); ``filter_words``: words hidden from every pixel (the paper's rule: determiners, conjunctions, prepositions,
+    spatial words; ``()`` keeps them, which a model that learnt its layout from position words needs, see the README's
+    ShapesEdit numbers); ``method_options``: more
     :class:`~diffattn.BoundedAttention` fields; ``refine``: the paper's mask refinement by clustering self-attention
     (:class:`~diffattn.methods.bounded.MaskRefiner`) from ``refine_start`` (fraction of the steps; the paper: 15 of
     50) every ``refine_every`` (5 of 50), on ``refine_layers`` (default: the decoder level whose grid is nearest 16 x
@@ -130,14 +189,19 @@ def layout(pipe: Any, prompt: str, subjects: Sequence[tuple[str, Box]], *, seed:
     if guidance_steps is None:
         guidance_steps = 0.3 if supported else 0
         if not supported:
-            logger.warning("layout: the latent update runs on UNet pipelines (SD1.5, SDXL) only; %s gets the "
-                           "bounded-attention masks alone", type(pipe).__name__)
+            logger.warning(
+                "layout: the latent update runs on UNet pipelines (SD1.5, SDXL) only; %s gets the "
+                "bounded-attention masks alone",
+                type(pipe).__name__,
+            )
     guided = guidance_steps if isinstance(guidance_steps, int) else math.ceil(float(guidance_steps) * steps)
     if guided < 0 or guided > steps:
         raise ValueError(f"layout: guidance_steps must be within the {steps} steps, got {guidance_steps!r}")
     if guided and not supported:
-        raise ValueError(f"layout: the latent update (guidance_steps={guidance_steps}) needs a UNet pipeline (SD1.5, "
-                         f"SDXL); {type(pipe).__name__} is not one: pass guidance_steps=0 for the masks alone")
+        raise ValueError(
+            f"layout: the latent update (guidance_steps={guidance_steps}) needs a UNet pipeline (SD1.5, "
+            f"SDXL); {type(pipe).__name__} is not one: pass guidance_steps=0 for the masks alone"
+        )
     refiner = None
     if refine:
         every = max(1, round(refine_every * steps))
@@ -147,8 +211,22 @@ def layout(pipe: Any, prompt: str, subjects: Sequence[tuple[str, Box]], *, seed:
     handle = apply(pipe, method)
     token = _REFINER.set(refiner)
     try:
-        return _run(pipe, method, prompt, generator, guided, steps, _step_sizes(guided, *step_size), iterations,
-                    stop_loss, cross_weight, self_weight, loss_layers, refiner, call_kwargs)
+        return _run(
+            pipe,
+            method,
+            prompt,
+            generator,
+            guided,
+            steps,
+            _step_sizes(guided, *step_size),
+            iterations,
+            stop_loss,
+            cross_weight,
+            self_weight,
+            loss_layers,
+            refiner,
+            call_kwargs,
+        )
     finally:
         _REFINER.reset(token)
         handle.remove()
@@ -177,23 +255,43 @@ def _default_refine_layers(pipe: Any, call_kwargs: dict[str, Any]) -> tuple[str,
         best = min(ups, key=lambda i: abs(math.log2(max(side / 2 ** (levels - 1 - i), 1)) - 4))
         return tuple(n for n in names if n.startswith(f"up_blocks.{best}."))
     blocks = sorted({n.split(".")[1] for n in names if n.startswith("transformer_blocks.")}, key=int)
-    later = set(blocks[len(blocks) // 2:])
+    later = set(blocks[len(blocks) // 2 :])
     return tuple(n for n in names if n.startswith("transformer_blocks.") and n.split(".")[1] in later)
 
 
-def _run(pipe: Any, method: BoundedAttention, prompt: str, generator: torch.Generator, guided: int, steps: int,
-         sizes: list[float], iterations: int, stop_loss: float, cross_weight: float, self_weight: float,
-         loss_layers: Sequence[str] | None, refiner: MaskRefiner | None, call_kwargs: dict[str, Any]) -> np.ndarray:
+def _run(
+    pipe: Any,
+    method: BoundedAttention,
+    prompt: str,
+    generator: torch.Generator,
+    guided: int,
+    steps: int,
+    sizes: list[float],
+    iterations: int,
+    stop_loss: float,
+    cross_weight: float,
+    self_weight: float,
+    loss_layers: Sequence[str] | None,
+    refiner: MaskRefiner | None,
+    call_kwargs: dict[str, Any],
+) -> np.ndarray:
     """The pipeline call: guided steps (latent update) before steps 0 .. guided - 1, mask refinement after its
     steps."""
     if not guided:
+
         def refine_only(_pipe: Any, i: int, _t: Any, outputs: dict[str, Any]) -> dict[str, Any]:
             if refiner is not None:
                 refiner.refresh()
             return outputs
 
-        out = pipe(prompt=prompt, generator=generator, output_type="np", callback_on_step_end=refine_only,
-                   callback_on_step_end_tensor_inputs=["latents"], **call_kwargs)
+        out = pipe(
+            prompt=prompt,
+            generator=generator,
+            output_type="np",
+            callback_on_step_end=refine_only,
+            callback_on_step_end_tensor_inputs=["latents"],
+            **call_kwargs,
+        )
         return np.asarray(out.images[0])
     unet = pipe.unet
     layers = tuple(loss_layers) if loss_layers is not None else _default_loss_layers(unet)
@@ -236,6 +334,12 @@ def _run(pipe: Any, method: BoundedAttention, prompt: str, generator: torch.Gene
         return outputs
 
     latents = guide(noise * sigma, 0) / sigma
-    out = pipe(prompt=prompt, latents=latents, output_type="np", callback_on_step_end=on_step_end,
-               callback_on_step_end_tensor_inputs=["latents"], **call_kwargs)
+    out = pipe(
+        prompt=prompt,
+        latents=latents,
+        output_type="np",
+        callback_on_step_end=on_step_end,
+        callback_on_step_end_tensor_inputs=["latents"],
+        **call_kwargs,
+    )
     return np.asarray(out.images[0])

@@ -3,8 +3,8 @@
 from .base import AttentionMethod
 from .bounded import BoundedAttention
 from .dense import Dense
-from .editing import AttentiveEraser, LocalBlend, MutualSelfAttention, PromptToPrompt
 from .dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
+from .editing import AttentiveEraser, LocalBlend, MutualSelfAttention, PromptToPrompt
 from .masked import Masked
 from .scaling import EntropyScaling
 from .sparse import (
@@ -16,6 +16,24 @@ from .sparse import (
     SparseAttention,
 )
 
-__all__ = ["AttentionMethod", "Dense", "Masked", "SparseAttention", "SlidingTileAttention", "SlidingWindowAttention",
-           "ShiftedWindowAttention", "RadialAttention", "HIDIFFUSION_LAYERS",
-           "DynamicSparseAttention", "PyramidSparseAttention", "Rettention", "TokenDownsampling", "MutualSelfAttention", "PromptToPrompt", "AttentiveEraser", "BoundedAttention", "LocalBlend", "EntropyScaling"]
+__all__ = [
+    "AttentionMethod",
+    "Dense",
+    "Masked",
+    "SparseAttention",
+    "SlidingTileAttention",
+    "SlidingWindowAttention",
+    "ShiftedWindowAttention",
+    "RadialAttention",
+    "HIDIFFUSION_LAYERS",
+    "DynamicSparseAttention",
+    "PyramidSparseAttention",
+    "Rettention",
+    "TokenDownsampling",
+    "MutualSelfAttention",
+    "PromptToPrompt",
+    "AttentiveEraser",
+    "BoundedAttention",
+    "LocalBlend",
+    "EntropyScaling",
+]

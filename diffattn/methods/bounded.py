@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -28,8 +29,10 @@ def _check_box(box: Sequence[float], owner: str) -> Box:
         raise ValueError(f"{owner}: a box is (x0, y0, x1, y1) in [0, 1], origin top-left; got {box!r}")
     x0, y0, x1, y1 = (float(v) for v in box)
     if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
-        raise ValueError(f"{owner}: box {box!r} must have 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
-                         "(fractions of the image, origin top-left)")
+        raise ValueError(
+            f"{owner}: box {box!r} must have 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
+            "(fractions of the image, origin top-left)"
+        )
     return (x0, y0, x1, y1)
 
 
@@ -78,16 +81,25 @@ class LossCollector:
             total = part if total is None else total + part
             terms = max(terms, fg.numel())
         if total is None:
-            raise RuntimeError("bounded attention collected no attention maps: the loss layers "
-                               f"{sorted(self.layers)} did not run; pick layers that the model calls")
+            raise RuntimeError(
+                "bounded attention collected no attention maps: the loss layers "
+                f"{sorted(self.layers)} did not run; pick layers that the model calls"
+            )
         return total, float(total.detach()) / max(terms, 1)
 
 
 _COLLECTOR: contextvars.ContextVar[LossCollector | None] = contextvars.ContextVar("diffattn_bounded", default=None)
 
 
-def kmeans(points: Tensor, k: int, *, generator: torch.Generator, init: Tensor | None = None, restarts: int = 10,
-           iterations: int = 30) -> tuple[Tensor, Tensor]:
+def kmeans(
+    points: Tensor,
+    k: int,
+    *,
+    generator: torch.Generator,
+    init: Tensor | None = None,
+    restarts: int = 10,
+    iterations: int = 30,
+) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means (k-means++ seeding, best of ``restarts`` by inertia; one run from ``init`` when given).
     Returns (labels ``(n,)``, centres ``(k, d)``)."""
     points = points.float()
@@ -105,8 +117,9 @@ def kmeans(points: Tensor, k: int, *, generator: torch.Generator, init: Tensor |
                 centres = torch.cat([centres, points[pick]])
         for _ in range(iterations):
             labels = torch.cdist(points, centres).argmin(1)
-            moved = torch.stack([points[labels == j].mean(0) if bool((labels == j).any()) else centres[j]
-                                 for j in range(k)])
+            moved = torch.stack(
+                [points[labels == j].mean(0) if bool((labels == j).any()) else centres[j] for j in range(k)]
+            )
             if torch.allclose(moved, centres):
                 break
             centres = moved
@@ -126,9 +139,17 @@ class MaskRefiner:
     cross map it overlaps most (intersection / smaller area >= ``score_threshold``; otherwise background). A subject
     that gets no cluster keeps its box. The masks then replace the boxes at every layer (nearest-exact resize)."""
 
-    def __init__(self, method: "BoundedAttention", layers: Sequence[str], steps: Sequence[int], *,
-                 clusters_per_box: int = 3, cross_threshold: float = 0.2, score_threshold: float = 0.2,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        method: BoundedAttention,
+        layers: Sequence[str],
+        steps: Sequence[int],
+        *,
+        clusters_per_box: int = 3,
+        cross_threshold: float = 0.2,
+        score_threshold: float = 0.2,
+        seed: int = 0,
+    ) -> None:
         self.method = method
         self.layers = frozenset(layers)
         self.steps = frozenset(steps)
@@ -244,8 +265,10 @@ class BoundedAttention(AttentionMethod):
         if not boxes:
             raise ValueError(f"{self.name}: give at least one box, e.g. boxes=((0.0, 0.0, 0.5, 1.0),)")
         if len(tokens) != len(boxes):
-            raise ValueError(f"{self.name}: {len(boxes)} boxes but {len(tokens)} subject token groups; give one "
-                             "tuple of token indices per box (diffattn.editing.token_indices finds a word's)")
+            raise ValueError(
+                f"{self.name}: {len(boxes)} boxes but {len(tokens)} subject token groups; give one "
+                "tuple of token indices per box (diffattn.editing.token_indices finds a word's)"
+            )
         if any(not group or min(group) < 0 for group in tokens):
             raise ValueError(f"{self.name}: every subject needs token indices >= 0, got {tokens}")
         object.__setattr__(self, "boxes", boxes)
@@ -275,7 +298,7 @@ class BoundedAttention(AttentionMethod):
             cols = [t for t in group if t < text_len]
             allowed[rows.nonzero()[:, 0][:, None], torch.tensor(cols, dtype=torch.long)[None, :]] = True
         if self.mask_eos and not background and self.eos_token is not None and self.eos_token < text_len:
-            allowed[outside, self.eos_token:] = False
+            allowed[outside, self.eos_token :] = False
         return allowed
 
     def self_allowed(self, members: Tensor) -> Tensor:
@@ -319,18 +342,23 @@ class BoundedAttention(AttentionMethod):
         mask = mask.to(q.device)
         if ctx.attn_mask is not None:
             given = ctx.attn_mask
-            mask = mask & given if given.dtype == torch.bool else torch.where(mask, given.to(q.dtype),
-                                                                             torch.finfo(q.dtype).min)
+            mask = (
+                mask & given
+                if given.dtype == torch.bool
+                else torch.where(mask, given.to(q.dtype), torch.finfo(q.dtype).min)
+            )
         if guiding and collector.wants(ctx.layer):
             return self._collect(q, k, v, mask, ctx, collector)
         refiner = _REFINER.get()
         if not guiding and refiner is not None and refiner.wants(ctx):
             return self._refine_record(q, k, v, mask, ctx, refiner)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ctx.scale,
-                                                                enable_gqa=ctx.enable_gqa)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=ctx.scale, enable_gqa=ctx.enable_gqa
+        )
 
-    def _refine_record(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ctx: AttentionContext,
-                       refiner: MaskRefiner) -> Tensor:
+    def _refine_record(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ctx: AttentionContext, refiner: MaskRefiner
+    ) -> Tensor:
         probs = _masked_probs(q, k, mask, ctx)
         batch = q.shape[0]
         roles = ctx.batch_roles if ctx.batch_roles is not None and len(ctx.batch_roles) == batch else ("cond",) * batch
@@ -344,8 +372,9 @@ class BoundedAttention(AttentionMethod):
             refiner.record(probs, ctx, cond)
         return torch.matmul(probs, v)
 
-    def _collect(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ctx: AttentionContext,
-                 collector: LossCollector) -> Tensor:
+    def _collect(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ctx: AttentionContext, collector: LossCollector
+    ) -> Tensor:
         """Explicit masked attention (differentiable) that also records the loss terms of the conditional rows."""
         probs = _masked_probs(q, k, mask, ctx)
         members = self._members(ctx).to(q.device)

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 import diffattn_kernels as kernels
+
 from ..context import AttentionContext
 from ..errors import LayoutError, MethodConfigError, NonFiniteInputError
 from ..layout import TokenLayout
@@ -71,17 +72,26 @@ PSA_BANDS: tuple[float, float, float, float] = (0.4, 0.5, 0.6, 0.8)
 # shared pieces
 
 
-def _check_common(owner: str, roles: frozenset[str], backend: str, block_size: int, tile: Any,
-                  guard: float | None) -> frozenset[str]:
+def _check_common(
+    owner: str, roles: frozenset[str], backend: str, block_size: int, tile: Any, guard: float | None
+) -> frozenset[str]:
     roles = check_roles(roles, owner, _ROLES)
     if backend != "auto" and backend not in kernels.BACKENDS:
         raise ValueError(f"{owner}: unknown backend {backend!r}; choose from {['auto', *kernels.BACKENDS]}")
     if block_size < 1:
         raise ValueError(f"{owner}: block_size must be positive, got {block_size}")
-    if not (tile is None or tile == "auto" or isinstance(tile, int) and tile >= 1 or isinstance(tile, tuple)
-            and tile and all(isinstance(t, int) and t >= 1 for t in tile)):
-        raise ValueError(f"{owner}: tile must be 'auto', None (raster blocks), a positive int or a tuple of them, "
-                         f"got {tile!r}")
+    if not (
+        tile is None
+        or tile == "auto"
+        or isinstance(tile, int)
+        and tile >= 1
+        or isinstance(tile, tuple)
+        and tile
+        and all(isinstance(t, int) and t >= 1 for t in tile)
+    ):
+        raise ValueError(
+            f"{owner}: tile must be 'auto', None (raster blocks), a positive int or a tuple of them, got {tile!r}"
+        )
     if guard is not None and not -1.0 <= guard <= 1.0:
         raise ValueError(f"{owner}: a similarity threshold is a cosine similarity in [-1, 1], got {guard}")
     return roles
@@ -91,8 +101,7 @@ def _as_budget(value: float | tuple[float, ...] | None, owner: str, name: str) -
     if value is None:
         return None
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0
-                         for v in values):
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0 for v in values):
         raise ValueError(f"{owner}: {name} is a fraction in [0, 1] (or one per head), got {value!r}")
     return tuple(float(v) for v in values) if isinstance(value, (tuple, list)) else float(value)
 
@@ -105,9 +114,11 @@ def _per_head(value: Any, ctx: AttentionContext, heads: int, owner: str, name: s
         return t.expand(heads, *t.shape)
     total = ctx.total_heads if ctx.total_heads is not None else heads
     if t.shape[0] != total:
-        raise LayoutError(f"{owner} on {ctx.layer}: {name} gives {t.shape[0]} heads but the layer has {total}; give "
-                          "one value per head or a single one")
-    return t[ctx.head_offset:ctx.head_offset + heads]
+        raise LayoutError(
+            f"{owner} on {ctx.layer}: {name} gives {t.shape[0]} heads but the layer has {total}; give "
+            "one value per head or a single one"
+        )
+    return t[ctx.head_offset : ctx.head_offset + heads]
 
 
 def _tile_for(tile: Any, grid: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -128,11 +139,17 @@ def _validate_tile(owner: str, tile: Any, block_size: int, ctx: AttentionContext
         block_order(layout, _tile_for(tile, layout.grid), block_size, 0)
     except ValueError as e:
         kind, axes = _grid_words(layout.grid)
-        example = tuple(min(t, n) for t, n in zip(VIDEO_TILE if len(layout.grid) == 3 else (8,) * len(layout.grid),
-                                                   layout.grid))
-        raise config_error(owner, ctx, str(e), f"use a {len(layout.grid)}-value tile {axes} on this {kind} grid, "
-                           f"e.g. tile={example}, or tile='auto' ({VIDEO_TILE} on videos, raster blocks of "
-                           "block_size on images)") from e
+        example = tuple(
+            min(t, n) for t, n in zip(VIDEO_TILE if len(layout.grid) == 3 else (8,) * len(layout.grid), layout.grid)
+        )
+        raise config_error(
+            owner,
+            ctx,
+            str(e),
+            f"use a {len(layout.grid)}-value tile {axes} on this {kind} grid, "
+            f"e.g. tile={example}, or tile='auto' ({VIDEO_TILE} on videos, raster blocks of "
+            "block_size on images)",
+        ) from e
 
 
 def _check_call(owner: str, ctx: AttentionContext) -> None:
@@ -161,8 +178,9 @@ class _Plan:
     density: float
 
 
-def _run_plans(q: Tensor, k: Tensor, v: Tensor, plans: list[_Plan], scale: float, backend: str,
-               need_lse: bool) -> tuple[Tensor, Tensor | None]:
+def _run_plans(
+    q: Tensor, k: Tensor, v: Tensor, plans: list[_Plan], scale: float, backend: str, need_lse: bool
+) -> tuple[Tensor, Tensor | None]:
     """Attention of every plan's batch rows, back in sequence order: ``(out, lse)`` (lse float32 or None)."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if need_lse else None
@@ -175,8 +193,9 @@ def _run_plans(q: Tensor, k: Tensor, v: Tensor, plans: list[_Plan], scale: float
     return out, lse
 
 
-def _score(qk: Tensor, kk: Tensor, ko: KernelOrder, scale: float, guard: float | None,
-           k_similarity: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+def _score(
+    qk: Tensor, kk: Tensor, ko: KernelOrder, scale: float, guard: float | None, k_similarity: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Pooled block probabilities ``(H, nvb, nvb)``, forced blocks and (if asked) the key blocks' self-similarity,
     from one batch entry's q and k ``(H, L, D)`` in kernel order. Only visual positions are pooled."""
     n_vis, block = ko.num_visual, ko.block_size
@@ -222,11 +241,16 @@ class DynamicSparseAttention(AttentionMethod):
     roles: frozenset[str] = field(default=_ROLES)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", _check_common(self.name, self.roles, self.backend, self.block_size,
-                                                        self.tile, self.similarity_guard))
+        object.__setattr__(
+            self,
+            "roles",
+            _check_common(self.name, self.roles, self.backend, self.block_size, self.tile, self.similarity_guard),
+        )
         if (self.topk is None) == (self.topp is None):
-            raise ValueError(f"{self.name}: give exactly one budget, topk=<fraction of key blocks> or "
-                             "topp=<probability mass>, e.g. topk=0.1")
+            raise ValueError(
+                f"{self.name}: give exactly one budget, topk=<fraction of key blocks> or "
+                "topp=<probability mass>, e.g. topk=0.1"
+            )
         object.__setattr__(self, "topk", _as_budget(self.topk, self.name, "topk"))
         object.__setattr__(self, "topp", _as_budget(self.topp, self.name, "topp"))
 
@@ -249,8 +273,13 @@ class DynamicSparseAttention(AttentionMethod):
         _check_call(self.name, ctx)
         paddings = text_padding_per_batch(ctx.attn_mask, ctx.q_layout, q.shape[0], ctx.layer)
         heads = q.shape[1]
-        budget = _per_head(self.topk if self.topk is not None else self.topp, ctx, heads, self.name,
-                           "topk" if self.topk is not None else "topp")
+        budget = _per_head(
+            self.topk if self.topk is not None else self.topp,
+            ctx,
+            heads,
+            self.name,
+            "topk" if self.topk is not None else "topp",
+        )
         scale = _scale(ctx, q)
         for rows, pad in zip(_rows(q.shape[0]), paddings):
             ko = self.order_for(ctx.q_layout, pad)
@@ -330,19 +359,27 @@ class PyramidSparseAttention(AttentionMethod):
     roles: frozenset[str] = field(default=_ROLES)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", _check_common(self.name, self.roles, self.backend, self.block_size,
-                                                        self.tile, self.similarity_guard))
+        object.__setattr__(
+            self,
+            "roles",
+            _check_common(self.name, self.roles, self.backend, self.block_size, self.tile, self.similarity_guard),
+        )
         if self.pool_similarity is not None and not -1.0 <= self.pool_similarity <= 1.0:
-            raise ValueError(f"{self.name}: pool_similarity is a cosine similarity in [-1, 1], got {self.pool_similarity}")
+            raise ValueError(
+                f"{self.name}: pool_similarity is a cosine similarity in [-1, 1], got {self.pool_similarity}"
+            )
         per_head = bool(self.bands) and isinstance(self.bands[0], (tuple, list))
         rows = [tuple(r) for r in self.bands] if per_head else [tuple(self.bands)]
         for row in rows:
             ok = len(row) == len(PYRAMID_LEVELS) and all(
-                isinstance(e, (int, float)) and not isinstance(e, bool) and 0.0 <= e <= 1.0 for e in row)
+                isinstance(e, (int, float)) and not isinstance(e, bool) and 0.0 <= e <= 1.0 for e in row
+            )
             if not ok or any(a > b for a, b in zip(row, row[1:])):
-                raise ValueError(f"{self.name}: bands are {len(PYRAMID_LEVELS)} non-decreasing fractions in [0, 1] "
-                                 f"(cumulative, for pooling {PYRAMID_LEVELS}), or one such tuple per head; got "
-                                 f"{self.bands!r}")
+                raise ValueError(
+                    f"{self.name}: bands are {len(PYRAMID_LEVELS)} non-decreasing fractions in [0, 1] "
+                    f"(cumulative, for pooling {PYRAMID_LEVELS}), or one such tuple per head; got "
+                    f"{self.bands!r}"
+                )
         rows = [tuple(float(e) for e in r) for r in rows]
         object.__setattr__(self, "bands", tuple(rows) if per_head else rows[0])
 
@@ -351,8 +388,9 @@ class PyramidSparseAttention(AttentionMethod):
 
     def levels(self, qk: Tensor, kk: Tensor, ko: KernelOrder, scale: float, bands: Tensor) -> Tensor:
         """Pooling level (0 = skip, 1, 2, 4, 8) of every visual block pair ``(H, nvb, nvb)`` of one batch entry."""
-        probs, forced, k_sim = _score(qk, kk, ko, scale, self.similarity_guard,
-                                      k_similarity=self.pool_similarity is not None)
+        probs, forced, k_sim = _score(
+            qk, kk, ko, scale, self.similarity_guard, k_similarity=self.pool_similarity is not None
+        )
         nvb = probs.shape[-1]
         clean = ~(ko.has_pad | ko.has_text)[:nvb].to(probs.device)
         poolable = (~ko.has_text[:nvb].to(probs.device)).view(-1, 1) & clean.view(1, -1)
@@ -389,8 +427,9 @@ class PyramidSparseAttention(AttentionMethod):
                 if bool(chosen.any()):
                     relation = torch.zeros(heads, ko.num_blocks, nvb, dtype=torch.bool)
                     relation[:, :nvb] = chosen.cpu()
-                    masks[level] = relation_block_mask(relation, relation, (block, block // level),
-                                                       (ko.length, nvb * block // level), _everything)
+                    masks[level] = relation_block_mask(
+                        relation, relation, (block, block // level), (ko.length, nvb * block // level), _everything
+                    )
             densities.append(_pyramid_density(levels, ko))
             mid = time.perf_counter()
             parts = []
@@ -495,8 +534,10 @@ class Rettention(AttentionMethod):
     def __post_init__(self) -> None:
         object.__setattr__(self, "roles", check_roles(self.roles, self.name, _ROLES))
         if not isinstance(self.base, (SparseAttention, DynamicSparseAttention)):
-            raise TypeError(f"{self.name}: base must be a static sparse method (e.g. SlidingTileAttention) or "
-                            f"DynamicSparseAttention, got {type(self.base).__name__}")
+            raise TypeError(
+                f"{self.name}: base must be a static sparse method (e.g. SlidingTileAttention) or "
+                f"DynamicSparseAttention, got {type(self.base).__name__}"
+            )
         if not isinstance(self.calibrate_every, int) or self.calibrate_every < 1:
             raise ValueError(f"{self.name}: calibrate_every is a positive number of steps, got {self.calibrate_every}")
         if self.ratio_drift < 0:
@@ -511,8 +552,13 @@ class Rettention(AttentionMethod):
         self._calls.clear()
 
     def _key(self, q: Tensor, v: Tensor, ctx: AttentionContext) -> tuple:
-        who = (ctx.layer, ctx.batch_roles if ctx.batch_roles is not None else q.shape[0], tuple(q.shape),
-               tuple(v.shape), ctx.head_offset)
+        who = (
+            ctx.layer,
+            ctx.batch_roles if ctx.batch_roles is not None else q.shape[0],
+            tuple(q.shape),
+            tuple(v.shape),
+            ctx.head_offset,
+        )
         step, count = self._calls.get(who, (None, -1))
         # the n-th call of this shape in a step (e.g. separate cond / uncond forwards); wrapped, so that repeated
         # one-step generations (indistinguishable from more calls in one step) reuse entries instead of piling up
@@ -548,8 +594,9 @@ class Rettention(AttentionMethod):
             ctx.step < state.last_step
             or (ctx.timestep is not None and state.timestep is not None and ctx.timestep > state.timestep)
         )
-        calibrate = (state is None or new_generation or ctx.step == 0
-                     or ctx.step - state.calibrated_step >= self.calibrate_every)
+        calibrate = (
+            state is None or new_generation or ctx.step == 0 or ctx.step - state.calibrated_step >= self.calibrate_every
+        )
         scale = _scale(ctx, q)
         backend = getattr(self.base, "backend", "auto")
         start = time.perf_counter()
@@ -562,8 +609,12 @@ class Rettention(AttentionMethod):
             residual = dense.float() - ratio.unsqueeze(-1) * sparse.float()
             self._cache[key] = _Calibration(plans, ratio, residual, ctx.step, ctx.step, ctx.timestep)
             density = 1.0 + sum(p.density for p in plans) / len(plans)
-            ctx.report(density=density, selection_seconds=selected - start,
-                       attention_seconds=time.perf_counter() - selected, calibration=1.0)
+            ctx.report(
+                density=density,
+                selection_seconds=selected - start,
+                attention_seconds=time.perf_counter() - selected,
+                calibration=1.0,
+            )
             return _finite_or_report(dense, q, k, v, ctx, self.name)
         sparse, _ = _run_plans(q, k, v, state.plans, scale, backend, need_lse=False)
         ratio = state.ratio
@@ -571,8 +622,12 @@ class Rettention(AttentionMethod):
             ratio = (ratio + self.ratio_drift * (ctx.step - state.calibrated_step)).clamp(max=1.0)
         state.last_step, state.timestep = ctx.step, ctx.timestep
         out = (ratio.unsqueeze(-1) * sparse.float() + state.residual).to(q.dtype)
-        ctx.report(density=sum(p.density for p in state.plans) / len(state.plans), selection_seconds=0.0,
-                   attention_seconds=time.perf_counter() - start, calibration=0.0)
+        ctx.report(
+            density=sum(p.density for p in state.plans) / len(state.plans),
+            selection_seconds=0.0,
+            attention_seconds=time.perf_counter() - start,
+            calibration=0.0,
+        )
         return _finite_or_report(out, q, k, v, ctx, self.name)
 
 
@@ -610,11 +665,13 @@ class TokenDownsampling(AttentionMethod):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{self.name}: {name} is a positive int (1 = no downsampling), got {value!r}")
         if self.mode not in POOL_MODES:
-            raise ValueError(f"{self.name}: mode is one of {POOL_MODES} (default 'nearest-exact', the authors'), "
-                             f"got {self.mode!r}")
+            raise ValueError(
+                f"{self.name}: mode is one of {POOL_MODES} (default 'nearest-exact', the authors'), got {self.mode!r}"
+            )
         if not 0.0 <= self.timestep_threshold_stop <= 1.0:
-            raise ValueError(f"{self.name}: timestep_threshold_stop is t/1000 in [0, 1], got "
-                             f"{self.timestep_threshold_stop}")
+            raise ValueError(
+                f"{self.name}: timestep_threshold_stop is t/1000 in [0, 1], got {self.timestep_threshold_stop}"
+            )
 
     def level(self, ctx: AttentionContext) -> int:
         """1 at the model's highest resolution, 2 at half of it, and so on (from the call's and input's grids)."""
@@ -634,15 +691,21 @@ class TokenDownsampling(AttentionMethod):
         name = "factor" if level == 1 else "factor_level_2"
         if factor >= max(grid[-2:]):
             raise config_error(
-                self.name, ctx, f"{name}={factor} pools each {grid[-2]}x{grid[-1]} frame into a single key token",
+                self.name,
+                ctx,
+                f"{name}={factor} pools each {grid[-2]}x{grid[-1]} frame into a single key token",
                 f"use {name} < {max(grid[-2:])} (ToDo uses 2 to 4 at high resolution) or apply it to "
-                "higher-resolution layers (layers=...)")
+                "higher-resolution layers (layers=...)",
+            )
         if self.mode in ("nearest-exact", "nearest") and factor > min(grid[-2:]):
             raise config_error(
-                self.name, ctx, f"{name}={factor} with mode={self.mode!r} keeps floor({min(grid[-2:])} / {factor}) = 0 "
+                self.name,
+                ctx,
+                f"{name}={factor} with mode={self.mode!r} keeps floor({min(grid[-2:])} / {factor}) = 0 "
                 f"rows or columns of each {grid[-2]}x{grid[-1]} frame",
                 f"use {name} <= {min(grid[-2:])}, mode='avg' (ceil sizes), or apply it to higher-resolution layers "
-                "(layers=...)")
+                "(layers=...)",
+            )
 
     def factor_for(self, ctx: AttentionContext) -> int:
         if ctx.timestep is not None and ctx.timestep / 1000.0 <= self.timestep_threshold_stop:
@@ -672,12 +735,16 @@ class TokenDownsampling(AttentionMethod):
                 text0 = 0 if layout.text_first else m_vis
                 for b, pad in enumerate(paddings):
                     if pad:
-                        keep[b, text0 + layout.text_len - pad:text0 + layout.text_len] = False
+                        keep[b, text0 + layout.text_len - pad : text0 + layout.text_len] = False
                 mask = keep.view(q.shape[0], 1, 1, -1)
         kp, vp = pooled
         selected = time.perf_counter()
-        out = torch.nn.functional.scaled_dot_product_attention(q, kp, vp, attn_mask=mask, scale=ctx.scale,
-                                                               enable_gqa=ctx.enable_gqa)
-        ctx.report(density=kp.shape[-2] / k.shape[-2], selection_seconds=selected - start,
-                   attention_seconds=time.perf_counter() - selected)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, kp, vp, attn_mask=mask, scale=ctx.scale, enable_gqa=ctx.enable_gqa
+        )
+        ctx.report(
+            density=kp.shape[-2] / k.shape[-2],
+            selection_seconds=selected - start,
+            attention_seconds=time.perf_counter() - selected,
+        )
         return out

@@ -15,7 +15,15 @@ from ..context import AttentionContext
 from ..errors import LayoutError
 from .base import AttentionMethod, check_roles
 
-__all__ = ["AttentiveEraser", "CrossMapRecorder", "LocalBlend", "MutualSelfAttention", "PromptToPrompt", "source_rows", "BlendStore"]
+__all__ = [
+    "AttentiveEraser",
+    "CrossMapRecorder",
+    "LocalBlend",
+    "MutualSelfAttention",
+    "PromptToPrompt",
+    "source_rows",
+    "BlendStore",
+]
 
 _SELF_AND_JOINT = frozenset({"self", "joint"})
 
@@ -37,8 +45,10 @@ def source_rows(ctx: AttentionContext, batch: int, source: str, target: str) -> 
         sources = [i for i in members if branches[i] == source]
         targets = [i for i in members if branches[i] == target]
         if targets and len(sources) != len(targets):
-            raise LayoutError(f"{ctx.layer}: {len(targets)} {target} entries but {len(sources)} {source} entries in "
-                              f"the {role} entries of this call; edit one source per target")
+            raise LayoutError(
+                f"{ctx.layer}: {len(targets)} {target} entries but {len(sources)} {source} entries in "
+                f"the {role} entries of this call; edit one source per target"
+            )
         for s, t in zip(sources, targets):
             index[t] = s
             found = True
@@ -81,13 +91,17 @@ class MutualSelfAttention(AttentionMethod):
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(f"{self.name}: start_step must be an int >= 0, got {self.start_step!r}")
         if self.mask_words and self.mask_source is not None:
-            raise ValueError(f"{self.name}: give masks (mask_source, mask_target) or mask_words (masks from "
-                             "cross-attention), not both")
+            raise ValueError(
+                f"{self.name}: give masks (mask_source, mask_target) or mask_words (masks from "
+                "cross-attention), not both"
+            )
         if not 0.0 < self.mask_threshold < 1.0:
             raise ValueError(f"{self.name}: mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if (self.mask_source is None) != (self.mask_target is None):
-            raise ValueError(f"{self.name}: the mask-guided variant needs both mask_source and mask_target (H x W, "
-                             "True on the object in the source and where it goes in the target); give both or none")
+            raise ValueError(
+                f"{self.name}: the mask-guided variant needs both mask_source and mask_target (H x W, "
+                "True on the object in the source and where it goes in the target); give both or none"
+            )
         for name in ("mask_source", "mask_target"):
             mask = getattr(self, name)
             if mask is not None:
@@ -98,18 +112,32 @@ class MutualSelfAttention(AttentionMethod):
 
     def _grid_mask(self, mask: Tensor, grid: tuple[int, ...]) -> Tensor:
         """``mask`` nearest-resized to the layer's grid (MasaCtrl's rule), flattened row-major."""
-        return torch.nn.functional.interpolate(mask.float()[None, None], size=tuple(grid), mode="nearest")[0, 0] \
-            .flatten() > 0.5
+        return (
+            torch.nn.functional.interpolate(mask.float()[None, None], size=tuple(grid), mode="nearest")[0, 0].flatten()
+            > 0.5
+        )
 
-    def _masked(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, index: Tensor, out: Tensor,
-                mask_source: Tensor, mask_target: Tensor, targets: list[int] | None = None) -> Tensor:
+    def _masked(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        ctx: AttentionContext,
+        index: Tensor,
+        out: Tensor,
+        mask_source: Tensor,
+        mask_target: Tensor,
+        targets: list[int] | None = None,
+    ) -> Tensor:
         """Mask-guided MasaCtrl for the target rows: ``fg * m_t + bg * (1 - m_t)``, fg attending to the source's keys
         inside its object mask, bg to those outside (text keys of joint attention stay visible to both). A mask
         that leaves fg or bg without keys gives that part the unmasked source keys."""
         grid = ctx.kv_layout.grid
         if len(grid) != 2:
-            raise LayoutError(f"{self.name} on {ctx.layer}: the mask-guided variant needs a 2-D token grid, got "
-                              f"{ctx.kv_layout.describe()}")
+            raise LayoutError(
+                f"{self.name} on {ctx.layer}: the mask-guided variant needs a 2-D token grid, got "
+                f"{ctx.kv_layout.describe()}"
+            )
         inside_s = self._grid_mask(mask_source, grid).to(q.device)
         inside_t = self._grid_mask(mask_target, ctx.q_layout.grid).to(q.device)
         keys_fg = torch.ones(k.shape[-2], dtype=torch.bool, device=q.device)
@@ -124,8 +152,9 @@ class MutualSelfAttention(AttentionMethod):
         def part(allowed: Tensor) -> Tensor:
             if not bool(allowed[visual].any()):
                 allowed = torch.ones_like(allowed)
-            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed[None, None, None, :],
-                                                                    scale=ctx.scale)
+            return torch.nn.functional.scaled_dot_product_attention(
+                qt, kt, vt, attn_mask=allowed[None, None, None, :], scale=ctx.scale
+            )
 
         fg, bg = part(keys_fg), part(keys_bg)
         m = torch.zeros(q.shape[-2], dtype=fg.dtype, device=q.device)
@@ -162,16 +191,22 @@ class MutualSelfAttention(AttentionMethod):
             return self._auto_masked(q, k, v, ctx, index, out)
         return out
 
-    def _auto_masked(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, index: Tensor,
-                     out: Tensor) -> Tensor:
+    def _auto_masked(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, index: Tensor, out: Tensor
+    ) -> Tensor:
         """MasaCtrl's automatic masks: each copy's source and target masks from the ``mask_words``' cross-attention
         maps recorded so far (min-max normalised, thresholded); no maps yet: plain mutual attention."""
         store = CROSS_MAPS.get()
         if store is None:
-            raise LayoutError(f"{self.name} on {ctx.layer}: mask_words needs the cross-attention maps that "
-                              "diffattn.editing.edit records; run it through edit()")
-        roles = ctx.batch_roles if ctx.batch_roles is not None and len(ctx.batch_roles) == q.shape[0] else \
-            ("?",) * q.shape[0]
+            raise LayoutError(
+                f"{self.name} on {ctx.layer}: mask_words needs the cross-attention maps that "
+                "diffattn.editing.edit records; run it through edit()"
+            )
+        roles = (
+            ctx.batch_roles
+            if ctx.batch_roles is not None and len(ctx.batch_roles) == q.shape[0]
+            else ("?",) * q.shape[0]
+        )
         ordinal: dict[tuple[str, str], int] = {}
         by_copy: dict[int, list[int]] = {}
         for t, s in enumerate(index.tolist()):
@@ -219,11 +254,12 @@ class LocalBlend:
 
     def __post_init__(self) -> None:
         if not self.words:
-            raise ValueError("LocalBlend: name the words whose region may change, e.g. LocalBlend(words=('circle', "
-                             "'square')) for 'a red circle' -> 'a red square'")
+            raise ValueError(
+                "LocalBlend: name the words whose region may change, e.g. LocalBlend(words=('circle', "
+                "'square')) for 'a red circle' -> 'a red square'"
+            )
         if not 0.0 < self.threshold < 1.0 or not 0.0 <= self.start <= 1.0:
-            raise ValueError(f"LocalBlend: threshold in (0, 1) and start in [0, 1], got {self.threshold}, "
-                             f"{self.start}")
+            raise ValueError(f"LocalBlend: threshold in (0, 1) and start in [0, 1], got {self.threshold}, {self.start}")
 
     def split(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if all(isinstance(w, str) for w in self.words):
@@ -363,8 +399,10 @@ class PromptToPrompt(AttentionMethod):
         if fraction == 0.0:
             return False
         if ctx.step is None or ctx.num_steps is None:
-            raise LayoutError(f"{self.name} on {ctx.layer}: the replace fractions need the denoising step; run it "
-                              "through a pipeline (diffattn.editing.edit) or inside diffattn.denoising_step(i, n)")
+            raise LayoutError(
+                f"{self.name} on {ctx.layer}: the replace fractions need the denoising step; run it "
+                "through a pipeline (diffattn.editing.edit) or inside diffattn.denoising_step(i, n)"
+            )
         return ctx.step < math.ceil(fraction * ctx.num_steps - 1e-9)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
@@ -389,8 +427,9 @@ class PromptToPrompt(AttentionMethod):
                 continue
             p = _probs(q[t], k[t], scale, _entry_mask(ctx.attn_mask, t))
             if replace_self or replace_cross:
-                p = self._replace(p, _probs(q[s], k[s], scale, _entry_mask(ctx.attn_mask, s)), ctx,
-                                  replace_self, replace_cross)
+                p = self._replace(
+                    p, _probs(q[s], k[s], scale, _entry_mask(ctx.attn_mask, s)), ctx, replace_self, replace_cross
+                )
             for token, weight in reweight:
                 column = token if ctx.role == "cross" else ctx.q_layout.text_start + token
                 if token < ctx.kv_layout.text_len:
@@ -449,11 +488,14 @@ class AttentiveEraser(AttentionMethod):
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         out = ctx.dense(q, k, v)
         if self.mask is None:
-            raise LayoutError(f"{self.name} on {ctx.layer}: no object mask; use diffattn.editing.erase(pipe, image, "
-                              "mask) or AttentiveEraser().with_mask(mask)")
+            raise LayoutError(
+                f"{self.name} on {ctx.layer}: no object mask; use diffattn.editing.erase(pipe, image, "
+                "mask) or AttentiveEraser().with_mask(mask)"
+            )
         if ctx.branches is None:
-            raise LayoutError(f"{self.name} on {ctx.layer}: needs the erase batch's branches ('wo', 'w'); use "
-                              "diffattn.editing.erase")
+            raise LayoutError(
+                f"{self.name} on {ctx.layer}: needs the erase batch's branches ('wo', 'w'); use diffattn.editing.erase"
+            )
         rows = [i for i, b in enumerate(ctx.branches) if b == self.branch]
         grid = ctx.kv_layout.grid
         if not rows or len(grid) != 2:
@@ -468,8 +510,9 @@ class AttentiveEraser(AttentionMethod):
         scale = ctx.scale
         bg = torch.nn.functional.scaled_dot_product_attention(qw, kw, vw, attn_mask=allowed, scale=scale)
         if ctx.step is not None and ctx.step < self.ss_steps:
-            fg = torch.nn.functional.scaled_dot_product_attention(qw * self.ss_scale, kw, vw, attn_mask=allowed,
-                                                                  scale=scale)
+            fg = torch.nn.functional.scaled_dot_product_attention(
+                qw * self.ss_scale, kw, vw, attn_mask=allowed, scale=scale
+            )
             m = inside[None, None, :, None].to(bg.dtype)
             bg = fg * m + bg * (1 - m)
         out = out.clone()

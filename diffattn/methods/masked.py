@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+from diffattn_kernels.reference import reference_attention
+
 from ..context import ROLES, AttentionContext
 from ..errors import MethodConfigError
-from diffattn_kernels.reference import reference_attention
 from .base import AttentionMethod, check_roles
 
 __all__ = ["Masked", "MaskMod", "stock_mask_parts"]
@@ -52,8 +53,12 @@ class Masked(AttentionMethod):
         kv_idx = torch.arange(k.shape[-2], device=q.device).unsqueeze(0)
         user = self.mask_mod(q_idx, kv_idx, ctx)
         full = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        if not isinstance(user, Tensor) or user.dtype != torch.bool or user.ndim > 4 or any(
-                n not in (1, m) for n, m in zip(reversed(user.shape), reversed(full))):
+        if (
+            not isinstance(user, Tensor)
+            or user.dtype != torch.bool
+            or user.ndim > 4
+            or any(n not in (1, m) for n, m in zip(reversed(user.shape), reversed(full)))
+        ):
             got = f"a {tuple(user.shape)} {user.dtype} tensor" if isinstance(user, Tensor) else type(user).__name__
             raise MethodConfigError(
                 f"Masked on layer {ctx.layer} ({ctx.role} attention; queries: {ctx.q_layout.describe()}, keys: "

@@ -27,7 +27,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -38,14 +38,21 @@ from ..schedule import StepSchedule, StepSpec, _component_regex
 from .base import AttentionMethod, check_roles
 
 __all__ = [
-    "PerturbedAttention", "PAG", "SoftPAG", "SEG", "HeadSpec", "PERTURBED", "gaussian_blur_matrix", "seg_blur_matrix",
+    "PerturbedAttention",
+    "PAG",
+    "SoftPAG",
+    "SEG",
+    "HeadSpec",
+    "PERTURBED",
+    "gaussian_blur_matrix",
+    "seg_blur_matrix",
     "SEG_INF_BLUR_THRESHOLD",
 ]
 
 #: The batch role of the entries a perturbed-attention method changes.
 PERTURBED = "perturbed"
 
-HeadSpec = Union[Sequence[int], Mapping[str, Sequence[int]], None]
+HeadSpec = Sequence[int] | Mapping[str, Sequence[int]] | None
 _GUIDANCE_ROLES = frozenset({"self", "joint"})
 
 
@@ -96,7 +103,7 @@ class PerturbedAttention(AttentionMethod):
 
     scale: float = 3.0
     adaptive_scale: float = 0.0
-    layers: Union[str, Sequence[str], None] = None
+    layers: str | Sequence[str] | None = None
     heads: HeadSpec = None
     steps: StepSpec = None
     roles: frozenset[str] = field(default=_GUIDANCE_ROLES)
@@ -167,8 +174,9 @@ class PerturbedAttention(AttentionMethod):
             return ctx.dense(q, k, v)
         return self._perturb(q, k, v, ctx, rows, heads)
 
-    def _perturb(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, rows: Tensor,
-                 heads: Tensor | None) -> Tensor:
+    def _perturb(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, rows: Tensor, heads: Tensor | None
+    ) -> Tensor:
         raise NotImplementedError
 
     def _local_heads(self, ctx: AttentionContext, num_heads: int) -> Tensor | None:
@@ -261,8 +269,7 @@ class PAG(PerturbedAttention):
         if self.joint not in ("image", "full"):
             raise ValueError(f"{type(self).__name__}: joint must be 'image' or 'full', got {self.joint!r}")
 
-    def _identity(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, rows: Tensor,
-                  dense: Tensor) -> Tensor:
+    def _identity(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, rows: Tensor, dense: Tensor) -> Tensor:
         """The PAG output of the entries ``rows`` (all heads); ``dense`` is the stock output of the whole batch."""
         v_rows = _expand_kv(v.index_select(0, rows), q.shape[1])
         if ctx.role != "joint" or self.joint == "full":
@@ -272,8 +279,9 @@ class PAG(PerturbedAttention):
         out[:, :, ctx.q_layout.visual_slice] = _joint_identity(q.index_select(0, rows), k_rows, v_rows, ctx, rows)
         return out
 
-    def _perturb(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, rows: Tensor,
-                 heads: Tensor | None) -> Tensor:
+    def _perturb(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, rows: Tensor, heads: Tensor | None
+    ) -> Tensor:
         dense = ctx.dense(q, k, v)
         return _replace(dense, self._identity(q, k, v, ctx, rows, dense), rows, heads)
 
@@ -296,8 +304,9 @@ class SoftPAG(PAG):
     def perturbs(self) -> bool:
         return self.scale > 0 and self.u > 0
 
-    def _perturb(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, rows: Tensor,
-                 heads: Tensor | None) -> Tensor:
+    def _perturb(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, rows: Tensor, heads: Tensor | None
+    ) -> Tensor:
         dense = ctx.dense(q, k, v)
         if self.u == 0.0:
             return dense
@@ -414,16 +423,19 @@ class SEG(PerturbedAttention):
         if isinstance(s, bool) or not isinstance(s, (int, float)) or math.isnan(s) or s < 0:
             raise ValueError(f"SEG: sigma must be >= 0 tokens (math.inf = mean query), got {s!r}")
         if not isinstance(self.faithful, bool):
-            raise ValueError(f"SEG: faithful must be a bool (True: the authors' truncated kernel, False: diffattn's "
-                             f"untruncated Gaussian), got {self.faithful!r}")
+            raise ValueError(
+                f"SEG: faithful must be a bool (True: the authors' truncated kernel, False: diffattn's "
+                f"untruncated Gaussian), got {self.faithful!r}"
+            )
         object.__setattr__(self, "sigma", float(s))
 
     @property
     def perturbs(self) -> bool:
         return self.scale > 0 and self.sigma > 0
 
-    def _perturb(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, rows: Tensor,
-                 heads: Tensor | None) -> Tensor:
+    def _perturb(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, rows: Tensor, heads: Tensor | None
+    ) -> Tensor:
         if self.sigma == 0.0:
             return ctx.dense(q, k, v)
         layout = ctx.q_layout

@@ -23,7 +23,8 @@ __all__ = ["EntropyScaling", "entropy_scale"]
 
 
 def entropy_scale(tokens: int, train_tokens: int) -> float:
-    """The logit multiplier sqrt(log_T N) = sqrt(log N / log T) for ``tokens`` keys at a trained count of ``train_tokens``."""
+    """The logit multiplier sqrt(log_T N) = sqrt(log N / log T) for ``tokens`` keys at a trained count of
+    ``train_tokens``."""
     if tokens < 1 or train_tokens < 2:
         raise ValueError(f"entropy_scale: need tokens >= 1 and train_tokens >= 2, got {tokens} and {train_tokens}")
     return math.sqrt(math.log(tokens) / math.log(train_tokens)) if tokens > 1 else 1.0
@@ -36,8 +37,8 @@ class EntropyScaling(AttentionMethod):
     T, the keys the layer saw at the training size, is given one of two ways: ``train_tokens`` (for a DiT, where
     every layer sees the same tokens: frames x rows x columns of the patch grid at the trained size, plus the text
     tokens of a joint-attention model) or ``token_ratio``, the size's token count over the trained one (for a UNet,
-    whose levels see different counts: T = N / ratio in each layer; 4.0 for twice the trained height and width). Scaling the
-    queries scales every logit, so any ``base`` (dense, a static or dynamic sparse method, token downsampling)
+    whose levels see different counts: T = N / ratio in each layer; 4.0 for twice the trained height and width). Scaling
+    the queries scales every logit, so any ``base`` (dense, a static or dynamic sparse method, token downsampling)
     sees the rescaled attention; a dynamic method's block selection sees it too. At the trained size the factor is
     exactly 1. Cross-attention is left alone by default: its key count (the text) does not change with the size.
     """
@@ -49,20 +50,30 @@ class EntropyScaling(AttentionMethod):
 
     def __post_init__(self) -> None:
         if (self.train_tokens is None) == (self.token_ratio is None):
-            raise ValueError("EntropyScaling: give train_tokens (the key count at the training size, for a DiT) or "
-                             "token_ratio (this size's tokens over the trained ones, for a UNet), exactly one")
+            raise ValueError(
+                "EntropyScaling: give train_tokens (the key count at the training size, for a DiT) or "
+                "token_ratio (this size's tokens over the trained ones, for a UNet), exactly one"
+            )
         if self.train_tokens is not None and (not isinstance(self.train_tokens, int) or self.train_tokens < 2):
-            raise ValueError(f"EntropyScaling: train_tokens is the key count at the training size (an int >= 2), got "
-                             f"{self.train_tokens!r}; for a video DiT use frames x rows x columns of its patch grid")
+            raise ValueError(
+                f"EntropyScaling: train_tokens is the key count at the training size (an int >= 2), got "
+                f"{self.train_tokens!r}; for a video DiT use frames x rows x columns of its patch grid"
+            )
         if self.token_ratio is not None and not (isinstance(self.token_ratio, (int, float)) and self.token_ratio > 0):
-            raise ValueError(f"EntropyScaling: token_ratio is a positive number (4.0 for twice the trained height and "
-                             f"width), got {self.token_ratio!r}")
+            raise ValueError(
+                f"EntropyScaling: token_ratio is a positive number (4.0 for twice the trained height and "
+                f"width), got {self.token_ratio!r}"
+            )
         if not isinstance(self.base, AttentionMethod) or isinstance(self.base, EntropyScaling):
-            raise TypeError(f"EntropyScaling: base must be another attention method (Dense, SlidingTileAttention, ...), "
-                            f"got {type(self.base).__name__}")
+            raise TypeError(
+                f"EntropyScaling: base must be another attention method (Dense, SlidingTileAttention, ...), "
+                f"got {type(self.base).__name__}"
+            )
         if self.base.stack_level != self.stack_level:
-            raise TypeError(f"{self.name}: base {self.base.name} is not a kernel-level method; apply it separately "
-                            "(diffattn.apply stacks guidance and editing methods around this one)")
+            raise TypeError(
+                f"{self.name}: base {self.base.name} is not a kernel-level method; apply it separately "
+                "(diffattn.apply stacks guidance and editing methods around this one)"
+            )
         object.__setattr__(self, "roles", check_roles(self.roles, self.name))
 
     @property

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 import diffattn_kernels as kernels
+
 from ..context import AttentionContext
 from ..errors import LayoutError, MethodConfigError
 from ..layout import TokenLayout
@@ -96,7 +97,8 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, *, scale: float
 def _grid_words(grid: tuple[int, ...]) -> tuple[str, str]:
     """(``"video"`` / ``"image"`` / ``"N-D"``, the axis names) of a token grid, for messages."""
     return {3: ("video", "(frames, height, width)"), 2: ("image", "(height, width)")}.get(
-        len(grid), (f"{len(grid)}-D", f"({len(grid)} axes)"))
+        len(grid), (f"{len(grid)}-D", f"({len(grid)} axes)")
+    )
 
 
 def config_error(owner: str, ctx: AttentionContext, problem: str, fix: str) -> MethodConfigError:
@@ -128,13 +130,16 @@ class SparseAttention(AttentionMethod):
     def __post_init__(self) -> None:
         object.__setattr__(self, "roles", check_roles(self.roles, self.name, _SPARSE_ROLES))
         if self.backend != "auto" and self.backend not in kernels.BACKENDS:
-            raise ValueError(f"{self.name}: unknown backend {self.backend!r}; choose from {['auto', *kernels.BACKENDS]}")
+            raise ValueError(
+                f"{self.name}: unknown backend {self.backend!r}; choose from {['auto', *kernels.BACKENDS]}"
+            )
         if self.block_size < 1:
             raise ValueError(f"{self.name}: block_size must be positive, got {self.block_size}")
         own_pattern = type(self).pattern_for is not SparseAttention.pattern_for
         if own_pattern and self.pattern is not None:
-            raise ValueError(f"{self.name} builds its pattern from its own parameters; pass pattern= to "
-                             "SparseAttention instead")
+            raise ValueError(
+                f"{self.name} builds its pattern from its own parameters; pass pattern= to SparseAttention instead"
+            )
         if not own_pattern and not isinstance(self.pattern, Pattern):
             raise (ValueError if self.pattern is None else TypeError)(
                 f"{self.name} needs a pattern, got {self.pattern!r}: SparseAttention(pattern=...) with a pattern "
@@ -239,8 +244,10 @@ class SlidingTileAttention(SparseAttention):
         kind, axes = _grid_words(grid)
         tile = tuple(min(t, n) for t, n in zip(((4, 4, 8) if len(grid) == 3 else (8,) * len(grid)), grid))
         window = self.window if isinstance(self.window, int) else 3
-        return (f"use a {len(grid)}-value tile {axes} on this {kind} grid (and a window of one int or "
-                f"{len(grid)} values), e.g. tile={tile}, window={window}")
+        return (
+            f"use a {len(grid)}-value tile {axes} on this {kind} grid (and a window of one int or "
+            f"{len(grid)} values), e.g. tile={tile}, window={window}"
+        )
 
 
 @dataclass(frozen=True)
@@ -265,8 +272,10 @@ class SlidingWindowAttention(SparseAttention):
     def fix_for(self, grid: tuple[int, ...]) -> str:
         kind, axes = _grid_words(grid)
         window = tuple(min(w, n) for w, n in zip(((3, 7, 7) if len(grid) == 3 else (7,) * len(grid)), grid))
-        return (f"use a {len(grid)}-value window {axes} on this {kind} grid (stride and dilation too, if given per "
-                f"axis), e.g. window={window}, or clip_to_grid=True to shrink windows larger than the grid")
+        return (
+            f"use a {len(grid)}-value window {axes} on this {kind} grid (stride and dilation too, if given per "
+            f"axis), e.g. window={window}, or clip_to_grid=True to shrink windows larger than the grid"
+        )
 
 
 @dataclass(frozen=True)
@@ -301,9 +310,14 @@ class ShiftedWindowAttention(SparseAttention):
 
     def pattern_for(self, ctx: AttentionContext) -> Pattern:
         if self.shift is None and ctx.step is None:
-            raise config_error(self.name, ctx, "the window shift is drawn per denoising step, and this call has no "
-                               "step (the model ran outside a pipeline's loop)", "run it in a pipeline, inside "
-                               "diffattn.denoising_step(i, num_steps), or give a fixed shift=, e.g. shift=0.25")
+            raise config_error(
+                self.name,
+                ctx,
+                "the window shift is drawn per denoising step, and this call has no "
+                "step (the model ran outside a pipeline's loop)",
+                "run it in a pipeline, inside "
+                "diffattn.denoising_step(i, num_steps), or give a fixed shift=, e.g. shift=0.25",
+            )
         fraction = self.shift if self.shift is not None else hidiffusion_shift(ctx.step, ctx.layer, self.seed)
         return ShiftedWindow.from_fraction(ctx.q_layout.grid, fraction, self.windows, faithful=self.faithful)
 
@@ -312,16 +326,22 @@ class ShiftedWindowAttention(SparseAttention):
 
     def fix_for(self, grid: tuple[int, ...]) -> str:
         windows = tuple(min(2, n) for n in grid[-2:])
-        return (f"give one window count per spatial axis, at most the tokens on that axis, e.g. windows={windows}, "
-                "or leave this layer out (layers=..., e.g. HIDIFFUSION_LAYERS)")
+        return (
+            f"give one window count per spatial axis, at most the tokens on that axis, e.g. windows={windows}, "
+            "or leave this layer out (layers=..., e.g. HIDIFFUSION_LAYERS)"
+        )
 
 
 # HiDiffusion's MSW-MSA layers (the highest-resolution transformer blocks), for diffattn.apply(layers=...).
 HIDIFFUSION_LAYERS = {
-    "sd15": [r"down_blocks\.0\.attentions\.[01]\.transformer_blocks\.0\.attn1",
-             r"up_blocks\.3\.attentions\.[012]\.transformer_blocks\.0\.attn1"],
-    "sdxl": [r"down_blocks\.1\.attentions\.[01]\.transformer_blocks\.\d+\.attn1",
-             r"up_blocks\.1\.attentions\.[012]\.transformer_blocks\.\d+\.attn1"],
+    "sd15": [
+        r"down_blocks\.0\.attentions\.[01]\.transformer_blocks\.0\.attn1",
+        r"up_blocks\.3\.attentions\.[012]\.transformer_blocks\.0\.attn1",
+    ],
+    "sdxl": [
+        r"down_blocks\.1\.attentions\.[01]\.transformer_blocks\.\d+\.attn1",
+        r"up_blocks\.1\.attentions\.[012]\.transformer_blocks\.\d+\.attn1",
+    ],
 }
 
 
@@ -352,5 +372,7 @@ class RadialAttention(SparseAttention):
         return self._radial()
 
     def fix_for(self, grid: tuple[int, ...]) -> str:
-        return ("apply RadialAttention to video models (a (frames, height, width) grid); on image models use "
-                "SlidingWindowAttention or ShiftedWindowAttention")
+        return (
+            "apply RadialAttention to video models (a (frames, height, width) grid); on image models use "
+            "SlidingWindowAttention or ShiftedWindowAttention"
+        )

@@ -16,8 +16,8 @@ Text tokens are handled once, in :mod:`diffattn.patterns.compile`, not by each p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

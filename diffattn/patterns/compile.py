@@ -12,8 +12,8 @@ The steps are public so that dynamic methods (whose visual block relation is cho
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -111,9 +111,15 @@ def kernel_order(order: Tensor | None, layout: TokenLayout, block_size: int, tex
         return torch.zeros(nb, dtype=torch.bool).index_put_((pos_block[which],), torch.tensor(True))
 
     return KernelOrder(
-        gather=gather, scatter=scatter, valid=valid, num_visual=n_vis, block_size=block_size,
-        has_text=blocks_with(is_text), all_text=~blocks_with(~is_text),
-        has_pad=blocks_with(~valid), all_pad=~blocks_with(valid),
+        gather=gather,
+        scatter=scatter,
+        valid=valid,
+        num_visual=n_vis,
+        block_size=block_size,
+        has_text=blocks_with(is_text),
+        all_text=~blocks_with(~is_text),
+        has_pad=blocks_with(~valid),
+        all_pad=~blocks_with(valid),
     )
 
 
@@ -127,8 +133,9 @@ def place_visual_relation(ko: KernelOrder, vis_any: Tensor, vis_full: Tensor) ->
     nvb = vis_any.shape[-1]
     any_[..., :nvb, :nvb] = vis_any
     full[..., :nvb, :nvb] = vis_full
-    has_text, all_text, has_pad, all_pad = (x.to(vis_any.device) for x in
-                                            (ko.has_text, ko.all_text, ko.has_pad, ko.all_pad))
+    has_text, all_text, has_pad, all_pad = (
+        x.to(vis_any.device) for x in (ko.has_text, ko.all_text, ko.has_pad, ko.all_pad)
+    )
     mixed = has_text.view(-1, 1) | has_text.view(1, -1)
     any_ = (any_ | mixed) & ~all_pad.view(1, -1)
     full = ~has_pad.view(1, -1) & (all_text.view(-1, 1) | all_text.view(1, -1) | (full & ~mixed))
@@ -172,7 +179,13 @@ def relation_block_mask(
     full_num, full_idx = indices(full)
     lengths = length if isinstance(length, tuple) else (length, length)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx.clone(), BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=lengths,
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx.clone(),
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=lengths,
     )
 
 
@@ -201,7 +214,12 @@ def _compile(pattern: Pattern, layout: TokenLayout, block_size: int, text_paddin
 
 
 def compile_pattern(
-    pattern: Pattern, layout: TokenLayout, *, block_size: int = 128, text_padding: int = 0, device: str | torch.device = "cpu"
+    pattern: Pattern,
+    layout: TokenLayout,
+    *,
+    block_size: int = 128,
+    text_padding: int = 0,
+    device: str | torch.device = "cpu",
 ) -> CompiledPattern:
     """The pattern placed on ``layout`` (cached). ``text_padding``: trailing text tokens that are padding."""
     if not layout.grid:

@@ -70,7 +70,9 @@ def fit_tile(tile: tuple[int, ...], grid: tuple[int, ...]) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def block_order(layout: TokenLayout, tile: tuple[int, ...] | None, block_size: int, text_padding: int = 0) -> KernelOrder:
+def block_order(
+    layout: TokenLayout, tile: tuple[int, ...] | None, block_size: int, text_padding: int = 0
+) -> KernelOrder:
     """Kernel order of a call for block selection: tile-major with one (clipped) tile per block when ``tile`` is
     given (spatially compact blocks, e.g. for videos), else raster order with blocks of ``block_size``."""
     if tile is None:
@@ -81,7 +83,8 @@ def block_order(layout: TokenLayout, tile: tuple[int, ...] | None, block_size: i
 
 
 def _blocked(x: Tensor, valid: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
-    """``x`` (..., L, D) as (at least) float32 (..., nb, b, D) with invalid positions zeroed, and the weights (nb, b)."""
+    """``x`` (..., L, D) as (at least) float32 (..., nb, b, D) with invalid positions zeroed, and the weights (nb,
+    b)."""
     length, dim = x.shape[-2:]
     nb = blocks_of(length, block_size)
     pad = nb * block_size - length
@@ -151,7 +154,9 @@ def block_ranks(probs: Tensor, forced: Tensor) -> tuple[Tensor, Tensor]:
     block index. ``order[..., r]`` is the block at rank ``r``."""
     key = torch.where(forced, torch.full_like(probs, math.inf), probs)
     order = torch.argsort(key, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(probs.shape[-1], device=probs.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(probs.shape[-1], device=probs.device).expand_as(order)
+    )
     return rank, order
 
 
@@ -179,7 +184,9 @@ def select_topp(probs: Tensor, forced: Tensor, mass: Tensor | float) -> Tensor:
     return torch.zeros_like(forced).scatter_(-1, order, keep_sorted)
 
 
-def pyramid_levels(probs: Tensor, forced: Tensor, edges: Tensor | tuple[float, ...], poolable: Tensor | None = None) -> Tensor:
+def pyramid_levels(
+    probs: Tensor, forced: Tensor, edges: Tensor | tuple[float, ...], poolable: Tensor | None = None
+) -> Tensor:
     """PSA's KV pooling level of each block, int64 (0 = skipped, else 1, 2, 4 or 8): blocks ranked below
     ``ceil(edges[i] · n_k)`` get ``PYRAMID_LEVELS[i]`` (first matching band). ``edges`` are cumulative fractions
     (``(e1, e2, e3, e4)`` non-decreasing), one tuple or one row per leading index (head). Forced blocks and blocks
@@ -196,7 +203,9 @@ def pyramid_levels(probs: Tensor, forced: Tensor, edges: Tensor | tuple[float, .
     return torch.where(forced, 1, levels)
 
 
-def selection_block_mask(ko: KernelOrder, selected: Tensor, device: torch.device | str = "cpu") -> tuple[BlockMask, float]:
+def selection_block_mask(
+    ko: KernelOrder, selected: Tensor, device: torch.device | str = "cpu"
+) -> tuple[BlockMask, float]:
     """``(block_mask, density)`` of a visual block selection ``(H, nvb, nvb)`` on kernel order ``ko``: selected blocks
     are computed whole, text rows and columns dense, padding keys never. ``density`` is the fraction of real
     (query, key) pairs inside computed blocks, averaged over heads."""

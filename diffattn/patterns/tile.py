@@ -34,11 +34,15 @@ class SlidingTile(Pattern):
             value = getattr(self, name)
             values = (value,) if isinstance(value, int) else tuple(value)
             if not values or any((not isinstance(v, int)) or v < 1 for v in values):
-                raise ValueError(f"SlidingTile: {name} must be positive ints (one per axis or one for all), got {value}")
+                raise ValueError(
+                    f"SlidingTile: {name} must be positive ints (one per axis or one for all), got {value}"
+                )
             if not isinstance(value, int):
                 object.__setattr__(self, name, tuple(value))
 
-    def _geometry(self, grid: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    def _geometry(
+        self, grid: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(tile, window, tiles per axis, tile traversal order of the axes, outermost first)."""
         grid = check_grid(grid, None, "SlidingTile")
         tile = _per_axis(self.tile, len(grid), "tile")
@@ -80,8 +84,9 @@ class SlidingTile(Pattern):
         return coords
 
     @classmethod
-    def _tile_allowed(cls, tq: Tensor, tk: Tensor, window: tuple[int, ...], tiles: tuple[int, ...],
-                      axes: tuple[int, ...]) -> Tensor:
+    def _tile_allowed(
+        cls, tq: Tensor, tk: Tensor, window: tuple[int, ...], tiles: tuple[int, ...], axes: tuple[int, ...]
+    ) -> Tensor:
         allowed = torch.ones(torch.broadcast_shapes(tq.shape, tk.shape), dtype=torch.bool, device=tq.device)
         for cq, ck, w, n in zip(cls._tile_coords(tq, tiles, axes), cls._tile_coords(tk, tiles, axes), window, tiles):
             start = torch.clamp(cq - w // 2, min=0, max=n - w)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -710,8 +710,9 @@ class Radial(Pattern):
     faithful: bool = False
 
     def __post_init__(self) -> None:
-        _check_radial_args(type(self).__name__, self.decay, self.block_size, self.frame_sink, self.dense_band_frames,
-                           self.faithful)
+        _check_radial_args(
+            type(self).__name__, self.decay, self.block_size, self.frame_sink, self.dense_band_frames, self.faithful
+        )
         object.__setattr__(self, "decay", float(self.decay))
 
     def _frames(self, grid: tuple[int, ...]) -> tuple[int, int]:
@@ -729,21 +730,28 @@ class Radial(Pattern):
         frames, tokens = self._frames(grid)
         if not (0 <= i < frames and 0 <= j < frames):
             raise ValueError(f"{type(self).__name__}: frame pair ({i}, {j}) outside 0..{frames - 1}")
-        return _pair_rule(i, j, tokens, self.decay, self.block_size, self.frame_sink, self.dense_band_frames,
-                          self.faithful)
+        return _pair_rule(
+            i, j, tokens, self.decay, self.block_size, self.frame_sink, self.dense_band_frames, self.faithful
+        )
 
     def kept_blocks(self, grid: tuple[int, ...]) -> Tensor:
         """Kept blocks ``(nb, nb)`` of ``block_size`` raster tokens (a fresh tensor)."""
         frames, tokens = self._frames(grid)
-        kept = _radial_kept(frames, tokens, self.decay, self.block_size, self.frame_sink, self.dense_band_frames,
-                            self.faithful)
+        kept = _radial_kept(
+            frames, tokens, self.decay, self.block_size, self.frame_sink, self.dense_band_frames, self.faithful
+        )
         return kept.clone()
 
     def density(self, grid: tuple[int, ...]) -> float:
         frames, tokens = self._frames(grid)
         return radial_density(
-            frames, tokens, self.decay, self.block_size,
-            frame_sink=self.frame_sink, dense_band_frames=self.dense_band_frames, faithful=self.faithful,
+            frames,
+            tokens,
+            self.decay,
+            self.block_size,
+            frame_sink=self.frame_sink,
+            dense_band_frames=self.dense_band_frames,
+            faithful=self.faithful,
         )
 
     def mask_mod(self, grid: tuple[int, ...]) -> PositionMaskMod:

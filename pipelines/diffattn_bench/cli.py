@@ -25,8 +25,6 @@ def _compare(args: argparse.Namespace) -> int:
     require_extra("bench", "matplotlib", "tqdm", "tomesd")
     import torch
 
-    from diffattn_bench.scoring import shapes_prompts
-    from diffattn_kernels import cpu_block_sparse
     from diffattn_bench import embedded
     from diffattn_bench.compare import (
         QUALITY_SIZE,
@@ -40,6 +38,8 @@ def _compare(args: argparse.Namespace) -> int:
         video_peers,
     )
     from diffattn_bench.peers import calibrate_mag_cache
+    from diffattn_bench.scoring import shapes_prompts
+    from diffattn_kernels import cpu_block_sparse
 
     torch.set_num_threads(args.threads)
     if args.full:
@@ -47,16 +47,21 @@ def _compare(args: argparse.Namespace) -> int:
     if args.quick:  # checks that the whole job works (CI): small clips, few steps
         args.frames, args.height, args.width, args.prompts, args.steps = 8, 32, 32, 1, 4
     prompts_n, steps = args.prompts or 2, args.steps or 10
-    size = ClipSize(QUALITY_SIZE.frames if args.frames is None else args.frames,
-                    QUALITY_SIZE.height if args.height is None else args.height,
-                    QUALITY_SIZE.width if args.width is None else args.width)
+    size = ClipSize(
+        QUALITY_SIZE.frames if args.frames is None else args.frames,
+        QUALITY_SIZE.height if args.height is None else args.height,
+        QUALITY_SIZE.width if args.width is None else args.width,
+    )
     pipe = embedded.load_video_pipeline(args.video_model)
     pipe.set_progress_bar_config(leave=False, desc="denoising")
     patch = pipe.transformer.config.patch_size
     longer = None  # the extension size
     if args.full or args.extension or args.extension_size:
-        longer = ClipSize(*args.extension_size) if args.extension_size else ClipSize(size.frames * 4, size.height,
-                                                                                      size.width)
+        longer = (
+            ClipSize(*args.extension_size)
+            if args.extension_size
+            else ClipSize(size.frames * 4, size.height, size.width)
+        )
     try:  # both sizes are checked before any work
         grid = size.grid(patch)
         if longer is not None:
@@ -69,37 +74,62 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"diffattn compare on {cpu}")
 
     def first_prompt() -> None:
-        pipe(prompts[0], num_frames=size.frames, height=size.height, width=size.width, num_inference_steps=steps,
-             generator=torch.Generator().manual_seed(0))
+        pipe(
+            prompts[0],
+            num_frames=size.frames,
+            height=size.height,
+            width=size.width,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     ratios = calibrate_mag_cache(pipe, first_prompt, steps)
     sections = {}
-    title = (f"embedded video model, {size.label} ({size.tokens(patch)} tokens), {prompts_n} ShapesBench prompts, "
-             f"{steps} steps with CFG; {cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads")
+    title = (
+        f"embedded video model, {size.label} ({size.tokens(patch)} tokens), {prompts_n} ShapesBench prompts, "
+        f"{steps} steps with CFG; {cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads"
+    )
     peers = video_peers(grid, ratios, steps, natten=args.full or args.quick)
     sections[f"video {size.label}"] = run_video(pipe, size, peers, prompts=prompts, steps=steps, desc="video")
     if longer is not None:
         ext_prompts = prompts[: max(1, min(len(prompts), args.extension_prompts or 2))]
-        what = ("4x the frames" if not args.extension_size
-                else f"{longer.tokens(patch) / size.tokens(patch):g}x the tokens")
+        what = (
+            "4x the frames" if not args.extension_size else f"{longer.tokens(patch) / size.tokens(patch):g}x the tokens"
+        )
         sections[f"video {longer.label} ({what})"] = run_video(
-            pipe, longer, extension_runs(longer.grid(patch), size.tokens(patch)), prompts=ext_prompts,
-            steps=args.extension_steps or steps, desc="length extension")
+            pipe,
+            longer,
+            extension_runs(longer.grid(patch), size.tokens(patch)),
+            prompts=ext_prompts,
+            steps=args.extension_steps or steps,
+            desc="length extension",
+        )
     if not args.no_image:
         image_pipe = embedded.load_image_pipeline()
         image_pipe.set_progress_bar_config(leave=False, desc="denoising")
-        sections["image 4x tokens"] = run_image(image_pipe, scale=4.0, prompts=shapes_prompts("image", args.image_prompts
-                                                                                               if not args.quick else 2),
-                                                steps=steps)
+        sections["image 4x tokens"] = run_image(
+            image_pipe,
+            scale=4.0,
+            prompts=shapes_prompts("image", args.image_prompts if not args.quick else 2),
+            steps=steps,
+        )
     for name, (rows, _) in sections.items():
         print(f"\n### {name}\n")
         print(format_markdown(rows, "image" if name.startswith("image") else "video"))
-    print("\nspeedup: end to end over stock dense attention, same process, same prompts and seeds; attention x: "
-          "attention-core time of diffattn's dense over the method's; Amdahl bound: the best end-to-end speedup that "
-          "attention speedup allows; reach = speedup / bound. Trajectory error in bold: passes ShapesBench (< 0.04, "
-          "positions >= 90%, every object found). Not compared: " + unsupported_note())
-    meta = {"cpu": cpu, "size": size.label, "prompts": list(prompts), "steps": steps, "mag_cache_ratios": ratios,
-            "torch": torch.__version__}
+    print(
+        "\nspeedup: end to end over stock dense attention, same process, same prompts and seeds; attention x: "
+        "attention-core time of diffattn's dense over the method's; Amdahl bound: the best end-to-end speedup that "
+        "attention speedup allows; reach = speedup / bound. Trajectory error in bold: passes ShapesBench (< 0.04, "
+        "positions >= 90%, every object found). Not compared: " + unsupported_note()
+    )
+    meta = {
+        "cpu": cpu,
+        "size": size.label,
+        "prompts": list(prompts),
+        "steps": steps,
+        "mag_cache_ratios": ratios,
+        "torch": torch.__version__,
+    }
     for path in save_outputs(sections, Path(args.out), title, meta):
         print(f"wrote {path}")
     return 0
@@ -108,17 +138,27 @@ def _compare(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``compare`` (the main job)."""
     compare = commands.add_parser("compare", help="speed and quality of diffattn's methods and their peers (main job)")
-    compare.add_argument("--frames", type=int, default=None,
-                         help="frames of the quality size, where dense is right (default 16; height, width: 64)")
+    compare.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="frames of the quality size, where dense is right (default 16; height, width: 64)",
+    )
     compare.add_argument("--height", type=int, default=None)
     compare.add_argument("--width", type=int, default=None)
     compare.add_argument("--prompts", type=int, default=None, help="ShapesBench prompts per run (default 2; --full 6)")
     compare.add_argument("--steps", type=int, default=None, help="denoising steps with CFG (default 10)")
-    compare.add_argument("--full", action="store_true",
-                         help="6 prompts, NATTEN and the length extension (3 prompts); about an hour")
+    compare.add_argument(
+        "--full", action="store_true", help="6 prompts, NATTEN and the length extension (3 prompts); about an hour"
+    )
     compare.add_argument("--extension", action="store_true", help="add the 4x-frames length extension")
-    compare.add_argument("--extension-size", type=_clip_size, default=None, metavar="FxHxW",
-                         help="size of the extension run, e.g. 8x128x128 (implies --extension; default: 4x the frames)")
+    compare.add_argument(
+        "--extension-size",
+        type=_clip_size,
+        default=None,
+        metavar="FxHxW",
+        help="size of the extension run, e.g. 8x128x128 (implies --extension; default: 4x the frames)",
+    )
     compare.add_argument("--extension-prompts", type=int, default=None, help="default 2; --full 3")
     compare.add_argument("--extension-steps", type=int, default=None, help="default: --steps")
     compare.add_argument("--image-prompts", type=int, default=8, help="prompts of the image part (ToDo vs tomesd)")
@@ -126,6 +166,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--video-model", default=None, help="a saved ShapesVideoPipeline (default: the shipped one)")
     compare.add_argument("--threads", type=int, default=2)
     compare.add_argument("--out", default="outputs/compare", help="folder for compare.json, compare.png, pareto.png")
-    compare.add_argument("--quick", action="store_true",
-                         help="a short run (8 frames x 32 x 32 px, 1 prompt, 4 steps) that checks the whole job works (CI)")
+    compare.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run (8 frames x 32 x 32 px, 1 prompt, 4 steps) that checks the whole job works (CI)",
+    )
     compare.set_defaults(run=_compare)

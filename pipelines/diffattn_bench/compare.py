@@ -25,7 +25,14 @@ import torch
 from tqdm.auto import tqdm
 
 import diffattn
-from diffattn_bench.scoring import evaluate_image, evaluate_video, psnr, shapes_prompts, ssim, summarize, summarize_videos
+from diffattn_bench.scoring import (
+    evaluate_image,
+    evaluate_video,
+    psnr,
+    ssim,
+    summarize,
+    summarize_videos,
+)
 from diffattn_kernels import cpu_block_sparse
 
 from .peers import (
@@ -33,14 +40,23 @@ from .peers import (
     NattenTile,
     Peer,
     cache_peers,
-    calibrate_mag_cache,
     combined,
     method_peer,
     tomesd_peer,
 )
 
-__all__ = ["ClipSize", "CompareRow", "Timed", "default_methods", "video_peers", "extension_runs", "run_video",
-           "run_image", "format_markdown", "save_outputs"]
+__all__ = [
+    "ClipSize",
+    "CompareRow",
+    "Timed",
+    "default_methods",
+    "video_peers",
+    "extension_runs",
+    "run_video",
+    "run_image",
+    "format_markdown",
+    "save_outputs",
+]
 
 PASS_TRAJECTORY_ERROR = 0.04  # ShapesBench's bar (model card): below it an object follows most of its path
 PASS_POSITIONS = 0.9
@@ -80,8 +96,10 @@ class ClipSize:
     def grid(self, patch: Sequence[int]) -> tuple[int, int, int]:
         sides = (self.frames, self.height, self.width)
         if any(n % p for n, p in zip(sides, patch)):
-            raise ValueError(f"a {self.label} clip does not split into the model's {'x'.join(map(str, patch))} "
-                             "patches; use frames, height and width that are multiples of them")
+            raise ValueError(
+                f"a {self.label} clip does not split into the model's {'x'.join(map(str, patch))} "
+                "patches; use frames, height and width that are multiples of them"
+            )
         return (self.frames // patch[0], self.height // patch[1], self.width // patch[2])
 
     def tokens(self, patch: Sequence[int]) -> int:
@@ -100,11 +118,11 @@ def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod
 
     Tiles are up to 4 frames x 8 x 8 tokens (256 tokens, the CPU loop's block); sliding tile keeps two tiles in time
     and one band of rows (density 0.25 there). This model attends across the whole frame, so local windows cost it
-    quality: ``scripts/sweep_compare_methods.py`` at 4,096 tokens (2 prompts x 10 steps) put top-k 0.125 at trajectory error 0.067 with 64-token
-    tiles and 0.049 with 256-token tiles, top-k 0.25 at 0.0375 (passes), PSA's bands (0.08, 0.12, 0.2, 0.35) at
-    0.027 (passes; the paper's sparser bands: 0.052), ToDo 2x at 0.041 and 3x at 0.061; sliding tile passes (0.028)
-    only from density 0.75. Re-ttention's density counts its calibration steps (dense + sparse), so it pays off only
-    over more steps.
+    quality: ``scripts/sweep_compare_methods.py`` at 4,096 tokens (2 prompts x 10 steps) put top-k 0.125 at trajectory
+    error 0.067 with 64-token tiles and 0.049 with 256-token tiles, top-k 0.25 at 0.0375 (passes), PSA's bands (0.08,
+    0.12, 0.2, 0.35) at 0.027 (passes; the paper's sparser bands: 0.052), ToDo 2x at 0.041 and 3x at 0.061; sliding tile
+    passes (0.028) only from density 0.75. Re-ttention's density counts its calibration steps (dense + sparse), so it
+    pays off only over more steps.
     """
     from diffattn.methods.dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
 
@@ -120,8 +138,9 @@ def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod
     }
 
 
-def video_peers(grid: tuple[int, ...], mag_ratios: Sequence[float] | None, steps: int, *,
-                natten: bool = True) -> list[Peer]:
+def video_peers(
+    grid: tuple[int, ...], mag_ratios: Sequence[float] | None, steps: int, *, natten: bool = True
+) -> list[Peer]:
     """Every run of the video comparison after stock dense: diffattn's dense and sparse methods, NATTEN (``natten``:
     its CPU path materialises the scores, ~18x slower than dense at 4,096 tokens in the --full run) and compiled
     FlexAttention with the sliding-tile pattern, diffusers' cache hooks and two combinations."""
@@ -130,11 +149,24 @@ def video_peers(grid: tuple[int, ...], mag_ratios: Sequence[float] | None, steps
     peers = [method_peer("dense (diffattn)", diffattn.Dense())]
     peers += [method_peer(name, method) for name, method in methods.items()]
     if natten:
-        peers.append(method_peer("sliding tile: NATTEN", NattenTile(tile=tile_method.tile, window=tile_method.window),
-                                 kind="NATTEN", settings=f"na3d flex-fna, kernel = window x tile {tile_method.tile}"))
+        peers.append(
+            method_peer(
+                "sliding tile: NATTEN",
+                NattenTile(tile=tile_method.tile, window=tile_method.window),
+                kind="NATTEN",
+                settings=f"na3d flex-fna, kernel = window x tile {tile_method.tile}",
+            )
+        )
     flex = diffattn.SlidingTileAttention(tile=tile_method.tile, window=tile_method.window, backend="flex-compiled")
-    peers.append(method_peer("sliding tile: compiled FlexAttention", flex, kind="FlexAttention", warmup=True,
-                             settings="diffattn's block mask, torch.compile'd flex_attention (compiled before timing)"))
+    peers.append(
+        method_peer(
+            "sliding tile: compiled FlexAttention",
+            flex,
+            kind="FlexAttention",
+            warmup=True,
+            settings="diffattn's block mask, torch.compile'd flex_attention (compiled before timing)",
+        )
+    )
     caches = cache_peers(mag_ratios, steps)
     peers += caches
     by_label = {p.label: p for p in caches}
@@ -147,12 +179,15 @@ def video_peers(grid: tuple[int, ...], mag_ratios: Sequence[float] | None, steps
 def extension_runs(grid: tuple[int, ...], train_tokens: int) -> list[Peer]:
     """Length extension: dense and each static / dynamic sparse method, alone and with EntropyScaling."""
     methods = {k: v for k, v in default_methods(grid).items() if k != "re-ttention"}
-    runs = [method_peer("dense (diffattn)", diffattn.Dense()),
-            method_peer("dense + entropy scaling", diffattn.EntropyScaling(train_tokens=train_tokens))]
+    runs = [
+        method_peer("dense (diffattn)", diffattn.Dense()),
+        method_peer("dense + entropy scaling", diffattn.EntropyScaling(train_tokens=train_tokens)),
+    ]
     for name, method in methods.items():
         runs.append(method_peer(name, method))
-        runs.append(method_peer(f"{name} + entropy scaling", diffattn.EntropyScaling(train_tokens=train_tokens,
-                                                                                     base=method)))
+        runs.append(
+            method_peer(f"{name} + entropy scaling", diffattn.EntropyScaling(train_tokens=train_tokens, base=method))
+        )
     return runs
 
 
@@ -184,8 +219,9 @@ def _clip_uint8(clip: np.ndarray) -> np.ndarray:
     return (np.asarray(clip).clip(0, 1) * 255).round().astype(np.uint8)
 
 
-def _run(pipe: Any, peer: Peer, generate: Callable[[], list[np.ndarray]], warm: Callable[[], Any] | None = None
-         ) -> tuple[list[np.ndarray], float, Timed | None, dict, dict]:
+def _run(
+    pipe: Any, peer: Peer, generate: Callable[[], list[np.ndarray]], warm: Callable[[], Any] | None = None
+) -> tuple[list[np.ndarray], float, Timed | None, dict, dict]:
     timed = Timed(peer.method) if peer.method is not None else None
     undo = peer.setup(pipe) if peer.setup is not None else None
     handle = None
@@ -207,9 +243,16 @@ def _run(pipe: Any, peer: Peer, generate: Callable[[], list[np.ndarray]], warm: 
     return outputs, elapsed, timed, metrics, acted
 
 
-def _measure(pipe: Any, runs: Sequence[Peer], generate: Callable[[], list[np.ndarray]], warm: Callable[[], Any],
-             score: Callable[[list[np.ndarray]], dict], size: str, tokens: int, desc: str
-             ) -> tuple[list[CompareRow], dict[str, list[np.ndarray]]]:
+def _measure(
+    pipe: Any,
+    runs: Sequence[Peer],
+    generate: Callable[[], list[np.ndarray]],
+    warm: Callable[[], Any],
+    score: Callable[[list[np.ndarray]], dict],
+    size: str,
+    tokens: int,
+    desc: str,
+) -> tuple[list[CompareRow], dict[str, list[np.ndarray]]]:
     """Run every peer in turn: time, attention time, density, selection time and ``score`` of its outputs. A peer that
     fails on this model is reported as a failed row, not hidden, and the rest still run."""
     rows: list[CompareRow] = []
@@ -218,18 +261,38 @@ def _measure(pipe: Any, runs: Sequence[Peer], generate: Callable[[], list[np.nda
         try:
             out, elapsed, timed, metrics, acted = _run(pipe, peer, generate, warm)
         except Exception as exc:
-            rows.append(CompareRow(peer.label, peer.kind, size, tokens, math.nan, peer.settings,
-                                   error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+            rows.append(
+                CompareRow(
+                    peer.label,
+                    peer.kind,
+                    size,
+                    tokens,
+                    math.nan,
+                    peer.settings,
+                    error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}",
+                )
+            )
             continue
         densities = [m["density"] for m in metrics.values() if "density" in m]
         outputs[peer.label] = out
-        rows.append(CompareRow(
-            peer.label, peer.kind, size, tokens, elapsed, peer.settings,
-            attention_seconds=sum(timed.seconds) if timed is not None else math.nan,
-            density=sum(densities) / len(densities) if densities else (1.0 if peer.method is not None else math.nan),
-            selection_seconds=sum(m.get("selection_seconds", 0.0) * acted.get(layer, 0) for layer, m in metrics.items()),
-            scores=score(out),
-        ))
+        rows.append(
+            CompareRow(
+                peer.label,
+                peer.kind,
+                size,
+                tokens,
+                elapsed,
+                peer.settings,
+                attention_seconds=sum(timed.seconds) if timed is not None else math.nan,
+                density=sum(densities) / len(densities)
+                if densities
+                else (1.0 if peer.method is not None else math.nan),
+                selection_seconds=sum(
+                    m.get("selection_seconds", 0.0) * acted.get(layer, 0) for layer, m in metrics.items()
+                ),
+                scores=score(out),
+            )
+        )
     return rows, outputs
 
 
@@ -251,10 +314,21 @@ def run_video(
 
     def generate(count_steps: int = steps, only: int | None = None) -> list[np.ndarray]:
         chosen = prompts if only is None else prompts[:only]
-        return [np.asarray(pipe(p, num_frames=size.frames, height=size.height, width=size.width,
-                                num_inference_steps=count_steps, guidance_scale=guidance,
-                                generator=torch.Generator().manual_seed(seed + i), output_type="np").frames[0])
-                for i, p in enumerate(chosen)]
+        return [
+            np.asarray(
+                pipe(
+                    p,
+                    num_frames=size.frames,
+                    height=size.height,
+                    width=size.width,
+                    num_inference_steps=count_steps,
+                    guidance_scale=guidance,
+                    generator=torch.Generator().manual_seed(seed + i),
+                    output_type="np",
+                ).frames[0]
+            )
+            for i, p in enumerate(chosen)
+        ]
 
     # one untimed step first: the first generation would otherwise pay one-time costs (GEMM kernel creation,
     # allocator growth, loading the compiled attention loop) inside the stock dense time every ratio divides
@@ -262,22 +336,32 @@ def run_video(
     generate(1, only=1)
     runs = [Peer("dense (stock)", "stock", "diffusers' own attention processor"), *peers]
     rows, clips = _measure(
-        pipe, runs, generate, lambda: generate(1, only=1),
+        pipe,
+        runs,
+        generate,
+        lambda: generate(1, only=1),
         lambda out: summarize_videos([evaluate_video(_clip_uint8(c), p) for c, p in zip(out, prompts)]),
-        size.label, tokens, f"{desc}: {size.label} ({tokens} tokens), {len(prompts)} prompts")
+        size.label,
+        tokens,
+        f"{desc}: {size.label} ({tokens} tokens), {len(prompts)} prompts",
+    )
     timing = next((p.label for p in peers if isinstance(p.method, diffattn.Dense)), None)
     _finish(rows, clips, reference="dense (stock)", timing_reference=timing)
     return rows, {label: c[0] for label, c in clips.items()}
 
 
-def _finish(rows: list[CompareRow], outputs: dict[str, list[np.ndarray]], *, reference: str,
-            timing_reference: str | None) -> None:
+def _finish(
+    rows: list[CompareRow], outputs: dict[str, list[np.ndarray]], *, reference: str, timing_reference: str | None
+) -> None:
     """Speedups against ``reference``, the Amdahl bound from ``timing_reference``'s attention share, PSNR / SSIM."""
     by_label = {r.method: r for r in rows}
     stock = by_label[reference]
     timing = by_label.get(timing_reference) if timing_reference else None
-    share = (min(timing.attention_seconds / timing.seconds, 1.0)
-             if timing is not None and math.isfinite(timing.attention_seconds) else math.nan)
+    share = (
+        min(timing.attention_seconds / timing.seconds, 1.0)
+        if timing is not None and math.isfinite(timing.attention_seconds)
+        else math.nan
+    )
     for row in rows:
         if row.error:
             continue
@@ -288,10 +372,21 @@ def _finish(rows: list[CompareRow], outputs: dict[str, list[np.ndarray]], *, ref
         ref, out = outputs[reference], outputs[row.method]
         # one PSNR from the MSE pooled over every clip: a mean of per-clip PSNRs is infinite as soon as one clip is
         # identical to dense's, whatever the others do
-        row.psnr = psnr(np.stack([np.asarray(a, np.float64) for a in out]),
-                        np.stack([np.asarray(b, np.float64) for b in ref]), data_range=1.0)
-        row.ssim = float(np.mean([np.mean([ssim(fa, fb, data_range=1.0) for fa, fb in zip(a, b)]) if a.ndim == 4
-                                  else ssim(a, b, data_range=1.0) for a, b in zip(out, ref)]))
+        row.psnr = psnr(
+            np.stack([np.asarray(a, np.float64) for a in out]),
+            np.stack([np.asarray(b, np.float64) for b in ref]),
+            data_range=1.0,
+        )
+        row.ssim = float(
+            np.mean(
+                [
+                    np.mean([ssim(fa, fb, data_range=1.0) for fa, fb in zip(a, b)])
+                    if a.ndim == 4
+                    else ssim(a, b, data_range=1.0)
+                    for a, b in zip(out, ref)
+                ]
+            )
+        )
 
 
 def run_image(
@@ -311,24 +406,42 @@ def run_image(
     tokens = (side // pipe.vae_scale_factor) ** 2
 
     def generate() -> list[np.ndarray]:
-        images = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=side, width=side,
-                      generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
-                      output_type="np").images
+        images = pipe(
+            list(prompts),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=side,
+            width=side,
+            generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
+            output_type="np",
+        ).images
         return list(np.asarray(images))
 
     pipe(prompts[0], num_inference_steps=1, height=side, width=side, output_type="np")  # warm-up, untimed
-    runs = [Peer("dense (stock)", "stock", "diffusers' own attention processor"),
-            method_peer("ToDo 2x", TokenDownsampling(factor=2)),
-            method_peer("ToDo 4x", TokenDownsampling(factor=4)),
-            tomesd_peer(0.5), tomesd_peer(0.75),
-            method_peer("entropy scaling", diffattn.EntropyScaling(token_ratio=scale)),
-            method_peer("ToDo 2x + entropy scaling", diffattn.EntropyScaling(token_ratio=scale,
-                                                                             base=TokenDownsampling(factor=2)))]
+    runs = [
+        Peer("dense (stock)", "stock", "diffusers' own attention processor"),
+        method_peer("ToDo 2x", TokenDownsampling(factor=2)),
+        method_peer("ToDo 4x", TokenDownsampling(factor=4)),
+        tomesd_peer(0.5),
+        tomesd_peer(0.75),
+        method_peer("entropy scaling", diffattn.EntropyScaling(token_ratio=scale)),
+        method_peer(
+            "ToDo 2x + entropy scaling", diffattn.EntropyScaling(token_ratio=scale, base=TokenDownsampling(factor=2))
+        ),
+    ]
     rows, outputs = _measure(
-        pipe, runs, generate, generate,
-        lambda out: {k: float(v) for k, v in asdict(summarize([evaluate_image(_clip_uint8(im), p)
-                                                                for im, p in zip(out, prompts)])).items()},
-        f"{side}x{side}", tokens, f"image: {side}x{side} px ({tokens} latent tokens), {len(prompts)} prompts")
+        pipe,
+        runs,
+        generate,
+        generate,
+        lambda out: {
+            k: float(v)
+            for k, v in asdict(summarize([evaluate_image(_clip_uint8(im), p) for im, p in zip(out, prompts)])).items()
+        },
+        f"{side}x{side}",
+        tokens,
+        f"image: {side}x{side} px ({tokens} latent tokens), {len(prompts)} prompts",
+    )
     _finish(rows, outputs, reference="dense (stock)", timing_reference=None)
     return rows, {label: im[0] for label, im in outputs.items()}
 
@@ -343,29 +456,40 @@ def _f(x: float, fmt: str, missing: str = "–") -> str:
 
 def passes(row: CompareRow) -> bool:
     s = row.scores
-    return (math.isfinite(s.get("mean_trajectory_error", math.nan)) and s["mean_trajectory_error"] < PASS_TRAJECTORY_ERROR
-            and s.get("positions_correct", 0.0) >= PASS_POSITIONS and s.get("clips_with_objects_found", 0.0) == 1.0)
+    return (
+        math.isfinite(s.get("mean_trajectory_error", math.nan))
+        and s["mean_trajectory_error"] < PASS_TRAJECTORY_ERROR
+        and s.get("positions_correct", 0.0) >= PASS_POSITIONS
+        and s.get("clips_with_objects_found", 0.0) == 1.0
+    )
 
 
 def format_markdown(rows: Sequence[CompareRow], kind: str = "video") -> str:
     """The comparison as a Markdown table (the README's tables are this output)."""
     if kind == "image":
-        lines = ["| method | kind | time s | speedup | shapes right | colour+position (1 obj / 2 obj) | count right | "
-                 "overall | PSNR dB vs dense | settings |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines = [
+            "| method | kind | time s | speedup | shapes right | colour+position (1 obj / 2 obj) | count right | "
+            "overall | PSNR dB vs dense | settings |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             if r.error:
                 lines.append(f"| {r.method} | {r.kind} | failed: {r.error} | | | | | | | {r.settings} |")
                 continue
             s = r.scores
-            lines.append(f"| {r.method} | {r.kind} | {r.seconds:.2f} | {r.speedup:.2f}x | "
-                         f"{_f(s.get('shape_accuracy'), '.0%')} | {_f(s.get('colour_position_single'), '.0%')} / "
-                         f"{_f(s.get('colour_position_two'), '.0%')} | {_f(s.get('count_accuracy'), '.0%')} | "
-                         f"{_f(s.get('overall_accuracy'), '.0%')} | "
-                         f"{_f(r.psnr, '.1f', 'identical')} | {r.settings} |")
+            lines.append(
+                f"| {r.method} | {r.kind} | {r.seconds:.2f} | {r.speedup:.2f}x | "
+                f"{_f(s.get('shape_accuracy'), '.0%')} | {_f(s.get('colour_position_single'), '.0%')} / "
+                f"{_f(s.get('colour_position_two'), '.0%')} | {_f(s.get('count_accuracy'), '.0%')} | "
+                f"{_f(s.get('overall_accuracy'), '.0%')} | "
+                f"{_f(r.psnr, '.1f', 'identical')} | {r.settings} |"
+            )
         return "\n".join(lines)
-    lines = ["| method | kind | density | time s | speedup | attention x | Amdahl bound | reach | trajectory error | "
-             "positions | objects found | PSNR dB | SSIM |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | kind | density | time s | speedup | attention x | Amdahl bound | reach | trajectory error | "
+        "positions | objects found | PSNR dB | SSIM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.error:
             lines.append(f"| {r.method} | {r.kind} | failed: {r.error} | | | | | | | | | | |")
@@ -376,7 +500,8 @@ def format_markdown(rows: Sequence[CompareRow], kind: str = "video") -> str:
             f"| {r.method} | {r.kind} | {_f(r.density, '.2f')} | {r.seconds:.1f} | {r.speedup:.2f}x | "
             f"{_f(r.attention_speedup, '.1f')} | {_f(r.amdahl_bound, '.2f')} | {_f(r.reach, '.0%')} | "
             f"{'**' + err + '**' if passes(r) else err} | {_f(s.get('positions_correct'), '.0%')} | "
-            f"{_f(s.get('clips_with_objects_found'), '.0%')} | {_f(r.psnr, '.1f', '= dense')} | {_f(r.ssim, '.3f')} |")
+            f"{_f(s.get('clips_with_objects_found'), '.0%')} | {_f(r.psnr, '.1f', '= dense')} | {_f(r.ssim, '.3f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -387,16 +512,19 @@ def unsupported_note() -> str:
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points (speedup, error) no other point beats: at least as fast and at most as wrong, and better
     on one of the two."""
-    return [i for i, (x, e) in enumerate(points)
-            if not any(x2 >= x and e2 <= e and (x2 > x or e2 < e) for x2, e2 in points)]
+    return [
+        i for i, (x, e) in enumerate(points) if not any(x2 >= x and e2 <= e and (x2 > x or e2 < e) for x2, e2 in points)
+    ]
 
 
 def load_rows(path: Path) -> dict[str, list[CompareRow]]:
     """The rows of every section of a saved ``compare.json`` (to redraw its plots or tables without rerunning)."""
     names = {f.name for f in fields(CompareRow)}
     sections = json.loads(Path(path).read_text())["sections"]
-    return {name: [CompareRow(**{k: v for k, v in row.items() if k in names}) for row in rows]
-            for name, rows in sections.items()}
+    return {
+        name: [CompareRow(**{k: v for k, v in row.items() if k in names}) for row in rows]
+        for name, rows in sections.items()
+    }
 
 
 def plot_pareto(sections: dict[str, Sequence[CompareRow]], path: Path) -> None:
@@ -408,16 +536,27 @@ def plot_pareto(sections: dict[str, Sequence[CompareRow]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(sections), 1, figsize=(9, 5 * len(sections)), squeeze=False)
-    colours = {"stock": "black", "diffattn": "tab:blue", "diffusers cache": "tab:orange", "NATTEN": "tab:purple",
-               "FlexAttention": "tab:brown", "combination": "tab:green"}
+    colours = {
+        "stock": "black",
+        "diffattn": "tab:blue",
+        "diffusers cache": "tab:orange",
+        "NATTEN": "tab:purple",
+        "FlexAttention": "tab:brown",
+        "combination": "tab:green",
+    }
     for ax, (name, section) in zip(axes[:, 0], sections.items()):
-        rows = [r for r in section
-                if not r.error and math.isfinite(r.scores.get("mean_trajectory_error", math.nan))]
+        rows = [r for r in section if not r.error and math.isfinite(r.scores.get("mean_trajectory_error", math.nan))]
         points = [(r.speedup, r.scores["mean_trajectory_error"]) for r in rows]
         front = set(pareto_front(points))
         for i, (r, (x, err)) in enumerate(zip(rows, points)):
-            ax.scatter(x, err, color=colours.get(r.kind, "grey"), s=30 if i in front else 14,
-                       marker="o" if "entropy" not in r.method else "^", alpha=1.0 if i in front else 0.5)
+            ax.scatter(
+                x,
+                err,
+                color=colours.get(r.kind, "grey"),
+                s=30 if i in front else 14,
+                marker="o" if "entropy" not in r.method else "^",
+                alpha=1.0 if i in front else 0.5,
+            )
         # only the front is named (the runs no other run beats on both axes); the rest crowd near dense and
         # are in the table
         ordered = sorted(front, key=lambda i: points[i][0])
@@ -425,8 +564,16 @@ def plot_pareto(sections: dict[str, Sequence[CompareRow]], path: Path) -> None:
         offsets = [((12, 10), "left"), ((12, -16), "left"), ((-12, 10), "right"), ((-12, -16), "right")]
         for n, i in enumerate(ordered):  # neighbours on the front take turns around their point, a line to it
             (dx, dy), align = offsets[n % len(offsets)]
-            ax.annotate(rows[i].method, points[i], fontsize=7, textcoords="offset points", xytext=(dx, dy), ha=align,
-                        va="center", arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"})
+            ax.annotate(
+                rows[i].method,
+                points[i],
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(dx, dy),
+                ha=align,
+                va="center",
+                arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"},
+            )
         ax.set_yscale("log")  # the passing runs crowd near dense: a log axis spreads them
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
@@ -446,8 +593,9 @@ def plot_pareto(sections: dict[str, Sequence[CompareRow]], path: Path) -> None:
     plt.close(fig)
 
 
-def save_outputs(sections: dict[str, tuple[list[CompareRow], dict[str, np.ndarray]]], out: Path, title: str,
-                 meta: dict) -> list[Path]:
+def save_outputs(
+    sections: dict[str, tuple[list[CompareRow], dict[str, np.ndarray]]], out: Path, title: str, meta: dict
+) -> list[Path]:
     """compare.json (every row and the run's settings), compare.png (speedup bars with quality marks and the frame
     strip of the quality size), pareto.png (speedup against ShapesBench trajectory error, every section)."""
     import matplotlib
@@ -456,8 +604,13 @@ def save_outputs(sections: dict[str, tuple[list[CompareRow], dict[str, np.ndarra
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "sections": {name: [asdict(r) | {"reach": r.reach, "passes": passes(r)} for r in rows]
-                                          for name, (rows, _) in sections.items()}}
+    payload = {
+        "meta": meta,
+        "sections": {
+            name: [asdict(r) | {"reach": r.reach, "passes": passes(r)} for r in rows]
+            for name, (rows, _) in sections.items()
+        },
+    }
     (out / "compare.json").write_text(json.dumps(payload, indent=1, default=float))
     paths = [out / "compare.json"]
     video_sections = [name for name in sections if name.startswith("video")]
@@ -466,14 +619,30 @@ def save_outputs(sections: dict[str, tuple[list[CompareRow], dict[str, np.ndarra
         shown = [r for r in rows if not r.error and r.method != "dense (stock)"]
         fig, axes = plt.subplots(1, 2, figsize=(15, 0.42 * len(rows) + 2.5), gridspec_kw={"width_ratios": [3, 2]})
         y = np.arange(len(shown))
-        axes[0].barh(y + 0.2, [r.speedup for r in shown], 0.4, label="end-to-end speedup (measured)",
-                     color=["tab:green" if passes(r) else "tab:red" for r in shown])
-        axes[0].barh(y - 0.2, [r.amdahl_bound if math.isfinite(r.amdahl_bound) else 0 for r in shown], 0.4,
-                     alpha=0.4, color="tab:blue", label="Amdahl bound (measured attention speedup)")
+        axes[0].barh(
+            y + 0.2,
+            [r.speedup for r in shown],
+            0.4,
+            label="end-to-end speedup (measured)",
+            color=["tab:green" if passes(r) else "tab:red" for r in shown],
+        )
+        axes[0].barh(
+            y - 0.2,
+            [r.amdahl_bound if math.isfinite(r.amdahl_bound) else 0 for r in shown],
+            0.4,
+            alpha=0.4,
+            color="tab:blue",
+            label="Amdahl bound (measured attention speedup)",
+        )
         for i, r in enumerate(shown):
             err = r.scores.get("mean_trajectory_error", math.nan)
-            axes[0].text(max(r.speedup, 0) + 0.03, i + 0.2, f"traj {_f(err, '.3f')}, pos "
-                         f"{_f(r.scores.get('positions_correct'), '.0%')}", va="center", fontsize=7)
+            axes[0].text(
+                max(r.speedup, 0) + 0.03,
+                i + 0.2,
+                f"traj {_f(err, '.3f')}, pos {_f(r.scores.get('positions_correct'), '.0%')}",
+                va="center",
+                fontsize=7,
+            )
         axes[0].axvline(1.0, color="grey", lw=0.8)
         axes[0].set_yticks(y, [f"{r.method} [{r.kind}]" for r in shown], fontsize=7)
         axes[0].invert_yaxis()
@@ -481,7 +650,9 @@ def save_outputs(sections: dict[str, tuple[list[CompareRow], dict[str, np.ndarra
         axes[0].set_title(title, fontsize=8)
         axes[0].legend(fontsize=7, loc="lower right")
         labels = [r.method for r in rows if r.method in clips]
-        strips = [np.concatenate([clips[lb][0], clips[lb][len(clips[lb]) // 2], clips[lb][-1]], axis=1) for lb in labels]
+        strips = [
+            np.concatenate([clips[lb][0], clips[lb][len(clips[lb]) // 2], clips[lb][-1]], axis=1) for lb in labels
+        ]
         axes[1].imshow(np.concatenate(strips, axis=0).clip(0, 1), interpolation="nearest")
         h = clips[labels[0]].shape[1]
         axes[1].set_yticks([(i + 0.5) * h for i in range(len(labels))], labels, fontsize=7)

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from .grammar import VOCABULARY
 from diffattn.testing import write_clip_vocab
+
+from .grammar import VOCABULARY
 
 __all__ = [
     "IMAGE_MODEL_DIR",
@@ -47,11 +48,19 @@ def shapes_text_encoder(tokenizer: Any, layers: int = 4) -> torch.nn.Module:
     """The embedded models' CLIP text encoder (both shipped models use 4 layers)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        max_position_embeddings=MAX_TEXT_TOKENS, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TEXT_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
 
 
 def video_transformer() -> torch.nn.Module:
@@ -62,9 +71,17 @@ def video_transformer() -> torch.nn.Module:
     from .shapes_video import COORDINATE_CHANNELS
 
     return WanTransformer3DModel(
-        patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=3 + COORDINATE_CHANNELS,
+        patch_size=(1, 4, 4),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=3 + COORDINATE_CHANNELS,
         out_channels=3,
-        text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        text_dim=64,
+        freq_dim=64,
+        ffn_dim=256,
+        num_layers=4,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
         rope_max_seq_len=128,
     )
 
@@ -101,6 +118,10 @@ def random_video_pipeline(seed: int = 0) -> Any:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         tokenizer = shapes_tokenizer()
-        pipe = ShapesVideoPipeline(transformer=video_transformer().eval(), text_encoder=shapes_text_encoder(tokenizer).eval(),
-                                   tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+        pipe = ShapesVideoPipeline(
+            transformer=video_transformer().eval(),
+            text_encoder=shapes_text_encoder(tokenizer).eval(),
+            tokenizer=tokenizer,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        )
     return pipe

@@ -60,22 +60,26 @@ __all__ = [
 #: Object palette (RGB). Every channel is either 30 or 225, so any two colours differ by at
 #: least 195 in RGB distance (one channel), complementary pairs by 338. Values are kept away
 #: from 0/255 so per-object colour jitter never clips.
-COLOURS: Mapping[str, tuple[int, int, int]] = MappingProxyType({
-    "red": (225, 30, 30),
-    "green": (30, 225, 30),
-    "blue": (30, 30, 225),
-    "yellow": (225, 225, 30),
-    "magenta": (225, 30, 225),
-    "cyan": (30, 225, 225),
-})
+COLOURS: Mapping[str, tuple[int, int, int]] = MappingProxyType(
+    {
+        "red": (225, 30, 30),
+        "green": (30, 225, 30),
+        "blue": (30, 30, 225),
+        "yellow": (225, 225, 30),
+        "magenta": (225, 30, 225),
+        "cyan": (30, 225, 225),
+    }
+)
 
 #: Background base colours. Mid grey is deliberately absent: the 50/50 mix of two
 #: complementary palette colours (red+cyan, green+magenta, blue+yellow) is mid grey, so on a
 #: grey background colour leakage between such subjects would be invisible.
-BACKGROUNDS: Mapping[str, tuple[int, int, int]] = MappingProxyType({
-    "black": (24, 24, 24),
-    "white": (232, 232, 232),
-})
+BACKGROUNDS: Mapping[str, tuple[int, int, int]] = MappingProxyType(
+    {
+        "black": (24, 24, 24),
+        "white": (232, 232, 232),
+    }
+)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
@@ -89,29 +93,33 @@ _GRID = (0.2, 0.5, 0.8)
 _CELL_BORDERS = (0.35, 0.65)
 
 #: Nominal centre (x, y) of each position word, fractions of the image.
-POSITION_CENTRES: Mapping[str, tuple[float, float]] = MappingProxyType({
-    "left": (_GRID[0], _GRID[1]),
-    "right": (_GRID[2], _GRID[1]),
-    "top": (_GRID[1], _GRID[0]),
-    "bottom": (_GRID[1], _GRID[2]),
-    "centre": (_GRID[1], _GRID[1]),
-    "top left": (_GRID[0], _GRID[0]),
-    "top right": (_GRID[2], _GRID[0]),
-    "bottom left": (_GRID[0], _GRID[2]),
-    "bottom right": (_GRID[2], _GRID[2]),
-})
+POSITION_CENTRES: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {
+        "left": (_GRID[0], _GRID[1]),
+        "right": (_GRID[2], _GRID[1]),
+        "top": (_GRID[1], _GRID[0]),
+        "bottom": (_GRID[1], _GRID[2]),
+        "centre": (_GRID[1], _GRID[1]),
+        "top left": (_GRID[0], _GRID[0]),
+        "top right": (_GRID[2], _GRID[0]),
+        "bottom left": (_GRID[0], _GRID[2]),
+        "bottom right": (_GRID[2], _GRID[2]),
+    }
+)
 POSITIONS: tuple[str, ...] = tuple(POSITION_CENTRES)
 
 _PREPOSITION = MappingProxyType({"left": "on", "right": "on", "centre": "in"})  # everything else: "at"
 
 MOTION_KINDS: tuple[str, ...] = ("linear", "circular")
 #: Unit direction (dx, dy) of each linear motion word (y points down).
-MOTION_DIRECTIONS: Mapping[str, tuple[int, int]] = MappingProxyType({
-    "left": (-1, 0),
-    "right": (1, 0),
-    "up": (0, -1),
-    "down": (0, 1),
-})
+MOTION_DIRECTIONS: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {
+        "left": (-1, 0),
+        "right": (1, 0),
+        "up": (0, -1),
+        "down": (0, 1),
+    }
+)
 #: Total travel of a linear motion over the clip, fraction of the image side.
 LINEAR_DISTANCE = 0.24
 #: Radius of a circular motion, fraction of the image side.
@@ -200,9 +208,7 @@ class Motion:
         return (centre[0] + dx, centre[1] + dy)
 
 
-def trajectory(
-    motion: Motion | None, frames: int, centre: tuple[float, float]
-) -> list[tuple[float, float]]:
+def trajectory(motion: Motion | None, frames: int, centre: tuple[float, float]) -> list[tuple[float, float]]:
     """Positions for all frames; ``motion=None`` means the object stays at ``centre``."""
     if motion is None:
         return [centre] * frames
@@ -252,9 +258,7 @@ class Scene:
                 raise TypeError(f"Scene objects must be ShapeSpec, got {type(obj).__name__}")
         positions = [obj.position for obj in self.objects]
         if len(set(positions)) != len(positions):
-            raise ValueError(
-                f"two objects share a position in {positions}; give every object its own position"
-            )
+            raise ValueError(f"two objects share a position in {positions}; give every object its own position")
         _check_word(self.background, tuple(BACKGROUNDS), "background")
 
 
@@ -281,9 +285,9 @@ class ParsedObject:
 
     def matches(self, spec: ShapeSpec) -> bool:
         """True if colour, shape, position (and size, when parsed) agree with ``spec``."""
-        return (
-            (self.colour, self.shape, self.position) == (spec.colour, spec.shape, spec.position)
-            and self.size in (None, spec.size)
+        return (self.colour, self.shape, self.position) == (spec.colour, spec.shape, spec.position) and self.size in (
+            None,
+            spec.size,
         )
 
 
@@ -403,8 +407,7 @@ def caption(
         motions = (None,) * len(scene.objects)
     if len(motions) != len(scene.objects):
         raise ValueError(
-            f"got {len(motions)} motions for {len(scene.objects)} objects; "
-            "pass one Motion (or None) per object"
+            f"got {len(motions)} motions for {len(scene.objects)} objects; pass one Motion (or None) per object"
         )
     return _join([_object_phrase(o, with_size, m) for o, m in zip(scene.objects, motions)])
 

@@ -28,15 +28,24 @@ from torch import Tensor
 import diffattn
 from diffattn.context import AttentionContext
 
-__all__ = ["Peer", "NattenTile", "cache_peers", "method_peer", "combined", "calibrate_mag_cache",
-           "UNSUPPORTED_CACHE_HOOKS", "natten_tile", "tomesd_peer"]
+__all__ = [
+    "Peer",
+    "NattenTile",
+    "cache_peers",
+    "method_peer",
+    "combined",
+    "calibrate_mag_cache",
+    "UNSUPPORTED_CACHE_HOOKS",
+    "natten_tile",
+    "tomesd_peer",
+]
 
 Undo = Callable[[], None]
 
 # diffusers hooks that are not step caches for this comparison, and why they are not in the table.
 UNSUPPORTED_CACHE_HOOKS = {
     "TextKVCache": "caches the text keys/values of cross-attention across steps; a memory/latency aid for "
-                   "models whose text K/V projections are large, not a way to skip attention or blocks",
+    "models whose text K/V projections are large, not a way to skip attention or blocks",
     "LayerSkip": "a guidance tool (skips layers in a perturbed branch, as STG/SLG do), not an accelerator",
 }
 
@@ -54,8 +63,9 @@ class Peer:
     warmup: bool = False  # one untimed generation first (a compiled kernel's compile time is not its speed)
 
 
-def method_peer(label: str, method: diffattn.AttentionMethod, kind: str = "diffattn", settings: str = "",
-                warmup: bool = False) -> Peer:
+def method_peer(
+    label: str, method: diffattn.AttentionMethod, kind: str = "diffattn", settings: str = "", warmup: bool = False
+) -> Peer:
     return Peer(label, kind, settings or _describe(method), method=method, warmup=warmup)
 
 
@@ -136,30 +146,58 @@ def cache_peers(ratios: Sequence[float] | None, steps: int) -> list[Peer]:
     peers = [
         _cache_peer("FirstBlockCache 0.1", lambda pipe: FirstBlockCacheConfig(threshold=0.1), "threshold=0.1"),
         _cache_peer("FirstBlockCache 0.2", lambda pipe: FirstBlockCacheConfig(threshold=0.2), "threshold=0.2"),
-        _cache_peer("PyramidAttentionBroadcast", lambda pipe: PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
-            current_timestep_callback=lambda: pipe.current_timestep),
-            "spatial skip 2, timesteps (100, 800)"),
-        _cache_peer("FasterCache", lambda pipe: FasterCacheConfig(
-            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
-            current_timestep_callback=lambda: pipe.current_timestep, attention_weight_callback=lambda _: 0.3,
-            is_guidance_distilled=True),
-            "spatial skip 2, timesteps (-1, 681), weight 0.3, no CFG reuse"),
-        _cache_peer("TaylorSeer", lambda pipe: TaylorSeerCacheConfig(
-            cache_interval=5, disable_cache_before_step=3, max_order=1, cache_identifiers=[r"blocks\.\d+"],
-            taylor_factors_dtype=torch.float32),
-            "interval 5, warm-up 3, order 1, blocks cached"),
-        _cache_peer("SeaCache", lambda pipe: SeaCacheConfig(raw_vision_callback=_raw_frames),
-                    "defaults (threshold 0.25), frames adapter"),
+        _cache_peer(
+            "PyramidAttentionBroadcast",
+            lambda pipe: PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=2,
+                spatial_attention_timestep_skip_range=(100, 800),
+                current_timestep_callback=lambda: pipe.current_timestep,
+            ),
+            "spatial skip 2, timesteps (100, 800)",
+        ),
+        _cache_peer(
+            "FasterCache",
+            lambda pipe: FasterCacheConfig(
+                spatial_attention_block_skip_range=2,
+                spatial_attention_timestep_skip_range=(-1, 681),
+                current_timestep_callback=lambda: pipe.current_timestep,
+                attention_weight_callback=lambda _: 0.3,
+                is_guidance_distilled=True,
+            ),
+            "spatial skip 2, timesteps (-1, 681), weight 0.3, no CFG reuse",
+        ),
+        _cache_peer(
+            "TaylorSeer",
+            lambda pipe: TaylorSeerCacheConfig(
+                cache_interval=5,
+                disable_cache_before_step=3,
+                max_order=1,
+                cache_identifiers=[r"blocks\.\d+"],
+                taylor_factors_dtype=torch.float32,
+            ),
+            "interval 5, warm-up 3, order 1, blocks cached",
+        ),
+        _cache_peer(
+            "SeaCache",
+            lambda pipe: SeaCacheConfig(raw_vision_callback=_raw_frames),
+            "defaults (threshold 0.25), frames adapter",
+        ),
     ]
     if ratios is not None:
-        peers.insert(4, _cache_peer("MagCache", lambda pipe: MagCacheConfig(
-            mag_ratios=list(ratios), num_inference_steps=steps), "defaults, ratios calibrated here"))
+        peers.insert(
+            4,
+            _cache_peer(
+                "MagCache",
+                lambda pipe: MagCacheConfig(mag_ratios=list(ratios), num_inference_steps=steps),
+                "defaults, ratios calibrated here",
+            ),
+        )
     return peers
 
 
-def natten_tile(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...], tile: tuple[int, ...],
-                window: tuple[int, ...]) -> Tensor:
+def natten_tile(
+    q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...], tile: tuple[int, ...], window: tuple[int, ...]
+) -> Tensor:
     """NATTEN's ``na3d`` with the sliding-tile pattern (kernel = window x tile, stride = tile) on (B, H, S, D)
     tensors whose S tokens are the ``grid`` in raster order. CPU: NATTEN's ``flex-fna`` backend."""
     import natten
@@ -170,8 +208,7 @@ def natten_tile(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...], tile: tu
         return x.permute(0, 2, 1, 3).reshape(b, *grid, h, d)
 
     kernel = tuple(min(w * t, n) for w, t, n in zip(window, tile, grid))
-    out = natten.na3d(heads_last(q), heads_last(k), heads_last(v), kernel_size=kernel, stride=tile,
-                      backend="flex-fna")
+    out = natten.na3d(heads_last(q), heads_last(k), heads_last(v), kernel_size=kernel, stride=tile, backend="flex-fna")
     return out.reshape(b, -1, h, d).permute(0, 2, 1, 3)
 
 
@@ -189,7 +226,8 @@ class NattenTile(diffattn.AttentionMethod):
         if layout.text_len or len(layout.grid) != 3 or any(n % t for n, t in zip(layout.grid, self.tile)):
             raise diffattn.MethodConfigError(
                 f"NattenTile at {ctx.layer}: needs a 3-D visual grid divisible by the tile {self.tile} and no text "
-                f"tokens in self-attention, got {layout}")
+                f"tokens in self-attention, got {layout}"
+            )
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         grid = ctx.q_layout.grid

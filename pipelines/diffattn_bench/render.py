@@ -318,8 +318,7 @@ def render_scene(
         for attempt in range(_JITTER_TRIES):
             offsets = rng.uniform(-MAX_JITTER, MAX_JITTER, size=(len(scene.objects), 2)) * (w, h)
             trial = [
-                _clamp_centre(o, (x + dx, y + dy), size)
-                for o, (x, y), (dx, dy) in zip(scene.objects, nominal, offsets)
+                _clamp_centre(o, (x + dx, y + dy), size) for o, (x, y), (dx, dy) in zip(scene.objects, nominal, offsets)
             ]
             if _layout_problem(scene.objects, trial, size) is None:
                 centres = trial
@@ -534,9 +533,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a ShapesDataset of length {self.length}")
         rng = np.random.default_rng((self.seed, index))
-        scene = random_scene(
-            rng, self.max_objects, min_objects=self.min_objects, size=self.size, **self.scene_options
-        )
+        scene = random_scene(rng, self.max_objects, min_objects=self.min_objects, size=self.size, **self.scene_options)
         image, record = render_scene(scene, self.size, rng)
         return image, record, caption(scene, with_size=self.with_size)
 

@@ -35,13 +35,21 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from diffattn_bench.grammar import COLOURS, SHAPE_AREAS, SHAPES, ParsedObject, parse_caption, position_of, shape_coverage
+from diffattn_bench.grammar import (
+    COLOURS,
+    SHAPE_AREAS,
+    SHAPES,
+    ParsedObject,
+    parse_caption,
+    position_of,
+    shape_coverage,
+)
 
 __all__ = [
     "BenchConfig",
@@ -642,7 +650,8 @@ def summarize_videos(results: Sequence[VideoResult]) -> dict[str, float]:
         "median_trajectory_error": float(np.median(errors[found])) if found.any() else math.nan,
         "clips_with_objects_found": float(np.mean(found)) if len(errors) else math.nan,
         "positions_correct": float(np.mean([p for r in results for p in r.positions_correct])),
-        "mean_flicker": float(np.mean(flicker)) if len(flicker := [r.flicker for r in results if math.isfinite(r.flicker)])
+        "mean_flicker": float(np.mean(flicker))
+        if len(flicker := [r.flicker for r in results if math.isfinite(r.flicker)])
         else math.nan,
     }
 
@@ -650,8 +659,8 @@ def summarize_videos(results: Sequence[VideoResult]) -> dict[str, float]:
 def shapes_prompts(kind: str, count: int, seed: int = 1234) -> list[str]:
     """ShapesBench's prompt set: half single-object, half two-object prompts (videos: with motions), fixed by the
     seed; scenes that fit a 32 x 32 frame (and so any larger one: objects scale with the frame)."""
-    from .render import random_scene, random_video_scene
     from .grammar import caption
+    from .render import random_scene, random_video_scene
 
     if kind not in ("image", "video"):
         raise ValueError(f"kind is 'image' or 'video', got {kind!r}")

@@ -33,11 +33,17 @@ def with_coordinates(x: torch.Tensor, transformer: WanTransformer3DModel) -> tor
     if extra == 0:
         return x
     if extra != COORDINATE_CHANNELS:
-        raise ValueError(f"the transformer takes {transformer.config.in_channels} input channels; expected "
-                         f"{x.shape[1]} (frames) or {x.shape[1] + COORDINATE_CHANNELS} (frames + coordinates)")
+        raise ValueError(
+            f"the transformer takes {transformer.config.in_channels} input channels; expected "
+            f"{x.shape[1]} (frames) or {x.shape[1] + COORDINATE_CHANNELS} (frames + coordinates)"
+        )
     b, _, t, h, w = x.shape
-    axes = [torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) if n > 1
-            else torch.zeros(1, device=x.device, dtype=x.dtype) for n in (t, h, w)]
+    axes = [
+        torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype)
+        if n > 1
+        else torch.zeros(1, device=x.device, dtype=x.dtype)
+        for n in (t, h, w)
+    ]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (3, T, H, W)
     return torch.cat([x, grid.expand(b, -1, -1, -1, -1)], dim=1)
 
@@ -58,7 +64,9 @@ class ShapesVideoPipeline(DiffusionPipeline):
         scheduler: FlowMatchEulerDiscreteScheduler,
     ) -> None:
         super().__init__()
-        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_modules(
+            transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+        )
 
     @property
     def current_timestep(self):
@@ -72,8 +80,13 @@ class ShapesVideoPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompt: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     @torch.no_grad()
@@ -105,7 +118,11 @@ class ShapesVideoPipeline(DiffusionPipeline):
             timestep = t.expand(len(prompts))
             self._current_timestep = t
             inputs = with_coordinates(latents.to(dtype), self.transformer)
-            where = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": num_inference_steps}
+            where = {
+                "step_index": i,
+                "sigma": float(self.scheduler.sigmas[i]),
+                "num_inference_steps": num_inference_steps,
+            }
             with self.transformer.cache_context("cond", **where):
                 pred = self.transformer(inputs, timestep, cond, return_dict=False)[0].float()
             if uncond is not None:

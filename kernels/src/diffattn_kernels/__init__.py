@@ -3,14 +3,19 @@
 Backends share one signature and say what they support; ``select_backend("auto", ...)`` picks the fastest that
 supports a call and explains why it rejected the others.
 
-| backend | what | devices | backward |
-|---|---|---|---|
-| ``reference`` | float64 dense masked attention (the oracle) | CPU, CUDA | yes (autograd of its torch ops) |
-| ``torch`` | block-sparse: on x86 (AVX-512, AVX2) and ARM CPUs a compiled loop (``cpu_block_sparse``: vectorised float32 GEMMs per ISA build, online softmax) for query blocks that see whole key blocks; otherwise runs of key blocks as views, fused SDPA per run, log-sum-exp merge | any (the fallback for devices no backend lists: mps, xpu, ...) | yes (:mod:`.ops`: custom op, flash-style backward) |
-| ``flex`` | FlexAttention, eager (exact, slow on CPU) | CPU, CUDA | CUDA only (FlexAttention has none on CPU) |
-| ``flex-compiled`` | FlexAttention under ``torch.compile`` | CPU, CUDA (compiles per shape) | CUDA only |
-| ``triton`` | block-sparse flash attention in Triton (``kernels/src/diffattn_kernels/triton_block_sparse.py``) | CUDA; CPU only under ``TRITON_INTERPRET=1`` (tests) | no |
-| ``xformers`` | xformers memory-efficient attention for dense and local (one key run per query block) masks | CUDA | no |
+Backends (what; devices; backward):
+
+- ``reference``: float64 dense masked attention (the oracle); CPU, CUDA; backward through autograd of its torch ops.
+- ``torch``: block-sparse. On x86 (AVX-512, AVX2) and ARM CPUs a compiled loop (``cpu_block_sparse``: vectorised
+  float32 GEMMs per ISA build, online softmax) for query blocks that see whole key blocks; otherwise runs of key
+  blocks as views, fused SDPA per run, log-sum-exp merge. Any device (the fallback for devices no backend lists:
+  mps, xpu, ...); backward in :mod:`.ops` (custom op, flash-style backward).
+- ``flex``: FlexAttention, eager (exact, slow on CPU); CPU, CUDA; backward on CUDA only (none on CPU).
+- ``flex-compiled``: FlexAttention under ``torch.compile``; CPU, CUDA (compiles per shape); backward on CUDA only.
+- ``triton``: block-sparse flash attention in Triton (``triton_block_sparse.py``); CUDA, and CPU only under
+  ``TRITON_INTERPRET=1`` (tests); no backward.
+- ``xformers``: xformers memory-efficient attention for dense and local (one key run per query block) masks; CUDA;
+  no backward.
 
 ``triton`` and ``xformers`` are optional (the ``gpu`` extra) and imported only when a call runs on them. A call whose
 q, k or v requires grad (with grad mode on) goes only to backends with a backward; the others raise
@@ -24,8 +29,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -71,8 +76,14 @@ class KernelSupport:
     # the reason it cannot run the call, or None.
     check: Callable[[Tensor, int, BlockMask | None], str | None] | None = field(default=None, compare=False)
 
-    def rejects(self, q: Tensor, num_kv: int, need_lse: bool = False, block_mask: BlockMask | None = None,
-                need_grad: bool = False) -> str | None:
+    def rejects(
+        self,
+        q: Tensor,
+        num_kv: int,
+        need_lse: bool = False,
+        block_mask: BlockMask | None = None,
+        need_grad: bool = False,
+    ) -> str | None:
         device = q.device.type
         if need_lse and self.lse_devices is not None and device not in self.lse_devices:
             return f"{self.name}: cannot return the log-sum-exp on {device}"
@@ -96,8 +107,10 @@ def _triton_check(q: Tensor, num_kv: int, block_mask: BlockMask | None) -> str |
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton, or the diffattn[gpu] extra)"
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return ("runs on CPU only under the Triton interpreter (TRITON_INTERPRET=1, for tests; ~1000x slower than "
-                "SDPA); on CPU use backend='torch'")
+        return (
+            "runs on CPU only under the Triton interpreter (TRITON_INTERPRET=1, for tests; ~1000x slower than "
+            "SDPA); on CPU use backend='torch'"
+        )
     if q.shape[-1] > 256:
         return f"head dim {q.shape[-1]} > 256"
     if block_mask is not None:
@@ -124,18 +137,39 @@ _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64
 _CPU_CUDA = frozenset({"cpu", "cuda"})
 BACKENDS: dict[str, KernelSupport] = {
     "torch": KernelSupport("torch", None, _FLOATS, note="block-sparse with backward; runs wherever torch does"),
-    "flex-compiled": KernelSupport("flex-compiled", _CPU_CUDA, _FLOATS - {torch.float64},
-                                   note="compiles once per (dtype, heads, length, block size)",
-                                   lse_devices=frozenset({"cuda"}), grad_devices=frozenset({"cuda"})),
-    "flex": KernelSupport("flex", _CPU_CUDA, _FLOATS, max_tokens=16384,
-                          note="eager: evaluates the mask on the full score matrix", grad_devices=frozenset({"cuda"})),
+    "flex-compiled": KernelSupport(
+        "flex-compiled",
+        _CPU_CUDA,
+        _FLOATS - {torch.float64},
+        note="compiles once per (dtype, heads, length, block size)",
+        lse_devices=frozenset({"cuda"}),
+        grad_devices=frozenset({"cuda"}),
+    ),
+    "flex": KernelSupport(
+        "flex",
+        _CPU_CUDA,
+        _FLOATS,
+        max_tokens=16384,
+        note="eager: evaluates the mask on the full score matrix",
+        grad_devices=frozenset({"cuda"}),
+    ),
     "reference": KernelSupport("reference", _CPU_CUDA, _FLOATS, max_tokens=16384, note="float64 oracle"),
-    "triton": KernelSupport("triton", _CPU_CUDA, frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                            note="fused block-sparse flash attention; CPU only under TRITON_INTERPRET=1",
-                            grad_devices=frozenset(), check=_triton_check),
-    "xformers": KernelSupport("xformers", frozenset({"cuda"}), frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                              note="dense and local (one key run per query block) masks", grad_devices=frozenset(),
-                              check=_xformers_check),
+    "triton": KernelSupport(
+        "triton",
+        _CPU_CUDA,
+        frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        note="fused block-sparse flash attention; CPU only under TRITON_INTERPRET=1",
+        grad_devices=frozenset(),
+        check=_triton_check,
+    ),
+    "xformers": KernelSupport(
+        "xformers",
+        frozenset({"cuda"}),
+        frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        note="dense and local (one key run per query block) masks",
+        grad_devices=frozenset(),
+        check=_xformers_check,
+    ),
 }
 # The Triton interpreter is never chosen automatically on CPU (it is for tests). Devices not listed here (mps, xpu,
 # ...) get the torch backend, the one that runs on any device.
@@ -147,7 +181,11 @@ _AUTO_OTHER_DEVICES = ("torch",)
 
 
 def select_backend(
-    name: str, q: Tensor, num_kv: int, need_lse: bool = False, block_mask: BlockMask | None = None,
+    name: str,
+    q: Tensor,
+    num_kv: int,
+    need_lse: bool = False,
+    block_mask: BlockMask | None = None,
     need_grad: bool = False,
 ) -> tuple[str, list[str]]:
     """The backend to run (``name`` itself unless it is ``"auto"``) and the reasons for skipping others.
@@ -187,7 +225,7 @@ def block_mask_to_dense(block_mask: BlockMask, num_q: int, num_kv: int, head: in
         if block_mask.full_kv_num_blocks is not None:
             nf = int(block_mask.full_kv_num_blocks[0, h, qb])
             for kb in block_mask.full_kv_indices[0, h, qb, :nf].tolist():
-                dense[rows, kb * bkv:(kb + 1) * bkv] = True
+                dense[rows, kb * bkv : (kb + 1) * bkv] = True
     return dense
 
 
@@ -210,8 +248,9 @@ def attention(
     """Block-sparse attention with the chosen backend: ``(out, lse)``, lse float32 of shape (B, H, Sq) (``None``
     when ``return_lse=False`` and the backend does not compute it). Differentiable when q, k or v requires grad
     (backends without a backward are refused, or skipped by ``"auto"``)."""
-    name, _ = select_backend(backend, q, k.shape[-2], need_lse=return_lse, block_mask=block_mask,
-                             need_grad=needs_grad(q, k, v))
+    name, _ = select_backend(
+        backend, q, k.shape[-2], need_lse=return_lse, block_mask=block_mask, need_grad=needs_grad(q, k, v)
+    )
     if name == "torch":
         return block_sparse_attention(q, k, v, block_mask, scale=scale)
     if name == "triton":
@@ -223,7 +262,8 @@ def attention(
 
         return xformers_block_attention(q, k, v, block_mask, scale=scale, return_lse=return_lse)
     if name in ("flex", "flex-compiled"):
-        return flex_block_attention(q, k, v, block_mask, scale=scale, compiled=name == "flex-compiled",
-                                    return_lse=return_lse)
+        return flex_block_attention(
+            q, k, v, block_mask, scale=scale, compiled=name == "flex-compiled", return_lse=return_lse
+        )
     out, lse = _reference(q, k, v, block_mask, scale)
     return out, lse.float()

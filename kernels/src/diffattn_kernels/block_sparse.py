@@ -5,13 +5,14 @@ stretch by one fused SDPA call that also returns the log-sum-exp; the parts of a
 log-sum-exp. Rows with no allowed key give 0 and lse ``-inf``.
 
 Query blocks with full blocks only (sliding tile, radial, top-k selections) go, on CPUs with a build of it (AVX-512,
-AVX2, NEON), to the compiled loop of :mod:`.cpu_block_sparse` (the fastest path in every benchmark case). Elsewhere (GPU, other CPUs,
-``DIFFATTN_CPU_KERNEL=0``, float16) they are computed *key-major*: their key runs are grouped by stretch and every query block that needs a stretch attends it in one call with all their rows
-stacked. The CPU flash kernel splits short queries into 32-row tiles and reaches only ~60% of its dense speed on
-128-row calls (~55% in bf16); long stacked queries run at its efficient 256-row split. When a reordered copy of the
-key blocks turns the query blocks' key sets into markedly fewer runs (radial at 16k tokens: half as many), the
-stretches are taken from that copy (the compiled loop uses the same order: longer runs fill its key tiles). Query blocks with partial blocks attend views of k and v with the element mask
-of their partial blocks, or gather their blocks when they form many short runs.
+AVX2, NEON), to the compiled loop of :mod:`.cpu_block_sparse` (the fastest path in every benchmark case). Elsewhere
+(GPU, other CPUs, ``DIFFATTN_CPU_KERNEL=0``, float16) they are computed *key-major*: their key runs are grouped by
+stretch and every query block that needs a stretch attends it in one call with all their rows stacked. The CPU flash
+kernel splits short queries into 32-row tiles and reaches only ~60% of its dense speed on 128-row calls (~55% in bf16);
+long stacked queries run at its efficient 256-row split. When a reordered copy of the key blocks turns the query blocks'
+key sets into markedly fewer runs (radial at 16k tokens: half as many), the stretches are taken from that copy (the
+compiled loop uses the same order: longer runs fill its key tiles). Query blocks with partial blocks attend views of k
+and v with the element mask of their partial blocks, or gather their blocks when they form many short runs.
 
 The element mask arrives as data (:func:`partial_tiles`: ``mask_mod`` evaluated on the listed partial blocks), so
 :func:`forward` and :func:`backward` take tensors and ints only: they implement the ``diffattn::block_sparse_attention``
@@ -111,8 +112,10 @@ def partial_tiles(block_mask: BlockMask, num_q: int, num_kv: int, device: torch.
     _, heads, num_qb, slots = kv_idx.shape
     mask_mod = block_mask.mask_mod
     if mask_mod is None or mask_mod is noop_mask:
-        return (torch.zeros(0, bq, bkv, dtype=torch.bool, device=device),
-                torch.full(kv_idx.shape, -1, dtype=torch.int32, device=device))
+        return (
+            torch.zeros(0, bq, bkv, dtype=torch.bool, device=device),
+            torch.full(kv_idx.shape, -1, dtype=torch.int32, device=device),
+        )
     if torch.compiler.is_compiling():
         grid = [torch.arange(n, device=device) for n in (heads, num_qb, slots)]
         hh, qq, jj = (x.flatten() for x in torch.meshgrid(*grid, indexing="ij"))
@@ -131,8 +134,12 @@ def partial_tiles(block_mask: BlockMask, num_q: int, num_kv: int, device: torch.
     for c0 in range(0, count, chunk):
         c = slice(c0, c0 + chunk)
         kv_c = kv_pos[c]
-        allowed = mask_mod(batch_idx, head_idx[c] if heads > 1 else head_idx,
-                           q_pos[c].clamp(max=max(num_q - 1, 0)), kv_c.clamp(max=max(num_kv - 1, 0)))
+        allowed = mask_mod(
+            batch_idx,
+            head_idx[c] if heads > 1 else head_idx,
+            q_pos[c].clamp(max=max(num_q - 1, 0)),
+            kv_c.clamp(max=max(num_kv - 1, 0)),
+        )
         parts.append(allowed.expand(kv_c.shape[0], bq, bkv) & (kv_c < num_kv))
     tiles = torch.cat(parts) if parts else torch.zeros(0, bq, bkv, dtype=torch.bool, device=device)
     return tiles, tile_index
@@ -174,20 +181,33 @@ def check_call(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> None:
     """The shapes the torch kernel takes, or a ValueError saying what to change."""
     heads, mask_batch, mask_heads = q.shape[1], *block_mask.kv_num_blocks.shape[:2]
     if mask_batch != 1:
-        raise ValueError("the torch kernel takes block masks shared by the batch (batch dimension 1); build the "
-                         "mask with B=None")
+        raise ValueError(
+            "the torch kernel takes block masks shared by the batch (batch dimension 1); build the mask with B=None"
+        )
     if mask_heads not in (1, heads):
         raise ValueError(f"block mask has {mask_heads} heads; expected 1 or {heads}")
     if k.shape[1] != v.shape[1] or heads % k.shape[1]:
-        raise ValueError(f"query has {heads} heads, key {k.shape[1]}, value {v.shape[1]}: key and value need the "
-                         "same head count, dividing the query's (grouped-query attention)")
+        raise ValueError(
+            f"query has {heads} heads, key {k.shape[1]}, value {v.shape[1]}: key and value need the "
+            "same head count, dividing the query's (grouped-query attention)"
+        )
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"the torch kernel takes value head dim = query head dim, got {v.shape[-1]} and {q.shape[-1]}")
 
 
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor | None,
-    full_kv_indices: Tensor | None, tiles: Tensor, tile_index: Tensor, bq: int, bkv: int, scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    full_kv_num_blocks: Tensor | None,
+    full_kv_indices: Tensor | None,
+    tiles: Tensor,
+    tile_index: Tensor,
+    bq: int,
+    bkv: int,
+    scale: float,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``q`` (B, H, Sq, D) over ``k``/``v`` (B, Hkv, Skv, D) restricted to a block mask given by its
     block tensors and :func:`partial_tiles`: ``(out, lse)``, lse float32 (B, H, Sq). No autograd here: it is the
@@ -229,10 +249,15 @@ def forward(
                 k0, k1 = first * bkv, min(stop * bkv, num_kv)
                 mask = allowed = None
                 if masked:
-                    allowed = _allowed(tiles, [tile_of[b] for b in range(first, stop)], q1 - q0)[:, :k1 - k0]
+                    allowed = _allowed(tiles, [tile_of[b] for b in range(first, stop)], q1 - q0)[:, : k1 - k0]
                     mask = _additive(allowed, q.dtype)
-                o, l = _fused(q[:, hs, q0:q1], k[:, hs, k0:k1], v[:, hs, k0:k1],
-                              None if mask is None else mask.view(1, 1, *mask.shape), scale)
+                o, l = _fused(
+                    q[:, hs, q0:q1],
+                    k[:, hs, k0:k1],
+                    v[:, hs, k0:k1],
+                    None if mask is None else mask.view(1, 1, *mask.shape),
+                    scale,
+                )
                 if allowed is not None:
                     l = torch.where(allowed.any(-1), l, _NEG_INF)
                 parts.append((o, l))
@@ -254,9 +279,22 @@ def _with_open_tile(tiles: Tensor, bq: int, bkv: int, device: torch.device) -> T
 
 
 def backward(
-    grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor | None, full_kv_indices: Tensor | None,
-    tiles: Tensor, tile_index: Tensor, bq: int, bkv: int, scale: float,
+    grad_out: Tensor,
+    grad_lse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    full_kv_num_blocks: Tensor | None,
+    full_kv_indices: Tensor | None,
+    tiles: Tensor,
+    tile_index: Tensor,
+    bq: int,
+    bkv: int,
+    scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`forward`, flash-attention style: per query block, the probabilities are
     recomputed from the saved log-sum-exp over the same listed key blocks (element mask from the tiles), so at
@@ -270,8 +308,12 @@ def backward(
     qa, doa = q.to(acc), grad_out.to(acc)
     num_kv_blocks = math.ceil(num_kv / bkv)
     pad = num_kv_blocks * bkv - num_kv
-    kb, vb = (torch.nn.functional.pad(x.to(acc).repeat_interleave(group, dim=1), (0, 0, 0, pad))
-              .view(batch, heads, num_kv_blocks, bkv, dim) for x in (k, v))
+    kb, vb = (
+        torch.nn.functional.pad(x.to(acc).repeat_interleave(group, dim=1), (0, 0, 0, pad)).view(
+            batch, heads, num_kv_blocks, bkv, dim
+        )
+        for x in (k, v)
+    )
     delta = (doa * out.to(acc)).sum(-1) - grad_lse.to(acc)  # (B, H, Sq)
     lse_safe = torch.where(torch.isneginf(lse), float("inf"), lse).to(acc)  # empty rows: P = exp(-inf) = 0
     dq = torch.zeros_like(qa)
@@ -331,7 +373,9 @@ def _cached_key_order(anchor: Tensor, group: int, num_kv: int, bkv: int, members
     return per_mask[key]
 
 
-def _key_pieces(members: list[tuple[int, list[tuple[int, int]]]], chunk: int | None) -> dict[tuple[int, int], list[int]]:
+def _key_pieces(
+    members: list[tuple[int, list[tuple[int, int]]]], chunk: int | None
+) -> dict[tuple[int, int], list[int]]:
     """Cut every query block's key runs at multiples of ``chunk`` blocks (if given) and list, per piece, the query
     blocks that attend it."""
     pieces: dict[tuple[int, int], list[int]] = {}
@@ -356,8 +400,9 @@ def _key_major(q, k, v, out, lse, hs, members, bq, bkv, scale, order: list[int] 
         members = _reordered(members, order)
         whole = kh.shape[2] // bkv
         index = torch.tensor(order[:whole], device=q.device)
-        kh, vh = (torch.cat([_blocks(x, bkv)[:, :, index].flatten(2, 3), x[:, :, whole * bkv:]], dim=2)
-                  for x in (kh, vh))
+        kh, vh = (
+            torch.cat([_blocks(x, bkv)[:, :, index].flatten(2, 3), x[:, :, whole * bkv :]], dim=2) for x in (kh, vh)
+        )
     qh = q[:, hs]
     q_blocks = _blocks(qh, bq)
     chunk = max(1, KEY_CHUNK_TOKENS // bkv) if KEY_CHUNK_TOKENS else None
@@ -367,34 +412,41 @@ def _key_major(q, k, v, out, lse, hs, members, bq, bkv, scale, order: list[int] 
     wave = max(1, int(PARTS_BUDGET_BYTES // (runs_per_block * part_bytes)))
     max_blocks = max(1, MAX_CALL_ROWS // bq)
     for w0 in range(0, len(members), wave):
-        parts: dict[int, list[tuple[Tensor, Tensor]]] = {qb: [] for qb, _ in members[w0:w0 + wave]}
-        for (first, stop), qbs_all in _key_pieces(members[w0:w0 + wave], chunk).items():
+        parts: dict[int, list[tuple[Tensor, Tensor]]] = {qb: [] for qb, _ in members[w0 : w0 + wave]}
+        for (first, stop), qbs_all in _key_pieces(members[w0 : w0 + wave], chunk).items():
             for c0 in range(0, len(qbs_all), max_blocks):
-                qbs = qbs_all[c0:c0 + max_blocks]
+                qbs = qbs_all[c0 : c0 + max_blocks]
                 if qbs == list(range(qbs[0], qbs[0] + len(qbs))):
-                    qq = qh[:, :, qbs[0] * bq:(qbs[-1] + 1) * bq]
+                    qq = qh[:, :, qbs[0] * bq : (qbs[-1] + 1) * bq]
                 else:  # copies whole blocks (an index_select of rows is ~10x slower)
                     qq = q_blocks[:, :, torch.tensor(qbs, device=q.device)].flatten(2, 3)
                 keys = slice(first * bkv, stop * bkv)  # the last block may be partial: slicing clamps
                 o, l = _fused(qq, kh[:, :, keys], vh[:, :, keys], None, scale)
                 for i, qb in enumerate(qbs):
-                    parts[qb].append((o[:, :, i * bq:(i + 1) * bq], l[:, :, i * bq:(i + 1) * bq]))
+                    parts[qb].append((o[:, :, i * bq : (i + 1) * bq], l[:, :, i * bq : (i + 1) * bq]))
         for qb, found in parts.items():
-            out[:, hs, qb * bq:(qb + 1) * bq], lse[:, hs, qb * bq:(qb + 1) * bq] = _merge(found, q.dtype)
+            out[:, hs, qb * bq : (qb + 1) * bq], lse[:, hs, qb * bq : (qb + 1) * bq] = _merge(found, q.dtype)
 
 
 def _blocks(x: Tensor, size: int) -> Tensor:
     """(B, H, S, D) -> (B, H, S // size, size, D): the whole blocks of x (a view when x is contiguous in S, D)."""
     whole = x.shape[2] // size
-    return x[:, :, :whole * size].unflatten(2, (whole, size))
+    return x[:, :, : whole * size].unflatten(2, (whole, size))
 
 
 def _reordered(members, order: list[int]):
     """The members' key runs in the reordered copy whose block i is block ``order[i]``."""
     position = {b: i for i, b in enumerate(order)}
-    return [(qb, [(first, stop) for first, stop, _ in
-                  _runs([], [position[b] for first, stop in runs for b in range(first, stop)])])
-            for qb, runs in members]
+    return [
+        (
+            qb,
+            [
+                (first, stop)
+                for first, stop, _ in _runs([], [position[b] for first, stop in runs for b in range(first, stop)])
+            ],
+        )
+        for qb, runs in members
+    ]
 
 
 def key_major_runs(block_mask: BlockMask, num_q: int, num_kv: int) -> tuple[float, float]:
@@ -404,8 +456,11 @@ def key_major_runs(block_mask: BlockMask, num_q: int, num_kv: int) -> tuple[floa
     partial = _lists(block_mask.kv_num_blocks, block_mask.kv_indices)[0]
     full_lists = _lists(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
     full = full_lists[0] if full_lists else [[] for _ in partial]
-    members = [(qb, [(first, stop) for first, stop, _ in runs]) for qb in range(len(partial))
-               if not partial[qb] and (qb + 1) * bq <= num_q and (runs := _runs([], full[qb]))]
+    members = [
+        (qb, [(first, stop) for first, stop, _ in runs])
+        for qb in range(len(partial))
+        if not partial[qb] and (qb + 1) * bq <= num_q and (runs := _runs([], full[qb]))
+    ]
     if not members:
         return 0.0, 0.0
     order = _key_order(members, math.ceil(num_kv / bkv), num_kv // bkv)
@@ -465,26 +520,34 @@ def _gathered_blocks(q, k, v, out, lse, hs, groups, tiles, bq, bkv, num_kv_block
     in_range = (torch.arange(num_kv_blocks * bkv, device=q.device) < num_kv).view(num_kv_blocks, bkv)
     for count, members in groups.items():
         for c0 in range(0, len(members), GATHER_CHUNK):
-            chunk = members[c0:c0 + GATHER_CHUNK]
+            chunk = members[c0 : c0 + GATHER_CHUNK]
             rows = [sorted([*tile_of, *f]) for _, tile_of, f in chunk]
             blocks = torch.tensor(rows, device=q.device)  # (G, count)
             kk = kb[:, :, blocks].reshape(batch, heads, len(chunk), count * bkv, dim).transpose(1, 2)
             vv = vb[:, :, blocks].reshape(batch, heads, len(chunk), count * bkv, dim).transpose(1, 2)
-            qq = torch.stack([q[:, hs, qb * bq:(qb + 1) * bq] for qb, _, _ in chunk], dim=1)  # (B, G, H, bq, D)
+            qq = torch.stack([q[:, hs, qb * bq : (qb + 1) * bq] for qb, _, _ in chunk], dim=1)  # (B, G, H, bq, D)
             need_mask = pad > 0 or any(tile_of for _, tile_of, _ in chunk)
             mask = rows_any = None
             if need_mask:
-                alloweds = torch.stack([
-                    _allowed(tiles, [tile_of.get(b, -1) for b in row], bq) & in_range[blocks[i]].view(1, -1)
-                    for i, ((_, tile_of, _), row) in enumerate(zip(chunk, rows))])  # (G, bq, count * bkv)
+                alloweds = torch.stack(
+                    [
+                        _allowed(tiles, [tile_of.get(b, -1) for b in row], bq) & in_range[blocks[i]].view(1, -1)
+                        for i, ((_, tile_of, _), row) in enumerate(zip(chunk, rows))
+                    ]
+                )  # (G, bq, count * bkv)
                 mask = _additive(alloweds, q.dtype).view(1, len(chunk), 1, bq, -1).expand(batch, -1, -1, -1, -1)
                 rows_any = alloweds.any(-1).view(1, len(chunk), 1, bq)
-            o, l = _fused(qq.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1),
-                          None if mask is None else mask.flatten(0, 1), scale)
+            o, l = _fused(
+                qq.flatten(0, 1),
+                kk.flatten(0, 1),
+                vv.flatten(0, 1),
+                None if mask is None else mask.flatten(0, 1),
+                scale,
+            )
             o = o.view(batch, len(chunk), heads, bq, dim)
             l = l.view(batch, len(chunk), heads, bq)
             if rows_any is not None:
                 l = torch.where(rows_any, l, _NEG_INF)
             for i, (qb, _, _) in enumerate(chunk):
-                out[:, hs, qb * bq:(qb + 1) * bq] = o[:, i]
-                lse[:, hs, qb * bq:(qb + 1) * bq] = l[:, i]
+                out[:, hs, qb * bq : (qb + 1) * bq] = o[:, i]
+                lse[:, hs, qb * bq : (qb + 1) * bq] = l[:, i]

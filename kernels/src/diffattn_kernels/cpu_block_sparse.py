@@ -1,4 +1,5 @@
-"""The ``torch`` backend's compiled CPU inner loop (``kernels/src/diffattn_kernels/csrc/block_sparse_cpu.cpp``), built on first use.
+"""The ``torch`` backend's compiled CPU inner loop (``kernels/src/diffattn_kernels/csrc/block_sparse_cpu.cpp``), built
+on first use.
 
 Query blocks that see whole key blocks only (sliding tile, radial, top-k selections) are computed here: one task
 per (batch, head, query block) walks that block's key runs with an online softmax, reading K and V packed once
@@ -35,17 +36,28 @@ import logging
 import os
 import platform
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DTYPES", "ISAS", "attend", "extension", "kernel_for", "reset", "runnable_isas", "selected_isa",
-           "status", "supports"]
+__all__ = [
+    "DTYPES",
+    "ISAS",
+    "attend",
+    "extension",
+    "kernel_for",
+    "reset",
+    "runnable_isas",
+    "selected_isa",
+    "status",
+    "supports",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +69,15 @@ ISA_ENV, GEMM_ENV, SWITCH_ENV = "DIFFATTN_CPU_ISA", "DIFFATTN_CPU_GEMM", "DIFFAT
 # -m flags exist only on x86 (aarch64 has NEON as its baseline, so its build adds no machine flag)
 _COMMON_FLAGS = ("-O3",)
 _ISA_FLAGS: dict[str, tuple[str, ...]] = {
-    "avx512": ("-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
-               "-mavx512dq", "-mfma"),
+    "avx512": (
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+    ),
     "avx2": ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"),
     "neon": ("-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"),
 }
@@ -107,14 +126,19 @@ def selected_isa() -> Selection:
     if requested == "none":
         return Selection(None, f"disabled by {ISA_ENV}=none")
     if requested != "auto" and requested not in ISAS:
-        raise ValueError(f"{ISA_ENV}={requested!r} is not a build of the CPU loop: set it to one of auto, "
-                         f"{', '.join(ISAS)}, none (or unset it)")
+        raise ValueError(
+            f"{ISA_ENV}={requested!r} is not a build of the CPU loop: set it to one of auto, "
+            f"{', '.join(ISAS)}, none (or unset it)"
+        )
     machine = platform.machine()
     runnable = runnable_isas(machine)
     if requested != "auto":
         if requested not in runnable:
-            return Selection(None, f"not used: {ISA_ENV}={requested} but this CPU ({machine}) runs "
-                                   f"{', '.join(runnable) or 'none of the builds'}; unset {ISA_ENV} to pick the best")
+            return Selection(
+                None,
+                f"not used: {ISA_ENV}={requested} but this CPU ({machine}) runs "
+                f"{', '.join(runnable) or 'none of the builds'}; unset {ISA_ENV} to pick the best",
+            )
         return Selection(requested, f"forced by {ISA_ENV}={requested}")
     capability = torch.backends.cpu.get_cpu_capability()
     if machine.lower() in _X86:
@@ -123,8 +147,11 @@ def selected_isa() -> Selection:
     else:
         allowed = list(runnable)
     if not allowed:
-        return Selection(None, f"not used: no build for this CPU ({machine}, torch reports {capability}; the loop "
-                               f"has avx512 and avx2 builds for x86-64 and a neon build for aarch64)")
+        return Selection(
+            None,
+            f"not used: no build for this CPU ({machine}, torch reports {capability}; the loop "
+            f"has avx512 and avx2 builds for x86-64 and a neon build for aarch64)",
+        )
     return Selection(allowed[0], f"auto: the best build this CPU runs (torch reports {capability})")
 
 
@@ -140,21 +167,36 @@ def extension() -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("diffattn: building the %s CPU block-sparse loop from %s (once per source version, ~40 s)",
-                    selection.isa, SOURCE.name)
+        logger.info(
+            "diffattn: building the %s CPU block-sparse loop from %s (once per source version, ~40 s)",
+            selection.isa,
+            SOURCE.name,
+        )
         with _tools_on_path():
-            module = load(name=name, sources=[str(SOURCE)], extra_cflags=[*_COMMON_FLAGS, *_ISA_FLAGS[selection.isa]],
-                          verbose=False)
+            module = load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=[*_COMMON_FLAGS, *_ISA_FLAGS[selection.isa]],
+                verbose=False,
+            )
     except Exception as exc:  # no compiler / ninja: the SDPA path still computes the same result, only slower
-        _STATUS["state"] = f"not used: building the {selection.isa} build of {SOURCE.name} failed ({type(exc).__name__}: {exc})"
-        logger.warning("diffattn: %s; block-sparse attention falls back to SDPA calls (slower, same result). "
-                       "Install a C++ compiler and ninja (`pip install ninja`) to build it.", _STATUS["state"])
+        _STATUS["state"] = (
+            f"not used: building the {selection.isa} build of {SOURCE.name} failed ({type(exc).__name__}: {exc})"
+        )
+        logger.warning(
+            "diffattn: %s; block-sparse attention falls back to SDPA calls (slower, same result). "
+            "Install a C++ compiler and ninja (`pip install ninja`) to build it.",
+            _STATUS["state"],
+        )
         return None
     if module.isa() != selection.isa:
-        raise RuntimeError(f"{name} reports the {module.isa()} build: its cached copy is stale; delete "
-                           f"{name} under TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions) to rebuild it")
-    _STATUS["state"] = (f"in use: {selection.isa} build ({selection.reason}); "
-                        + "; ".join(f"{str(d).removeprefix('torch.')}: {_describe(module, d)}" for d in DTYPES))
+        raise RuntimeError(
+            f"{name} reports the {module.isa()} build: its cached copy is stale; delete "
+            f"{name} under TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions) to rebuild it"
+        )
+    _STATUS["state"] = f"in use: {selection.isa} build ({selection.reason}); " + "; ".join(
+        f"{str(d).removeprefix('torch.')}: {_describe(module, d)}" for d in DTYPES
+    )
     _STATUS["isa"] = selection.isa
     return module
 
@@ -216,16 +258,21 @@ def _choose(module: Any, dtype: torch.dtype) -> KernelChoice:
         raise ValueError(f"{GEMM_ENV}={requested!r}: set it to auto, vec or onednn (or unset it)")
     if requested == "onednn":
         if not native:
-            raise ValueError(f"{GEMM_ENV}=onednn, but cpublas runs no {dtype} brgemm in the {module.isa()} build on "
-                             f"this CPU (needs the avx512 build; bfloat16 needs AMX or AVX512-BF16 as oneDNN sees "
-                             f"it): unset {GEMM_ENV} or set it to vec")
+            raise ValueError(
+                f"{GEMM_ENV}=onednn, but cpublas runs no {dtype} brgemm in the {module.isa()} build on "
+                f"this CPU (needs the avx512 build; bfloat16 needs AMX or AVX512-BF16 as oneDNN sees "
+                f"it): unset {GEMM_ENV} or set it to vec"
+            )
         return KernelChoice("onednn", dtype, f"forced by {GEMM_ENV}=onednn")
     forced = f"forced by {GEMM_ENV}=vec" if requested == "vec" else ""
     if bf16:
         if requested == "auto" and native:
             return KernelChoice("onednn", dtype, "cpublas runs bfloat16 brgemm natively here (AMX / AVX512-BF16)")
-        why = forced or ("oneDNN has no bfloat16 brgemm on this CPU (needs AMX or AVX512-BF16 as oneDNN sees it)"
-                         if module.isa() == "avx512" else f"the {module.isa()} build has no native bfloat16 GEMM")
+        why = forced or (
+            "oneDNN has no bfloat16 brgemm on this CPU (needs AMX or AVX512-BF16 as oneDNN sees it)"
+            if module.isa() == "avx512"
+            else f"the {module.isa()} build has no native bfloat16 GEMM"
+        )
         return KernelChoice("vec", torch.float32, why)
     return KernelChoice("vec", torch.float32, forced or "at::vec float32 GEMMs")
 
@@ -239,7 +286,7 @@ def _describe(module: Any, dtype: torch.dtype) -> str:
     return f"{choice.kernel} kernel{compute} ({choice.reason})"
 
 
-@lru_cache(maxsize=None)
+@cache
 def kernel_for(dtype: torch.dtype) -> KernelChoice | None:
     """The GEMM kernel :func:`attend` uses for ``dtype`` (None: the loop is off or the dtype is not routed)."""
     module = extension()
@@ -250,8 +297,13 @@ def kernel_for(dtype: torch.dtype) -> KernelChoice | None:
 
 def supports(q: Tensor) -> bool:
     """Whether :func:`attend` can compute this call (CPU, a routed dtype, even head dim, extension built)."""
-    return (q.device.type == "cpu" and q.dtype in DTYPES and q.shape[-1] % 2 == 0 and q.stride(-1) == 1
-            and kernel_for(q.dtype) is not None)
+    return (
+        q.device.type == "cpu"
+        and q.dtype in DTYPES
+        and q.shape[-1] % 2 == 0
+        and q.stride(-1) == 1
+        and kernel_for(q.dtype) is not None
+    )
 
 
 def _pack(k: Tensor, v: Tensor, block: int, dtype: torch.dtype, vnni: bool = False) -> tuple[Tensor, Tensor]:
@@ -266,24 +318,38 @@ def _pack(k: Tensor, v: Tensor, block: int, dtype: torch.dtype, vnni: bool = Fal
         vp = v.unflatten(2, (v.shape[2] // 2, 2)).transpose(3, 4)  # (B, H, S/2, D, 2)
     else:
         kp, vp = blocks.transpose(-1, -2), v  # (B, H, S/Bk, D, Bk), (B, H, S, D)
-    return tuple(x.contiguous() if x.dtype == dtype else torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
-                 for x in (kp, vp))
+    return tuple(
+        x.contiguous() if x.dtype == dtype else torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
+        for x in (kp, vp)
+    )
 
 
-def _block_lists(members: list[tuple[int, list[tuple[int, int]]]],
-                 key_order: list[int] | None) -> tuple[Tensor, Tensor]:
+def _block_lists(
+    members: list[tuple[int, list[tuple[int, int]]]], key_order: list[int] | None
+) -> tuple[Tensor, Tensor]:
     """Each member's key blocks as ascending block ids of k (runs index the ``key_order`` copy when given), in CSR
     form: offsets (members + 1) and ids. The kernel reads the blocks where they are, so no reordered copy is made;
     ascending order keeps a partial last block last."""
-    lists = [sorted(b if key_order is None else key_order[b] for first, stop in runs for b in range(first, stop))
-             for _, runs in members]
+    lists = [
+        sorted(b if key_order is None else key_order[b] for first, stop in runs for b in range(first, stop))
+        for _, runs in members
+    ]
     offsets = torch.tensor([0] + [len(ids) for ids in lists], dtype=torch.int64).cumsum(0)
     return offsets, torch.tensor([b for ids in lists for b in ids], dtype=torch.int64)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-           members: list[tuple[int, list[tuple[int, int]]]], bq: int, bkv: int, scale: float,
-           key_order: list[int] | None = None) -> None:
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    members: list[tuple[int, list[tuple[int, int]]]],
+    bq: int,
+    bkv: int,
+    scale: float,
+    key_order: list[int] | None = None,
+) -> None:
     """Write ``out`` and ``lse`` (views of the full outputs, (B, H, Sq, D) and (B, H, Sq)) for the query blocks in
     ``members``: ``(query_block, [(first_key_block, stop_key_block), ...])``, every listed block whole; with
     ``key_order``, the runs index the key blocks in that order (block i is block ``key_order[i]`` of k)."""
@@ -295,5 +361,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     kp, vp = _pack(k, v, bkv, choice.compute, vnni=choice.kernel == "onednn" and q.dtype == torch.bfloat16)
     starts = torch.tensor([qb * bq for qb, _ in members], dtype=torch.int64)
     offsets, ids = _block_lists(members, key_order)
-    module.block_sparse_forward(q, kp, vp, out, lse, starts, offsets, ids, bq, k.shape[2], float(scale), KV_TILE,
-                                choice.kernel)
+    module.block_sparse_forward(
+        q, kp, vp, out, lse, starts, offsets, ids, bq, k.shape[2], float(scale), KV_TILE, choice.kernel
+    )

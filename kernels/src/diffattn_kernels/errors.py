@@ -7,8 +7,10 @@ from torch import Tensor
 
 __all__ = ["GRAD_ALTERNATIVE", "KernelUnsupportedError", "needs_grad", "refuse_grad"]
 
-GRAD_ALTERNATIVE = ("for gradients use backend='torch' (block-sparse with backward, any device) or backend='auto', "
-                    "or run under torch.no_grad() if no gradient is needed")
+GRAD_ALTERNATIVE = (
+    "for gradients use backend='torch' (block-sparse with backward, any device) or backend='auto', "
+    "or run under torch.no_grad() if no gradient is needed"
+)
 
 
 class KernelUnsupportedError(ValueError):
@@ -23,5 +25,6 @@ def needs_grad(*tensors: Tensor) -> bool:
 def refuse_grad(backend: str, *tensors: Tensor) -> None:
     """Raise if a forward-only backend is asked for gradients (its output would be silently detached)."""
     if needs_grad(*tensors):
-        raise KernelUnsupportedError(f"the {backend} kernel has no backward (q, k or v requires grad); "
-                                     + GRAD_ALTERNATIVE)
+        raise KernelUnsupportedError(
+            f"the {backend} kernel has no backward (q, k or v requires grad); " + GRAD_ALTERNATIVE
+        )

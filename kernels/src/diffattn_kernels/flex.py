@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -60,8 +60,9 @@ def flex_block_attention(
         raise ValueError("compiled FlexAttention on CPU cannot return the log-sum-exp; call with return_lse=False")
     if q.device.type == "cpu":
         if needs_grad(q, k, v):
-            raise KernelUnsupportedError("FlexAttention has no backward on CPU (q, k or v requires grad); "
-                                         + GRAD_ALTERNATIVE)
+            raise KernelUnsupportedError(
+                "FlexAttention has no backward on CPU (q, k or v requires grad); " + GRAD_ALTERNATIVE
+            )
         # grad mode is off, so no graph would be built; torch refuses CPU inputs that merely require grad
         q, k, v = q.detach(), k.detach(), v.detach()
     fn = _compiled_flex() if compiled else flex_attention
@@ -70,7 +71,9 @@ def flex_block_attention(
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         if not return_lse:
             return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa), None
-        out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_aux=AuxRequest(lse=True))
+        out, aux = fn(
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_aux=AuxRequest(lse=True)
+        )
     lse = aux.lse.float()
     empty = torch.isneginf(lse) | torch.isnan(lse)
     return out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))

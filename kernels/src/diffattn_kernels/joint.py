@@ -51,8 +51,9 @@ def key_padding_block_mask(key_valid: Tensor, num_q: int, block_size: int = 128)
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return key_valid[kv_idx.clamp(0, last)] & (kv_idx <= last)
 
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
-                                    seq_lengths=(num_q, num_kv))
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(num_q, num_kv)
+    )
 
 
 def dense_block_mask(num_q: int, num_kv: int, block_size: int = 128, device: torch.device | str = "cpu") -> BlockMask:
@@ -92,12 +93,24 @@ def split_text_attention(
     qv = q[:, :, vis]
     sparse = attention(qv, k[:, :, vis], v[:, :, vis], visual_mask, scale=scale, backend=backend)
     if num > nv:
-        to_text = attention(qv, k[:, :, txt], v[:, :, txt], key_padding_block_mask(key_valid[txt], nv, block_size),
-                            scale=scale, backend=dense_backend)
+        to_text = attention(
+            qv,
+            k[:, :, txt],
+            v[:, :, txt],
+            key_padding_block_mask(key_valid[txt], nv, block_size),
+            scale=scale,
+            backend=dense_backend,
+        )
         merged_out, merged_lse = merge_attention([sparse, to_text])
         out[:, :, vis], lse[:, :, vis] = merged_out, merged_lse.float()
-        text_out, text_lse = attention(q[:, :, txt], k, v, key_padding_block_mask(key_valid, num - nv, block_size),
-                                       scale=scale, backend=dense_backend)
+        text_out, text_lse = attention(
+            q[:, :, txt],
+            k,
+            v,
+            key_padding_block_mask(key_valid, num - nv, block_size),
+            scale=scale,
+            backend=dense_backend,
+        )
         out[:, :, txt], lse[:, :, txt] = text_out, text_lse.float()
     else:
         out[:, :, vis], lse[:, :, vis] = sparse[0], sparse[1].float()

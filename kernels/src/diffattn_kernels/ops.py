@@ -18,7 +18,7 @@ right mask) and passes the result as ``tiles`` (one bool per element of a listed
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,27 +31,79 @@ __all__ = ["block_sparse_attention"]
 
 @torch.library.custom_op("diffattn::block_sparse_attention", mutates_args=())
 def _attention_op(
-    q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Optional[Tensor],
-    full_kv_indices: Optional[Tensor], tiles: Tensor, tile_index: Tensor, q_block: int, kv_block: int, scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    full_kv_num_blocks: Tensor | None,
+    full_kv_indices: Tensor | None,
+    tiles: Tensor,
+    tile_index: Tensor,
+    q_block: int,
+    kv_block: int,
+    scale: float,
 ) -> tuple[Tensor, Tensor]:
-    return block_sparse.forward(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, tiles,
-                                tile_index, q_block, kv_block, scale)
+    return block_sparse.forward(
+        q,
+        k,
+        v,
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        tiles,
+        tile_index,
+        q_block,
+        kv_block,
+        scale,
+    )
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, tiles, tile_index,
-                    q_block, kv_block, scale):
+def _attention_fake(
+    q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, tiles, tile_index, q_block, kv_block, scale
+):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("diffattn::block_sparse_attention_backward", mutates_args=())
 def _backward_op(
-    grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Optional[Tensor], full_kv_indices: Optional[Tensor],
-    tiles: Tensor, tile_index: Tensor, q_block: int, kv_block: int, scale: float,
+    grad_out: Tensor,
+    grad_lse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    full_kv_num_blocks: Tensor | None,
+    full_kv_indices: Tensor | None,
+    tiles: Tensor,
+    tile_index: Tensor,
+    q_block: int,
+    kv_block: int,
+    scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return block_sparse.backward(grad_out, grad_lse, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
-                                 full_kv_indices, tiles, tile_index, q_block, kv_block, scale)
+    return block_sparse.backward(
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        tiles,
+        tile_index,
+        q_block,
+        kv_block,
+        scale,
+    )
 
 
 @_backward_op.register_fake
@@ -87,5 +139,17 @@ def block_sparse_attention(
     bq, bkv = block_mask.BLOCK_SIZE
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     tiles, tile_index = block_sparse.partial_tiles(block_mask, q.shape[-2], k.shape[-2], q.device)
-    return _attention_op(q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
-                         block_mask.full_kv_indices, tiles, tile_index, bq, bkv, scale)
+    return _attention_op(
+        q,
+        k,
+        v,
+        block_mask.kv_num_blocks,
+        block_mask.kv_indices,
+        block_mask.full_kv_num_blocks,
+        block_mask.full_kv_indices,
+        tiles,
+        tile_index,
+        bq,
+        bkv,
+        scale,
+    )

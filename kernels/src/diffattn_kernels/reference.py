@@ -40,7 +40,9 @@ def reference_attention(
 ) -> tuple[Tensor, Tensor]:
     """Return ``(out, lse)``: ``out`` in q's dtype, ``lse`` float64 of shape ``(B, H, Sq)`` (natural log)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"expected 4-D (B, H, S, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+        raise ValueError(
+            f"expected 4-D (B, H, S, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
+        )
     num_heads = q.shape[1]
     q64 = q.to(torch.float64)
     k64 = _expand_kv_heads(k, num_heads).to(torch.float64)
@@ -72,7 +74,5 @@ def merge_attention(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]
     lses = torch.stack([lse.to(torch.float64) for _, lse in parts])
     total = torch.logsumexp(lses, dim=0)
     safe_total = torch.where(torch.isneginf(total), 0.0, total)
-    out = sum(
-        torch.exp(lse.to(torch.float64) - safe_total).unsqueeze(-1) * o.to(torch.float64) for o, lse in parts
-    )
+    out = sum(torch.exp(lse.to(torch.float64) - safe_total).unsqueeze(-1) * o.to(torch.float64) for o, lse in parts)
     return out.to(parts[0][0].dtype), total

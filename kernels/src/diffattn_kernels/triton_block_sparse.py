@@ -41,11 +41,10 @@ import os
 import weakref
 
 import torch
-from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask
-
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
 from triton.runtime.errors import OutOfResources
 
 from .errors import refuse_grad
@@ -78,24 +77,66 @@ def interpreting() -> bool:
 
 
 def _attn_fwd(
-    Q, K, V, O, LSE,
-    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, PART_TILE, BITS,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    FULL_NUM,
+    FULL_IDX,
+    PART_NUM,
+    PART_IDX,
+    PART_TILE,
+    BITS,
     qk_scale,
-    Sq, Skv, H, KV_GROUP, HEAD_DIM,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh,
-    stride_nb, stride_nh,
-    stride_ib, stride_ih, stride_im,
-    stride_fb, stride_fh,
-    stride_jb, stride_jh, stride_jm,
-    BQ: tl.constexpr, BKV: tl.constexpr, WORDS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SUB_M: tl.constexpr, SUB_N: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    DENSE: tl.constexpr, HAS_PARTIAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    Sq,
+    Skv,
+    H,
+    KV_GROUP,
+    HEAD_DIM,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_lb,
+    stride_lh,
+    stride_nb,
+    stride_nh,
+    stride_ib,
+    stride_ih,
+    stride_im,
+    stride_fb,
+    stride_fh,
+    stride_jb,
+    stride_jh,
+    stride_jm,
+    BQ: tl.constexpr,
+    BKV: tl.constexpr,
+    WORDS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SUB_M: tl.constexpr,
+    SUB_N: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DENSE: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -270,12 +311,16 @@ def _tile(block: int, cap: int) -> int:
 # triton 3.9 for sm80 / sm90 at 128-token mask blocks: fp16 D=64 (128, 64, 4, 2) 96 KiB; D=128 (128, 64, 8, 1)
 # 72 KiB; fp32 D=64 (64, 64, 4, 1) 52 KiB, D=128 (64, 32, 4, 1) 66 KiB. A config that does not fit the device
 # (e.g. 99 KiB per block on sm86 / sm89) raises OutOfResources at launch and the next one is tried (remembered).
-_CONFIGS_16 = {64: [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 1)],
-               128: [(128, 64, 8, 1), (64, 64, 4, 2), (64, 32, 4, 1)],
-               256: [(64, 64, 8, 1), (64, 32, 4, 1), (32, 32, 4, 1)]}
-_CONFIGS_32 = {64: [(64, 64, 4, 1), (64, 32, 4, 1), (32, 32, 4, 1)],
-               128: [(64, 32, 4, 1), (32, 32, 4, 1)],
-               256: [(32, 32, 4, 1), (16, 16, 4, 1)]}
+_CONFIGS_16 = {
+    64: [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 1)],
+    128: [(128, 64, 8, 1), (64, 64, 4, 2), (64, 32, 4, 1)],
+    256: [(64, 64, 8, 1), (64, 32, 4, 1), (32, 32, 4, 1)],
+}
+_CONFIGS_32 = {
+    64: [(64, 64, 4, 1), (64, 32, 4, 1), (32, 32, 4, 1)],
+    128: [(64, 32, 4, 1), (32, 32, 4, 1)],
+    256: [(32, 32, 4, 1), (16, 16, 4, 1)],
+}
 _WORKING_CONFIG: dict[tuple, int] = {}
 
 
@@ -284,10 +329,12 @@ def _configs(dtype: torch.dtype, block_d: int) -> list[tuple[int, int, int, int]
     return table[max(64, block_d)]
 
 
-_BITS_CACHE: "weakref.WeakKeyDictionary[BlockMask, dict]" = weakref.WeakKeyDictionary()
+_BITS_CACHE: weakref.WeakKeyDictionary[BlockMask, dict] = weakref.WeakKeyDictionary()
 
 
-def partial_block_bits(block_mask: BlockMask, num_q: int, num_kv: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+def partial_block_bits(
+    block_mask: BlockMask, num_q: int, num_kv: int, device: torch.device | str
+) -> tuple[Tensor, Tensor]:
     """Packed element masks of the partial blocks of ``block_mask``: ``(tile_index, bits)``.
 
     ``bits`` is int32 ``(tiles, BQ, ceil(BKV / 32))``, one tile per *distinct* element mask; ``tile_index`` (int32,
@@ -345,34 +392,46 @@ def partial_block_bits(block_mask: BlockMask, num_q: int, num_kv: int, device: t
 
 def _check(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask | None) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"expected 4-D (B, H, S, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+        raise ValueError(
+            f"expected 4-D (B, H, S, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
+        )
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"the triton kernel takes float16, bfloat16 or float32 q, k, v of one dtype; got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"the triton kernel takes float16, bfloat16 or float32 q, k, v of one dtype; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if q.shape[-1] != k.shape[-1] or v.shape[-1] != q.shape[-1]:
         raise ValueError("the triton kernel needs one head dim for q, k and v")
     if q.shape[-1] > _MAX_HEAD_DIM:
         raise ValueError(f"the triton kernel supports head dims up to {_MAX_HEAD_DIM}, got {q.shape[-1]}")
     if k.shape[:3] != v.shape[:3] or k.shape[0] != q.shape[0] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"k{tuple(k.shape)} and v{tuple(v.shape)} do not fit q{tuple(q.shape)} (GQA needs query "
-                         "heads a multiple of key/value heads)")
+        raise ValueError(
+            f"k{tuple(k.shape)} and v{tuple(v.shape)} do not fit q{tuple(q.shape)} (GQA needs query "
+            "heads a multiple of key/value heads)"
+        )
     if q.device != k.device or q.device != v.device:
         raise ValueError("q, k and v must be on one device")
     if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"the triton kernel runs on CUDA tensors (got {q.device.type}); on CPU only under the "
-                         "Triton interpreter (TRITON_INTERPRET=1, for tests)")
+        raise ValueError(
+            f"the triton kernel runs on CUDA tensors (got {q.device.type}); on CPU only under the "
+            "Triton interpreter (TRITON_INTERPRET=1, for tests)"
+        )
     if block_mask is None:
         return
     nb, nh, nqb = block_mask.kv_num_blocks.shape
     if nb not in (1, q.shape[0]) or nh not in (1, q.shape[1]):
-        raise ValueError(f"block mask of batch {nb} and {nh} heads does not fit q{tuple(q.shape)}: use 1 or "
-                         f"{q.shape[0]} batch entries and 1 or {q.shape[1]} heads")
+        raise ValueError(
+            f"block mask of batch {nb} and {nh} heads does not fit q{tuple(q.shape)}: use 1 or "
+            f"{q.shape[0]} batch entries and 1 or {q.shape[1]} heads"
+        )
     bq, bkv = block_mask.BLOCK_SIZE
     if nqb < math.ceil(q.shape[-2] / bq):
         raise ValueError(f"block mask covers {nqb} query blocks of {bq}; the call has {q.shape[-2]} queries")
     if block_mask.kv_indices.shape[-1] > math.ceil(k.shape[-2] / bkv):
-        raise ValueError(f"block mask lists {block_mask.kv_indices.shape[-1]} key blocks of {bkv}; the call has only "
-                         f"{k.shape[-2]} keys (build the mask for this length)")
+        raise ValueError(
+            f"block mask lists {block_mask.kv_indices.shape[-1]} key blocks of {bkv}; the call has only "
+            f"{k.shape[-2]} keys (build the mask for this length)"
+        )
 
 
 def triton_block_sparse_attention(
@@ -436,20 +495,39 @@ def triton_block_sparse_attention(
 
         mask_strides = (
             *bh_strides(part_num),
-            *bh_strides(part_idx), part_idx.stride(2),
+            *bh_strides(part_idx),
+            part_idx.stride(2),
             *bh_strides(full_num),
-            *bh_strides(full_idx), full_idx.stride(2),
+            *bh_strides(full_idx),
+            full_idx.stride(2),
         )
 
     interp = interpreting() or device.type != "cuda"
     block_d = _pow2_at_least(dim)
     args = (
-        q, k, v, out, lse,
-        full_num, full_idx, part_num, part_idx, part_tile, bits,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        full_num,
+        full_idx,
+        part_num,
+        part_idx,
+        part_tile,
+        bits,
         scale * _LOG2E,
-        num_q, num_kv, heads, heads // k.shape[1], dim,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        lse.stride(0), lse.stride(1),
+        num_q,
+        num_kv,
+        heads,
+        heads // k.shape[1],
+        dim,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        lse.stride(0),
+        lse.stride(1),
         *mask_strides,
     )
     configs = _configs(q.dtype, block_d) if not interp else [(128 if block_d <= 64 else 64, 64, 4, 1)]
@@ -469,18 +547,32 @@ def triton_block_sparse_attention(
         try:
             _kernel(interpreting())[grid](
                 *args,
-                BQ=bq, BKV=bkv, WORDS=math.ceil(bkv / 32),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, SUB_M=sub_m, SUB_N=sub_n,
-                EVEN_M=bq % bm == 0 and num_q % bq == 0, EVEN_N=bkv % bn == 0 and num_kv % bkv == 0,
-                EVEN_D=block_d == dim, DENSE=block_mask is None, HAS_PARTIAL=has_partial, UPCAST=interp,
+                BQ=bq,
+                BKV=bkv,
+                WORDS=math.ceil(bkv / 32),
+                BLOCK_M=bm,
+                BLOCK_N=bn,
+                BLOCK_D=block_d,
+                SUB_M=sub_m,
+                SUB_N=sub_n,
+                EVEN_M=bq % bm == 0 and num_q % bq == 0,
+                EVEN_N=bkv % bn == 0 and num_kv % bkv == 0,
+                EVEN_D=block_d == dim,
+                DENSE=block_mask is None,
+                HAS_PARTIAL=has_partial,
+                UPCAST=interp,
                 IEEE=q.dtype == torch.float32,
-                num_warps=warps, num_stages=stages,
+                num_warps=warps,
+                num_stages=stages,
             )
         except OutOfResources:
             if index + 1 == len(configs):
                 raise
-            logger.info("triton attention: tile config %s needs too much shared memory on %s; trying a smaller one",
-                        configs[index], device)
+            logger.info(
+                "triton attention: tile config %s needs too much shared memory on %s; trying a smaller one",
+                configs[index],
+                device,
+            )
             continue
         _WORKING_CONFIG[key] = index
         break

@@ -26,7 +26,7 @@ from .errors import refuse_grad
 
 __all__ = ["local_runs", "mask_structure", "xformers_block_attention", "gappy_bias"]
 
-_STRUCTURE_CACHE: "weakref.WeakKeyDictionary[BlockMask, dict]" = weakref.WeakKeyDictionary()
+_STRUCTURE_CACHE: weakref.WeakKeyDictionary[BlockMask, dict] = weakref.WeakKeyDictionary()
 
 
 def local_runs(block_mask: BlockMask, num_q: int, num_kv: int) -> tuple[str | None, str, list[tuple[int, int]]]:
@@ -79,8 +79,14 @@ def mask_structure(block_mask: BlockMask, num_q: int, num_kv: int) -> tuple[str 
     return kind, reason
 
 
-def gappy_bias(runs: list[tuple[int, int]], block_size: tuple[int, int], batch: int, num_q: int, num_kv: int,
-               device: torch.device | str | None = None):
+def gappy_bias(
+    runs: list[tuple[int, int]],
+    block_size: tuple[int, int],
+    batch: int,
+    num_q: int,
+    num_kv: int,
+    device: torch.device | str | None = None,
+):
     """The ``BlockDiagonalGappyKeysMask`` of a local mask over the batch packed into one sequence."""
     from xformers.ops.fmha.attn_bias import BlockDiagonalGappyKeysMask
 
@@ -124,5 +130,7 @@ def xformers_block_attention(
     if lse.ndim == 3 and lse.shape[0] == 1 and lse.shape[-1] >= batch * num_q:  # packed varlen layout
         lse = lse[0, :, : batch * num_q].reshape(heads, batch, num_q).transpose(0, 1)
         return out, lse.float()
-    raise RuntimeError(f"xformers returned a log-sum-exp of shape {tuple(lse.shape)} for a varlen call; expected the "
-                       "packed (1, heads, tokens) layout. Call with return_lse=False or use backend='triton'.")
+    raise RuntimeError(
+        f"xformers returned a log-sum-exp of shape {tuple(lse.shape)} for a varlen call; expected the "
+        "packed (1, heads, tokens) layout. Call with return_lse=False or use backend='triton'."
+    )
