@@ -128,7 +128,9 @@ def test_example_runs(installed: dict[str, Path]) -> None:
 @pytest.mark.slow
 def test_compare_quick_runs(installed: dict[str, Path]) -> None:
     out = installed["cwd"] / "compare-out"
-    result = _run(installed, [str(installed["bin"] / "diffattn"), "compare", "--quick", "--out", str(out)])
+    result = _run(
+        installed, [str(installed["bin"] / "diffattn"), "compare", "--quick", "--no-image", "--out", str(out)]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trajectory error" in result.stdout.lower() or "Trajectory error" in result.stdout
     assert (out / "compare.json").is_file()
