@@ -43,8 +43,8 @@ from .methods import (
     TokenDownsampling,
 )
 from .methods.perturbed import PAG, SEG, SoftPAG
+from .runtime import denoising_step
 from .schedule import StepSchedule
-from .steps import denoising_step
 
 __version__ = "0.1.0"
 
