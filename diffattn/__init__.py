@@ -1,4 +1,4 @@
-"""diffattn: attention methods for diffusers models, delivered as attention processors.
+"""diffattn: attention methods for diffusers models, delivered as hooks on their attention modules.
 
 handle = diffattn.apply(pipe, diffattn.Dense(), layers=["transformer_blocks.1"], steps=0.25)
 ...
