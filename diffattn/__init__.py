@@ -1,4 +1,4 @@
-"""diffattn: attention methods for diffusers models, delivered as attention processors.
+"""diffattn: attention methods for diffusers models, delivered as hooks on their attention modules.
 
 handle = diffattn.apply(pipe, diffattn.Dense(), layers=["transformer_blocks.1"], steps=0.25)
 ...
@@ -43,8 +43,8 @@ from .methods import (
     TokenDownsampling,
 )
 from .methods.perturbed import PAG, SEG, SoftPAG
+from .runtime import denoising_step
 from .schedule import StepSchedule
-from .steps import denoising_step
 
 __version__ = "0.1.0"
 

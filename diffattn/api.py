@@ -12,7 +12,8 @@ import torch
 from . import parallel
 from .adapters import adapter_for
 from .errors import DiffattnError, LayerSelectionError, UnsupportedModelError
-from .hooks import (
+from .methods.base import AttentionMethod
+from .runtime import (
     Application,
     BatchExtension,
     CallRecord,
@@ -24,7 +25,6 @@ from .hooks import (
     existing_state,
     model_state,
 )
-from .methods.base import AttentionMethod
 from .schedule import LayerSpec, StepSchedule, StepSpec, select_layers
 
 __all__ = ["apply", "remove", "Handle", "attention_modules"]
@@ -67,7 +67,7 @@ class Handle:
 
     @property
     def calls(self) -> list[CallRecord]:
-        """The most recent attention calls (bounded; see :data:`diffattn.hooks.RECENT_CALLS`), in order."""
+        """The most recent attention calls (bounded; see :data:`diffattn.runtime.RECENT_CALLS`), in order."""
         return [c for a in self.applications for c in a.records.calls]
 
     def acted(self) -> set[tuple[int | None, str]]:
@@ -130,7 +130,8 @@ def apply(target: Any, method: AttentionMethod, *, layers: LayerSpec = None, ste
     selects ``blocks.10``); ``None`` selects every module whose role (self / cross / joint) the method acts on.
     ``steps``: ``None`` (all), step indices, a ``range``, a float warm-up fraction, a ``(start, stop)`` pair of
     fractions or ``StepSchedule.timesteps(low, high)``; steps count the pipeline call's loop (see
-    :mod:`diffattn.steps`). Applications stack: applying another method keeps this one (see :mod:`diffattn.hooks`).
+    :mod:`diffattn.runtime.position`). Applications stack: applying another method keeps this one (see
+    :mod:`diffattn.runtime`).
     """
     if not isinstance(method, AttentionMethod):
         raise TypeError(f"method must be a diffattn method (e.g. diffattn.Dense()), got {type(method).__name__}")

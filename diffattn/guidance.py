@@ -5,7 +5,7 @@
     handle.remove()
 
 How it works. The method (an attention method acting on the ``"perturbed"`` batch entries only) is installed on the
-chosen self-/joint-attention layers like any application (outermost in the stack, see :mod:`diffattn.hooks`). Its
+chosen self-/joint-attention layers like any application (outermost in the stack, see :mod:`diffattn.runtime`). Its
 model hook then, on every guided step, appends a
 copy of the conditional entries to every batched input of the denoiser (latents, timesteps, text embeddings,
 ``added_cond_kwargs``, pooled projections, guidance, masks, … — any tensor whose first dimension is the batch),
@@ -53,8 +53,8 @@ from .adapters import adapter_for
 from .api import Handle, _denoisers, attach, attention_modules
 from .api import remove as _remove
 from .errors import InterceptionError, LayerSelectionError, LayoutError
-from .hooks import Application, Forward
 from .methods.perturbed import PAG, PERTURBED, SEG, PerturbedAttention, SoftPAG
+from .runtime import Application, CallState
 from .schedule import select_layers
 
 __all__ = [
@@ -210,28 +210,30 @@ class _GuidanceBatch:
         self.application = application
         self.method = method
         self.records: list[GuidanceRecord] = []
-        self._pending: dict[int, _Pending] = {}  # id(forward) -> what this forward appended
+        self._pending: dict[int, _Pending] = {}  # id(call_state) -> what this forward appended
         self._shift: tuple[Any, Tensor] | None = None  # for the unconditional call of separate-call CFG
 
-    def active(self, forward: Forward) -> bool:
+    def active(self, call_state: CallState) -> bool:
         """The method acts only in forwards whose batch this extension extended."""
-        return id(forward) in self._pending
+        return id(call_state) in self._pending
 
-    def _scale_now(self, forward: Forward) -> float:
-        if not self.method.perturbs or not self.application.on_schedule(forward):
+    def _scale_now(self, call_state: CallState) -> float:
+        if not self.method.perturbs or not self.application.on_schedule(call_state):
             return 0.0
-        return self.method.scale_at(float(forward.timestep_1000))
+        return self.method.scale_at(float(call_state.timestep_1000))
 
     @staticmethod
-    def _key(forward: Forward) -> tuple:
-        return (forward.step, forward.timestep)
+    def _key(call_state: CallState) -> tuple:
+        return (call_state.step, call_state.timestep)
 
-    def pre_forward(self, forward: Forward, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        roles = forward.batch_roles
+    def pre_forward(
+        self, call_state: CallState, module: torch.nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        roles = call_state.batch_roles
         if roles and set(roles) == {"uncond"}:
             return args, kwargs  # the conditional call of this step already ran the perturbed entries
         self._shift = None
-        scale = self._scale_now(forward)
+        scale = self._scale_now(call_state)
         if scale == 0.0:
             return args, kwargs
         if roles is None:
@@ -248,16 +250,16 @@ class _GuidanceBatch:
         batch = len(roles)
         args = tuple(_grow(a, batch, index) for a in args)
         kwargs = {k: v if k in _UNBATCHED_INPUTS else _grow(v, batch, index) for k, v in kwargs.items()}
-        forward.extend_batch((PERTURBED,) * len(cond), cond)
-        self._pending[id(forward)] = _Pending(batch, index, torch.tensor(uncond) if uncond else None, scale)
+        call_state.extend_batch((PERTURBED,) * len(cond), cond)
+        self._pending[id(call_state)] = _Pending(batch, index, torch.tensor(uncond) if uncond else None, scale)
         return args, kwargs
 
-    def post_forward(self, forward: Forward, module: torch.nn.Module, output: Any) -> Any:
-        pending = self._pending.pop(id(forward), None)
+    def post_forward(self, call_state: CallState, module: torch.nn.Module, output: Any) -> Any:
+        pending = self._pending.pop(id(call_state), None)
         if pending is None:
-            roles = forward.batch_roles
+            roles = call_state.batch_roles
             if roles and set(roles) == {"uncond"}:
-                return self._unconditional(forward, output)
+                return self._unconditional(call_state, output)
             return output
         prediction = _prediction(output)
         extended = pending.batch + pending.cond.numel()
@@ -266,7 +268,7 @@ class _GuidanceBatch:
                 f"guidance appended {pending.cond.numel()} perturbed entries to a batch of {pending.batch}, but "
                 f"{type(module).__name__} returned a batch of {prediction.shape[0]}"
             )
-        if not forward.acted.get(self.application.id):
+        if not call_state.acted.get(self.application.id):
             raise InterceptionError(
                 f"{self.method.name} guidance ran perturbed batch entries but no perturbed-attention layer acted in "
                 f"this call of {type(module).__name__}: does its processor compute attention with SDPA?"
@@ -281,17 +283,19 @@ class _GuidanceBatch:
             uncond = pending.uncond.to(base.device)
             out[uncond] = base.index_select(0, uncond) + shift
         else:
-            self._shift = (self._key(forward), shift)
+            self._shift = (self._key(call_state), shift)
         self.records.append(
-            GuidanceRecord(forward.step, float(forward.timestep_1000), pending.scale, float(delta.detach().abs().max()))
+            GuidanceRecord(
+                call_state.step, float(call_state.timestep_1000), pending.scale, float(delta.detach().abs().max())
+            )
         )
         del self.records[:-RECENT_RECORDS]
         return _with_prediction(output, out, pending.batch, extended)
 
-    def _unconditional(self, forward: Forward, output: Any) -> Any:
+    def _unconditional(self, call_state: CallState, output: Any) -> Any:
         shift, self._shift = self._shift, None
-        if shift is None or shift[0] != self._key(forward):
-            if self._scale_now(forward) > 0:
+        if shift is None or shift[0] != self._key(call_state):
+            if self._scale_now(call_state) > 0:
                 raise InterceptionError(
                     f"{self.method.name} guidance: the pipeline ran its unconditional call before the conditional "
                     "one at this step; guidance with separate CFG calls needs the conditional call first"

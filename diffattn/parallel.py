@@ -6,7 +6,7 @@ rank (rank ``r`` holds heads ``r * H/P ... (r+1) * H/P - 1``). Ring mode splits 
 partial results by log-sum-exp, so a method that replaces the attention core never sees the full keys: refused.
 
 Everything diffattn reads from diffusers' parallel configuration is read here, so a diffusers change is fixed in
-this one file. Two facts about diffusers' Ulysses path that the processor relies on:
+this one file. Two facts about diffusers' Ulysses path that diffattn's hooks rely on:
 
 - the all-to-all concatenates the ranks' local sequences in rank order, so a sequence that each rank built as
   ``[its text shard | its visual shard]`` (joint attention of models whose plan splits both streams: Flux,

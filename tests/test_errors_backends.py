@@ -162,7 +162,7 @@ def test_set_attention_backend_after_apply_keeps_the_method_acting():
         model.reset_attention_backend()
 
 
-def test_wrapped_processor_keeps_the_stock_signature(tiny_model):
+def test_hooked_module_keeps_the_stock_processor_signature(tiny_model):
     """diffusers filters keyword arguments by the processor's signature (image_rotary_emb on CogVideoX)."""
     import inspect
 

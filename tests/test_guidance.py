@@ -429,7 +429,7 @@ class RecordingPAG(PAG):
         return super().__call__(q, k, v, ctx)
 
 
-def test_batch_roles_reach_the_processors():
+def test_batch_roles_reach_the_methods():
     sd = pipeline("sd")
     method = RecordingPAG()
     with guidance.enable(sd, method):

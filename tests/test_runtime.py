@@ -275,7 +275,7 @@ def test_records_stay_bounded_over_many_forwards():
             model(**inputs)
         grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
         tracemalloc.stop()
-        assert len(handle.calls) <= diffattn.hooks.RECENT_CALLS
+        assert len(handle.calls) <= diffattn.runtime.RECENT_CALLS
         assert len(handle.acted()) == len(handle.layers)  # step unknown (None) x layers
     assert grown < 2_000_000, f"memory grew by {grown} bytes over 1,000 forwards"
 

@@ -25,8 +25,8 @@ from ..adapters import adapter_for
 from ..api import _denoisers, apply, attention_modules
 from ..methods.base import AttentionMethod
 from ..methods.editing import BLEND_STORE, CROSS_MAPS, BlendStore, CrossMapRecorder, LocalBlend
+from ..runtime import prompt_branches
 from ..schedule import LayerSpec, StepSpec
-from ..steps import prompt_branches
 from .erase import erase
 from .inversion import _scheduler, ddim_scheduler, invert
 from .layout import layout, layout_method

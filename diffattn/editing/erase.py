@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..api import apply
 from ..methods.editing import AttentiveEraser
-from ..steps import denoising_step, prompt_branches
+from ..runtime import denoising_step, prompt_branches
 from .inversion import _encode, ddim_scheduler
 
 __all__ = ["erase"]

@@ -22,7 +22,7 @@ import torch
 
 from ..api import apply
 from ..methods.bounded import _COLLECTOR, _REFINER, BoundedAttention, Box, LossCollector, MaskRefiner, _check_box
-from ..steps import denoising_step
+from ..runtime import denoising_step
 from .erase import unet_conditioning
 
 __all__ = ["layout", "layout_method", "FILTER_WORDS"]

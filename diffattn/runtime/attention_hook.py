@@ -1,0 +1,160 @@
+"""The attention-module hook (``"diffattn.attention"``): the applications on one attention module, and on each call
+the module's own forward with its SDPA core replaced by the chain of the applications that act."""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import Tensor
+
+from .. import parallel
+from ..errors import InterceptionError
+from .application import Application, LayerInfo
+from .backend import native_backend, needs_native_override
+from .chain import MethodChain
+from .core_op import core_op, register_hook, unregister_hook
+from .ids import next_id
+from .interceptor import SDPA, CoreInterceptor
+
+__all__ = ["ATTENTION_HOOK", "AttentionHook", "Entry", "attach_entry", "detach_application"]
+
+ATTENTION_HOOK = "diffattn.attention"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One application on one attention module."""
+
+    application: Application
+    layer: LayerInfo
+
+
+class AttentionHook(ModelHook):
+    """The diffattn hook of one attention module: the applications on it, in the order they were applied. On a call
+    it runs the module's forward with its SDPA core replaced by the chain of the applications that act.
+
+    One hook per module (not one per application): diffusers' registry cannot unlink a hook with its own
+    ``new_forward`` from the middle of a chain, and removing the middle application must leave the others exact.
+
+    Under ``torch.compile`` the hook is traced: the SDPA call becomes the custom op ``diffattn::attention_core``
+    (opaque to the compiler, so no graph break), whose implementation runs the same chain eagerly at run time, with
+    the step, batch roles and records of that call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: list[Entry] = []
+        self.key = next_id()
+        self.module: weakref.ref[torch.nn.Module] | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.module = weakref.ref(module)
+        register_hook(self.key, self)
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # diffusers' spelling
+        unregister_hook(self.key)
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self.entries:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if torch.compiler.is_compiling() and not needs_native_override(module.processor):
+            return self._compiled_forward(module, *args, **kwargs)
+        return self._eager_forward(module, *args, **kwargs)
+
+    def _compiled_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Traced by torch.compile: the SDPA call becomes the custom op, which runs the chain at call time."""
+        layer = self.entries[0].layer
+        parallel.processor_ulysses(
+            module.processor, self.entries[0].application.state.model, layer.name, getattr(module, "heads", None)
+        )
+        interceptor = CoreInterceptor(functools.partial(core_op, hook=self.key))
+        with interceptor:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        if interceptor.calls == 0:
+            raise _no_sdpa_error(layer.name, module.processor, self.entries)
+        return out
+
+    @torch.compiler.disable  # under torch.compile only when the processor must be routed to SDPA for the call
+    def _eager_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        processor = module.processor
+        chain = self._build_chain(module)
+        if chain is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        interceptor = CoreInterceptor(chain)
+        with native_backend(processor), interceptor:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        if interceptor.calls == 0:
+            raise _no_sdpa_error(self.entries[0].layer.name, processor, chain.entries)
+        return out
+
+    def _build_chain(self, module: torch.nn.Module) -> MethodChain | None:
+        """The chain of the applications that act in the current forward (records the others), or None."""
+        state = self.entries[0].application.state
+        call_state = state.current
+        stack = []
+        for entry in self.entries:
+            if entry.application.acts(call_state):
+                stack.append(entry)
+            else:
+                entry.application.records.record(call_state.step, entry.layer.name, entry.layer.role, acted=False)
+        processor = module.processor
+        heads = getattr(module, "heads", None)
+        # before anything else: a processor installed after enable_parallelism gets the model's parallel config
+        ulysses = parallel.processor_ulysses(processor, state.model, self.entries[0].layer.name, heads)
+        if not stack:
+            return None
+        stack.sort(key=lambda e: (e.application.method.stack_level, e.application.id))
+        return MethodChain(stack, call_state, ulysses, heads, processor)
+
+    def run_core(self, call: dict[str, Any]) -> Tensor:
+        """One intercepted SDPA call of a compiled module (see ``diffattn::attention_core``)."""
+        module = self.module() if self.module is not None else None
+        if module is None or not self.entries:
+            raise InterceptionError(
+                "a diffattn attention hook was removed while a compiled model still calls it; "
+                "call torch._dynamo.reset() (or recompile) after removing diffattn handles"
+            )
+        chain = self._build_chain(module)
+        if chain is None:
+            q, k, v = call.pop("query"), call.pop("key"), call.pop("value")
+            return SDPA(q, k, v, **call)
+        return chain(SDPA, call)
+
+
+def _no_sdpa_error(layer: str, processor: Any, entries: list[Entry]) -> InterceptionError:
+    names = ", ".join(e.application.method.name for e in entries)
+    return InterceptionError(
+        f"{layer}: the processor {type(processor).__name__} computed attention without "
+        f"torch.nn.functional.scaled_dot_product_attention (e.g. xformers, flex or a manual softmax), so "
+        f"{names} could not replace it. Set an SDPA processor (for UNets: model.set_default_attn_processor();"
+        " for dispatch_attention_fn models: model.set_attention_backend('native')), or remove the diffattn "
+        "handle first."
+    )
+
+
+def attach_entry(module: torch.nn.Module, entry: Entry) -> None:
+    """Add ``entry`` to the module's attention hook, installing the hook on first use."""
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    hook = registry.get_hook(ATTENTION_HOOK)
+    if hook is None:
+        hook = AttentionHook()
+        registry.register_hook(hook, ATTENTION_HOOK)
+    hook.entries.append(entry)
+
+
+def detach_application(module: torch.nn.Module, application: Application) -> None:
+    """Remove the entries of ``application`` from the module's attention hook; the hook goes with the last."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook(ATTENTION_HOOK) if registry is not None else None
+    if hook is None:
+        return
+    hook.entries = [e for e in hook.entries if e.application is not application]
+    if not hook.entries:
+        registry.remove_hook(ATTENTION_HOOK, recurse=False)

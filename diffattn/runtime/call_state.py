@@ -1,0 +1,153 @@
+"""What one call of a denoiser knows, for its thread: loop position, token grid, the role and branch of each batch
+entry, the model's timestep. :func:`read_call_state` reads it from the call's inputs before the forward runs."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import parallel
+from ..adapters import FamilyAdapter, ModelInputs
+from ..errors import LayoutError
+from .position import LoopPosition, declared_branches, loop_position
+
+__all__ = ["CallState", "read_call_state"]
+
+
+@dataclass
+class CallState:
+    """What one forward of a denoiser knows (one thread): loop position, grid, batch roles, the model's timestep."""
+
+    position: LoopPosition
+    grid: tuple[int, ...]
+    batch_roles: tuple[str, ...] | None
+    timestep: float | None  # the model's own timestep input (its scale: Flux passes t / 1000)
+    timestep_1000: float | None  # on the 1000-step scale of diffusers' schedulers
+    branches: tuple[str, ...] | None = None  # per entry, when the call declared prompt branches (editing)
+    acted: dict[int, int] = field(default_factory=dict)  # application id -> attention calls it acted on
+    decisions: dict[int, bool] = field(default_factory=dict)  # application id -> acts in this forward
+
+    @property
+    def step(self) -> int | None:
+        return self.position.step
+
+    @property
+    def num_steps(self) -> int | None:
+        return self.position.num_steps
+
+    def extend_batch(self, roles: tuple[str, ...], copied_from: list[int]) -> None:
+        """Entries with ``roles``, copies of the entries ``copied_from``, were appended to this forward's batch."""
+        if self.batch_roles is None:
+            raise LayoutError(
+                "entries were appended to a batch whose roles are unknown; call the model through a standard "
+                "pipeline or inside model.cache_context('cond')"
+            )
+        self.batch_roles = self.batch_roles + tuple(roles)
+        if self.branches is not None:
+            self.branches = self.branches + tuple(self.branches[i] for i in copied_from)
+
+
+def read_call_state(
+    model: torch.nn.Module,
+    adapter: FamilyAdapter,
+    inputs: ModelInputs,
+    cache_name: str | None,
+    cache_context: Any,
+) -> CallState:
+    """The state of the call of ``model`` about to run with ``inputs`` (inside the cache context ``cache_context``,
+    named ``cache_name``, when the pipeline opened one)."""
+    position = loop_position(model, cache_context)
+    grid = adapter.grid(model, inputs)
+    ulysses = parallel.model_ulysses(model)  # refuses ring attention before anything is split or sent
+    if ulysses is not None:
+        parallel.check_sequence_split(model, inputs, grid, ulysses)
+    timestep = _timestep_value(inputs.get("timestep"))
+    batch = _batch_size(inputs)
+    roles = _batch_roles(batch, cache_name, position, adapter.cfg_in_batch)
+    return CallState(
+        position=position,
+        grid=grid,
+        batch_roles=roles,
+        timestep=timestep,
+        timestep_1000=None if timestep is None else timestep * adapter.timestep_scale,
+        branches=_entry_branches(batch, roles, declared_branches()),
+    )
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    if isinstance(timestep, Tensor):
+        return float(timestep.detach().float().max()) if timestep.numel() else None
+    if isinstance(timestep, (int, float)):
+        return float(timestep)
+    return None
+
+
+def _batch_size(inputs: ModelInputs) -> int | None:
+    for key in ("sample", "hidden_states"):
+        value = inputs.get(key)
+        if isinstance(value, Tensor):
+            return int(value.shape[0])
+    return None
+
+
+def _batch_roles(
+    batch: int | None, cache_name: str | None, position: LoopPosition, cfg_in_batch: bool
+) -> tuple[str, ...] | None:
+    """Roles of the batch entries, from this call: declared with denoising_step(batch_roles=...), the cache
+    context's name, or the running pipeline's CFG flag (``cfg_in_batch``: the family batches [uncond, cond])."""
+    if batch is None:
+        return None
+    if position.batch_roles is not None:
+        if len(position.batch_roles) != batch:
+            raise LayoutError(
+                f"denoising_step(batch_roles={position.batch_roles}) names "
+                f"{len(position.batch_roles)} entries, but the model was called with a batch of {batch}"
+            )
+        return position.batch_roles
+    pipeline = position.pipeline
+    if cache_name in ("cond", "uncond"):
+        return (cache_name,) * batch
+    if pipeline is None or not hasattr(type(pipeline), "do_classifier_free_guidance"):
+        return None
+    try:
+        guided = bool(pipeline.do_classifier_free_guidance)
+    except AttributeError:  # a property that reads state the pipeline sets later in its call
+        return None
+    if guided and cfg_in_batch and batch % 2 == 0:
+        return ("uncond",) * (batch // 2) + ("cond",) * (batch // 2)
+    return None if guided else ("cond",) * batch
+
+
+def _entry_branches(
+    batch: int | None, roles: tuple[str, ...] | None, declared: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    """The branch of each batch entry from the per-prompt branches: within each run of equal roles (a CFG half),
+    entries are the prompts in order, each repeated ``num_images_per_prompt`` times."""
+    if declared is None or batch is None:
+        return None
+    runs = [(0, batch)] if roles is None else _runs(roles)
+    out: list[str] = []
+    for start, stop in runs:
+        size = stop - start
+        if size % len(declared):
+            raise LayoutError(
+                f"the call declares {len(declared)} prompt branches {declared}, but a CFG half of its "
+                f"batch has {size} entries; pass one prompt per branch"
+            )
+        copies = size // len(declared)
+        out += [declared[j // copies] for j in range(size)]
+    return tuple(out)
+
+
+def _runs(roles: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of equal roles."""
+    found, start = [], 0
+    for _, group in itertools.groupby(roles):
+        stop = start + len(list(group))
+        found.append((start, stop))
+        start = stop
+    return found
