@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOMS = ("diffattn", "diffattn_kernels", "diffattn_bench", "diffattn_demo")
+_NOT_SOURCES = (".git", ".venv*", "build", "*.egg-info", "outputs", "__pycache__", ".pytest_cache", ".hypothesis")
 
 # In the environment without extras: the path finder answers "not found" for these, as if never installed.
 _BLOCKER = """
@@ -62,10 +64,13 @@ print(json.dumps({"file": diffattn.__file__, "acted": len(acted), "changed": flo
 def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A new virtual environment with the two wheels installed (not editable)."""
     base = tmp_path_factory.mktemp("wheel-install")
+    # built from a copy: setuptools leaves build/ and *.egg-info beside the sources, and a stale build/ would ship
+    source = base / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCES))
     wheels = base / "wheels"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(wheels)]
-        + [str(ROOT / "kernels"), str(ROOT)],
+        + [str(source / "kernels"), str(source)],
         capture_output=True,
         text=True,
         timeout=600,

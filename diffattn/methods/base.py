@@ -34,7 +34,7 @@ class AttentionMethod:
     ``"cross"`` (visual queries, text keys) and ``"joint"`` (text and visual tokens in one sequence).
 
     ``stack_level``: where the method sits when several applications act on one attention call (see
-    :mod:`diffattn.hooks`); the innermost method's ``ctx.dense`` is the stock attention core.
+    :mod:`diffattn.runtime`); the innermost method's ``ctx.dense`` is the stock attention core.
 
     ``position_free``: the output for a query depends on the q/k/v values only, never on where tokens sit (``Dense``).
     Under context parallelism such a method also runs on calls that hold only this rank's queries, and gets joint
