@@ -3,9 +3,12 @@
 from .base import AttentionMethod
 from .bounded import BoundedAttention
 from .dense import Dense
-from .dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
+from .downsampling import TokenDownsampling
+from .dynamic_sparse import DynamicSparseAttention
 from .editing import AttentiveEraser, LocalBlend, MutualSelfAttention, PromptToPrompt
 from .masked import Masked
+from .pyramid import PyramidSparseAttention
+from .rettention import Rettention
 from .scaling import EntropyScaling
 from .sparse import (
     HIDIFFUSION_LAYERS,
