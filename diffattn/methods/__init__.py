@@ -5,8 +5,11 @@ from .bounded import BoundedAttention
 from .dense import Dense
 from .downsampling import TokenDownsampling
 from .dynamic_sparse import DynamicSparseAttention
-from .editing import AttentiveEraser, LocalBlend, MutualSelfAttention, PromptToPrompt
+from .eraser import AttentiveEraser
+from .local_blend import LocalBlend
 from .masked import Masked
+from .mutual import MutualSelfAttention
+from .prompt_to_prompt import PromptToPrompt
 from .pyramid import PyramidSparseAttention
 from .rettention import Rettention
 from .scaling import EntropyScaling
