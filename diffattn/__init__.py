@@ -42,7 +42,8 @@ from .methods import (
     SparseAttention,
     TokenDownsampling,
 )
-from .methods.perturbed import PAG, SEG, SoftPAG
+from .methods.pag import PAG, SoftPAG
+from .methods.seg import SEG
 from .schedule import StepSchedule
 from .steps import denoising_step
 

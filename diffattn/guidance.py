@@ -54,7 +54,9 @@ from .api import Handle, _denoisers, attach, attention_modules
 from .api import remove as _remove
 from .errors import InterceptionError, LayerSelectionError, LayoutError
 from .hooks import Application, Forward
-from .methods.perturbed import PAG, PERTURBED, SEG, PerturbedAttention, SoftPAG
+from .methods.pag import PAG, SoftPAG
+from .methods.perturbed import PERTURBED, PerturbedAttention
+from .methods.seg import SEG
 from .schedule import select_layers
 
 __all__ = [
