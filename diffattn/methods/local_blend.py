@@ -33,6 +33,7 @@ class LocalBlend:
 
     def split(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if all(isinstance(w, str) for w in self.words):
-            return tuple(self.words), tuple(self.words)  # type: ignore[arg-type]
-        source, target = self.words  # type: ignore[misc]
+            words = tuple(w for w in self.words if isinstance(w, str))  # all of them; the filter types them as str
+            return words, words
+        source, target = self.words
         return tuple(source), tuple(target)

@@ -18,7 +18,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -36,17 +36,20 @@ PERTURBED = "perturbed"
 
 
 HeadSpec = Sequence[int] | Mapping[str, Sequence[int]] | None
+#: ``heads`` as ``__post_init__`` stores it: ``None`` (all heads), head indices, or ``(layer pattern, head indices)``
+#: pairs.
+_Heads = tuple[int, ...] | tuple[tuple[str, tuple[int, ...]], ...] | None
 
 
 _GUIDANCE_ROLES = frozenset({"self", "joint"})
 
 
-def _normalise_heads(heads: HeadSpec, owner: str) -> tuple[int, ...] | tuple[tuple[str, tuple[int, ...]], ...] | None:
-    def indices(value: object, where: str) -> tuple[int, ...]:
+def _normalise_heads(heads: HeadSpec, owner: str) -> _Heads:
+    def indices(value: Any, where: str) -> tuple[int, ...]:  # Any: whatever the caller passed, checked here
         if isinstance(value, int) and not isinstance(value, bool):
             value = (value,)
         try:
-            out = tuple(value)  # type: ignore[arg-type]
+            out = tuple(value)
         except TypeError:
             out = ()
         if not out or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in out):
@@ -116,7 +119,7 @@ class PerturbedAttention(AttentionMethod):
                 raise ValueError(
                     f"{name}: heads given per layer ({{pattern: heads}}) already choose the layers; leave layers=None"
                 )
-            layers = tuple(pattern for pattern, _ in heads)  # type: ignore[misc]
+            layers = tuple(pattern for pattern, _ in heads)
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "steps", StepSchedule.parse(self.steps))
@@ -135,12 +138,13 @@ class PerturbedAttention(AttentionMethod):
 
     def heads_for(self, layer: str) -> tuple[int, ...] | None:
         """Global head indices perturbed in ``layer``; ``None`` = all heads."""
-        if self.heads is None or not isinstance(self.heads[0], tuple):
-            return self.heads  # type: ignore[return-value]
+        heads = cast(_Heads, self.heads)  # the field is typed as given (HeadSpec); __post_init__ stored this form
+        if heads is None or not isinstance(heads[0], tuple):
+            return heads
         chosen: set[int] = set()
-        for pattern, heads in self.heads:  # type: ignore[misc]
+        for pattern, indices in heads:
             if _layer_matches(pattern, layer):
-                chosen.update(heads)
+                chosen.update(indices)
         return tuple(sorted(chosen))
 
     # -- the attention core ---------------------------------------------------------------------------------------
