@@ -42,7 +42,8 @@ from .methods import (
     SparseAttention,
     TokenDownsampling,
 )
-from .methods.perturbed import PAG, SEG, SoftPAG
+from .methods.pag import PAG, SoftPAG
+from .methods.seg import SEG
 from .runtime import denoising_step
 from .schedule import StepSchedule
 

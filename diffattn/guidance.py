@@ -53,7 +53,9 @@ from .adapters import adapter_for
 from .api import Handle, _denoisers, attach, attention_modules
 from .api import remove as _remove
 from .errors import InterceptionError, LayerSelectionError, LayoutError
-from .methods.perturbed import PAG, PERTURBED, SEG, PerturbedAttention, SoftPAG
+from .methods.pag import PAG, SoftPAG
+from .methods.perturbed import PERTURBED, PerturbedAttention
+from .methods.seg import SEG
 from .runtime import Application, CallState
 from .schedule import select_layers
 

@@ -79,7 +79,8 @@ def patterns_for(tokens: int):
 
 
 def dynamic_methods():
-    from diffattn.methods.dynamic import DynamicSparseAttention, PyramidSparseAttention
+    from diffattn.methods.dynamic_sparse import DynamicSparseAttention
+    from diffattn.methods.pyramid import PyramidSparseAttention
 
     tile = (4, 8, 8)  # the TILE_CONFIGS tile: 256-token blocks
     yield "dynamic top-k", DynamicSparseAttention(topk=0.1, tile=tile)

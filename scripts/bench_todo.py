@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import diffattn
-from diffattn.methods.dynamic import TokenDownsampling
+from diffattn.methods.downsampling import TokenDownsampling
 from diffattn.testing import tiny_inputs, tiny_model
 
 

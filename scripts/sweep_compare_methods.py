@@ -12,7 +12,9 @@ import sys
 import torch
 
 import diffattn
-from diffattn.methods.dynamic import DynamicSparseAttention, PyramidSparseAttention, TokenDownsampling
+from diffattn.methods.downsampling import TokenDownsampling
+from diffattn.methods.dynamic_sparse import DynamicSparseAttention
+from diffattn.methods.pyramid import PyramidSparseAttention
 from diffattn_bench import embedded
 from diffattn_bench.compare import QUALITY_SIZE, ClipSize, format_markdown, run_video
 from diffattn_bench.peers import method_peer

@@ -18,12 +18,10 @@ import diffattn
 import diffattn_kernels as kernels
 from diffattn import TokenLayout
 from diffattn.context import AttentionContext
-from diffattn.methods.dynamic import (
-    DynamicSparseAttention,
-    PyramidSparseAttention,
-    Rettention,
-    TokenDownsampling,
-)
+from diffattn.methods.downsampling import TokenDownsampling
+from diffattn.methods.dynamic_sparse import DynamicSparseAttention
+from diffattn.methods.pyramid import PyramidSparseAttention
+from diffattn.methods.rettention import Rettention
 from diffattn.patterns.dynamic import (
     PYRAMID_LEVELS,
     block_order,

@@ -71,7 +71,7 @@ def test_branches_follow_cfg_halves_and_copies():
 
 
 def test_source_rows_pair_each_target_with_its_source_per_half():
-    from diffattn.methods.editing import source_rows
+    from diffattn.methods.edit_branches import source_rows
 
     layout = diffattn.TokenLayout((2, 2))
     ctx = diffattn.AttentionContext(
@@ -180,7 +180,7 @@ def test_prompt_to_prompt_reweight_changes_only_the_target():
 
 def test_prompt_to_prompt_replace_window_follows_the_steps():
     """cross_replace = 0.5 of 4 steps acts on steps 0 and 1 only (and on the conditional target rows only)."""
-    from diffattn.methods.editing import PromptToPrompt
+    from diffattn.methods.prompt_to_prompt import PromptToPrompt
 
     acted = []
 
@@ -271,7 +271,7 @@ def test_erase_removes_the_masked_object_on_the_embedded_model():
 
 def test_local_blend_keeps_the_source_latents_outside_the_mask_exactly():
     from diffattn.editing import _blend_step
-    from diffattn.methods.editing import BlendStore
+    from diffattn.methods.edit_maps import BlendStore
 
     blend = diffattn.LocalBlend(words=("circle",), threshold=0.5, start=0.0)
     store = BlendStore({"source": (1,), "target": (1,)}, (4, 4), blend)
@@ -294,7 +294,7 @@ def test_local_blend_keeps_the_source_latents_outside_the_mask_exactly():
 
 def test_local_blend_waits_for_its_start_step():
     from diffattn.editing import _blend_step
-    from diffattn.methods.editing import BlendStore
+    from diffattn.methods.edit_maps import BlendStore
 
     store = BlendStore({"source": (1,)}, (4, 4), diffattn.LocalBlend(words=("x",), start=0.5))
     store.maps[("source", 0)] = torch.zeros(4, 4).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(1.0))
@@ -451,7 +451,7 @@ def test_erase_refuses_transformer_pipelines_with_a_reason(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_masactrl_automatic_masks_come_from_the_words_cross_attention(kind, monkeypatch):
-    from diffattn.methods.editing import MutualSelfAttention
+    from diffattn.methods.mutual import MutualSelfAttention
 
     used = []
     original = MutualSelfAttention._masked

@@ -25,7 +25,7 @@ from diffattn.context import AttentionContext
 from diffattn.errors import InterceptionError, LayerSelectionError, LayoutError
 from diffattn.guidance import PAG, SEG, SoftPAG
 from diffattn.layout import TokenLayout
-from diffattn.methods.perturbed import blur_tokens, gaussian_blur_matrix
+from diffattn.methods.seg import blur_tokens, gaussian_blur_matrix
 from diffattn.testing import tiny_inputs, tiny_model, tiny_pipeline
 
 STEPS = 2

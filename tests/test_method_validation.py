@@ -15,8 +15,11 @@ import diffattn_kernels as kernels
 from diffattn.context import AttentionContext
 from diffattn.errors import MethodConfigError
 from diffattn.layout import TokenLayout
-from diffattn.methods import dynamic, masked, sparse
-from diffattn.methods.dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
+from diffattn.methods import dynamic_common, masked, sparse
+from diffattn.methods.downsampling import TokenDownsampling
+from diffattn.methods.dynamic_sparse import DynamicSparseAttention
+from diffattn.methods.pyramid import PyramidSparseAttention
+from diffattn.methods.rettention import Rettention
 from diffattn.patterns import SlidingWindow
 from diffattn.testing import tiny_inputs
 
@@ -34,7 +37,7 @@ def no_attention(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("attention ran before the parameters were checked")
 
-    for module in (sparse, dynamic):
+    for module in (sparse, dynamic_common):
         monkeypatch.setattr(module.kernels, "attention", refuse)
     monkeypatch.setattr(masked, "reference_attention", refuse)
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from diffattn.context import AttentionContext
 from diffattn.guidance import SEG
 from diffattn.layout import TokenLayout
-from diffattn.methods.dynamic import TokenDownsampling
-from diffattn.methods.perturbed import blur_tokens
+from diffattn.methods.downsampling import TokenDownsampling
+from diffattn.methods.seg import blur_tokens
 from diffattn.methods.sparse import RadialAttention, ShiftedWindowAttention
 from diffattn.patterns import Radial, ShiftedWindow
 from diffattn.patterns.dynamic import pool_grid

@@ -1,7 +1,8 @@
 """Static window patterns (SlidingWindow, ShiftedWindow, Radial) against masks built the obvious, slow way.
 
 The references below follow the written definitions (METHODS.md §1.1) with plain loops and numpy; they share no
-code with :mod:`diffattn.patterns.window`. NATTEN's own flex backend is the external oracle for SlidingWindow.
+code with :mod:`diffattn.patterns.sliding_window`, :mod:`diffattn.patterns.shifted_window` and
+:mod:`diffattn.patterns.radial`. NATTEN's own flex backend is the external oracle for SlidingWindow.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch
 
 import diffattn
 from diffattn import guidance
-from diffattn.methods.perturbed import PAG
+from diffattn.methods.pag import PAG
 from diffattn.testing import tiny_inputs, tiny_model, tiny_pipeline
 
 

@@ -24,7 +24,8 @@ import torch
 from ..adapters import adapter_for
 from ..api import _denoisers, apply, attention_modules
 from ..methods.base import AttentionMethod
-from ..methods.editing import BLEND_STORE, CROSS_MAPS, BlendStore, CrossMapRecorder, LocalBlend
+from ..methods.edit_maps import BLEND_STORE, CROSS_MAPS, BlendStore, CrossMapRecorder
+from ..methods.local_blend import LocalBlend
 from ..runtime import prompt_branches
 from ..schedule import LayerSpec, StepSpec
 from .erase import erase

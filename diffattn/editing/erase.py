@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import apply
-from ..methods.editing import AttentiveEraser
+from ..methods.eraser import AttentiveEraser
 from ..runtime import denoising_step, prompt_branches
 from .inversion import _encode, ddim_scheduler
 

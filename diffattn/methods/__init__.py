@@ -3,9 +3,15 @@
 from .base import AttentionMethod
 from .bounded import BoundedAttention
 from .dense import Dense
-from .dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
-from .editing import AttentiveEraser, LocalBlend, MutualSelfAttention, PromptToPrompt
+from .downsampling import TokenDownsampling
+from .dynamic_sparse import DynamicSparseAttention
+from .eraser import AttentiveEraser
+from .local_blend import LocalBlend
 from .masked import Masked
+from .mutual import MutualSelfAttention
+from .prompt_to_prompt import PromptToPrompt
+from .pyramid import PyramidSparseAttention
+from .rettention import Rettention
 from .scaling import EntropyScaling
 from .sparse import (
     HIDIFFUSION_LAYERS,

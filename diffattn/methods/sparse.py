@@ -14,8 +14,10 @@ from ..errors import LayoutError, MethodConfigError
 from ..layout import TokenLayout
 from ..patterns.base import Pattern
 from ..patterns.compile import CompiledPattern, compile_pattern
+from ..patterns.radial import Radial
+from ..patterns.shifted_window import ShiftedWindow, hidiffusion_shift
+from ..patterns.sliding_window import SlidingWindow
 from ..patterns.tile import SlidingTile
-from ..patterns.window import Radial, ShiftedWindow, SlidingWindow, hidiffusion_shift
 from .base import SELF_AND_JOINT, AttentionMethod, check_roles
 
 __all__ = [

@@ -2,8 +2,10 @@
 
 from .base import Pattern, PositionMaskMod, block_ranges, blocks_of, check_grid
 from .compose import Intersection, PerHead, Union
+from .radial import Radial, radial_density
+from .shifted_window import ShiftedWindow, hidiffusion_shift
+from .sliding_window import SlidingWindow, inward_window
 from .tile import SlidingTile
-from .window import Radial, ShiftedWindow, SlidingWindow, hidiffusion_shift, inward_window, radial_density
 
 __all__ = [
     "Pattern",

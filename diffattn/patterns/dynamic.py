@@ -1,6 +1,7 @@
 """Dynamic block selection: which key blocks each query block computes, chosen per call from pooled q and k.
 
-Pure tensor functions (no diffusers): the methods in :mod:`diffattn.methods.dynamic` call them per batch entry.
+Pure tensor functions (no diffusers): the methods in :mod:`diffattn.methods.dynamic_sparse`,
+:mod:`diffattn.methods.pyramid` and :mod:`diffattn.methods.downsampling` call them per batch entry.
 
 - :func:`block_order`: the kernel order of a call (tile-major for a ``tile``, else raster) with blocks of one tile.
 - :func:`pool_blocks`, :func:`block_self_similarity`: mean-pooled vectors per block and how much a block's tokens

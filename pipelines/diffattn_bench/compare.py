@@ -124,7 +124,10 @@ def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod
     passes (0.028) only from density 0.75. Re-ttention's density counts its calibration steps (dense + sparse), so it
     pays off only over more steps.
     """
-    from diffattn.methods.dynamic import DynamicSparseAttention, PyramidSparseAttention, Rettention, TokenDownsampling
+    from diffattn.methods.downsampling import TokenDownsampling
+    from diffattn.methods.dynamic_sparse import DynamicSparseAttention
+    from diffattn.methods.pyramid import PyramidSparseAttention
+    from diffattn.methods.rettention import Rettention
 
     tile = tuple(min(t, n) for t, n in zip((4, 8, 8), grid))
     return {
@@ -399,7 +402,7 @@ def run_image(
     guidance: float = 4.0,
 ) -> tuple[list[CompareRow], dict[str, np.ndarray]]:
     """ToDo against tomesd on the SD-format image model at ``scale`` x its native token count (same prompts, seeds)."""
-    from diffattn.methods.dynamic import TokenDownsampling
+    from diffattn.methods.downsampling import TokenDownsampling
 
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     side = int(round(native * math.sqrt(scale) / 8)) * 8

@@ -1,0 +1,127 @@
+"""What every model-family adapter is made of: :class:`RoleRule` and :class:`FamilyAdapter`, the model's forward
+inputs by name (:func:`model_inputs`), and the pieces several families share (the self / cross rules of
+``attn1`` / ``attn2`` models, the image and video grid readers)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..context import Role
+from ..errors import LayoutError
+
+__all__ = ["RoleRule", "FamilyAdapter", "ModelInputs", "model_inputs"]
+
+
+ModelInputs = dict[str, Any]
+GridFn = Callable[[torch.nn.Module, ModelInputs], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class RoleRule:
+    """Attention modules whose name fully matches ``pattern`` play ``role``; ``text_first`` places text in joint
+    calls."""
+
+    pattern: str
+    role: Role
+    text_first: bool = False
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.pattern, name) is not None
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """One model family: its class name, role rules, visual grid and how classifier-free guidance is batched.
+
+    ``multiscale``: the grid shrinks by 2 per resolution level (UNets); a call's grid is found from its length.
+    ``cfg_in_batch``: the family's pipelines stack [uncond, cond] in one batch when guidance is on.
+    ``timestep_scale``: multiplies the model's timestep input onto the schedulers' 0..1000 scale (Flux's pipelines
+    pass t / 1000).
+    """
+
+    family: str
+    model_class: str
+    rules: tuple[RoleRule, ...]
+    grid: GridFn
+    multiscale: bool = False
+    cfg_in_batch: bool = True
+    timestep_scale: float = 1.0
+
+    def rule_for(self, name: str) -> RoleRule | None:
+        return next((r for r in self.rules if r.matches(name)), None)
+
+    def grid_for_length(self, base: tuple[int, ...], num_tokens: int, layer: str) -> tuple[int, ...]:
+        """The visual grid of a call whose visual part has ``num_tokens`` tokens."""
+        if not self.multiscale:
+            return base
+        for rounding in (math.ceil, math.floor):
+            grid = base
+            for _ in range(8):
+                if math.prod(grid) == num_tokens:
+                    return grid
+                grid = tuple(max(1, int(rounding(n / 2))) for n in grid)
+        raise LayoutError(
+            f"{layer}: {num_tokens} visual tokens do not fit any resolution level of the input grid {base}; "
+            "the model's blocks resample in a way this adapter does not know (register a custom adapter)."
+        )
+
+
+def _bound_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> ModelInputs:
+    signature = inspect.signature(type(model).forward)
+    bound = signature.bind_partial(model, *args, **kwargs)
+    inputs = dict(bound.arguments)
+    inputs.pop(next(iter(signature.parameters)), None)
+    inputs.update(inputs.pop("kwargs", {}) or {})
+    return inputs
+
+
+def model_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> ModelInputs:
+    """The model's forward arguments by name."""
+    return _bound_inputs(model, args, kwargs)
+
+
+def _require(inputs: ModelInputs, name: str, family: str) -> Any:
+    value = inputs.get(name)
+    if value is None:
+        raise LayoutError(f"{family}: the model was called without `{name}`, which diffattn needs for the token grid")
+    return value
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _image_grid(patch: Callable[[torch.nn.Module], int]) -> GridFn:
+    def grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+        x = _require(inputs, "hidden_states" if "hidden_states" in inputs else "sample", type(model).__name__)
+        p = patch(model)
+        return (x.shape[-2] // p, x.shape[-1] // p)
+
+    return grid
+
+
+def _video_grid(channels_first: bool) -> GridFn:
+    """Grid of ``(B, C, F, H, W)`` (channels_first) or ``(B, F, C, H, W)`` latents, using the config's patch sizes."""
+
+    def grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+        x = _require(inputs, "hidden_states", type(model).__name__)
+        frames = x.shape[2] if channels_first else x.shape[1]
+        cfg = model.config
+        patch = cfg.patch_size
+        if isinstance(patch, (tuple, list)):
+            pt, ph, pw = patch
+        else:
+            pt, ph, pw = getattr(cfg, "patch_size_t", None) or 1, patch, patch
+        return (frames // pt, x.shape[-2] // ph, x.shape[-1] // pw)
+
+    return grid
+
+
+_SELF_CROSS = (RoleRule(r".*\.attn1", "self"), RoleRule(r".*\.attn2", "cross"))

@@ -1,0 +1,173 @@
+"""What the dynamic sparse methods share (:mod:`~diffattn.methods.dynamic_sparse`, :mod:`~diffattn.methods.pyramid`,
+:mod:`~diffattn.methods.rettention`, :mod:`~diffattn.methods.downsampling`): parameter checks, the tile of the kernel
+order, the per-batch-entry plan, pooled block scores and the non-finite input report.
+
+They use the static patterns' machinery: kernel order ``[visual (tile order) | text]``, text rows and columns
+dense, a per-head ``BlockMask`` built from a block relation, the ``torch`` block-sparse kernel. Each call reports
+``density`` (fraction of query-key pairs computed), ``selection_seconds`` (pooling, scoring, choosing, building the
+mask) and ``attention_seconds`` (the kernels) through ``ctx.report``; ``handle.metrics()`` averages them per layer.
+
+Batch entries are selected separately (one loop iteration per entry): conditional and unconditional halves of a
+CFG batch attend differently, and a selection pooled across the batch would be the wrong one for both. The kernel
+takes one mask per call, so this costs nothing extra in attention; selection cost is per entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+import diffattn_kernels as kernels
+
+from ..context import AttentionContext
+from ..errors import LayoutError, NonFiniteInputError
+from ..patterns.compile import KernelOrder
+from ..patterns.dynamic import block_order, block_probabilities, block_self_similarity, forced_blocks, pool_blocks
+from .base import SELF_AND_JOINT, check_roles
+from .sparse import _grid_words, config_error
+
+__all__ = ["VIDEO_TILE"]
+
+
+_ROLES = SELF_AND_JOINT
+
+
+#: Tile of the kernel order (and block) for video grids when ``tile="auto"``: 4 frames x 4 x 8 tokens = 128.
+VIDEO_TILE: tuple[int, int, int] = (4, 4, 8)
+
+
+def _check_common(
+    owner: str, roles: frozenset[str], backend: str, block_size: int, tile: Any, guard: float | None
+) -> frozenset[str]:
+    roles = check_roles(roles, owner, _ROLES)
+    if backend != "auto" and backend not in kernels.BACKENDS:
+        raise ValueError(f"{owner}: unknown backend {backend!r}; choose from {['auto', *kernels.BACKENDS]}")
+    if block_size < 1:
+        raise ValueError(f"{owner}: block_size must be positive, got {block_size}")
+    if not (
+        tile is None
+        or tile == "auto"
+        or isinstance(tile, int)
+        and tile >= 1
+        or isinstance(tile, tuple)
+        and tile
+        and all(isinstance(t, int) and t >= 1 for t in tile)
+    ):
+        raise ValueError(
+            f"{owner}: tile must be 'auto', None (raster blocks), a positive int or a tuple of them, got {tile!r}"
+        )
+    if guard is not None and not -1.0 <= guard <= 1.0:
+        raise ValueError(f"{owner}: a similarity threshold is a cosine similarity in [-1, 1], got {guard}")
+    return roles
+
+
+def _per_head(value: Any, ctx: AttentionContext, heads: int, owner: str, name: str) -> Tensor:
+    """A per-head parameter as a tensor over this call's heads (sliced under Ulysses context parallelism)."""
+    t = torch.as_tensor(value, dtype=torch.float64)
+    scalar_dims = 1 if name == "bands" else 0
+    if t.ndim == scalar_dims:
+        return t.expand(heads, *t.shape)
+    total = ctx.total_heads if ctx.total_heads is not None else heads
+    if t.shape[0] != total:
+        raise LayoutError(
+            f"{owner} on {ctx.layer}: {name} gives {t.shape[0]} heads but the layer has {total}; give "
+            "one value per head or a single one"
+        )
+    return t[ctx.head_offset : ctx.head_offset + heads]
+
+
+def _tile_for(tile: Any, grid: tuple[int, ...]) -> tuple[int, ...] | None:
+    if tile == "auto":
+        return VIDEO_TILE if len(grid) == 3 else None
+    if isinstance(tile, int):
+        return (tile,) * len(grid)
+    return tile
+
+
+def _validate_tile(owner: str, tile: Any, block_size: int, ctx: AttentionContext) -> None:
+    """Build this layout's block order now (cached: the call reuses it), so a tile that does not fit the grid fails
+    before any attention, naming the layer and the grid."""
+    layout = ctx.q_layout
+    if not layout.grid or layout != ctx.kv_layout:
+        return  # the call refuses these itself (LayoutError)
+    try:
+        block_order(layout, _tile_for(tile, layout.grid), block_size, 0)
+    except ValueError as e:
+        kind, axes = _grid_words(layout.grid)
+        example = tuple(
+            min(t, n) for t, n in zip(VIDEO_TILE if len(layout.grid) == 3 else (8,) * len(layout.grid), layout.grid)
+        )
+        raise config_error(
+            owner,
+            ctx,
+            str(e),
+            f"use a {len(layout.grid)}-value tile {axes} on this {kind} grid, "
+            f"e.g. tile={example}, or tile='auto' ({VIDEO_TILE} on videos, raster blocks of "
+            "block_size on images)",
+        ) from e
+
+
+def _check_call(owner: str, ctx: AttentionContext) -> None:
+    if ctx.q_layout != ctx.kv_layout or ctx.q_range is not None:
+        raise LayoutError(f"{owner} needs queries and keys over the same tokens ({ctx.layer} is {ctx.role})")
+    if not ctx.q_layout.grid:
+        raise LayoutError(f"{owner} needs visual tokens; {ctx.layer} has text tokens only")
+
+
+def _scale(ctx: AttentionContext, q: Tensor) -> float:
+    return ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def _rows(batch: int) -> list[slice]:
+    return [slice(b, b + 1) for b in range(batch)]
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """One group of batch entries in kernel order: its gather/scatter and block mask."""
+
+    rows: slice | list[int]
+    gather: Tensor
+    scatter: Tensor
+    block_mask: BlockMask
+    density: float
+
+
+def _score(
+    qk: Tensor, kk: Tensor, ko: KernelOrder, scale: float, guard: float | None, k_similarity: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Pooled block probabilities ``(H, nvb, nvb)``, forced blocks and (if asked) the key blocks' self-similarity,
+    from one batch entry's q and k ``(H, L, D)`` in kernel order. Only visual positions are pooled."""
+    n_vis, block = ko.num_visual, ko.block_size
+    valid = ko.valid[:n_vis]
+    q_vis, k_vis = qk[:, :n_vis], kk[:, :n_vis]
+    q_means, _ = pool_blocks(q_vis, valid, block)
+    k_means, k_counts = pool_blocks(k_vis, valid, block)
+    probs = block_probabilities(q_means, k_means, k_counts, scale)
+    q_sim = block_self_similarity(q_vis, valid, block) if guard is not None else None
+    k_sim = block_self_similarity(k_vis, valid, block) if guard is not None or k_similarity else None
+    nvb = probs.shape[-1]
+    forced = forced_blocks(nvb, nvb, q_similarity=q_sim, k_similarity=k_sim, threshold=guard, device=probs.device)
+    return probs, forced.expand_as(probs), k_sim
+
+
+def _finite_or_report(out: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, owner: str) -> Tensor:
+    """PSA and Re-ttention report non-finite inputs instead of propagating them: a NaN / Inf pooled into a key
+    block (PSA) or cached in a residual (Re-ttention) would spread to queries that never saw that token. The check
+    costs one sum of the output when everything is finite."""
+    if bool(torch.isfinite(out.float().sum())):
+        return out
+    bad = [name for name, x in (("q", q), ("k", k), ("v", v)) if not bool(torch.isfinite(x).all())]
+    if not bad:
+        return out  # the output overflowed on its own (as dense attention would)
+    raise NonFiniteInputError(
+        f"{owner} on {ctx.layer} (step {ctx.step}): {', '.join(bad)} contain NaN or Inf. {owner} reports this "
+        "instead of propagating it (pooled keys and cached residuals would spread it to queries that never saw the "
+        "token); find where the model produces it, or use a static sparse method, which propagates NaN as dense "
+        "attention restricted to its mask does."
+    )

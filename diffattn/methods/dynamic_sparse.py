@@ -1,0 +1,139 @@
+"""Dynamic block selection: :class:`DynamicSparseAttention` chooses key blocks from pooled q·k with a top-k or
+top-p budget per head (SpargeAttn, Sparse VideoGen, VMoBA), optional self-similarity guard. Shared machinery:
+:mod:`~diffattn.methods.dynamic_common`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..context import AttentionContext
+from ..layout import TokenLayout
+from ..patterns.compile import KernelOrder
+from ..patterns.dynamic import block_order, select_topk, select_topp, selection_block_mask
+from .base import AttentionMethod
+from .dynamic_common import (
+    _ROLES,
+    _check_call,
+    _check_common,
+    _per_head,
+    _Plan,
+    _rows,
+    _scale,
+    _score,
+    _tile_for,
+    _validate_tile,
+)
+from .sparse import block_attention, text_padding_per_batch
+
+__all__ = ["DynamicSparseAttention"]
+
+
+def _as_budget(value: float | tuple[float, ...] | None, owner: str, name: str) -> float | tuple[float, ...] | None:
+    if value is None:
+        return None
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"{owner}: {name} is a fraction in [0, 1] (or one per head), got {value!r}")
+    return tuple(float(v) for v in values) if isinstance(value, (tuple, list)) else float(value)
+
+
+@dataclass(frozen=True)
+class DynamicSparseAttention(AttentionMethod):
+    """Block-sparse attention whose key blocks are chosen per call, per head and per query block from mean-pooled
+    q and k (SpargeAttn / Sparse VideoGen / VMoBA style), training-free.
+
+    Blocks are tiles of the token grid (``tile``; ``"auto"``: ``VIDEO_TILE`` for videos, raster blocks of
+    ``block_size`` for images; ``None``: raster blocks always). Each query block keeps its own block, then either
+    - ``topk``: the most probable key blocks up to ``ceil(topk · n_blocks)`` in all, or
+    - ``topp``: the fewest most-probable key blocks whose pooled probability reaches ``topp``.
+    Both take one fraction or one per head. ``similarity_guard`` (SpargeAttn uses 0.6): a query block whose tokens
+    disagree (mean pairwise cosine similarity below it) computes its whole row; such a key block its whole column.
+    Text tokens of joint attention stay dense and outside the budget. ``topk=1`` / ``topp=1`` is dense attention;
+    ``0`` keeps only each block's own block (block-diagonal attention). NaN / Inf propagate as dense attention with
+    the selected mask would: to the queries that see them, never to the others (see
+    :func:`~diffattn.methods.sparse.block_attention`).
+    """
+
+    topk: float | tuple[float, ...] | None = None
+    topp: float | tuple[float, ...] | None = None
+    block_size: int = 128
+    tile: int | tuple[int, ...] | str | None = "auto"
+    similarity_guard: float | None = None
+    backend: str = "auto"
+    roles: frozenset[str] = field(default=_ROLES)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "roles",
+            _check_common(self.name, self.roles, self.backend, self.block_size, self.tile, self.similarity_guard),
+        )
+        if (self.topk is None) == (self.topp is None):
+            raise ValueError(
+                f"{self.name}: give exactly one budget, topk=<fraction of key blocks> or "
+                "topp=<probability mass>, e.g. topk=0.1"
+            )
+        object.__setattr__(self, "topk", _as_budget(self.topk, self.name, "topk"))
+        object.__setattr__(self, "topp", _as_budget(self.topp, self.name, "topp"))
+
+    def validate(self, ctx: AttentionContext) -> None:
+        _validate_tile(self.name, self.tile, self.block_size, ctx)
+
+    def order_for(self, layout: TokenLayout, text_padding: int) -> KernelOrder:
+        return block_order(layout, _tile_for(self.tile, layout.grid), self.block_size, text_padding)
+
+    def select(self, qk: Tensor, kk: Tensor, ko: KernelOrder, scale: float, budget: Tensor) -> Tensor:
+        """The kept visual blocks ``(H, nvb, nvb)`` of one batch entry (q, k ``(H, L, D)`` in kernel order)."""
+        probs, forced, _ = _score(qk, kk, ko, scale, self.similarity_guard)
+        budget = budget.to(probs.device)
+        if self.topk is not None:
+            return select_topk(probs, forced, budget)
+        return select_topp(probs, forced, budget)
+
+    def _entries(self, q: Tensor, k: Tensor, ctx: AttentionContext):
+        """Per batch entry: its plan and its q and k in kernel order."""
+        _check_call(self.name, ctx)
+        paddings = text_padding_per_batch(ctx.attn_mask, ctx.q_layout, q.shape[0], ctx.layer)
+        heads = q.shape[1]
+        budget = _per_head(
+            self.topk if self.topk is not None else self.topp,
+            ctx,
+            heads,
+            self.name,
+            "topk" if self.topk is not None else "topp",
+        )
+        scale = _scale(ctx, q)
+        for rows, pad in zip(_rows(q.shape[0]), paddings):
+            ko = self.order_for(ctx.q_layout, pad)
+            gather = ko.gather.to(q.device)
+            qk, kk = (x[rows].index_select(-2, gather) for x in (q, k))
+            scoring_k = kk[0]
+            if scoring_k.shape[0] != heads:  # grouped-query attention: score every query head against its key head
+                scoring_k = scoring_k.repeat_interleave(heads // scoring_k.shape[0], dim=0)
+            selected = self.select(qk[0], scoring_k, ko, scale, budget)
+            block_mask, density = selection_block_mask(ko, selected, q.device)
+            yield _Plan(rows, gather, ko.scatter.to(q.device), block_mask, density), qk, kk
+
+    def plans(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> list[_Plan]:
+        """One plan per batch entry: the selection placed on the kernel order as a ``BlockMask``."""
+        return [plan for plan, _, _ in self._entries(q, k, ctx)]
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        out = torch.empty_like(q)
+        scale = _scale(ctx, q)
+        densities, select_s, attend_s = [], 0.0, 0.0
+        start = time.perf_counter()
+        for plan, qk, kk in self._entries(q, k, ctx):
+            selected = time.perf_counter()
+            vk = v[plan.rows].index_select(-2, plan.gather)
+            o = block_attention(qk, kk, vk, plan.block_mask, scale=scale, backend=self.backend)
+            out[plan.rows] = o.index_select(-2, plan.scatter)
+            densities.append(plan.density)
+            done = time.perf_counter()
+            select_s, attend_s, start = select_s + selected - start, attend_s + done - selected, done
+        ctx.report(density=sum(densities) / len(densities), selection_seconds=select_s, attention_seconds=attend_s)
+        return out

@@ -1,0 +1,120 @@
+"""The cross-attention maps an edit records: :class:`BlendStore` sums them per (branch, copy) on the latent grid;
+``BLEND_STORE`` holds the one Prompt-to-Prompt's :class:`~diffattn.methods.local_blend.LocalBlend` reads and
+``CROSS_MAPS`` the one mask-guided MasaCtrl's automatic masks read (both set by :func:`diffattn.editing.edit`), and
+:class:`CrossMapRecorder` fills ``CROSS_MAPS`` on every layer."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..context import AttentionContext
+from .base import AttentionMethod
+from .local_blend import LocalBlend
+
+__all__ = ["BlendStore", "BLEND_STORE", "CROSS_MAPS", "CrossMapRecorder"]
+
+
+def _probs(q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+    """Softmax attention maps ``(H, Sq, Skv)`` of one batch entry, in float32."""
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+    return logits.softmax(-1)
+
+
+def _entry_mask(mask: Tensor | None, row: int) -> Tensor | None:
+    if mask is None:
+        return None
+    return mask[row] if mask.ndim == 4 and mask.shape[0] > 1 else (mask[0] if mask.ndim == 4 else mask)
+
+
+class BlendStore:
+    """The blend words' cross-attention maps of one :func:`diffattn.editing.edit` call, summed on the latent grid per
+    (branch, copy) of the conditional entries."""
+
+    def __init__(self, tokens: dict[str, tuple[int, ...]], grid: tuple[int, int], blend: LocalBlend) -> None:
+        self.tokens = tokens  # branch -> its blend token indices
+        self.grid = grid
+        self.blend = blend
+        self.maps: dict[tuple[str, int], Tensor] = {}
+
+    def entries(self, ctx: AttentionContext, batch: int) -> list[tuple[int, str, int]]:
+        """(batch entry, branch, copy index) of the conditional entries whose branch has blend words."""
+        branches = ctx.branches or ()
+        roles = ctx.batch_roles if ctx.batch_roles is not None and len(ctx.batch_roles) == batch else ("cond",) * batch
+        seen: dict[str, int] = {}
+        out = []
+        for i in range(min(batch, len(branches))):
+            if roles[i] != "cond" or branches[i] not in self.tokens:
+                continue
+            copy = seen.get(branches[i], 0)
+            seen[branches[i]] = copy + 1
+            out.append((i, branches[i], copy))
+        return out
+
+    def add(self, branch: str, copy: int, probs: Tensor, q_grid: tuple[int, ...]) -> None:
+        """``probs``: ``(heads, queries, text)`` of one entry's image rows over the text keys."""
+        tokens = [t for t in self.tokens[branch] if t < probs.shape[-1]]
+        if not tokens or len(q_grid) != 2 or probs.shape[1] > self.blend.max_tokens:
+            return
+        heat = probs[..., tokens].sum(-1).sum(0).reshape(1, 1, *q_grid).float()
+        heat = torch.nn.functional.interpolate(heat, size=self.grid, mode="bilinear", align_corners=False)[0, 0]
+        key = (branch, copy)
+        self.maps[key] = self.maps.get(key, 0) + heat.detach().cpu()
+
+    def branch_mask(self, branch: str, copy: int, threshold: float) -> Tensor | None:
+        """One branch's map, min-max normalised and thresholded (MasaCtrl's automatic mask), or None."""
+        heat = self.maps.get((branch, copy))
+        if heat is None:
+            return None
+        lo, hi = heat.min(), heat.max()
+        return (heat - lo) / (hi - lo).clamp_min(1e-12) > threshold
+
+    def mask(self, copy: int) -> Tensor | None:
+        """The union over the branches of copy ``copy`` of their max-pooled, max-normalised, thresholded maps
+        (``(h, w)`` bool); None before any map was recorded."""
+        found = [heat for (_, c), heat in self.maps.items() if c == copy]
+        if not found:
+            return None
+        out = torch.zeros(self.grid, dtype=torch.bool)
+        for heat in found:
+            pooled = torch.nn.functional.max_pool2d(heat[None, None], 3, stride=1, padding=1)[0, 0]
+            out |= pooled / pooled.max().clamp_min(1e-12) > self.blend.threshold
+        return out
+
+
+BLEND_STORE: contextvars.ContextVar[BlendStore | None] = contextvars.ContextVar("diffattn_blend", default=None)
+
+
+CROSS_MAPS: contextvars.ContextVar[BlendStore | None] = contextvars.ContextVar("diffattn_cross_maps", default=None)
+
+
+@dataclass(frozen=True)
+class CrossMapRecorder(AttentionMethod):
+    """Records the cross-attention maps that mask-guided MasaCtrl's automatic masks are made from (into the store
+    :func:`diffattn.editing.edit` sets); attention itself is unchanged."""
+
+    roles: frozenset[str] = field(default=frozenset({"cross", "joint"}))
+    stack_level: ClassVar[int] = 1
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        store = CROSS_MAPS.get()
+        if store is not None:
+            _record_maps(q, k, ctx, store)
+        return ctx.dense(q, k, v)
+
+
+def _record_maps(q: Tensor, k: Tensor, ctx: AttentionContext, store: BlendStore) -> None:
+    """The image rows' maps over the text keys of the conditional entries whose words are known (plain maps)."""
+    scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
+    layout = ctx.q_layout
+    for entry, branch, copy in store.entries(ctx, q.shape[0]):
+        p = _probs(q[entry], k[entry], scale, _entry_mask(ctx.attn_mask, entry))
+        if ctx.role == "joint":
+            p = p[:, layout.visual_slice, layout.text_slice]
+        store.add(branch, copy, p, layout.grid)

@@ -1,0 +1,81 @@
+"""Attentive Eraser's attention activation suppression: :class:`AttentiveEraser`, which removes an object from the
+``w`` branch of an erase batch (see :func:`diffattn.editing.erase`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..context import AttentionContext
+from ..errors import LayoutError
+from .base import AttentionMethod, check_roles
+
+__all__ = ["AttentiveEraser"]
+
+
+@dataclass(frozen=True)
+class AttentiveEraser(AttentionMethod):
+    """Attentive Eraser's attention activation suppression (AAS), on the ``w`` branch of an erase batch (see
+    :func:`diffattn.editing.erase`): every query's attention to the keys inside the object mask is removed, so the
+    region is redrawn from the background; for the first ``ss_steps`` steps the queries inside the mask also see
+    their logits scaled by ``ss_scale`` (similarity suppression: ``fg * m + bg * (1 - m)``). The mask is max-pooled
+    to each layer's grid (a dilation, as the paper). A mask covering every key (or none) leaves the layer unchanged,
+    so no row is ever fully masked. The ``wo`` branch is untouched. Self-attention of UNets (SD1.5 tested).
+    """
+
+    mask: Tensor | None = field(default=None, compare=False, repr=False)
+    ss_steps: int = 9
+    ss_scale: float = 0.3
+    branch: str = "w"
+    roles: frozenset[str] = field(default=frozenset({"self"}))
+    stack_level: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "roles", check_roles(self.roles, self.name, frozenset({"self"})))
+        if not 0.0 < self.ss_scale <= 1.0:
+            raise ValueError(f"{self.name}: ss_scale must be in (0, 1], got {self.ss_scale}")
+
+    def with_mask(self, mask: object) -> AttentiveEraser:
+        """This method with the object ``mask`` (H x W, True on the object, at any resolution)."""
+        import dataclasses
+
+        import numpy as np
+
+        return dataclasses.replace(self, mask=torch.as_tensor(np.asarray(mask)).bool())
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        out = ctx.dense(q, k, v)
+        if self.mask is None:
+            raise LayoutError(
+                f"{self.name} on {ctx.layer}: no object mask; use diffattn.editing.erase(pipe, image, "
+                "mask) or AttentiveEraser().with_mask(mask)"
+            )
+        if ctx.branches is None:
+            raise LayoutError(
+                f"{self.name} on {ctx.layer}: needs the erase batch's branches ('wo', 'w'); use diffattn.editing.erase"
+            )
+        rows = [i for i, b in enumerate(ctx.branches) if b == self.branch]
+        grid = ctx.kv_layout.grid
+        if not rows or len(grid) != 2:
+            return out
+        pooled = torch.nn.functional.adaptive_max_pool2d(self.mask.float()[None, None], grid)[0, 0] > 0.5
+        inside = pooled.flatten().to(q.device)
+        if bool(inside.all()) or not bool(inside.any()):
+            return out
+        index = torch.tensor(rows, device=q.device)
+        qw, kw, vw = (x.index_select(0, index) for x in (q, k, v))
+        allowed = ~inside[None, None, None, :]  # every query: no key inside the object
+        scale = ctx.scale
+        bg = torch.nn.functional.scaled_dot_product_attention(qw, kw, vw, attn_mask=allowed, scale=scale)
+        if ctx.step is not None and ctx.step < self.ss_steps:
+            fg = torch.nn.functional.scaled_dot_product_attention(
+                qw * self.ss_scale, kw, vw, attn_mask=allowed, scale=scale
+            )
+            m = inside[None, None, :, None].to(bg.dtype)
+            bg = fg * m + bg * (1 - m)
+        out = out.clone()
+        out[index] = bg.to(out.dtype)
+        return out
