@@ -27,8 +27,13 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pytest
 import torch
-from demo_helpers import load_logic
 from PIL import Image
+
+from diffattn_demo.images import shrink, to_uint8
+from diffattn_demo.models import Models
+from diffattn_demo.tabs.edit import run_edit
+from diffattn_demo.tabs.erase import generate_image
+from diffattn_demo.tabs.layout import BOX_COLOURS, run_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "outputs" / "demo"
@@ -36,8 +41,6 @@ STARTUP_TIMEOUT = 120.0
 RESULT_TIMEOUT = 120_000  # ms
 TOLERANCE = 2  # levels of 255: the server and this process may split float sums differently
 
-
-logic = load_logic()
 
 # Run in the server process before anything else: every socket event is logged (one JSON line each), then the
 # `diffattn demo` command line runs with the remaining arguments.
@@ -256,7 +259,7 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
 @pytest.fixture(scope="module")
 def models(server):
     torch.set_num_threads(server.threads)
-    return logic.Models().load()
+    return Models().load()
 
 
 def _objects(image: np.ndarray) -> list[tuple[str, str, str]]:
@@ -278,9 +281,9 @@ def test_edit_tab(page, server, models):
     _record("edit_click_to_image_s (20 steps, prompt-to-prompt)", time.perf_counter() - start)
     source = _image(page, server, "edit-out-source")
     factor = source.shape[0] // 32
-    assert _objects(logic.shrink(source, factor)) == [("red", "circle", "left")]
-    assert _objects(logic.shrink(target, factor)) == [("blue", "circle", "left")]
-    direct = logic.run_edit(models, "a red circle on the left", "a blue circle on the left", "prompt-to-prompt", 0, 20)
+    assert _objects(shrink(source, factor)) == [("red", "circle", "left")]
+    assert _objects(shrink(target, factor)) == [("blue", "circle", "left")]
+    direct = run_edit(models, "a red circle on the left", "a blue circle on the left", "prompt-to-prompt", 0, 20)
     assert _close(source, direct.source) and _close(target, direct.target)
     assert "20 steps" in page.locator("#edit-note").inner_text()
     _screenshot(page, "edit")
@@ -295,14 +298,12 @@ def test_layout_tab(page, server, models):
     bounded = _image(page, server, "layout-bounded")
     plain = _image(page, server, "layout-plain")
     boxes = _image(page, server, "layout-boxes")
-    direct = logic.run_layout(
-        models, "a red circle and a blue square", "circle: 0 0 0.5 0.5\nsquare: 0.5 0.5 1 1", 0, 8
-    )
+    direct = run_layout(models, "a red circle and a blue square", "circle: 0 0 0.5 0.5\nsquare: 0.5 0.5 1 1", 0, 8)
     assert _close(plain, direct.plain) and _close(bounded, direct.bounded)
     assert not _close(plain, bounded)  # bounded attention changed the image
     side = boxes.shape[0]
-    assert boxes[0, side // 4].tolist() == list(logic.BOX_COLOURS[0])
-    assert boxes[side - 1, 3 * side // 4].tolist() == list(logic.BOX_COLOURS[1])
+    assert boxes[0, side // 4].tolist() == list(BOX_COLOURS[0])
+    assert boxes[side - 1, 3 * side // 4].tolist() == list(BOX_COLOURS[1])
     _screenshot(page, "layout")
 
 
@@ -336,8 +337,8 @@ def test_erase_tab(page, server, models):
     page.wait_for_timeout(1500)  # the canvas draws the generated image
     x0, y0, x1, y1 = _canvas_image_rect(page)
     assert 0.9 < (x1 - x0) / (y1 - y0) < 1.1, (x0, y0, x1, y1)
-    generated, _ = logic.generate_image(models, "a red circle on the left and a blue square on the right", 0, 10)
-    small = logic.shrink(generated, generated.shape[0] // 32)
+    generated, _ = generate_image(models, "a red circle on the left and a blue square on the right", 0, 10)
+    small = shrink(generated, generated.shape[0] // 32)
     red = segment(small).of_colour("red")
     assert red, "the generated scene has no red object to remove"
     cx, cy = red[0].centroid
@@ -351,9 +352,9 @@ def test_erase_tab(page, server, models):
     source = _image(page, server, "erase-out-source")
     shown = _image(page, server, "erase-out-mask")
     factor = source.shape[0] // 32
-    image, erased_small = logic.shrink(source, factor), logic.shrink(erased, factor)
+    image, erased_small = shrink(source, factor), shrink(erased, factor)
     assert np.array_equal(image, small)  # the canvas image came back as generated
-    mask = np.abs(logic.shrink(shown, factor).astype(int) - image.astype(int)).max(-1) > 0
+    mask = np.abs(shrink(shown, factor).astype(int) - image.astype(int)).max(-1) > 0
     assert mask[red[0].mask].mean() > 0.6, "the stroke did not cover the red object"
     assert mask.mean() < 0.4, "the stroke covered too much"
     # the erased object is gone where the stroke was; the rest is untouched
@@ -364,7 +365,7 @@ def test_erase_tab(page, server, models):
     assert far.sum() > 400
     assert np.abs(erased_small[far].astype(int) - image[far].astype(int)).mean() < 4
     with models.image() as pipe:
-        direct = logic.to_uint8(erase(pipe, image, mask, num_inference_steps=10, seed=0))
+        direct = to_uint8(erase(pipe, image, mask, num_inference_steps=10, seed=0))
     assert _close(erased_small, direct)
     _screenshot(page, "erase")
 
@@ -387,7 +388,7 @@ def test_guidance_tab(page, server):
     }
     assert np.array_equal(cells[0, 0], cells[1, 0])  # no guidance: the same image in both rows
     assert not np.array_equal(cells[0, 1], cells[0, 0]) and not np.array_equal(cells[1, 1], cells[0, 0])
-    assert _objects(logic.shrink(cells[0, 0], cell // 32)) == [("red", "circle", "left")]
+    assert _objects(shrink(cells[0, 0], cell // 32)) == [("red", "circle", "left")]
     table = page.locator("#guidance-table").inner_text()
     assert "PAG" in table and "SEG" in table and "up_blocks.2" in table
     _screenshot(page, "guidance")
@@ -438,7 +439,7 @@ def test_api_through_gradio_client(server, models, tmp_path):
         "a green square on the right", "", "green", "yellow", "", 1.0, "prompt-to-prompt", 3, 8, None, api_name="/edit"
     )
     images = [np.asarray(Image.open(p).convert("RGB")) for p in (source, target, diff)]
-    direct = logic.run_edit(
+    direct = run_edit(
         models, "a green square on the right", "", "prompt-to-prompt", 3, 8, swap_word="green", swap_to="yellow"
     )
     assert _close(images[0], direct.source) and _close(images[1], direct.target)
@@ -471,7 +472,7 @@ def test_two_sessions_at_once_each_get_their_own_result(browser, server, models)
             page.locator("#edit-run").click()
         for page, (source, target, seed) in zip(pages, jobs):
             got = _image(page, server, "edit-out-target")
-            direct = logic.run_edit(models, source, target, "prompt-to-prompt", seed, 8)
+            direct = run_edit(models, source, target, "prompt-to-prompt", seed, 8)
             assert _close(got, direct.target), (source, target)
     finally:
         for context in contexts:

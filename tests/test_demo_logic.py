@@ -8,16 +8,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from demo_helpers import load_logic
 from PIL import Image
 
-logic = load_logic()
+from diffattn_demo.images import difference_map, enlarge, shrink, to_uint8
+from diffattn_demo.inputs import (
+    DemoInputError,
+    check_seed,
+    check_steps,
+    fit_prompt,
+    load_upload,
+    mask_from_editor,
+    parse_scales,
+    parse_subjects,
+)
+from diffattn_demo.models import CFG, Models
+from diffattn_demo.tabs.edit import run_edit
+from diffattn_demo.tabs.guidance import run_guidance
+from diffattn_demo.tabs.layout import BOX_COLOURS, draw_boxes, run_layout
+from diffattn_demo.tabs.speed import SPEED_MAX_STEPS, SPEED_SIZES, run_speed
+
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
 def models():
-    return logic.Models().load()
+    return Models().load()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +52,7 @@ def _objects(image: np.ndarray) -> list[tuple[str, str, str]]:
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value, expected", [(0, 0), (7.0, 7), ("12", 12), (2**31 - 1, 2**31 - 1)])
 def test_seed_accepts_whole_numbers(value, expected):
-    assert logic.check_seed(value) == expected
+    assert check_seed(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -52,27 +67,27 @@ def test_seed_accepts_whole_numbers(value, expected):
     ],
 )
 def test_seed_refuses_with_a_message(value, message):
-    with pytest.raises(logic.DemoInputError, match=message):
-        logic.check_seed(value)
+    with pytest.raises(DemoInputError, match=message):
+        check_seed(value)
 
 
 @pytest.mark.parametrize("value", [0, 51, 1000, "many"])
 def test_steps_are_bounded(value):
-    with pytest.raises(logic.DemoInputError, match="steps must be"):
-        logic.check_steps(value)
-    assert logic.check_steps(50) == 50 and logic.check_steps(1.0) == 1
+    with pytest.raises(DemoInputError, match="steps must be"):
+        check_steps(value)
+    assert check_steps(50) == 50 and check_steps(1.0) == 1
 
 
 def test_long_prompt_is_cut_to_the_tokenizer_limit_with_a_note(pipe):
     limit = pipe.tokenizer.model_max_length
     long = " ".join(["a red circle on the left and"] * 10) + " a blue square"
-    prompt, note = logic.fit_prompt(pipe, long)
+    prompt, note = fit_prompt(pipe, long)
     assert len(pipe.tokenizer(long).input_ids) > limit
     assert len(pipe.tokenizer(prompt).input_ids) == limit
     assert long.startswith(prompt) and f"{limit} tokens" in note and prompt in note
-    assert logic.fit_prompt(pipe, "  a red   circle ") == ("a red circle", "")
-    with pytest.raises(logic.DemoInputError, match="enter a prompt"):
-        logic.fit_prompt(pipe, "   ")
+    assert fit_prompt(pipe, "  a red   circle ") == ("a red circle", "")
+    with pytest.raises(DemoInputError, match="enter a prompt"):
+        fit_prompt(pipe, "   ")
 
 
 def _save(folder: Path, name: str, array: np.ndarray, **kwargs) -> Path:
@@ -85,32 +100,30 @@ def test_upload_checks_format_size_and_place(tmp_path):
     scene = np.zeros((64, 64, 3), np.uint8)
     scene[8:24, 8:24] = (225, 30, 30)
     size = (32, 32)
-    image, note = logic.load_upload(_save(tmp_path, "s.png", scene), tmp_path, size)
+    image, note = load_upload(_save(tmp_path, "s.png", scene), tmp_path, size)
     assert note == "" and image.shape == (32, 32, 3)
-    assert np.array_equal(image, logic.shrink(scene, 2))  # a 2x enlargement comes back exactly
-    image, note = logic.load_upload(
-        _save(tmp_path, "s.jpg", np.zeros((40, 50, 3), np.uint8), quality=95), tmp_path, size
-    )
+    assert np.array_equal(image, shrink(scene, 2))  # a 2x enlargement comes back exactly
+    image, note = load_upload(_save(tmp_path, "s.jpg", np.zeros((40, 50, 3), np.uint8), quality=95), tmp_path, size)
     assert image.shape == (32, 32, 3) and "50 x 40 px was resized" in note.replace("(", "").replace(")", "")
-    with pytest.raises(logic.DemoInputError, match="PNG, JPEG or WebP.*GIF"):
-        logic.load_upload(_save(tmp_path, "s.gif", scene), tmp_path, size)
-    with pytest.raises(logic.DemoInputError, match="2049 x 8 px.*2048"):
-        logic.load_upload(_save(tmp_path, "wide.png", np.zeros((8, 2049, 3), np.uint8)), tmp_path, size)
+    with pytest.raises(DemoInputError, match="PNG, JPEG or WebP.*GIF"):
+        load_upload(_save(tmp_path, "s.gif", scene), tmp_path, size)
+    with pytest.raises(DemoInputError, match="2049 x 8 px.*2048"):
+        load_upload(_save(tmp_path, "wide.png", np.zeros((8, 2049, 3), np.uint8)), tmp_path, size)
     big = tmp_path / "big.png"
     noise = np.random.default_rng(0).integers(0, 256, (2048, 1400, 3), dtype=np.uint8)  # ~8.6 MB raw
     Image.fromarray(noise).save(big, compress_level=0)
     with open(big, "ab") as f:
         f.write(b"\0" * (2 * 2**20))  # past 10 MB
-    with pytest.raises(logic.DemoInputError, match="MB; upload one of at most 10 MB"):
-        logic.load_upload(big, tmp_path, size)
+    with pytest.raises(DemoInputError, match="MB; upload one of at most 10 MB"):
+        load_upload(big, tmp_path, size)
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(logic.DemoInputError, match="not a readable"):
-        logic.load_upload(tmp_path / "notes.png", tmp_path, size)
+    with pytest.raises(DemoInputError, match="not a readable"):
+        load_upload(tmp_path / "notes.png", tmp_path, size)
     elsewhere = _save(tmp_path.parent, "outside.png", scene)  # no path outside the upload folder is read
-    with pytest.raises(logic.DemoInputError, match="uploaded through the page"):
-        logic.load_upload(elsewhere, tmp_path, size)
-    with pytest.raises(logic.DemoInputError, match="uploaded through the page"):
-        logic.load_upload(tmp_path / ".." / elsewhere.name, tmp_path, size)
+    with pytest.raises(DemoInputError, match="uploaded through the page"):
+        load_upload(elsewhere, tmp_path, size)
+    with pytest.raises(DemoInputError, match="uploaded through the page"):
+        load_upload(tmp_path / ".." / elsewhere.name, tmp_path, size)
 
 
 def test_editor_mask_is_resized_or_refused_with_a_message():
@@ -118,7 +131,7 @@ def test_editor_mask_is_resized_or_refused_with_a_message():
     background[..., 3] = 255
     layer = np.zeros((128, 128, 4), np.uint8)  # half the canvas size: resized, with a note
     layer[10:20, 30:50, 3] = 255
-    image, mask, note = logic.mask_from_editor({"background": background, "layers": [layer]}, (32, 32))
+    image, mask, note = mask_from_editor({"background": background, "layers": [layer]}, (32, 32))
     assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
     expected = np.zeros((32, 32), bool)
     expected[2:5, 7:13] = True  # rows 20..39, columns 60..99 of 256 -> model pixels 2..4, 7..12
@@ -126,14 +139,14 @@ def test_editor_mask_is_resized_or_refused_with_a_message():
     assert "128 x 128 px" in note and "256 x 256 px" in note
     one = np.zeros((256, 256, 4), np.uint8)
     one[100, 100, 3] = 255  # one painted screen pixel still masks its model pixel
-    _, mask, _ = logic.mask_from_editor({"background": background, "layers": [one]}, (32, 32))
+    _, mask, _ = mask_from_editor({"background": background, "layers": [one]}, (32, 32))
     assert np.argwhere(mask).tolist() == [[12, 12]]
-    with pytest.raises(logic.DemoInputError, match="paint over the object"):
-        logic.mask_from_editor({"background": background, "layers": [np.zeros((256, 256, 4), np.uint8)]}, (32, 32))
-    with pytest.raises(logic.DemoInputError, match="upload or generate"):
-        logic.mask_from_editor({"background": None, "layers": []}, (32, 32))
-    with pytest.raises(logic.DemoInputError, match="RGBA"):
-        logic.mask_from_editor({"background": background, "layers": [np.zeros((256, 256), np.uint8)]}, (32, 32))
+    with pytest.raises(DemoInputError, match="paint over the object"):
+        mask_from_editor({"background": background, "layers": [np.zeros((256, 256, 4), np.uint8)]}, (32, 32))
+    with pytest.raises(DemoInputError, match="upload or generate"):
+        mask_from_editor({"background": None, "layers": []}, (32, 32))
+    with pytest.raises(DemoInputError, match="RGBA"):
+        mask_from_editor({"background": background, "layers": [np.zeros((256, 256), np.uint8)]}, (32, 32))
 
 
 @pytest.mark.parametrize(
@@ -149,61 +162,61 @@ def test_editor_mask_is_resized_or_refused_with_a_message():
     ],
 )
 def test_subject_lines_are_checked(text, message):
-    with pytest.raises(logic.DemoInputError, match=message):
-        logic.parse_subjects(text)
+    with pytest.raises(DemoInputError, match=message):
+        parse_subjects(text)
 
 
 def test_subjects_and_scales_parse():
-    assert logic.parse_subjects("circle: 0, 0, 0.5, 0.5\n\nsquare: 0.5 0.5 1 1") == [
+    assert parse_subjects("circle: 0, 0, 0.5, 0.5\n\nsquare: 0.5 0.5 1 1") == [
         ("circle", (0.0, 0.0, 0.5, 0.5)),
         ("square", (0.5, 0.5, 1.0, 1.0)),
     ]
-    assert logic.parse_scales("3, 1.5 3") == [0.0, 1.5, 3.0]
+    assert parse_scales("3, 1.5 3") == [0.0, 1.5, 3.0]
     for bad in ("3, x", "-1", "25", "1 2 3 4 5 6"):
-        with pytest.raises(logic.DemoInputError):
-            logic.parse_scales(bad)
+        with pytest.raises(DemoInputError):
+            parse_scales(bad)
 
 
 def test_enlarge_shrink_and_difference_map():
     image = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
-    big = logic.enlarge(image, 3)
+    big = enlarge(image, 3)
     assert big.shape == (12, 15, 3) and np.array_equal(big[3:6, 6:9], np.broadcast_to(image[1, 2], (3, 3, 3)))
-    assert np.array_equal(logic.shrink(big, 3), image)
+    assert np.array_equal(shrink(big, 3), image)
     other = image.copy()
     other[2, 3] = (0, 0, 0) if image[2, 3].max() > 50 else (255, 255, 255)
-    diff = logic.difference_map(image, other)
+    diff = difference_map(image, other)
     assert diff[2, 3].tolist() == [255] * 3 and diff.sum() == 255 * 3
-    assert not logic.difference_map(image, image).any()
+    assert not difference_map(image, image).any()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the tabs on the embedded image model
 # ----------------------------------------------------------------------------------------------------------------
 def test_edit_prompt_to_prompt_recolours_and_swap_fills_the_target(models):
-    out = logic.run_edit(
+    out = run_edit(
         models, "a red circle on the left", "", "prompt-to-prompt", 0, STEPS, swap_word="red", swap_to="blue"
     )
     factor = out.source.shape[0] // 32
-    source, target = logic.shrink(out.source, factor), logic.shrink(out.target, factor)
+    source, target = shrink(out.source, factor), shrink(out.target, factor)
     assert _objects(source) == [("red", "circle", "left")]
     assert _objects(target) == [("blue", "circle", "left")]
     assert '"a red circle on the left" -> "a blue circle on the left"' in out.note
-    diff = logic.shrink(out.difference, factor)[..., 0]
+    diff = shrink(out.difference, factor)[..., 0]
     changed = np.abs(source.astype(int) - target.astype(int)).max(-1)
     assert diff.max() == 255 and np.array_equal(diff == 0, changed == 0)
 
 
 def test_edit_refuses_what_it_cannot_do(models):
-    with pytest.raises(logic.DemoInputError, match="equal token count"):
-        logic.run_edit(models, "a red circle on the left", "a big red circle on the left", "prompt-to-prompt", 0, 2)
-    with pytest.raises(logic.DemoInputError, match="'green' to swap is not in"):
-        logic.run_edit(models, "a red circle", "", "prompt-to-prompt", 0, 2, swap_word="green", swap_to="blue")
-    with pytest.raises(logic.DemoInputError, match="'square' to re-weight"):
-        logic.run_edit(
+    with pytest.raises(DemoInputError, match="equal token count"):
+        run_edit(models, "a red circle on the left", "a big red circle on the left", "prompt-to-prompt", 0, 2)
+    with pytest.raises(DemoInputError, match="'green' to swap is not in"):
+        run_edit(models, "a red circle", "", "prompt-to-prompt", 0, 2, swap_word="green", swap_to="blue")
+    with pytest.raises(DemoInputError, match="'square' to re-weight"):
+        run_edit(
             models, "a red circle", "a blue circle", "prompt-to-prompt", 0, 2, reweight_word="square", reweight=2.0
         )
-    with pytest.raises(logic.DemoInputError, match="method must be one of"):
-        logic.run_edit(models, "a red circle", "a blue circle", "sdedit", 0, 2)
+    with pytest.raises(DemoInputError, match="method must be one of"):
+        run_edit(models, "a red circle", "a blue circle", "sdedit", 0, 2)
 
 
 def test_edit_of_an_uploaded_image_inverts_it(models, tmp_path):
@@ -212,8 +225,8 @@ def test_edit_of_an_uploaded_image_inverts_it(models, tmp_path):
     from diffattn_bench.scoring import psnr
 
     scene, _ = render_scene(Scene((ShapeSpec("square", "green", "left"),)), 32, rng=0, jitter=False)
-    path = _save(tmp_path, "scene.png", logic.enlarge(scene, 4))  # shown-size upload: shrinks back exactly
-    out = logic.run_edit(
+    path = _save(tmp_path, "scene.png", enlarge(scene, 4))  # shown-size upload: shrinks back exactly
+    out = run_edit(
         models,
         "a green square on the left",
         "a green square on the right",
@@ -224,64 +237,64 @@ def test_edit_of_an_uploaded_image_inverts_it(models, tmp_path):
         upload_folder=tmp_path,
     )
     factor = out.source.shape[0] // 32
-    assert psnr(logic.shrink(out.source, factor), scene) > 25  # the inverted source regenerates the upload
+    assert psnr(shrink(out.source, factor), scene) > 25  # the inverted source regenerates the upload
     assert "from the inverted upload" in out.note
 
 
 def test_guidance_sweep_shares_the_unguided_column(models, pipe):
-    out = logic.run_guidance(models, "a red circle on the left", ["PAG", "SEG"], "3", 0, STEPS, "up_blocks.2")
+    out = run_guidance(models, "a red circle on the left", ["PAG", "SEG"], "3", 0, STEPS, "up_blocks.2")
     plain = out.cells[("PAG", 0.0)]
     with models.image():
         direct = pipe(
             "a red circle on the left",
             num_inference_steps=STEPS,
-            guidance_scale=logic.CFG,
+            guidance_scale=CFG,
             output_type="np",
             generator=torch.Generator().manual_seed(0),
         ).images[0]
-    assert np.array_equal(plain, logic.to_uint8(direct))  # scale 0 is the plain pipeline, same seed
+    assert np.array_equal(plain, to_uint8(direct))  # scale 0 is the plain pipeline, same seed
     assert np.array_equal(out.cells[("SEG", 0.0)], plain)
     for name in ("PAG", "SEG"):
         assert np.abs(out.cells[(name, 3.0)].astype(int) - plain.astype(int)).max() > 0, name
     cell = out.grid.shape[0] // 2 - 2
     assert out.grid.shape == (2 * cell + 4, 2 * cell + 4, 3)
-    assert np.array_equal(logic.shrink(out.grid[:cell, :cell], cell // 32), plain)
+    assert np.array_equal(shrink(out.grid[:cell, :cell], cell // 32), plain)
     assert "| PAG | 0 |" in out.table
-    with pytest.raises(logic.DemoInputError, match="layers must be one of"):
-        logic.run_guidance(models, "a red circle", ["PAG"], "3", 0, 2, "up_blocks.99")
-    with pytest.raises(logic.DemoInputError, match="at least one guidance method"):
-        logic.run_guidance(models, "a red circle", [], "3", 0, 2)
+    with pytest.raises(DemoInputError, match="layers must be one of"):
+        run_guidance(models, "a red circle", ["PAG"], "3", 0, 2, "up_blocks.99")
+    with pytest.raises(DemoInputError, match="at least one guidance method"):
+        run_guidance(models, "a red circle", [], "3", 0, 2)
 
 
 def test_layout_reports_a_word_missing_from_the_prompt(models):
-    with pytest.raises(logic.DemoInputError, match="'triangle' is not in the prompt"):
-        logic.run_layout(models, "a red circle and a blue square", "triangle: 0 0 0.5 0.5", 0, 2)
+    with pytest.raises(DemoInputError, match="'triangle' is not in the prompt"):
+        run_layout(models, "a red circle and a blue square", "triangle: 0 0 0.5 0.5", 0, 2)
 
 
 def test_box_preview_draws_each_box_in_its_colour():
-    canvas = logic.draw_boxes([("circle", (0.0, 0.0, 0.5, 0.5)), ("square", (0.5, 0.5, 1.0, 1.0))], 101)
-    first, second = (list(c) for c in logic.BOX_COLOURS[:2])
+    canvas = draw_boxes([("circle", (0.0, 0.0, 0.5, 0.5)), ("square", (0.5, 0.5, 1.0, 1.0))], 101)
+    first, second = (list(c) for c in BOX_COLOURS[:2])
     assert canvas[0, 25].tolist() == first and canvas[25, 50].tolist() == first  # top and right edges
     assert canvas[100, 75].tolist() == second and canvas[75, 100].tolist() == second  # bottom and right edges
     assert canvas[25, 25].tolist() == [24, 24, 24] and canvas[75, 25].tolist() == [24, 24, 24]
 
 
 def test_speed_tab_measures_the_chosen_methods_against_dense(models, tmp_path):
-    size = min(logic.SPEED_SIZES, key=lambda k: np.prod(logic.SPEED_SIZES[k]))
-    out = logic.run_speed(models, ["sliding tile"], size, 1, tmp_path)
+    size = min(SPEED_SIZES, key=lambda k: np.prod(SPEED_SIZES[k]))
+    out = run_speed(models, ["sliding tile"], size, 1, tmp_path)
     labels = [r.method for r in out.rows]
     assert labels == ["dense (stock)", "dense", "sliding tile"]
     tile = out.rows[-1]
     assert 0 < tile.density <= 1 and tile.speedup > 0 and "mean_trajectory_error" in tile.scores
     assert "| sliding tile |" in out.table and out.plot.ndim == 3 and out.frames.ndim == 3
-    with pytest.raises(logic.DemoInputError, match="pick sparse methods"):
-        logic.run_speed(models, ["no such method"], size, 1, tmp_path)
-    with pytest.raises(logic.DemoInputError, match=f"at most {logic.SPEED_MAX_STEPS} steps"):
-        logic.run_speed(models, ["sliding tile"], size, logic.SPEED_MAX_STEPS + 1, tmp_path)
+    with pytest.raises(DemoInputError, match="pick sparse methods"):
+        run_speed(models, ["no such method"], size, 1, tmp_path)
+    with pytest.raises(DemoInputError, match=f"at most {SPEED_MAX_STEPS} steps"):
+        run_speed(models, ["sliding tile"], size, SPEED_MAX_STEPS + 1, tmp_path)
     # the default size of the tab is the one diffattn compare scores quality at
     from diffattn_bench.compare import QUALITY_SIZE
 
-    assert logic.SPEED_SIZES[list(logic.SPEED_SIZES)[1]] == (
+    assert SPEED_SIZES[list(SPEED_SIZES)[1]] == (
         QUALITY_SIZE.frames,
         QUALITY_SIZE.height,
         QUALITY_SIZE.width,

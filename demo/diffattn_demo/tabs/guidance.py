@@ -1,0 +1,245 @@
+"""The Guidance tab: a sweep of perturbed-attention guidance (PAG, SEG, SoftPAG) over scales, same seed, shown as a
+grid of methods by scales with a table of how far each image moved from no guidance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..images import display_factor, enlarge, to_uint8
+from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, parse_scales
+from ..models import CFG, Models
+from .common import IMAGE_MODEL, IMAGE_OUT, SEED_BOX, STEPS_SLIDER, Progress, gradio_progress, no_progress, user_errors
+
+__all__ = ["GUIDANCE_METHODS", "GuidanceOutput", "guidance_layer_choices", "run_guidance", "build"]
+
+GUIDANCE_METHODS = ("PAG", "SEG", "SoftPAG")
+
+
+@dataclass(frozen=True)
+class GuidanceOutput:
+    grid: np.ndarray  # rows: methods, columns: scales (enlarged cells, 4 px gaps)
+    table: str  # markdown: max |difference| to no guidance, per cell
+    cells: dict[tuple[str, float], np.ndarray]  # (method, scale) -> uint8 image at model size
+
+
+def _guidance_method(name: str, scale: float, layers: Any) -> Any:
+    from diffattn.guidance import PAG, SEG, SoftPAG
+
+    if name == "PAG":
+        return PAG(scale=scale, layers=layers)
+    if name == "SEG":
+        return SEG(scale=scale, layers=layers)
+    if name == "SoftPAG":
+        return SoftPAG(scale=scale, u=0.5, layers=layers)
+    raise DemoInputError(f"guidance method must be one of {', '.join(GUIDANCE_METHODS)}, got {name!r}")
+
+
+def guidance_layer_choices(pipe: Any) -> list[str]:
+    """'family default' and the top-level blocks with self-attention, for the Guidance tab's layer picker."""
+    import diffattn
+
+    model = getattr(pipe, "unet", None) or pipe.transformer
+    blocks = []
+    for name, _ in diffattn.attention_modules(model):
+        parts = name.split(".")
+        block = (
+            ".".join(parts[:2])
+            if parts[0] in ("down_blocks", "up_blocks", "blocks", "transformer_blocks", "single_transformer_blocks")
+            else parts[0]
+        )
+        if block not in blocks:
+            blocks.append(block)
+    return ["family default", *blocks]
+
+
+def run_guidance(
+    models: Models,
+    prompt: str,
+    methods: Sequence[str],
+    scales_text: str,
+    seed: Any,
+    steps: Any,
+    layers: str = "family default",
+    *,
+    progress: Progress = no_progress,
+) -> GuidanceOutput:
+    """Guidance tab: the prompt at each scale of each guidance method, same seed; scale 0 is the plain pipeline."""
+    seed, steps = check_seed(seed), check_steps(steps)
+    methods = [m for m in methods or []]
+    if not methods:
+        raise DemoInputError(f"pick at least one guidance method ({', '.join(GUIDANCE_METHODS)})")
+    for name in methods:
+        _guidance_method(name, 1.0, None)
+    scales = parse_scales(scales_text)
+    with models.image() as pipe:
+        prompt, note = fit_prompt(pipe, prompt)
+        choices = guidance_layer_choices(pipe)
+        if layers not in choices:
+            raise DemoInputError(f"layers must be one of {', '.join(choices)}, got {layers!r}")
+        pattern = None if layers == "family default" else layers
+        plain, cells = _sweep(pipe, prompt, methods, scales, seed, steps, pattern, progress)
+    grid, lines = _grid_and_table(cells, methods, scales, plain)
+    table = "\n".join(
+        [
+            *([note] if note else []),
+            f"Rows: {', '.join(methods)}; columns: scales {', '.join(f'{s:g}' for s in scales)} "
+            f"(layers: {layers}; seed {seed}, {steps} steps, CFG {CFG:g}). Max |difference| to no guidance "
+            "(levels of 255):",
+            "",
+            *lines,
+        ]
+    )
+    return GuidanceOutput(grid, table, cells)
+
+
+def _sweep(
+    pipe: Any,
+    prompt: str,
+    methods: list[str],
+    scales: list[float],
+    seed: int,
+    steps: int,
+    pattern: str | None,
+    progress: Progress,
+) -> tuple[np.ndarray, dict[tuple[str, float], np.ndarray]]:
+    """``(plain, cells)``: the image without guidance, generated once, and the image of each ``(method, scale)``
+    (scale 0 being ``plain``), every one from the same seed."""
+    import torch
+
+    import diffattn
+
+    cells: dict[tuple[str, float], np.ndarray] = {}
+
+    def generate() -> np.ndarray:
+        out = pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=CFG,
+            output_type="np",
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return to_uint8(np.asarray(out.images[0]))
+
+    total = 1 + len(methods) * (len(scales) - 1)
+    progress(0.0, "no guidance")
+    plain = generate()
+    done = 1
+    for name in methods:
+        cells[(name, 0.0)] = plain
+        for scale in scales[1:]:
+            progress(done / total, f"{name} scale {scale:g}")
+            try:
+                handle = diffattn.guidance.enable(pipe, _guidance_method(name, scale, pattern))
+            except diffattn.DiffattnError as error:
+                raise DemoInputError(str(error)) from None
+            try:
+                cells[(name, scale)] = generate()
+            finally:
+                handle.remove()
+            done += 1
+    return plain, cells
+
+
+def _grid_and_table(
+    cells: dict[tuple[str, float], np.ndarray], methods: list[str], scales: list[float], plain: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    """The grid of enlarged cells (rows: methods, columns: scales, 4 px gaps) and the markdown table of each cell's
+    max |difference| to ``plain``."""
+    factor = display_factor(plain.shape[:2], 128)
+    gap = 4
+    h, w = plain.shape[0] * factor, plain.shape[1] * factor
+    grid = np.full((len(methods) * (h + gap) - gap, len(scales) * (w + gap) - gap, 3), 255, np.uint8)
+    header = "| method | " + " | ".join(f"scale {s:g}" for s in scales) + " |"
+    lines = [header, "|" + "---|" * (len(scales) + 1)]
+    for r, name in enumerate(methods):
+        row = []
+        for c, scale in enumerate(scales):
+            cell = cells[(name, scale)]
+            grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = enlarge(cell, factor)
+            row.append(f"{int(np.abs(cell.astype(int) - plain.astype(int)).max())}")
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return grid, lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradio
+# ----------------------------------------------------------------------------------------------------------------
+def build(models: Models, temp: Path) -> None:
+    """The Guidance tab's components and its button, inside the app's ``gr.Blocks``; the layer choices are read off
+    the image model."""
+    import gradio as gr
+
+    with models.image() as pipe:
+        layer_choices = guidance_layer_choices(pipe)
+    with gr.Tab("Guidance", id="guidance"):
+        with gr.Row():
+            inputs, run = _input_column(layer_choices)
+            outputs = _output_column()
+        run.click(
+            _on_guidance(models),
+            inputs,
+            outputs,
+            api_name="guidance",
+            concurrency_limit=1,
+            concurrency_id=IMAGE_MODEL,
+        )
+
+
+def _input_column(layer_choices: list[str]) -> tuple[list[Any], Any]:
+    """The inputs, in the order of :func:`_on_guidance`'s parameters, and the Sweep button."""
+    import gradio as gr
+
+    with gr.Column():
+        g_prompt = gr.Textbox(
+            "a red circle on the left and a blue square on the right",
+            label="Prompt",
+            elem_id="guidance-prompt",
+        )
+        g_methods = gr.CheckboxGroup(
+            list(GUIDANCE_METHODS),
+            value=["PAG", "SEG"],
+            label="Methods (rows)",
+            elem_id="guidance-methods",
+        )
+        g_scales = gr.Textbox("0, 1.5, 3, 5", label="Scales (columns; 0 = no guidance)", elem_id="guidance-scales")
+        g_layers = gr.Dropdown(layer_choices, value="family default", label="Layers", elem_id="guidance-layers")
+        with gr.Row():
+            g_seed = gr.Number(0, label="Seed", elem_id="guidance-seed", **SEED_BOX)
+            g_steps = gr.Slider(value=20, label="Steps", elem_id="guidance-steps", **STEPS_SLIDER)
+        g_run = gr.Button("Sweep", variant="primary", elem_id="guidance-run")
+    return [g_prompt, g_methods, g_scales, g_layers, g_seed, g_steps], g_run
+
+
+def _output_column() -> list[Any]:
+    """The grid and the table."""
+    import gradio as gr
+
+    with gr.Column():
+        g_grid = gr.Image(label="Rows: methods; columns: scales (same seed)", elem_id="guidance-grid", **IMAGE_OUT)
+        g_table = gr.Markdown(elem_id="guidance-table")
+    return [g_grid, g_table]
+
+
+def _on_guidance(models: Models) -> Callable[..., tuple]:
+    """The Sweep button's handler: :func:`run_guidance` on the page's values."""
+    import gradio as gr
+
+    def on_guidance(
+        prompt: str,
+        methods: list,
+        scales: str,
+        layers: str,
+        seed: Any,
+        steps: Any,
+        progress: Any = gr.Progress(track_tqdm=True),
+    ) -> tuple:
+        with user_errors():
+            out = run_guidance(models, prompt, methods, scales, seed, steps, layers, progress=gradio_progress(progress))
+        return out.grid, out.table
+
+    return on_guidance
