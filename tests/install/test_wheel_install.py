@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROOMS = ("diffattn", "diffattn_kernels", "diffattn_bench", "diffattn_demo")
 _NOT_SOURCES = (".git", ".venv*", "build", "*.egg-info", "outputs", "__pycache__", ".pytest_cache", ".hypothesis")
 

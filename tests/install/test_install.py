@@ -16,7 +16,7 @@ import pytest
 
 from diffattn.adapters import supported_models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # each room of installed code: its folder, the pyproject that declares it, and the extras its imports may use
 ROOMS = {
     "kernels": (ROOT / "kernels" / "src" / "diffattn_kernels", ROOT / "kernels" / "pyproject.toml", ()),
@@ -145,7 +145,7 @@ def test_every_test_import_is_declared() -> None:
         _project(ROOT / "kernels" / "pyproject.toml"), ()
     )
     provided = metadata.packages_distributions()
-    local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    local = {p.stem for p in (ROOT / "tests").rglob("*.py")} | {p.stem for p in (ROOT / "scripts").glob("*.py")}
     missing = {}
     for module in _third_party_imports([ROOT / "tests"]):
         if module in OPTIONAL or module in local:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # lowest first: each room may import the rooms before it
 LAYERS = ("diffattn_kernels", "diffattn", "diffattn_bench", "diffattn_demo")
 FOLDERS = {

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_dynamic import make_ctx, qkv
+from support import make_ctx, qkv
 
 import diffattn
 from diffattn import TokenLayout

@@ -22,7 +22,7 @@ from diffattn.patterns.compile import compile_pattern
 from diffattn.patterns.tile import SlidingTile
 from diffattn_kernels import cpu_block_sparse as loop
 
-# max abs error vs float64 on unit-variance inputs (as tests/test_sparse_static.py)
+# max abs error vs float64 on unit-variance inputs (as tests/methods/test_sparse_static.py)
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 RUNNABLE = loop.runnable_isas()
 _ENV = (loop.ISA_ENV, loop.GEMM_ENV, loop.SWITCH_ENV)
@@ -311,7 +311,7 @@ def test_benchmark_records_the_cpu_and_the_forced_build(use_loop, tmp_path):
     isa = RUNNABLE[-1] if RUNNABLE else pytest.skip("no build runs on this CPU")
     use_loop()
     spec = importlib.util.spec_from_file_location(
-        "bench_kernels", Path(__file__).parents[1] / "scripts" / "bench_kernels.py"
+        "bench_kernels", Path(__file__).parents[2] / "scripts" / "bench_kernels.py"
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

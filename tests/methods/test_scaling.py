@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_dynamic import make_ctx, qkv
+from support import make_ctx, qkv
 
 import diffattn
 from diffattn import TokenLayout

@@ -35,7 +35,7 @@ from diffattn_demo.tabs.edit import run_edit
 from diffattn_demo.tabs.erase import generate_image
 from diffattn_demo.tabs.layout import BOX_COLOURS, run_layout
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "outputs" / "demo"
 STARTUP_TIMEOUT = 120.0
 RESULT_TIMEOUT = 120_000  # ms

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from support import make_ctx, qkv
 
 import diffattn
 import diffattn_kernels as kernels
 from diffattn import TokenLayout
-from diffattn.context import AttentionContext
 from diffattn.methods.downsampling import TokenDownsampling
 from diffattn.methods.dynamic_sparse import DynamicSparseAttention
 from diffattn.methods.pyramid import PyramidSparseAttention
@@ -39,38 +39,6 @@ F32 = 2e-5  # kernel vs float64 reference on unit-variance inputs (as test_spars
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def make_ctx(
-    layout, *, step=0, batch_roles=None, attn_mask=None, timestep=None, input_grid=None, scale=None, layer="layer"
-):
-    metrics = {}
-
-    def dense(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-
-    ctx = AttentionContext(
-        layer=layer,
-        role="joint" if layout.text_len else "self",
-        step=step,
-        num_steps=None,
-        q_layout=layout,
-        kv_layout=layout,
-        batch_roles=batch_roles,
-        attn_mask=attn_mask,
-        scale=scale,
-        enable_gqa=False,
-        dense=dense,
-        report=lambda **m: metrics.update(m),
-        timestep=timestep,
-        input_grid=input_grid,
-    )
-    return ctx, metrics
-
-
-def qkv(batch, heads, n, dim=8, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, n, dim, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
 
 
 def tiles_of(layout, tile):
@@ -509,7 +477,7 @@ def test_rettention_full_budget_and_drift_stay_dense():
     mode=st.sampled_from(["avg", "max", "top-left"]),
 )
 def test_pool_grid_equals_cells_by_hand(grid, factor, mode):
-    """diffattn's cell pools (ceil sizes); the authors' interpolating modes are checked in tests/test_parity.py."""
+    """diffattn's cell pools (ceil sizes); the authors' interpolating modes: tests/methods/test_parity.py."""
     n = math.prod(grid)
     x = torch.randn(2, 3, n, 4, dtype=torch.float64)
     got, pooled_grid = pool_grid(x, grid, factor, mode)

@@ -404,7 +404,7 @@ def test_key_order_shortens_radial_runs_and_matches_reference(monkeypatch, text_
         torch.testing.assert_close(lse, lse64.float(), rtol=0, atol=1e-3)
 
 
-# The compiled CPU loop's own tests (every build the CPU runs, bf16 in float32): tests/test_cpu_block_sparse.py
+# The compiled CPU loop's own tests (every build the CPU runs, bf16 in float32): tests/kernels/test_cpu_block_sparse.py
 
 
 @pytest.mark.parametrize("grid,tile,window", [((4, 16, 32), (4, 8, 8), (1, 1, 3)), ((8, 16, 32), (2, 8, 8), (3, 1, 4))])
