@@ -203,7 +203,7 @@ def parse_subjects(text: Any) -> list[tuple[str, tuple[float, float, float, floa
     """Subjects from lines ``word: x0 y0 x1 y1`` (fractions of the image, origin top-left; commas allowed)."""
     if not isinstance(text, str) or not text.strip():
         raise DemoInputError("enter at least one subject line, e.g. 'circle: 0 0 0.5 0.5'")
-    subjects = []
+    subjects: list[tuple[str, tuple[float, float, float, float]]] = []
     for number, line in enumerate(text.strip().splitlines(), 1):
         if not line.strip():
             continue
@@ -221,10 +221,10 @@ def parse_subjects(text: Any) -> list[tuple[str, tuple[float, float, float, floa
                 f"subject line {number}: the box {box} must satisfy 0 <= x0 < x1 <= 1 and "
                 "0 <= y0 < y1 <= 1 (fractions of the image, origin top-left)"
             )
-        subjects.append((word.strip(), box))
+        subjects.append((word.strip(), (x0, y0, x1, y1)))
     if len(subjects) > LIMITS.max_subjects:
         raise DemoInputError(f"at most {LIMITS.max_subjects} subjects, got {len(subjects)}")
-    return subjects  # type: ignore[return-value]
+    return subjects
 
 
 def parse_scales(text: Any) -> list[float]:
