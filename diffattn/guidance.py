@@ -212,12 +212,11 @@ class _GuidanceBatch:
         self.application = application
         self.method = method
         self.records: list[GuidanceRecord] = []
-        self._pending: dict[int, _Pending] = {}  # id(call_state) -> what this forward appended
         self._shift: tuple[Any, Tensor] | None = None  # for the unconditional call of separate-call CFG
 
     def active(self, call_state: CallState) -> bool:
         """The method acts only in forwards whose batch this extension extended."""
-        return id(call_state) in self._pending
+        return self.application.id in call_state.extension_data
 
     def _scale_now(self, call_state: CallState) -> float:
         if not self.method.perturbs or not self.application.on_schedule(call_state):
@@ -253,11 +252,13 @@ class _GuidanceBatch:
         args = tuple(_grow(a, batch, index) for a in args)
         kwargs = {k: v if k in _UNBATCHED_INPUTS else _grow(v, batch, index) for k, v in kwargs.items()}
         call_state.extend_batch((PERTURBED,) * len(cond), cond)
-        self._pending[id(call_state)] = _Pending(batch, index, torch.tensor(uncond) if uncond else None, scale)
+        call_state.extension_data[self.application.id] = _Pending(
+            batch, index, torch.tensor(uncond) if uncond else None, scale
+        )
         return args, kwargs
 
     def post_forward(self, call_state: CallState, module: torch.nn.Module, output: Any) -> Any:
-        pending = self._pending.pop(id(call_state), None)
+        pending = call_state.extension_data.pop(self.application.id, None)
         if pending is None:
             roles = call_state.batch_roles
             if roles and set(roles) == {"uncond"}:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ..context import Role
+from ..errors import StepSelectionError
 from ..layout import TokenLayout
 from ..methods.base import AttentionMethod
 from ..schedule import StepSchedule
@@ -72,7 +73,14 @@ class Application:
             )
             self._checked_loop = loop
         timestep = position.timestep if position.timestep is not None else call_state.timestep_1000
-        return self.schedule.is_active(position.step, position.num_steps, timestep)
+        try:
+            return self.schedule.is_active(position.step, position.num_steps, timestep)
+        except StepSelectionError as error:
+            if position.why_unknown is None:
+                raise
+            raise StepSelectionError(
+                f"{error} (the running pipeline's loop was not used: {position.why_unknown})"
+            ) from None
 
     def acts(self, call_state: CallState) -> bool:
         """Whether the method acts in this forward (decided once per forward, not per attention module)."""

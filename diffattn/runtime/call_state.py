@@ -30,6 +30,9 @@ class CallState:
     branches: tuple[str, ...] | None = None  # per entry, when the call declared prompt branches (editing)
     acted: dict[int, int] = field(default_factory=dict)  # application id -> attention calls it acted on
     decisions: dict[int, bool] = field(default_factory=dict)  # application id -> acts in this forward
+    # application id -> what its batch extension keeps between pre_forward and post_forward of this forward (ends
+    # with the forward, so an interrupted forward leaves nothing behind)
+    extension_data: dict[int, Any] = field(default_factory=dict)
 
     @property
     def step(self) -> int | None:
@@ -60,12 +63,13 @@ def read_call_state(
 ) -> CallState:
     """The state of the call of ``model`` about to run with ``inputs`` (inside the cache context ``cache_context``,
     named ``cache_name``, when the pipeline opened one)."""
-    position = loop_position(model, cache_context)
+    timestep = _timestep_value(inputs.get("timestep"))
+    timestep_1000 = None if timestep is None else timestep * adapter.timestep_scale
+    position = loop_position(model, cache_context, timestep_1000)
     grid = adapter.grid(model, inputs)
     ulysses = parallel.model_ulysses(model)  # refuses ring attention before anything is split or sent
     if ulysses is not None:
         parallel.check_sequence_split(model, inputs, grid, ulysses)
-    timestep = _timestep_value(inputs.get("timestep"))
     batch = _batch_size(inputs)
     roles = _batch_roles(batch, cache_name, position, adapter.cfg_in_batch)
     return CallState(
@@ -73,7 +77,7 @@ def read_call_state(
         grid=grid,
         batch_roles=roles,
         timestep=timestep,
-        timestep_1000=None if timestep is None else timestep * adapter.timestep_scale,
+        timestep_1000=timestep_1000,
         branches=_entry_branches(batch, roles, declared_branches()),
     )
 

@@ -4,6 +4,7 @@ with the step, batch roles and records of that call. Ops take ints, not hooks: l
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,7 +17,9 @@ if TYPE_CHECKING:
 
 __all__ = ["register_hook", "unregister_hook", "core_op"]
 
-_LIVE_HOOKS: dict[int, AttentionHook] = {}  # key -> hook, for the custom op (ints are what an op can take)
+# key -> hook, for the custom op (ints are what an op can take); weak: a module's registry owns its hook, and a
+# dropped model must not stay alive through this table
+_LIVE_HOOKS: weakref.WeakValueDictionary[int, AttentionHook] = weakref.WeakValueDictionary()
 
 
 def register_hook(key: int, hook: AttentionHook) -> None:

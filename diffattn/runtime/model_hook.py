@@ -98,21 +98,28 @@ class ModelStateHook(ModelHook):
                 args, kwargs = application.extension.pre_forward(call_state, module, args, kwargs)
         return args, kwargs
 
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        # Without a batch extension there is nothing to do (and under torch.compile nothing to break the graph for);
-        # the forward's state stays current until the next one replaces it.
-        if all(application.extension is None for application in self.state.applications):
-            return output
-        return self._post_forward(module, output)
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward; a forward that raises (KeyboardInterrupt included) ends its call state too."""
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self._end_call()
+            raise
 
-    @torch.compiler.disable
-    def _post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        call_state = self.state.replace_current(None)
+    @torch.compiler.disable  # at the end of the forward: the graph ends here anyway
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        """Batch extensions combine their outputs; then the call state ends, so nothing after this forward (a direct
+        call of an attention submodule, the next pipeline call) can read its step, roles or pipeline."""
+        call_state = self._end_call()
         if call_state is not None:
             for application in reversed(self.state.applications):
                 if application.extension is not None:
                     output = application.extension.post_forward(call_state, module, output)
         return output
+
+    @torch.compiler.disable
+    def _end_call(self) -> CallState | None:
+        return self.state.replace_current(None)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         return module

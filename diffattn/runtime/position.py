@@ -6,10 +6,14 @@ Sources, first that answers wins:
 2. the cache context a pipeline opens around the call (``model.cache_context("cond", step_index=i,
    num_inference_steps=n)``, as Wan's pipeline does);
 3. the loop of the diffusers pipeline whose ``__call__`` is running this model: its loop index ``i`` and the
-   ``timesteps`` it iterates (already cut by img2img ``strength``), read from that frame of the call stack. Nothing is
-   patched; the step is the loop's own index, so repeated timesteps (DPM++ with Karras sigmas), img2img and Wan 2.2's
-   two transformers (one loop, one global step) are all exact;
-4. otherwise the step is unknown, and a ``steps=`` selection that needs it raises with the fix.
+   ``timesteps`` it iterates (already cut by img2img ``strength``), read from that frame of the call stack, and used
+   only when it agrees with the call: the timestep the model receives must be the loop's ``timesteps[i]`` (the
+   nearest of the loop's timesteps). A custom loop whose index is not ``i``, or a stale ``i`` left by an earlier
+   loop, fails that check and leaves the step unknown. Nothing is patched; the step is the loop's own index, so
+   repeated timesteps (DPM++ with Karras sigmas), img2img and Wan 2.2's two transformers (one loop, one global
+   step) are all exact;
+4. otherwise the step is unknown, and a method or ``steps=`` selection that needs it raises
+   :class:`~diffattn.errors.StepSelectionError` saying how to declare it.
 
 The pipeline found in (3) is also where per-call facts such as ``do_classifier_free_guidance`` are read, so a
 denoiser shared by two pipelines takes them from the one that is running.
@@ -44,6 +48,7 @@ class LoopPosition:
     pipeline: Any = None
     source: str = "unknown"
     batch_roles: tuple[str, ...] | None = None  # declared by denoising_step(batch_roles=...)
+    why_unknown: str | None = None  # when the step is unknown although a pipeline loop was found: why it was refused
 
 
 @contextlib.contextmanager
@@ -122,8 +127,11 @@ def _pipeline_frame(model: torch.nn.Module) -> tuple[Any, dict[str, Any]] | None
     return None
 
 
-def loop_position(model: torch.nn.Module, cache_context: Any = None) -> LoopPosition:
-    """Where the denoising loop that calls ``model`` is (see the module docstring for the sources, in order)."""
+def loop_position(
+    model: torch.nn.Module, cache_context: Any = None, model_timestep: float | None = None
+) -> LoopPosition:
+    """Where the denoising loop that calls ``model`` is (see the module docstring for the sources, in order).
+    ``model_timestep``: the timestep the model receives, on the scheduler's scale, to check the pipeline loop with."""
     explicit = getattr(_LOCAL, "position", None)
     found = _pipeline_frame(model)
     pipeline, local = found if found is not None else (None, {})
@@ -146,16 +154,34 @@ def loop_position(model: torch.nn.Module, cache_context: Any = None) -> LoopPosi
             source="cache_context",
             batch_roles=roles,
         )
+    return _pipeline_loop(pipeline, local, model_timestep, roles)
+
+
+def _pipeline_loop(
+    pipeline: Any, local: dict[str, Any], model_timestep: float | None, roles: tuple[str, ...] | None
+) -> LoopPosition:
+    """The position read from the running pipeline's loop variables, when they agree with the model's timestep."""
     timesteps, step = local.get("timesteps"), local.get("i")
-    if pipeline is not None and isinstance(step, int) and timesteps is not None and len(timesteps):
-        values = tuple(float(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps))
-        return LoopPosition(
-            step,
-            len(values),
-            values[step] if step < len(values) else None,
-            values,
-            pipeline,
-            source="pipeline loop",
-            batch_roles=roles,
+    if pipeline is None or not isinstance(step, int) or timesteps is None or not len(timesteps):
+        return LoopPosition(None, None, pipeline=pipeline, batch_roles=roles)
+    values = tuple(float(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps))
+    why = _disagreement(values, step, model_timestep)
+    if why is not None:
+        return LoopPosition(None, None, pipeline=pipeline, batch_roles=roles, why_unknown=why)
+    return LoopPosition(step, len(values), values[step], values, pipeline, source="pipeline loop", batch_roles=roles)
+
+
+def _disagreement(values: tuple[float, ...], step: int, model_timestep: float | None) -> str | None:
+    """Why the loop's ``i`` over ``values`` is not the step of a model call that received ``model_timestep``
+    (``None``: it is)."""
+    if not 0 <= step < len(values):
+        return f"the pipeline's loop variable i={step} is outside its {len(values)} timesteps"
+    if model_timestep is None:
+        return "the model received no timestep to check the pipeline's loop variable i against"
+    gap = abs(values[step] - model_timestep)
+    if any(abs(v - model_timestep) < gap - 1e-6 * max(1.0, abs(v)) for v in values):
+        return (
+            f"the pipeline's loop variable i={step} points at timestep {values[step]:g}, but the model received "
+            f"{model_timestep:g}: the loop's index is not named i (or i is left over from an earlier loop)"
         )
-    return LoopPosition(None, None, pipeline=pipeline, batch_roles=roles)
+    return None

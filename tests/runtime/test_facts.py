@@ -1,0 +1,204 @@
+"""Facts the runtime uses are given or checked, never guessed (issue #26): the loop position read from a running
+pipeline is cross-checked against the timestep the model receives, per-call state ends with its forward, and the
+runtime keeps nothing alive or keyed by the id of a dead object."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+
+import diffattn
+from diffattn.testing import tiny_inputs, tiny_model
+
+
+@dataclass(frozen=True)
+class Recording(diffattn.AttentionMethod):
+    """Dense attention that remembers the step of every call it handles."""
+
+    seen: list = field(default_factory=list, compare=False)
+    roles: frozenset = frozenset({"self"})
+
+    def __call__(self, q, k, v, ctx):
+        self.seen.append(ctx.step)
+        return ctx.dense(q, k, v)
+
+
+class StepNamedLoop(DiffusionPipeline):
+    """A custom pipeline whose denoising loop variable is ``step``; an earlier ``for i in range(2)`` leaves ``i``."""
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, inputs: dict, num_inference_steps: int = 4):
+        warm_up = []
+        for i in range(2):  # some set-up loop: i stays bound to 1
+            warm_up.append(i)
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        sample = inputs["sample"]
+        for step, t in enumerate(timesteps):
+            del step
+            sample = self.unet(**{**inputs, "sample": sample, "timestep": t})[0]
+        return sample, i
+
+
+def _custom_pipeline() -> StepNamedLoop:
+    return StepNamedLoop(tiny_model("unet_sd15", seed=0), DDIMScheduler())
+
+
+def test_stale_loop_variable_is_not_taken_for_the_step():
+    """steps=[1] used to act on all 4 calls (i was 1 throughout); now the step is unknown and the call says why."""
+    pipe = _custom_pipeline()
+    method = Recording()
+    with diffattn.apply(pipe.unet, method, steps=[1]):
+        with pytest.raises(diffattn.StepSelectionError, match="loop variable i=1"):
+            pipe(tiny_inputs("unet_sd15", (4, 4)))
+    assert method.seen == []
+
+
+def test_stale_loop_variable_with_every_step_still_runs():
+    """A method that needs no step keeps working in such a loop (steps=None); its ctx.step is unknown except where
+    the loop variable is checked right."""
+    pipe = _custom_pipeline()
+    method = Recording()
+    with diffattn.apply(pipe.unet, method):
+        pipe(tiny_inputs("unet_sd15", (4, 4)), num_inference_steps=3)
+    # i=1 is taken only for the call it is right for (the second step: its timestep is timesteps[1])
+    per_forward = len(method.seen) // 3
+    assert method.seen == [None] * per_forward + [1] * per_forward + [None] * per_forward
+
+
+def test_custom_loop_declares_its_step():
+    """The documented fix: the loop says where it is, and the method acts on exactly the step asked for."""
+
+    class Declared(StepNamedLoop):
+        @torch.no_grad()
+        def __call__(self, inputs: dict, num_inference_steps: int = 4):
+            self.scheduler.set_timesteps(num_inference_steps)
+            sample = inputs["sample"]
+            for step, t in enumerate(self.scheduler.timesteps):
+                with diffattn.denoising_step(step, num_inference_steps):
+                    sample = self.unet(**{**inputs, "sample": sample, "timestep": t})[0]
+            return sample
+
+    pipe = Declared(tiny_model("unet_sd15", seed=0), DDIMScheduler())
+    method = Recording()
+    with diffattn.apply(pipe.unet, method, steps=[1]) as handle:
+        pipe(tiny_inputs("unet_sd15", (4, 4)))
+    assert {s for s, _ in handle.acted()} == {1}
+    assert set(method.seen) == {1}
+
+
+def test_no_phantom_state_after_a_forward():
+    """A direct call of an attention submodule after a forward raises instead of reusing that forward's step/roles."""
+    model = tiny_model("unet_sd15", seed=0)
+    inputs = tiny_inputs("unet_sd15", (4, 4))
+    method = Recording()
+    with diffattn.apply(model, method) as handle:
+        with diffattn.denoising_step(1, 4, batch_roles=("cond",) * inputs["sample"].shape[0]):
+            model(**inputs)
+        calls = len(handle.calls)
+        attn = model.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1")
+        hidden = torch.randn(inputs["sample"].shape[0], 16, attn.to_q.in_features)
+        with pytest.raises(diffattn.LayoutError, match="outside the model's forward"):
+            attn(hidden)
+        assert len(handle.calls) == calls
+
+
+def test_interrupted_forward_leaves_no_state():
+    """A KeyboardInterrupt inside a forward ends that forward's state: the next forward is not affected."""
+    model = tiny_model("unet_sd15", seed=0)
+    inputs = tiny_inputs("unet_sd15", (4, 4))
+
+    @dataclass(frozen=True)
+    class Interrupting(diffattn.AttentionMethod):
+        calls: list = field(default_factory=list, compare=False)
+        roles: frozenset = frozenset({"self"})
+
+        def __call__(self, q, k, v, ctx):
+            self.calls.append(ctx.step)
+            if len(self.calls) == 1:
+                raise KeyboardInterrupt
+            return ctx.dense(q, k, v)
+
+    method = Interrupting()
+    with diffattn.apply(model, method):
+        with pytest.raises(KeyboardInterrupt):
+            model(**inputs)
+        state = model._diffusers_hook.get_hook("diffattn").state
+        assert state.replace_current(None) is None, "the interrupted forward's state stayed current"
+        model(**inputs)
+
+
+def test_removed_model_is_freed():
+    """After remove, nothing in diffattn keeps the model alive (no module-global registry of hooks)."""
+    model = tiny_model("unet_sd15", seed=1)
+    inputs = tiny_inputs("unet_sd15", (4, 4))
+    handle = diffattn.apply(model, Recording())
+    model(**inputs)
+    ref = weakref.ref(model)
+    handle.remove()
+    del model, handle
+    gc.collect()
+    assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+
+
+def test_applied_model_is_freed_without_remove():
+    """A model dropped while still hooked is freed too (the op's table of hooks holds them weakly)."""
+    model = tiny_model("unet_sd15", seed=1)
+    inputs = tiny_inputs("unet_sd15", (4, 4))
+    diffattn.apply(model, Recording())
+    model(**inputs)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_interrupted_guided_forward_leaves_nothing_behind():
+    """PAG's per-forward bookkeeping lives on the forward's call state (it used to be keyed by id(forward), which a
+    later forward can reuse): after a KeyboardInterrupt mid-pipeline, the next run equals a fresh one."""
+    import numpy as np
+
+    from diffattn.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd", seed=0)
+
+    def run():
+        out = pipe(
+            "a red circle",
+            num_inference_steps=3,
+            height=32,
+            width=32,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        )
+        return np.asarray(out.images)
+
+    with diffattn.guidance.enable(pipe, diffattn.PAG(scale=3.0)):
+        expected = run()
+
+        @dataclass(frozen=True)
+        class InterruptOnce(diffattn.AttentionMethod):
+            """Dense, but raises KeyboardInterrupt inside the perturbed forward of step 1."""
+
+            calls: list = field(default_factory=list, compare=False)
+            roles: frozenset = frozenset({"self"})
+
+            def __call__(self, q, k, v, ctx):
+                self.calls.append(ctx.step)
+                if ctx.step == 1 and self.calls.count(1) == 1:
+                    raise KeyboardInterrupt
+                return ctx.dense(q, k, v)
+
+        with diffattn.apply(pipe, InterruptOnce()), pytest.raises(KeyboardInterrupt):
+            run()
+        assert pipe.unet._diffusers_hook.get_hook("diffattn").state.replace_current(None) is None
+        assert np.array_equal(run(), expected)
