@@ -71,7 +71,8 @@ def read_call_state(
     if ulysses is not None:
         parallel.check_sequence_split(model, inputs, grid, ulysses)
     batch = _batch_size(inputs)
-    roles = _batch_roles(batch, cache_name, position, adapter.cfg_in_batch)
+    skip_layers_call = inputs.get("skip_layers") is not None
+    roles = _batch_roles(batch, cache_name, position, adapter.cfg_in_batch, skip_layers_call)
     return CallState(
         position=position,
         grid=grid,
@@ -99,10 +100,12 @@ def _batch_size(inputs: ModelInputs) -> int | None:
 
 
 def _batch_roles(
-    batch: int | None, cache_name: str | None, position: LoopPosition, cfg_in_batch: bool
+    batch: int | None, cache_name: str | None, position: LoopPosition, cfg_in_batch: bool, skip_layers_call: bool
 ) -> tuple[str, ...] | None:
     """Roles of the batch entries, from this call: declared with denoising_step(batch_roles=...), the cache
-    context's name, or the running pipeline's CFG flag (``cfg_in_batch``: the family batches [uncond, cond])."""
+    context's name, or the running pipeline's CFG flag checked against the batch that arrives (``cfg_in_batch``: the
+    family batches [uncond, cond]). Anything else (3-way CFG, diffusers' PAG pipelines, a batch the pipeline's prompts
+    do not explain) is unknown: ``None``, and methods that need roles raise."""
     if batch is None:
         return None
     if position.batch_roles is not None:
@@ -112,18 +115,27 @@ def _batch_roles(
                 f"{len(position.batch_roles)} entries, but the model was called with a batch of {batch}"
             )
         return position.batch_roles
-    pipeline = position.pipeline
     if cache_name in ("cond", "uncond"):
         return (cache_name,) * batch
+    guided = _pipeline_guides(position.pipeline)
+    per_branch = position.prompt_batch
+    if guided is None or per_branch is None:
+        return None
+    if guided and cfg_in_batch and batch == 2 * per_branch:
+        return ("uncond",) * per_branch + ("cond",) * per_branch
+    if batch == per_branch and (not guided or skip_layers_call):
+        return ("cond",) * batch  # no CFG, or SD3's skip-layer call (the conditional latents only)
+    return None
+
+
+def _pipeline_guides(pipeline: Any) -> bool | None:
+    """The running pipeline's ``do_classifier_free_guidance`` (``None``: no pipeline, or it cannot say yet)."""
     if pipeline is None or not hasattr(type(pipeline), "do_classifier_free_guidance"):
         return None
     try:
-        guided = bool(pipeline.do_classifier_free_guidance)
+        return bool(pipeline.do_classifier_free_guidance)
     except AttributeError:  # a property that reads state the pipeline sets later in its call
         return None
-    if guided and cfg_in_batch and batch % 2 == 0:
-        return ("uncond",) * (batch // 2) + ("cond",) * (batch // 2)
-    return None if guided else ("cond",) * batch
 
 
 def _entry_branches(

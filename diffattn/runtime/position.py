@@ -22,6 +22,7 @@ denoiser shared by two pipelines takes them from the one that is running.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import threading
 from collections.abc import Iterator
@@ -49,6 +50,8 @@ class LoopPosition:
     source: str = "unknown"
     batch_roles: tuple[str, ...] | None = None  # declared by denoising_step(batch_roles=...)
     why_unknown: str | None = None  # when the step is unknown although a pipeline loop was found: why it was refused
+    # entries one model call holds per CFG branch, from the running pipeline's locals (batch_size x images per prompt)
+    prompt_batch: int | None = None
 
 
 @contextlib.contextmanager
@@ -135,6 +138,7 @@ def loop_position(
     explicit = getattr(_LOCAL, "position", None)
     found = _pipeline_frame(model)
     pipeline, local = found if found is not None else (None, {})
+    prompt_batch = _prompt_batch(local)
     if explicit is not None and explicit.step is not None:
         return LoopPosition(
             explicit.step,
@@ -143,6 +147,7 @@ def loop_position(
             pipeline=pipeline,
             source=explicit.source,
             batch_roles=explicit.batch_roles,
+            prompt_batch=prompt_batch,
         )
     roles = None if explicit is None else explicit.batch_roles
     if cache_context is not None and getattr(cache_context, "step_index", None) is not None:
@@ -153,8 +158,18 @@ def loop_position(
             pipeline=pipeline,
             source="cache_context",
             batch_roles=roles,
+            prompt_batch=prompt_batch,
         )
-    return _pipeline_loop(pipeline, local, model_timestep, roles)
+    return dataclasses.replace(_pipeline_loop(pipeline, local, model_timestep, roles), prompt_batch=prompt_batch)
+
+
+def _prompt_batch(local: dict[str, Any]) -> int | None:
+    """Entries per CFG branch of the running pipeline call: its ``batch_size`` (prompts) times its images (or videos)
+    per prompt, when its ``__call__`` has both as integers."""
+    batch, per_prompt = local.get("batch_size"), local.get("num_images_per_prompt", local.get("num_videos_per_prompt"))
+    if isinstance(batch, int) and isinstance(per_prompt, int) and batch > 0 and per_prompt > 0:
+        return batch * per_prompt
+    return None
 
 
 def _pipeline_loop(

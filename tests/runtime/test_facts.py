@@ -202,3 +202,68 @@ def test_interrupted_guided_forward_leaves_nothing_behind():
             run()
         assert pipe.unet._diffusers_hook.get_hook("diffattn").state.replace_current(None) is None
         assert np.array_equal(run(), expected)
+
+
+@dataclass(frozen=True)
+class RecordingRoles(diffattn.AttentionMethod):
+    """Dense attention that remembers the batch roles of every call (per forward: the first layer's)."""
+
+    seen: list = field(default_factory=list, compare=False)
+    roles: frozenset = frozenset({"self", "joint"})
+
+    def __call__(self, q, k, v, ctx):
+        self.seen.append((q.shape[0], ctx.batch_roles))
+        return ctx.dense(q, k, v)
+
+
+def test_sd3_skip_layer_call_is_conditional():
+    """SD3's skip-layer guidance calls the transformer again with the conditional latents only: with two images per
+    prompt that call has 2 entries, both "cond" (it used to be labelled (uncond, cond))."""
+    from diffattn.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd3", seed=0)
+    method = RecordingRoles()
+    with diffattn.apply(pipe, method):
+        pipe(
+            "a red circle",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            num_images_per_prompt=2,
+            skip_guidance_layers=[0],
+            skip_layer_guidance_start=0.0,
+            skip_layer_guidance_stop=1.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
+    seen = set(method.seen)
+    assert (4, ("uncond", "uncond", "cond", "cond")) in seen
+    assert (2, ("cond", "cond")) in seen, seen
+    assert all(roles is not None for _, roles in seen)
+
+
+def test_pag_pipeline_batches_have_unknown_roles():
+    """diffusers' own PAG pipeline batches [uncond, cond, perturbed] (or [cond, perturbed] without CFG): the runtime
+    cannot name those entries, so it says unknown instead of calling an even batch (uncond, cond)."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    from diffattn.testing import tiny_pipeline
+
+    base = tiny_pipeline("sd", seed=0)
+    pipe = StableDiffusionPAGPipeline(**base.components, pag_applied_layers=["mid"])
+    for guidance_scale in (5.0, 1.0):
+        method = RecordingRoles()
+        with diffattn.apply(pipe, method):
+            pipe(
+                "a red circle",
+                num_inference_steps=2,
+                height=32,
+                width=32,
+                guidance_scale=guidance_scale,
+                pag_scale=2.0,
+                output_type="latent",
+                generator=torch.Generator().manual_seed(0),
+            )
+        assert method.seen and {roles for _, roles in method.seen} == {None}
+    with diffattn.guidance.enable(pipe, diffattn.PAG(scale=3.0)), pytest.raises(diffattn.LayoutError):
+        pipe("a red circle", num_inference_steps=2, height=32, width=32, guidance_scale=1.0, pag_scale=2.0)
