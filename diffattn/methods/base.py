@@ -48,6 +48,10 @@ class AttentionMethod:
     stack_level: ClassVar[int] = 2
     # Methods that need extra batch entries (guidance) are applied with diffattn.guidance.enable, never apply().
     expands_batch: ClassVar[bool] = False
+    # Facts the method cannot act without. When one is unknown for a call, the runtime raises StepSelectionError
+    # (step) or LayoutError (roles) saying how to declare it; the method never picks a default in its place.
+    requires_step: ClassVar[bool] = False  # ctx.step and ctx.num_steps
+    requires_roles: ClassVar[bool] = False  # ctx.batch_roles
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         raise NotImplementedError

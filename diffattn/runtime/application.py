@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ..context import Role
-from ..errors import StepSelectionError
+from ..errors import LayoutError, StepSelectionError
 from ..layout import TokenLayout
 from ..methods.base import AttentionMethod
 from ..schedule import StepSchedule
@@ -86,7 +86,28 @@ class Application:
         """Whether the method acts in this forward (decided once per forward, not per attention module)."""
         decided = call_state.decisions.get(self.id)
         if decided is None:
-            decided = call_state.decisions[self.id] = (
-                self.extension is None or self.extension.active(call_state)
-            ) and self.on_schedule(call_state)
+            decided = (self.extension is None or self.extension.active(call_state)) and self.on_schedule(call_state)
+            if decided:
+                self._check_facts(call_state)
+            call_state.decisions[self.id] = decided
         return decided
+
+    def _check_facts(self, call_state: CallState) -> None:
+        """Raise when this forward lacks a fact the method declares it needs (``requires_step``/``requires_roles``)."""
+        where = f"{self.method.name} on {type(self.state.model).__name__}"
+        position = call_state.position
+        if self.method.requires_step and (position.step is None or position.num_steps is None):
+            reason = f" ({position.why_unknown})" if position.why_unknown else ""
+            raise StepSelectionError(
+                f"{where} needs the denoising step and the number of steps of each model call, and this call has "
+                f"none{reason}. Call the model through a diffusers pipeline, or wrap each call in "
+                "`with diffattn.denoising_step(i, num_steps):` (or diffusers' model.cache_context with step_index and "
+                "num_inference_steps)"
+            )
+        if self.method.requires_roles and call_state.batch_roles is None:
+            raise LayoutError(
+                f"{where} needs the role of each batch entry (uncond / cond), and this call's roles are unknown: its "
+                "batch is not what the running pipeline's prompts and classifier-free guidance explain. Declare them: "
+                '`with diffattn.denoising_step(i, num_steps, batch_roles=("uncond", "cond")):`, or call the model '
+                'inside model.cache_context("cond")'
+            )

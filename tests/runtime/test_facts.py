@@ -267,3 +267,30 @@ def test_pag_pipeline_batches_have_unknown_roles():
         assert method.seen and {roles for _, roles in method.seen} == {None}
     with diffattn.guidance.enable(pipe, diffattn.PAG(scale=3.0)), pytest.raises(diffattn.LayoutError):
         pipe("a red circle", num_inference_steps=2, height=32, width=32, guidance_scale=1.0, pag_scale=2.0)
+
+
+@dataclass(frozen=True)
+class NeedsStepAndRoles(diffattn.AttentionMethod):
+    """A method that cannot act without the step and the batch roles (as MasaCtrl and the eraser)."""
+
+    requires_step = True
+    requires_roles = True
+    roles: frozenset = frozenset({"self"})
+
+    def __call__(self, q, k, v, ctx):
+        assert ctx.step is not None and ctx.batch_roles is not None
+        return ctx.dense(q, k, v)
+
+
+def test_method_that_needs_the_step_raises_when_it_is_unknown():
+    model = tiny_model("unet_sd15", seed=0)
+    inputs = tiny_inputs("unet_sd15", (4, 4))
+    with diffattn.apply(model, NeedsStepAndRoles()):
+        with pytest.raises(diffattn.StepSelectionError, match="denoising_step"):
+            model(**inputs)
+        batch = inputs["sample"].shape[0]
+        with pytest.raises(diffattn.LayoutError, match="batch_roles"):
+            with diffattn.denoising_step(0, 2):
+                model(**inputs)
+        with diffattn.denoising_step(0, 2, batch_roles=("cond",) * batch):
+            model(**inputs)
