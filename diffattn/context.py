@@ -46,8 +46,9 @@ class AttentionContext:
     head_offset: int = 0
     total_heads: int | None = None
     q_range: tuple[int, int] | None = None
-    # The model's timestep at this call (its own scale, e.g. 0..1000 for UNets) and the visual grid of the model's
-    # input (a UNet's highest resolution); ``None`` when unknown. Used by ToDo's timestep gate and resolution levels.
+    # The timestep of this call on the 0..1000 scale of diffusers' schedulers (Flux's model input t / 1000 is scaled
+    # back) and the visual grid of the model's input (a UNet's highest resolution); ``None`` when unknown. Used by
+    # ToDo's timestep gate and resolution levels.
     timestep: float | None = None
     input_grid: tuple[int, ...] | None = None
     # The branch of each batch entry (e.g. "source" / "target" in an edit), when the call declares them

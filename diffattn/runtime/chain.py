@@ -189,7 +189,7 @@ class MethodChain:
             head_offset=ulysses.head_offset(local_heads) if split else 0,
             total_heads=local_heads * ulysses.degree if split else None,
             q_range=q_range,
-            timestep=self.call_state.timestep,
+            timestep=self.call_state.timestep_1000,
             input_grid=self.call_state.grid,
         )
 

@@ -294,3 +294,28 @@ def test_method_that_needs_the_step_raises_when_it_is_unknown():
                 model(**inputs)
         with diffattn.denoising_step(0, 2, batch_roles=("cond",) * batch):
             model(**inputs)
+
+
+@pytest.mark.parametrize("family", ["unet_sd15", "flux"])
+def test_todo_timestep_gate_reads_the_scheduler_scale(family):
+    """TokenDownsampling's gate compares t / 1000 with timestep_threshold_stop on every family: Flux's model receives
+    t / 1000, which the gate used to divide again (it never acted on Flux)."""
+    model = tiny_model(family, seed=0)
+    grid = (8, 8)
+    inputs = tiny_inputs(family, grid)
+    scale = 1000.0 if family == "flux" else 1.0  # the model's own timestep input scale
+    densities = {}
+    for t in (900.0, 200.0):
+        call = {
+            **inputs,
+            "timestep": torch.full_like(torch.as_tensor(inputs["timestep"], dtype=torch.float32), t / scale),
+        }
+        method = diffattn.TokenDownsampling(factor=2, timestep_threshold_stop=0.5)
+        with diffattn.apply(model, method, layers=None) as handle:
+            with diffattn.denoising_step(
+                0, 1, batch_roles=("cond",) * call["hidden_states" if family == "flux" else "sample"].shape[0]
+            ):
+                model(**call)
+            densities[t] = min(m["density"] for m in handle.metrics().values() if "density" in m)
+    assert densities[900.0] < 1.0, densities  # acts early in the schedule
+    assert densities[200.0] == 1.0, densities  # stops below the threshold
