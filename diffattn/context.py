@@ -54,3 +54,6 @@ class AttentionContext:
     # The branch of each batch entry (e.g. "source" / "target" in an edit), when the call declares them
     # (diffattn.editing); None otherwise.
     branches: tuple[str, ...] | None = None
+    # Which application of the method this call belongs to (one per method and denoiser: Wan 2.2's two transformers
+    # get two), for methods that keep state across calls (Rettention's calibration cache).
+    application_id: int | None = None

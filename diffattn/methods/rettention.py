@@ -66,9 +66,9 @@ class Rettention(AttentionMethod):
     :class:`DynamicSparseAttention`, whose selection is then made at calibration and kept until the next one (no
     selection cost in between). Use ``diffattn.apply(..., steps=...)`` for the dense warm-up (the original: 5 steps).
 
-    State: the cache lives on this instance, one entry per (layer, batch roles or size, shape, heads slice, call
-    order within the step): a residual as large as the layer's attention output. Use one instance per pipeline and
-    one per denoiser (Wan 2.2's two transformers share layer names).
+    State: the cache lives on this instance, one entry per (application, layer, batch roles or size, shape, heads
+    slice, call order within the step): a residual as large as the layer's attention output. One instance applied to
+    a pipeline with two denoisers (Wan 2.2) keeps one cache per denoiser.
     """
 
     base: AttentionMethod = field(default_factory=lambda: DynamicSparseAttention(topk=0.1))
@@ -100,6 +100,7 @@ class Rettention(AttentionMethod):
 
     def _key(self, q: Tensor, v: Tensor, ctx: AttentionContext) -> tuple:
         who = (
+            ctx.application_id,  # one cache per application: the same layer names on two denoisers stay apart
             ctx.layer,
             ctx.batch_roles if ctx.batch_roles is not None else q.shape[0],
             tuple(q.shape),

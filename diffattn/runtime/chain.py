@@ -245,6 +245,7 @@ class _ChainRun:
             num_steps=call_state.num_steps,
             batch_roles=call_state.batch_roles,
             branches=call_state.branches,
+            application_id=application.id,
             dense=lambda a, b, c: self(index + 1, a, b, c),
             report=lambda **metrics: application.records.report(layer, metrics),
             **self.shared,

@@ -319,3 +319,28 @@ def test_todo_timestep_gate_reads_the_scheduler_scale(family):
             densities[t] = min(m["density"] for m in handle.metrics().values() if "density" in m)
     assert densities[900.0] < 1.0, densities  # acts early in the schedule
     assert densities[200.0] == 1.0, densities  # stops below the threshold
+
+
+def test_rettention_keeps_one_cache_per_denoiser():
+    """One Rettention instance on two denoisers with the same layer names (Wan 2.2's transformer and transformer_2,
+    the second taking over at step 2): the second calibrates on its own instead of reusing the first one's cache."""
+    first, second = tiny_model("wan", seed=0), tiny_model("wan", seed=1)
+    inputs = tiny_inputs("wan", (2, 4, 4))
+    roles = ("cond",) * inputs["hidden_states"].shape[0]
+    base = diffattn.SlidingTileAttention(tile=(1, 2, 2), window=(1, 1, 1))
+
+    def run(method, schedule):
+        outs = []
+        handles = [diffattn.apply(m, method) for m in {id(m): m for m, _ in schedule}.values()]
+        try:
+            for model, step in schedule:
+                with diffattn.denoising_step(step, 4, batch_roles=roles):
+                    outs.append(model(**inputs)[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outs
+
+    shared = run(diffattn.Rettention(base=base), [(first, 0), (first, 1), (second, 2), (second, 3)])
+    alone = run(diffattn.Rettention(base=base), [(second, 2), (second, 3)])
+    torch.testing.assert_close(shared[2:], alone, rtol=0, atol=0)
