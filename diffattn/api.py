@@ -25,6 +25,7 @@ from .runtime import (
     existing_state,
     model_state,
 )
+from .runtime.conflicts import refuse_layer_skip
 from .schedule import LayerSpec, StepSchedule, StepSpec, select_layers
 
 __all__ = ["apply", "remove", "Handle", "attention_modules"]
@@ -170,6 +171,7 @@ def attach(
         for name in chosen:  # under context parallelism already: refuse ring mode or indivisible heads right away
             module = by_name[name]
             parallel.processor_ulysses(module.processor, model, name, getattr(module, "heads", None))
+            refuse_layer_skip(module, name, [method.name])
         state = existing_state(model)
         if extension is not None and state is not None and any(a.extension for a in state.applications):
             raise DiffattnError(

@@ -17,6 +17,7 @@ from ..errors import InterceptionError
 from .application import Application, LayerInfo
 from .backend import native_backend, needs_native_override
 from .chain import MethodChain
+from .conflicts import refuse_layer_skip
 from .core_op import core_op, register_hook, unregister_hook
 from .ids import next_id
 from .interceptor import SDPA, CoreInterceptor
@@ -64,6 +65,8 @@ class AttentionHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not self.entries:
             return self.fn_ref.original_forward(*args, **kwargs)
+        if not torch.compiler.is_compiling():  # a layer-skip hook registered after diffattn: refused at its first call
+            refuse_layer_skip(module, self.entries[0].layer.name, [e.application.method.name for e in self.entries])
         if torch.compiler.is_compiling() and not needs_native_override(module.processor):
             return self._compiled_forward(module, *args, **kwargs)
         return self._eager_forward(module, *args, **kwargs)

@@ -344,3 +344,30 @@ def test_rettention_keeps_one_cache_per_denoiser():
     shared = run(diffattn.Rettention(base=base), [(first, 0), (first, 1), (second, 2), (second, 3)])
     alone = run(diffattn.Rettention(base=base), [(second, 2), (second, 3)])
     torch.testing.assert_close(shared[2:], alone, rtol=0, atol=0)
+
+
+def _layer_skip(model, layer: str = "mid_block.attentions.0.transformer_blocks") -> None:
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+
+    config = LayerSkipConfig(indices=[0], fqn=layer, skip_attention=False, skip_attention_scores=True, skip_ff=False)
+    apply_layer_skip(model, config)
+
+
+def test_layer_skip_then_diffattn_is_refused_at_apply():
+    """diffusers' layer-skip hook (skip_attention_scores) and diffattn both catch the SDPA call of
+    mid_block...attn1: whichever registered first would win silently. Applying diffattn there is refused."""
+    model = tiny_model("unet_sd15", seed=0)
+    _layer_skip(model)
+    with pytest.raises(diffattn.InterceptionError, match="layer-skip"):
+        diffattn.apply(model, diffattn.Dense(), layers="mid_block")
+    diffattn.apply(model, diffattn.Dense(), layers="down_blocks").remove()  # other layers are fine
+
+
+def test_diffattn_then_layer_skip_is_refused_at_the_call():
+    model = tiny_model("unet_sd15", seed=0)
+    inputs = tiny_inputs("unet_sd15", (4, 4))
+    with diffattn.apply(model, diffattn.Dense(), layers="mid_block"):
+        _layer_skip(model)
+        with pytest.raises(diffattn.InterceptionError, match="layer-skip"):
+            with diffattn.denoising_step(0, 1, batch_roles=("cond",) * inputs["sample"].shape[0]):
+                model(**inputs)
