@@ -20,6 +20,23 @@ def _clip_size(text: str) -> tuple[int, int, int]:
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
+def _pipeline_folder(text: str) -> str:
+    """A folder holding a saved diffusers pipeline (its ``model_index.json``)."""
+    if not (Path(text) / "model_index.json").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text}: not a saved pipeline folder (no model_index.json); pass the folder a ShapesVideoPipeline was "
+            "saved to with save_pretrained, or leave it out for the shipped model"
+        )
+    return text
+
+
+def _out_folder(text: str) -> str:
+    """A folder to write the report to: it may not exist yet, but it may not be a file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; pass a folder (it is created if missing)")
+    return text
+
+
 def _compare(args: argparse.Namespace) -> int:
     """diffattn's methods and their peers on the embedded models: speed and ShapesBench quality from one run."""
     require_extra("bench", "matplotlib", "tqdm", "tomesd")
@@ -177,9 +194,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--image-prompts", type=whole_number(), default=8, help="prompts of the image part (ToDo vs tomesd)"
     )
     compare.add_argument("--no-image", action="store_true", help="skip the image part")
-    compare.add_argument("--video-model", default=None, help="a saved ShapesVideoPipeline (default: the shipped one)")
+    compare.add_argument(
+        "--video-model",
+        type=_pipeline_folder,
+        default=None,
+        help="a saved ShapesVideoPipeline (default: the shipped one)",
+    )
     compare.add_argument("--threads", type=whole_number(), default=2)
-    compare.add_argument("--out", default="outputs/compare", help="folder for compare.json, compare.png, pareto.png")
+    compare.add_argument(
+        "--out", type=_out_folder, default="outputs/compare", help="folder for compare.json, compare.png, pareto.png"
+    )
     compare.add_argument(
         "--quick",
         action="store_true",

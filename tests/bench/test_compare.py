@@ -278,3 +278,20 @@ def test_compare_exits_non_zero_when_a_run_failed(pipe, monkeypatch, tmp_path, c
     assert (tmp_path / "compare.json").is_file()  # the report is still written
     assert code == 1
     assert "1 run failed" in err and "broken" in err and "this hook does not support the model" in err, err
+
+
+def test_compare_refuses_a_video_model_or_out_folder_it_cannot_use_before_any_work(tmp_path, capsys, monkeypatch):
+    from diffattn.cli import main
+
+    monkeypatch.setattr(embedded, "load_video_pipeline", _no_work)
+    with pytest.raises(SystemExit) as exited:
+        main(["compare", "--video-model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --video-model" in err and "no model_index.json" in err, err
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exited:
+        main(["compare", "--out", str(tmp_path / "a-file")])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out" in err and "is a file" in err, err
