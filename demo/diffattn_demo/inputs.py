@@ -17,6 +17,7 @@ from .images import shrink
 
 __all__ = [
     "DemoInputError",
+    "NOT_AN_IMAGE",
     "Limits",
     "LIMITS",
     "check_seed",
@@ -49,6 +50,7 @@ class Limits:
 
 
 LIMITS = Limits()
+NOT_AN_IMAGE = "that file is not a readable PNG, JPEG or WebP image: upload an image file in one of these formats"
 
 
 def _whole_number(value: Any, what: str) -> int:
@@ -130,8 +132,8 @@ def load_upload(path: Any, upload_folder: Path, size: tuple[int, int]) -> tuple[
                     f"{LIMITS.upload_side} px a side"
                 )
             rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise DemoInputError("the file is not a readable PNG, JPEG or WebP image") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise DemoInputError(NOT_AN_IMAGE) from None
     return _to_size(np.asarray(rgb), size)
 
 

@@ -126,6 +126,47 @@ def test_upload_checks_format_size_and_place(tmp_path):
         load_upload(tmp_path / ".." / elsewhere.name, tmp_path, size)
 
 
+def test_a_text_file_named_png_gets_the_demos_message_not_gradios(models, tmp_path):
+    """Gradio's image preprocessing opened uploads first and showed PIL's error with the server's path in it; the
+    demo's upload fields hand the file to the tab's logic, which says what is wrong (no path)."""
+    import gradio as gr
+    from gradio.data_classes import FileData
+
+    from diffattn_demo.tabs import edit
+
+    with gr.Blocks():
+        inputs, _ = edit._input_column()
+    upload = next(i for i in inputs if i.elem_id == "edit-upload")
+    assert upload.get_block_name() == "image"  # the page draws the same image field
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    value = upload.preprocess(FileData(path=str(notes), orig_name="notes.png"))
+    with pytest.raises(DemoInputError, match="not a readable PNG, JPEG or WebP image") as refused:
+        run_edit(models, "a red circle", "", "MasaCtrl", 0, 2, upload=value, upload_folder=tmp_path)
+    assert str(tmp_path) not in str(refused.value) and "notes" not in str(refused.value)
+    picture = _save(tmp_path, "picture.png", np.zeros((32, 32, 3), np.uint8))
+    assert upload.preprocess(FileData(path=str(picture), orig_name="picture.png")) == str(picture)
+
+
+def test_erase_canvas_refuses_a_file_that_is_not_an_image_with_the_demos_message(tmp_path):
+    import gradio as gr
+    from gradio.components.image_editor import EditorData
+    from gradio.data_classes import FileData
+    from gradio.exceptions import Error
+
+    from diffattn_demo.tabs import erase
+
+    with gr.Blocks():
+        editor = erase._input_column()[2]
+    assert editor.get_block_name() == "imageeditor"
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    payload = EditorData(background=FileData(path=str(notes), orig_name="notes.png"), layers=[], composite=None)
+    with pytest.raises(Error, match="not a readable PNG, JPEG or WebP image") as refused:
+        editor.preprocess(payload)
+    assert str(tmp_path) not in str(refused.value)
+
+
 def test_editor_mask_is_resized_or_refused_with_a_message():
     background = np.zeros((256, 256, 4), np.uint8)
     background[..., 3] = 255
