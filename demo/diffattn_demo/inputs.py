@@ -74,11 +74,13 @@ def check_seed(seed: Any) -> int:
     return value
 
 
-def check_steps(steps: Any) -> int:
-    """The number of denoising steps as an int within the limits."""
+def check_steps(steps: Any, maximum: int = LIMITS.max_steps, reason: str = "") -> int:
+    """The number of denoising steps as an int within the limits (a tab may allow fewer: ``maximum``, and say why in
+    ``reason``); never clamped, since API calls reach this without the sliders' bounds."""
     value = _whole_number(steps, "steps")
-    if not LIMITS.min_steps <= value <= LIMITS.max_steps:
-        raise DemoInputError(f"steps must be between {LIMITS.min_steps} and {LIMITS.max_steps}, got {value}")
+    if not LIMITS.min_steps <= value <= maximum:
+        why = f" ({reason})" if reason else ""
+        raise DemoInputError(f"steps must be between {LIMITS.min_steps} and {maximum}{why}, got {value}")
     return value
 
 

@@ -78,6 +78,27 @@ def test_steps_are_bounded(value):
     assert check_steps(50) == 50 and check_steps(1.0) == 1
 
 
+@pytest.mark.parametrize("steps", [0, -1, 51, 500, 2.5])
+@pytest.mark.parametrize("tab", ["edit", "layout", "erase", "generate", "guidance", "speed"])
+def test_every_tab_refuses_steps_outside_its_range_naming_the_range(tab, steps, tmp_path):
+    """API calls reach the logic without the sliders' bounds: the steps are refused (never clamped) before any
+    model is used, with the range this tab allows."""
+    from diffattn_demo.tabs.erase import generate_image, run_erase
+
+    calls = {
+        "edit": lambda: run_edit(None, "a red circle", "", "MasaCtrl", 0, steps),
+        "layout": lambda: run_layout(None, "a red circle", "circle: 0 0 1 1", 0, steps),
+        "erase": lambda: run_erase(None, None, 0, steps),
+        "generate": lambda: generate_image(None, "a red circle", 0, steps),
+        "guidance": lambda: run_guidance(None, "a red circle", ["PAG"], "1", 0, steps),
+        "speed": lambda: run_speed(None, ["sliding tile"], next(iter(SPEED_SIZES)), steps, tmp_path),
+    }
+    allowed = f"between 1 and {SPEED_MAX_STEPS}" if tab == "speed" else "between 1 and 50"
+    message = "whole number" if steps == 2.5 else allowed
+    with pytest.raises(DemoInputError, match=message):
+        calls[tab]()
+
+
 def test_long_prompt_is_cut_to_the_tokenizer_limit_with_a_note(pipe):
     limit = pipe.tokenizer.model_max_length
     long = " ".join(["a red circle on the left and"] * 10) + " a blue square"
