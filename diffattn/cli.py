@@ -14,7 +14,7 @@ from .errors import DiffattnError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-__all__ = ["COMMANDS", "MissingExtraError", "main", "require_extra"]
+__all__ = ["COMMANDS", "MissingExtraError", "main", "require_extra", "whole_number"]
 
 COMMANDS = "diffattn.commands"  # entry-point group: name -> ``register(subparsers)``
 EXTRAS = {"compare": "bench", "demo": "demo"}  # the extra that brings each command that is not the library's own
@@ -33,6 +33,25 @@ def require_extra(extra: str, *modules: str) -> None:
             f"pip install './kernels' '.[{extra}]' from a clone of the repository (scripts/bootstrap.sh installs "
             "every extra)"
         )
+
+
+def whole_number(minimum: int = 1, *, multiple_of: int = 1, what: str = ""):
+    """An argparse ``type``: the argument as an int >= ``minimum`` (and a multiple of ``multiple_of``), else an
+    error that says what is allowed, e.g. ``argument --steps: expected a whole number >= 1, got '0'``."""
+    allowed = f"a multiple of {multiple_of} >= {minimum}" if multiple_of > 1 else f"a whole number >= {minimum}"
+    allowed += f" ({what})" if what else ""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or value % multiple_of:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = "whole_number"
+    return parse
 
 
 def _example(args: argparse.Namespace) -> int:
@@ -125,8 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what diffattn installs")
     commands = parser.add_subparsers(dest="command")
     example = commands.add_parser("example", help="apply methods to a tiny pipeline and show what changed")
-    example.add_argument("--steps", type=int, default=4)
-    example.add_argument("--size", type=int, default=64, help="image size in pixels (multiple of 16)")
+    example.add_argument(
+        "--steps",
+        type=whole_number(2, what="the row with a 50% dense warm-up needs two"),
+        default=4,
+        help="denoising steps (at least 2; default 4)",
+    )
+    example.add_argument(
+        "--size",
+        type=whole_number(16, multiple_of=16, what="pixels"),
+        default=64,
+        help="image size in pixels (a multiple of 16; default 64)",
+    )
     example.set_defaults(run=_example)
     _register_plugins(commands)
     return parser

@@ -7,7 +7,8 @@
 Everything stays on this machine: Gradio's analytics are off, no share link is made, the server listens on
 127.0.0.1 unless ``--host`` says otherwise, and models load offline (any local diffusers SD1.5 / SDXL / SD3 / Flux
 folder for the image tabs, a Wan folder for the speed tab; default: the embedded models). Uploads and Gradio's
-temporary files go to a folder of the demo's own (``GRADIO_TEMP_DIR``), trimmed while it runs and removed at exit.
+temporary files go to a folder of the demo's own (``GRADIO_TEMP_DIR``), trimmed while it runs and removed at exit
+(Ctrl+C or SIGTERM).
 Calls on one model run one at a time (a Gradio queue per model, and a lock). This module serves the app; the input
 rules are in ``inputs.py``, the models in ``models.py``, and each tab (its logic and its components) in ``tabs/``.
 """
@@ -19,6 +20,7 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -164,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, a service manager) stops the demo as Ctrl+C does: a normal exit, so the server closes and
+    the atexit clean-up removes the temporary folder (on a signal's default action Python runs no clean-up)."""
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -171,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = DemoSettings(args.host, args.port, args.image_model, args.video_model, args.threads)
     except ValueError as error:
         parser.error(str(error))
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     launch(settings)
     return 0
 

@@ -17,6 +17,7 @@ from .images import shrink
 
 __all__ = [
     "DemoInputError",
+    "NOT_AN_IMAGE",
     "Limits",
     "LIMITS",
     "check_seed",
@@ -49,6 +50,7 @@ class Limits:
 
 
 LIMITS = Limits()
+NOT_AN_IMAGE = "that file is not a readable PNG, JPEG or WebP image: upload an image file in one of these formats"
 
 
 def _whole_number(value: Any, what: str) -> int:
@@ -72,11 +74,13 @@ def check_seed(seed: Any) -> int:
     return value
 
 
-def check_steps(steps: Any) -> int:
-    """The number of denoising steps as an int within the limits."""
+def check_steps(steps: Any, maximum: int = LIMITS.max_steps, reason: str = "") -> int:
+    """The number of denoising steps as an int within the limits (a tab may allow fewer: ``maximum``, and say why in
+    ``reason``); never clamped, since API calls reach this without the sliders' bounds."""
     value = _whole_number(steps, "steps")
-    if not LIMITS.min_steps <= value <= LIMITS.max_steps:
-        raise DemoInputError(f"steps must be between {LIMITS.min_steps} and {LIMITS.max_steps}, got {value}")
+    if not LIMITS.min_steps <= value <= maximum:
+        why = f" ({reason})" if reason else ""
+        raise DemoInputError(f"steps must be between {LIMITS.min_steps} and {maximum}{why}, got {value}")
     return value
 
 
@@ -130,8 +134,8 @@ def load_upload(path: Any, upload_folder: Path, size: tuple[int, int]) -> tuple[
                     f"{LIMITS.upload_side} px a side"
                 )
             rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise DemoInputError("the file is not a readable PNG, JPEG or WebP image") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise DemoInputError(NOT_AN_IMAGE) from None
     return _to_size(np.asarray(rgb), size)
 
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffattn.cli import require_extra
+from diffattn.cli import require_extra, whole_number
 
 __all__ = ["register"]
 
@@ -18,6 +18,23 @@ def _clip_size(text: str) -> tuple[int, int, int]:
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"expected FRAMESxHEIGHTxWIDTH in pixels, e.g. 8x128x128; got {text!r}")
     return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def _pipeline_folder(text: str) -> str:
+    """A folder holding a saved diffusers pipeline (its ``model_index.json``)."""
+    if not (Path(text) / "model_index.json").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text}: not a saved pipeline folder (no model_index.json); pass the folder a ShapesVideoPipeline was "
+            "saved to with save_pretrained, or leave it out for the shipped model"
+        )
+    return text
+
+
+def _out_folder(text: str) -> str:
+    """A folder to write the report to: it may not exist yet, but it may not be a file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; pass a folder (it is created if missing)")
+    return text
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -42,11 +59,13 @@ def _compare(args: argparse.Namespace) -> int:
     from diffattn_kernels import cpu_block_sparse
 
     torch.set_num_threads(args.threads)
-    if args.full:
-        args.prompts, args.extension_prompts = args.prompts or 6, args.extension_prompts or 3
+    if args.full:  # counts not given (None) take the --full defaults; argparse refused any count below 1
+        args.prompts = 6 if args.prompts is None else args.prompts
+        args.extension_prompts = 3 if args.extension_prompts is None else args.extension_prompts
     if args.quick:  # checks that the whole job works (CI): small clips, few steps
         args.frames, args.height, args.width, args.prompts, args.steps = 8, 32, 32, 1, 4
-    prompts_n, steps = args.prompts or 2, args.steps or 10
+    prompts_n = 2 if args.prompts is None else args.prompts
+    steps = 10 if args.steps is None else args.steps
     size = ClipSize(
         QUALITY_SIZE.frames if args.frames is None else args.frames,
         QUALITY_SIZE.height if args.height is None else args.height,
@@ -92,7 +111,7 @@ def _compare(args: argparse.Namespace) -> int:
     peers = video_peers(grid, ratios, steps, natten=args.full or args.quick)
     sections[f"video {size.label}"] = run_video(pipe, size, peers, prompts=prompts, steps=steps, desc="video")
     if longer is not None:
-        ext_prompts = prompts[: max(1, min(len(prompts), args.extension_prompts or 2))]
+        ext_prompts = prompts[: min(len(prompts), 2 if args.extension_prompts is None else args.extension_prompts)]
         what = (
             "4x the frames" if not args.extension_size else f"{longer.tokens(patch) / size.tokens(patch):g}x the tokens"
         )
@@ -101,7 +120,7 @@ def _compare(args: argparse.Namespace) -> int:
             longer,
             extension_runs(longer.grid(patch), size.tokens(patch)),
             prompts=ext_prompts,
-            steps=args.extension_steps or steps,
+            steps=steps if args.extension_steps is None else args.extension_steps,
             desc="length extension",
         )
     if not args.no_image:
@@ -132,6 +151,14 @@ def _compare(args: argparse.Namespace) -> int:
     }
     for path in save_outputs(sections, Path(args.out), title, meta):
         print(f"wrote {path}")
+    failed = [(name, row) for name, (rows, _) in sections.items() for row in rows if row.error]
+    if failed:  # the report is written, but the exit status must not say every run worked
+        print(
+            f"diffattn compare: {len(failed)} run{'s' if len(failed) > 1 else ''} failed (marked 'failed' in the "
+            "table and compare.json): " + "; ".join(f"{row.method} ({name}): {row.error}" for name, row in failed),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -140,14 +167,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     compare = commands.add_parser("compare", help="speed and quality of diffattn's methods and their peers (main job)")
     compare.add_argument(
         "--frames",
-        type=int,
+        type=whole_number(),
         default=None,
         help="frames of the quality size, where dense is right (default 16; height, width: 64)",
     )
-    compare.add_argument("--height", type=int, default=None)
-    compare.add_argument("--width", type=int, default=None)
-    compare.add_argument("--prompts", type=int, default=None, help="ShapesBench prompts per run (default 2; --full 6)")
-    compare.add_argument("--steps", type=int, default=None, help="denoising steps with CFG (default 10)")
+    compare.add_argument("--height", type=whole_number(), default=None)
+    compare.add_argument("--width", type=whole_number(), default=None)
+    compare.add_argument(
+        "--prompts", type=whole_number(), default=None, help="ShapesBench prompts per run (default 2; --full 6)"
+    )
+    compare.add_argument("--steps", type=whole_number(), default=None, help="denoising steps with CFG (default 10)")
     compare.add_argument(
         "--full", action="store_true", help="6 prompts, NATTEN and the length extension (3 prompts); about an hour"
     )
@@ -159,13 +188,22 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="FxHxW",
         help="size of the extension run, e.g. 8x128x128 (implies --extension; default: 4x the frames)",
     )
-    compare.add_argument("--extension-prompts", type=int, default=None, help="default 2; --full 3")
-    compare.add_argument("--extension-steps", type=int, default=None, help="default: --steps")
-    compare.add_argument("--image-prompts", type=int, default=8, help="prompts of the image part (ToDo vs tomesd)")
+    compare.add_argument("--extension-prompts", type=whole_number(), default=None, help="default 2; --full 3")
+    compare.add_argument("--extension-steps", type=whole_number(), default=None, help="default: --steps")
+    compare.add_argument(
+        "--image-prompts", type=whole_number(), default=8, help="prompts of the image part (ToDo vs tomesd)"
+    )
     compare.add_argument("--no-image", action="store_true", help="skip the image part")
-    compare.add_argument("--video-model", default=None, help="a saved ShapesVideoPipeline (default: the shipped one)")
-    compare.add_argument("--threads", type=int, default=2)
-    compare.add_argument("--out", default="outputs/compare", help="folder for compare.json, compare.png, pareto.png")
+    compare.add_argument(
+        "--video-model",
+        type=_pipeline_folder,
+        default=None,
+        help="a saved ShapesVideoPipeline (default: the shipped one)",
+    )
+    compare.add_argument("--threads", type=whole_number(), default=2)
+    compare.add_argument(
+        "--out", type=_out_folder, default="outputs/compare", help="folder for compare.json, compare.png, pareto.png"
+    )
     compare.add_argument(
         "--quick",
         action="store_true",

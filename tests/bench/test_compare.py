@@ -206,3 +206,92 @@ def test_saved_rows_load_back_and_redraw(tmp_path):
     assert repr(loaded) == repr({"video 8x32x32": rows})  # repr: NaN fields compare unequal
     plot_pareto(loaded, tmp_path / "again.png")
     assert (tmp_path / "again.png").stat().st_size > 1000
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("diffattn compare started work on arguments it should have refused")
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--steps", "0"),
+        ("--steps", "-1"),
+        ("--steps", "ten"),
+        ("--frames", "0"),
+        ("--height", "-32"),
+        ("--width", "0"),
+        ("--threads", "0"),
+        ("--prompts", "-1"),
+        ("--extension-steps", "-3"),
+        ("--extension-prompts", "0"),
+        ("--image-prompts", "0"),
+    ],
+)
+def test_compare_refuses_counts_below_one_before_any_work(option, value, capsys, monkeypatch):
+    from diffattn.cli import main
+
+    monkeypatch.setattr(embedded, "load_video_pipeline", _no_work)
+    monkeypatch.setattr(embedded, "load_image_pipeline", _no_work)
+    with pytest.raises(SystemExit) as exited:
+        main(["compare", option, value, "--out", "unused"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected a whole number >= 1, got {value!r}" in err, err
+
+
+def test_compare_keeps_its_defaults_when_counts_are_not_given():
+    import argparse
+
+    from diffattn_bench.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare"])
+    assert (args.steps, args.prompts, args.frames, args.image_prompts, args.threads) == (None, None, None, 8, 2)
+    args = parser.parse_args(["compare", "--steps", "1", "--height", "32", "--extension-prompts", "3"])
+    assert (args.steps, args.height, args.extension_prompts) == (1, 32, 3)
+
+
+def test_compare_exits_non_zero_when_a_run_failed(pipe, monkeypatch, tmp_path, capsys):
+    """A failed row stays in the table and compare.json, and the exit status says the run did not all work."""
+    from diffattn.cli import main
+    from diffattn_bench import compare, peers
+
+    def broken(_pipe):
+        raise RuntimeError("this hook does not support the model")
+
+    monkeypatch.setattr(embedded, "load_video_pipeline", lambda path=None: pipe)
+    monkeypatch.setattr(peers, "calibrate_mag_cache", lambda pipe, run, steps: [1.0] * steps)
+    monkeypatch.setattr(
+        compare,
+        "video_peers",
+        lambda grid, ratios, steps, natten=False: [
+            method_peer("dense (diffattn)", diffattn.Dense()),
+            Peer("broken", "diffusers cache", setup=broken),
+        ],
+    )
+    argv = ["compare", "--frames", "8", "--height", "32", "--width", "32", "--prompts", "1", "--steps", "2"]
+    code = main([*argv, "--no-image", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "| broken | diffusers cache | failed: RuntimeError" in out
+    assert (tmp_path / "compare.json").is_file()  # the report is still written
+    assert code == 1
+    assert "1 run failed" in err and "broken" in err and "this hook does not support the model" in err, err
+
+
+def test_compare_refuses_a_video_model_or_out_folder_it_cannot_use_before_any_work(tmp_path, capsys, monkeypatch):
+    from diffattn.cli import main
+
+    monkeypatch.setattr(embedded, "load_video_pipeline", _no_work)
+    with pytest.raises(SystemExit) as exited:
+        main(["compare", "--video-model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --video-model" in err and "no model_index.json" in err, err
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exited:
+        main(["compare", "--out", str(tmp_path / "a-file")])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out" in err and "is a file" in err, err

@@ -430,6 +430,19 @@ def test_bad_upload_shows_a_message_not_a_traceback(page, server, tmp_path):
     assert "Traceback" not in page.content()
 
 
+def test_a_text_file_named_png_shows_the_demos_message_not_gradios(page, server, tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    page.locator("#edit-upload input[type=file]").set_input_files(str(notes))
+    page.locator("#edit-upload img").first.wait_for()
+    page.locator("#edit-run").click()
+    toast = page.locator("[data-testid='toast-body']").first
+    toast.wait_for(timeout=RESULT_TIMEOUT)
+    shown = toast.inner_text()
+    assert "not a readable PNG, JPEG or WebP image" in shown, shown
+    assert "cannot identify" not in shown and "diffattn-demo-" not in shown and "notes" not in shown, shown
+
+
 def test_api_through_gradio_client(server, models, tmp_path):
     from gradio_client import Client
     from gradio_client.exceptions import AppError

@@ -78,6 +78,27 @@ def test_steps_are_bounded(value):
     assert check_steps(50) == 50 and check_steps(1.0) == 1
 
 
+@pytest.mark.parametrize("steps", [0, -1, 51, 500, 2.5])
+@pytest.mark.parametrize("tab", ["edit", "layout", "erase", "generate", "guidance", "speed"])
+def test_every_tab_refuses_steps_outside_its_range_naming_the_range(tab, steps, tmp_path):
+    """API calls reach the logic without the sliders' bounds: the steps are refused (never clamped) before any
+    model is used, with the range this tab allows."""
+    from diffattn_demo.tabs.erase import generate_image, run_erase
+
+    calls = {
+        "edit": lambda: run_edit(None, "a red circle", "", "MasaCtrl", 0, steps),
+        "layout": lambda: run_layout(None, "a red circle", "circle: 0 0 1 1", 0, steps),
+        "erase": lambda: run_erase(None, None, 0, steps),
+        "generate": lambda: generate_image(None, "a red circle", 0, steps),
+        "guidance": lambda: run_guidance(None, "a red circle", ["PAG"], "1", 0, steps),
+        "speed": lambda: run_speed(None, ["sliding tile"], next(iter(SPEED_SIZES)), steps, tmp_path),
+    }
+    allowed = f"between 1 and {SPEED_MAX_STEPS}" if tab == "speed" else "between 1 and 50"
+    message = "whole number" if steps == 2.5 else allowed
+    with pytest.raises(DemoInputError, match=message):
+        calls[tab]()
+
+
 def test_long_prompt_is_cut_to_the_tokenizer_limit_with_a_note(pipe):
     limit = pipe.tokenizer.model_max_length
     long = " ".join(["a red circle on the left and"] * 10) + " a blue square"
@@ -124,6 +145,47 @@ def test_upload_checks_format_size_and_place(tmp_path):
         load_upload(elsewhere, tmp_path, size)
     with pytest.raises(DemoInputError, match="uploaded through the page"):
         load_upload(tmp_path / ".." / elsewhere.name, tmp_path, size)
+
+
+def test_a_text_file_named_png_gets_the_demos_message_not_gradios(models, tmp_path):
+    """Gradio's image preprocessing opened uploads first and showed PIL's error with the server's path in it; the
+    demo's upload fields hand the file to the tab's logic, which says what is wrong (no path)."""
+    import gradio as gr
+    from gradio.data_classes import FileData
+
+    from diffattn_demo.tabs import edit
+
+    with gr.Blocks():
+        inputs, _ = edit._input_column()
+    upload = next(i for i in inputs if i.elem_id == "edit-upload")
+    assert upload.get_block_name() == "image"  # the page draws the same image field
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    value = upload.preprocess(FileData(path=str(notes), orig_name="notes.png"))
+    with pytest.raises(DemoInputError, match="not a readable PNG, JPEG or WebP image") as refused:
+        run_edit(models, "a red circle", "", "MasaCtrl", 0, 2, upload=value, upload_folder=tmp_path)
+    assert str(tmp_path) not in str(refused.value) and "notes" not in str(refused.value)
+    picture = _save(tmp_path, "picture.png", np.zeros((32, 32, 3), np.uint8))
+    assert upload.preprocess(FileData(path=str(picture), orig_name="picture.png")) == str(picture)
+
+
+def test_erase_canvas_refuses_a_file_that_is_not_an_image_with_the_demos_message(tmp_path):
+    import gradio as gr
+    from gradio.components.image_editor import EditorData
+    from gradio.data_classes import FileData
+    from gradio.exceptions import Error
+
+    from diffattn_demo.tabs import erase
+
+    with gr.Blocks():
+        editor = erase._input_column()[2]
+    assert editor.get_block_name() == "imageeditor"
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    payload = EditorData(background=FileData(path=str(notes), orig_name="notes.png"), layers=[], composite=None)
+    with pytest.raises(Error, match="not a readable PNG, JPEG or WebP image") as refused:
+        editor.preprocess(payload)
+    assert str(tmp_path) not in str(refused.value)
 
 
 def test_editor_mask_is_resized_or_refused_with_a_message():

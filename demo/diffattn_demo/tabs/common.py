@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..inputs import LIMITS, DemoInputError
+from ..inputs import LIMITS, NOT_AN_IMAGE, DemoInputError
 
 __all__ = [
     "Progress",
@@ -20,6 +20,8 @@ __all__ = [
     "SEED_BOX",
     "user_errors",
     "gradio_progress",
+    "upload_image",
+    "image_editor",
 ]
 
 Progress = Callable[[float, str], None]
@@ -52,3 +54,46 @@ def user_errors() -> Iterator[None]:
 def gradio_progress(progress: Any) -> Any:
     """The tabs' :data:`Progress` callback reporting to Gradio's ``gr.Progress``."""
     return lambda fraction, text: progress(fraction, desc=text)
+
+
+def upload_image(**kwargs: Any) -> Any:
+    """A ``gr.Image`` upload field whose file reaches the tab's logic even when it is not an image: Gradio's own
+    preprocessing opens it first and would show PIL's error, with the server's path in it; the logic's
+    :func:`~diffattn_demo.inputs.load_upload` checks the file and says what is wrong. Needs ``type="filepath"``."""
+    import gradio as gr
+
+    if kwargs.get("type") != "filepath":
+        raise ValueError("upload_image hands the logic a file: pass type='filepath'")
+    field = gr.Image(**kwargs)
+    preprocess = field.preprocess
+
+    def checked_by_the_logic(payload: Any) -> Any:
+        try:
+            return preprocess(payload)
+        except Exception:
+            path = getattr(payload, "path", None)
+            if path:  # the file Gradio stored; the logic reads it and says what is wrong
+                return str(path)
+            raise gr.Error(NOT_AN_IMAGE, title="Please check the input", print_exception=False) from None
+
+    # on the instance, not a subclass: Gradio writes a .pyi stub beside the source of every component class defined
+    field.preprocess = checked_by_the_logic
+    return field
+
+
+def image_editor(**kwargs: Any) -> Any:
+    """A ``gr.ImageEditor`` whose background or layer that is not an image gets the demo's message, not PIL's error
+    with the server's path."""
+    import gradio as gr
+
+    editor = gr.ImageEditor(**kwargs)
+    preprocess = editor.preprocess
+
+    def refusing_non_images(payload: Any) -> Any:
+        try:
+            return preprocess(payload)
+        except Exception:
+            raise gr.Error(NOT_AN_IMAGE, title="Please check the input", print_exception=False) from None
+
+    editor.preprocess = refusing_non_images
+    return editor

@@ -16,7 +16,17 @@ import numpy as np
 from ..images import difference_map, display_factor, enlarge, to_uint8
 from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, load_upload
 from ..models import CFG, Models, image_size
-from .common import IMAGE_MODEL, IMAGE_OUT, SEED_BOX, STEPS_SLIDER, Progress, gradio_progress, no_progress, user_errors
+from .common import (
+    IMAGE_MODEL,
+    IMAGE_OUT,
+    SEED_BOX,
+    STEPS_SLIDER,
+    Progress,
+    gradio_progress,
+    no_progress,
+    upload_image,
+    user_errors,
+)
 
 __all__ = ["EDIT_METHODS", "EditOutput", "run_edit", "build"]
 
@@ -192,7 +202,7 @@ def _input_column() -> tuple[list[Any], Any]:
         with gr.Row():
             e_seed = gr.Number(0, label="Seed", elem_id="edit-seed", **SEED_BOX)
             e_steps = gr.Slider(value=20, label="Steps", elem_id="edit-steps", **STEPS_SLIDER)
-        e_upload = gr.Image(
+        e_upload = upload_image(
             type="filepath",
             sources=["upload"],
             format="png",

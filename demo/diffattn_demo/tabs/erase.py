@@ -13,7 +13,17 @@ import numpy as np
 from ..images import display_factor, enlarge, to_uint8
 from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, mask_from_editor
 from ..models import CFG, Models, image_size
-from .common import IMAGE_MODEL, IMAGE_OUT, SEED_BOX, STEPS_SLIDER, Progress, gradio_progress, no_progress, user_errors
+from .common import (
+    IMAGE_MODEL,
+    IMAGE_OUT,
+    SEED_BOX,
+    STEPS_SLIDER,
+    Progress,
+    gradio_progress,
+    image_editor,
+    no_progress,
+    user_errors,
+)
 
 __all__ = ["generate_image", "EraseOutput", "run_erase", "build"]
 
@@ -109,7 +119,7 @@ def _input_column() -> tuple[Any, ...]:
                 scale=3,
             )
             r_generate = gr.Button("Generate", elem_id="erase-generate", scale=1)
-        r_editor = gr.ImageEditor(
+        r_editor = image_editor(
             type="numpy",
             format="png",
             sources=["upload"],

@@ -56,11 +56,9 @@ def run_speed(
 
     if size not in SPEED_SIZES:
         raise DemoInputError(f"size must be one of {', '.join(SPEED_SIZES)}, got {size!r}")
-    steps = check_steps(steps)
-    if steps > SPEED_MAX_STEPS:
-        raise DemoInputError(
-            f"the speed comparison runs at most {SPEED_MAX_STEPS} steps (each runs every method), got {steps}"
-        )
+    steps = check_steps(
+        steps, SPEED_MAX_STEPS, f"the speed comparison runs at most {SPEED_MAX_STEPS} steps: each runs every method"
+    )
     frames, height, width = SPEED_SIZES[size]
     with models.video() as pipe:
         grid, rows, videos = _compare(pipe, methods, size, steps, progress)

@@ -1,0 +1,65 @@
+"""``diffattn demo`` as a process: stopped with SIGTERM (``kill``, a service manager, a container stopping), it exits
+normally and removes its temporary folder, as it does on Ctrl+C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+STARTUP_TIMEOUT = 300.0
+_SERVER = "import sys; from diffattn.cli import main; sys.exit(main(['demo', *sys.argv[1:]]))"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_config(process: subprocess.Popen, port: int, log: Path) -> dict:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"diffattn demo exited:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"diffattn demo did not answer within {STARTUP_TIMEOUT:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def test_sigterm_stops_the_demo_and_removes_its_temp_folder(tmp_path):
+    temp = tmp_path / "tmp"  # the demo makes its diffattn-demo-* folder here (TMPDIR)
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    env.update(TMPDIR=str(temp), GRADIO_ANALYTICS_ENABLED="False")
+    port = _free_port()
+    log = tmp_path / "server.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, "--port", str(port), "--threads", "1"],
+            cwd=tmp_path,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert _wait_for_config(process, port, log)["components"]
+        folders = list(temp.glob("diffattn-demo-*"))
+        assert len(folders) == 1 and folders[0].is_dir(), folders
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert code == 0, f"exit status {code}:\n{log.read_text()[-3000:]}"
+    assert not folders[0].exists(), f"SIGTERM left the demo's temporary folder {folders[0]}"
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
