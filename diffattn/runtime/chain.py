@@ -18,6 +18,8 @@ from .call_state import CallState
 if TYPE_CHECKING:
     from .attention_hook import Entry
 
+IMAGE_PROMPT = "image_prompt"  # the role of an extra SDPA call in a cross-attention module
+
 __all__ = ["MethodChain"]
 
 Layouts = tuple[TokenLayout, TokenLayout, tuple[int, int] | None]  # (query, key, query range)
@@ -41,10 +43,14 @@ class MethodChain:
         self.processor = processor
         self.layer = entries[0].layer
         self.state = entries[0].application.state
+        self.sdpa_calls = 0  # SDPA calls caught in this module call so far
 
     def __call__(self, sdpa: Any, call: dict[str, Any]) -> Tensor:
         """Run the chain on one intercepted SDPA call (``call``: its arguments by name)."""
         q, k, v = call.pop("query"), call.pop("key"), call.pop("value")
+        self.sdpa_calls += 1
+        if self.sdpa_calls > 1 and self.layer.role == "cross":
+            return self._extra_call(sdpa, q, k, v, call)
         if call["is_causal"]:
             raise InterceptionError(f"{self.layer.name}: causal attention is not supported by diffattn methods")
         q_layout, kv_layout, q_range = self._layouts(q.shape[-2], k.shape[-2])
@@ -62,6 +68,13 @@ class MethodChain:
         if inverse is not None:
             out = out.index_select(-2, inverse)
         return out
+
+    def _extra_call(self, sdpa: Any, q: Tensor, k: Tensor, v: Tensor, call: dict[str, Any]) -> Tensor:
+        """A further SDPA call inside a cross-attention module (IP-Adapter's image-prompt attention: its keys are
+        image-prompt tokens, not the text): role ``image_prompt``, which no method acts on; the stock core runs."""
+        for entry in self.entries:
+            entry.application.records.record(self.call_state.step, self.layer.name, IMAGE_PROMPT, acted=False)
+        return sdpa(q, k, v, **call)
 
     # ------------------------------------------------------------------------------------------------------------
     # Layouts
