@@ -123,6 +123,7 @@ class CrossMapRecorder(AttentionMethod):
 
     roles: frozenset[str] = field(default=frozenset({"cross", "joint"}))
     stack_level: ClassVar[int] = 1
+    requires_roles: ClassVar[bool] = True  # records the conditional entries' maps
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         store = CROSS_MAPS.get()

@@ -289,6 +289,19 @@ def test_every_blend_word_must_be_in_its_prompt():
     assert nothing_applied(pipe)
 
 
+def test_word_maps_that_no_layer_records_raise_instead_of_doing_nothing():
+    """LocalBlend and MasaCtrl's automatic masks record maps on layers of at most max_tokens queries; with none
+    (Flux at 1024 px has 4096 per layer), they silently did nothing."""
+    pipe = pipeline("sd")
+    blend = diffattn.PromptToPrompt(local_blend=diffattn.LocalBlend(words="circle", start=0.0, max_tokens=1))
+    with pytest.raises(diffattn.LayoutError, match="max_tokens=1"):
+        edit(pipe, "a red circle", "a blue circle", blend, **KW)
+    auto = diffattn.MutualSelfAttention(start_step=0, mask_words="circle", mask_max_tokens=1)
+    with pytest.raises(diffattn.LayoutError, match="max_tokens=1"):
+        edit(pipe, "a red circle", "a blue circle", auto, **KW)
+    assert nothing_applied(pipe)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 5. erase: image range, one mask threshold
 # ----------------------------------------------------------------------------------------------------------------
