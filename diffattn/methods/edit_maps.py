@@ -105,8 +105,8 @@ class BlendStore:
         return LayoutError(
             f"{owner}: no cross-attention map of the words (tokens {words}) was recorded: the layers it records "
             f"are those with at most max_tokens={self.blend.max_tokens} image queries, and the fewest this call's "
-            f"layers have is {self.fewest_queries}. Raise LocalBlend(max_tokens=...) (MasaCtrl's mask_words use "
-            "the same limit)"
+            f"layers have is {self.fewest_queries}. Raise the limit: LocalBlend(max_tokens=...), "
+            "MutualSelfAttention(mask_max_tokens=...)"
         )
 
 

@@ -423,24 +423,9 @@ def test_layout_takes_the_pipelines_own_step_count(monkeypatch):
         made.append(self)
 
     monkeypatch.setattr(bounded.MaskRefiner, "__init__", spy)
-    calls = []
-
-    def count(p, i, t, outputs):
-        calls.append(i)
-        return outputs
-
-    layout(
-        pipeline("flux"),
-        "a red circle",
-        [("circle", LEFT)],
-        guidance_steps=0,
-        height=32,
-        width=32,
-        callback_on_step_end=count,
-    )
+    layout(pipeline("flux"), "a red circle", [("circle", LEFT)], guidance_steps=0, height=32, width=32)
     (refiner,) = made
-    assert len(calls) == 28
-    assert refiner.refreshed == len(range(9, 28, 3)), "0.3 of 28 steps, every 0.1 of them"
+    assert refiner.refreshed == len(range(9, 28, 3)), "from 0.3 of the 28 steps, every 0.1 of them: 9, 12, ..., 27"
 
 
 # ----------------------------------------------------------------------------------------------------------------
