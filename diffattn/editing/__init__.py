@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,15 +23,19 @@ import numpy as np
 import torch
 
 from ..adapters import adapter_for
-from ..api import _denoisers, apply, attention_modules
+from ..api import Handle, _denoisers, apply, attention_modules
+from ..errors import LayoutError
 from ..methods.base import AttentionMethod
 from ..methods.edit_maps import BLEND_STORE, CROSS_MAPS, BlendStore, CrossMapRecorder
 from ..methods.local_blend import LocalBlend
+from ..methods.prompt_to_prompt import PromptToPrompt
 from ..runtime import prompt_branches
 from ..schedule import LayerSpec, StepSpec
+from .callbacks import chain_step_end, refuse_owned
 from .erase import erase
 from .inversion import _scheduler, ddim_scheduler, invert
 from .layout import layout, layout_method
+from .tokens import check_prompt_to_prompt, find_tokens, text_tokenizer, token_indices
 
 __all__ = [
     "LocalBlend",
@@ -73,21 +78,17 @@ def default_layers(model: torch.nn.Module, method: AttentionMethod) -> tuple[str
     return tuple(re.escape(b) for b in later)  # whole name parts: transformer_blocks.1 is not single_…blocks.1
 
 
-def token_indices(pipe: Any, prompt: str, word: str) -> tuple[int, ...]:
-    """The indices (BOS = 0) of the tokens of ``word`` in ``prompt`` as the pipeline's (first) tokenizer splits it,
-    for :class:`~diffattn.PromptToPrompt`'s ``reweight``."""
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(prompt).input_ids
-    word_ids = tokenizer(word, add_special_tokens=False).input_ids
-    for start in range(len(ids) - len(word_ids) + 1):
-        if ids[start : start + len(word_ids)] == word_ids:
-            return tuple(range(start, start + len(word_ids)))
-    raise ValueError(f"{word!r} is not a run of tokens of {prompt!r} for this tokenizer (tokens: {ids})")
-
-
 def _images(output: Any) -> np.ndarray:
     frames = getattr(output, "frames", None)
     return np.asarray(frames if frames is not None else output.images)
+
+
+#: What edit() sets in the pipeline call itself, and what to pass instead.
+_OWNED = {
+    "prompt": "give the prompts as source= and target=",
+    "generator": "pass seed= (both prompts start from the same noise: one generator per prompt, seed + copy)",
+    "output_type": "the result is numpy arrays (EditResult)",
+}
 
 
 def edit(
@@ -106,63 +107,81 @@ def edit(
 
     ``layers=None``: :func:`default_layers` for methods that act on later layers only (MasaCtrl), else every layer
     whose role the method acts on; ``steps`` as in :func:`diffattn.apply`; ``latents``: the starting
-    noise of both branches, e.g. from :func:`invert` to edit an existing image (the call then runs with
+    noise of both branches (one entry), e.g. from :func:`invert` to edit an existing image (the call then runs with
     :func:`ddim_scheduler`, the exact reverse of the inversion); other keyword arguments go to the pipeline call
-    (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ...).
+    (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ...). A ``callback_on_step_end`` of the
+    user's runs after the edit's own (LocalBlend's blending) at every step, gets its outputs and returns what the
+    pipeline takes. Everything the edit checks is checked before anything is applied, and whatever it applied is
+    removed when it returns or raises.
     """
-    handle = recorder = None
-    maps = None
+    refuse_owned(call_kwargs, _OWNED, "edit")
+    copies = _copies(call_kwargs)
+    # every check that can refuse the edit runs before anything is applied to the pipeline
+    maps = store = None
     if method is not None:
         if layers is None and getattr(method, "later_layers_only", False):
             models, _ = _denoisers(pipe)
             layers = default_layers(models[0], method)
-        handle = apply(pipe, method, layers=layers, steps=steps)
         words = getattr(method, "mask_words", ())
         if words:  # MasaCtrl's automatic masks: record the words' cross-attention maps on every layer
-            maps = _blend_store(
-                pipe, source, target, LocalBlend(words=words, threshold=method.mask_threshold), call_kwargs
+            blend = LocalBlend(words=words, threshold=method.mask_threshold, max_tokens=method.mask_max_tokens)
+            maps = _blend_store(pipe, source, target, blend, call_kwargs, each_prompt=True)
+        if getattr(method, "local_blend", None) is not None:
+            store = _blend_store(pipe, source, target, method.local_blend, call_kwargs)
+        if isinstance(method, PromptToPrompt):
+            check_prompt_to_prompt(pipe, source, target, method)
+    # the same noise for both prompts (copy c of each prompt: seed + c)
+    generators = [torch.Generator().manual_seed(seed + c) for _ in range(2) for c in range(copies)]
+    replay = contextlib.nullcontext()
+    if latents is not None:
+        if latents.ndim < 2 or latents.shape[0] != 1:
+            raise ValueError(
+                f"edit: latents must hold one entry (batch 1, as invert() returns), got shape {tuple(latents.shape)}; "
+                "both prompts and every copy start from it"
             )
-            recorder = apply(pipe, CrossMapRecorder())
-    maps_token = CROSS_MAPS.set(maps)
+        call_kwargs["latents"] = latents.expand(2 * copies, *latents.shape[1:]).clone()
+        replay = _scheduler(pipe, ddim_scheduler(pipe))
+    if store is not None:
+        call_kwargs.update(chain_step_end(call_kwargs, _blend_step(store, copies)))
+    handles: list[Handle] = []
+    maps_token, store_token = CROSS_MAPS.set(maps), BLEND_STORE.set(store)
     try:
-        copies = int(call_kwargs.get("num_images_per_prompt", 1))
-        # the same noise for both prompts (copy c of each prompt: seed + c)
-        generators = [torch.Generator().manual_seed(seed + c) for _ in range(2) for c in range(copies)]
-        replay = contextlib.nullcontext()
-        if latents is not None:
-            call_kwargs["latents"] = latents.expand(2 * copies, *latents.shape[1:]).clone()
-            replay = _scheduler(pipe, ddim_scheduler(pipe))
-        blend = getattr(method, "local_blend", None)
-        store = None
-        if blend is not None:
-            store = _blend_store(pipe, source, target, blend, call_kwargs)
-            call_kwargs["callback_on_step_end"] = _blend_step(
-                store, copies, int(call_kwargs.get("num_inference_steps", 50))
-            )
-            call_kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
-        token = BLEND_STORE.set(store)
-        try:
-            with prompt_branches(("source", "target")), replay:
-                output = pipe(prompt=[source, target], generator=generators, output_type="np", **call_kwargs)
-        finally:
-            BLEND_STORE.reset(token)
+        if method is not None:
+            handles.append(apply(pipe, method, layers=layers, steps=steps))
+            if maps is not None:
+                handles.append(apply(pipe, CrossMapRecorder()))
+        with prompt_branches(("source", "target")), replay:
+            output = pipe(prompt=[source, target], generator=generators, output_type="np", **call_kwargs)
     finally:
+        BLEND_STORE.reset(store_token)
         CROSS_MAPS.reset(maps_token)
-        for h in (recorder, handle):
-            if h is not None:
-                h.remove()
+        for handle in reversed(handles):
+            handle.remove()
     images = _images(output)
     if copies == 1:
         return EditResult(source=images[0], target=images[1])
     return EditResult(source=images[:copies], target=images[copies:])
 
 
-def _words_tokens(pipe: Any, prompt: str, words: tuple[str, ...]) -> tuple[int, ...]:
-    found: list[int] = []
+def _copies(call_kwargs: dict[str, Any]) -> int:
+    copies = call_kwargs.get("num_images_per_prompt", 1)
+    if copies is None:
+        return 1
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"edit: num_images_per_prompt must be an int >= 1, got {copies!r}")
+    return copies
+
+
+def _words_tokens(pipe: Any, prompt: str, words: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """Each word's token indices in ``prompt``'s text sequence (empty: not there)."""
+    tokenizer = text_tokenizer(pipe)
+    ids = list(tokenizer(prompt).input_ids)
+    limit = getattr(tokenizer, "model_max_length", None)
+    out: dict[str, tuple[int, ...]] = {}
     for word in words:
-        with contextlib.suppress(ValueError):
-            found.extend(token_indices(pipe, prompt, word))
-    return tuple(found)
+        found = find_tokens(tokenizer, ids, word) or ()
+        out[word] = tuple(t for t in found if not isinstance(limit, int) or t < limit)  # past the cut: not seen
+    return out
 
 
 def _latent_grid(pipe: Any, call_kwargs: dict[str, Any]) -> tuple[int, int]:
@@ -177,30 +196,67 @@ def _latent_grid(pipe: Any, call_kwargs: dict[str, Any]) -> tuple[int, int]:
     return height // (factor * packed), width // (factor * packed)
 
 
-def _blend_store(pipe: Any, source: str, target: str, blend: LocalBlend, call_kwargs: dict[str, Any]) -> BlendStore:
+def _blend_store(
+    pipe: Any,
+    source: str,
+    target: str,
+    blend: LocalBlend,
+    call_kwargs: dict[str, Any],
+    *,
+    each_prompt: bool = False,
+) -> BlendStore:
+    """The store of ``blend``'s word maps. Every word must be in its prompt (words of both prompts: in either), and
+    with ``each_prompt`` (MasaCtrl's masks of the object in each image) each prompt must hold one of its words."""
     source_words, target_words = blend.split()
-    tokens = {"source": _words_tokens(pipe, source, source_words), "target": _words_tokens(pipe, target, target_words)}
+    in_source, in_target = _words_tokens(pipe, source, source_words), _words_tokens(pipe, target, target_words)
+    tokens = {
+        "source": tuple(t for w in source_words for t in in_source[w]),
+        "target": tuple(t for w in target_words for t in in_target[w]),
+    }
     if not tokens["source"] and not tokens["target"]:
         raise ValueError(
             f"none of the words {blend.words} is in {source!r} or {target!r}; name words of the "
             "prompts (the object: LocalBlend's region that may change, MasaCtrl's mask_words)"
         )
+    if source_words == target_words:
+        missing = [w for w in source_words if not in_source[w] and not in_target[w]]
+    else:
+        missing = [w for w in source_words if not in_source[w]] + [w for w in target_words if not in_target[w]]
+    if missing:
+        raise ValueError(
+            f"the words {missing} are not in their prompt ({source!r} -> {target!r}); every word of LocalBlend's "
+            f"words / MasaCtrl's mask_words ({blend.words}) must be one of the prompt's (check the spelling)"
+        )
+    if each_prompt and not (tokens["source"] and tokens["target"]):
+        branch, prompt = ("source", source) if not tokens["source"] else ("target", target)
+        raise ValueError(
+            f"MutualSelfAttention: mask_words {blend.words} must name the object in each prompt (its mask in the "
+            f"source and in the target image), but none is in the {branch} {prompt!r}; give (source_words, "
+            "target_words)"
+        )
     return BlendStore(tokens, _latent_grid(pipe, call_kwargs), blend)
 
 
-def _blend_step(store: BlendStore, copies: int, steps: int):
+def _blend_step(store: BlendStore, copies: int, steps: int | None = None) -> Callable[..., dict[str, Any]]:
     """The step-end callback of LocalBlend: target latents <- source + mask * (target - source) from the start step
-    on (the latents are ``[source copies..., target copies...]``; Flux's are packed ``(batch, tokens, channels)``)."""
-    start = math.ceil(store.blend.start * steps - 1e-9)
+    on (the latents are ``[source copies..., target copies...]``; Flux's are packed ``(batch, tokens, channels)``).
+    ``steps``: the number of steps of the loop; None: the running call's, as its attention calls saw it (Heun's
+    2n - 1 calls, a pipeline's own default step count)."""
 
     def step_end(_pipe: Any, i: int, _t: Any, outputs: dict[str, Any]) -> dict[str, Any]:
-        if i + 1 < start:
+        total = steps if steps is not None else store.num_steps
+        if total is None:
+            raise LayoutError(
+                f"LocalBlend: step {i} ran no cross-attention call of PromptToPrompt, whose maps it blends by; "
+                "apply PromptToPrompt to cross- or joint-attention layers (layers=..., steps=...)"
+            )
+        if i + 1 < math.ceil(store.blend.start * total - 1e-9):
             return outputs
         latents = outputs["latents"]
         for c in range(copies):
             mask = store.mask(c)
             if mask is None:
-                continue
+                raise store.no_maps_error("LocalBlend")
             m = mask.to(latents.device)
             m = m.flatten()[:, None] if latents.ndim == 3 else m[None]
             latents[copies + c] = torch.where(m, latents[copies + c], latents[c])  # = src + m (tgt - src), exact

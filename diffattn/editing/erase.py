@@ -20,19 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from ..api import apply
+from ..methods.edit_masks import MASK_THRESHOLD, object_mask
 from ..methods.eraser import AttentiveEraser
 from ..runtime import denoising_step, prompt_branches
-from .inversion import _encode, ddim_scheduler
+from .inversion import _encode, ddim_scheduler, rgb_image
 
 __all__ = ["erase"]
 
 
-def _latent_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
-    """The mask (H x W, True = remove) at latent size by max-pooling (any covered pixel marks its latent cell)."""
-    m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
-    if m.ndim != 2:
-        raise ValueError(f"erase: the mask must be H x W (True where the object is), got shape {tuple(m.shape)}")
-    return (F.adaptive_max_pool2d(m[None, None], size) > 0.5).float()
+def _latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The object mask (H x W bool) at latent size by max-pooling (any covered pixel marks its latent cell)."""
+    return (F.adaptive_max_pool2d(mask.float()[None, None], size) > 0.5).float()
 
 
 def unet_conditioning(pipe: Any, prompt: str, batch: int, size: tuple[int, int], device: Any) -> dict[str, Any]:
@@ -65,9 +63,11 @@ def erase(
     seed: int = 0,
     layers: Any = "up_blocks",
 ) -> np.ndarray:
-    """Remove the object under ``mask`` (H x W bool, True on the object) from ``image`` (H x W x 3 uint8 or floats in
-    [0, 1]); returns the edited image as floats in [0, 1]. ``method`` sets AAS (default ``AttentiveEraser()``);
-    ``layers``: where it acts (the paper: the decoder's self-attention)."""
+    """Remove the object under ``mask`` from ``image`` (H x W x 3 uint8 or floats in [0, 1]; grayscale and opaque
+    RGBA are read as RGB); returns the edited image as floats in [0, 1]. ``mask``: the image's H x W, True on the
+    object, or numbers with the object at values >= 0.5 (one threshold for the latent blending and the attention
+    suppression; a soft mask's feathered edge below it is background). ``method`` sets AAS (default
+    ``AttentiveEraser()``); ``layers``: where it acts (the paper: the decoder's self-attention)."""
     from diffusers import UNet2DConditionModel
 
     if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
@@ -77,9 +77,18 @@ def erase(
         )
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"erase: strength must be in (0, 1], got {strength}")
-    image = np.asarray(image)
-    if image.dtype == np.uint8:
-        image = image.astype(np.float32) / 255.0
+    image = rgb_image(image, "erase", array=True)
+    mask = object_mask(mask, "erase")
+    if tuple(mask.shape) != image.shape[:2]:
+        raise ValueError(
+            f"erase: the mask ({tuple(mask.shape)}) must have the image's height and width {image.shape[:2]}; "
+            "resize it (nearest) to the image"
+        )
+    if not bool(mask.any()):
+        raise ValueError(
+            f"erase: the mask selects nothing: values >= {MASK_THRESHOLD} mark the object (True in a bool mask); "
+            "mark the object to remove"
+        )
     method = method or AttentiveEraser()
     scheduler = ddim_scheduler(pipe)
     x0 = _encode(pipe, image, image.shape[0], image.shape[1])

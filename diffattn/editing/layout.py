@@ -12,6 +12,8 @@ alone.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
 from collections.abc import Sequence
@@ -23,7 +25,9 @@ import torch
 from ..api import apply
 from ..methods.bounded import _COLLECTOR, _REFINER, BoundedAttention, Box, LossCollector, MaskRefiner, _check_box
 from ..runtime import denoising_step
+from .callbacks import chain_step_end, refuse_owned
 from .erase import unet_conditioning
+from .tokens import find_tokens, text_tokenizer
 
 __all__ = ["layout", "layout_method", "FILTER_WORDS"]
 
@@ -65,19 +69,10 @@ FILTER_WORDS = frozenset(
 )
 
 
-def _text_tokenizer(pipe: Any) -> Any:
-    """The tokenizer whose tokens are the text sequence of the denoiser's attention: T5's for Flux (its joint
-    attention sees T5 tokens only), the (first) CLIP tokenizer otherwise (SD3's sequence starts with CLIP's)."""
-    if type(pipe).__name__.startswith("Flux") and getattr(pipe, "tokenizer_2", None) is not None:
-        return pipe.tokenizer_2
-    return pipe.tokenizer
-
-
 def _word_tokens(tokenizer: Any, ids: list[int], word: str, prompt: str) -> tuple[int, ...]:
-    word_ids = tokenizer(word, add_special_tokens=False).input_ids
-    for start in range(len(ids) - len(word_ids) + 1):
-        if ids[start : start + len(word_ids)] == word_ids:
-            return tuple(range(start, start + len(word_ids)))
+    found = find_tokens(tokenizer, ids, word)
+    if found is not None:
+        return found
     raise ValueError(
         f"layout: subject word {word!r} is not in the prompt {prompt!r}; name each subject by a word "
         "of the prompt (e.g. ('circle', box) for 'a red circle ...')"
@@ -97,7 +92,7 @@ def layout_method(
     pipeline's tokenizer; ``options`` go to the method (``mask_eos``, ``mask_cross``, ``mask_self``, ...)."""
     if not subjects:
         raise ValueError("layout: give at least one (word, box) subject, box = (x0, y0, x1, y1) in [0, 1]")
-    tokenizer = _text_tokenizer(pipe)
+    tokenizer = text_tokenizer(pipe)
     ids = tokenizer(prompt).input_ids
     limit = getattr(tokenizer, "model_max_length", None)
     if limit is not None and len(ids) > limit:
@@ -133,6 +128,37 @@ def _supports_guidance(pipe: Any) -> bool:
         and unet.config.addition_embed_type in (None, "text_time")
         and hasattr(pipe, "encode_prompt")
     )
+
+
+def _num_inference_steps(pipe: Any, call_kwargs: dict[str, Any]) -> int:
+    """The ``num_inference_steps`` of the call: the one given, else the pipeline's own default (SD: 50, SD3 and Flux:
+    28)."""
+    steps = call_kwargs.get("num_inference_steps")
+    if steps is None:
+        parameter = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+        steps = None if parameter is None else parameter.default
+        if not isinstance(steps, int) or isinstance(steps, bool):
+            raise ValueError(
+                f"layout: {type(pipe).__name__} has no default num_inference_steps; pass num_inference_steps=..."
+            )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"layout: num_inference_steps must be an int >= 1, got {steps!r}")
+    return steps
+
+
+#: What layout() sets in the pipeline call itself, and what to pass instead.
+_OWNED = {
+    "prompt": "give it as layout's prompt",
+    "generator": "pass seed=",
+    "output_type": "the result is a numpy image",
+}
+
+
+def _loop_length(pipe: Any, steps: int) -> int:
+    """How many model calls the pipeline's loop makes for ``steps`` (the scheduler's timesteps: Heun 2n - 1)."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
 
 
 def _step_sizes(count: int, first: float, last: float) -> list[float]:
@@ -178,13 +204,24 @@ def layout(
     50) every ``refine_every`` (5 of 50), on ``refine_layers`` (default: the decoder level whose grid is nearest 16 x
     16 tokens, the paper's; transformers: the later half of the blocks). Other keyword arguments go to the
     pipeline call.
+    Steps and fractions of them count the steps the call runs (the pipeline's own default step count when
+    ``num_inference_steps`` is not given; Heun's 2n - 1 calls). A ``callback_on_step_end`` of the user's runs after
+    layout's own (refinement, the next step's latent update) at every step, gets its outputs and returns what the
+    pipeline takes. One image per call (``num_images_per_prompt`` 1).
     Returns the image as ``(H, W, 3)`` floats in [0, 1].
     """
+    refuse_owned(call_kwargs, _OWNED, "layout")
+    copies = call_kwargs.get("num_images_per_prompt")
+    if copies not in (None, 1):
+        raise ValueError(
+            f"layout: num_images_per_prompt={copies!r} is not supported: layout makes one image per call; call it "
+            "once per seed (seed=...) for several"
+        )
     method = layout_method(pipe, prompt, subjects, filter_words=filter_words, **(method_options or {}))
     generator = torch.Generator().manual_seed(seed)
     if not bounded:
         return np.asarray(pipe(prompt=prompt, generator=generator, output_type="np", **call_kwargs).images[0])
-    steps = int(call_kwargs.get("num_inference_steps", 50))
+    steps = _num_inference_steps(pipe, call_kwargs)
     supported = _supports_guidance(pipe)
     if guidance_steps is None:
         guidance_steps = 0.3 if supported else 0
@@ -194,23 +231,34 @@ def layout(
                 "bounded-attention masks alone",
                 type(pipe).__name__,
             )
-    guided = guidance_steps if isinstance(guidance_steps, int) else math.ceil(float(guidance_steps) * steps)
-    if guided < 0 or guided > steps:
-        raise ValueError(f"layout: guidance_steps must be within the {steps} steps, got {guidance_steps!r}")
+    loop = _loop_length(pipe, steps) if supported else steps  # the steps the call runs (Heun: 2n - 1)
+    guided = guidance_steps if isinstance(guidance_steps, int) else math.ceil(float(guidance_steps) * loop)
+    if guided < 0 or guided > loop:
+        raise ValueError(f"layout: guidance_steps must be within the {loop} steps, got {guidance_steps!r}")
     if guided and not supported:
         raise ValueError(
             f"layout: the latent update (guidance_steps={guidance_steps}) needs a UNet pipeline (SD1.5, "
             f"SDXL); {type(pipe).__name__} is not one: pass guidance_steps=0 for the masks alone"
         )
+    given = [name for name in ("latents", "timesteps", "sigmas") if call_kwargs.get(name) is not None]
+    if guided and given:
+        raise ValueError(
+            f"layout: the latent update starts from the seed's noise (seed=...) on the scheduler's timesteps for "
+            f"num_inference_steps; pass {', '.join(given)} with guidance_steps=0 only"
+        )
     refiner = None
     if refine:
-        every = max(1, round(refine_every * steps))
-        first = math.ceil(refine_start * steps - 1e-9)
+
+        def refine_steps(num_steps: int) -> range:  # of the steps the running call makes
+            every = max(1, round(refine_every * num_steps))
+            return range(math.ceil(refine_start * num_steps - 1e-9), num_steps, every)
+
         layers = tuple(refine_layers) if refine_layers is not None else _default_refine_layers(pipe, call_kwargs)
-        refiner = MaskRefiner(method, layers, range(first, steps, every), seed=seed)
-    handle = apply(pipe, method)
+        refiner = MaskRefiner(method, layers, refine_steps, seed=seed)
     token = _REFINER.set(refiner)
+    handle = None
     try:
+        handle = apply(pipe, method)
         return _run(
             pipe,
             method,
@@ -229,7 +277,8 @@ def layout(
         )
     finally:
         _REFINER.reset(token)
-        handle.remove()
+        if handle is not None:
+            handle.remove()
 
 
 def _default_loss_layers(unet: torch.nn.Module) -> tuple[str, ...]:
@@ -284,14 +333,8 @@ def _run(
                 refiner.refresh()
             return outputs
 
-        out = pipe(
-            prompt=prompt,
-            generator=generator,
-            output_type="np",
-            callback_on_step_end=refine_only,
-            callback_on_step_end_tensor_inputs=["latents"],
-            **call_kwargs,
-        )
+        call_kwargs.update(chain_step_end(call_kwargs, refine_only))
+        out = pipe(prompt=prompt, generator=generator, output_type="np", **call_kwargs)
         return np.asarray(out.images[0])
     unet = pipe.unet
     layers = tuple(loss_layers) if loss_layers is not None else _default_loss_layers(unet)
@@ -302,6 +345,7 @@ def _run(
     conditioning = unet_conditioning(pipe, prompt, 1, (height, width), unet.device)
     pipe.scheduler.set_timesteps(steps)
     timesteps = pipe.scheduler.timesteps.clone()
+    loop = len(timesteps)
     sigma = float(pipe.scheduler.init_noise_sigma)
 
     @torch.enable_grad()  # the callback runs inside the pipeline's no_grad
@@ -314,7 +358,7 @@ def _run(
             collector.self_.clear()
             token = _COLLECTOR.set(collector)
             try:
-                with denoising_step(index, steps, timestep=float(t), batch_roles=("cond",)):
+                with denoising_step(index, loop, timestep=float(t), batch_roles=("cond",)):
                     unet(current, t, **conditioning)
             finally:
                 _COLLECTOR.reset(token)
@@ -334,12 +378,6 @@ def _run(
         return outputs
 
     latents = guide(noise * sigma, 0) / sigma
-    out = pipe(
-        prompt=prompt,
-        latents=latents,
-        output_type="np",
-        callback_on_step_end=on_step_end,
-        callback_on_step_end_tensor_inputs=["latents"],
-        **call_kwargs,
-    )
+    call_kwargs.update(chain_step_end(call_kwargs, on_step_end))
+    out = pipe(prompt=prompt, latents=latents, output_type="np", **call_kwargs)
     return np.asarray(out.images[0])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..context import AttentionContext
 from .base import AttentionMethod, check_roles
+from .edit_branches import require_roles, require_step
 
 __all__ = ["BoundedAttention", "Box", "box_masks", "LossCollector", "MaskRefiner", "kmeans"]
 
@@ -137,13 +138,17 @@ class MaskRefiner:
     after the step, k-means (``clusters_per_box`` x boxes clusters, warm-started after the first time) splits the
     pixels by their self-attention rows, and each cluster goes to the subject whose thresholded, min-max normalised
     cross map it overlaps most (intersection / smaller area >= ``score_threshold``; otherwise background). A subject
-    that gets no cluster keeps its box. The masks then replace the boxes at every layer (nearest-exact resize)."""
+    that gets no cluster keeps its box. The masks then replace the boxes at every layer (nearest-exact resize).
+
+    ``steps``: the step indices, or a function of the number of steps the running call makes (``ctx.num_steps``,
+    which must then be known) that gives them — e.g. fractions of the steps that Heun's 2n - 1 calls or a
+    pipeline's own default step count turn into indices."""
 
     def __init__(
         self,
         method: BoundedAttention,
         layers: Sequence[str],
-        steps: Sequence[int],
+        steps: Sequence[int] | Callable[[int], Collection[int]],
         *,
         clusters_per_box: int = 3,
         cross_threshold: float = 0.2,
@@ -152,7 +157,8 @@ class MaskRefiner:
     ) -> None:
         self.method = method
         self.layers = frozenset(layers)
-        self.steps = frozenset(steps)
+        self.steps = steps if callable(steps) else frozenset(steps)
+        self._steps_of: tuple[int, frozenset[int]] | None = None  # (num_steps, its step indices)
         self.clusters = clusters_per_box * len(method.boxes)
         self.cross_threshold = cross_threshold
         self.score_threshold = score_threshold
@@ -165,7 +171,14 @@ class MaskRefiner:
         self.refreshed = 0
 
     def wants(self, ctx: AttentionContext) -> bool:
-        return ctx.layer in self.layers and ctx.step in self.steps and len(ctx.q_layout.grid) == 2
+        if ctx.layer not in self.layers or len(ctx.q_layout.grid) != 2:
+            return False
+        step, num_steps = require_step(ctx, "bounded attention's mask refinement")
+        if not callable(self.steps):
+            return step in self.steps
+        if self._steps_of is None or self._steps_of[0] != num_steps:
+            self._steps_of = (num_steps, frozenset(self.steps(num_steps)))
+        return step in self._steps_of[1]
 
     def record(self, probs: Tensor, ctx: AttentionContext, cond: list[int]) -> None:
         """``probs``: ``(batch, heads, Sq, Skv)`` of this call (image rows and their keys only for joint maps)."""
@@ -257,6 +270,7 @@ class BoundedAttention(AttentionMethod):
     mask_self: bool = True
     roles: frozenset[str] = field(default=frozenset({"self", "cross", "joint"}))
     stack_level: ClassVar[int] = 1
+    requires_roles: ClassVar[bool] = True  # the cross-attention masks act on the conditional entries
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roles", check_roles(self.roles, self.name))
@@ -311,17 +325,18 @@ class BoundedAttention(AttentionMethod):
         members = self._members(ctx)
         if members is None:
             return None
-        roles = ctx.batch_roles if ctx.batch_roles is not None and len(ctx.batch_roles) == batch else ("cond",) * batch
         sq, skv = ctx.q_layout.num_tokens, ctx.kv_layout.num_tokens
         out = torch.ones(batch, 1, sq, skv, dtype=torch.bool)
         if ctx.role == "self":
             out[:] = self.self_allowed(members)
         elif ctx.role == "cross":
+            roles = require_roles(ctx, batch, self.name)
             cond = [i for i, r in enumerate(roles) if r == "cond"]
             out[cond, 0] = self.cross_allowed(members, skv, background=background)
         else:  # joint: image rows only
             layout = ctx.q_layout
             rows, text, image = layout.visual_slice, layout.text_slice, layout.visual_slice
+            roles = require_roles(ctx, batch, self.name)
             cond = [i for i, r in enumerate(roles) if r == "cond"]
             block = out[:, 0, rows]
             block[:, :, image] = self.self_allowed(members)
@@ -360,8 +375,7 @@ class BoundedAttention(AttentionMethod):
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ctx: AttentionContext, refiner: MaskRefiner
     ) -> Tensor:
         probs = _masked_probs(q, k, mask, ctx)
-        batch = q.shape[0]
-        roles = ctx.batch_roles if ctx.batch_roles is not None and len(ctx.batch_roles) == batch else ("cond",) * batch
+        roles = require_roles(ctx, q.shape[0], "bounded attention's mask refinement")
         cond = [i for i, r in enumerate(roles) if r == "cond"]
         layout = ctx.q_layout
         if ctx.role == "joint":

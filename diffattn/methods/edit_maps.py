@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 from ..context import AttentionContext
+from ..errors import LayoutError
 from .base import AttentionMethod
+from .edit_branches import require_roles
 from .local_blend import LocalBlend
 
 __all__ = ["BlendStore", "BLEND_STORE", "CROSS_MAPS", "CrossMapRecorder"]
@@ -42,11 +44,21 @@ class BlendStore:
         self.grid = grid
         self.blend = blend
         self.maps: dict[tuple[str, int], Tensor] = {}
+        # what the recording calls saw: the loop's length (the running call's, for LocalBlend's start), the first
+        # step and the fewest image queries of a layer (to say why no map was recorded)
+        self.num_steps: int | None = None
+        self.first_step: int | None = None
+        self.fewest_queries: int | None = None
 
     def entries(self, ctx: AttentionContext, batch: int) -> list[tuple[int, str, int]]:
         """(batch entry, branch, copy index) of the conditional entries whose branch has blend words."""
         branches = ctx.branches or ()
-        roles = ctx.batch_roles if ctx.batch_roles is not None and len(ctx.batch_roles) == batch else ("cond",) * batch
+        roles = require_roles(ctx, batch, "recording the cross-attention maps of an edit's words")
+        self.num_steps = ctx.num_steps
+        if ctx.step is not None and (self.first_step is None or ctx.step < self.first_step):
+            self.first_step = ctx.step
+        queries = ctx.q_layout.num_visual
+        self.fewest_queries = queries if self.fewest_queries is None else min(self.fewest_queries, queries)
         seen: dict[str, int] = {}
         out = []
         for i in range(min(batch, len(branches))):
@@ -87,6 +99,16 @@ class BlendStore:
             out |= pooled / pooled.max().clamp_min(1e-12) > self.blend.threshold
         return out
 
+    def no_maps_error(self, owner: str) -> LayoutError:
+        """The error for a store that recorded no map of its words although the layers ran."""
+        words = {branch: tokens for branch, tokens in self.tokens.items() if tokens}
+        return LayoutError(
+            f"{owner}: no cross-attention map of the words (tokens {words}) was recorded: the layers it records "
+            f"are those with at most max_tokens={self.blend.max_tokens} image queries, and the fewest this call's "
+            f"layers have is {self.fewest_queries}. Raise the limit: LocalBlend(max_tokens=...), "
+            "MutualSelfAttention(mask_max_tokens=...)"
+        )
+
 
 BLEND_STORE: contextvars.ContextVar[BlendStore | None] = contextvars.ContextVar("diffattn_blend", default=None)
 
@@ -101,6 +123,7 @@ class CrossMapRecorder(AttentionMethod):
 
     roles: frozenset[str] = field(default=frozenset({"cross", "joint"}))
     stack_level: ClassVar[int] = 1
+    requires_roles: ClassVar[bool] = True  # records the conditional entries' maps
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         store = CROSS_MAPS.get()

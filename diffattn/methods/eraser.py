@@ -12,6 +12,8 @@ from torch import Tensor
 from ..context import AttentionContext
 from ..errors import LayoutError
 from .base import AttentionMethod, check_roles
+from .edit_branches import require_step
+from .edit_masks import object_mask
 
 __all__ = ["AttentiveEraser"]
 
@@ -21,9 +23,11 @@ class AttentiveEraser(AttentionMethod):
     """Attentive Eraser's attention activation suppression (AAS), on the ``w`` branch of an erase batch (see
     :func:`diffattn.editing.erase`): every query's attention to the keys inside the object mask is removed, so the
     region is redrawn from the background; for the first ``ss_steps`` steps the queries inside the mask also see
-    their logits scaled by ``ss_scale`` (similarity suppression: ``fg * m + bg * (1 - m)``). The mask is max-pooled
-    to each layer's grid (a dilation, as the paper). A mask covering every key (or none) leaves the layer unchanged,
-    so no row is ever fully masked. The ``wo`` branch is untouched. Self-attention of UNets (SD1.5 tested).
+    their logits scaled by ``ss_scale`` (similarity suppression: ``fg * m + bg * (1 - m)``; ``ss_steps`` counts the
+    steps of the running call, which must be known). The mask (bool, or numbers with the object at values >= 0.5)
+    is max-pooled to each layer's grid (a dilation, as the paper). A mask covering every key (or none) leaves the
+    layer unchanged, so no row is ever fully masked. The ``wo`` branch is untouched. Self-attention of UNets (SD1.5
+    tested).
     """
 
     mask: Tensor | None = field(default=None, compare=False, repr=False)
@@ -32,6 +36,8 @@ class AttentiveEraser(AttentionMethod):
     branch: str = "w"
     roles: frozenset[str] = field(default=frozenset({"self"}))
     stack_level: ClassVar[int] = 1
+    requires_step: ClassVar[bool] = True  # similarity suppression for the first ss_steps steps
+    requires_roles: ClassVar[bool] = True  # acts on the entries of the w branch
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roles", check_roles(self.roles, self.name, frozenset({"self"})))
@@ -39,14 +45,14 @@ class AttentiveEraser(AttentionMethod):
             raise ValueError(f"{self.name}: ss_scale must be in (0, 1], got {self.ss_scale}")
 
     def with_mask(self, mask: object) -> AttentiveEraser:
-        """This method with the object ``mask`` (H x W, True on the object, at any resolution)."""
+        """This method with the object ``mask`` (H x W, True on the object — numeric masks at values >= 0.5 —, at any
+        resolution)."""
         import dataclasses
 
-        import numpy as np
-
-        return dataclasses.replace(self, mask=torch.as_tensor(np.asarray(mask)).bool())
+        return dataclasses.replace(self, mask=object_mask(mask, self.name))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        step, _ = require_step(ctx, self.name)
         out = ctx.dense(q, k, v)
         if self.mask is None:
             raise LayoutError(
@@ -58,8 +64,13 @@ class AttentiveEraser(AttentionMethod):
                 f"{self.name} on {ctx.layer}: needs the erase batch's branches ('wo', 'w'); use diffattn.editing.erase"
             )
         rows = [i for i, b in enumerate(ctx.branches) if b == self.branch]
+        if not rows:
+            raise LayoutError(
+                f"{self.name} on {ctx.layer}: acts on the {self.branch!r} branch, but this call's branches are "
+                f"{ctx.branches}; use diffattn.editing.erase (branches 'wo', 'w') or set branch=..."
+            )
         grid = ctx.kv_layout.grid
-        if not rows or len(grid) != 2:
+        if len(grid) != 2:
             return out
         pooled = torch.nn.functional.adaptive_max_pool2d(self.mask.float()[None, None], grid)[0, 0] > 0.5
         inside = pooled.flatten().to(q.device)
@@ -70,7 +81,7 @@ class AttentiveEraser(AttentionMethod):
         allowed = ~inside[None, None, None, :]  # every query: no key inside the object
         scale = ctx.scale
         bg = torch.nn.functional.scaled_dot_product_attention(qw, kw, vw, attn_mask=allowed, scale=scale)
-        if ctx.step is not None and ctx.step < self.ss_steps:
+        if step < self.ss_steps:
             fg = torch.nn.functional.scaled_dot_product_attention(
                 qw * self.ss_scale, kw, vw, attn_mask=allowed, scale=scale
             )

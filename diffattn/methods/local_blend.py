@@ -2,28 +2,71 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["LocalBlend"]
+__all__ = ["LocalBlend", "WordSpec", "word_spec", "split_words"]
+
+#: Words of both prompts (``("circle", "square")``), or of each (``(source_words, target_words)``).
+WordSpec = tuple[str, ...] | tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def _bad_words(words: object, owner: str, field: str) -> ValueError:
+    return ValueError(
+        f"{owner}: {field} are words (str) or one tuple of words per prompt, got {words!r}; e.g. "
+        f"{field}='circle', {field}=('circle', 'square') or {field}=(('circle',), ('square',))"
+    )
+
+
+def _word_group(words: object, owner: str, field: str) -> tuple[str, ...]:
+    if isinstance(words, str):
+        return (words,)
+    if isinstance(words, Sequence) and all(isinstance(w, str) for w in words):
+        return tuple(words)
+    raise _bad_words(words, owner, field)
+
+
+def word_spec(words: object, owner: str, field: str = "words") -> WordSpec:
+    """``words`` in canonical form: a plain string is one word (never its letters); a sequence of strings is words
+    of both prompts; a pair whose items are a string or a sequence of strings is ``(source_words, target_words)``."""
+    if isinstance(words, str) or (isinstance(words, Sequence) and all(isinstance(w, str) for w in words)):
+        spec: WordSpec = _word_group(words, owner, field)
+    elif isinstance(words, Sequence) and len(words) == 2:
+        spec = (_word_group(words[0], owner, field), _word_group(words[1], owner, field))
+    else:
+        raise _bad_words(words, owner, field)
+    if any(not w.strip() for group in split_words(spec) for w in group):
+        raise ValueError(f"{owner}: {field} holds an empty word: {words!r}; name words of the prompts")
+    return spec
+
+
+def split_words(words: WordSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(source_words, target_words)`` of a canonical :func:`word_spec`."""
+    if all(isinstance(w, str) for w in words):
+        same = tuple(w for w in words if isinstance(w, str))  # all of them; the filter types them as str
+        return same, same
+    source, target = words
+    return tuple(source), tuple(target)
 
 
 @dataclass(frozen=True)
 class LocalBlend:
     """Prompt-to-Prompt's local blending: the cross-attention maps of ``words`` (in the source and in the target
-    prompt: a word found in either counts; or ``(source_words, target_words)``) are summed over heads, layers with at
-    most ``max_tokens`` queries and the steps so far, max-pooled 3 x 3, resized to the latents, max-normalised and
-    thresholded at ``threshold``; the mask is the union of the source's and the target's. From ``start`` (fraction
-    of the steps) on, after every step the target's latents become ``source + mask * (target - source)``: outside
-    the mask they are the source's exactly. Run by :func:`diffattn.editing.edit` with a
-    :class:`PromptToPrompt` whose ``local_blend`` is set."""
+    prompt: a word found in either counts; or ``(source_words, target_words)``; a plain string is one word) are
+    summed over heads, layers with at most ``max_tokens`` queries and the steps so far, max-pooled 3 x 3, resized to
+    the latents, max-normalised and thresholded at ``threshold``; the mask is the union of the source's and the
+    target's. From ``start`` (fraction of the steps the pipeline call runs) on, after every step the target's
+    latents become ``source + mask * (target - source)``: outside the mask they are the source's exactly. Run by
+    :func:`diffattn.editing.edit` with a :class:`PromptToPrompt` whose ``local_blend`` is set."""
 
-    words: tuple[str, ...] | tuple[tuple[str, ...], tuple[str, ...]] = ()
+    words: WordSpec = ()
     threshold: float = 0.3
     start: float = 0.2
     max_tokens: int = 256
 
     def __post_init__(self) -> None:
-        if not self.words:
+        object.__setattr__(self, "words", word_spec(self.words, "LocalBlend"))
+        if not any(self.split()):
             raise ValueError(
                 "LocalBlend: name the words whose region may change, e.g. LocalBlend(words=('circle', "
                 "'square')) for 'a red circle' -> 'a red square'"
@@ -32,8 +75,5 @@ class LocalBlend:
             raise ValueError(f"LocalBlend: threshold in (0, 1) and start in [0, 1], got {self.threshold}, {self.start}")
 
     def split(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        if all(isinstance(w, str) for w in self.words):
-            words = tuple(w for w in self.words if isinstance(w, str))  # all of them; the filter types them as str
-            return words, words
-        source, target = self.words
-        return tuple(source), tuple(target)
+        """``(source_words, target_words)``."""
+        return split_words(self.words)

@@ -13,8 +13,10 @@ from torch import Tensor
 from ..context import AttentionContext
 from ..errors import LayoutError
 from .base import AttentionMethod, check_roles
-from .edit_branches import source_rows
+from .edit_branches import require_step, source_rows
 from .edit_maps import CROSS_MAPS
+from .edit_masks import MASK_THRESHOLD, object_mask
+from .local_blend import WordSpec, word_spec
 
 __all__ = ["MutualSelfAttention"]
 
@@ -33,30 +35,40 @@ class MutualSelfAttention(AttentionMethod):
     (SD3, Flux) only the visual keys/values are taken from the source: the target's text tokens still condition it.
     Runs on SD1.5, SDXL, SD3 and Flux (tested); any model with self- or joint-attention works the same way.
 
-    **Mask-guided** (``mask_source``, ``mask_target``: H x W, True on the object, any resolution, nearest-resized to
-    each layer's grid): the target's queries inside ``mask_target`` read only the source's object keys, the others
-    only its background keys (``fg * m_t + bg * (1 - m_t)``), so object and background do not mix.
+    **Mask-guided** (``mask_source``, ``mask_target``: H x W, True on the object, or numbers with the object at values
+    >= 0.5; any resolution, nearest-resized to each layer's grid): the target's queries inside ``mask_target`` read
+    only the source's object keys, the others only its background keys (``fg * m_t + bg * (1 - m_t)``), so object
+    and background do not mix.
     **Automatic masks** (``mask_words``, as MasaCtrl's auto variant): the masks come from the cross-attention maps of
-    those words in each prompt (or ``(source_words, target_words)``), summed over layers of at most 16 x 16 queries
-    and the steps so far, min-max normalised and thresholded at ``mask_threshold``; run through
-    :func:`diffattn.editing.edit`, which records the maps.
+    those words in each prompt (a plain string is one word; or ``(source_words, target_words)``: each prompt needs
+    one of its words), summed over layers of at most ``mask_max_tokens`` queries (16 x 16) and the steps so far,
+    min-max normalised and thresholded at ``mask_threshold``; run through :func:`diffattn.editing.edit`, which
+    records the maps.
+
+    ``start_step`` counts the steps of the running call, which must be known (a pipeline's loop, or
+    :func:`diffattn.denoising_step`): an unknown step raises, it is never taken as a step past ``start_step``.
     """
 
     start_step: int = 4
     mask_source: Tensor | None = field(default=None, compare=False, repr=False)
     mask_target: Tensor | None = field(default=None, compare=False, repr=False)
-    mask_words: tuple[str, ...] | tuple[tuple[str, ...], tuple[str, ...]] = ()
+    mask_words: WordSpec = ()
     mask_threshold: float = 0.1
+    mask_max_tokens: int = 256
     source: str = "source"
     target: str = "target"
     roles: frozenset[str] = field(default=_SELF_AND_JOINT)
     stack_level: ClassVar[int] = 1
     later_layers_only: ClassVar[bool] = True  # diffattn.editing.edit's default layers: the decoder / later blocks
+    requires_step: ClassVar[bool] = True  # acts from start_step on
+    requires_roles: ClassVar[bool] = True  # pairs each target entry with the source entry of its CFG half
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roles", check_roles(self.roles, self.name, _SELF_AND_JOINT))
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(f"{self.name}: start_step must be an int >= 0, got {self.start_step!r}")
+        if self.mask_words != ():
+            object.__setattr__(self, "mask_words", word_spec(self.mask_words, self.name, "mask_words"))
         if self.mask_words and self.mask_source is not None:
             raise ValueError(
                 f"{self.name}: give masks (mask_source, mask_target) or mask_words (masks from "
@@ -72,16 +84,13 @@ class MutualSelfAttention(AttentionMethod):
         for name in ("mask_source", "mask_target"):
             mask = getattr(self, name)
             if mask is not None:
-                mask = torch.as_tensor(mask)
-                if mask.ndim != 2:
-                    raise ValueError(f"{self.name}: {name} must be a 2-D (H x W) mask, got shape {tuple(mask.shape)}")
-                object.__setattr__(self, name, mask.bool())
+                object.__setattr__(self, name, object_mask(mask, f"{self.name}: {name}"))
 
     def _grid_mask(self, mask: Tensor, grid: tuple[int, ...]) -> Tensor:
         """``mask`` nearest-resized to the layer's grid (MasaCtrl's rule), flattened row-major."""
         return (
             torch.nn.functional.interpolate(mask.float()[None, None], size=tuple(grid), mode="nearest")[0, 0].flatten()
-            > 0.5
+            >= MASK_THRESHOLD
         )
 
     def _masked(
@@ -138,12 +147,10 @@ class MutualSelfAttention(AttentionMethod):
         return out
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-        if ctx.step is not None and ctx.step < self.start_step:
+        step, _ = require_step(ctx, self.name)
+        if step < self.start_step:
             return ctx.dense(q, k, v)
-        index = source_rows(ctx, q.shape[0], self.source, self.target)
-        if index is None:
-            return ctx.dense(q, k, v)
-        index = index.to(k.device)
+        index = source_rows(ctx, q.shape[0], self.source, self.target, self.name).to(k.device)
         if ctx.role == "joint":  # target text keys stay the target's; its image keys/values are the source's
             visual = ctx.kv_layout.visual_slice
             k, v = k.clone(), v.clone()
@@ -162,18 +169,15 @@ class MutualSelfAttention(AttentionMethod):
         self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, index: Tensor, out: Tensor
     ) -> Tensor:
         """MasaCtrl's automatic masks: each copy's source and target masks from the ``mask_words``' cross-attention
-        maps recorded so far (min-max normalised, thresholded); no maps yet: plain mutual attention."""
+        maps recorded so far (min-max normalised, thresholded); no maps yet (before the first step's have been
+        recorded): plain mutual attention."""
         store = CROSS_MAPS.get()
         if store is None:
             raise LayoutError(
                 f"{self.name} on {ctx.layer}: mask_words needs the cross-attention maps that "
                 "diffattn.editing.edit records; run it through edit()"
             )
-        roles = (
-            ctx.batch_roles
-            if ctx.batch_roles is not None and len(ctx.batch_roles) == q.shape[0]
-            else ("?",) * q.shape[0]
-        )
+        roles = ctx.batch_roles  # source_rows checked that they are known
         ordinal: dict[tuple[str, str], int] = {}
         by_copy: dict[int, list[int]] = {}
         for t, s in enumerate(index.tolist()):
@@ -187,4 +191,6 @@ class MutualSelfAttention(AttentionMethod):
             mask_t = store.branch_mask(self.target, copy, self.mask_threshold)
             if mask_s is not None and mask_t is not None:
                 out = self._masked(q, k, v, ctx, index, out, mask_s, mask_t, rows)
+            elif store.first_step is not None and ctx.step > store.first_step:  # a whole step ran and left no map
+                raise store.no_maps_error(f"{self.name} (mask_words={self.mask_words})")
         return out

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from ..context import AttentionContext
-from ..errors import LayoutError
+from ..errors import MethodConfigError
 from .base import AttentionMethod, check_roles
-from .edit_branches import source_rows
+from .edit_branches import require_step, source_rows
 from .edit_maps import BLEND_STORE, _entry_mask, _probs, _record_maps
 from .local_blend import LocalBlend
 
@@ -32,8 +32,9 @@ class PromptToPrompt(AttentionMethod):
     - **Self-attention injection** (``self_replace``): for the first ``ceil(self_replace * n)`` steps, the target's
       self-attention maps are the source's, on layers with at most ``self_max_tokens`` queries (P2P: 16 x 16).
     - **Re-weight** (``reweight``): ``((token_index, weight), ...)`` multiplies the target's cross-attention map of
-      those tokens (after any replace), on every step; indices count the tokenizer's tokens, BOS = 0
-      (:func:`diffattn.editing.token_indices` finds a word's).
+      those tokens (after any replace), on every step; indices count the tokens of the target prompt as the text
+      sequence the model attends to holds them (>= 0, below the prompt's token count; weights finite;
+      :func:`diffattn.editing.token_indices` finds a word's).
     - Joint attention (SD3, Flux): the "cross-attention map" is the image-query x text-key block of the joint map
       and the self-attention map the image x image block; a replaced block keeps the target's mass per row and takes
       the source's distribution inside it, so rows stay normalised; text rows are untouched.
@@ -54,6 +55,8 @@ class PromptToPrompt(AttentionMethod):
     target: str = "target"
     roles: frozenset[str] = field(default=frozenset({"self", "cross", "joint"}))
     stack_level: ClassVar[int] = 1
+    requires_step: ClassVar[bool] = True  # the replace windows are fractions of the steps that run
+    requires_roles: ClassVar[bool] = True  # edits the conditional target entries only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roles", check_roles(self.roles, self.name))
@@ -61,22 +64,43 @@ class PromptToPrompt(AttentionMethod):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{self.name}: {name} is a fraction of the steps in [0, 1], got {value!r}")
-        object.__setattr__(self, "reweight", tuple((int(i), float(w)) for i, w in self.reweight))
+        reweight = []
+        for pair in self.reweight:
+            if isinstance(pair, (str, bytes)) or len(pair) != 2:
+                raise ValueError(f"{self.name}: reweight is ((token_index, weight), ...), got the item {pair!r}")
+            index, weight = pair
+            if isinstance(index, bool) or int(index) != index or index < 0:
+                raise ValueError(
+                    f"{self.name}: reweight token index {index!r} must be an int >= 0 (the target prompt's tokens "
+                    "counted from 0; diffattn.editing.token_indices(pipe, prompt, word) finds a word's)"
+                )
+            if not math.isfinite(float(weight)):
+                raise ValueError(f"{self.name}: reweight weight {weight!r} of token {index} must be finite")
+            reweight.append((int(index), float(weight)))
+        object.__setattr__(self, "reweight", tuple(reweight))
 
-    def _active(self, fraction: float, ctx: AttentionContext) -> bool:
-        if fraction == 0.0:
-            return False
-        if ctx.step is None or ctx.num_steps is None:
-            raise LayoutError(
-                f"{self.name} on {ctx.layer}: the replace fractions need the denoising step; run it "
-                "through a pipeline (diffattn.editing.edit) or inside diffattn.denoising_step(i, n)"
+    def validate(self, ctx: AttentionContext) -> None:
+        """Re-weighted tokens must be text tokens of the layer (cross- and joint-attention)."""
+        if not self.reweight or ctx.role == "self":
+            return
+        text = ctx.kv_layout.text_len
+        outside = sorted({i for i, _ in self.reweight if i >= text})
+        if outside:
+            raise MethodConfigError(
+                f"{self.name} on {ctx.layer}: reweight token indices {outside} are beyond the {text} text tokens of "
+                "this layer; give indices of the target prompt's tokens (diffattn.editing.token_indices)"
             )
-        return ctx.step < math.ceil(fraction * ctx.num_steps - 1e-9)
+
+    def _active(self, fraction: float, step: int, num_steps: int) -> bool:
+        return fraction > 0.0 and step < math.ceil(fraction * num_steps - 1e-9)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        step, num_steps = require_step(ctx, self.name)
         visual = ctx.q_layout.num_visual
-        replace_self = ctx.role != "cross" and visual <= self.self_max_tokens and self._active(self.self_replace, ctx)
-        replace_cross = ctx.role != "self" and self._active(self.cross_replace, ctx)
+        replace_self = (
+            ctx.role != "cross" and visual <= self.self_max_tokens and self._active(self.self_replace, step, num_steps)
+        )
+        replace_cross = ctx.role != "self" and self._active(self.cross_replace, step, num_steps)
         reweight = self.reweight if ctx.role != "self" else ()
         out = ctx.dense(q, k, v)
         store = BLEND_STORE.get() if ctx.role != "self" else None
@@ -84,10 +108,8 @@ class PromptToPrompt(AttentionMethod):
             _record_maps(q, k, ctx, store)
         if not (replace_self or replace_cross or reweight):
             return out
-        index = source_rows(ctx, q.shape[0], self.source, self.target)
-        if index is None:
-            return out
-        roles = ctx.batch_roles or ("cond",) * q.shape[0]
+        index = source_rows(ctx, q.shape[0], self.source, self.target, self.name)
+        roles = ctx.batch_roles  # source_rows checked that they are known
         scale = ctx.scale if ctx.scale is not None else q.shape[-1] ** -0.5
         out = out.clone()
         for t, s in enumerate(index.tolist()):
@@ -98,11 +120,10 @@ class PromptToPrompt(AttentionMethod):
                 p = self._replace(
                     p, _probs(q[s], k[s], scale, _entry_mask(ctx.attn_mask, s)), ctx, replace_self, replace_cross
                 )
-            for token, weight in reweight:
+            for token, weight in reweight:  # validate() checked that the tokens are text tokens of this layer
                 column = token if ctx.role == "cross" else ctx.q_layout.text_start + token
-                if token < ctx.kv_layout.text_len:
-                    rows = slice(None) if ctx.role == "cross" else ctx.q_layout.visual_slice
-                    p[:, rows, column] *= weight
+                rows = slice(None) if ctx.role == "cross" else ctx.q_layout.visual_slice
+                p[:, rows, column] *= weight
             out[t] = torch.matmul(p, v[t].float()).to(out.dtype)
         return out
 
