@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,7 +213,9 @@ class _GuidanceBatch:
         self.application = application
         self.method = method
         self.records: list[GuidanceRecord] = []
-        self._shift: tuple[Any, Tensor] | None = None  # for the unconditional call of separate-call CFG
+        # for the unconditional call of separate-call CFG, which the same thread's pipeline loop makes next: per
+        # thread, so two pipelines sharing the denoiser in two threads never read each other's shift
+        self._local = threading.local()
 
     def active(self, call_state: CallState) -> bool:
         """The method acts only in forwards whose batch this extension extended."""
@@ -233,7 +236,7 @@ class _GuidanceBatch:
         roles = call_state.batch_roles
         if roles and set(roles) == {"uncond"}:
             return args, kwargs  # the conditional call of this step already ran the perturbed entries
-        self._shift = None
+        self._local.shift = None
         scale = self._scale_now(call_state)
         if scale == 0.0:
             return args, kwargs
@@ -286,7 +289,7 @@ class _GuidanceBatch:
             uncond = pending.uncond.to(base.device)
             out[uncond] = base.index_select(0, uncond) + shift
         else:
-            self._shift = (self._key(call_state), shift)
+            self._local.shift = (self._key(call_state), shift)
         self.records.append(
             GuidanceRecord(
                 call_state.step, float(call_state.timestep_1000), pending.scale, float(delta.detach().abs().max())
@@ -296,7 +299,7 @@ class _GuidanceBatch:
         return _with_prediction(output, out, pending.batch, extended)
 
     def _unconditional(self, call_state: CallState, output: Any) -> Any:
-        shift, self._shift = self._shift, None
+        shift, self._local.shift = getattr(self._local, "shift", None), None
         if shift is None or shift[0] != self._key(call_state):
             if self._scale_now(call_state) > 0:
                 raise InterceptionError(

@@ -416,3 +416,52 @@ def test_ip_adapter_call_is_not_taken_for_text_cross_attention():
     assert method.seen and {length for length, _ in method.seen} == {7}
     assert any(record.role == "image_prompt" and not record.acted for record in handle.calls)
     torch.testing.assert_close(out, stock, rtol=0, atol=0)
+
+
+def test_shared_flux_transformer_with_pag_and_true_cfg_in_two_threads():
+    """Two Flux pipelines share one transformer with PAG and true (separate-call) CFG, each in its own thread: each
+    gets its single-thread image (the shift from a conditional call is kept per thread for its unconditional call)."""
+    import copy
+    import threading
+
+    import numpy as np
+
+    from diffattn.testing import tiny_pipeline
+
+    first = tiny_pipeline("flux", seed=0)
+    # the same transformer, a second pipeline with a scheduler of its own (a scheduler counts its steps)
+    second = type(first)(**{**first.components, "scheduler": copy.deepcopy(first.scheduler)})
+    prompts = {id(first): "a red circle", id(second): "a green square"}
+
+    def run(pipe):
+        out = pipe(
+            prompts[id(pipe)],
+            negative_prompt="a blue square",
+            true_cfg_scale=4.0,
+            num_inference_steps=3,
+            height=32,
+            width=32,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        )
+        return np.asarray(out.images)
+
+    with diffattn.guidance.enable(first, diffattn.PAG(scale=3.0)):
+        alone = {id(p): run(p) for p in (first, second)}
+        results, errors = {}, []
+
+        def work(pipe):
+            try:
+                for _ in range(3):
+                    results.setdefault(id(pipe), []).append(run(pipe))
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(p,)) for p in (first, second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
+    for key, images in results.items():
+        assert all(np.array_equal(image, alone[key]) for image in images)
