@@ -129,8 +129,9 @@ def apply(target: Any, method: AttentionMethod, *, layers: LayerSpec = None, ste
 
     ``layers``: regexes over attention-module names, matched on whole dot-separated parts (``blocks.1`` never
     selects ``blocks.10``); ``None`` selects every module whose role (self / cross / joint) the method acts on.
-    ``steps``: ``None`` (all), step indices, a ``range``, a float warm-up fraction, a ``(start, stop)`` pair of
-    fractions or ``StepSchedule.timesteps(low, high)``; steps count the pipeline call's loop (see
+    ``steps``: ``None`` (all), an int or a ``range`` / list / tuple of ints (step indices), a float warm-up fraction
+    (``0.0``: none), a tuple of two floats ``(start, stop)`` (fractions) or ``StepSchedule.timesteps(low, high)``;
+    the exact rules are :class:`~diffattn.schedule.StepSchedule`'s. Steps count the pipeline call's loop (see
     :mod:`diffattn.runtime.position`). Applications stack: applying another method keeps this one (see
     :mod:`diffattn.runtime`).
     """

@@ -55,7 +55,8 @@ class DynamicSparseAttention(AttentionMethod):
     Text tokens of joint attention stay dense and outside the budget. ``topk=1`` / ``topp=1`` is dense attention;
     ``0`` keeps only each block's own block (block-diagonal attention). NaN / Inf propagate as dense attention with
     the selected mask would: to the queries that see them, never to the others (see
-    :func:`~diffattn.methods.sparse.block_attention`).
+    :func:`~diffattn.methods.sparse.block_attention`). A block score they make non-finite ranks last (probability
+    0), so a block holding a NaN key is never selected for that score.
     """
 
     topk: float | tuple[float, ...] | None = None

@@ -103,6 +103,12 @@ def _grid_words(grid: tuple[int, ...]) -> tuple[str, str]:
     )
 
 
+def _axis_names(grid: tuple[int, ...]) -> tuple[str, ...]:
+    return {3: ("frames", "height", "width"), 2: ("height", "width")}.get(
+        len(grid), tuple(f"axis {a}" for a in range(len(grid)))
+    )
+
+
 def config_error(owner: str, ctx: AttentionContext, problem: str, fix: str) -> MethodConfigError:
     """A :class:`MethodConfigError` naming the method, the layer, its grid, what is wrong and the fix."""
     return MethodConfigError(f"{owner} on layer {ctx.layer} ({ctx.q_layout.describe()}): {problem}. Fix: {fix}")
@@ -242,6 +248,27 @@ class SlidingTileAttention(SparseAttention):
     def block_size_for(self, pattern: Pattern, grid: tuple[int, ...]) -> int:
         return pattern.tile_volume(grid)
 
+    def validate(self, ctx: AttentionContext) -> None:
+        """Besides the grid check of :meth:`SparseAttention.validate`: a tile wider than an axis of the grid is
+        refused. It would pad that axis into one tile, so attention across it is dense and the padding is computed
+        too (dense everywhere when the tile covers the whole grid), which is never what a tile size asks for."""
+        super().validate(ctx)
+        grid = ctx.q_layout.grid
+        if not grid or ctx.q_layout != ctx.kv_layout:
+            return
+        tile = (self.tile,) * len(grid) if isinstance(self.tile, int) else self.tile
+        wide = [f"{name} ({t} > {n})" for name, t, n in zip(_axis_names(grid), tile, grid) if t > n]
+        if wide:
+            kind, _ = _grid_words(grid)
+            fitted = tuple(min(t, n) for t, n in zip(tile, grid))
+            raise config_error(
+                self.name,
+                ctx,
+                f"tile {self.tile} is larger than the grid on {', '.join(wide)}; one padded tile would cover the "
+                "axis, so attention across it would be dense and cost the padding too",
+                f"use a tile that fits this {kind} grid, e.g. tile={fitted}, or leave this layer out (layers=...)",
+            )
+
     def fix_for(self, grid: tuple[int, ...]) -> str:
         kind, axes = _grid_words(grid)
         tile = tuple(min(t, n) for t, n in zip(((4, 4, 8) if len(grid) == 3 else (8,) * len(grid)), grid))
@@ -372,6 +399,22 @@ class RadialAttention(SparseAttention):
 
     def pattern_for(self, ctx: AttentionContext) -> Pattern:
         return self._radial()
+
+    def validate(self, ctx: AttentionContext) -> None:
+        """Refuse grids that are not ``(frames, height, width)``: Radial Attention is a video method, and on an image
+        grid its frame rules would take rows for frames. (``SparseAttention(pattern=patterns.Radial(...))`` still
+        takes any grid whose first axis is meant as frames.)"""
+        grid = ctx.q_layout.grid
+        if grid and ctx.q_layout == ctx.kv_layout and len(grid) != 3:
+            kind, axes = _grid_words(grid)
+            raise config_error(
+                self.name,
+                ctx,
+                f"Radial Attention is a video method (a (frames, height, width) grid), but this layer's grid {grid} "
+                f"is {kind} {axes}: its first axis would be taken for frames",
+                self.fix_for(grid),
+            )
+        super().validate(ctx)
 
     def fix_for(self, grid: tuple[int, ...]) -> str:
         return (

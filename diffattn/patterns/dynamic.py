@@ -120,11 +120,19 @@ def block_self_similarity(x: Tensor, valid: Tensor, block_size: int) -> Tensor:
 
 def block_probabilities(q_means: Tensor, k_means: Tensor, k_counts: Tensor, scale: float) -> Tensor:
     """Softmax over key blocks of ``scale · q̄·k̄ + log n_k``: ``(..., nqb, nkb)`` (float32, or float64 for float64
-    inputs). Empty key blocks get 0."""
+    inputs). Empty key blocks get 0.
+
+    A score that is not finite (a NaN / Inf token pooled into q̄ or k̄, or an overflow) gets probability 0 too, so
+    it ranks last instead of first: a NaN key block is kept only where the selection keeps it for another reason
+    (forced, or a budget reaching the last ranks), never for its score. A row without a finite score is all 0."""
     dtype = torch.promote_types(q_means.dtype, torch.float32)
     logits = torch.matmul(q_means.to(dtype), k_means.to(dtype).transpose(-1, -2)) * scale
     logits = logits + torch.log(k_counts.to(logits)).view(*([1] * (logits.ndim - 1)), -1)
-    return torch.softmax(logits, dim=-1)
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        return torch.softmax(logits, dim=-1)
+    probs = torch.softmax(torch.where(finite, logits, -math.inf), dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
 
 
 def forced_blocks(

@@ -653,3 +653,43 @@ def test_psa_and_rettention_report_non_finite_inputs(make):
     k[0, 1, 5, 0] = float("nan")
     with pytest.raises(diffattn.NonFiniteInputError, match=r"blocks\.3\.attn1.*k contain NaN"):
         method(q, k, v, make_ctx(layout, layer="blocks.3.attn1", step=1)[0])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("budget", [{"topk": 0.5}, {"topp": 0.9}], ids=str)
+def test_dynamic_sparse_non_finite_key_block_is_never_selected_for_its_score(value, budget):
+    """A NaN / Inf key pools into a NaN / Inf block score. That score ranks lowest instead of first: other query
+    blocks keep what the finite scores choose (same density as without it), so the NaN reaches only the queries whose
+    selection holds it for another reason (their own block, text rows), as dense attention restricted to the mask."""
+    layout = TokenLayout((4, 8), text_len=2)
+    method = DynamicSparseAttention(tile=(2, 4), backend="torch", **budget)
+    q, k, v = qkv(1, 2, layout.num_tokens, seed=4)
+    clean_ctx, clean = make_ctx(layout)
+    method(q, k, v, clean_ctx)
+    token = 2 + 9  # visual token (1, 1): tile (0, 0)
+    k = k.clone()
+    k[0, :, token, 3] = value
+    ctx, metrics = make_ctx(layout)
+    out = method(q, k, v, ctx)
+    plan = method.plans(q, k, ctx)[0]
+    n = plan.gather.numel()
+    mask = torch.stack(
+        [kernels.block_mask_to_dense(plan.block_mask, n, n, head=h)[plan.scatter][:, plan.scatter] for h in range(2)]
+    )
+    ids = tiles_of(layout, (2, 4))
+    own_or_text = torch.tensor([i == -1 or i == ids[token] for i in ids])
+    assert torch.equal(mask[..., token], own_or_text.expand(2, -1)), "the non-finite block was selected"
+    if "topk" in budget:
+        assert metrics["density"] == pytest.approx(clean["density"])
+    diagonal_ctx, diagonal = make_ctx(layout)
+    DynamicSparseAttention(topk=0.0, tile=(2, 4), backend="torch")(q, k, v, diagonal_ctx)
+    assert metrics["density"] > diagonal["density"], "the other query blocks no longer select by score"
+    expected = torch.empty_like(q)
+    for h in range(2):
+        heads = slice(h, h + 1)
+        expected[:, heads] = kernels.reference_attention(q[:, heads], k[:, heads], v[:, heads], mask=mask[h])[0]
+    bad = ~torch.isfinite(out).all(-1)[0]
+    if value != value:  # NaN reaches exactly the queries that see it
+        assert torch.equal(bad, own_or_text.expand(2, -1))
+    assert not bad[:, ~own_or_text].any(), "the non-finite key reached queries that do not see it"
+    torch.testing.assert_close(out[:, :, ~own_or_text], expected[:, :, ~own_or_text], rtol=0, atol=F32)

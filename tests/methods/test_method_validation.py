@@ -197,6 +197,45 @@ def test_radial_on_a_one_axis_grid_and_validate_called_directly():
     diffattn.RadialAttention(block_size=8).validate(make_ctx(TokenLayout((2, 4, 4))))
 
 
+@pytest.mark.parametrize(
+    "family,grid,tile,fits",
+    [("flux", (4, 4), (8, 8), "tile=(4, 4)"), ("wan", (2, 4, 4), (4, 4, 8), "tile=(2, 4, 4)")],
+)
+def test_sliding_tile_larger_than_the_grid_is_refused_not_silently_dense(family, grid, tile, fits, tiny_model):
+    """A tile wider than an axis pads it into one tile: attention there is dense at the padded tile's cost. The
+    first call says so, naming the layer, the grid, the axes and a tile that fits."""
+    model = tiny_model(family)
+    with diffattn.apply(model, diffattn.SlidingTileAttention(tile=tile, window=1)) as handle:
+        with pytest.raises(MethodConfigError) as info:
+            forward(model, family, grid)
+    message = str(info.value)
+    layer = re.search(r" on layer (\S+) \(", message)
+    assert layer and layer.group(1) in handle.layers, message
+    for part in ("x".join(map(str, grid)), f"tile {tile}", "larger than", "Fix: ", fits, "layers="):
+        assert part in message, f"{part!r} missing from: {message}"
+    ctx = make_ctx(TokenLayout(grid))
+    diffattn.SlidingTileAttention(tile=tuple(min(t, n) for t, n in zip(tile, grid)), window=1).validate(ctx)
+
+
+@pytest.mark.parametrize("grid", [(4, 8), (16,)])
+def test_radial_attention_refuses_image_grids(grid):
+    """Radial Attention is a video method (METHODS.md: frames x height x width); on an image grid it would take rows
+    for frames. validate refuses it, naming the layer and grid and pointing to the image methods."""
+    ctx = make_ctx(TokenLayout(grid, text_len=3), layer="blocks.0.attn")
+    with pytest.raises(MethodConfigError) as info:
+        diffattn.RadialAttention(block_size=8).validate(ctx)
+    message = str(info.value)
+    for part in ("blocks.0.attn", "x".join(map(str, grid)), "video", "Fix: ", "SlidingWindowAttention"):
+        assert part in message, f"{part!r} missing from: {message}"
+
+
+def test_radial_attention_on_an_image_model_fails_at_the_first_call(tiny_model, no_attention):
+    model = tiny_model("flux")
+    with diffattn.apply(model, diffattn.RadialAttention(block_size=8)):
+        with pytest.raises(MethodConfigError, match=r"visual grid 4x4.*video.*Fix: apply RadialAttention to video"):
+            forward(model, "flux", (4, 4))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # NaN / Inf: as dense attention over the keys each query may see
 

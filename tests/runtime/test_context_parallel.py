@@ -13,7 +13,7 @@ from cp_helpers import enable_context_parallel, run_on_ranks
 
 import diffattn
 from diffattn import parallel
-from diffattn.patterns import SlidingWindow
+from diffattn.patterns import Radial, SlidingWindow
 from diffattn.patterns.compose import PerHead
 
 DEGREE = 2
@@ -26,13 +26,16 @@ def methods(family: str) -> dict[str, diffattn.AttentionMethod]:
     if family == "wan":
         tile = diffattn.SlidingTileAttention(tile=(1, 2, 2), window=(3, 1, 1))
         per_head = PerHead((SlidingWindow((3, 3, 3)), SlidingWindow((1, 1, 3))))
+        radial = diffattn.RadialAttention(decay=1.0, block_size=8)
     else:
         tile = diffattn.SlidingTileAttention(tile=(2, 2), window=(1, 3))
         per_head = PerHead((SlidingWindow(3), SlidingWindow((1, 5))))
+        # RadialAttention refuses image grids (a video method); the same mask, rows as frames, through its pattern
+        radial = diffattn.SparseAttention(pattern=Radial(decay=1.0, block_size=8), block_size=8)
     return {
         "dense": diffattn.Dense(),
         "sliding_tile": tile,
-        "radial": diffattn.RadialAttention(decay=1.0, block_size=8),
+        "radial": radial,
         "per_head": diffattn.SparseAttention(pattern=per_head, block_size=8),
     }
 
