@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -18,13 +19,14 @@ from diffattn.testing import tiny_inputs, tiny_model
 
 @dataclass(frozen=True)
 class Recording(diffattn.AttentionMethod):
-    """Dense attention that remembers the step of every call it handles."""
+    """Dense attention that records ``read(q, k, ctx)`` (default: the step) of every call it handles."""
 
+    read: Callable = lambda q, k, ctx: ctx.step
     seen: list = field(default_factory=list, compare=False)
     roles: frozenset = frozenset({"self"})
 
     def __call__(self, q, k, v, ctx):
-        self.seen.append(ctx.step)
+        self.seen.append(self.read(q, k, ctx))
         return ctx.dense(q, k, v)
 
 
@@ -204,16 +206,9 @@ def test_interrupted_guided_forward_leaves_nothing_behind():
         assert np.array_equal(run(), expected)
 
 
-@dataclass(frozen=True)
-class RecordingRoles(diffattn.AttentionMethod):
-    """Dense attention that remembers the batch roles of every call (per forward: the first layer's)."""
-
-    seen: list = field(default_factory=list, compare=False)
-    roles: frozenset = frozenset({"self", "joint"})
-
-    def __call__(self, q, k, v, ctx):
-        self.seen.append((q.shape[0], ctx.batch_roles))
-        return ctx.dense(q, k, v)
+def RecordingRoles() -> Recording:
+    """Records (batch, batch roles) of every self / joint call."""
+    return Recording(read=lambda q, k, ctx: (q.shape[0], ctx.batch_roles), roles=frozenset({"self", "joint"}))
 
 
 def test_sd3_skip_layer_call_is_conditional():
@@ -395,21 +390,12 @@ def test_ip_adapter_call_is_not_taken_for_text_cross_attention():
     """IP-Adapter's image-prompt SDPA call inside attn2 gets its own role: a cross-attention method sees only the
     text call (7 tokens), never the 4 image-prompt tokens as if they were words."""
 
-    @dataclass(frozen=True)
-    class KeyLengths(diffattn.AttentionMethod):
-        seen: list = field(default_factory=list, compare=False)
-        roles: frozenset = frozenset({"cross"})
-
-        def __call__(self, q, k, v, ctx):
-            self.seen.append((k.shape[-2], ctx.kv_layout.text_len))
-            return ctx.dense(q, k, v)
-
     model = _ip_adapter_unet()
     inputs = tiny_inputs("unet_sd15", (4, 4), text_len=7)
     batch = inputs["sample"].shape[0]
     image_embeds = [torch.randn(batch, 1, 16, generator=torch.Generator().manual_seed(0))]
     stock = model(**inputs, added_cond_kwargs={"image_embeds": image_embeds})[0]
-    method = KeyLengths()
+    method = Recording(read=lambda q, k, ctx: (k.shape[-2], ctx.kv_layout.text_len), roles=frozenset({"cross"}))
     with diffattn.apply(model, method) as handle:
         with diffattn.denoising_step(0, 1, batch_roles=("cond",) * batch):
             out = model(**inputs, added_cond_kwargs={"image_embeds": image_embeds})[0]
