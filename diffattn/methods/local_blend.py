@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .checks import check_int, check_number, check_words
+
 __all__ = ["LocalBlend"]
 
 
@@ -23,6 +25,14 @@ class LocalBlend:
     max_tokens: int = 256
 
     def __post_init__(self) -> None:
+        check_words("LocalBlend", "words", self.words, example="('circle', 'square')")
+        check_number(
+            "LocalBlend", "threshold", self.threshold, low=0.0, high=1.0, low_open=True, high_open=True, example=0.3
+        )
+        check_number(
+            "LocalBlend", "start", self.start, low=0.0, high=1.0, example=0.2, meaning="a fraction of the steps"
+        )
+        check_int("LocalBlend", "max_tokens", self.max_tokens, minimum=1, example=256, meaning="a query count")
         if not self.words:
             raise ValueError(
                 "LocalBlend: name the words whose region may change, e.g. LocalBlend(words=('circle', "

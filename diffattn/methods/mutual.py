@@ -12,7 +12,8 @@ from torch import Tensor
 
 from ..context import AttentionContext
 from ..errors import LayoutError
-from .base import AttentionMethod, check_roles
+from .base import AttentionMethod
+from .checks import check_number, check_roles_arg, check_str, check_words, given
 from .edit_branches import source_rows
 from .edit_maps import CROSS_MAPS
 
@@ -54,7 +55,29 @@ class MutualSelfAttention(AttentionMethod):
     later_layers_only: ClassVar[bool] = True  # diffattn.editing.edit's default layers: the decoder / later blocks
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name, _SELF_AND_JOINT))
+        object.__setattr__(self, "roles", check_roles_arg(self.roles, self.name, _SELF_AND_JOINT))
+        check_words(self.name, "mask_words", self.mask_words, example="('circle',)")
+        check_number(
+            self.name,
+            "mask_threshold",
+            self.mask_threshold,
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            high_open=True,
+            example=0.1,
+        )
+        for name in ("source", "target"):
+            check_str(self.name, name, getattr(self, name), example=name)
+        for name in ("mask_source", "mask_target"):
+            mask = getattr(self, name)
+            if mask is not None and not isinstance(mask, Tensor):
+                try:
+                    torch.as_tensor(mask)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(
+                        f"{self.name}: {name} is an H x W boolean mask (tensor or array), got {given(mask)}"
+                    ) from None
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(f"{self.name}: start_step must be an int >= 0, got {self.start_step!r}")
         if self.mask_words and self.mask_source is not None:

@@ -5,6 +5,7 @@ maps."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -13,7 +14,8 @@ from torch import Tensor
 
 from ..context import AttentionContext
 from ..errors import LayoutError
-from .base import AttentionMethod, check_roles
+from .base import AttentionMethod
+from .checks import check_int, check_roles_arg, check_str, given
 from .edit_branches import source_rows
 from .edit_maps import BLEND_STORE, _entry_mask, _probs, _record_maps
 from .local_blend import LocalBlend
@@ -56,7 +58,31 @@ class PromptToPrompt(AttentionMethod):
     stack_level: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name))
+        object.__setattr__(self, "roles", check_roles_arg(self.roles, self.name))
+        check_int(self.name, "self_max_tokens", self.self_max_tokens, minimum=0, example=256, meaning="a query count")
+        for name in ("source", "target"):
+            check_str(self.name, name, getattr(self, name), example=name)
+        if self.local_blend is not None and not isinstance(self.local_blend, LocalBlend):
+            raise TypeError(
+                f"{self.name}: local_blend must be a LocalBlend or None, got {given(self.local_blend)}; e.g. "
+                "local_blend=LocalBlend(words=('circle', 'square'))"
+            )
+        pairs = self.reweight if isinstance(self.reweight, (tuple, list)) else None
+        if pairs is None or not all(
+            isinstance(p, (tuple, list))
+            and len(p) == 2
+            and isinstance(p[0], numbers.Integral)
+            and not isinstance(p[0], bool)
+            and p[0] >= 0
+            and isinstance(p[1], numbers.Real)
+            and not isinstance(p[1], bool)
+            and math.isfinite(p[1])
+            for p in pairs
+        ):
+            raise TypeError(
+                f"{self.name}: reweight is a tuple of (token index >= 0, finite weight) pairs, got "
+                f"{given(self.reweight)}; e.g. reweight=((3, 2.0),) (diffattn.editing.token_indices finds a word's)"
+            )
         for name in ("cross_replace", "self_replace"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
