@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 
 from ..context import AttentionContext
-from .base import AttentionMethod, check_roles
+from .base import AttentionMethod
+from .checks import check_bool, check_int_tuple, check_optional_int, check_roles_arg, given
 from .edit_branches import require_roles, require_step
 
 __all__ = ["BoundedAttention", "Box", "box_masks", "LossCollector", "MaskRefiner", "kmeans"]
@@ -26,9 +28,16 @@ Box = tuple[float, float, float, float]
 
 
 def _check_box(box: Sequence[float], owner: str) -> Box:
-    if len(box) != 4:
-        raise ValueError(f"{owner}: a box is (x0, y0, x1, y1) in [0, 1], origin top-left; got {box!r}")
-    x0, y0, x1, y1 = (float(v) for v in box)
+    try:
+        values = [] if isinstance(box, (str, bytes)) else list(box)
+    except TypeError:
+        values = []
+    if len(values) != 4 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        raise ValueError(
+            f"{owner}: each of the boxes is four numbers (x0, y0, x1, y1) in [0, 1], origin top-left, e.g. "
+            f"(0.0, 0.0, 0.5, 1.0); got {given(box)}"
+        )
+    x0, y0, x1, y1 = (float(v) for v in values)
     if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
         raise ValueError(
             f"{owner}: box {box!r} must have 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
@@ -273,9 +282,18 @@ class BoundedAttention(AttentionMethod):
     requires_roles: ClassVar[bool] = True  # the cross-attention masks act on the conditional entries
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name))
+        object.__setattr__(self, "roles", check_roles_arg(self.roles, self.name))
+        for name, value in (("boxes", self.boxes), ("subject_tokens", self.subject_tokens)):
+            if not isinstance(value, (tuple, list)):
+                raise TypeError(
+                    f"{self.name}: {name} is a tuple with one entry per subject, got {given(value)}; e.g. "
+                    "boxes=((0.0, 0.0, 0.5, 1.0),), subject_tokens=((2,),)"
+                )
         boxes = tuple(_check_box(b, self.name) for b in self.boxes)
-        tokens = tuple(tuple(int(t) for t in group) for group in self.subject_tokens)
+        tokens = tuple(
+            check_int_tuple(self.name, f"subject_tokens[{i}]", group, example=(2, 3))
+            for i, group in enumerate(self.subject_tokens)
+        )
         if not boxes:
             raise ValueError(f"{self.name}: give at least one box, e.g. boxes=((0.0, 0.0, 0.5, 1.0),)")
         if len(tokens) != len(boxes):
@@ -287,7 +305,12 @@ class BoundedAttention(AttentionMethod):
             raise ValueError(f"{self.name}: every subject needs token indices >= 0, got {tokens}")
         object.__setattr__(self, "boxes", boxes)
         object.__setattr__(self, "subject_tokens", tokens)
-        object.__setattr__(self, "filter_tokens", tuple(int(t) for t in self.filter_tokens))
+        filters = check_int_tuple(self.name, "filter_tokens", self.filter_tokens, example=(1, 4))
+        object.__setattr__(self, "filter_tokens", filters)
+        eos = check_optional_int(self.name, "eos_token", self.eos_token, minimum=0, example=7, meaning="a text index")
+        object.__setattr__(self, "eos_token", eos)
+        for flag in ("mask_eos", "mask_cross", "mask_self"):
+            check_bool(self.name, flag, getattr(self, flag))
 
     # ---- masks -------------------------------------------------------------------------------------------
     def _members(self, ctx: AttentionContext) -> Tensor | None:

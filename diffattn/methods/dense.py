@@ -8,7 +8,8 @@ from typing import ClassVar
 from torch import Tensor
 
 from ..context import ROLES, AttentionContext
-from .base import AttentionMethod, check_roles
+from .base import AttentionMethod
+from .checks import check_roles_arg
 
 __all__ = ["Dense"]
 
@@ -21,7 +22,7 @@ class Dense(AttentionMethod):
     position_free: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, "Dense"))
+        object.__setattr__(self, "roles", check_roles_arg(self.roles, "Dense"))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         return ctx.dense(q, k, v)

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from ..context import AttentionContext
 from ..patterns.dynamic import POOL_MODES, pool_grid
-from .base import AttentionMethod, check_roles
+from .base import AttentionMethod
+from .checks import check_number, check_roles_arg, given
 from .dynamic_common import _ROLES, _check_call
 from .sparse import config_error, text_padding_per_batch
 
@@ -43,19 +44,26 @@ class TokenDownsampling(AttentionMethod):
     roles: frozenset[str] = field(default=_ROLES)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name, _ROLES))
+        object.__setattr__(self, "roles", check_roles_arg(self.roles, self.name, _ROLES))
         for name in ("factor", "factor_level_2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{self.name}: {name} is a positive int (1 = no downsampling), got {value!r}")
-        if self.mode not in POOL_MODES:
+        if not isinstance(self.mode, str) or self.mode not in POOL_MODES:
             raise ValueError(
-                f"{self.name}: mode is one of {POOL_MODES} (default 'nearest-exact', the authors'), got {self.mode!r}"
+                f"{self.name}: mode is one of {POOL_MODES} (default 'nearest-exact', the authors'), got "
+                f"{given(self.mode)}"
             )
-        if not 0.0 <= self.timestep_threshold_stop <= 1.0:
-            raise ValueError(
-                f"{self.name}: timestep_threshold_stop is t/1000 in [0, 1], got {self.timestep_threshold_stop}"
-            )
+        stop = check_number(
+            self.name,
+            "timestep_threshold_stop",
+            self.timestep_threshold_stop,
+            low=0.0,
+            high=1.0,
+            example=0.5,
+            meaning="t/1000 (0 = never stop)",
+        )
+        object.__setattr__(self, "timestep_threshold_stop", stop)
 
     def level(self, ctx: AttentionContext) -> int:
         """1 at the model's highest resolution, 2 at half of it, and so on (from the call's and input's grids)."""

@@ -28,7 +28,8 @@ from ..context import AttentionContext
 from ..errors import LayoutError, NonFiniteInputError
 from ..patterns.compile import KernelOrder
 from ..patterns.dynamic import block_order, block_probabilities, block_self_similarity, forced_blocks, pool_blocks
-from .base import SELF_AND_JOINT, check_roles
+from .base import SELF_AND_JOINT
+from .checks import check_block_size, check_number, check_roles_arg, given
 from .sparse import _grid_words, config_error
 
 __all__ = ["VIDEO_TILE"]
@@ -41,28 +42,32 @@ _ROLES = SELF_AND_JOINT
 VIDEO_TILE: tuple[int, int, int] = (4, 4, 8)
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_common(
     owner: str, roles: frozenset[str], backend: str, block_size: int, tile: Any, guard: float | None
 ) -> frozenset[str]:
-    roles = check_roles(roles, owner, _ROLES)
-    if backend != "auto" and backend not in kernels.BACKENDS:
-        raise ValueError(f"{owner}: unknown backend {backend!r}; choose from {['auto', *kernels.BACKENDS]}")
-    if block_size < 1:
-        raise ValueError(f"{owner}: block_size must be positive, got {block_size}")
+    roles = check_roles_arg(roles, owner, _ROLES)
+    if not isinstance(backend, str) or (backend != "auto" and backend not in kernels.BACKENDS):
+        raise ValueError(f"{owner}: unknown backend {given(backend)}; choose from {['auto', *kernels.BACKENDS]}")
+    check_block_size(owner, block_size)
     if not (
         tile is None
-        or tile == "auto"
-        or isinstance(tile, int)
-        and tile >= 1
+        or isinstance(tile, str)
+        and tile == "auto"
+        or _positive_int(tile)
         or isinstance(tile, tuple)
         and tile
-        and all(isinstance(t, int) and t >= 1 for t in tile)
+        and all(_positive_int(t) for t in tile)
     ):
         raise ValueError(
-            f"{owner}: tile must be 'auto', None (raster blocks), a positive int or a tuple of them, got {tile!r}"
+            f"{owner}: tile must be 'auto', None (raster blocks), a positive int or a tuple of them (one per grid "
+            f"axis), got {given(tile)}; e.g. tile=(4, 4, 8) for videos or tile='auto'"
         )
-    if guard is not None and not -1.0 <= guard <= 1.0:
-        raise ValueError(f"{owner}: a similarity threshold is a cosine similarity in [-1, 1], got {guard}")
+    if guard is not None:
+        check_number(owner, "similarity_guard", guard, low=-1.0, high=1.0, example=0.6, meaning="a cosine similarity")
     return roles
 
 

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ..context import AttentionContext
 from ..errors import LayoutError
-from .base import AttentionMethod, check_roles
+from .base import AttentionMethod
+from .checks import check_int, check_number, check_roles_arg, check_str, given
 from .edit_branches import require_step
 from .edit_masks import object_mask
 
@@ -40,7 +41,15 @@ class AttentiveEraser(AttentionMethod):
     requires_roles: ClassVar[bool] = True  # acts on the entries of the w branch
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name, frozenset({"self"})))
+        object.__setattr__(self, "roles", check_roles_arg(self.roles, self.name, frozenset({"self"})))
+        check_number(self.name, "ss_scale", self.ss_scale, low=0.0, high=1.0, low_open=True, example=0.3)
+        check_int(self.name, "ss_steps", self.ss_steps, minimum=0, example=9, meaning="a number of steps")
+        check_str(self.name, "branch", self.branch, example="w")
+        if self.mask is not None and (not isinstance(self.mask, Tensor) or self.mask.ndim != 2):
+            raise TypeError(
+                f"{self.name}: mask is an H x W tensor (True on the object), got {given(self.mask)}; for an array "
+                "use AttentiveEraser(...).with_mask(array)"
+            )
         if not 0.0 < self.ss_scale <= 1.0:
             raise ValueError(f"{self.name}: ss_scale must be in (0, 1], got {self.ss_scale}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .checks import check_int, check_number
+
 __all__ = ["LocalBlend", "WordSpec", "word_spec", "split_words"]
 
 #: Words of both prompts (``("circle", "square")``), or of each (``(source_words, target_words)``).
@@ -66,6 +68,13 @@ class LocalBlend:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "words", word_spec(self.words, "LocalBlend"))
+        check_number(
+            "LocalBlend", "threshold", self.threshold, low=0.0, high=1.0, low_open=True, high_open=True, example=0.3
+        )
+        check_number(
+            "LocalBlend", "start", self.start, low=0.0, high=1.0, example=0.2, meaning="a fraction of the steps"
+        )
+        check_int("LocalBlend", "max_tokens", self.max_tokens, minimum=1, example=256, meaning="a query count")
         if not any(self.split()):
             raise ValueError(
                 "LocalBlend: name the words whose region may change, e.g. LocalBlend(words=('circle', "

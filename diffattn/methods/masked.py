@@ -12,7 +12,8 @@ from diffattn_kernels.reference import reference_attention
 
 from ..context import ROLES, AttentionContext
 from ..errors import MethodConfigError
-from .base import AttentionMethod, check_roles
+from .base import AttentionMethod
+from .checks import check_roles_arg
 
 __all__ = ["Masked", "MaskMod", "stock_mask_parts"]
 
@@ -46,7 +47,7 @@ class Masked(AttentionMethod):
     def __post_init__(self) -> None:
         if not callable(self.mask_mod):
             raise TypeError("Masked(mask_mod): mask_mod must be a function (q_idx, kv_idx, ctx) -> bool tensor")
-        object.__setattr__(self, "roles", check_roles(self.roles, "Masked"))
+        object.__setattr__(self, "roles", check_roles_arg(self.roles, "Masked"))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         q_idx = torch.arange(q.shape[-2], device=q.device).unsqueeze(1)

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from ..context import AttentionContext
 from ..errors import LayoutError
-from .base import AttentionMethod, check_roles
+from .base import AttentionMethod
+from .checks import check_number, check_roles_arg, check_str, given
 from .edit_branches import require_step, source_rows
 from .edit_maps import CROSS_MAPS
 from .edit_masks import MASK_THRESHOLD, object_mask
@@ -64,7 +65,28 @@ class MutualSelfAttention(AttentionMethod):
     requires_roles: ClassVar[bool] = True  # pairs each target entry with the source entry of its CFG half
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name, _SELF_AND_JOINT))
+        object.__setattr__(self, "roles", check_roles_arg(self.roles, self.name, _SELF_AND_JOINT))
+        check_number(
+            self.name,
+            "mask_threshold",
+            self.mask_threshold,
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            high_open=True,
+            example=0.1,
+        )
+        for name in ("source", "target"):
+            check_str(self.name, name, getattr(self, name), example=name)
+        for name in ("mask_source", "mask_target"):
+            mask = getattr(self, name)
+            if mask is not None and not isinstance(mask, Tensor):
+                try:
+                    torch.as_tensor(mask)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(
+                        f"{self.name}: {name} is an H x W boolean mask (tensor or array), got {given(mask)}"
+                    ) from None
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(f"{self.name}: start_step must be an int >= 0, got {self.start_step!r}")
         if self.mask_words != ():

@@ -26,7 +26,8 @@ from torch import Tensor
 from ..context import AttentionContext
 from ..errors import LayerSelectionError, LayoutError
 from ..schedule import StepSchedule, StepSpec, _component_regex
-from .base import AttentionMethod, check_roles
+from .base import AttentionMethod
+from .checks import check_roles_arg, given
 
 __all__ = ["PerturbedAttention", "HeadSpec", "PERTURBED"]
 
@@ -103,7 +104,7 @@ class PerturbedAttention(AttentionMethod):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: {attr} must be a finite number >= 0, got {value!r}")
             object.__setattr__(self, attr, float(value))
-        roles = check_roles(self.roles, name)
+        roles = check_roles_arg(self.roles, name)
         if not roles <= _GUIDANCE_ROLES:
             raise ValueError(
                 f"{name}: guidance perturbs self-attention and joint attention only (cross-attention is never "
@@ -111,8 +112,16 @@ class PerturbedAttention(AttentionMethod):
             )
         object.__setattr__(self, "roles", roles)
         layers = self.layers
-        if layers is not None and not isinstance(layers, str):
-            layers = tuple(layers)
+        if layers is not None:
+            patterns = [layers] if isinstance(layers, str) else layers
+            if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+                raise TypeError(
+                    f"{name}: layers takes a regex string over attention-module names (e.g. 'mid_block') or a list "
+                    f"of them, or None for the family's default layers; got {given(layers)}"
+                )
+            for pattern in patterns:
+                _component_regex(pattern)  # a LayerSelectionError saying which pattern is not a regex
+            layers = layers if isinstance(layers, str) else tuple(layers)
         heads = _normalise_heads(self.heads, name)
         if heads is not None and isinstance(heads[0], tuple):
             if layers is not None:

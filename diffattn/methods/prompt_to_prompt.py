@@ -5,6 +5,7 @@ maps."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -13,7 +14,8 @@ from torch import Tensor
 
 from ..context import AttentionContext
 from ..errors import MethodConfigError
-from .base import AttentionMethod, check_roles
+from .base import AttentionMethod
+from .checks import check_int, check_roles_arg, check_str, given
 from .edit_branches import require_step, source_rows
 from .edit_maps import BLEND_STORE, _entry_mask, _probs, _record_maps
 from .local_blend import LocalBlend
@@ -59,17 +61,36 @@ class PromptToPrompt(AttentionMethod):
     requires_roles: ClassVar[bool] = True  # edits the conditional target entries only
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name))
+        object.__setattr__(self, "roles", check_roles_arg(self.roles, self.name))
+        check_int(self.name, "self_max_tokens", self.self_max_tokens, minimum=0, example=256, meaning="a query count")
+        for name in ("source", "target"):
+            check_str(self.name, name, getattr(self, name), example=name)
+        if self.local_blend is not None and not isinstance(self.local_blend, LocalBlend):
+            raise TypeError(
+                f"{self.name}: local_blend must be a LocalBlend or None, got {given(self.local_blend)}; e.g. "
+                "local_blend=LocalBlend(words=('circle', 'square'))"
+            )
+        pairs = self.reweight if isinstance(self.reweight, (tuple, list)) else None
+        if pairs is None or not all(
+            isinstance(p, (tuple, list))
+            and len(p) == 2
+            and isinstance(p[0], numbers.Integral)
+            and not isinstance(p[0], bool)
+            and isinstance(p[1], numbers.Real)
+            and not isinstance(p[1], bool)
+            for p in pairs
+        ):
+            raise TypeError(
+                f"{self.name}: reweight is a tuple of (token index, weight) pairs, got {given(self.reweight)}; e.g. "
+                "reweight=((3, 2.0),) (diffattn.editing.token_indices finds a word's)"
+            )
         for name in ("cross_replace", "self_replace"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{self.name}: {name} is a fraction of the steps in [0, 1], got {value!r}")
         reweight = []
-        for pair in self.reweight:
-            if isinstance(pair, (str, bytes)) or len(pair) != 2:
-                raise ValueError(f"{self.name}: reweight is ((token_index, weight), ...), got the item {pair!r}")
-            index, weight = pair
-            if isinstance(index, bool) or int(index) != index or index < 0:
+        for index, weight in self.reweight:
+            if index < 0:
                 raise ValueError(
                     f"{self.name}: reweight token index {index!r} must be an int >= 0 (the target prompt's tokens "
                     "counted from 0; diffattn.editing.token_indices(pipe, prompt, word) finds a word's)"

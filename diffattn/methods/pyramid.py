@@ -17,6 +17,7 @@ from ..context import AttentionContext
 from ..patterns.compile import KernelOrder, relation_block_mask
 from ..patterns.dynamic import PYRAMID_LEVELS, block_order, pyramid_levels, selection_block_mask
 from .base import AttentionMethod
+from .checks import check_number, given
 from .dynamic_common import (
     _ROLES,
     _check_call,
@@ -85,22 +86,32 @@ class PyramidSparseAttention(AttentionMethod):
             "roles",
             _check_common(self.name, self.roles, self.backend, self.block_size, self.tile, self.similarity_guard),
         )
-        if self.pool_similarity is not None and not -1.0 <= self.pool_similarity <= 1.0:
-            raise ValueError(
-                f"{self.name}: pool_similarity is a cosine similarity in [-1, 1], got {self.pool_similarity}"
+        if self.pool_similarity is not None:
+            check_number(
+                self.name,
+                "pool_similarity",
+                self.pool_similarity,
+                low=-1.0,
+                high=1.0,
+                example=0.9,
+                meaning="a cosine similarity",
             )
-        per_head = bool(self.bands) and isinstance(self.bands[0], (tuple, list))
+        bands_error = ValueError(
+            f"{self.name}: bands are {len(PYRAMID_LEVELS)} non-decreasing fractions in [0, 1] (cumulative, for "
+            f"pooling {PYRAMID_LEVELS}), or one such tuple per head; got {given(self.bands)}; e.g. bands={PSA_BANDS}"
+        )
+        if not isinstance(self.bands, (tuple, list)) or not self.bands:
+            raise bands_error
+        per_head = isinstance(self.bands[0], (tuple, list))
+        if per_head and not all(isinstance(r, (tuple, list)) for r in self.bands):
+            raise bands_error
         rows = [tuple(r) for r in self.bands] if per_head else [tuple(self.bands)]
         for row in rows:
             ok = len(row) == len(PYRAMID_LEVELS) and all(
                 isinstance(e, (int, float)) and not isinstance(e, bool) and 0.0 <= e <= 1.0 for e in row
             )
             if not ok or any(a > b for a, b in zip(row, row[1:])):
-                raise ValueError(
-                    f"{self.name}: bands are {len(PYRAMID_LEVELS)} non-decreasing fractions in [0, 1] "
-                    f"(cumulative, for pooling {PYRAMID_LEVELS}), or one such tuple per head; got "
-                    f"{self.bands!r}"
-                )
+                raise bands_error
         rows = [tuple(float(e) for e in r) for r in rows]
         object.__setattr__(self, "bands", tuple(rows) if per_head else rows[0])
 

@@ -13,7 +13,8 @@ import diffattn_kernels as kernels
 
 from ..context import AttentionContext
 from ..errors import MethodConfigError
-from .base import AttentionMethod, check_roles
+from .base import AttentionMethod
+from .checks import check_int, check_number, check_roles_arg
 from .dynamic_common import _ROLES, _check_call, _finite_or_report, _Plan, _scale
 from .dynamic_sparse import DynamicSparseAttention
 from .sparse import SparseAttention, text_padding_per_batch
@@ -79,16 +80,17 @@ class Rettention(AttentionMethod):
     _calls: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name, _ROLES))
+        object.__setattr__(self, "roles", check_roles_arg(self.roles, self.name, _ROLES))
         if not isinstance(self.base, (SparseAttention, DynamicSparseAttention)):
             raise TypeError(
                 f"{self.name}: base must be a static sparse method (e.g. SlidingTileAttention) or "
                 f"DynamicSparseAttention, got {type(self.base).__name__}"
             )
-        if not isinstance(self.calibrate_every, int) or self.calibrate_every < 1:
-            raise ValueError(f"{self.name}: calibrate_every is a positive number of steps, got {self.calibrate_every}")
-        if self.ratio_drift < 0:
-            raise ValueError(f"{self.name}: ratio_drift must be >= 0, got {self.ratio_drift}")
+        check_int(self.name, "calibrate_every", self.calibrate_every, minimum=1, example=5, meaning="a number of steps")
+        drift = check_number(
+            self.name, "ratio_drift", self.ratio_drift, low=0.0, example=0.04, meaning="the ratio's drift per step"
+        )
+        object.__setattr__(self, "ratio_drift", drift)
 
     def validate(self, ctx: AttentionContext) -> None:
         self.base.validate(ctx)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from ..context import AttentionContext
-from .base import SELF_AND_JOINT, AttentionMethod, check_roles
+from .base import SELF_AND_JOINT, AttentionMethod
+from .checks import check_int, check_number, check_roles_arg
 from .dense import Dense
 
 __all__ = ["EntropyScaling", "entropy_scale"]
@@ -54,16 +55,26 @@ class EntropyScaling(AttentionMethod):
                 "EntropyScaling: give train_tokens (the key count at the training size, for a DiT) or "
                 "token_ratio (this size's tokens over the trained ones, for a UNet), exactly one"
             )
-        if self.train_tokens is not None and (not isinstance(self.train_tokens, int) or self.train_tokens < 2):
-            raise ValueError(
-                f"EntropyScaling: train_tokens is the key count at the training size (an int >= 2), got "
-                f"{self.train_tokens!r}; for a video DiT use frames x rows x columns of its patch grid"
+        if self.train_tokens is not None:
+            check_int(
+                "EntropyScaling",
+                "train_tokens",
+                self.train_tokens,
+                minimum=2,
+                example=4096,
+                meaning="the key count at the training size (for a video DiT frames x rows x columns of its patches)",
             )
-        if self.token_ratio is not None and not (isinstance(self.token_ratio, (int, float)) and self.token_ratio > 0):
-            raise ValueError(
-                f"EntropyScaling: token_ratio is a positive number (4.0 for twice the trained height and "
-                f"width), got {self.token_ratio!r}"
+        if self.token_ratio is not None:
+            ratio = check_number(
+                "EntropyScaling",
+                "token_ratio",
+                self.token_ratio,
+                low=0.0,
+                low_open=True,
+                example=4.0,
+                meaning="this size's tokens over the trained ones (4.0 for twice the trained height and width)",
             )
+            object.__setattr__(self, "token_ratio", ratio)
         if not isinstance(self.base, AttentionMethod) or isinstance(self.base, EntropyScaling):
             raise TypeError(
                 f"EntropyScaling: base must be another attention method (Dense, SlidingTileAttention, ...), "
@@ -74,7 +85,14 @@ class EntropyScaling(AttentionMethod):
                 f"{self.name}: base {self.base.name} is not a kernel-level method; apply it separately "
                 "(diffattn.apply stacks guidance and editing methods around this one)"
             )
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name))
+        roles = check_roles_arg(self.roles, self.name)
+        if "cross" in roles and "cross" not in self.base.roles:
+            raise ValueError(
+                f"{self.name}: roles include 'cross', but base {self.base.name} does not act on cross-attention "
+                f"(its roles are {sorted(self.base.roles)}); leave 'cross' out of roles (the default), or use a base "
+                "that takes it (Dense, Masked)"
+            )
+        object.__setattr__(self, "roles", roles)
 
     @property
     def name(self) -> str:

@@ -18,7 +18,8 @@ from ..patterns.radial import Radial
 from ..patterns.shifted_window import ShiftedWindow, hidiffusion_shift
 from ..patterns.sliding_window import SlidingWindow
 from ..patterns.tile import SlidingTile
-from .base import SELF_AND_JOINT, AttentionMethod, check_roles
+from .base import SELF_AND_JOINT, AttentionMethod
+from .checks import check_block_size, check_int, check_number, check_per_axis, check_roles_arg, given
 
 __all__ = [
     "SparseAttention",
@@ -136,13 +137,12 @@ class SparseAttention(AttentionMethod):
     roles: frozenset[str] = field(default=_SPARSE_ROLES)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", check_roles(self.roles, self.name, _SPARSE_ROLES))
-        if self.backend != "auto" and self.backend not in kernels.BACKENDS:
+        object.__setattr__(self, "roles", check_roles_arg(self.roles, self.name, _SPARSE_ROLES))
+        if not isinstance(self.backend, str) or (self.backend != "auto" and self.backend not in kernels.BACKENDS):
             raise ValueError(
-                f"{self.name}: unknown backend {self.backend!r}; choose from {['auto', *kernels.BACKENDS]}"
+                f"{self.name}: unknown backend {given(self.backend)}; choose from {['auto', *kernels.BACKENDS]}"
             )
-        if self.block_size < 1:
-            raise ValueError(f"{self.name}: block_size must be positive, got {self.block_size}")
+        object.__setattr__(self, "block_size", check_block_size(self.name, self.block_size))
         own_pattern = type(self).pattern_for is not SparseAttention.pattern_for
         if own_pattern and self.pattern is not None:
             raise ValueError(
@@ -240,6 +240,8 @@ class SlidingTileAttention(SparseAttention):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        object.__setattr__(self, "tile", check_per_axis(self.name, "tile", self.tile, example=(2, 4, 4)))
+        object.__setattr__(self, "window", check_per_axis(self.name, "window", self.window, example=(1, 3, 3)))
         SlidingTile(self.tile, self.window)  # validate now
 
     def pattern_for(self, ctx: AttentionContext) -> Pattern:
@@ -249,24 +251,29 @@ class SlidingTileAttention(SparseAttention):
         return pattern.tile_volume(grid)
 
     def validate(self, ctx: AttentionContext) -> None:
-        """Besides the grid check of :meth:`SparseAttention.validate`: a tile wider than an axis of the grid is
-        refused. It would pad that axis into one tile, so attention across it is dense and the padding is computed
-        too (dense everywhere when the tile covers the whole grid), which is never what a tile size asks for."""
+        """Besides the grid check of :meth:`SparseAttention.validate`: a tile wider than an axis of the grid pads
+        that axis into one tile; where the window then covers every tile on every axis, the layer would silently get
+        dense attention (computing the padding too), so that is refused. (A window alone that covers a small grid is
+        taken: the tiles fit, so the parameters say what they do.)"""
         super().validate(ctx)
         grid = ctx.q_layout.grid
         if not grid or ctx.q_layout != ctx.kv_layout:
             return
         tile = (self.tile,) * len(grid) if isinstance(self.tile, int) else self.tile
+        window = (self.window,) * len(grid) if isinstance(self.window, int) else self.window
+        tiles = [-(-n // t) for t, n in zip(tile, grid)]
         wide = [f"{name} ({t} > {n})" for name, t, n in zip(_axis_names(grid), tile, grid) if t > n]
-        if wide:
+        if wide and all(w >= k for w, k in zip(window, tiles)):
             kind, _ = _grid_words(grid)
-            fitted = tuple(min(t, n) for t, n in zip(tile, grid))
+            smaller = tuple(max(1, n // 2) for n in grid)
             raise config_error(
                 self.name,
                 ctx,
-                f"tile {self.tile} is larger than the grid on {', '.join(wide)}; one padded tile would cover the "
-                "axis, so attention across it would be dense and cost the padding too",
-                f"use a tile that fits this {kind} grid, e.g. tile={fitted}, or leave this layer out (layers=...)",
+                f"tile {self.tile} is larger than the grid on {', '.join(wide)}: one padded tile covers that axis "
+                f"and window {self.window} covers the tiles of the others, so attention here would be dense (and "
+                "compute the padding)",
+                f"use a tile smaller than this {kind} grid and a window of fewer tiles than the axis holds, e.g. "
+                f"tile={smaller}, window=1; or leave this layer out (layers=...), or use Dense() for dense attention",
             )
 
     def fix_for(self, grid: tuple[int, ...]) -> str:
@@ -327,8 +334,21 @@ class ShiftedWindowAttention(SparseAttention):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.shift is not None and not 0.0 <= self.shift < 1.0:
-            raise ValueError(f"ShiftedWindowAttention: shift is a fraction of the window in [0, 1), got {self.shift}")
+        if self.shift is not None:
+            shift = check_number(
+                self.name,
+                "shift",
+                self.shift,
+                low=0.0,
+                high=1.0,
+                high_open=True,
+                example=0.25,
+                meaning="a fraction of the window (None: drawn per step from seed)",
+            )
+            object.__setattr__(self, "shift", shift)
+        object.__setattr__(self, "seed", check_int(self.name, "seed", self.seed, example=0))
+        object.__setattr__(self, "windows", check_per_axis(self.name, "windows", self.windows, example=(2, 2)))
+        ShiftedWindow(windows=self.windows)  # validate the window counts now
         if not isinstance(self.faithful, bool):
             raise ValueError(f"ShiftedWindowAttention: faithful must be a bool, got {self.faithful!r}")
         if self.faithful and self.shift is not None and 4 * self.shift != int(4 * self.shift):

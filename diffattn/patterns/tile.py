@@ -32,10 +32,11 @@ class SlidingTile(Pattern):
     def __post_init__(self) -> None:
         for name in ("tile", "window"):
             value = getattr(self, name)
-            values = (value,) if isinstance(value, int) else tuple(value)
-            if not values or any((not isinstance(v, int)) or v < 1 for v in values):
+            values = (value,) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
                 raise ValueError(
-                    f"SlidingTile: {name} must be positive ints (one per axis or one for all), got {value}"
+                    f"SlidingTile: {name} must be positive ints (one per axis or one for all), got {value!r} "
+                    f"({type(value).__name__}); e.g. {name}=(2, 4, 4) or {name}=3"
                 )
             if not isinstance(value, int):
                 object.__setattr__(self, name, tuple(value))

@@ -9,6 +9,7 @@ import pytest
 
 import diffattn
 from diffattn import LayerSelectionError, StepSchedule, StepSelectionError
+from diffattn.patterns import SlidingWindow
 from diffattn.schedule import select_layers
 
 NAMES = ["down.0.attn1", "down.0.attn2", "mid.attn1", "up.0.attn1"]
@@ -98,3 +99,71 @@ def test_apply_with_layers_as_an_int_says_what_layers_takes(tiny_model):
     with pytest.raises(LayerSelectionError, match=r"layers takes a regex string .* or a list of them.*got 5 \(int\)"):
         diffattn.apply(model, diffattn.Dense(), layers=5)
     assert select_layers(("mid", "up"), NAMES) == ["mid.attn1", "up.0.attn1"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# method parameters: checked at construction, with what was wrong and how to write it
+
+
+def test_sliding_tile_float_tile_says_what_was_wrong_and_how_to_write_it():
+    with pytest.raises(TypeError) as info:
+        diffattn.SlidingTileAttention(tile=4.0)
+    message = str(info.value)
+    assert message.startswith("SlidingTileAttention: tile must be a positive int or a tuple of positive ints")
+    assert "(one per grid axis), got 4.0 (float); write tile=4" in message
+
+
+@pytest.mark.parametrize(
+    "make,says",
+    [
+        (lambda: diffattn.SlidingTileAttention(tile=(4, 4.5)), ["tile", "(4, 4.5) (tuple)"]),
+        (lambda: diffattn.SlidingTileAttention(window="3"), ["window", "'3' (str)"]),
+        (lambda: diffattn.SlidingTileAttention(tile=True), ["tile", "True (bool)"]),
+        (lambda: diffattn.SlidingWindowAttention(block_size="128"), ["block_size", "'128' (str)", "block_size=128"]),
+        (lambda: diffattn.SparseAttention(pattern=SlidingWindow(3), block_size=10**12), ["block_size", "<= 65536"]),
+        (lambda: diffattn.ShiftedWindowAttention(shift="half"), ["shift", "'half' (str)", "shift=0.25"]),
+        (lambda: diffattn.ShiftedWindowAttention(windows=0), ["windows", "0 (int)"]),
+        (lambda: diffattn.ShiftedWindowAttention(seed=1.5), ["seed", "1.5 (float)"]),
+        (lambda: diffattn.Dense(roles="self"), ["roles", "'self' (str)", "roles={"]),
+        (lambda: diffattn.Masked(causal, roles=3), ["roles", "3 (int)"]),
+        (lambda: diffattn.DynamicSparseAttention(topk=0.5, similarity_guard="high"), ["similarity_guard", "0.6"]),
+        (lambda: diffattn.DynamicSparseAttention(topk=0.5, tile=4.0), ["tile", "4.0 (float)", "tile='auto'"]),
+        (lambda: diffattn.PyramidSparseAttention(bands=5), ["bands", "5 (int)", "bands=(0.4, 0.5, 0.6, 0.8)"]),
+        (lambda: diffattn.PyramidSparseAttention(pool_similarity=math.nan), ["pool_similarity", "nan"]),
+        (lambda: diffattn.Rettention(ratio_drift=math.nan), ["ratio_drift", "nan", "ratio_drift=0.04"]),
+        (lambda: diffattn.Rettention(calibrate_every=True), ["calibrate_every", "True (bool)"]),
+        (lambda: diffattn.TokenDownsampling(timestep_threshold_stop="0.5"), ["timestep_threshold_stop", "'0.5'"]),
+        (lambda: diffattn.EntropyScaling(token_ratio=math.inf), ["token_ratio", "inf", "token_ratio=4.0"]),
+        (lambda: diffattn.EntropyScaling(train_tokens=True), ["train_tokens", "True (bool)"]),
+        (lambda: diffattn.PAG(layers=5), ["layers", "5 (int)", "regex string"]),
+        (lambda: diffattn.PAG(layers=["mid", "("]), ["'('", "not a valid regular expression"]),
+        (lambda: diffattn.BoundedAttention(boxes=((0, 0, 1, "1"),), subject_tokens=((1,),)), ["boxes", "(x0, y0"]),
+        (lambda: diffattn.BoundedAttention(boxes=((0, 0, 1, 1),), subject_tokens=((1.5,),)), ["subject_tokens[0]"]),
+        (lambda: diffattn.BoundedAttention(boxes=((0, 0, 1, 1),), subject_tokens=((1,),), eos_token=math.inf), ["eos"]),
+        (lambda: diffattn.BoundedAttention(boxes=((0, 0, 1, 1),), subject_tokens=((1,),), mask_eos="no"), ["mask_eos"]),
+    ],
+)
+def test_bad_method_parameters_name_the_parameter_the_value_and_the_fix(make, says):
+    with pytest.raises((TypeError, ValueError)) as info:
+        make()
+    message = str(info.value)
+    for part in says:
+        assert part in message, f"{part!r} missing from: {message}"
+
+
+def causal(q_idx, kv_idx, ctx):
+    return q_idx >= kv_idx
+
+
+def test_entropy_scaling_refuses_cross_attention_its_base_cannot_take():
+    """A sparse base raised a LayoutError at the first cross-attention call; the constructor now says it."""
+    with pytest.raises(ValueError, match="roles include 'cross', but base SlidingTileAttention"):
+        diffattn.EntropyScaling(token_ratio=2.0, base=diffattn.SlidingTileAttention(), roles={"self", "cross"})
+    diffattn.EntropyScaling(token_ratio=2.0, roles={"self", "cross"})  # Dense takes cross-attention
+
+
+def test_valid_parameters_are_kept_as_given():
+    assert diffattn.SlidingTileAttention(tile=[2, 4], window=3).tile == (2, 4)
+    assert diffattn.SlidingTileAttention(tile=4).tile == 4
+    assert diffattn.ShiftedWindowAttention(shift=0.25, seed=3).shift == 0.25
+    assert diffattn.Rettention(ratio_drift=0.04).ratio_drift == 0.04

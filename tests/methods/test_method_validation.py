@@ -199,11 +199,11 @@ def test_radial_on_a_one_axis_grid_and_validate_called_directly():
 
 @pytest.mark.parametrize(
     "family,grid,tile,fits",
-    [("flux", (4, 4), (8, 8), "tile=(4, 4)"), ("wan", (2, 4, 4), (4, 4, 8), "tile=(2, 4, 4)")],
+    [("flux", (4, 4), (8, 8), "tile=(2, 2), window=1"), ("wan", (2, 4, 4), (4, 4, 8), "tile=(1, 2, 2), window=1")],
 )
 def test_sliding_tile_larger_than_the_grid_is_refused_not_silently_dense(family, grid, tile, fits, tiny_model):
-    """A tile wider than an axis pads it into one tile: attention there is dense at the padded tile's cost. The
-    first call says so, naming the layer, the grid, the axes and a tile that fits."""
+    """A tile wider than every axis is one padded tile: the layer would get dense attention (and compute the
+    padding). The first call says so, naming the layer, the grid, the axes and parameters that are sparse there."""
     model = tiny_model(family)
     with diffattn.apply(model, diffattn.SlidingTileAttention(tile=tile, window=1)) as handle:
         with pytest.raises(MethodConfigError) as info:
@@ -211,10 +211,22 @@ def test_sliding_tile_larger_than_the_grid_is_refused_not_silently_dense(family,
     message = str(info.value)
     layer = re.search(r" on layer (\S+) \(", message)
     assert layer and layer.group(1) in handle.layers, message
-    for part in ("x".join(map(str, grid)), f"tile {tile}", "larger than", "Fix: ", fits, "layers="):
+    for part in ("x".join(map(str, grid)), f"tile {tile}", "larger than", "dense", "Fix: ", fits, "layers="):
         assert part in message, f"{part!r} missing from: {message}"
-    ctx = make_ctx(TokenLayout(grid))
-    diffattn.SlidingTileAttention(tile=tuple(min(t, n) for t, n in zip(tile, grid)), window=1).validate(ctx)
+    fixed = diffattn.SlidingTileAttention(tile=tuple(max(1, n // 2) for n in grid), window=1)
+    fixed.validate(make_ctx(TokenLayout(grid)))
+    assert fixed.compiled(make_ctx(TokenLayout(grid)), 0, "cpu").density < 1
+
+
+def test_sliding_tile_wider_than_one_axis_but_sparse_on_another_is_taken():
+    """Tile (1, 2, 2) on a 2x1x1 video: the frames axis still has two tiles and window 1 keeps them apart, so the
+    pattern is sparse and says what it does (the tiny Wan pipeline's grid)."""
+    ctx = make_ctx(TokenLayout((2, 1, 1)))
+    method = diffattn.SlidingTileAttention(tile=(1, 2, 2), window=(1, 1, 1))
+    method.validate(ctx)
+    assert method.compiled(ctx, 0, "cpu").density == 0.5
+    with pytest.raises(MethodConfigError, match="dense"):
+        diffattn.SlidingTileAttention(tile=(1, 2, 2), window=(2, 1, 1)).validate(ctx)
 
 
 @pytest.mark.parametrize("grid", [(4, 8), (16,)])
