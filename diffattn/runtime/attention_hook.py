@@ -3,7 +3,6 @@ the module's own forward with its SDPA core replaced by the chain of the applica
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +76,12 @@ class AttentionHook(ModelHook):
         parallel.processor_ulysses(
             module.processor, self.entries[0].application.state.model, layer.name, getattr(module, "heads", None)
         )
-        interceptor = CoreInterceptor(functools.partial(core_op, hook=self.key))
+        token = self.entries[0].application.state.trace_token
+
+        def chain(sdpa: Any, call: dict[str, Any]) -> Tensor:
+            return core_op(sdpa, call, hook=self.key, token=token, index=interceptor.calls)
+
+        interceptor = CoreInterceptor(chain)
         with interceptor:
             out = self.fn_ref.original_forward(*args, **kwargs)
         if interceptor.calls == 0:
@@ -116,8 +120,8 @@ class AttentionHook(ModelHook):
         stack.sort(key=lambda e: (e.application.method.stack_level, e.application.id))
         return MethodChain(stack, call_state, ulysses, heads, processor)
 
-    def run_core(self, call: dict[str, Any]) -> Tensor:
-        """One intercepted SDPA call of a compiled module (see ``diffattn::attention_core``)."""
+    def run_core(self, call: dict[str, Any], index: int = 1) -> Tensor:
+        """The ``index``-th intercepted SDPA call of a compiled module's forward (see ``diffattn::attention_core``)."""
         module = self.module() if self.module is not None else None
         if module is None or not self.entries:
             raise InterceptionError(
@@ -128,6 +132,7 @@ class AttentionHook(ModelHook):
         if chain is None:
             q, k, v = call.pop("query"), call.pop("key"), call.pop("value")
             return SDPA(q, k, v, **call)
+        chain.sdpa_calls = index - 1
         return chain(SDPA, call)
 
 

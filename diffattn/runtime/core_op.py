@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InterceptionError
+from .forward_ops import ORDERED_OP_TAGS
 
 if TYPE_CHECKING:
     from .attention_hook import AttentionHook
@@ -30,7 +31,7 @@ def unregister_hook(key: int) -> None:
     _LIVE_HOOKS.pop(key, None)
 
 
-@torch.library.custom_op("diffattn::attention_core", mutates_args=())
+@torch.library.custom_op("diffattn::attention_core", mutates_args=(), tags=ORDERED_OP_TAGS)
 def _attention_core(
     query: Tensor,
     key: Tensor,
@@ -41,9 +42,12 @@ def _attention_core(
     scale: float | None,
     enable_gqa: bool,
     hook: int,
+    token: Tensor | None = None,
+    index: int = 1,
 ) -> Tensor:
     """The chain of diffattn methods of attention hook ``hook`` on one SDPA call, run eagerly (the compiled graph
-    sees an opaque op; its Python runs with the current step, batch roles and records)."""
+    sees an opaque op; its Python runs with the current step, batch roles and records). ``index``: which SDPA call
+    of the module's forward this is (1-based; IP-Adapter's image-prompt attention is a second call)."""
     owner = _LIVE_HOOKS.get(hook)
     if owner is None:
         raise InterceptionError(
@@ -60,13 +64,14 @@ def _attention_core(
             is_causal=is_causal,
             scale=scale,
             enable_gqa=enable_gqa,
-        )
+        ),
+        index,
     )
     return out.contiguous().clone() if _aliases(out, (query, key, value)) else out.contiguous()
 
 
 @_attention_core.register_fake
-def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, hook):
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, hook, token=None, index=1):
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
@@ -76,8 +81,9 @@ def _aliases(out: Tensor, inputs: tuple[Tensor, ...]) -> bool:
     return any(x.untyped_storage().data_ptr() == pointer for x in inputs)
 
 
-def core_op(sdpa: Any, call: dict[str, Any], *, hook: int) -> Tensor:
-    """A chain for the interceptor: the intercepted SDPA ``call`` as the custom op of attention hook ``hook``."""
+def core_op(sdpa: Any, call: dict[str, Any], *, hook: int, token: Tensor | None, index: int) -> Tensor:
+    """The intercepted SDPA ``call`` (the module's ``index``-th) as the custom op of attention hook ``hook``;
+    ``token`` (from ``diffattn::begin_forward``) orders it after the forward's begin."""
     return _attention_core(
         call["query"],
         call["key"],
@@ -88,4 +94,6 @@ def core_op(sdpa: Any, call: dict[str, Any], *, hook: int) -> Tensor:
         call["scale"],
         bool(call["enable_gqa"]),
         hook,
+        token,
+        index,
     )

@@ -6,28 +6,15 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
+from support import Recording, ip_adapter_unet
 
 import diffattn
 from diffattn.testing import tiny_inputs, tiny_model
-
-
-@dataclass(frozen=True)
-class Recording(diffattn.AttentionMethod):
-    """Dense attention that records ``read(q, k, ctx)`` (default: the step) of every call it handles."""
-
-    read: Callable = lambda q, k, ctx: ctx.step
-    seen: list = field(default_factory=list, compare=False)
-    roles: frozenset = frozenset({"self"})
-
-    def __call__(self, q, k, v, ctx):
-        self.seen.append(self.read(q, k, ctx))
-        return ctx.dense(q, k, v)
 
 
 class StepNamedLoop(DiffusionPipeline):
@@ -368,29 +355,11 @@ def test_diffattn_then_layer_skip_is_refused_at_the_call():
                 model(**inputs)
 
 
-def _ip_adapter_unet():
-    """A tiny SD1.5 UNet with IP-Adapter's processor on every attn2 (its second SDPA call attends 4 image-prompt
-    tokens), wired the way load_ip_adapter wires it."""
-    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
-
-    model = tiny_model("unet_sd15", seed=0)
-    cross = model.config.cross_attention_dim
-    projection = ImageProjection(image_embed_dim=16, cross_attention_dim=cross, num_image_text_embeds=4)
-    model.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
-    model.register_to_config(encoder_hid_dim_type="ip_image_proj")
-    for name, module in model.named_modules():
-        if name.endswith("attn2"):
-            processor = IPAdapterAttnProcessor2_0(module.to_q.out_features, cross, num_tokens=(4,), scale=1.0)
-            module.set_processor(processor)
-    return model
-
-
 def test_ip_adapter_call_is_not_taken_for_text_cross_attention():
     """IP-Adapter's image-prompt SDPA call inside attn2 gets its own role: a cross-attention method sees only the
     text call (7 tokens), never the 4 image-prompt tokens as if they were words."""
 
-    model = _ip_adapter_unet()
+    model = ip_adapter_unet()
     inputs = tiny_inputs("unet_sd15", (4, 4), text_len=7)
     batch = inputs["sample"].shape[0]
     image_embeds = [torch.randn(batch, 1, 16, generator=torch.Generator().manual_seed(0))]
