@@ -115,8 +115,9 @@ def _batch_roles(
                 f"{len(position.batch_roles)} entries, but the model was called with a batch of {batch}"
             )
         return position.batch_roles
-    if cache_name in ("cond", "uncond"):
-        return (cache_name,) * batch
+    named = cache_role(cache_name)
+    if named is not None:
+        return (named,) * batch
     guided = _pipeline_guides(position.pipeline)
     per_branch = position.prompt_batch
     if guided is None or per_branch is None:
@@ -125,6 +126,20 @@ def _batch_roles(
         return ("uncond",) * per_branch + ("cond",) * per_branch
     if batch == per_branch and (not guided or skip_layers_call):
         return ("cond",) * batch  # no CFG, or SD3's skip-layer call (the conditional latents only)
+    return None
+
+
+def cache_role(name: str | None) -> str | None:
+    """The role of every entry of a call made inside ``cache_context(name)``: a stock pipeline's ``"cond"`` /
+    ``"uncond"``, or the prediction names of diffusers' guiders (modular pipelines): ``"pred_uncond"`` is
+    unconditional, ``"pred_cond"`` and its perturbed variants (``"pred_cond_skip"``, ``"pred_cond_seg"``,
+    ``"pred_cond_stg"``, ...) run the conditional prompt. Any other name: ``None`` (unknown)."""
+    if name in ("cond", "uncond"):
+        return name
+    if name == "pred_uncond":
+        return "uncond"
+    if name == "pred_cond" or (name is not None and name.startswith("pred_cond_")):
+        return "cond"
     return None
 
 

@@ -420,3 +420,26 @@ def test_shared_flux_transformer_with_pag_and_true_cfg_in_two_threads():
     assert not errors, errors
     for key, images in results.items():
         assert all(np.array_equal(image, alone[key]) for image in images)
+
+
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [
+        ("cond", "cond"),
+        ("uncond", "uncond"),
+        ("pred_cond", "cond"),
+        ("pred_uncond", "uncond"),
+        ("pred_cond_skip", "cond"),
+        ("pred_cond_seg", "cond"),
+        ("my_branch", None),
+    ],
+)
+def test_guider_branch_names_give_the_batch_roles(name, role):
+    """diffusers' modular pipelines run each guider branch inside cache_context(<prediction name>): those names
+    give the roles, with the step from the context's step_index; an unknown name gives no roles."""
+    model, inputs = tiny_model("wan"), tiny_inputs("wan", (2, 4, 4), batch=2, text_len=3)
+    method = Recording(read=lambda q, k, ctx: (ctx.step, ctx.num_steps, ctx.batch_roles))
+    with diffattn.apply(model, method), torch.no_grad(), model.cache_context(name, step_index=1, num_inference_steps=3):
+        model(**inputs)
+    expected = None if role is None else (role, role)
+    assert set(method.seen) == {(1, 3, expected)}
