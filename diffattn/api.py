@@ -99,6 +99,7 @@ class Handle:
             if application in application.state.applications:
                 application.state.applications.remove(application)
             drop_state_if_unused(application.state.model)
+            application.method.release(application.id)
         self._removed = True
 
     def __enter__(self) -> Handle:

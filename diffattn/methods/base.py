@@ -64,6 +64,10 @@ class AttentionMethod:
         every layout.
         """
 
+    def release(self, application_id: int) -> None:
+        """Forget what the method keeps for the application ``application_id`` (``ctx.application_id``): called when
+        that application is removed. The default keeps nothing."""
+
     @property
     def name(self) -> str:
         return type(self).__name__

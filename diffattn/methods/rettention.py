@@ -69,7 +69,9 @@ class Rettention(AttentionMethod):
 
     State: the cache lives on this instance, one entry per (application, layer, batch roles or size, shape, heads
     slice, call order within the step): a residual as large as the layer's attention output. One instance applied to
-    a pipeline with two denoisers (Wan 2.2) keeps one cache per denoiser.
+    a pipeline with two denoisers (Wan 2.2) keeps one cache per denoiser. When a layer starts a new generation, the
+    entries of the finished one go (another resolution's included), so the cache holds one generation's; removing an
+    application drops its entries.
     """
 
     base: AttentionMethod = field(default_factory=lambda: DynamicSparseAttention(topk=0.1))
@@ -99,6 +101,20 @@ class Rettention(AttentionMethod):
         """Forget every calibration (the next call of each layer calibrates)."""
         self._cache.clear()
         self._calls.clear()
+
+    def release(self, application_id: int) -> None:
+        for key in [k for k in self._cache if k[0] == application_id]:
+            del self._cache[key]
+        for who in [w for w in self._calls if w[0] == application_id]:
+            del self._calls[who]
+
+    def _evict_finished(self, owner: tuple, step: int) -> None:
+        """Drop the entries of ``owner`` (application, layer) last used at a later step than ``step``: they belong
+        to a finished generation (any shape), so the caches hold at most one generation's entries per layer."""
+        for key in [k for k, state in self._cache.items() if k[:2] == owner and state.last_step > step]:
+            del self._cache[key]
+        for who in [w for w, (last, _) in self._calls.items() if w[:2] == owner and last is not None and last > step]:
+            del self._calls[who]
 
     def _key(self, q: Tensor, v: Tensor, ctx: AttentionContext) -> tuple:
         who = (
@@ -151,6 +167,8 @@ class Rettention(AttentionMethod):
         backend = getattr(self.base, "backend", "auto")
         start = time.perf_counter()
         if calibrate:
+            if state is None or new_generation:
+                self._evict_finished(key[:2], ctx.step)
             plans = self._base_plans(q, k, ctx)
             selected = time.perf_counter()
             sparse, lse_sparse = _run_plans(q, k, v, plans, scale, backend, need_lse=True)

@@ -328,6 +328,31 @@ def test_rettention_keeps_one_cache_per_denoiser():
     torch.testing.assert_close(shared[2:], alone, rtol=0, atol=0)
 
 
+def test_rettention_cache_holds_one_generation():
+    """Generations at two resolutions under one application: the first one's per-shape entries go when the second
+    starts, a repeat of the first gives a fresh instance's output, and removing the application empties the cache."""
+    model = tiny_model("wan", seed=0)
+    base = diffattn.SlidingTileAttention(tile=(1, 2, 2), window=(1, 1, 1))
+
+    def generate(grid):
+        inputs = tiny_inputs("wan", grid, batch=1, text_len=3)
+        outs = []
+        for step in range(3):
+            with diffattn.denoising_step(step, 3, batch_roles=("cond",)):
+                outs.append(model(**inputs)[0])
+        return outs
+
+    method = diffattn.Rettention(base=base)
+    with diffattn.apply(model, method), torch.no_grad():
+        generate((2, 4, 4))
+        generate((2, 4, 8))
+        assert {key[3][-2] for key in method._cache} == {2 * 4 * 8}  # the second grid's tokens only (the first had 32)
+        again = generate((2, 4, 4))
+    assert not method._cache and not method._calls
+    with diffattn.apply(model, diffattn.Rettention(base=base)), torch.no_grad():
+        torch.testing.assert_close(again, generate((2, 4, 4)), rtol=0, atol=0)
+
+
 def _layer_skip(model, layer: str = "mid_block.attentions.0.transformer_blocks") -> None:
     from diffusers.hooks import LayerSkipConfig, apply_layer_skip
 
