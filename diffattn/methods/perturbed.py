@@ -59,6 +59,8 @@ def _normalise_heads(heads: HeadSpec, owner: str) -> _Heads:
 
     if heads is None:
         return None
+    if _is_pairs(heads):  # the stored form, as dataclasses.replace passes it back
+        heads = dict(heads)
     if isinstance(heads, Mapping):
         if not heads:
             raise ValueError(f"{owner}: heads={{}} selects nothing; pass None for all heads")
@@ -70,6 +72,14 @@ def _normalise_heads(heads: HeadSpec, owner: str) -> _Heads:
             pairs.append((pattern, indices(value, f"[{pattern!r}]")))
         return tuple(pairs)
     return indices(heads, "")
+
+
+def _is_pairs(heads: Any) -> bool:
+    return (
+        isinstance(heads, tuple)
+        and bool(heads)
+        and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in heads)
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,7 +134,7 @@ class PerturbedAttention(AttentionMethod):
             layers = layers if isinstance(layers, str) else tuple(layers)
         heads = _normalise_heads(self.heads, name)
         if heads is not None and isinstance(heads[0], tuple):
-            if layers is not None:
+            if layers is not None and layers != tuple(pattern for pattern, _ in heads):  # replace() passes them back
                 raise ValueError(
                     f"{name}: heads given per layer ({{pattern: heads}}) already choose the layers; leave layers=None"
                 )

@@ -160,7 +160,10 @@ def loop_position(
             batch_roles=roles,
             prompt_batch=prompt_batch,
         )
-    return dataclasses.replace(_pipeline_loop(pipeline, local, model_timestep, roles), prompt_batch=prompt_batch)
+    position = dataclasses.replace(_pipeline_loop(pipeline, local, model_timestep, roles), prompt_batch=prompt_batch)
+    if explicit is not None and explicit.timestep is not None and position.step is None:
+        position = dataclasses.replace(position, timestep=explicit.timestep, source=explicit.source)  # declared alone
+    return position
 
 
 def _prompt_batch(local: dict[str, Any]) -> int | None:

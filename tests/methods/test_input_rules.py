@@ -167,3 +167,23 @@ def test_valid_parameters_are_kept_as_given():
     assert diffattn.SlidingTileAttention(tile=4).tile == 4
     assert diffattn.ShiftedWindowAttention(shift=0.25, seed=3).shift == 0.25
     assert diffattn.Rettention(ratio_drift=0.04).ratio_drift == 0.04
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        diffattn.PAG(heads={"blocks.0": (0, 1)}, steps=(0.0, 0.5)),
+        diffattn.PAG(heads=(1, 2), layers="blocks.1"),
+        diffattn.SEG(),
+        diffattn.SlidingTileAttention(tile=(1, 2, 2), window=(1, 1, 1)),
+        diffattn.PromptToPrompt(reweight=((2, 1.5),)),
+        diffattn.LocalBlend(words="circle"),
+        diffattn.MutualSelfAttention(mask_words=("circle", "square")),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_replace_takes_back_what_the_constructor_stored(method):
+    """dataclasses.replace passes the stored (normalised) fields back to the constructor: it must accept them."""
+    import dataclasses
+
+    assert dataclasses.replace(method) == method

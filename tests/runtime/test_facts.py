@@ -468,3 +468,18 @@ def test_guider_branch_names_give_the_batch_roles(name, role):
         model(**inputs)
     expected = None if role is None else (role, role)
     assert set(method.seen) == {(1, 3, expected)}
+
+
+def test_declared_timestep_without_a_step_selects_by_timestep():
+    """denoising_step(timestep=t) alone declares the scheduler's timestep: a timestep-range selection uses it, not
+    the model's own timestep input (whose scale is the model's)."""
+    model, inputs = tiny_model("wan"), tiny_inputs("wan", (2, 4, 4), batch=1, text_len=3)
+    inputs["timestep"] = torch.tensor([900.0])
+    method = Recording(read=lambda q, k, ctx: ctx.step)
+    with diffattn.apply(model, method, steps=diffattn.StepSchedule.timesteps(0, 200)) as handle, torch.no_grad():
+        with diffattn.denoising_step(timestep=100.0):
+            model(**inputs)
+        assert method.seen and handle.calls[-1].acted
+        method.seen.clear()
+        model(**inputs)  # the model's 900 is outside the range
+        assert not method.seen
