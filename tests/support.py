@@ -14,7 +14,16 @@ from diffattn.testing import tiny_model
 
 
 def make_ctx(
-    layout, *, step=0, batch_roles=None, attn_mask=None, timestep=None, input_grid=None, scale=None, layer="layer"
+    layout,
+    *,
+    step=0,
+    num_steps=None,
+    batch_roles=None,
+    attn_mask=None,
+    timestep=None,
+    input_grid=None,
+    scale=None,
+    layer="layer",
 ):
     metrics = {}
 
@@ -25,7 +34,7 @@ def make_ctx(
         layer=layer,
         role="joint" if layout.text_len else "self",
         step=step,
-        num_steps=None,
+        num_steps=num_steps,
         q_layout=layout,
         kv_layout=layout,
         batch_roles=batch_roles,

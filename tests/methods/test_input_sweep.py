@@ -16,13 +16,12 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from support import make_ctx
 
 import diffattn
 from diffattn import DiffattnError, StepSchedule, TokenLayout
-from diffattn.context import AttentionContext
 from diffattn.patterns import SlidingTile, SlidingWindow
 from diffattn.patterns.dynamic import POOL_MODES
 from diffattn.schedule import select_layers
@@ -356,18 +355,12 @@ def perturbed_call(method):
     layout = TokenLayout((4, 4))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, layout.num_tokens, 8, generator=g) for _ in range(3))
-    ctx = AttentionContext(
+    ctx, _ = make_ctx(
+        layout,
         layer="mid_block.attentions.0.transformer_blocks.0.attn1",
-        role="self",
         step=1,
         num_steps=4,
-        q_layout=layout,
-        kv_layout=layout,
         batch_roles=("uncond", "cond", "perturbed"),
-        attn_mask=None,
-        scale=None,
-        enable_gqa=False,
-        dense=lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
         timestep=500.0,
     )
     method.scale_at(500.0)
