@@ -1,0 +1,83 @@
+"""Every diffusers model class in the zoo (``diffattn.testing.zoo``): ``Dense`` gives bitwise the stock output, a
+masked method changes it and ``remove()`` restores the stock output exactly, and the token grid the runtime reads
+is the hand-counted one. Every refused class raises ``UnsupportedModelError`` with its reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import Recording
+
+import diffattn
+from diffattn.testing.zoo import zoo_cases, zoo_refusals
+
+CASES = zoo_cases()
+REFUSALS = zoo_refusals()
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+
+
+def _batch(inputs: dict) -> int:
+    for key in ("hidden_states", "sample", "x"):
+        if isinstance(inputs.get(key), torch.Tensor):
+            return inputs[key].shape[0]
+    raise AssertionError(f"no latent input among {sorted(inputs)}")
+
+
+def _run(model, inputs):
+    with torch.no_grad(), diffattn.denoising_step(0, 1, batch_roles=("cond",) * _batch(inputs)):
+        return _first(model(**inputs))
+
+
+def _even_keys(q_idx, kv_idx, ctx):
+    return (kv_idx % 2) == 0
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c.id for c in CASES])
+def built(request):
+    case = request.param
+    model = case.build()
+    inputs = case.inputs()
+    return case, model, inputs, _run(model, inputs)
+
+
+def test_dense_is_bitwise_stock(built):
+    case, model, inputs, stock = built
+    with diffattn.apply(model, diffattn.Dense()) as handle:
+        out = _run(model, inputs)
+        assert handle.acted(), f"{case.id}: Dense acted on no layer"
+    assert torch.equal(out, stock)
+
+
+def test_masked_method_acts_and_remove_restores_stock(built):
+    case, model, inputs, stock = built
+    with diffattn.apply(model, diffattn.Masked(_even_keys)) as handle:
+        out = _run(model, inputs)
+        assert handle.acted()
+    assert not torch.equal(out, stock), f"{case.id}: a mask over half the keys changed nothing"
+    assert torch.equal(_run(model, inputs), stock)
+
+
+def test_grid_is_the_hand_counted_one(built):
+    case, model, inputs, _ = built
+    method = Recording(
+        read=lambda q, k, ctx: (ctx.input_grid, ctx.role, ctx.q_layout.num_visual, ctx.kv_layout.text_len),
+        roles=frozenset(diffattn.context.ROLES),
+    )
+    with diffattn.apply(model, method):
+        _run(model, inputs)
+    assert method.seen
+    assert {grid for grid, *_ in method.seen} == {case.grid}
+    if case.text_len is not None:
+        texts = {text for _, role, _, text in method.seen if role in ("cross", "joint")}
+        assert texts, f"{case.id}: no cross or joint layer saw the text"
+
+
+@pytest.mark.parametrize("refusal", REFUSALS, ids=[r.model_class for r in REFUSALS])
+def test_refused_class_says_why(refusal):
+    if refusal.build is None:
+        pytest.skip(f"{refusal.model_class} cannot be built here")
+    with pytest.raises(diffattn.UnsupportedModelError, match=refusal.reason):
+        diffattn.apply(refusal.build(), diffattn.Dense())
