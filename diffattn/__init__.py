@@ -44,6 +44,7 @@ from .methods import (
 )
 from .methods.pag import PAG, SoftPAG
 from .methods.seg import SEG
+from .processors import DiffattnProcessor, processors
 from .runtime import denoising_step
 from .schedule import StepSchedule
 
@@ -54,6 +55,8 @@ __all__ = [
     "remove",
     "Handle",
     "attention_modules",
+    "processors",
+    "DiffattnProcessor",
     "AttentionMethod",
     "AttentionContext",
     "Dense",

@@ -153,8 +153,10 @@ def attach(
     layers: LayerSpec = None,
     steps: StepSpec = None,
     extension: Callable[[Application], BatchExtension] | None = None,
+    gate: Callable[[torch.nn.Module], Any] | None = None,
 ) -> Handle:
-    """``apply`` without the guidance check; ``extension`` builds a batch extension per denoiser (guidance)."""
+    """``apply`` without the guidance check; ``extension`` builds a batch extension per denoiser (guidance);
+    ``gate(module)`` makes the object each entry acts behind (``diffattn.processors``: the processor to install)."""
     schedule = StepSchedule.parse(steps)
     models, _ = _denoisers(target)
     plans = []
@@ -190,7 +192,7 @@ def attach(
         if extension is not None:
             application.extension = extension(application)
         for name, info in infos.items():
-            attach_entry(modules[name], Entry(application, info))
+            attach_entry(modules[name], Entry(application, info, None if gate is None else gate(modules[name])))
         state.applications.append(application)
         handle.applications.append(application)
         logger.info("diffattn: %s on %d attention layers of %s", method.name, len(chosen), type(model).__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,3 +84,19 @@ def ip_adapter_unet():
             processor = IPAdapterAttnProcessor2_0(module.to_q.out_features, cross, num_tokens=(4,), scale=1.0)
             module.set_processor(processor)
     return model
+
+
+def generate(pipe, steps: int = 4, guidance_scale: float | None = None, **extra) -> np.ndarray:
+    video = "Wan" in type(pipe).__name__
+    kwargs = dict(num_frames=5, height=16, width=16) if video else dict(height=32, width=32)
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    kwargs.update(extra)
+    out = pipe(
+        "a red circle",
+        num_inference_steps=steps,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
+    return np.asarray(out.frames if video else out.images)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import ClassVar
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from ..context import ROLES, AttentionContext
@@ -25,6 +27,28 @@ def check_roles(roles: Iterable[str], owner: str, allowed: frozenset[str] = ROLE
         names = " and ".join(r for r in ("self", "cross", "joint") if r in allowed)
         raise ValueError(f"{owner} acts on {names} attention only, got roles {sorted(roles)}")
     return roles
+
+
+def _not_a_processor(method: object) -> TypeError:
+    name = type(method).__name__
+    return TypeError(
+        f"{name} is a diffattn method, not a diffusers attention processor. Either apply it: "
+        f"diffattn.apply(pipe, {name}(...)), or install processors that run it: "
+        f"model.set_attn_processor(diffattn.processors(model, {name}(...)))"
+    )
+
+
+def _guarded(call: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``call`` refusing to run as a diffusers processor (called with the attention module first)."""
+
+    @functools.wraps(call)
+    def guarded(self: AttentionMethod, *args: Any, **kwargs: Any) -> Tensor:
+        if (args and isinstance(args[0], torch.nn.Module)) or "encoder_hidden_states" in kwargs:
+            raise _not_a_processor(self)
+        return call(self, *args, **kwargs)
+
+    guarded.diffattn_guarded = True  # type: ignore[attr-defined]
+    return guarded
 
 
 class AttentionMethod:
@@ -52,6 +76,12 @@ class AttentionMethod:
     # (step) or LayoutError (roles) saying how to declare it; the method never picks a default in its place.
     requires_step: ClassVar[bool] = False  # ctx.step and ctx.num_steps
     requires_roles: ClassVar[bool] = False  # ctx.batch_roles
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None and not getattr(call, "diffattn_guarded", False):
+            cls.__call__ = _guarded(call)  # set as a processor by mistake: a clear error, not a TypeError on kwargs
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         raise NotImplementedError

@@ -21,17 +21,25 @@ from .core_op import core_op, register_hook, unregister_hook
 from .ids import next_id
 from .interceptor import SDPA, CoreInterceptor
 
-__all__ = ["ATTENTION_HOOK", "AttentionHook", "Entry", "attach_entry", "detach_application"]
+__all__ = ["ATTENTION_HOOK", "AttentionHook", "Entry", "attach_entry", "detach_application", "stock_processor"]
 
 ATTENTION_HOOK = "diffattn.attention"
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One application on one attention module."""
+    """One application on one attention module. ``gate``: when set (``diffattn.processors``), the entry acts only
+    while the module's processor is that object; once another processor is set, the entry goes."""
 
     application: Application
     layer: LayerInfo
+    gate: Any = None
+
+
+def stock_processor(module: torch.nn.Module) -> Any:
+    """The module's processor, unwrapped from a ``diffattn.processors`` wrapper (its ``inner``)."""
+    processor = module.processor
+    return getattr(processor, "diffattn_inner", processor)
 
 
 class AttentionHook(ModelHook):
@@ -62,19 +70,33 @@ class AttentionHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if any(e.gate is not None and e.gate is not module.processor for e in self.entries):
+            self._drop_replaced(module)
         if not self.entries:
             return self.fn_ref.original_forward(*args, **kwargs)
         if not torch.compiler.is_compiling():  # a layer-skip hook registered after diffattn: refused at its first call
             refuse_layer_skip(module, self.entries[0].layer.name, [e.application.method.name for e in self.entries])
-        if torch.compiler.is_compiling() and not needs_native_override(module.processor):
+        if torch.compiler.is_compiling() and not needs_native_override(stock_processor(module)):
             return self._compiled_forward(module, *args, **kwargs)
         return self._eager_forward(module, *args, **kwargs)
+
+    @torch.compiler.disable
+    def _drop_replaced(self, module: torch.nn.Module) -> None:
+        """Entries of ``diffattn.processors`` whose processor was replaced (a stock one set back): removed, as
+        setting a processor removes the one before it."""
+        replaced = [e for e in self.entries if e.gate is not None and e.gate is not module.processor]
+        self.entries = [e for e in self.entries if e not in replaced]
+        for entry in replaced:
+            entry.application.layers.pop(entry.layer.name, None)
+            state = entry.application.state
+            if not entry.application.layers and entry.application in state.applications:
+                state.applications.remove(entry.application)
 
     def _compiled_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Traced by torch.compile: the SDPA call becomes the custom op, which runs the chain at call time."""
         layer = self.entries[0].layer
         parallel.processor_ulysses(
-            module.processor, self.entries[0].application.state.model, layer.name, getattr(module, "heads", None)
+            stock_processor(module), self.entries[0].application.state.model, layer.name, getattr(module, "heads", None)
         )
         token = self.entries[0].application.state.trace_token
 
@@ -85,12 +107,12 @@ class AttentionHook(ModelHook):
         with interceptor:
             out = self.fn_ref.original_forward(*args, **kwargs)
         if interceptor.calls == 0:
-            raise _no_sdpa_error(layer.name, module.processor, self.entries)
+            raise _no_sdpa_error(layer.name, stock_processor(module), self.entries)
         return out
 
     @torch.compiler.disable  # under torch.compile only when the processor must be routed to SDPA for the call
     def _eager_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        processor = module.processor
+        processor = stock_processor(module)
         chain = self._build_chain(module)
         if chain is None:
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -111,7 +133,7 @@ class AttentionHook(ModelHook):
                 stack.append(entry)
             else:
                 entry.application.records.record(call_state.step, entry.layer.name, entry.layer.role, acted=False)
-        processor = module.processor
+        processor = stock_processor(module)
         heads = getattr(module, "heads", None)
         # before anything else: a processor installed after enable_parallelism gets the model's parallel config
         ulysses = parallel.processor_ulysses(processor, state.model, self.entries[0].layer.name, heads)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+from support import generate
 
 import diffattn
 from diffattn import guidance
@@ -22,22 +23,6 @@ from diffattn.testing import tiny_inputs, tiny_model, tiny_pipeline
 @functools.cache
 def pipeline(kind: str):
     return tiny_pipeline(kind, seed=0)
-
-
-def generate(pipe, steps: int = 4, guidance_scale: float | None = None, **extra) -> np.ndarray:
-    video = "Wan" in type(pipe).__name__
-    kwargs = dict(num_frames=5, height=16, width=16) if video else dict(height=32, width=32)
-    if guidance_scale is not None:
-        kwargs["guidance_scale"] = guidance_scale
-    kwargs.update(extra)
-    out = pipe(
-        "a red circle",
-        num_inference_steps=steps,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-        **kwargs,
-    )
-    return np.asarray(out.frames if video else out.images)
 
 
 @dataclass(frozen=True)
