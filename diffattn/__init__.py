@@ -20,6 +20,7 @@ from .errors import (
     StepSelectionError,
     UnsupportedModelError,
 )
+from .inspection import inspect
 from .layout import TokenLayout
 from .methods import (
     HIDIFFUSION_LAYERS,
@@ -56,6 +57,7 @@ __all__ = [
     "Handle",
     "attention_modules",
     "processors",
+    "inspect",
     "DiffattnProcessor",
     "AttentionMethod",
     "AttentionContext",

@@ -1,4 +1,4 @@
-"""The ``diffattn`` command: ``example`` here; ``compare`` (the bench) and ``demo`` come from the packages that
+"""The ``diffattn`` command: ``example`` and ``inspect`` here; ``compare`` (the bench) and ``demo`` come from the packages that
 register them under the ``diffattn.commands`` entry points, so the library never imports the layers above it."""
 
 from __future__ import annotations
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="image size in pixels (a multiple of 16; default 64)",
     )
     example.set_defaults(run=_example)
+    from .inspect_command import register as register_inspect
+
+    register_inspect(commands, whole_number)
     _register_plugins(commands)
     return parser
 

@@ -54,6 +54,12 @@ class FamilyAdapter:
     cfg_in_batch: bool = True
     timestep_scale: float = 1.0
 
+    @property
+    def grid_source(self) -> str:
+        """Where the grid comes from, for people: the first line of the grid reader's docstring."""
+        doc = (self.grid.__doc__ or "").strip()
+        return doc.splitlines()[0].rstrip(".") if doc else "the model's inputs"
+
     def rule_for(self, name: str) -> RoleRule | None:
         return next((r for r in self.rules if r.matches(name)), None)
 
@@ -104,6 +110,7 @@ def _image_grid(patch: Callable[[torch.nn.Module], int]) -> GridFn:
         p = patch(model)
         return (x.shape[-2] // p, x.shape[-1] // p)
 
+    grid.__doc__ = "(height, width) of the latents / the patch size"
     return grid
 
 
@@ -121,6 +128,7 @@ def _video_grid(channels_first: bool) -> GridFn:
             pt, ph, pw = getattr(cfg, "patch_size_t", None) or 1, patch, patch
         return (frames // pt, x.shape[-2] // ph, x.shape[-1] // pw)
 
+    grid.__doc__ = "(frames, height, width) of the latents / the patch sizes"
     return grid
 
 

@@ -9,6 +9,7 @@ from .base import FamilyAdapter, ModelInputs, RoleRule, _require
 
 
 def _flux_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) from the image rows of ``img_ids``"""
     ids = _require(inputs, "img_ids", "FluxTransformer2DModel")
     ids = ids[0] if ids.ndim == 3 else ids
     tokens = _require(inputs, "hidden_states", "FluxTransformer2DModel").shape[1]

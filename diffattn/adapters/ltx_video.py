@@ -9,6 +9,7 @@ from .base import _SELF_CROSS, FamilyAdapter, ModelInputs, _require
 
 
 def _ltx_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """the ``num_frames``, ``height``, ``width`` inputs / the patch sizes"""
     cfg = model.config
     pt, p = cfg.patch_size_t, cfg.patch_size
     f, h, w = (int(_require(inputs, k, "LTXVideoTransformer3DModel")) for k in ("num_frames", "height", "width"))

@@ -9,6 +9,7 @@ from .base import _SELF_CROSS, FamilyAdapter, ModelInputs, _require
 
 
 def _unet_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) of the latent ``sample``, halved per resolution level"""
     sample = _require(inputs, "sample", "UNet2DConditionModel")
     return (int(sample.shape[-2]), int(sample.shape[-1]))
 

@@ -77,6 +77,10 @@ class AttentionMethod:
     requires_step: ClassVar[bool] = False  # ctx.step and ctx.num_steps
     requires_roles: ClassVar[bool] = False  # ctx.batch_roles
 
+    #: The token grids the method can act on: ``"video"`` (frames, height, width), ``"image"`` (height, width),
+    #: ``"sequence"`` (one axis). ``diffattn.inspect`` lists a method for a layer when its role and grid fit.
+    grid_kinds: ClassVar[frozenset[str]] = frozenset({"video", "image", "sequence"})
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         call = cls.__dict__.get("__call__")

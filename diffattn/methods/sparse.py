@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -419,6 +420,8 @@ class RadialAttention(SparseAttention):
 
     def pattern_for(self, ctx: AttentionContext) -> Pattern:
         return self._radial()
+
+    grid_kinds: ClassVar[frozenset[str]] = frozenset({"video"})
 
     def validate(self, ctx: AttentionContext) -> None:
         """Refuse grids that are not ``(frames, height, width)``: Radial Attention is a video method, and on an image
