@@ -14,7 +14,7 @@ Cross-attention (diffusers 0.42.1), no text concatenated into the visual sequenc
   ``dispatch_attention_fn``), over ``(B, C, F, H, W)`` latents patched by ``patch_size = (p_t, p_h, p_w)``.
 - SANA-WM: ``blocks.N.cross_attn`` (``MultiHeadCrossAttention``) with ``SanaWMCrossAttnProcessor``
   (transformer_sana_wm.py, line 312: ``dispatch_attention_fn``), queries = all ``T * H * W`` video tokens
-  (``SanaVideoMSCamCtrlBlock.forward``, line 2646), over ``(B, C, T, H, W)`` latents patched by ``patch_size``.
+  (``SanaVideoMSCamCtrlBlock.forward``, line 2644), over ``(B, C, T, H, W)`` latents patched by ``patch_size``.
 
 SANA-WM's LTX-2 refiner (``SanaWMLTX2RefinerTransformer3DModel``) is refused: it takes packed latents with no grid in
 its inputs, and its self-attention prepends an attention-sink and history K/V cache to the keys
