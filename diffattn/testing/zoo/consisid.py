@@ -1,12 +1,11 @@
-"""ConsisID, tiny: joint text-first attention over 3 latent frames of 3x5 patched tokens (latents 6x10, patch 2);
-Mochi, refused."""
+"""ConsisID, tiny: joint text-first attention over 3 latent frames of 3x5 patched tokens (latents 6x10, patch 2)."""
 
 from __future__ import annotations
 
 import diffusers
 import torch
 
-from . import Refusal, ZooCase, seeded
+from . import ZooCase, seeded
 
 _TEXT_LEN = 7
 _TEXT_DIM = 24
@@ -42,19 +41,4 @@ def _consisid_inputs() -> dict:
     }
 
 
-def _mochi() -> torch.nn.Module:
-    return diffusers.MochiTransformer3DModel(
-        patch_size=2,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=2,
-        pooled_projection_dim=16,
-        in_channels=4,
-        text_embed_dim=16,
-        time_embed_dim=4,
-    )
-
-
 CASES = (ZooCase("ConsisIDTransformer3DModel", seeded(_consisid), _consisid_inputs, (3, 3, 5), text_len=_TEXT_LEN),)
-
-REFUSALS = (Refusal("MochiTransformer3DModel", seeded(_mochi), "no set_processor"),)
