@@ -1,5 +1,6 @@
-"""The ``diffattn`` command: ``example`` and ``inspect`` here; ``compare`` (the bench) and ``demo`` come from the packages that
-register them under the ``diffattn.commands`` entry points, so the library never imports the layers above it."""
+"""The ``diffattn`` command: ``example`` and ``inspect`` here; ``compare`` (the bench) and ``demo`` come from the
+packages that register them under the ``diffattn.commands`` entry points, so the library never imports the layers
+above it."""
 
 from __future__ import annotations
 
