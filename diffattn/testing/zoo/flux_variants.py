@@ -1,0 +1,101 @@
+"""Flux-built image transformers (packed latents and position ids): Chroma, Bria, LongCat-Image, Ovis-Image, on a
+3x5 token grid (patch size 1 over packed latents) with 7 text tokens."""
+
+from __future__ import annotations
+
+import diffusers
+import torch
+
+from . import ZooCase, seeded
+
+_H, _W, _TEXT = 3, 5, 7
+
+
+def _img_ids(h: int, w: int, modality: float = 0.0, start: int = 0) -> torch.Tensor:
+    ids = torch.zeros(h, w, 3)
+    ids[..., 0] = modality
+    ids[..., 1] = torch.arange(h)[:, None] + start
+    ids[..., 2] = torch.arange(w)[None, :] + start
+    return ids.reshape(h * w, 3)
+
+
+def _inputs(channels: int, text_dim: int, timestep: float, **extra) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, _H * _W, channels, generator=g),
+        "encoder_hidden_states": torch.randn(1, _TEXT, text_dim, generator=g),
+        "timestep": torch.tensor([timestep]),
+        "img_ids": _img_ids(_H, _W),
+        "txt_ids": torch.zeros(_TEXT, 3),
+        "return_dict": False,
+        **extra,
+    }
+
+
+def _chroma() -> torch.nn.Module:
+    return diffusers.ChromaTransformer2DModel(
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+
+
+def _bria() -> torch.nn.Module:
+    return diffusers.BriaTransformer2DModel(
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        axes_dims_rope=[4, 6, 6],
+    )
+
+
+def _longcat() -> torch.nn.Module:
+    return diffusers.LongCatImageTransformer2DModel(
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=24,
+        axes_dims_rope=[4, 6, 6],
+    )
+
+
+def _longcat_inputs() -> dict:
+    # as LongCatImagePipeline builds them: text ids (0, i, i), image ids (1, row + L, col + L) after the L text ids
+    inputs = _inputs(8, 24, 0.5)
+    inputs["img_ids"] = _img_ids(_H, _W, modality=1.0, start=_TEXT)
+    inputs["txt_ids"] = torch.arange(_TEXT, dtype=torch.float32)[:, None].repeat(1, 3) * torch.tensor([0.0, 1, 1])
+    return inputs
+
+
+def _ovis() -> torch.nn.Module:
+    return diffusers.OvisImageTransformer2DModel(
+        in_channels=8,
+        out_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+CASES = (
+    ZooCase("ChromaTransformer2DModel", seeded(_chroma), lambda: _inputs(8, 24, 0.5), (_H, _W), text_len=_TEXT),
+    ZooCase("BriaTransformer2DModel", seeded(_bria), lambda: _inputs(8, 24, 500.0), (_H, _W), text_len=_TEXT),
+    ZooCase("LongCatImageTransformer2DModel", seeded(_longcat), _longcat_inputs, (_H, _W), text_len=_TEXT),
+    ZooCase("OvisImageTransformer2DModel", seeded(_ovis), lambda: _inputs(8, 24, 0.5), (_H, _W), text_len=_TEXT),
+)
