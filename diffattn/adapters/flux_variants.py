@@ -8,6 +8,8 @@ Where each model puts the text first (installed diffusers 0.42.1, ``diffusers/mo
   query])``) in the dual blocks; ``transformer_chroma.py:583`` ``torch.cat([encoder_hidden_states, hidden_states])``
   before the single blocks.
 - ``BriaTransformer2DModel``: ``transformer_bria.py:156`` (``BriaAttnProcessor``) and ``:481`` (single block).
+- ``BriaFiboTransformer2DModel``: ``transformer_bria_fibo.py:102`` (``BriaFiboAttnProcessor``, dual blocks) and
+  ``:617`` ``torch.cat([encoder_hidden_states, hidden_states])`` before each single block (``BriaAttnProcessor``).
 - ``LongCatImageTransformer2DModel``: ``transformer_longcat_image.py:103`` (processor) and ``:245`` (single block).
 - ``OvisImageTransformer2DModel``: ``transformer_ovis_image.py:103`` (processor) and ``:245`` (single block).
 """
@@ -53,6 +55,8 @@ ADAPTERS = (
     ),
     # BriaPipeline stacks [uncond, cond] latents (pipeline_bria.py:674) and passes the raw timestep
     FamilyAdapter("bria", "BriaTransformer2DModel", _FLUX_BLOCKS, _ids_grid()),
+    # BriaFiboPipeline stacks [uncond, cond] latents too (pipeline_bria_fibo.py:663)
+    FamilyAdapter("bria_fibo", "BriaFiboTransformer2DModel", _FLUX_BLOCKS, _ids_grid()),
     FamilyAdapter(
         "longcat_image",
         "LongCatImageTransformer2DModel",

@@ -99,3 +99,61 @@ CASES = (
     ZooCase("LongCatImageTransformer2DModel", seeded(_longcat), _longcat_inputs, (_H, _W), text_len=_TEXT),
     ZooCase("OvisImageTransformer2DModel", seeded(_ovis), lambda: _inputs(8, 24, 0.5), (_H, _W), text_len=_TEXT),
 )
+
+
+def _bria_fibo() -> torch.nn.Module:
+    return diffusers.BriaFiboTransformer2DModel(
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        axes_dims_rope=[4, 6, 6],
+        text_encoder_dim=12,
+    )
+
+
+def _bria_fibo_inputs() -> dict:
+    inputs = _inputs(8, 24, 500.0)
+    g = torch.Generator().manual_seed(2)
+    inputs["text_encoder_layers"] = [torch.randn(1, _TEXT, 12, generator=g) for _ in range(2)]
+    return inputs
+
+
+def _bria_fibo2() -> torch.nn.Module:
+    return diffusers.BriaFibo2Transformer2DModel(
+        in_channels=4,
+        patch_size=2,
+        dim=64,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        cap_feat_dim=24,
+        injection_layer_ids=(1,),
+        perceiver_num_layers=1,
+        min_num_gist_tokens=5,
+        max_num_gist_tokens=5,
+        gist_step=5,
+        gist_min_text_len=4,
+        gist_max_text_len=16,
+        axes_dims=(8, 12, 12),
+        axes_lens=(32, 16, 16),
+    )
+
+
+def _bria_fibo2_inputs() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, 4, 2 * _H, 2 * _W, generator=g),  # 2x2 patches: a 3x5 grid
+        "timestep": torch.tensor([0.5]),
+        "encoder_hidden_states": torch.randn(1, 2, _TEXT, 24, generator=g),  # Perceiver bundle + one injection
+        "return_dict": False,
+    }
+
+
+CASES += (
+    ZooCase("BriaFiboTransformer2DModel", seeded(_bria_fibo), _bria_fibo_inputs, (_H, _W), text_len=_TEXT),
+    # the 5 gist tokens play the text
+    ZooCase("BriaFibo2Transformer2DModel", seeded(_bria_fibo2), _bria_fibo2_inputs, (_H, _W), text_len=5),
+)
