@@ -12,6 +12,10 @@ Where each model puts the text first (installed diffusers 0.42.1, ``diffusers/mo
   ``:617`` ``torch.cat([encoder_hidden_states, hidden_states])`` before each single block (``BriaAttnProcessor``).
 - ``LongCatImageTransformer2DModel``: ``transformer_longcat_image.py:103`` (processor) and ``:245`` (single block).
 - ``OvisImageTransformer2DModel``: ``transformer_ovis_image.py:103`` (processor) and ``:245`` (single block).
+- ``Flux2Transformer2DModel``: ``transformer_flux2.py:364`` (``Flux2AttnProcessor``) and ``:1378``
+  ``torch.cat([encoder_hidden_states, hidden_states])`` before the single blocks (``Flux2ParallelSelfAttention``).
+  Its ids are ``(t, h, w, l)``; reference images (Flux2 edit, Klein) sit at other ``t`` and their tokens are appended
+  to ``hidden_states``, and the KV-cache modes (``kv_cache_mode``) add reference keys: both raise ``LayoutError``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,17 @@ def _ids_grid(ids_key: str = "img_ids", tokens_key: str = "hidden_states") -> Gr
     return grid
 
 
+def _flux2_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    if inputs.get("kv_cache_mode") is not None:
+        raise LayoutError(
+            f"{type(model).__name__}: kv_cache_mode={inputs['kv_cache_mode']!r} attends the image and text to cached "
+            "reference-image keys as well; diffattn's layout has text and one visual grid only"
+        )
+    return _IDS_GRID(model, inputs)
+
+
+_IDS_GRID = _ids_grid()
+
 ADAPTERS = (
     # ChromaPipeline runs the unconditional branch as a second forward, with timestep / 1000
     FamilyAdapter(
@@ -64,6 +79,10 @@ ADAPTERS = (
         _ids_grid(),
         cfg_in_batch=False,
         timestep_scale=1000.0,
+    ),
+    # Flux2Pipeline / Flux2KleinPipeline pass timestep / 1000; Klein runs the negative prompt as a second forward
+    FamilyAdapter(
+        "flux2", "Flux2Transformer2DModel", _FLUX_BLOCKS, _flux2_grid, cfg_in_batch=False, timestep_scale=1000.0
     ),
     FamilyAdapter(
         "ovis_image",

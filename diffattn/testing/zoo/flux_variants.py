@@ -157,3 +157,59 @@ CASES += (
     # the 5 gist tokens play the text
     ZooCase("BriaFibo2Transformer2DModel", seeded(_bria_fibo2), _bria_fibo2_inputs, (_H, _W), text_len=5),
 )
+
+
+def _ids4(h: int, w: int) -> torch.Tensor:
+    """(t, h, w, l) ids of a generated image, as Flux2Pipeline._prepare_latent_ids builds them."""
+    return torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1)).float()
+
+
+def _txt_ids4(n: int) -> torch.Tensor:
+    return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(n)).float()
+
+
+def _flux2() -> torch.nn.Module:
+    return diffusers.Flux2Transformer2DModel(
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+
+
+def _flux2_inputs() -> dict:
+    inputs = _inputs(8, 24, 0.5, guidance=torch.tensor([3.5]))
+    inputs["img_ids"] = _ids4(_H, _W)[None]
+    inputs["txt_ids"] = _txt_ids4(_TEXT)[None]
+    return inputs
+
+
+def _flux3() -> torch.nn.Module:
+    return diffusers.Flux3Transformer2DModel(
+        in_channels=8,
+        cond_in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        timestep_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+
+
+def _flux3_inputs() -> dict:
+    inputs = _inputs(8, 24, 0.5)
+    inputs["img_ids"] = _ids4(_H, _W)
+    inputs["txt_ids"] = _txt_ids4(_TEXT)
+    return inputs
+
+
+CASES += (
+    ZooCase("Flux2Transformer2DModel", seeded(_flux2), _flux2_inputs, (_H, _W), text_len=_TEXT),
+    ZooCase("Flux3Transformer2DModel", seeded(_flux3), _flux3_inputs, (_H, _W), text_len=_TEXT),
+)
