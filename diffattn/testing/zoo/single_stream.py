@@ -1,0 +1,48 @@
+"""Image transformers with one ``[text | image]`` stream or their own token layout: Krea2, on a 3x5 token grid with
+7 text tokens."""
+
+from __future__ import annotations
+
+import diffusers
+import torch
+
+from . import ZooCase, seeded
+
+_H, _W, _TEXT = 3, 5, 7
+
+
+def _krea2() -> torch.nn.Module:
+    return diffusers.Krea2Transformer2DModel(
+        in_channels=8,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=48,
+        timestep_embed_dim=32,
+        text_hidden_dim=24,
+        num_text_layers=3,
+        text_num_attention_heads=2,
+        text_num_key_value_heads=2,
+        text_intermediate_size=48,
+        num_layerwise_text_blocks=1,
+        num_refiner_text_blocks=1,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _krea2_inputs() -> dict:
+    g = torch.Generator().manual_seed(1)
+    image_ids = torch.zeros(_H, _W, 3)
+    image_ids[..., 1] = torch.arange(_H)[:, None]
+    image_ids[..., 2] = torch.arange(_W)[None, :]
+    return {
+        "hidden_states": torch.randn(1, _H * _W, 8, generator=g),
+        "encoder_hidden_states": torch.randn(1, _TEXT, 3, 24, generator=g),
+        "timestep": torch.tensor([0.5]),
+        "position_ids": torch.cat([torch.zeros(_TEXT, 3), image_ids.reshape(-1, 3)]),
+        "return_dict": False,
+    }
+
+
+CASES = (ZooCase("Krea2Transformer2DModel", seeded(_krea2), _krea2_inputs, (_H, _W), text_len=_TEXT),)
