@@ -1,5 +1,5 @@
-"""Image transformers with one ``[text | image]`` stream or their own token layout: Krea2, on a 3x5 token grid with
-7 text tokens."""
+"""Image transformers with their own token layout (Krea2, HunyuanImage, ...), on a 3x5 token grid with 7 text
+tokens."""
 
 from __future__ import annotations
 
@@ -46,3 +46,34 @@ def _krea2_inputs() -> dict:
 
 
 CASES = (ZooCase("Krea2Transformer2DModel", seeded(_krea2), _krea2_inputs, (_H, _W), text_len=_TEXT),)
+
+
+def _hunyuan_image() -> torch.nn.Module:
+    return diffusers.HunyuanImageTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=(1, 1),
+        text_embed_dim=24,
+        rope_axes_dim=(8, 8),
+    )
+
+
+def _hunyuan_image_inputs() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, 4, _H, _W, generator=g),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, _TEXT, 24, generator=g),
+        "encoder_attention_mask": torch.ones(1, _TEXT, dtype=torch.bool),
+        "return_dict": False,
+    }
+
+
+CASES += (
+    ZooCase("HunyuanImageTransformer2DModel", seeded(_hunyuan_image), _hunyuan_image_inputs, (_H, _W), text_len=_TEXT),
+)
