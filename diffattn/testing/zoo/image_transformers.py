@@ -77,3 +77,35 @@ def _hunyuan_image_inputs() -> dict:
 CASES += (
     ZooCase("HunyuanImageTransformer2DModel", seeded(_hunyuan_image), _hunyuan_image_inputs, (_H, _W), text_len=_TEXT),
 )
+
+
+def _glm_image() -> torch.nn.Module:
+    return diffusers.GlmImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        text_embed_dim=24,
+        time_embed_dim=32,
+        condition_dim=16,
+        prior_vq_quantizer_codebook_size=32,
+    )
+
+
+def _glm_image_inputs() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, 4, 2 * _H, 2 * _W, generator=g),  # 2x2 patches: a 3x5 grid
+        "encoder_hidden_states": torch.randn(1, _TEXT, 24, generator=g),
+        "prior_token_id": torch.randint(0, 32, (1, _H * _W), generator=g),
+        "prior_token_drop": torch.zeros(1, _H * _W, dtype=torch.bool),
+        "timestep": torch.tensor([500.0]),
+        "target_size": torch.tensor([[16.0 * _H, 16.0 * _W]]),
+        "crop_coords": torch.zeros(1, 2),
+        "return_dict": False,
+    }
+
+
+CASES += (ZooCase("GlmImageTransformer2DModel", seeded(_glm_image), _glm_image_inputs, (_H, _W), text_len=_TEXT),)
