@@ -109,3 +109,36 @@ def _glm_image_inputs() -> dict:
 
 
 CASES += (ZooCase("GlmImageTransformer2DModel", seeded(_glm_image), _glm_image_inputs, (_H, _W), text_len=_TEXT),)
+
+
+def _ernie_image() -> torch.nn.Module:
+    model = diffusers.ErnieImageTransformer2DModel(
+        hidden_size=32,
+        num_attention_heads=2,
+        num_layers=2,
+        ffn_hidden_size=48,
+        in_channels=4,
+        out_channels=4,
+        patch_size=2,
+        text_in_dim=24,
+        rope_axes_dim=(4, 6, 6),
+    )
+    # the model zero-initialises its modulation and output layers (output 0 whatever the attention): randomise them
+    for layer in (model.adaLN_modulation[-1], model.final_linear):
+        torch.nn.init.normal_(layer.weight, std=0.1)
+        torch.nn.init.normal_(layer.bias, std=0.1)
+    return model
+
+
+def _ernie_image_inputs() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, 4, 2 * _H, 2 * _W, generator=g),  # 2x2 patches: a 3x5 grid
+        "timestep": torch.tensor([500.0]),
+        "text_bth": torch.randn(1, _TEXT, 24, generator=g),
+        "text_lens": torch.tensor([_TEXT]),
+        "return_dict": False,
+    }
+
+
+CASES += (ZooCase("ErnieImageTransformer2DModel", seeded(_ernie_image), _ernie_image_inputs, (_H, _W), text_len=_TEXT),)
