@@ -5,6 +5,11 @@ patching; the pipelines give ``[[(1, h, w)]] * batch``).
 
 Edit and layered pipelines list further shapes after the first (reference images, extra layers), whose tokens are
 appended to ``hidden_states``: the grid reader raises ``LayoutError`` for those.
+
+Refused: ``QwenImage21Transformer2DModel`` (Qwen-Image 2.1) attends block-causally: its processors run one attention
+call per text / condition-image segment (each over the keys before it, the text ones with a causal mask) and one for
+the target image over all keys (``transformer_qwenimage21.py:505-545``), and with the KV cache the target image's
+queries attend cached text and condition keys (``:362-366``).
 """
 
 from __future__ import annotations
@@ -43,3 +48,11 @@ ADAPTER = FamilyAdapter(
     cfg_in_batch=False,  # QwenImagePipeline runs true CFG's negative prompt as a second forward
     timestep_scale=1000.0,  # with timestep / 1000 (pipeline_qwenimage.py:647)
 )
+
+REFUSED = {
+    "QwenImage21Transformer2DModel": (
+        "block-causal attention: each layer runs one attention call per text / condition-image segment (causal "
+        "within the text) and the target image attends a prefix of text and condition-image keys, which the self / "
+        "cross / joint roles over one visual grid cannot describe"
+    ),
+}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import diffusers
 import torch
 
-from . import ZooCase, seeded
+from . import Refusal, ZooCase, seeded
 
 _H, _W, _TEXT = 3, 5, 7
 
@@ -36,3 +36,18 @@ def _qwenimage_inputs() -> dict:
 
 
 CASES = (ZooCase("QwenImageTransformer2DModel", seeded(_qwenimage), _qwenimage_inputs, (_H, _W), text_len=_TEXT),)
+
+
+def _qwenimage21() -> torch.nn.Module:
+    return diffusers.QwenImage21Transformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        context_in_dim=24,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+REFUSALS = (Refusal("QwenImage21Transformer2DModel", seeded(_qwenimage21), "block-causal attention"),)
