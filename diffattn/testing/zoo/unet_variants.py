@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ZooCase, seeded
+from . import Refusal, ZooCase, seeded
 
 _TEXT_LEN = 7
 
@@ -93,4 +93,89 @@ CASES = (
     ZooCase("DreamLiteUNetModel", seeded(_dreamlite), _dreamlite_inputs, (5, 7), text_len=_TEXT_LEN),
     # Kandinsky 3's first level has no attention; the second sees 3 x 5
     ZooCase("Kandinsky3UNet", seeded(_kandinsky3), _kandinsky3_inputs, (6, 10), text_len=_TEXT_LEN),
+)
+
+
+_SMALL_3D = dict(
+    block_out_channels=(16, 32),
+    norm_num_groups=8,
+    layers_per_block=1,
+    cross_attention_dim=12,
+    in_channels=4,
+    out_channels=4,
+)
+
+
+def _unet3d() -> torch.nn.Module:
+    from diffusers import UNet3DConditionModel
+
+    return UNet3DConditionModel(
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        attention_head_dim=8,
+        **_SMALL_3D,
+    )
+
+
+def _unet_motion() -> torch.nn.Module:
+    # AnimateDiff: a UNet2DConditionModel with a MotionAdapter's motion modules
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    unet = UNet2DConditionModel(
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+        **_SMALL_3D,
+    )
+    adapter = MotionAdapter(
+        block_out_channels=(16, 32),
+        motion_layers_per_block=1,
+        motion_norm_num_groups=8,
+        motion_num_attention_heads=2,
+        motion_max_seq_length=8,
+    )
+    return UNetMotionModel.from_unet2d(unet, adapter)
+
+
+def _unet_svd() -> torch.nn.Module:
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    return UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=12,
+        num_attention_heads=(2, 4),
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12,
+        in_channels=8,
+        out_channels=4,
+    )
+
+
+def _i2vgen_xl() -> torch.nn.Module:
+    from diffusers import I2VGenXLUNet
+
+    return I2VGenXLUNet(
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        attention_head_dim=4,
+        num_attention_heads=None,
+        **_SMALL_3D,
+    )
+
+
+def _transformer_temporal() -> torch.nn.Module:
+    from diffusers import TransformerTemporalModel
+
+    return TransformerTemporalModel(num_attention_heads=2, attention_head_dim=4, in_channels=8, norm_num_groups=4)
+
+
+REFUSALS = (
+    Refusal("UNet3DConditionModel", seeded(_unet3d), "spatial attention runs per frame"),
+    Refusal("UNetMotionModel", seeded(_unet_motion), "spatial attention runs per frame"),
+    Refusal("UNetSpatioTemporalConditionModel", seeded(_unet_svd), "spatial attention runs per frame"),
+    Refusal("I2VGenXLUNet", seeded(_i2vgen_xl), "spatial attention runs per frame"),
+    Refusal("TransformerTemporalModel", seeded(_transformer_temporal), "temporal attention only"),
 )
