@@ -172,10 +172,34 @@ def _transformer_temporal() -> torch.nn.Module:
     return TransformerTemporalModel(num_attention_heads=2, attention_head_dim=4, in_channels=8, norm_num_groups=4)
 
 
+def _stable_cascade() -> torch.nn.Module:
+    from diffusers import StableCascadeUNet
+
+    return StableCascadeUNet(
+        in_channels=4,
+        out_channels=4,
+        conditioning_dim=32,
+        block_out_channels=[16, 32],
+        num_attention_heads=[-1, 2],
+        down_num_layers_per_block=[1, 1],
+        up_num_layers_per_block=[1, 1],
+        down_blocks_repeat_mappers=[1, 1],
+        up_blocks_repeat_mappers=[1, 1],
+        block_types_per_layer=[
+            ["SDCascadeResBlock", "SDCascadeTimestepBlock"],
+            ["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"],
+        ],
+        switch_level=None,
+        clip_text_pooled_in_channels=8,
+        dropout=[0.0, 0.0],
+    )
+
+
 REFUSALS = (
     Refusal("UNet3DConditionModel", seeded(_unet3d), "spatial attention runs per frame"),
     Refusal("UNetMotionModel", seeded(_unet_motion), "spatial attention runs per frame"),
     Refusal("UNetSpatioTemporalConditionModel", seeded(_unet_svd), "spatial attention runs per frame"),
     Refusal("I2VGenXLUNet", seeded(_i2vgen_xl), "spatial attention runs per frame"),
     Refusal("TransformerTemporalModel", seeded(_transformer_temporal), "temporal attention only"),
+    Refusal("StableCascadeUNet", seeded(_stable_cascade), "image queries over image \\+ conditioning keys"),
 )
