@@ -44,6 +44,9 @@ class FamilyAdapter:
     ``cfg_in_batch``: the family's pipelines stack [uncond, cond] in one batch when guidance is on.
     ``timestep_scale``: multiplies the model's timestep input onto the schedulers' 0..1000 scale (Flux's pipelines
     pass t / 1000).
+    ``text_call(module)``: which SDPA call (1-based) of a cross-attention module's call attends the text; the
+    module's other calls (IP-Adapter's, Wan image-to-video's image-prompt attention) get the role ``image_prompt``,
+    which no method acts on. Default: the first.
     """
 
     family: str
@@ -53,6 +56,7 @@ class FamilyAdapter:
     multiscale: bool = False
     cfg_in_batch: bool = True
     timestep_scale: float = 1.0
+    text_call: Callable[[torch.nn.Module], int] = lambda module: 1
 
     @property
     def grid_source(self) -> str:
@@ -130,6 +134,12 @@ def _video_grid(channels_first: bool) -> GridFn:
 
     grid.__doc__ = "(frames, height, width) of the latents / the patch sizes"
     return grid
+
+
+def image_call_first(module: torch.nn.Module) -> int:
+    """The text call of Wan-style cross-attention: second when the module has image-prompt projections
+    (``add_k_proj``, image-to-video checkpoints), whose attention over the CLIP image tokens runs first."""
+    return 2 if getattr(module, "add_k_proj", None) is not None else 1
 
 
 _SELF_CROSS = (RoleRule(r".*\.attn1", "self"), RoleRule(r".*\.attn2", "cross"))

@@ -25,14 +25,42 @@ frames) and Helios (history latents of other resolutions prepended to the video 
 
 from __future__ import annotations
 
-from .base import _SELF_CROSS, FamilyAdapter, _video_grid
+from .base import _SELF_CROSS, FamilyAdapter, _video_grid, image_call_first
 
 ADAPTERS = (
-    FamilyAdapter("wan_vace", "WanVACETransformer3DModel", _SELF_CROSS, _video_grid(True), cfg_in_batch=False),
-    FamilyAdapter("skyreels_v2", "SkyReelsV2Transformer3DModel", _SELF_CROSS, _video_grid(True), cfg_in_batch=False),
-    FamilyAdapter("chronoedit", "ChronoEditTransformer3DModel", _SELF_CROSS, _video_grid(True), cfg_in_batch=False),
+    FamilyAdapter(
+        "wan_vace",
+        "WanVACETransformer3DModel",
+        _SELF_CROSS,
+        _video_grid(True),
+        cfg_in_batch=False,
+        text_call=image_call_first,
+    ),
+    FamilyAdapter(
+        "skyreels_v2",
+        "SkyReelsV2Transformer3DModel",
+        _SELF_CROSS,
+        _video_grid(True),
+        cfg_in_batch=False,
+        text_call=image_call_first,
+    ),
+    FamilyAdapter(
+        "chronoedit",
+        "ChronoEditTransformer3DModel",
+        _SELF_CROSS,
+        _video_grid(True),
+        cfg_in_batch=False,
+        text_call=image_call_first,
+    ),
     FamilyAdapter("anyflow", "AnyFlowTransformer3DModel", _SELF_CROSS, _video_grid(False), cfg_in_batch=False),
-    FamilyAdapter("wan_animate", "WanAnimateTransformer3DModel", _SELF_CROSS, _video_grid(True), cfg_in_batch=False),
+    FamilyAdapter(
+        "wan_animate",
+        "WanAnimateTransformer3DModel",
+        _SELF_CROSS,
+        _video_grid(True),
+        cfg_in_batch=False,
+        text_call=image_call_first,
+    ),
 )
 
 REFUSED = {

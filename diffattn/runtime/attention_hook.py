@@ -140,7 +140,7 @@ class AttentionHook(ModelHook):
         if not stack:
             return None
         stack.sort(key=lambda e: (e.application.method.stack_level, e.application.id))
-        return MethodChain(stack, call_state, ulysses, heads, processor)
+        return MethodChain(stack, call_state, ulysses, heads, processor, state.adapter.text_call(module))
 
     def run_core(self, call: dict[str, Any], index: int = 1) -> Tensor:
         """The ``index``-th intercepted SDPA call of a compiled module's forward (see ``diffattn::attention_core``)."""

@@ -92,7 +92,7 @@ def _timestep_value(timestep: Any) -> float | None:
 
 
 def _batch_size(inputs: ModelInputs) -> int | None:
-    for key in ("sample", "hidden_states"):
+    for key in ("sample", "hidden_states", "x", "input_ids"):  # input_ids: token-latent models (UVit2D)
         value = inputs.get(key)
         if isinstance(value, Tensor):
             return int(value.shape[0])

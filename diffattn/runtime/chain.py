@@ -35,6 +35,7 @@ class MethodChain:
         ulysses: parallel.Ulysses | None,
         heads: int | None,
         processor: Any,
+        text_call: int = 1,
     ) -> None:
         self.entries = entries
         self.call_state = call_state
@@ -44,12 +45,13 @@ class MethodChain:
         self.layer = entries[0].layer
         self.state = entries[0].application.state
         self.sdpa_calls = 0  # SDPA calls caught in this module call so far
+        self.text_call = text_call  # which of them attends the text, in a cross-attention module
 
     def __call__(self, sdpa: Any, call: dict[str, Any]) -> Tensor:
         """Run the chain on one intercepted SDPA call (``call``: its arguments by name)."""
         q, k, v = call.pop("query"), call.pop("key"), call.pop("value")
         self.sdpa_calls += 1
-        if self.sdpa_calls > 1 and self.layer.role == "cross":
+        if self.layer.role == "cross" and self.sdpa_calls != self.text_call:
             return self._extra_call(sdpa, q, k, v, call)
         if call["is_causal"]:
             raise InterceptionError(f"{self.layer.name}: causal attention is not supported by diffattn methods")

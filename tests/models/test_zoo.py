@@ -20,7 +20,7 @@ def _first(output):
 
 
 def _batch(inputs: dict) -> int:
-    for key in ("hidden_states", "sample", "x"):
+    for key in ("hidden_states", "sample", "x", "input_ids"):
         if isinstance(inputs.get(key), torch.Tensor):
             return inputs[key].shape[0]
     raise AssertionError(f"no latent input among {sorted(inputs)}")

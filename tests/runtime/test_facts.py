@@ -483,3 +483,36 @@ def test_declared_timestep_without_a_step_selects_by_timestep():
         method.seen.clear()
         model(**inputs)  # the model's 900 is outside the range
         assert not method.seen
+
+
+def test_wan_image_to_video_cross_attention_acts_on_the_text_call():
+    """Wan I2V's attn2 attends the CLIP image tokens first, the text second: the text call is the one a
+    cross-attention method sees (the 512 text keys Wan pads to, never the 5 image tokens), and the image call is left
+    stock."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=2,
+        image_dim=24,
+        added_kv_proj_dim=24,
+    ).eval()
+    inputs = tiny_inputs("wan", (1, 3, 5), batch=1, text_len=512)  # the processor splits off image tokens at 512
+    inputs["encoder_hidden_states_image"] = torch.randn(1, 5, 24)
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+    method = Recording(read=lambda q, k, ctx: (k.shape[-2], ctx.kv_layout.text_len), roles=frozenset({"cross"}))
+    with diffattn.apply(model, method) as handle, torch.no_grad():
+        with diffattn.denoising_step(0, 1, batch_roles=("cond",)):
+            out = model(**inputs)[0]
+    assert set(method.seen) == {(512, 512)}
+    assert any(record.role == "image_prompt" for record in handle.calls)
+    torch.testing.assert_close(out, stock, rtol=0, atol=0)

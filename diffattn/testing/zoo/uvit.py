@@ -1,10 +1,4 @@
-"""aMUSEd (``UVit2DModel``), whose latent input is ``input_ids`` (VQ token ids).
-
-``PENDING_CASES``, not ``CASES``: ``tests/models/test_zoo.py`` finds the batch in ``hidden_states`` / ``sample`` /
-``x`` only, so it cannot run these yet; add ``input_ids`` there (and to the runtime's batch-size reading, for batch
-roles) and rename to ``CASES``. Checked by hand: Dense bitwise, a masked method acts and ``remove()`` restores, the
-grid is the hand-counted one.
-"""
+"""aMUSEd (``UVit2DModel``), whose latent input is ``input_ids`` (VQ token ids)."""
 
 from __future__ import annotations
 
@@ -48,7 +42,7 @@ def _inputs(h: int, w: int) -> dict:
     }
 
 
-PENDING_CASES = (
+CASES = (
     ZooCase("UVit2DModel", seeded(lambda: _uvit(False)), lambda: _inputs(3, 5), (3, 5), text_len=_TEXT_LEN),
     # downsample: every layer sees the halved grid (3 x 5 of the 6 x 10 input)
     ZooCase(
