@@ -136,6 +136,31 @@ def _video_grid(channels_first: bool) -> GridFn:
     return grid
 
 
+def ids_grid(ids_key: str = "img_ids", tokens_key: str = "hidden_states") -> GridFn:
+    """The ``(h, w)`` grid spanned by the position ids of the generated image: rows ``(modality, row, col)`` whose
+    modality is the first row's (reference images carry another modality id and are not supported), each axis
+    counted from its smallest id (LongCat starts the image ids after the text's)."""
+
+    def grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+        name = type(model).__name__
+        ids = _require(inputs, ids_key, name)
+        ids = ids[0] if ids.ndim == 3 else ids
+        tokens = _require(inputs, tokens_key, name).shape[1]
+        own = ids[ids[:, 0] == ids[0, 0]]
+        h = int(own[:, 1].max() - own[:, 1].min()) + 1
+        w = int(own[:, 2].max() - own[:, 2].min()) + 1
+        if h * w != tokens or own.shape[0] != tokens:
+            raise LayoutError(
+                f"{name}: {ids_key} describe a {h}x{w} image grid but {tokens_key} has {tokens} tokens; "
+                "reference-image conditioning (edit pipelines that append image tokens) is not supported by this "
+                "adapter."
+            )
+        return (h, w)
+
+    grid.__doc__ = f"(height, width) from the image rows of ``{ids_key}``"
+    return grid
+
+
 def image_call_first(module: torch.nn.Module) -> int:
     """The text call of Wan-style cross-attention: second when the module has image-prompt projections
     (``add_k_proj``, image-to-video checkpoints), whose attention over the CLIP image tokens runs first."""

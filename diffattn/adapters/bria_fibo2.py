@@ -21,6 +21,7 @@ from .base import FamilyAdapter, ModelInputs, RoleRule, _require
 
 
 def _grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) of the latents / the patch size"""
     name = type(model).__name__
     x = _require(inputs, "hidden_states", name)
     if inputs.get("context_latents"):

@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import LayoutError
-from .base import FamilyAdapter, ModelInputs, RoleRule
-from .flux_variants import _ids_grid
+from .base import FamilyAdapter, ModelInputs, RoleRule, ids_grid
 
-_IDS_GRID = _ids_grid()
+_IDS_GRID = ids_grid()
 
 
 def _grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) from the image rows of ``img_ids``"""
     if inputs.get("image_cond_hidden_states") is not None:
         raise LayoutError(
             f"{type(model).__name__}: image_cond_hidden_states (reference images) join the text and image tokens in "

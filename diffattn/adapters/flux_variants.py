@@ -23,36 +23,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import LayoutError
-from .base import FamilyAdapter, GridFn, ModelInputs, RoleRule, _require
+from .base import FamilyAdapter, ModelInputs, RoleRule, ids_grid
 
 _FLUX_BLOCKS = (RoleRule(r"(single_)?transformer_blocks\.\d+\.attn", "joint", text_first=True),)
 
 
-def _ids_grid(ids_key: str = "img_ids", tokens_key: str = "hidden_states") -> GridFn:
-    """The ``(h, w)`` grid spanned by the position ids of the generated image: rows ``(modality, row, col)`` whose
-    modality is the first row's (reference images carry another modality id and are not supported), each axis
-    counted from its smallest id (LongCat starts the image ids after the text's)."""
-
-    def grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
-        name = type(model).__name__
-        ids = _require(inputs, ids_key, name)
-        ids = ids[0] if ids.ndim == 3 else ids
-        tokens = _require(inputs, tokens_key, name).shape[1]
-        own = ids[ids[:, 0] == ids[0, 0]]
-        h = int(own[:, 1].max() - own[:, 1].min()) + 1
-        w = int(own[:, 2].max() - own[:, 2].min()) + 1
-        if h * w != tokens or own.shape[0] != tokens:
-            raise LayoutError(
-                f"{name}: {ids_key} describe a {h}x{w} image grid but {tokens_key} has {tokens} tokens; "
-                "reference-image conditioning (edit pipelines that append image tokens) is not supported by this "
-                "adapter."
-            )
-        return (h, w)
-
-    return grid
-
-
 def _flux2_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) from the image rows of the 4-axis ``img_ids``"""
     if inputs.get("kv_cache_mode") is not None:
         raise LayoutError(
             f"{type(model).__name__}: kv_cache_mode={inputs['kv_cache_mode']!r} attends the image and text to cached "
@@ -61,22 +38,22 @@ def _flux2_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
     return _IDS_GRID(model, inputs)
 
 
-_IDS_GRID = _ids_grid()
+_IDS_GRID = ids_grid()
 
 ADAPTERS = (
     # ChromaPipeline runs the unconditional branch as a second forward, with timestep / 1000
     FamilyAdapter(
-        "chroma", "ChromaTransformer2DModel", _FLUX_BLOCKS, _ids_grid(), cfg_in_batch=False, timestep_scale=1000.0
+        "chroma", "ChromaTransformer2DModel", _FLUX_BLOCKS, ids_grid(), cfg_in_batch=False, timestep_scale=1000.0
     ),
     # BriaPipeline stacks [uncond, cond] latents (pipeline_bria.py:674) and passes the raw timestep
-    FamilyAdapter("bria", "BriaTransformer2DModel", _FLUX_BLOCKS, _ids_grid()),
+    FamilyAdapter("bria", "BriaTransformer2DModel", _FLUX_BLOCKS, ids_grid()),
     # BriaFiboPipeline stacks [uncond, cond] latents too (pipeline_bria_fibo.py:663)
-    FamilyAdapter("bria_fibo", "BriaFiboTransformer2DModel", _FLUX_BLOCKS, _ids_grid()),
+    FamilyAdapter("bria_fibo", "BriaFiboTransformer2DModel", _FLUX_BLOCKS, ids_grid()),
     FamilyAdapter(
         "longcat_image",
         "LongCatImageTransformer2DModel",
         _FLUX_BLOCKS,
-        _ids_grid(),
+        ids_grid(),
         cfg_in_batch=False,
         timestep_scale=1000.0,
     ),
@@ -88,7 +65,7 @@ ADAPTERS = (
         "ovis_image",
         "OvisImageTransformer2DModel",
         _FLUX_BLOCKS,
-        _ids_grid(),
+        ids_grid(),
         cfg_in_batch=False,
         timestep_scale=1000.0,
     ),

@@ -19,6 +19,7 @@ _LATENT_GRID = _image_grid(lambda m: m.config.patch_size)
 
 
 def _grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) of the latents / the patch size"""
     caches = inputs.get("kv_caches")
     if caches is not None and any(c.mode == "read" and c.k_caches for c in caches.caches):
         raise LayoutError(

@@ -13,6 +13,7 @@ from .base import FamilyAdapter, ModelInputs, RoleRule, _require
 
 
 def _grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) (or frames too) of the latents / the patch sizes"""
     x = _require(inputs, "hidden_states", type(model).__name__)
     patch = tuple(model.config.patch_size)
     return tuple(d // p for d, p in zip(x.shape[2:], patch))

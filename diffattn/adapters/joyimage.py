@@ -23,6 +23,7 @@ _JOINT = (RoleRule(r"double_blocks\.\d+\.attn", "joint", text_first=False),)
 
 
 def _edit_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(frames, height, width) of the latents / the patch sizes, items stacked as frames"""
     x = _require(inputs, "hidden_states", type(model).__name__)
     pt, ph, pw = model.config.patch_size
     if x.ndim == 6:  # (B, N, C, T, H, W): the items stacked on the frame axis
@@ -33,6 +34,7 @@ def _edit_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
 
 
 def _edit_plus_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(frames, height, width) from ``shape_list``"""
     name = type(model).__name__
     x = _require(inputs, "hidden_states", name)
     shape_lists = _require(inputs, "shape_list", name)

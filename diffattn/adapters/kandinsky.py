@@ -35,6 +35,7 @@ def _channels_last_grid(family: str, refuse_sparse: bool = False) -> GridFn:
         pt, ph, pw = model.config.patch_size
         return (x.shape[1] // pt, x.shape[2] // ph, x.shape[3] // pw)
 
+    grid.__doc__ = "(frames, height, width) of channels-last latents / the patch sizes"
     return grid
 
 

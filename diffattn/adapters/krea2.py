@@ -13,6 +13,7 @@ from .base import FamilyAdapter, ModelInputs, RoleRule, _require
 
 
 def _grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) from the image rows of ``position_ids``"""
     name = type(model).__name__
     tokens = _require(inputs, "hidden_states", name).shape[1]
     ids = _require(inputs, "position_ids", name)[-tokens:]

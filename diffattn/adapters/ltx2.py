@@ -21,6 +21,7 @@ from .base import FamilyAdapter, ModelInputs, RoleRule, _require
 
 
 def _ltx2_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """the ``num_frames``, ``height``, ``width`` inputs / the patch sizes"""
     cfg = model.config
     pt, p = cfg.patch_size_t, cfg.patch_size
     f, h, w = (int(_require(inputs, k, "LTX2VideoTransformer3DModel")) for k in ("num_frames", "height", "width"))

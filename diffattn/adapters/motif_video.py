@@ -23,6 +23,7 @@ _latent_grid = _video_grid(channels_first=True)
 
 
 def _grid(model, inputs: ModelInputs) -> tuple[int, ...]:
+    """(frames, height, width) of the latents / the patch sizes"""
     if getattr(model.config, "num_decoder_layers", 0):
         raise LayoutError(
             f"{_FAMILY} with num_decoder_layers={model.config.num_decoder_layers}: its decoder blocks attend the "

@@ -17,6 +17,7 @@ from .base import FamilyAdapter, ModelInputs, RoleRule, _require
 
 
 def _sample_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) of the latent ``sample``, halved per resolution level"""
     sample = _require(inputs, "sample", type(model).__name__)
     return (int(sample.shape[-2]), int(sample.shape[-1]))
 

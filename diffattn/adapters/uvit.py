@@ -19,6 +19,7 @@ from .base import FamilyAdapter, ModelInputs, RoleRule, _require
 
 
 def _token_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) of the ``input_ids`` token latents, halved per level when downsampling"""
     ids = _require(inputs, "input_ids", type(model).__name__)
     return (int(ids.shape[-2]), int(ids.shape[-1]))
 

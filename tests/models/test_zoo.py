@@ -81,3 +81,21 @@ def test_refused_class_says_why(refusal):
         pytest.skip(f"{refusal.model_class} cannot be built here")
     with pytest.raises(diffattn.UnsupportedModelError, match=refusal.reason):
         diffattn.apply(refusal.build(), diffattn.Dense())
+
+
+def test_flux_img_ids_without_a_zero_first_column_give_the_grid():
+    """img_ids whose first column is not 0 (another modality id) used to crash inside diffattn (max() of nothing):
+    the grid is read from the rows of the first row's modality; ids that contradict the tokens raise LayoutError."""
+    from diffattn.testing import tiny_inputs, tiny_model
+
+    model = tiny_model("flux")
+    inputs = tiny_inputs("flux", (3, 5), text_len=7)
+    inputs["img_ids"] = inputs["img_ids"].clone()
+    inputs["img_ids"][..., 0] = 1
+    method = Recording(read=lambda q, k, ctx: ctx.input_grid, roles=frozenset({"joint"}))
+    with diffattn.apply(model, method):
+        _run(model, inputs)
+    assert set(method.seen) == {(3, 5)}
+    inputs["img_ids"] = inputs["img_ids"][..., :1, :].expand_as(inputs["img_ids"]).clone()  # every row the same
+    with diffattn.apply(model, diffattn.Dense()), pytest.raises(diffattn.LayoutError, match="img_ids"):
+        _run(model, inputs)
