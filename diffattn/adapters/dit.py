@@ -10,6 +10,9 @@ self-attention over the patch grid, ``attn2`` (when the model has text) is cross
   ``fuser.attn`` (visual tokens followed by grounding tokens) is left alone. Configs with
   ``only_cross_attention`` / ``double_self_attention`` swap what ``attn1`` / ``attn2`` attend to; they are refused
   at the first call (the grid reader raises).
+- ``HunyuanDiT2DModel``: ``attn1`` self (2-D RoPE on the image tokens), ``attn2`` cross to the CLIP + T5 tokens
+  (concatenated into one text sequence, ``hunyuan_transformer_2d.py`` line 420); grid ``H/p x W/p``. Its long skip
+  connections concatenate along channels, not tokens.
 """
 
 from __future__ import annotations
@@ -40,5 +43,6 @@ ADAPTERS = (
     # DiTPipeline batches [cond, uncond] (class labels, then the null class): not the [uncond, cond] of cfg_in_batch
     FamilyAdapter("dit", "DiTTransformer2DModel", _SELF_CROSS, _PATCHED, cfg_in_batch=False),
     FamilyAdapter("pixart", "PixArtTransformer2DModel", _SELF_CROSS, _PATCHED),
+    FamilyAdapter("hunyuan_dit", "HunyuanDiT2DModel", _SELF_CROSS, _PATCHED),
     FamilyAdapter("transformer_2d", "Transformer2DModel", _SELF_CROSS, _transformer_2d_grid),
 )

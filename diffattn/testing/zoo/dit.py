@@ -125,3 +125,38 @@ CASES = (
         name="Transformer2DModel[patched]",
     ),
 )
+
+
+def _hunyuan_dit() -> torch.nn.Module:
+    from diffusers import HunyuanDiT2DModel
+
+    return HunyuanDiT2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        patch_size=2,
+        sample_size=8,
+        hidden_size=16,
+        num_layers=4,  # the long skips need an even count
+        cross_attention_dim=12,
+        cross_attention_dim_t5=32,
+        pooled_projection_dim=10,
+        text_len=4,
+        text_len_t5=3,
+        use_style_cond_and_image_meta_size=False,
+    )
+
+
+def _hunyuan_dit_inputs() -> dict:
+    # 6x10 latents, patch 2 -> 3x5 tokens; 4 CLIP + 3 T5 text tokens (one 7-token cross-attention sequence)
+    return dict(
+        hidden_states=_randn(1, 4, 6, 10),
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=_randn(1, 4, 12, seed=2),
+        text_embedding_mask=torch.ones(1, 4, dtype=torch.long),
+        encoder_hidden_states_t5=_randn(1, 3, 32, seed=3),
+        text_embedding_mask_t5=torch.ones(1, 3, dtype=torch.long),
+    )
+
+
+CASES = (*CASES, ZooCase("HunyuanDiT2DModel", seeded(_hunyuan_dit), _hunyuan_dit_inputs, (3, 5), text_len=7))
