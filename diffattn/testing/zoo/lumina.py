@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import ZooCase, seeded
@@ -74,3 +76,42 @@ CASES = (
     ZooCase("LuminaNextDiT2DModel", seeded(_lumina_next), _lumina_next_inputs, (3, 5), text_len=7),
     ZooCase("Lumina2Transformer2DModel", seeded(_lumina2), _lumina2_inputs, (3, 5), text_len=7),
 )
+
+
+def _z_image() -> torch.nn.Module:
+    from diffusers import ZImageTransformer2DModel
+
+    class StackedZImage(ZImageTransformer2DModel):
+        """The stock model whose output (a list with one latent per entry) is stacked into one tensor, which the
+        zoo's tests compare; its forward signature is the stock one (``functools.wraps``), so the adapter reads the
+        same inputs."""
+
+        @functools.wraps(ZImageTransformer2DModel.forward)
+        def forward(self, *args, **kwargs):
+            kwargs["return_dict"] = False
+            return (torch.stack(super().forward(*args, **kwargs)[0]),)
+
+    return StackedZImage(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=12,
+        axes_dims=[4, 6, 6],
+        axes_lens=[256, 64, 64],
+    )
+
+
+def _z_image_inputs() -> dict:
+    # one (C, F, H, W) = (4, 1, 6, 64) latent, patch 2 -> 3x32 tokens (Z-Image pads image tokens to a multiple of 32,
+    # so an odd side needs the other to carry the 32); 7 caption tokens (padded by the model to 32, at the end).
+    # The pipeline passes lists of per-entry tensors; the model iterates them, so batched tensors work alike (and
+    # give the zoo's test a batch size).
+    return dict(x=_randn(1, 4, 1, 6, 64), t=torch.tensor([0.5]), cap_feats=_randn(1, 7, 12, seed=2))
+
+
+CASES = (*CASES, ZooCase("ZImageTransformer2DModel", seeded(_z_image), _z_image_inputs, (3, 32), text_len=7))
