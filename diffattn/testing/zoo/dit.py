@@ -160,3 +160,23 @@ def _hunyuan_dit_inputs() -> dict:
 
 
 CASES = (*CASES, ZooCase("HunyuanDiT2DModel", seeded(_hunyuan_dit), _hunyuan_dit_inputs, (3, 5), text_len=7))
+
+
+def _dreamlite() -> torch.nn.Module:
+    from diffusers import DreamLiteTransformer2DModel
+
+    return DreamLiteTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=8,
+        norm_num_groups=4,
+        num_layers=2,
+        cross_attention_dim=12,
+        qk_norm="rms_norm",
+    )
+
+
+CASES = (
+    *CASES,
+    ZooCase("DreamLiteTransformer2DModel", seeded(_dreamlite), _t2d_continuous_inputs, (3, 5), text_len=7),
+)
