@@ -37,3 +37,51 @@ def _auraflow_inputs() -> dict:
 
 
 CASES = (ZooCase("AuraFlowTransformer2DModel", seeded(_auraflow), _auraflow_inputs, (3, 5), text_len=15),)
+
+
+def _ideogram4() -> torch.nn.Module:
+    from diffusers import Ideogram4Transformer2DModel
+
+    return Ideogram4Transformer2DModel(
+        in_channels=8,
+        num_layers=2,
+        attention_head_dim=12,
+        num_attention_heads=2,
+        intermediate_size=32,
+        adaln_dim=16,
+        llm_features_dim=20,
+        mrope_section=(2, 2, 2),
+    )
+
+
+def _ideogram4_inputs() -> dict:
+    # the pipeline's packed row: 2 left-pad + 5 text tokens (a 7-token text run), then a 3x5 image (15 tokens)
+    from diffusers.models.transformers.transformer_ideogram4 import (
+        IMAGE_POSITION_OFFSET,
+        LLM_TOKEN_INDICATOR,
+        OUTPUT_IMAGE_INDICATOR,
+        SEQUENCE_PADDING_INDICATOR,
+    )
+
+    pad, text, h, w = 2, 5, 3, 5
+    length = pad + text + h * w
+    positions = torch.zeros(1, length, 3, dtype=torch.long)
+    positions[0, pad : pad + text] = torch.arange(text)[:, None]
+    rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    positions[0, pad + text :] = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1) + IMAGE_POSITION_OFFSET
+    indicator = torch.zeros(1, length, dtype=torch.long)
+    indicator[0, pad : pad + text] = LLM_TOKEN_INDICATOR
+    indicator[0, pad + text :] = OUTPUT_IMAGE_INDICATOR
+    segments = torch.full((1, length), SEQUENCE_PADDING_INDICATOR, dtype=torch.long)
+    segments[0, pad:] = 1
+    return dict(
+        hidden_states=_randn(1, length, 8),
+        timestep=torch.tensor([0.5]),
+        encoder_hidden_states=_randn(1, length, 20, seed=2),
+        position_ids=positions,
+        segment_ids=segments,
+        indicator=indicator,
+    )
+
+
+CASES = (*CASES, ZooCase("Ideogram4Transformer2DModel", seeded(_ideogram4), _ideogram4_inputs, (3, 5), text_len=7))
