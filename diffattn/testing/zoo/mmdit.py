@@ -85,3 +85,44 @@ def _ideogram4_inputs() -> dict:
 
 
 CASES = (*CASES, ZooCase("Ideogram4Transformer2DModel", seeded(_ideogram4), _ideogram4_inputs, (3, 5), text_len=7))
+
+
+def _omnigen() -> torch.nn.Module:
+    from diffusers import OmniGenTransformer2DModel
+
+    return OmniGenTransformer2DModel(
+        in_channels=4,
+        patch_size=2,
+        hidden_size=16,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        num_layers=2,
+        pad_token_id=0,
+        vocab_size=50,
+        rope_scaling={"short_factor": [1.0] * 4, "long_factor": [1.0] * 4},
+        pos_embed_max_size=16,
+        time_step_dim=8,
+    )
+
+
+def _omnigen_inputs() -> dict:
+    # 6 prompt tokens + the time token (a 7-token text run), then 6x10 latents, patch 2 -> 3x5 image tokens; the
+    # processor's mask: causal over the text run (which does not see the image), the image sees everything
+    text, image = 7, 15
+    length = text + image
+    mask = torch.zeros(1, length, length)
+    mask[0, :text, :text] = torch.tril(torch.ones(text, text))
+    mask[0, text:] = 1
+    return dict(
+        hidden_states=_randn(1, 4, 6, 10),
+        timestep=torch.tensor([500.0]),
+        input_ids=torch.arange(1, 7)[None],
+        input_img_latents=[],
+        input_image_sizes={},
+        attention_mask=mask,
+        position_ids=torch.arange(length)[None],
+    )
+
+
+CASES = (*CASES, ZooCase("OmniGenTransformer2DModel", seeded(_omnigen), _omnigen_inputs, (3, 5), text_len=7))
