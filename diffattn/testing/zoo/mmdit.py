@@ -126,3 +126,39 @@ def _omnigen_inputs() -> dict:
 
 
 CASES = (*CASES, ZooCase("OmniGenTransformer2DModel", seeded(_omnigen), _omnigen_inputs, (3, 5), text_len=7))
+
+
+def _hidream() -> torch.nn.Module:
+    from diffusers import HiDreamImageTransformer2DModel
+
+    return HiDreamImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=[12, 10],
+        text_emb_dim=6,
+        num_routed_experts=2,
+        num_activated_experts=1,
+        axes_dims_rope=(4, 2, 2),
+        max_resolution=(6, 10),  # max_seq 15: the non-square 3x5 grid below fills it, so the model adds no padding
+        llama_layers=(0, 1),
+        force_inference_output=True,
+    )
+
+
+def _hidream_inputs() -> dict:
+    # 6x10 latents, patch 2 -> 3x5 tokens; text: 3 T5 + 2 x 2 Llama tokens = 7
+    return dict(
+        hidden_states=_randn(1, 4, 6, 10),
+        timesteps=torch.tensor([500]),
+        encoder_hidden_states_t5=_randn(1, 3, 12, seed=2),
+        encoder_hidden_states_llama3=_randn(2, 1, 2, 10, seed=3),
+        pooled_embeds=_randn(1, 6, seed=4),
+    )
+
+
+CASES = (*CASES, ZooCase("HiDreamImageTransformer2DModel", seeded(_hidream), _hidream_inputs, (3, 5), text_len=7))
