@@ -44,6 +44,8 @@ class FamilyAdapter:
     ``cfg_in_batch``: the family's pipelines stack [uncond, cond] in one batch when guidance is on.
     ``timestep_scale``: multiplies the model's timestep input onto the schedulers' 0..1000 scale (Flux's pipelines
     pass t / 1000).
+    ``timestep_map``: when set, maps the model's timestep input onto the 0..1000 scale instead (``reversed_unit_time``
+    for pipelines that pass ``1 - t / 1000``); ``timestep_input``: the name of that input (``"t"``, ``"timesteps"``).
     ``text_call(module)``: which SDPA call (1-based) of a cross-attention module's call attends the text; the
     module's other calls (IP-Adapter's, Wan image-to-video's image-prompt attention) get the role ``image_prompt``,
     which no method acts on. Default: the first.
@@ -56,7 +58,13 @@ class FamilyAdapter:
     multiscale: bool = False
     cfg_in_batch: bool = True
     timestep_scale: float = 1.0
+    timestep_map: Callable[[float], float] | None = None
+    timestep_input: str = "timestep"
     text_call: Callable[[torch.nn.Module], int] = lambda module: 1
+
+    def timestep_1000(self, timestep: float) -> float:
+        """The model's timestep input on the schedulers' 0..1000 scale."""
+        return self.timestep_map(timestep) if self.timestep_map is not None else timestep * self.timestep_scale
 
     @property
     def grid_source(self) -> str:
@@ -159,6 +167,11 @@ def ids_grid(ids_key: str = "img_ids", tokens_key: str = "hidden_states") -> Gri
 
     grid.__doc__ = f"(height, width) from the image rows of ``{ids_key}``"
     return grid
+
+
+def reversed_unit_time(timestep: float) -> float:
+    """``1000 (1 - t)``: the 0..1000 timestep of a model whose pipeline passes ``1 - t / 1000`` (Lumina, Z-Image)."""
+    return 1000.0 * (1.0 - timestep)
 
 
 def image_call_first(module: torch.nn.Module) -> int:

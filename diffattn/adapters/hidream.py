@@ -46,4 +46,5 @@ ADAPTER = FamilyAdapter(
     _NAME,
     (RoleRule(r"(double|single)_stream_blocks\.\d+\.block\.attn1", "joint", text_first=False),),
     _hidream_grid,
+    timestep_input="timesteps",
 )

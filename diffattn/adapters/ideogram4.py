@@ -8,8 +8,8 @@ unconditional transformer's calls hold the image tokens alone (a joint call with
 The grid is read from the image tokens' ``position_ids`` (``(t, h, w)``, raster order). A layout that is not one
 image at the tail of every row in raster order, or that packs several samples in a row, is refused at the call.
 
-The pipeline passes ``1 - t / 1000`` (reversed, 0..1) as the timestep: no ``timestep_scale`` maps it, so it is left
-at 1. Its two branches run separately (two transformers): ``cfg_in_batch=False``.
+The pipeline passes ``1 - t / 1000`` (reversed, 0..1) as the timestep: ``reversed_unit_time`` maps it back. Its two
+branches run separately (two transformers): ``cfg_in_batch=False``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LayoutError
-from .base import FamilyAdapter, ModelInputs, RoleRule, _require
+from .base import FamilyAdapter, ModelInputs, RoleRule, _require, reversed_unit_time
 
 _NAME = "Ideogram4Transformer2DModel"
 
@@ -55,5 +55,6 @@ ADAPTER = FamilyAdapter(
     _NAME,
     (RoleRule(r"layers\.\d+\.attention", "joint", text_first=True),),
     _ideogram4_grid,
+    timestep_map=reversed_unit_time,
     cfg_in_batch=False,
 )

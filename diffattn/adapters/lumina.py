@@ -10,8 +10,8 @@
   entries of a batch have captions of different unmasked lengths, each entry's image starts at another position
   (and the shorter ones end in padding), which one layout cannot describe: refused at the call.
 
-Both pipelines pass ``1 - t / 1000`` as the timestep (reversed, 0..1): no ``timestep_scale`` maps it onto the
-scheduler's 0..1000 scale, so it is left at 1 (methods reading ``ctx.timestep`` see Lumina's own value). Lumina-Next's
+Both pipelines pass ``1 - t / 1000`` as the timestep (reversed, 0..1): ``reversed_unit_time`` maps it back onto the
+schedulers' 0..1000 scale. Lumina-Next's
 pipeline batches [cond, uncond]; Lumina 2 calls the two branches separately: ``cfg_in_batch=False`` for both.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LayoutError
-from .base import _SELF_CROSS, FamilyAdapter, ModelInputs, RoleRule, _image_grid, _require
+from .base import _SELF_CROSS, FamilyAdapter, ModelInputs, RoleRule, _image_grid, _require, reversed_unit_time
 
 _PATCHED = _image_grid(lambda m: m.config.patch_size)
 
@@ -40,7 +40,14 @@ def _lumina2_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...
 
 
 ADAPTERS = (
-    FamilyAdapter("lumina_next", "LuminaNextDiT2DModel", _SELF_CROSS, _PATCHED, cfg_in_batch=False),
+    FamilyAdapter(
+        "lumina_next",
+        "LuminaNextDiT2DModel",
+        _SELF_CROSS,
+        _PATCHED,
+        cfg_in_batch=False,
+        timestep_map=reversed_unit_time,
+    ),
     FamilyAdapter(
         "lumina2",
         "Lumina2Transformer2DModel",
@@ -50,5 +57,6 @@ ADAPTERS = (
         ),
         _lumina2_grid,
         cfg_in_batch=False,
+        timestep_map=reversed_unit_time,
     ),
 )

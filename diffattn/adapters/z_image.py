@@ -9,8 +9,8 @@ the image and the caption; a layout of image + text cannot place them, so a grid
 of 32 is refused at the call (1024x1024, 1024x768, ... images are multiples). Omni mode (nested lists of reference
 images + SigLIP tokens) and batches of differently sized images are refused at the call too.
 
-The pipeline passes ``(1000 - t) / 1000`` (reversed, 0..1) as the timestep: no ``timestep_scale`` maps it, so it is
-left at 1. It batches [cond, uncond]: ``cfg_in_batch=False``.
+The pipeline passes ``(1000 - t) / 1000`` (reversed, 0..1) as the timestep ``t``: ``reversed_unit_time`` maps it
+back. It batches [cond, uncond]: ``cfg_in_batch=False``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import inspect
 import torch
 
 from ..errors import LayoutError
-from .base import FamilyAdapter, ModelInputs, RoleRule, _require
+from .base import FamilyAdapter, ModelInputs, RoleRule, _require, reversed_unit_time
 
 _NAME = "ZImageTransformer2DModel"
 _SEQ_MULTI_OF = 32  # diffusers.models.transformers.transformer_z_image.SEQ_MULTI_OF
@@ -64,5 +64,7 @@ ADAPTER = FamilyAdapter(
         RoleRule(r"layers\.\d+\.attention", "joint", text_first=False),
     ),
     _z_image_grid,
+    timestep_map=reversed_unit_time,
+    timestep_input="t",
     cfg_in_batch=False,
 )

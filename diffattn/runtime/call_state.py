@@ -63,8 +63,8 @@ def read_call_state(
 ) -> CallState:
     """The state of the call of ``model`` about to run with ``inputs`` (inside the cache context ``cache_context``,
     named ``cache_name``, when the pipeline opened one)."""
-    timestep = _timestep_value(inputs.get("timestep"))
-    timestep_1000 = None if timestep is None else timestep * adapter.timestep_scale
+    timestep = _timestep_value(inputs.get(adapter.timestep_input))
+    timestep_1000 = None if timestep is None else adapter.timestep_1000(timestep)
     position = loop_position(model, cache_context, timestep_1000)
     grid = adapter.grid(model, inputs)
     ulysses = parallel.model_ulysses(model)  # refuses ring attention before anything is split or sent

@@ -99,3 +99,24 @@ def test_flux_img_ids_without_a_zero_first_column_give_the_grid():
     inputs["img_ids"] = inputs["img_ids"][..., :1, :].expand_as(inputs["img_ids"]).clone()  # every row the same
     with diffattn.apply(model, diffattn.Dense()), pytest.raises(diffattn.LayoutError, match="img_ids"):
         _run(model, inputs)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "given", "expected"),
+    [
+        ("Lumina2Transformer2DModel", 0.25, 750.0),  # the pipeline passes 1 - t / 1000
+        ("ZImageTransformer2DModel", 0.25, 750.0),  # the same, as the input ``t``
+        ("HiDreamImageTransformer2DModel", 250.0, 250.0),  # on the schedulers' scale, as ``timesteps``
+        ("FluxTransformer2DModel", 0.25, 250.0),  # t / 1000
+    ],
+)
+def test_methods_see_the_timestep_on_the_schedulers_scale(model_class, given, expected):
+    case = next(c for c in CASES if c.model_class == model_class)
+    model, inputs = case.build(), case.inputs()
+    adapter = diffattn.adapters.adapter_for(model)
+    old = inputs[adapter.timestep_input]
+    inputs[adapter.timestep_input] = torch.full_like(old, given) if isinstance(old, torch.Tensor) else given
+    method = Recording(read=lambda q, k, ctx: ctx.timestep, roles=frozenset(diffattn.context.ROLES))
+    with diffattn.apply(model, method):
+        _run(model, inputs)
+    assert method.seen and all(t == pytest.approx(expected) for t in method.seen)
