@@ -27,7 +27,7 @@ Default layers (``layers=None``), as anchored patterns (``blocks.1`` never match
 ==================  =====================================  ==================================================
 family              default                                why
 ==================  =====================================  ==================================================
-SD 1.5, SDXL (UNet) ``mid_block`` (its self-attention)     diffusers' PAG default ``"mid"``, the PAG paper's SD
+UNets (SD 1.5, ...) ``mid_block`` (its self-attention)     diffusers' PAG default ``"mid"``, the PAG paper's SD
 SD3 / SD3.5         ``transformer_blocks.1.attn``          diffusers' SD3 PAG default ``"blocks.1"`` as meant
 Flux                ``transformer_blocks.{n//2}.attn``     a middle double-stream block (untuned)
 Wan 2.x             ``blocks.{n//2}.attn1``                a middle block's self-attention (untuned)
@@ -105,8 +105,8 @@ def default_layers(model: torch.nn.Module, method: PerturbedAttention | None = N
     if not names:
         raise LayerSelectionError(f"{type(model).__name__} has no self-/joint-attention layer to perturb")
     pattern = None
-    if family == "unet":
-        pattern = "mid_block" if any(n.startswith("mid_block.") for n in names) else None
+    if any(n.startswith("mid_block.") for n in names):  # every UNet-like model: its middle block
+        pattern = "mid_block"
     elif family == "sd3":
         pattern = r"transformer_blocks\.1\.attn" if r"transformer_blocks.1.attn" in names else None
     elif family == "flux":

@@ -27,6 +27,7 @@ from .base import _SELF_CROSS, FamilyAdapter, ModelInputs, _image_grid, _require
 
 
 def _transformer_2d_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) of the latents (continuous input) or / the patch size (patched input)"""
     cfg = model.config
     name = type(model).__name__
     if cfg.only_cross_attention or cfg.double_self_attention:

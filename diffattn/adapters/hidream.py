@@ -21,6 +21,7 @@ _NAME = "HiDreamImageTransformer2DModel"
 
 
 def _hidream_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) of the latents / the patch size, or ``img_sizes`` for patched input"""
     x = _require(inputs, "hidden_states", _NAME)
     if x.ndim == 4:
         p = model.config.patch_size

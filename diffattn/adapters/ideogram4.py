@@ -23,6 +23,7 @@ _NAME = "Ideogram4Transformer2DModel"
 
 
 def _ideogram4_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) from the image tokens' ``position_ids``"""
     from diffusers.models.transformers.transformer_ideogram4 import OUTPUT_IMAGE_INDICATOR, SEQUENCE_PADDING_INDICATOR
 
     indicator = _require(inputs, "indicator", _NAME)

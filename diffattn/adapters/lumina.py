@@ -26,6 +26,7 @@ _PATCHED = _image_grid(lambda m: m.config.patch_size)
 
 
 def _lumina2_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(height, width) of the latents / the patch size"""
     mask = inputs.get("encoder_attention_mask")
     if mask is not None and mask.shape[0] > 1:
         lengths = set(mask.sum(dim=1).tolist())

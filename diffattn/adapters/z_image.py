@@ -31,6 +31,7 @@ def _default(model: torch.nn.Module, name: str) -> int:
 
 
 def _z_image_grid(model: torch.nn.Module, inputs: ModelInputs) -> tuple[int, ...]:
+    """(frames, height, width) of each ``x`` latent / ``f_patch_size`` and ``patch_size``"""
     latents = _require(inputs, "x", _NAME)
     if any(isinstance(item, (list, tuple)) for item in latents):
         raise LayoutError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -70,7 +71,7 @@ def _grid_kind(layers: tuple[LayerReport, ...]) -> str:
 def support_table() -> str:
     """One row per supported model class (its first zoo case)."""
     rows = [
-        "| model class | family | attention layers | grid | grid from | methods that act |",
+        "| model class | family | attention roles | grid | grid from | methods that act |",
         "|---|---|---|---|---|---|",
     ]
     seen: set[str] = set()
@@ -96,18 +97,23 @@ def refusal_table() -> str:
 
 def readme_block() -> str:
     supported = len({case.model_class for case in zoo_cases()})
+    intro = (
+        f"{supported} model classes, each tested on a tiny instance (`tests/models/test_zoo.py`): `Dense` is "
+        "bitwise the stock output, a masked method acts and `remove()` restores the stock output, the grid is the "
+        'hand-counted one. Layers "left alone" (refiners, audio streams, modules whose tokens are not the '
+        "grid) run stock."
+    )
+    refused = (
+        f"Refused ({len(refused_models())} classes): `diffattn.apply` raises `UnsupportedModelError` with the reason."
+    )
     return "\n".join(
         [
             START,
-            f"{supported} model classes, each tested on a tiny instance (`tests/models/test_zoo.py`): `Dense` is "
-            "bitwise the stock output, a masked method acts and `remove()` restores the stock output, the grid is the "
-            'hand-counted one. Layers "left alone" (refiners, audio streams, modules whose tokens are not the '
-            "grid) run stock.",
+            textwrap.fill(intro, 120),
             "",
             support_table(),
             "",
-            f"Refused ({len(refused_models())} classes): `diffattn.apply` raises `UnsupportedModelError` with the "
-            "reason.",
+            textwrap.fill(refused, 120),
             "",
             refusal_table(),
             END,
