@@ -72,7 +72,9 @@ def read_call_state(
         parallel.check_sequence_split(model, inputs, grid, ulysses)
     batch = _batch_size(inputs)
     skip_layers_call = inputs.get("skip_layers") is not None
-    roles = _batch_roles(batch, cache_name, position, adapter.cfg_in_batch, skip_layers_call)
+    roles = _batch_roles(
+        batch, cache_name, position, adapter.cfg_in_batch, skip_layers_call, _embeds_role(inputs, position)
+    )
     return CallState(
         position=position,
         grid=grid,
@@ -99,8 +101,21 @@ def _batch_size(inputs: ModelInputs) -> int | None:
     return None
 
 
+def _embeds_role(inputs: ModelInputs, position: LoopPosition) -> str | None:
+    """``"cond"`` / ``"uncond"`` when the call received the running pipeline's ``prompt_embeds`` /
+    ``negative_prompt_embeds`` tensor itself (a pipeline that runs its CFG branches as separate calls)."""
+    roles = dict(position.embeds)
+    found = {roles[id(v)] for v in inputs.values() if isinstance(v, Tensor) and id(v) in roles}
+    return found.pop() if len(found) == 1 else None
+
+
 def _batch_roles(
-    batch: int | None, cache_name: str | None, position: LoopPosition, cfg_in_batch: bool, skip_layers_call: bool
+    batch: int | None,
+    cache_name: str | None,
+    position: LoopPosition,
+    cfg_in_batch: bool,
+    skip_layers_call: bool,
+    embeds_role: str | None = None,
 ) -> tuple[str, ...] | None:
     """Roles of the batch entries, from this call: declared with denoising_step(batch_roles=...), the cache
     context's name, or the running pipeline's CFG flag checked against the batch that arrives (``cfg_in_batch``: the
@@ -119,6 +134,8 @@ def _batch_roles(
     if named is not None:
         return (named,) * batch
     guided = _pipeline_guides(position.pipeline)
+    if guided is None:
+        guided = position.frame_guides
     per_branch = position.prompt_batch
     if guided is None or per_branch is None:
         return None
@@ -126,6 +143,8 @@ def _batch_roles(
         return ("uncond",) * per_branch + ("cond",) * per_branch
     if batch == per_branch and (not guided or skip_layers_call):
         return ("cond",) * batch  # no CFG, or SD3's skip-layer call (the conditional latents only)
+    if batch == per_branch and embeds_role is not None:
+        return (embeds_role,) * batch  # one CFG branch per call, told by the prompt embeddings it received
     return None
 
 

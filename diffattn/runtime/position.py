@@ -52,6 +52,10 @@ class LoopPosition:
     why_unknown: str | None = None  # when the step is unknown although a pipeline loop was found: why it was refused
     # entries one model call holds per CFG branch, from the running pipeline's locals (batch_size x images per prompt)
     prompt_batch: int | None = None
+    # the running pipeline call's own facts from its locals: do_classifier_free_guidance when it is a local (PixArt),
+    # and the ids of its prompt_embeds / negative_prompt_embeds tensors (a separate call passes one of them as is)
+    frame_guides: bool | None = None
+    embeds: tuple[tuple[int, str], ...] = ()
 
 
 @contextlib.contextmanager
@@ -139,6 +143,7 @@ def loop_position(
     found = _pipeline_frame(model)
     pipeline, local = found if found is not None else (None, {})
     prompt_batch = _prompt_batch(local)
+    frame = dict(prompt_batch=prompt_batch, frame_guides=_frame_guides(local), embeds=_embeds(local))
     if explicit is not None and explicit.step is not None:
         return LoopPosition(
             explicit.step,
@@ -147,7 +152,7 @@ def loop_position(
             pipeline=pipeline,
             source=explicit.source,
             batch_roles=explicit.batch_roles,
-            prompt_batch=prompt_batch,
+            **frame,
         )
     roles = None if explicit is None else explicit.batch_roles
     if cache_context is not None and getattr(cache_context, "step_index", None) is not None:
@@ -158,12 +163,28 @@ def loop_position(
             pipeline=pipeline,
             source="cache_context",
             batch_roles=roles,
-            prompt_batch=prompt_batch,
+            **frame,
         )
-    position = dataclasses.replace(_pipeline_loop(pipeline, local, model_timestep, roles), prompt_batch=prompt_batch)
+    position = dataclasses.replace(_pipeline_loop(pipeline, local, model_timestep, roles), **frame)
     if explicit is not None and explicit.timestep is not None and position.step is None:
         position = dataclasses.replace(position, timestep=explicit.timestep, source=explicit.source)  # declared alone
     return position
+
+
+def _frame_guides(local: dict[str, Any]) -> bool | None:
+    value = local.get("do_classifier_free_guidance")
+    return value if isinstance(value, bool) else None
+
+
+def _embeds(local: dict[str, Any]) -> tuple[tuple[int, str], ...]:
+    """(id, role) of the pipeline call's prompt embeddings: ``prompt_embeds`` is the conditional one,
+    ``negative_prompt_embeds`` the unconditional one (ids of live locals, compared while the call runs)."""
+    found = []
+    for name, role in (("prompt_embeds", "cond"), ("negative_prompt_embeds", "uncond")):
+        value = local.get(name)
+        if isinstance(value, torch.Tensor):
+            found.append((id(value), role))
+    return tuple(found)
 
 
 def _prompt_batch(local: dict[str, Any]) -> int | None:
