@@ -10,15 +10,10 @@ steps at height 48 x width 80. Per pipeline:
 2. PAG (``diffattn.guidance.enable``) with the pipeline's CFG on changes the output, and disabling it restores it;
 3. Prompt-to-Prompt on a (source, target) pair of prompt embeddings keeps the source exactly and changes the target.
 
-What diffattn cannot do through these pipelines is kept as strict xfails naming the defect:
-
-- Lumina 2 runs its conditional and unconditional calls separately, with no ``cache_context``, so with CFG on the
-  runtime cannot tell the two calls apart (``diffattn/runtime/call_state.py::_batch_roles`` answers ``None`` when
-  the pipeline guides and ``cfg_in_batch`` is False): PAG and Prompt-to-Prompt raise ``LayoutError``. With CFG off
-  (``guidance_scale=1``) both work, which the passing tests show.
-- PixArt-Sigma keeps ``do_classifier_free_guidance`` as a local of ``__call__`` (``guidance_scale > 1.0``), not as
-  the property ``diffattn/runtime/call_state.py::_pipeline_guides`` reads, so the roles of every call are unknown,
-  CFG on or off: PAG and Prompt-to-Prompt raise ``LayoutError``.
+Lumina 2 runs its conditional and unconditional calls separately with no ``cache_context``: the runtime tells them
+apart by the prompt-embedding tensor each call receives (``prompt_embeds`` / ``negative_prompt_embeds`` of the
+pipeline call). PixArt-Sigma keeps ``do_classifier_free_guidance`` as a local of ``__call__``, which the runtime reads
+from the pipeline's frame.
 """
 
 from __future__ import annotations
@@ -31,7 +26,6 @@ import pytest
 import torch
 
 import diffattn
-from diffattn.errors import LayoutError
 from diffattn.runtime.position import prompt_branches
 from diffattn.testing.zoo import zoo_cases
 
@@ -168,21 +162,6 @@ def _pixart_sigma() -> Tiny:
 
 BUILDERS = {"cogview4": _cogview4, "lumina2": _lumina2, "pixart_sigma": _pixart_sigma}
 
-LUMINA2_ROLES = (
-    "Lumina2Pipeline calls the transformer twice per step (cond, then uncond) with no cache_context, so with CFG "
-    "on diffattn/runtime/call_state.py::_batch_roles returns None (guided, cfg_in_batch=False, batch == prompts): "
-    "the roles of each call are unknown and PAG / PromptToPrompt raise LayoutError"
-)
-PIXART_ROLES = (
-    "PixArtSigmaPipeline keeps do_classifier_free_guidance as a local of __call__ (guidance_scale > 1.0), not a "
-    "property, so diffattn/runtime/call_state.py::_pipeline_guides returns None and _batch_roles returns None for "
-    "every call, CFG on or off: PAG / PromptToPrompt raise LayoutError"
-)
-
-
-def _xfail(reason: str):
-    return pytest.mark.xfail(strict=True, raises=LayoutError, reason=reason)
-
 
 @pytest.fixture(scope="module")
 def tinies():
@@ -256,8 +235,8 @@ def _pag_changes_and_disable_restores(tiny: Tiny, base: torch.Tensor, cfg: bool)
     "kind",
     [
         "cogview4",
-        pytest.param("lumina2", marks=_xfail(LUMINA2_ROLES)),
-        pytest.param("pixart_sigma", marks=_xfail(PIXART_ROLES)),
+        "lumina2",
+        "pixart_sigma",
     ],
 )
 def test_pag_with_cfg_changes_the_output_and_disable_restores_stock(kind, tinies, stock):
@@ -267,7 +246,7 @@ def test_pag_with_cfg_changes_the_output_and_disable_restores_stock(kind, tinies
 
 @pytest.mark.parametrize(
     "kind",
-    ["cogview4", "lumina2", pytest.param("pixart_sigma", marks=_xfail(PIXART_ROLES))],
+    ["cogview4", "lumina2", "pixart_sigma"],
 )
 def test_pag_without_cfg_changes_the_output_and_disable_restores_stock(kind, tinies, stock):
     tiny = tinies(kind)
@@ -301,8 +280,8 @@ def _plain_pair(tiny: Tiny, kind: str, stock, cfg: bool) -> torch.Tensor:
     "kind",
     [
         "cogview4",
-        pytest.param("lumina2", marks=_xfail(LUMINA2_ROLES)),
-        pytest.param("pixart_sigma", marks=_xfail(PIXART_ROLES)),
+        "lumina2",
+        "pixart_sigma",
     ],
 )
 def test_prompt_to_prompt_with_cfg_keeps_the_source_and_changes_the_target(kind, tinies, stock):
@@ -312,7 +291,7 @@ def test_prompt_to_prompt_with_cfg_keeps_the_source_and_changes_the_target(kind,
 
 @pytest.mark.parametrize(
     "kind",
-    ["cogview4", "lumina2", pytest.param("pixart_sigma", marks=_xfail(PIXART_ROLES))],
+    ["cogview4", "lumina2", "pixart_sigma"],
 )
 def test_prompt_to_prompt_without_cfg_keeps_the_source_and_changes_the_target(kind, tinies, stock):
     tiny = tinies(kind)
@@ -320,7 +299,7 @@ def test_prompt_to_prompt_without_cfg_keeps_the_source_and_changes_the_target(ki
 
 
 def test_the_pixart_pair_without_diffattn_methods_runs_and_differs(tinies, stock):
-    """The PixArt xfails above fail in diffattn, not in the tiny pipeline: its plain pair runs."""
+    """The tiny PixArt pipeline itself runs a pair of different prompts."""
     tiny = tinies("pixart_sigma")
     plain = _plain_pair(tiny, "pixart_sigma", stock, cfg=True)
     assert plain.shape == _latents_shape(2) and not torch.equal(plain[0], plain[1])
