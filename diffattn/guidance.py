@@ -50,10 +50,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapters import adapter_for
+from .adapters import adapter_for, model_inputs
 from .api import Handle, _denoisers, attach, attention_modules
 from .api import remove as _remove
-from .errors import InterceptionError, LayerSelectionError, LayoutError
+from .errors import InterceptionError, LayerSelectionError, LayoutError, UnsupportedModelError
 from .methods.pag import PAG, SoftPAG
 from .methods.perturbed import PERTURBED, PerturbedAttention
 from .methods.seg import SEG
@@ -169,6 +169,19 @@ class _Pending:
     scale: float
 
 
+def _refuse_listed_latents(name: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Guidance appends entries along the batch dimension of tensors; a model that takes its latents as a list of
+    per-entry tensors (Z-Image) has none to append to."""
+    inputs = model_inputs(module, args, kwargs)
+    listed = [k for k in ("x", "hidden_states", "sample") if isinstance(inputs.get(k), list)]
+    if listed:
+        raise UnsupportedModelError(
+            f"{name} guidance on {type(module).__name__}: the model takes its latents `{listed[0]}` as a list of "
+            "per-entry tensors, and guidance adds entries along a batch dimension; guidance is not supported on this "
+            "model (sparse and editing methods are)"
+        )
+
+
 def _grow(value: Any, batch: int, index: Tensor) -> Any:
     """``value`` with the entries ``index`` appended along the batch dimension, recursively through containers."""
     if isinstance(value, Tensor):
@@ -252,6 +265,7 @@ class _GuidanceBatch:
             raise LayoutError(f"{self.method.name} guidance: unsupported batch roles {roles}")
         index = torch.tensor(cond)
         batch = len(roles)
+        _refuse_listed_latents(self.method.name, module, args, kwargs)
         args = tuple(_grow(a, batch, index) for a in args)
         kwargs = {k: v if k in _UNBATCHED_INPUTS else _grow(v, batch, index) for k, v in kwargs.items()}
         call_state.extend_batch((PERTURBED,) * len(cond), cond)

@@ -41,7 +41,8 @@ class FamilyAdapter:
     """One model family: its class name, role rules, visual grid and how classifier-free guidance is batched.
 
     ``multiscale``: the grid shrinks by 2 per resolution level (UNets); a call's grid is found from its length.
-    ``cfg_in_batch``: the family's pipelines stack [uncond, cond] in one batch when guidance is on.
+    ``cfg_in_batch``: the family's pipelines stack both CFG branches in one batch when guidance is on, in
+    ``cfg_order`` (``("uncond", "cond")``; Z-Image: ``("cond", "uncond")``).
     ``timestep_scale``: multiplies the model's timestep input onto the schedulers' 0..1000 scale (Flux's pipelines
     pass t / 1000).
     ``timestep_map``: when set, maps the model's timestep input onto the 0..1000 scale instead (``reversed_unit_time``
@@ -59,6 +60,7 @@ class FamilyAdapter:
     cfg_in_batch: bool = True
     timestep_scale: float = 1.0
     timestep_map: Callable[[float], float] | None = None
+    cfg_order: tuple[str, str] = ("uncond", "cond")
     timestep_input: str = "timestep"
     text_call: Callable[[torch.nn.Module], int] = lambda module: 1
 

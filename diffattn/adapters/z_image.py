@@ -10,7 +10,7 @@ of 32 is refused at the call (1024x1024, 1024x768, ... images are multiples). Om
 images + SigLIP tokens) and batches of differently sized images are refused at the call too.
 
 The pipeline passes ``(1000 - t) / 1000`` (reversed, 0..1) as the timestep ``t``: ``reversed_unit_time`` maps it
-back. It batches [cond, uncond]: ``cfg_in_batch=False``.
+back. It batches [cond, uncond]: ``cfg_order=("cond", "uncond")``.
 """
 
 from __future__ import annotations
@@ -67,5 +67,5 @@ ADAPTER = FamilyAdapter(
     _z_image_grid,
     timestep_map=reversed_unit_time,
     timestep_input="t",
-    cfg_in_batch=False,
+    cfg_order=("cond", "uncond"),
 )

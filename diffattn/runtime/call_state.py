@@ -3,6 +3,7 @@ entry, the model's timestep. :func:`read_call_state` reads it from the call's in
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +74,12 @@ def read_call_state(
     batch = _batch_size(inputs)
     skip_layers_call = inputs.get("skip_layers") is not None
     roles = _batch_roles(
-        batch, cache_name, position, adapter.cfg_in_batch, skip_layers_call, _embeds_role(inputs, position)
+        batch,
+        cache_name,
+        position,
+        adapter.cfg_order if adapter.cfg_in_batch else None,
+        skip_layers_call,
+        _embeds_role(inputs, position),
     )
     return CallState(
         position=position,
@@ -98,6 +104,8 @@ def _batch_size(inputs: ModelInputs) -> int | None:
         value = inputs.get(key)
         if isinstance(value, Tensor):
             return int(value.shape[0])
+        if isinstance(value, list) and value and all(isinstance(v, Tensor) for v in value):
+            return len(value)  # one latent per entry (Z-Image)
     return None
 
 
@@ -105,7 +113,7 @@ def _embeds_role(inputs: ModelInputs, position: LoopPosition) -> str | None:
     """``"cond"`` / ``"uncond"`` when the call received the running pipeline's ``prompt_embeds`` /
     ``negative_prompt_embeds`` tensor itself (a pipeline that runs its CFG branches as separate calls)."""
     roles = dict(position.embeds)
-    found = {roles[id(v)] for v in inputs.values() if isinstance(v, Tensor) and id(v) in roles}
+    found = {roles[id(v)] for v in inputs.values() if isinstance(v, (Tensor, list)) and id(v) in roles}
     return found.pop() if len(found) == 1 else None
 
 
@@ -113,7 +121,7 @@ def _batch_roles(
     batch: int | None,
     cache_name: str | None,
     position: LoopPosition,
-    cfg_in_batch: bool,
+    cfg_order: tuple[str, str] | None,
     skip_layers_call: bool,
     embeds_role: str | None = None,
 ) -> tuple[str, ...] | None:
@@ -139,8 +147,8 @@ def _batch_roles(
     per_branch = position.prompt_batch
     if guided is None or per_branch is None:
         return None
-    if guided and cfg_in_batch and batch == 2 * per_branch:
-        return ("uncond",) * per_branch + ("cond",) * per_branch
+    if guided and cfg_order is not None and batch == 2 * per_branch:
+        return (cfg_order[0],) * per_branch + (cfg_order[1],) * per_branch
     if batch == per_branch and (not guided or skip_layers_call):
         return ("cond",) * batch  # no CFG, or SD3's skip-layer call (the conditional latents only)
     if batch == per_branch and embeds_role is not None:
@@ -163,9 +171,13 @@ def cache_role(name: str | None) -> str | None:
 
 
 def _pipeline_guides(pipeline: Any) -> bool | None:
-    """The running pipeline's ``do_classifier_free_guidance`` (``None``: no pipeline, or it cannot say yet)."""
-    if pipeline is None or not hasattr(type(pipeline), "do_classifier_free_guidance"):
+    """The running pipeline's ``do_classifier_free_guidance`` (``None``: no pipeline, or it cannot say yet); a
+    pipeline whose call takes no negative prompt runs no classifier-free guidance (Flux 2: guidance-distilled)."""
+    if pipeline is None:
         return None
+    if not hasattr(type(pipeline), "do_classifier_free_guidance"):
+        parameters = inspect.signature(type(pipeline).__call__).parameters
+        return False if not {"negative_prompt", "negative_prompt_embeds"} & set(parameters) else None
     try:
         return bool(pipeline.do_classifier_free_guidance)
     except AttributeError:  # a property that reads state the pipeline sets later in its call

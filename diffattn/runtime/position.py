@@ -182,7 +182,7 @@ def _embeds(local: dict[str, Any]) -> tuple[tuple[int, str], ...]:
     found = []
     for name, role in (("prompt_embeds", "cond"), ("negative_prompt_embeds", "uncond")):
         value = local.get(name)
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, (torch.Tensor, list)):  # Z-Image: a list of per-prompt tensors
             found.append((id(value), role))
     return tuple(found)
 

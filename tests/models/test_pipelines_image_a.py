@@ -7,18 +7,11 @@ For each: a sparse method acts on the model's grid at every step, changes the ou
 stock output bitwise; PAG (with the pipeline's CFG on) changes the output and disabling it restores stock bitwise;
 Prompt-to-Prompt on a (source, target) pair keeps the source exactly and changes the target.
 
-Where diffattn cannot do it through the stock pipeline call, a ``strict`` xfail names the defect:
-
-- Flux2Pipeline has no ``do_classifier_free_guidance`` and no ``cache_context``, so the runtime never learns that
-  its entries are all conditional (``diffattn/runtime/call_state.py``, ``_batch_roles`` / ``_pipeline_guides``):
-  PAG and Prompt-to-Prompt raise LayoutError unless the roles are declared with ``denoising_step(batch_roles=)``.
-- ChromaPipeline runs its negative prompt as a second forward outside any ``cache_context``: with CFG on, neither
-  call's roles are known (same function), so PAG and Prompt-to-Prompt raise LayoutError. Its own ``encode_prompt``
-  gives a float 0/1 text mask, which the model turns into a float ``(B, 1, S, S)`` mask; sparse methods refuse any
-  float mask (``diffattn/methods/sparse.py``, ``text_padding_per_batch``), so they run only with a bool mask.
-- ZImagePipeline passes the latents as a list (``x``); the runtime reads the batch size only from tensors
-  (``diffattn/runtime/call_state.py``, ``_batch_size``), so roles are unknown in every call, CFG or not; with CFG
-  its batch is [cond, uncond], which ``_batch_roles`` would not know either (``cfg_in_batch=False``).
+Batch roles come from the pipelines' own calls: Flux2Pipeline takes no negative prompt (all entries conditional),
+ChromaPipeline's separate CFG calls are told apart by the prompt-embedding tensor each receives, ZImagePipeline's
+list of latents gives the batch and its CFG batch is [cond, uncond]. Guidance on Z-Image is refused with the reason
+(its latents are a list). ChromaPipeline's own ``encode_prompt`` gives a float 0/1 text mask, which sparse methods
+refuse (a strict xfail: they read padding from boolean masks only).
 """
 
 from __future__ import annotations
@@ -225,26 +218,6 @@ def _xfail(reason: str, raises=LayoutError):
     return pytest.mark.xfail(strict=True, raises=raises, reason=reason)
 
 
-_FLUX2_ROLES = _xfail(
-    "diffattn/runtime/call_state.py _batch_roles: Flux2Pipeline has no do_classifier_free_guidance property and no "
-    "cache_context, so _pipeline_guides returns None and the roles of its (all conditional) entries stay unknown: "
-    "LayoutError"
-)
-_CHROMA_CFG_ROLES = _xfail(
-    "diffattn/runtime/call_state.py _batch_roles: ChromaPipeline with CFG runs cond and uncond as two forwards "
-    "outside any cache_context; a batch of prompt_batch entries under CFG is left with unknown roles: LayoutError"
-)
-_Z_IMAGE_BATCH = _xfail(
-    "diffattn/runtime/call_state.py _batch_size: ZImagePipeline passes x as a list of per-entry latents; the batch "
-    "size is read only from tensor inputs, so it is None and the batch roles are unknown: LayoutError"
-)
-_Z_IMAGE_CFG = _xfail(
-    "diffattn/runtime/call_state.py _batch_size reads no batch from ZImagePipeline's list x (roles None: "
-    "LayoutError); and were it read, the CFG batch [cond, uncond] is unknown by design (adapters/z_image.py "
-    "cfg_in_batch=False, _batch_roles only knows [uncond, cond])"
-)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 1. A sparse method acts on the model's grid
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,10 +275,9 @@ def _pag_acts_and_disabling_restores_stock(case: _Pipeline, cfg: bool = True, ro
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("Flux2Pipeline", marks=_FLUX2_ROLES),
-        pytest.param("ChromaPipeline", marks=_CHROMA_CFG_ROLES),
+        "Flux2Pipeline",
+        "ChromaPipeline",
         "QwenImagePipeline",
-        pytest.param("ZImagePipeline", marks=_Z_IMAGE_CFG),
     ],
 )
 def test_pag_with_cfg_changes_the_output_and_disabling_restores_stock(name):
@@ -321,9 +293,11 @@ def test_pag_on_chroma_without_cfg_acts():
     _pag_acts_and_disabling_restores_stock(PIPELINES["ChromaPipeline"], cfg=False)
 
 
-@_Z_IMAGE_BATCH
-def test_pag_on_z_image_without_cfg_acts():
-    _pag_acts_and_disabling_restores_stock(PIPELINES["ZImagePipeline"], cfg=False)
+@pytest.mark.parametrize("cfg", [True, False])
+def test_pag_on_z_image_is_refused_with_the_reason(cfg):
+    """Z-Image takes its latents as a list of per-entry tensors: guidance has no batch dimension to add to."""
+    with pytest.raises(diffattn.UnsupportedModelError, match="list of per-entry tensors"):
+        _pag_acts_and_disabling_restores_stock(PIPELINES["ZImagePipeline"], cfg=cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,10 +320,10 @@ def _p2p_keeps_the_source_and_changes_the_target(case: _Pipeline, cfg: bool = Tr
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("Flux2Pipeline", marks=_FLUX2_ROLES),
-        pytest.param("ChromaPipeline", marks=_CHROMA_CFG_ROLES),
+        "Flux2Pipeline",
+        "ChromaPipeline",
         "QwenImagePipeline",
-        pytest.param("ZImagePipeline", marks=_Z_IMAGE_CFG),
+        "ZImagePipeline",
     ],
 )
 def test_prompt_to_prompt_keeps_the_source_exact_and_changes_the_target(name):
@@ -364,6 +338,5 @@ def test_prompt_to_prompt_on_chroma_without_cfg_acts():
     _p2p_keeps_the_source_and_changes_the_target(PIPELINES["ChromaPipeline"], cfg=False)
 
 
-@_Z_IMAGE_BATCH
 def test_prompt_to_prompt_on_z_image_without_cfg_acts():
     _p2p_keeps_the_source_and_changes_the_target(PIPELINES["ZImagePipeline"], cfg=False)
