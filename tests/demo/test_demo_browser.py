@@ -113,7 +113,7 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # as Ctrl+C: the demo closes and removes its folder
             try:
-                self.process.wait(30)
+                self.process.wait(90)  # a loaded 2-core machine can take long to close Gradio
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
