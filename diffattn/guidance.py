@@ -267,7 +267,8 @@ class _GuidanceBatch:
         batch = len(roles)
         _refuse_listed_latents(self.method.name, module, args, kwargs)
         args = tuple(_grow(a, batch, index) for a in args)
-        kwargs = {k: v if k in _UNBATCHED_INPUTS else _grow(v, batch, index) for k, v in kwargs.items()}
+        unbatched = _UNBATCHED_INPUTS | self.application.state.adapter.unbatched_inputs
+        kwargs = {k: v if k in unbatched else _grow(v, batch, index) for k, v in kwargs.items()}
         call_state.extend_batch((PERTURBED,) * len(cond), cond)
         call_state.extension_data[self.application.id] = _Pending(
             batch, index, torch.tensor(uncond) if uncond else None, scale

@@ -47,6 +47,8 @@ class FamilyAdapter:
     pass t / 1000).
     ``timestep_map``: when set, maps the model's timestep input onto the 0..1000 scale instead (``reversed_unit_time``
     for pipelines that pass ``1 - t / 1000``); ``timestep_input``: the name of that input (``"t"``, ``"timesteps"``).
+    ``unbatched_inputs``: forward inputs without a batch dimension although their first size may equal the batch
+    (WanVACE's per-layer ``control_hidden_states_scale``): guidance never appends entries to them.
     ``text_call(module)``: which SDPA call (1-based) of a cross-attention module's call attends the text; the
     module's other calls (IP-Adapter's, Wan image-to-video's image-prompt attention) get the role ``image_prompt``,
     which no method acts on. Default: the first.
@@ -61,6 +63,7 @@ class FamilyAdapter:
     timestep_scale: float = 1.0
     timestep_map: Callable[[float], float] | None = None
     cfg_order: tuple[str, str] = ("uncond", "cond")
+    unbatched_inputs: frozenset[str] = frozenset()
     timestep_input: str = "timestep"
     text_call: Callable[[torch.nn.Module], int] = lambda module: 1
 

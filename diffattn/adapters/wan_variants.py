@@ -35,6 +35,7 @@ ADAPTERS = (
         _video_grid(True),
         cfg_in_batch=False,
         text_call=image_call_first,
+        unbatched_inputs=frozenset({"control_hidden_states_scale"}),
     ),
     FamilyAdapter(
         "skyreels_v2",

@@ -342,12 +342,6 @@ _HUNYUAN15_MASK = (
     "729 image-prompt tokens are masked): every joint layer raises LayoutError (the same check guards the dynamic, "
     "pyramid, Re-ttention and downsampling methods)"
 )
-_WAN_VACE_PAG = (
-    "diffattn/guidance.py _GuidanceBatch.pre_forward grows every keyword tensor whose first dimension equals the "
-    "batch (_grow; _UNBATCHED_INPUTS lists only img_ids / txt_ids), so WanVACE's control_hidden_states_scale (one "
-    "value per vace layer, 1 here, batch 1) is grown to 2 and diffusers raises 'Length of "
-    "control_hidden_states_scale 2 should be equal to 1'"
-)
 
 
 def _xfail(name: str, defects: dict[str, tuple[str, type[Exception]]]):
@@ -373,7 +367,7 @@ def test_sliding_tile_attention_acts_on_every_step_and_remove_restores_stock(nam
     assert torch.equal(run(name), stock(name)), "after remove() the output must be bitwise stock"
 
 
-@pytest.mark.parametrize("name", [_xfail(n, {"WanVACEPipeline": (_WAN_VACE_PAG, ValueError)}) for n in PIPELINES])
+@pytest.mark.parametrize("name", PIPELINES)
 def test_pag_changes_the_output_and_disabling_restores_stock(name):
     _check_pag(name, PIPELINES[name][0](), stock(name))
 

@@ -29,8 +29,11 @@ class NattenChecked(diffattn.SlidingWindowAttention):
         batch, heads, tokens, dim = q.shape
         assert tokens == math.prod(grid) and ctx.role == "self"
 
+        padded = max(8, 1 << (dim - 1).bit_length())  # NATTEN's flex backend takes power-of-two head sizes
+
         def on_grid(x):
-            return x.transpose(1, 2).reshape(batch, *grid, heads, dim)
+            x = torch.nn.functional.pad(x, (0, padded - dim))  # zeros: q.k and the output's first dims unchanged
+            return x.transpose(1, 2).reshape(batch, *grid, heads, padded)
 
         na = {2: natten.na2d, 3: natten.na3d}[len(grid)]
         with warnings.catch_warnings():
@@ -40,10 +43,11 @@ class NattenChecked(diffattn.SlidingWindowAttention):
                 on_grid(k),
                 on_grid(v),
                 kernel_size=self.window,
+                scale=dim**-0.5,
                 backend="flex-fna",
                 attention_kwargs={"backend": "flex-fmha"},
             )
-        expected = expected.reshape(batch, tokens, heads, dim).transpose(1, 2)
+        expected = expected[..., :dim].reshape(batch, tokens, heads, dim).transpose(1, 2)
         self.gaps.append(float((out.float() - expected.float()).abs().max()))
         return out
 
