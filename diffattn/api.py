@@ -187,7 +187,7 @@ def attach(
     handle = Handle(method)
     for model, adapter, modules, rules, chosen in plans:
         state = model_state(model, adapter)
-        infos = {n: LayerInfo(n, rules[n].role, rules[n].text_first) for n in chosen}
+        infos = {n: LayerInfo(n, rules[n].role, rules[n].text_first, rules[n].axes) for n in chosen}
         application = Application(state, method, schedule, infos)
         if extension is not None:
             application.extension = extension(application)

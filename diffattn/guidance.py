@@ -267,8 +267,14 @@ class _GuidanceBatch:
         batch = len(roles)
         _refuse_listed_latents(self.method.name, module, args, kwargs)
         args = tuple(_grow(a, batch, index) for a in args)
-        unbatched = _UNBATCHED_INPUTS | self.application.state.adapter.unbatched_inputs
-        kwargs = {k: v if k in unbatched else _grow(v, batch, index) for k, v in kwargs.items()}
+        adapter = self.application.state.adapter
+        unbatched = _UNBATCHED_INPUTS | adapter.unbatched_inputs
+        folded = {k for k in adapter.frame_folded_inputs if k in kwargs}
+        kwargs = {k: v if k in unbatched | folded else _grow(v, batch, index) for k, v in kwargs.items()}
+        if folded:  # inputs with one entry per (video, frame): the appended videos' frames, in order
+            frames = call_state.grid[0]
+            per_frame = torch.tensor([i * frames + f for i in cond for f in range(frames)])
+            kwargs.update({k: _grow(kwargs[k], batch * frames, per_frame) for k in folded})
         call_state.extend_batch((PERTURBED,) * len(cond), cond)
         call_state.extension_data[self.application.id] = _Pending(
             batch, index, torch.tensor(uncond) if uncond else None, scale

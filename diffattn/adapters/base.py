@@ -26,11 +26,18 @@ GridFn = Callable[[torch.nn.Module, ModelInputs], tuple[int, ...]]
 @dataclass(frozen=True)
 class RoleRule:
     """Attention modules whose name fully matches ``pattern`` play ``role``; ``text_first`` places text in joint
-    calls."""
+    calls. ``axes``: which axes of the model's ``(frames, height, width)`` grid one call holds: ``"all"`` (the
+    whole grid), ``"per_frame"`` (video UNets' spatial attention: one frame's ``(h, w)`` per batch entry, a batch of
+    B x F) or ``"temporal"`` (their motion modules: the frames of one pixel, a batch of B x h x w)."""
 
     pattern: str
     role: Role
     text_first: bool = False
+    axes: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.axes not in ("all", "per_frame", "temporal"):
+            raise ValueError(f"RoleRule.axes is 'all', 'per_frame' or 'temporal', got {self.axes!r}")
 
     def matches(self, name: str) -> bool:
         return re.fullmatch(self.pattern, name) is not None
@@ -49,6 +56,8 @@ class FamilyAdapter:
     for pipelines that pass ``1 - t / 1000``); ``timestep_input``: the name of that input (``"t"``, ``"timesteps"``).
     ``unbatched_inputs``: forward inputs without a batch dimension although their first size may equal the batch
     (WanVACE's per-layer ``control_hidden_states_scale``): guidance never appends entries to them.
+    ``frame_folded_inputs``: inputs with one entry per (video, frame), frames of a video together (AnimateDiff's
+    ``encoder_hidden_states``, repeated per frame by its pipeline); the grid's first axis is the frame count.
     ``text_call(module)``: which SDPA call (1-based) of a cross-attention module's call attends the text; the
     module's other calls (IP-Adapter's, Wan image-to-video's image-prompt attention) get the role ``image_prompt``,
     which no method acts on. Default: the first.
@@ -64,6 +73,7 @@ class FamilyAdapter:
     timestep_map: Callable[[float], float] | None = None
     cfg_order: tuple[str, str] = ("uncond", "cond")
     unbatched_inputs: frozenset[str] = frozenset()
+    frame_folded_inputs: frozenset[str] = frozenset()
     timestep_input: str = "timestep"
     text_call: Callable[[torch.nn.Module], int] = lambda module: 1
 

@@ -44,6 +44,7 @@ class LayerInfo:
     name: str
     role: Role
     text_first: bool
+    axes: str = "all"  # see RoleRule.axes
 
 
 class Application:

@@ -64,6 +64,7 @@ class MethodChain:
         if split and q_layout.text_len and positional:
             q, k, v, inverse = self._to_layout_order(q, k, v, call, q_layout, self.ulysses)
         shared = self._shared_context(call, (q_layout, kv_layout, q_range), local_heads, split)
+        shared.update(self._entry_facts(q.shape[0]))
         run = _ChainRun(self, sdpa, call, shared, num_q=q.shape[-2], num_kv=k.shape[-2])
         out = run(0, q, k, v)
         self._check_all_ran(run.ran)
@@ -85,7 +86,12 @@ class MethodChain:
         """(query layout, key layout, query range): the range is set when the call holds only this rank's queries."""
         base = self.call_state.grid
         role = self.layer.role
-        grid = base if role == "joint" else self.state.adapter.grid_for_length(base, num_q, self.layer.name)
+        if self.layer.axes == "temporal":  # the frames of one pixel
+            grid: tuple[int, ...] = base[:1]
+        elif self.layer.axes == "per_frame":  # one frame's (h, w) at this layer's resolution level
+            grid = self.state.adapter.grid_for_length(base[1:], num_q, self.layer.name)
+        else:
+            grid = base if role == "joint" else self.state.adapter.grid_for_length(base, num_q, self.layer.name)
         visual = TokenLayout(grid)
         if role == "self":
             return self._self_layouts(num_q, num_kv, visual)
@@ -208,6 +214,25 @@ class MethodChain:
             input_grid=self.call_state.grid,
         )
 
+    def _entry_facts(self, call_batch: int) -> dict[str, Any]:
+        """Batch roles and branches of this call's entries: the model's, each repeated for the frames (per-frame
+        layers: entry b * F + f) or pixels (temporal layers: entry b * hw + p) a video UNet folds into the batch."""
+        roles, branches = self.call_state.batch_roles, self.call_state.branches
+        model_batch = len(roles) if roles is not None else (len(branches) if branches is not None else None)
+        if self.layer.axes == "all" or model_batch is None:
+            return dict(batch_roles=roles, branches=branches)
+        if call_batch % model_batch:
+            raise LayoutError(
+                f"{self.layer.name}: a {self.layer.axes} attention call of batch {call_batch} does not fold the "
+                f"model's {model_batch} entries"
+            )
+        repeat = call_batch // model_batch
+
+        def spread(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+            return None if values is None else tuple(v for v in values for _ in range(repeat))
+
+        return dict(batch_roles=spread(roles), branches=spread(branches))
+
     def _check_all_ran(self, ran: set[int]) -> None:
         """Every chained method ran: an outer one that computes the whole core without ``ctx.dense`` is refused."""
         skipped = [self.entries[i].application.method.name for i in range(len(self.entries)) if i not in ran]
@@ -258,8 +283,6 @@ class _ChainRun:
             layer=layer,
             step=call_state.step,
             num_steps=call_state.num_steps,
-            batch_roles=call_state.batch_roles,
-            branches=call_state.branches,
             application_id=application.id,
             dense=lambda a, b, c: self(index + 1, a, b, c),
             report=lambda **metrics: application.records.report(layer, metrics),

@@ -16,18 +16,15 @@ from diffattn.testing import tiny_model as build_tiny_model
 
 
 def test_unsupported_model_says_what_is_supported():
-    from diffusers import UNet2DModel
+    from diffusers.models.attention_processor import Attention
+
+    class MyDenoiser(torch.nn.Module):  # a model class no adapter knows
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(16, heads=2, dim_head=8)
 
     with pytest.raises(diffattn.UnsupportedModelError, match="Supported models: .*UNet2DConditionModel"):
-        diffattn.apply(
-            UNet2DModel(
-                block_out_channels=(32, 32),
-                norm_num_groups=8,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            ),
-            diffattn.Dense(),
-        )
+        diffattn.apply(MyDenoiser(), diffattn.Dense())
     with pytest.raises(diffattn.UnsupportedModelError, match="neither a diffusers model nor a pipeline"):
         diffattn.apply(object(), diffattn.Dense())
     with pytest.raises(TypeError, match="diffattn method"):

@@ -196,10 +196,28 @@ def _stable_cascade() -> torch.nn.Module:
 
 
 REFUSALS = (
-    Refusal("UNet3DConditionModel", seeded(_unet3d), "spatial attention runs per frame"),
-    Refusal("UNetMotionModel", seeded(_unet_motion), "spatial attention runs per frame"),
     Refusal("UNetSpatioTemporalConditionModel", seeded(_unet_svd), "spatial attention runs per frame"),
     Refusal("I2VGenXLUNet", seeded(_i2vgen_xl), "spatial attention runs per frame"),
     Refusal("TransformerTemporalModel", seeded(_transformer_temporal), "temporal attention only"),
     Refusal("StableCascadeUNet", seeded(_stable_cascade), "image queries over image \\+ conditioning keys"),
+)
+
+
+def _video_unet_inputs(frames: int, h: int, w: int, text_per_frame: bool) -> dict:
+    """``text_per_frame``: the text embeddings come repeated per frame (AnimateDiff's pipeline repeats them; the
+    UNet3D repeats them itself)."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 7, 12, generator=g)
+    return dict(
+        sample=torch.randn(1, 4, frames, h, w, generator=g),
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=text.repeat_interleave(frames, 0) if text_per_frame else text,
+        return_dict=False,
+    )
+
+
+# video UNets: spatial attention per frame over (h, w) at each level, temporal attention over the 3 frames
+CASES = CASES + (
+    ZooCase("UNetMotionModel", seeded(_unet_motion), lambda: _video_unet_inputs(3, 5, 7, True), (3, 5, 7), text_len=7),
+    ZooCase("UNet3DConditionModel", seeded(_unet3d), lambda: _video_unet_inputs(3, 5, 7, False), (3, 5, 7), text_len=7),
 )
