@@ -16,6 +16,8 @@ import torch
 
 import diffattn
 from diffattn.runtime.position import prompt_branches
+from diffattn.testing.zoo.hunyuan_video15 import _hunyuan_video15
+from diffattn.testing.zoo.ltx2 import _ltx2
 
 STEPS = 2
 GRID = (3, 3, 5)  # latent frames x rows x columns, odd and non-square
@@ -50,20 +52,10 @@ def hunyuan15_pipe():
     from diffusers.guiders import ClassifierFreeGuidance
 
     torch.manual_seed(0)
-    transformer = diffusers.HunyuanVideo15Transformer3DModel(
+    transformer = _hunyuan_video15(
         in_channels=9,  # latents (4) + conditioning latents (4) + mask (1), as the pipeline concatenates them
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=2,
-        num_refiner_layers=1,
-        patch_size=1,
-        patch_size_t=1,
         text_embed_dim=_HY_MLLM_DIM,
         text_embed_2_dim=_HY_BYT5_DIM,
-        image_embed_dim=12,
-        rope_axes_dim=(2, 2, 4),
-        target_size=16,
     )
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKLHunyuanVideo15(
@@ -136,24 +128,7 @@ def ltx2_pipe():
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
 
     torch.manual_seed(0)
-    transformer = diffusers.LTX2VideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        patch_size=1,
-        patch_size_t=1,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        cross_attention_dim=16,
-        audio_in_channels=4,
-        audio_out_channels=4,
-        audio_num_attention_heads=2,
-        audio_attention_head_dim=4,
-        audio_cross_attention_dim=8,
-        num_layers=2,
-        qk_norm="rms_norm_across_heads",
-        caption_channels=_LTX_CAPTION,
-        rope_double_precision=False,
-    )
+    transformer = _ltx2(caption_channels=_LTX_CAPTION)
     torch.manual_seed(0)
     connectors = LTX2TextConnectors(
         caption_channels=_LTX_CAPTION,

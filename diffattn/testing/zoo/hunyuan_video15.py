@@ -11,8 +11,9 @@ from . import Refusal, ZooCase, seeded
 _IMAGE, _BYT5, _MLLM = 2, 3, 5
 
 
-def _hunyuan_video15() -> torch.nn.Module:
-    return diffusers.HunyuanVideo15Transformer3DModel(
+def _hunyuan_video15(**overrides) -> torch.nn.Module:
+    """The tiny HunyuanVideo 1.5 transformer (``overrides``: config values a pipeline needs otherwise)."""
+    config = dict(
         in_channels=4,
         out_channels=4,
         num_attention_heads=2,
@@ -27,6 +28,7 @@ def _hunyuan_video15() -> torch.nn.Module:
         rope_axes_dim=(2, 2, 4),
         target_size=16,
     )
+    return diffusers.HunyuanVideo15Transformer3DModel(**{**config, **overrides})
 
 
 def _inputs() -> dict:

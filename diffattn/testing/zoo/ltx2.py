@@ -11,8 +11,9 @@ from . import ZooCase, seeded
 _TEXT_LEN = 7
 
 
-def _ltx2() -> torch.nn.Module:
-    return diffusers.LTX2VideoTransformer3DModel(
+def _ltx2(**overrides) -> torch.nn.Module:
+    """The tiny LTX-2 transformer (``overrides``: config values a pipeline needs otherwise)."""
+    config = dict(
         in_channels=4,
         out_channels=4,
         patch_size=1,
@@ -30,6 +31,7 @@ def _ltx2() -> torch.nn.Module:
         caption_channels=16,
         rope_double_precision=False,
     )
+    return diffusers.LTX2VideoTransformer3DModel(**{**config, **overrides})
 
 
 def _inputs() -> dict:
