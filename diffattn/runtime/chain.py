@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from .. import parallel
@@ -56,6 +57,7 @@ class MethodChain:
         if call["is_causal"]:
             raise InterceptionError(f"{self.layer.name}: causal attention is not supported by diffattn methods")
         q_layout, kv_layout, q_range = self._layouts(q.shape[-2], k.shape[-2])
+        masked_rows = _to_key_padding(call)
         positional = self._positional_methods()
         self._check_query_shard(q_range, positional, q.shape[-2], q_layout)
         local_heads = q.shape[1]
@@ -70,6 +72,9 @@ class MethodChain:
         self._check_all_ran(run.ran)
         if inverse is not None:
             out = out.index_select(-2, inverse)
+        if masked_rows is not None:  # what the stock call gives a query that sees no key
+            empty = sdpa(q[:1, :1, :1], k[:1, :1, :1], v[:1, :1, :1], attn_mask=masked_rows.new_zeros(1, 1, 1, 1))
+            out = torch.where(masked_rows[:, None, :, None], empty.to(out.dtype), out)
         return out
 
     def _extra_call(self, sdpa: Any, q: Tensor, k: Tensor, v: Tensor, call: dict[str, Any]) -> Tensor:
@@ -293,6 +298,30 @@ class _ChainRun:
         call_state = self.chain.call_state
         application.records.record(call_state.step, layer, self.chain.layer.role, acted=True)
         call_state.acted[application.id] = call_state.acted.get(application.id, 0) + 1
+
+
+def _to_key_padding(call: dict[str, Any]) -> Tensor | None:
+    """A boolean mask that is the outer product of one validity vector (``valid_q & valid_k``: padded text tokens
+    neither attend nor are attended, HunyuanVideo 1.5) becomes in ``call`` the key-padding mask of the same vector;
+    returns the ``(B, S)`` query rows that see no key (their output is then the stock one), else ``None``. The other
+    rows are bitwise the same under either mask."""
+    mask = call.get("attn_mask")
+    if (
+        mask is None
+        or mask.dtype != torch.bool
+        or mask.ndim != 4
+        or mask.shape[1] != 1
+        or mask.shape[-1] != mask.shape[-2]
+    ):
+        return None
+    valid = mask[:, 0].any(-2)  # (B, S): keys some query sees
+    rows = mask[:, 0].any(-1)
+    if not torch.equal(rows, valid) or bool(valid.all()):
+        return None
+    if not torch.equal(mask[:, 0], valid[:, :, None] & valid[:, None, :]):
+        return None
+    call["attn_mask"] = valid[:, None, None, :].expand(mask.shape)
+    return ~valid
 
 
 def _validate_once(application: Application, ctx: AttentionContext) -> None:

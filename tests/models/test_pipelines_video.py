@@ -310,27 +310,7 @@ def test_pipeline_runs_stock_on_the_odd_grid(name):
     assert torch.equal(run(name), out), "two stock calls must agree bitwise"
 
 
-_HUNYUAN15_MASK = (
-    "diffattn/methods/sparse.py text_padding_per_batch accepts only a key-padding mask (every query row alike), but "
-    "HunyuanVideo15AttnProcessor2_0 passes the outer product query_valid & key_valid (transformer_hunyuan_video15.py "
-    "lines 104-106), and HunyuanVideo15Pipeline's text-to-video call always pads (its image_embeds are zeros, so the "
-    "729 image-prompt tokens are masked): every joint layer raises LayoutError (the same check guards the dynamic, "
-    "pyramid, Re-ttention and downsampling methods)"
-)
-
-
-def _xfail(name: str, defects: dict[str, tuple[str, type[Exception]]]):
-    """``name``, a strict xfail when ``defects`` names a diffattn defect it shows (and the error it raises)."""
-    if name not in defects:
-        return name
-    reason, raises = defects[name]
-    return pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=raises, reason=reason))
-
-
-_SPARSE_DEFECTS = {"HunyuanVideo15Pipeline": (_HUNYUAN15_MASK, diffattn.LayoutError)}
-
-
-@pytest.mark.parametrize("name", [_xfail(n, _SPARSE_DEFECTS) for n in PIPELINES])
+@pytest.mark.parametrize("name", PIPELINES)
 def test_sliding_tile_attention_acts_on_every_step_and_remove_restores_stock(name):
     pipe = PIPELINES[name][0]()
     handle = diffattn.apply(pipe, diffattn.SlidingTileAttention(tile=(1, 1, 1), window=(1, 3, 3)))

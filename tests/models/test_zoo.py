@@ -120,3 +120,19 @@ def test_methods_see_the_timestep_on_the_schedulers_scale(model_class, given, ex
     with diffattn.apply(model, method):
         _run(model, inputs)
     assert method.seen and all(t == pytest.approx(expected) for t in method.seen)
+
+
+def test_padded_text_that_neither_attends_nor_is_attended_keeps_dense_bitwise_and_sparse_acts():
+    """HunyuanVideo 1.5 masks padded text as query_valid & key_valid: sparse methods read it as key padding (the
+    padded rows get what the stock call gives a query that sees no key), and Dense stays bitwise stock."""
+    case = next(c for c in CASES if c.model_class == "HunyuanVideo15Transformer3DModel")
+    model, inputs = case.build(), case.inputs()
+    inputs["encoder_attention_mask"] = inputs["encoder_attention_mask"].clone()
+    inputs["encoder_attention_mask"][:, -2:] = 0  # the last two text tokens are padding
+    stock = _run(model, inputs)
+    with diffattn.apply(model, diffattn.Dense()):
+        assert torch.equal(_run(model, inputs), stock)
+    with diffattn.apply(model, diffattn.SlidingTileAttention(tile=(1, 1, 1), window=(1, 3, 3))) as handle:
+        out = _run(model, inputs)
+        assert handle.acted()
+    assert torch.isfinite(out).all() and not torch.equal(out, stock)
