@@ -53,7 +53,7 @@ from torch import Tensor
 from .adapters import adapter_for, model_inputs
 from .api import Handle, _denoisers, attach, attention_modules
 from .api import remove as _remove
-from .errors import InterceptionError, LayerSelectionError, LayoutError, UnsupportedModelError
+from .errors import InterceptionError, LayerSelectionError, LayoutError
 from .methods.pag import PAG, SoftPAG
 from .methods.perturbed import PERTURBED, PerturbedAttention
 from .methods.seg import SEG
@@ -169,17 +169,8 @@ class _Pending:
     scale: float
 
 
-def _refuse_listed_latents(name: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Guidance appends entries along the batch dimension of tensors; a model that takes its latents as a list of
-    per-entry tensors (Z-Image) has none to append to."""
-    inputs = model_inputs(module, args, kwargs)
-    listed = [k for k in ("x", "hidden_states", "sample") if isinstance(inputs.get(k), list)]
-    if listed:
-        raise UnsupportedModelError(
-            f"{name} guidance on {type(module).__name__}: the model takes its latents `{listed[0]}` as a list of "
-            "per-entry tensors, and guidance adds entries along a batch dimension; guidance is not supported on this "
-            "model (sparse and editing methods are)"
-        )
+def _per_entry(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Tensor) for v in value)
 
 
 def _grow(value: Any, batch: int, index: Tensor) -> Any:
@@ -202,9 +193,13 @@ def _prediction(output: Any) -> Tensor:
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
+    if isinstance(output, (tuple, list)) and output and _per_entry(output[0]):
+        return torch.stack(output[0])  # one prediction per entry (Z-Image)
     sample = getattr(output, "sample", None)
     if isinstance(sample, Tensor):
         return sample
+    if _per_entry(sample):
+        return torch.stack(sample)
     raise InterceptionError(f"guidance cannot find the prediction in the model output {type(output).__name__}")
 
 
@@ -215,8 +210,10 @@ def _with_prediction(output: Any, prediction: Tensor, batch: int, extended: int)
     if isinstance(output, Tensor):
         return prediction
     if isinstance(output, (tuple, list)):
-        return type(output)([prediction, *(trim(x) for x in output[1:])])
-    return dataclasses.replace(output, sample=prediction)
+        first = list(prediction.unbind(0)) if _per_entry(output[0]) else prediction
+        return type(output)([first, *(trim(x) for x in output[1:])])
+    sample = list(prediction.unbind(0)) if _per_entry(output.sample) else prediction
+    return dataclasses.replace(output, sample=sample)
 
 
 class _GuidanceBatch:
@@ -265,10 +262,13 @@ class _GuidanceBatch:
             raise LayoutError(f"{self.method.name} guidance: unsupported batch roles {roles}")
         index = torch.tensor(cond)
         batch = len(roles)
-        _refuse_listed_latents(self.method.name, module, args, kwargs)
         args = tuple(_grow(a, batch, index) for a in args)
         adapter = self.application.state.adapter
-        unbatched = _UNBATCHED_INPUTS | adapter.unbatched_inputs
+        if adapter.listed_inputs:  # per-entry lists (Z-Image), passed by position too: every input by name
+            args, kwargs = (), model_inputs(module, args, kwargs)
+            for name in adapter.listed_inputs & {k for k, v in kwargs.items() if _per_entry(v)}:
+                kwargs[name] = kwargs[name] + [kwargs[name][i] for i in cond]
+        unbatched = _UNBATCHED_INPUTS | adapter.unbatched_inputs | adapter.listed_inputs
         folded = {k for k in adapter.frame_folded_inputs if k in kwargs}
         kwargs = {k: v if k in unbatched | folded else _grow(v, batch, index) for k, v in kwargs.items()}
         if folded:  # inputs with one entry per (video, frame): the appended videos' frames, in order

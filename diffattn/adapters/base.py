@@ -58,6 +58,7 @@ class FamilyAdapter:
     (WanVACE's per-layer ``control_hidden_states_scale``): guidance never appends entries to them.
     ``frame_folded_inputs``: inputs with one entry per (video, frame), frames of a video together (AnimateDiff's
     ``encoder_hidden_states``, repeated per frame by its pipeline); the grid's first axis is the frame count.
+    ``listed_inputs``: inputs that are a list with one tensor per batch entry (Z-Image's ``x`` and ``cap_feats``).
     ``text_call(module)``: which SDPA call (1-based) of a cross-attention module's call attends the text; the
     module's other calls (IP-Adapter's, Wan image-to-video's image-prompt attention) get the role ``image_prompt``,
     which no method acts on. Default: the first.
@@ -74,6 +75,7 @@ class FamilyAdapter:
     cfg_order: tuple[str, str] = ("uncond", "cond")
     unbatched_inputs: frozenset[str] = frozenset()
     frame_folded_inputs: frozenset[str] = frozenset()
+    listed_inputs: frozenset[str] = frozenset()
     timestep_input: str = "timestep"
     text_call: Callable[[torch.nn.Module], int] = lambda module: 1
 

@@ -68,4 +68,5 @@ ADAPTER = FamilyAdapter(
     timestep_map=reversed_unit_time,
     timestep_input="t",
     cfg_order=("cond", "uncond"),
+    listed_inputs=frozenset({"x", "cap_feats"}),
 )

@@ -9,8 +9,7 @@ Prompt-to-Prompt on a (source, target) pair keeps the source exactly and changes
 
 Batch roles come from the pipelines' own calls: Flux2Pipeline takes no negative prompt (all entries conditional),
 ChromaPipeline's separate CFG calls are told apart by the prompt-embedding tensor each receives, ZImagePipeline's
-list of latents gives the batch and its CFG batch is [cond, uncond]. Guidance on Z-Image is refused with the reason
-(its latents are a list). ChromaPipeline's own ``encode_prompt`` gives a float 0/1 text mask, which sparse methods
+list of latents gives the batch and its CFG batch is [cond, uncond]; guidance appends entries to its lists. ChromaPipeline's own ``encode_prompt`` gives a float 0/1 text mask, which sparse methods
 refuse (a strict xfail: they read padding from boolean masks only).
 """
 
@@ -278,6 +277,7 @@ def _pag_acts_and_disabling_restores_stock(case: _Pipeline, cfg: bool = True, ro
         "Flux2Pipeline",
         "ChromaPipeline",
         "QwenImagePipeline",
+        "ZImagePipeline",
     ],
 )
 def test_pag_with_cfg_changes_the_output_and_disabling_restores_stock(name):
@@ -293,11 +293,9 @@ def test_pag_on_chroma_without_cfg_acts():
     _pag_acts_and_disabling_restores_stock(PIPELINES["ChromaPipeline"], cfg=False)
 
 
-@pytest.mark.parametrize("cfg", [True, False])
-def test_pag_on_z_image_is_refused_with_the_reason(cfg):
-    """Z-Image takes its latents as a list of per-entry tensors: guidance has no batch dimension to add to."""
-    with pytest.raises(diffattn.UnsupportedModelError, match="list of per-entry tensors"):
-        _pag_acts_and_disabling_restores_stock(PIPELINES["ZImagePipeline"], cfg=cfg)
+def test_pag_on_z_image_without_cfg_acts():
+    """Z-Image takes its latents and captions as lists of per-entry tensors: guidance appends list entries."""
+    _pag_acts_and_disabling_restores_stock(PIPELINES["ZImagePipeline"], cfg=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
