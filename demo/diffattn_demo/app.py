@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # a process started in the background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: Ctrl+C / kill -INT would never stop the demo
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     launch(settings)
     return 0
 

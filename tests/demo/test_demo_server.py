@@ -1,5 +1,6 @@
-"""``diffattn demo`` as a process: stopped with SIGTERM (``kill``, a service manager, a container stopping), it exits
-normally and removes its temporary folder, as it does on Ctrl+C."""
+"""``diffattn demo`` as a process: stopped with SIGTERM (``kill``, a service manager, a container stopping) or with
+SIGINT (Ctrl+C, also when it was started in the background with SIGINT ignored, as `cmd &` does), it exits normally
+and removes its temporary folder."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 STARTUP_TIMEOUT = 300.0
 _SERVER = "import sys; from diffattn.cli import main; sys.exit(main(['demo', *sys.argv[1:]]))"
@@ -35,7 +38,16 @@ def _wait_for_config(process: subprocess.Popen, port: int, log: Path) -> dict:
     raise AssertionError(f"diffattn demo did not answer within {STARTUP_TIMEOUT:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def test_sigterm_stops_the_demo_and_removes_its_temp_folder(tmp_path):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a non-interactive shell's `cmd &` gives its child
+
+
+@pytest.mark.parametrize(
+    ("stop", "start"),
+    [(signal.SIGTERM, None), (signal.SIGINT, _ignore_sigint)],
+    ids=["sigterm", "sigint-started-in-background"],
+)
+def test_signal_stops_the_demo_and_removes_its_temp_folder(tmp_path, stop, start):
     temp = tmp_path / "tmp"  # the demo makes its diffattn-demo-* folder here (TMPDIR)
     temp.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
@@ -49,17 +61,18 @@ def test_sigterm_stops_the_demo_and_removes_its_temp_folder(tmp_path):
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
+            preexec_fn=start,
         )
     try:
         assert _wait_for_config(process, port, log)["components"]
         folders = list(temp.glob("diffattn-demo-*"))
         assert len(folders) == 1 and folders[0].is_dir(), folders
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         code = process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(10)
     assert code == 0, f"exit status {code}:\n{log.read_text()[-3000:]}"
-    assert not folders[0].exists(), f"SIGTERM left the demo's temporary folder {folders[0]}"
+    assert not folders[0].exists(), f"{stop.name} left the demo's temporary folder {folders[0]}"
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

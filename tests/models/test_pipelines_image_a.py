@@ -8,9 +8,10 @@ stock output bitwise; PAG (with the pipeline's CFG on) changes the output and di
 Prompt-to-Prompt on a (source, target) pair keeps the source exactly and changes the target.
 
 Batch roles come from the pipelines' own calls: Flux2Pipeline takes no negative prompt (all entries conditional),
-ChromaPipeline's separate CFG calls are told apart by the prompt-embedding tensor each receives, ZImagePipeline's
-list of latents gives the batch and its CFG batch is [cond, uncond]; guidance appends entries to its lists. ChromaPipeline's own ``encode_prompt`` gives a float 0/1 text mask, which sparse methods
-refuse (a strict xfail: they read padding from boolean masks only).
+ChromaPipeline's separate CFG calls are told apart by the prompt-embedding tensor each receives, ZImagePipeline's list
+of latents gives the batch and its CFG batch is [cond, uncond]; guidance appends entries to its lists.
+ChromaPipeline's own ``encode_prompt`` gives a float 0/1 text mask, which sparse methods refuse (a strict xfail: they
+read padding from boolean masks only).
 """
 
 from __future__ import annotations
