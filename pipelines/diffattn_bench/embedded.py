@@ -19,9 +19,12 @@ from .grammar import VOCABULARY
 
 __all__ = [
     "IMAGE_MODEL_DIR",
+    "SCENES_MODEL_DIR",
+    "SCENES_MAX_TEXT_TOKENS",
     "VIDEO_MODEL_DIR",
     "MAX_TEXT_TOKENS",
     "shapes_tokenizer",
+    "scenes_tokenizer",
     "shapes_text_encoder",
     "video_transformer",
     "load_image_pipeline",
@@ -32,20 +35,36 @@ __all__ = [
 ASSETS = Path(__file__).parent / "assets"
 IMAGE_MODEL_DIR = ASSETS / "shapes-image"
 VIDEO_MODEL_DIR = ASSETS / "shapes-video"
+SCENES_MODEL_DIR = ASSETS / "shapes-scenes"
 MAX_TEXT_TOKENS = 32
+#: The scenes model's captions run to 37 tokens (three objects with every attribute and a background phrase).
+SCENES_MAX_TEXT_TOKENS = 48
+
+
+def _grammar_tokenizer(words: tuple[str, ...], max_tokens: int) -> Any:
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_clip_vocab(Path(folder), words)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=max_tokens, pad_token="<|endoftext|>")
 
 
 def shapes_tokenizer() -> Any:
     """CLIP tokenizer whose vocabulary is the shapes grammar (every grammar word is one token)."""
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as folder:
-        write_clip_vocab(Path(folder), VOCABULARY)
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TEXT_TOKENS, pad_token="<|endoftext|>")
+    return _grammar_tokenizer(VOCABULARY, MAX_TEXT_TOKENS)
 
 
-def shapes_text_encoder(tokenizer: Any, layers: int = 4) -> torch.nn.Module:
-    """The embedded models' CLIP text encoder (both shipped models use 4 layers)."""
+def scenes_tokenizer() -> Any:
+    """The scenes model's tokenizer: the shapes grammar's words plus pattern and background words (one token each),
+    up to SCENES_MAX_TEXT_TOKENS tokens. ``shapes_tokenizer`` (the first model's) is unchanged."""
+    from .scenes import SCENE_VOCABULARY
+
+    return _grammar_tokenizer(SCENE_VOCABULARY, SCENES_MAX_TEXT_TOKENS)
+
+
+def shapes_text_encoder(tokenizer: Any, layers: int = 4, max_tokens: int = MAX_TEXT_TOKENS) -> torch.nn.Module:
+    """The embedded models' CLIP text encoder (the shipped models use 4 layers; the scenes model reads
+    SCENES_MAX_TEXT_TOKENS tokens)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(
@@ -55,7 +74,7 @@ def shapes_text_encoder(tokenizer: Any, layers: int = 4) -> torch.nn.Module:
             intermediate_size=128,
             num_hidden_layers=layers,
             num_attention_heads=4,
-            max_position_embeddings=MAX_TEXT_TOKENS,
+            max_position_embeddings=max_tokens,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
