@@ -226,21 +226,50 @@ class SceneReading:
         return [o for o in self.objects if o.colour == colour]
 
 
+_PLANE = np.array([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]]) / np.array([[math.sqrt(2)], [math.sqrt(6)]])
+
+
+def _background_chroma(chroma: np.ndarray) -> np.ndarray:
+    """The most common chroma (2-D histogram mode, refined by the median of the pixels near it): the background
+    covers more of the image than any one object, and its texture only changes the grey level."""
+    flat = chroma.reshape(-1, 3)
+    uv = flat @ _PLANE.T
+    bins = np.floor(uv / 6.0).astype(int)
+    bins -= bins.min(axis=0)
+    hist = np.zeros(bins.max(axis=0) + 3)
+    np.add.at(hist, (bins[:, 0] + 1, bins[:, 1] + 1), 1)
+    smooth = _box(hist, 1)
+    peak = np.array(np.unravel_index(smooth.argmax(), smooth.shape)) - 1
+    near = np.all(np.abs(bins - peak) <= 1, axis=1)
+    centre = np.median(flat[near], axis=0)
+    close = np.linalg.norm(flat - centre, axis=-1) < 12
+    return np.median(flat[close], axis=0) if close.sum() >= 20 else centre
+
+
 def _pixel_labels(img: np.ndarray, config: SceneBenchConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (-1 none, 0 background, 1 + k palette colour k) and the background chroma."""
-    dists = np.stack([_segment_distance(img, config.segment_low * c, c)[0] for c in _PALETTE], axis=-1)
+    """Labels (-1 none, 0 background, 1 + k palette colour k) and the background chroma.
+
+    Distances: to the background, the chroma distance from the background's chroma combined with how far the grey
+    level is outside the background's range; to palette colour c, the chroma distance from the segment
+    s x chroma(c), s in [``segment_low``, 1.25] (lightness free, so a desaturated or darker rendering of c still
+    reads as c)."""
     chroma = _chroma(img)
-    far = dists.min(axis=-1) > 1.5 * config.label_distance
-    pool = chroma[far] if far.sum() >= 0.05 * far.size else chroma.reshape(-1, 3)
-    bg_chroma = np.median(pool, axis=0)
-    # refine: median of the pixels near that chroma (drops objects' rims that were far from every segment)
-    near = np.linalg.norm(pool - bg_chroma, axis=-1) < 15
-    if near.sum() >= 20:
-        bg_chroma = np.median(pool[near], axis=0)
-    d_bg = np.linalg.norm(chroma - bg_chroma, axis=-1)  # distance to the grey-parallel background line
-    all_d = np.concatenate([d_bg[..., None], dists], axis=-1)
+    bg_chroma = _background_chroma(chroma)
+    d_chroma = np.linalg.norm(chroma - bg_chroma, axis=-1)
+    grey = img.mean(axis=-1)
+    levels = grey[d_chroma < 12]
+    lo, hi = np.percentile(levels, [1, 99]) if len(levels) >= 20 else (grey.min(), grey.max())
+    gap = np.maximum(0.0, np.maximum(lo - grey, grey - hi))
+    d_bg = np.sqrt(d_chroma**2 + 3 * gap**2)
+    dists = []
+    for c in _PALETTE:
+        q = _chroma(c)
+        t = np.clip((chroma @ q) / float(q @ q), config.segment_low, 1.25)
+        dists.append(np.linalg.norm(chroma - t[..., None] * q, axis=-1))
+    all_d = np.stack([d_bg, *dists], axis=-1)
     labels = all_d.argmin(axis=-1)
-    labels = np.where(all_d.min(axis=-1) < config.label_distance, labels, -1)
+    limit = np.maximum(config.label_distance, 0.35 * np.linalg.norm(chroma, axis=-1))
+    labels = np.where(all_d.min(axis=-1) < np.where(labels == 0, config.label_distance, limit), labels, -1)
     return labels, bg_chroma
 
 
@@ -250,10 +279,13 @@ def _read_background(img: np.ndarray, labels: np.ndarray, config: SceneBenchConf
     if clean.sum() < 50:
         clean = mask
     tone = img.mean(axis=-1)
+    # the spread is read on a 3 x 3 mean over background pixels, so pixel noise does not make a plain one textured
+    weights = clean.astype(np.float64)
+    smooth = _box(tone * weights, 1) / np.maximum(_box(weights, 1), 1e-9)
     values = tone[clean]
     base = img[clean].mean(axis=0) if clean.any() else img.reshape(-1, 3).mean(axis=0)
     lo, hi = np.percentile(values, [5, 95]) if len(values) else (0.0, 0.0)
-    spread = float(hi - lo)
+    spread = float(np.subtract(*np.percentile(smooth[clean], [95, 5]))) if len(values) else 0.0
     features: dict[str, float] = {"spread": spread}
     if spread < config.flat_spread:
         kind = "flat"
@@ -287,9 +319,10 @@ def _read_background(img: np.ndarray, labels: np.ndarray, config: SceneBenchConf
             features["two_level"] = two
             kind = "checks" if two >= config.two_level else "noise"
     dark = float(np.median(values)) < 128 if len(values) else True
-    chroma = float(np.linalg.norm(_chroma(base)))
     options = [n for n, c in BACKGROUND_COLOURS.items() if (np.mean(c) < 128) == dark]
-    colour = min(options, key=lambda n: abs(np.linalg.norm(_chroma(np.asarray(BACKGROUND_COLOURS[n], float))) - chroma))
+    colour = min(
+        options, key=lambda n: float(np.linalg.norm(_chroma(np.asarray(BACKGROUND_COLOURS[n], float)) - _chroma(base)))
+    )
     return BackgroundReading(kind, colour, tuple(float(v) for v in base), features, mask)
 
 
