@@ -149,7 +149,7 @@ class PromptToPrompt(AttentionMethod):
         fraction = self.cross_replace if kind == "cross" else self.self_replace
         if self.rounding == "authors":
             rows = num_steps + 1 if kind == "cross" else num_steps  # their cross schedule has n + 1 rows
-            return int(fraction * rows)
+            return min(int(fraction * rows), num_steps)
         return math.ceil(fraction * num_steps - 1e-9) if fraction > 0.0 else 0
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
