@@ -29,13 +29,14 @@ from ..methods.base import AttentionMethod
 from ..methods.edit_maps import BLEND_STORE, CROSS_MAPS, BlendStore, CrossMapRecorder
 from ..methods.local_blend import LocalBlend
 from ..methods.prompt_to_prompt import PromptToPrompt
+from ..methods.token_align import REFINE_MAP, align_tokens
 from ..runtime import prompt_branches
 from ..schedule import LayerSpec, StepSpec
 from .callbacks import chain_step_end, refuse_owned
 from .erase import erase
 from .inversion import _scheduler, ddim_scheduler, invert
 from .layout import layout, layout_method
-from .tokens import check_prompt_to_prompt, find_tokens, text_tokenizer, token_indices
+from .tokens import check_prompt_to_prompt, find_tokens, refine_map, text_tokenizer, token_indices
 
 __all__ = [
     "LocalBlend",
@@ -45,6 +46,8 @@ __all__ = [
     "invert",
     "ddim_scheduler",
     "token_indices",
+    "align_tokens",
+    "refine_map",
     "erase",
     "layout",
     "layout_method",
@@ -117,7 +120,7 @@ def edit(
     refuse_owned(call_kwargs, _OWNED, "edit")
     copies = _copies(call_kwargs)
     # every check that can refuse the edit runs before anything is applied to the pipeline
-    maps = store = None
+    maps = store = pairing = None
     if method is not None:
         if layers is None and getattr(method, "later_layers_only", False):
             models, _ = _denoisers(pipe)
@@ -130,6 +133,8 @@ def edit(
             store = _blend_store(pipe, source, target, method.local_blend, call_kwargs)
         if isinstance(method, PromptToPrompt):
             check_prompt_to_prompt(pipe, source, target, method)
+            if method.mode == "refine":
+                pairing = refine_map(pipe, source, target)
     # the same noise for both prompts (copy c of each prompt: seed + c)
     generators = [torch.Generator().manual_seed(seed + c) for _ in range(2) for c in range(copies)]
     replay = contextlib.nullcontext()
@@ -144,7 +149,7 @@ def edit(
     if store is not None:
         call_kwargs.update(chain_step_end(call_kwargs, _blend_step(store, copies)))
     handles: list[Handle] = []
-    maps_token, store_token = CROSS_MAPS.set(maps), BLEND_STORE.set(store)
+    maps_token, store_token, pairing_token = CROSS_MAPS.set(maps), BLEND_STORE.set(store), REFINE_MAP.set(pairing)
     try:
         if method is not None:
             handles.append(apply(pipe, method, layers=layers, steps=steps))
@@ -153,6 +158,7 @@ def edit(
         with prompt_branches(("source", "target")), replay:
             output = pipe(prompt=[source, target], generator=generators, output_type="np", **call_kwargs)
     finally:
+        REFINE_MAP.reset(pairing_token)
         BLEND_STORE.reset(store_token)
         CROSS_MAPS.reset(maps_token)
         for handle in reversed(handles):

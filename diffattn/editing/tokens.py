@@ -6,7 +6,16 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-__all__ = ["text_tokenizer", "sequence_tokenizers", "find_tokens", "token_indices", "check_prompt_to_prompt"]
+from ..methods.token_align import RefineMap, align_tokens
+
+__all__ = [
+    "text_tokenizer",
+    "sequence_tokenizers",
+    "find_tokens",
+    "token_indices",
+    "check_prompt_to_prompt",
+    "refine_map",
+]
 
 
 def text_tokenizer(pipe: Any) -> Any:
@@ -81,10 +90,32 @@ def _changed_words(tokenizer: Any, source: str, target: str) -> str:
     return "; ".join(changes) if changes else "the same words, tokenized differently"
 
 
+def _limited_ids(tokenizer: Any, text: str) -> list[int]:
+    ids = _ids(tokenizer, text)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return ids[:limit] if isinstance(limit, int) and limit > 0 else ids
+
+
+def refine_map(pipe: Any, source: str, target: str) -> RefineMap:
+    """The pairing of ``target``'s text tokens with ``source``'s (:func:`~diffattn.methods.token_align.align_tokens`)
+    on the text sequence the denoiser attends to: CLIP's positions (SD1.5, SDXL: its two CLIPs share them; SD3's
+    first ``model_max_length`` positions), then SD3's T5 positions after them; Flux: T5's."""
+    first = text_tokenizer(pipe)
+    segments = [(0, align_tokens(_limited_ids(first, source), _limited_ids(first, target)))]
+    tokenizers = sequence_tokenizers(pipe)
+    if first is pipe.tokenizer and len(tokenizers) == 3:  # SD3: CLIP-L and CLIP-G side by side, then T5
+        t5, offset = tokenizers[2], getattr(first, "model_max_length", None)
+        if not isinstance(offset, int) or offset <= 0:
+            raise ValueError(f"refine: the CLIP tokenizer of {type(pipe).__name__} states no model_max_length")
+        segments.append((offset, align_tokens(_limited_ids(t5, source), _limited_ids(t5, target))))
+    return RefineMap(tuple(segments))
+
+
 def check_prompt_to_prompt(pipe: Any, source: str, target: str, method: Any) -> None:
     """Refuse what Prompt-to-Prompt cannot do with these prompts: replacing cross-attention maps (copied token by
-    token) between prompts of different token counts, and re-weighting tokens the target prompt does not have."""
-    if method.cross_replace > 0:
+    token in word-swap mode) between prompts of different token counts, and re-weighting tokens the target prompt
+    does not have."""
+    if method.cross_replace > 0 and method.mode == "replace":
         for tokenizer in sequence_tokenizers(pipe):
             n_source, n_target = _count(tokenizer, source), _count(tokenizer, target)
             if n_source != n_target:
@@ -93,7 +124,9 @@ def check_prompt_to_prompt(pipe: Any, source: str, target: str, method: Any) -> 
                     f"{source!r}, {n_target} in the target {target!r}): {_changed_words(tokenizer, source, target)}. "
                     f"Replacing cross-attention maps (cross_replace={method.cross_replace}) copies them token by "
                     "token, so swapped words must have the same number of tokens: choose such words "
-                    "(diffattn.editing.token_indices shows a word's tokens), or pass cross_replace=0.0 to keep "
+                    "(diffattn.editing.token_indices shows a word's tokens). To add or remove words ('a red "
+                    "circle' -> 'a big red circle'), use the refine mode, PromptToPrompt(mode='refine'), which "
+                    "aligns the tokens and lets new words keep their own maps; or pass cross_replace=0.0 to keep "
                     "only self-attention injection and re-weighting"
                 )
     if method.reweight:
