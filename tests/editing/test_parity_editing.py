@@ -84,3 +84,125 @@ def test_eraser_authors_defaults_suppress_ten_steps():
 def test_eraser_faithful_is_checked():
     with pytest.raises(TypeError, match="faithful must be True or False"):
         diffattn.AttentiveEraser(faithful=1)
+
+
+# ------------------------------------------------------------------------------------------------------ LocalBlend
+
+
+def _softmax_maps(heads: int, side: int, text: int, seed: int, centre=(0.3, 0.6)) -> torch.Tensor:
+    """Noisy maps where tokens 2..4 peak around ``centre`` (fractions of the grid), as a word's map does."""
+    ys, xs = torch.meshgrid(torch.arange(side) / side, torch.arange(side) / side, indexing="ij")
+    bump = torch.exp(-((ys - centre[0]) ** 2 + (xs - centre[1]) ** 2) / 0.02).flatten()
+    logits = randn(heads, side * side, text, seed=seed)
+    logits[..., 2:5] += 6 * bump[:, None]
+    return logits.softmax(-1)
+
+
+def _authors_max_pool_3x3(m: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(kernel 3, stride 1, padding 1)``: each cell the max of its 3 x 3 neighbourhood inside the map."""
+    h, w = m.shape
+    padded = torch.full((h + 2, w + 2), -float("inf"), dtype=m.dtype)
+    padded[1:-1, 1:-1] = m
+    shifts = [padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
+    return torch.stack(shifts).amax(0)
+
+
+def _authors_nearest(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(mode="nearest")``: output cell i reads input cell floor(i * in / out)."""
+    rows = (torch.arange(size[0]) * m.shape[0]) // size[0]
+    cols = (torch.arange(size[1]) * m.shape[1]) // size[1]
+    return m[rows][:, cols]
+
+
+# (layer, map side) as SD1.5 at 512 px runs its cross-attention: only the 16 x 16 layers outside the mid block count
+_SD15_CROSS = [
+    ("down_blocks.1.attentions.0.transformer_blocks.0.attn2", 32),
+    ("down_blocks.2.attentions.0.transformer_blocks.0.attn2", 16),
+    ("down_blocks.2.attentions.1.transformer_blocks.0.attn2", 16),
+    ("mid_block.attentions.0.transformer_blocks.0.attn2", 8),
+    ("up_blocks.1.attentions.0.transformer_blocks.0.attn2", 16),
+    ("up_blocks.1.attentions.1.transformer_blocks.0.attn2", 16),
+    ("up_blocks.1.attentions.2.transformer_blocks.0.attn2", 16),
+    ("up_blocks.2.attentions.0.transformer_blocks.0.attn2", 32),
+]
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5])
+@pytest.mark.parametrize("mid_side", [8, 16])  # a mid block at 16 x 16 (larger images) is left out by name
+def test_local_blend_faithful_mask_equals_the_authors_cell_for_cell(threshold, mid_side):
+    from diffattn.methods.edit_maps import BlendStore
+
+    heads, text, steps = 2, 16, 3
+    tokens = {"source": (2,), "target": (3, 4)}  # the target's word is two tokens
+    blend = diffattn.LocalBlend(words=("x",), threshold=threshold, faithful=True)
+    store = BlendStore(tokens, (64, 64), blend)
+    layers = [(name, mid_side if "mid_block" in name else side) for name, side in _SD15_CROSS]
+    recorded = {}  # (step, layer, branch) -> maps
+    for step in range(steps):
+        for li, (name, side) in enumerate(layers):
+            for bi, branch in enumerate(("source", "target")):
+                centre = (0.3, 0.6) if branch == "source" else (0.55, 0.35)
+                p = _softmax_maps(heads, side, text, seed=1000 * step + 10 * li + bi, centre=centre)
+                recorded[step, name, branch] = p
+                store.add(branch, 0, p, (side, side), layer=name, step=step)
+    # the authors: the 16 x 16 layers of down_cross[2:4] + up_cross[:3], summed over the steps (their store), words'
+    # columns summed, mean over heads and layers, max-pooled at 16 x 16, nearest to 64 x 64, / max, > th, union
+    used = [name for name, side in _SD15_CROSS if side == 16]
+    expected = torch.zeros(64, 64, dtype=torch.bool)
+    for branch in ("source", "target"):
+        per_layer = [sum(recorded[s, name, branch] for s in range(steps)) for name in used]
+        stacked = torch.stack([p.reshape(heads, 16, 16, text) for p in per_layer])  # (layers, heads, 16, 16, text)
+        words = stacked[..., list(tokens[branch])].sum(-1).mean((0, 1))
+        up = _authors_nearest(_authors_max_pool_3x3(words), (64, 64))
+        expected |= up / up.max() > threshold
+    assert torch.equal(store.mask(0), expected)
+    assert 64 < int(expected.sum()) < 64 * 64 // 2, "a mask of the words, not of everything"
+    # diffattn's default rule takes the mid block and the bilinear resize: a different mask from the same maps
+    default = BlendStore(tokens, (64, 64), diffattn.LocalBlend(words=("x",), threshold=threshold))
+    for (step, name, branch), p in recorded.items():
+        side = int(p.shape[1] ** 0.5)
+        default.add(branch, 0, p, (side, side), layer=name, step=step)
+    assert not torch.equal(default.mask(0), expected)
+
+
+def _blended_steps(blend, steps: int) -> set[int]:
+    from diffattn.editing import _blend_step
+    from diffattn.methods.edit_maps import BlendStore
+
+    store = BlendStore({"source": (1,)}, (4, 4), blend, "diffattn")
+    store.maps[("source", 0)] = torch.zeros(4, 4).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(1.0))
+    found = set()
+    for i in range(steps):
+        latents = randn(2, 1, 4, 4, seed=i)
+        before = latents.clone()
+        _blend_step(store, 1, steps)(None, i, None, {"latents": latents})
+        if not torch.equal(latents, before):
+            found.add(i)
+    return found
+
+
+@pytest.mark.parametrize("steps", [7, 10, 20, 50])
+@pytest.mark.parametrize("start", [0.0, 0.2, 0.25, 0.3, 0.35, 0.29, 1.0])
+def test_local_blend_faithful_start_step_is_the_authors(steps, start):
+    counter_start = int(start * steps)  # their start_blend; counter = i + 1 after step i
+    authors = {i for i in range(steps) if i + 1 > counter_start}
+    ours = {i for i in range(steps) if i + 1 >= np.ceil(start * steps - 1e-9)}
+    assert _blended_steps(diffattn.LocalBlend(words=("x",), start=start, faithful=True), steps) == authors
+    assert _blended_steps(diffattn.LocalBlend(words=("x",), start=start), steps) == ours
+
+
+def test_local_blend_faithful_start_at_the_defaults():
+    """start_blend=0.2 with 50 steps: they blend from step 10 (0-based), diffattn's default from step 9."""
+    assert min(_blended_steps(diffattn.LocalBlend(words=("x",), faithful=True), 50)) == 10
+    assert min(_blended_steps(diffattn.LocalBlend(words=("x",)), 50)) == 9
+
+
+def test_local_blend_faithful_is_checked_and_says_which_layers_it_records():
+    from diffattn.methods.edit_maps import BlendStore
+
+    with pytest.raises(TypeError, match="faithful must be True or False"):
+        diffattn.LocalBlend(words=("x",), faithful="yes")
+    store = BlendStore({"source": (1,)}, (8, 8), diffattn.LocalBlend(words=("x",), faithful=True))
+    store.query_counts.update({64, 1024})
+    with pytest.raises(diffattn.LayoutError, match=r"exactly max_tokens=256 .* outside the mid block.*\[64, 1024\]"):
+        raise store.no_maps_error("LocalBlend")
