@@ -206,3 +206,169 @@ def test_local_blend_faithful_is_checked_and_says_which_layers_it_records():
     store.query_counts.update({64, 1024})
     with pytest.raises(diffattn.LayoutError, match=r"exactly max_tokens=256 .* outside the mid block.*\[64, 1024\]"):
         raise store.no_maps_error("LocalBlend")
+
+
+# --------------------------------------------------------------------------------------------------------- MasaCtrl
+
+
+def _sd15_shaped_unet():
+    """SD1.5's block layout (16 transformer blocks) with tiny widths."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+@pytest.mark.parametrize("start_layer", [0, 6, 10, 15])
+def test_masactrl_start_layer_counts_layers_as_the_authors(start_layer):
+    from diffattn.editing import masactrl_layers
+
+    unet = _sd15_shaped_unet()
+    calls = []  # the authors count every attention call in the order the UNet runs them, self then cross
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: calls.append(name))
+        for name, m in unet.named_modules()
+        if name.endswith(("attn1", "attn2"))
+    ]
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 16, 16), 1, encoder_hidden_states=torch.zeros(1, 3, 16))
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 32  # 16 transformer blocks
+    authors = [name for i, name in enumerate(calls) if i // 2 >= start_layer and name.endswith("attn1")]
+    method = diffattn.MutualSelfAttention(start_layer=start_layer)
+    assert [n.replace("\\", "") for n in masactrl_layers(unet, method)] == authors
+    if start_layer == 10:  # MasaCtrl's default: SD1.5's up_blocks.2 and up_blocks.3
+        assert {n.split(".attentions")[0] for n in authors} == {"up_blocks.2", "up_blocks.3"}
+
+
+def test_masactrl_start_layer_is_checked():
+    from diffattn.editing import masactrl_layers
+
+    with pytest.raises(ValueError, match="start_layer must be"):
+        diffattn.MutualSelfAttention(start_layer=-1)
+    with pytest.raises(TypeError, match="start_layer must be"):
+        diffattn.MutualSelfAttention(start_layer=2.5)
+    with pytest.raises(ValueError, match="lower start_layer"):
+        masactrl_layers(_sd15_shaped_unet(), diffattn.MutualSelfAttention(start_layer=16))
+
+
+def _masa_ctx(step: int, side: int) -> diffattn.AttentionContext:
+    layout = diffattn.TokenLayout((side, side))
+    return diffattn.AttentionContext(
+        layer="up_blocks.2.attentions.0.transformer_blocks.0.attn1",
+        role="self",
+        step=step,
+        num_steps=50,
+        q_layout=layout,
+        kv_layout=layout,
+        batch_roles=("uncond", "uncond", "cond", "cond"),
+        attn_mask=None,
+        scale=None,
+        enable_gqa=False,
+        dense=lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+        branches=("source", "target", "source", "target"),
+    )
+
+
+def _authors_masked_target(q_t, k_s, v_s, mask_s, mask_t):
+    """Their ``attn_batch`` with the source mask on the keys (fg: inside, bg: outside), composed by the target mask."""
+    logits = q_t @ k_s.transpose(-1, -2) / q_t.shape[-1] ** 0.5
+    fg = logits.masked_fill(~mask_s, -float("inf")).softmax(-1) @ v_s
+    bg = logits.masked_fill(mask_s, -float("inf")).softmax(-1) @ v_s
+    m = mask_t.float()[:, None]
+    return fg * m + bg * (1 - m)
+
+
+def _authors_auto_mask(step_maps, idx, side, thres):
+    """MaskAuto's ``aggregate_cross_attn_map`` for one entry, nearest-resized to ``side`` and binarised ``>= thres``."""
+    mean = torch.stack([p.mean(0) for p in step_maps]).mean(0)  # head mean per layer, then over layers
+    image = mean.reshape(16, 16, -1)[..., idx].sum(-1)
+    image = (image - image.min()) / (image.max() - image.min())
+    return _authors_nearest(image, (side, side)).flatten() >= thres
+
+
+def test_masactrl_faithful_auto_masks_are_the_current_steps_at_the_layers_grid():
+    from diffattn.methods.edit_maps import CROSS_MAPS, BlendStore
+
+    heads, text, thres, side = 2, 16, 0.3, 32
+    tokens = {"source": (2,), "target": (3, 4)}
+    method = diffattn.MutualSelfAttention(start_step=0, mask_words=("x",), mask_threshold=thres, faithful=True)
+    blend = diffattn.LocalBlend(words=("x",), threshold=thres, max_tokens=method.mask_max_tokens)
+    store = BlendStore(tokens, (64, 64), blend, "masactrl")
+    q, k, v = (randn(4, heads, side * side, 8, seed=s) for s in (5, 6, 7))
+    recorded = {}
+
+    def record(step, layer, side_of_layer, seed):
+        for branch, centre in (("source", (0.3, 0.6)), ("target", (0.55, 0.35))):
+            p = _softmax_maps(heads, side_of_layer, text, seed=seed + (branch == "target"), centre=centre)
+            store.add(branch, 0, p, (side_of_layer, side_of_layer), layer=layer, step=step)
+            if side_of_layer == 16:
+                recorded.setdefault((step, branch), []).append(p)
+
+    def expected_target(step):
+        maps_s, maps_t = recorded.get((step, "source")), recorded.get((step, "target"))
+        if maps_s is None:  # no 16 x 16 layer ran yet in this step: unmasked mutual attention
+            return F.scaled_dot_product_attention(q[3], k[2], v[2])
+        mask_s = _authors_auto_mask(maps_s, list(tokens["source"]), side, thres)
+        mask_t = _authors_auto_mask(maps_t, list(tokens["target"]), side, thres)
+        assert 0 < int(mask_s.sum()) < side * side and 0 < int(mask_t.sum()) < side * side
+        return _authors_masked_target(q[3], k[2], v[2], mask_s, mask_t)
+
+    token = CROSS_MAPS.set(store)
+    try:
+        record(0, "down_blocks.2.attentions.0.transformer_blocks.0.attn2", 16, seed=10)
+        record(0, "down_blocks.2.attentions.1.transformer_blocks.0.attn2", 16, seed=20)
+        record(0, "mid_block.attentions.0.transformer_blocks.0.attn2", 8, seed=30)  # not 16 x 16: left out
+        out0 = method(q, k, v, _masa_ctx(0, side))
+        # step 1: before any 16 x 16 layer ran, no mask; after one, that layer's maps alone (not step 0's)
+        before = method(q, k, v, _masa_ctx(1, side))
+        record(1, "down_blocks.2.attentions.0.transformer_blocks.0.attn2", 16, seed=40)
+        out1 = method(q, k, v, _masa_ctx(1, side))
+    finally:
+        CROSS_MAPS.reset(token)
+    for out, step in ((out0, 0), (out1, 1)):
+        torch.testing.assert_close(out[3], expected_target(step), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(before[3], F.scaled_dot_product_attention(q[3], k[2], v[2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out1[2], F.scaled_dot_product_attention(q[2], k[2], v[2]), rtol=1e-5, atol=1e-5)
+
+
+def test_masactrl_faithful_and_start_layer_run_through_edit(monkeypatch):
+    from diffattn.methods.mutual import MutualSelfAttention
+    from diffattn.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, guidance_scale=5.0, seed=0)
+    with pytest.raises(ValueError, match="not both"):
+        method = diffattn.MutualSelfAttention(start_layer=3)
+        diffattn.editing.edit(pipe, "a red circle", "a red square", method, layers="up_blocks", **kwargs)
+    # the faithful masks take the layers with exactly mask_max_tokens queries: none has 7, the tiny UNet's
+    # down_blocks.0 / up_blocks.1 have 16 x 16 = 256 (as SD1.5's at 512 px)
+    auto = diffattn.MutualSelfAttention(start_step=0, mask_words=("circle",), faithful=True, mask_max_tokens=7)
+    with pytest.raises(diffattn.LayoutError, match="exactly max_tokens=7"):
+        diffattn.editing.edit(pipe, "a red circle", "a red circle on the right", auto, **kwargs)
+    layers = []
+    original = MutualSelfAttention._masked
+
+    def spy(self, q, k, v, ctx, *args, **kw):
+        layers.append((ctx.step, ctx.layer))
+        return original(self, q, k, v, ctx, *args, **kw)
+
+    monkeypatch.setattr(MutualSelfAttention, "_masked", spy)
+    auto = diffattn.MutualSelfAttention(start_step=0, start_layer=3, mask_words=("circle",), faithful=True)
+    plain = diffattn.editing.edit(pipe, "a red circle", "a red circle on the right", None, **kwargs)
+    edited = diffattn.editing.edit(pipe, "a red circle", "a red circle on the right", auto, **kwargs)
+    assert np.array_equal(edited.source, plain.source) and np.isfinite(edited.target).all()
+    # run order: down_blocks.0 (layers 0, 1), mid_block (2), up_blocks.1 (3-5); masks once a 16 x 16 map ran
+    assert layers and {layer.split(".attentions")[0] for _, layer in layers} == {"up_blocks.1"}
+    assert {step for step, _ in layers} == {0, 1}
