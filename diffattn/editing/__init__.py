@@ -13,7 +13,6 @@ and ``num_images_per_prompt`` copies included. ``method=None`` runs the plain pa
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ __all__ = [
     "EditResult",
     "edit",
     "default_layers",
+    "masactrl_layers",
     "invert",
     "ddim_scheduler",
     "token_indices",
@@ -79,6 +79,44 @@ def default_layers(model: torch.nn.Module, method: AttentionMethod) -> tuple[str
     )
     later = blocks[len(blocks) // 2 :] or blocks
     return tuple(re.escape(b) for b in later)  # whole name parts: transformer_blocks.1 is not single_…blocks.1
+
+
+#: The order a denoiser runs its top-level blocks in (a UNet's mid block between its down and up blocks, Flux's
+#: double-stream blocks before its single-stream ones); module registration order puts ``mid_block`` last.
+_RUN_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2, "transformer_blocks": 0, "single_transformer_blocks": 1}
+
+
+def _run_order_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of an attention module name in the order the model runs it (numbers compared as numbers)."""
+    parts = name.split(".")
+    head = (_RUN_ORDER.get(parts[0], 3), 0)
+    return (head,) + tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def masactrl_layers(model: Any, method: AttentionMethod, start_layer: int | None = None) -> tuple[str, ...]:
+    """The layers MasaCtrl acts on from ``start_layer`` on (default: ``method.start_layer``), counted as its authors
+    count them: the attention layers with a role the method acts on (self-attention; joint for SD3 / Flux), in the
+    order the denoiser runs them, numbered from 0 (SD1.5: 16, one per transformer block; ``start_layer=10`` is
+    ``up_blocks.2`` and ``up_blocks.3``). ``model``: a pipeline or its denoiser."""
+    if start_layer is None:
+        start_layer = getattr(method, "start_layer", None)
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or start_layer < 0:
+        raise ValueError(f"masactrl_layers: start_layer must be an int >= 0 (MasaCtrl: 10), got {start_layer!r}")
+    if not isinstance(model, torch.nn.Module):
+        models, _ = _denoisers(model)
+        model = models[0]
+    model = getattr(model, "_orig_mod", model)
+    adapter = adapter_for(model)
+    names = [
+        n for n, _ in attention_modules(model) if (r := adapter.rule_for(n)) is not None and r.role in method.roles
+    ]
+    ordered = sorted(names, key=_run_order_key)
+    if start_layer >= len(ordered):
+        raise ValueError(
+            f"{method.name}: start_layer={start_layer}, but the model has {len(ordered)} layers it acts on "
+            f"(numbered 0-{len(ordered) - 1} in the order they run); lower start_layer"
+        )
+    return tuple(re.escape(n) for n in ordered[start_layer:])
 
 
 def _images(output: Any) -> np.ndarray:
@@ -122,13 +160,21 @@ def edit(
     # every check that can refuse the edit runs before anything is applied to the pipeline
     maps = store = pairing = None
     if method is not None:
+        if getattr(method, "start_layer", None) is not None:
+            if layers is not None:
+                raise ValueError(
+                    f"edit: {method.name} has start_layer={method.start_layer}, which chooses its layers; give "
+                    "start_layer or layers=, not both"
+                )
+            layers = masactrl_layers(pipe, method)
         if layers is None and getattr(method, "later_layers_only", False):
             models, _ = _denoisers(pipe)
             layers = default_layers(models[0], method)
         words = getattr(method, "mask_words", ())
         if words:  # MasaCtrl's automatic masks: record the words' cross-attention maps on every layer
             blend = LocalBlend(words=words, threshold=method.mask_threshold, max_tokens=method.mask_max_tokens)
-            maps = _blend_store(pipe, source, target, blend, call_kwargs, each_prompt=True)
+            rule = "masactrl" if method.faithful else "diffattn"
+            maps = _blend_store(pipe, source, target, blend, call_kwargs, each_prompt=True, rule=rule)
         if getattr(method, "local_blend", None) is not None:
             store = _blend_store(pipe, source, target, method.local_blend, call_kwargs)
         if isinstance(method, PromptToPrompt):
@@ -210,6 +256,7 @@ def _blend_store(
     call_kwargs: dict[str, Any],
     *,
     each_prompt: bool = False,
+    rule: str | None = None,
 ) -> BlendStore:
     """The store of ``blend``'s word maps. Every word must be in its prompt (words of both prompts: in either), and
     with ``each_prompt`` (MasaCtrl's masks of the object in each image) each prompt must hold one of its words."""
@@ -240,7 +287,7 @@ def _blend_store(
             f"source and in the target image), but none is in the {branch} {prompt!r}; give (source_words, "
             "target_words)"
         )
-    return BlendStore(tokens, _latent_grid(pipe, call_kwargs), blend)
+    return BlendStore(tokens, _latent_grid(pipe, call_kwargs), blend, rule)
 
 
 def _blend_step(store: BlendStore, copies: int, steps: int | None = None) -> Callable[..., dict[str, Any]]:
@@ -256,7 +303,7 @@ def _blend_step(store: BlendStore, copies: int, steps: int | None = None) -> Cal
                 f"LocalBlend: step {i} ran no cross-attention call of PromptToPrompt, whose maps it blends by; "
                 "apply PromptToPrompt to cross- or joint-attention layers (layers=..., steps=...)"
             )
-        if i + 1 < math.ceil(store.blend.start * total - 1e-9):
+        if not store.blend.starts_at(i, total):
             return outputs
         latents = outputs["latents"]
         for c in range(copies):

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..context import AttentionContext
 from ..errors import LayoutError
 from .base import AttentionMethod
-from .checks import check_int, check_number, check_roles_arg, check_str, given
+from .checks import check_bool, check_int, check_number, check_roles_arg, check_str, given
 from .edit_branches import require_step
 from .edit_masks import object_mask
 
@@ -29,12 +29,17 @@ class AttentiveEraser(AttentionMethod):
     is max-pooled to each layer's grid (a dilation, as the paper). A mask covering every key (or none) leaves the
     layer unchanged, so no row is ever fully masked. The ``wo`` branch is untouched. Self-attention of UNets (SD1.5
     tested).
+
+    ``faithful``: the steps of similarity suppression. ``False`` (default): steps ``0 .. ss_steps - 1``
+    (``ss_steps`` steps); ``True``: the authors' rule, steps ``0 .. ss_steps`` (their code suppresses while
+    ``step <= ss_steps``: ``ss_steps + 1`` steps, 10 with their ``ss_steps=9``).
     """
 
     mask: Tensor | None = field(default=None, compare=False, repr=False)
     ss_steps: int = 9
     ss_scale: float = 0.3
     branch: str = "w"
+    faithful: bool = False
     roles: frozenset[str] = field(default=frozenset({"self"}))
     stack_level: ClassVar[int] = 1
     requires_step: ClassVar[bool] = True  # similarity suppression for the first ss_steps steps
@@ -45,6 +50,7 @@ class AttentiveEraser(AttentionMethod):
         check_number(self.name, "ss_scale", self.ss_scale, low=0.0, high=1.0, low_open=True, example=0.3)
         check_int(self.name, "ss_steps", self.ss_steps, minimum=0, example=9, meaning="a number of steps")
         check_str(self.name, "branch", self.branch, example="w")
+        check_bool(self.name, "faithful", self.faithful, "True: suppress while step <= ss_steps, as the authors")
         if self.mask is not None and (not isinstance(self.mask, Tensor) or self.mask.ndim != 2):
             raise TypeError(
                 f"{self.name}: mask is an H x W tensor (True on the object), got {given(self.mask)}; for an array "
@@ -59,6 +65,11 @@ class AttentiveEraser(AttentionMethod):
         import dataclasses
 
         return dataclasses.replace(self, mask=object_mask(mask, self.name))
+
+    def suppresses(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) runs similarity suppression: ``step < ss_steps``, or with ``faithful``
+        the authors' ``step <= ss_steps``."""
+        return step <= self.ss_steps if self.faithful else step < self.ss_steps
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         step, _ = require_step(ctx, self.name)
@@ -90,7 +101,7 @@ class AttentiveEraser(AttentionMethod):
         allowed = ~inside[None, None, None, :]  # every query: no key inside the object
         scale = ctx.scale
         bg = torch.nn.functional.scaled_dot_product_attention(qw, kw, vw, attn_mask=allowed, scale=scale)
-        if step < self.ss_steps:
+        if self.suppresses(step):
             fg = torch.nn.functional.scaled_dot_product_attention(
                 qw * self.ss_scale, kw, vw, attn_mask=allowed, scale=scale
             )

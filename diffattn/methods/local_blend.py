@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .checks import check_int, check_number
+from .checks import check_bool, check_int, check_number
 
 __all__ = ["LocalBlend", "WordSpec", "word_spec", "split_words"]
 
@@ -59,12 +60,21 @@ class LocalBlend:
     the latents, max-normalised and thresholded at ``threshold``; the mask is the union of the source's and the
     target's. From ``start`` (fraction of the steps the pipeline call runs) on, after every step the target's
     latents become ``source + mask * (target - source)``: outside the mask they are the source's exactly. Run by
-    :func:`diffattn.editing.edit` with a :class:`PromptToPrompt` whose ``local_blend`` is set."""
+    :func:`diffattn.editing.edit` with a :class:`PromptToPrompt` whose ``local_blend`` is set.
+
+    ``faithful=True``: the authors' rule. Only the layers with exactly ``max_tokens`` queries outside the mid block
+    (SD1.5 at 512 px: the five 16 x 16 layers of ``down_blocks.2`` and ``up_blocks.1``) are summed, at their own
+    grid; the sum is max-pooled 3 x 3 there, upsampled nearest to the latents, divided by its max and thresholded
+    (``> threshold``); blending starts at step ``int(start * n)`` (0-based; their counter exceeds
+    ``int(start_blend * n)``), not ``ceil(start * n) - 1``. The default (``False``) sums every layer with at most
+    ``max_tokens`` queries (mid block included), each resized bilinearly to the latents, then max-pools 3 x 3 on
+    the latent grid (a dilation by one latent pixel)."""
 
     words: WordSpec = ()
     threshold: float = 0.3
     start: float = 0.2
     max_tokens: int = 256
+    faithful: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "words", word_spec(self.words, "LocalBlend"))
@@ -75,6 +85,7 @@ class LocalBlend:
             "LocalBlend", "start", self.start, low=0.0, high=1.0, example=0.2, meaning="a fraction of the steps"
         )
         check_int("LocalBlend", "max_tokens", self.max_tokens, minimum=1, example=256, meaning="a query count")
+        check_bool("LocalBlend", "faithful", self.faithful, "True: the authors' 16 x 16 mask and start step")
         if not any(self.split()):
             raise ValueError(
                 "LocalBlend: name the words whose region may change, e.g. LocalBlend(words=('circle', "
@@ -82,6 +93,13 @@ class LocalBlend:
             )
         if not 0.0 < self.threshold < 1.0 or not 0.0 <= self.start <= 1.0:
             raise ValueError(f"LocalBlend: threshold in (0, 1) and start in [0, 1], got {self.threshold}, {self.start}")
+
+    def starts_at(self, step: int, num_steps: int) -> bool:
+        """Whether the blending runs after step ``step`` (0-based) of ``num_steps``: from ``ceil(start * n) - 1`` on,
+        or with ``faithful`` from the authors' ``int(start * n)`` on."""
+        if self.faithful:
+            return step >= int(self.start * num_steps)
+        return step + 1 >= math.ceil(self.start * num_steps - 1e-9)
 
     def split(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """``(source_words, target_words)``."""

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..context import AttentionContext
 from ..errors import LayoutError
 from .base import AttentionMethod
-from .checks import check_number, check_roles_arg, check_str, given
+from .checks import check_bool, check_int, check_number, check_roles_arg, check_str, given
 from .edit_branches import require_step, source_rows
 from .edit_maps import CROSS_MAPS
 from .edit_masks import MASK_THRESHOLD, object_mask
@@ -48,6 +48,21 @@ class MutualSelfAttention(AttentionMethod):
 
     ``start_step`` counts the steps of the running call, which must be known (a pipeline's loop, or
     :func:`diffattn.denoising_step`): an unknown step raises, it is never taken as a step past ``start_step``.
+
+    ``start_layer`` (the authors' layer counting): the self-attention layers it acts on are counted in the order
+    the denoiser runs them (UNets: down, mid, up blocks; SD1.5 has 16, one per transformer block) and it acts from
+    number ``start_layer`` (0-based) on; MasaCtrl's default is 10 (SD1.5: ``up_blocks.2``-``3``). Applied by
+    :func:`diffattn.editing.edit`, which chooses the layers (with :func:`diffattn.apply` pass
+    ``layers=diffattn.editing.masactrl_layers(model, method)``); ``None`` (default): edit()'s default layers (a
+    UNet's whole decoder). It cannot be combined with ``layers=``.
+
+    ``faithful=True``: the authors' automatic masks. Each mask comes from the current step's cross-attention maps
+    of the layers that already ran in that step, those with exactly ``mask_max_tokens`` queries (16 x 16 on SD1.5,
+    mid block included when it has that many): head means summed over the layers, the words' columns summed,
+    min-max normalised, nearest-resized to the acting layer's own grid and thresholded ``>= mask_threshold``;
+    before any such layer ran in a step the target attends to the source unmasked. The default (``False``) sums the
+    maps of every layer with at most ``mask_max_tokens`` queries over the steps so far, bilinearly resized to the
+    latent grid, thresholded ``> mask_threshold`` and nearest-resized to each layer.
     """
 
     start_step: int = 4
@@ -56,6 +71,8 @@ class MutualSelfAttention(AttentionMethod):
     mask_words: WordSpec = ()
     mask_threshold: float = 0.1
     mask_max_tokens: int = 256
+    start_layer: int | None = None
+    faithful: bool = False
     source: str = "source"
     target: str = "target"
     roles: frozenset[str] = field(default=_SELF_AND_JOINT)
@@ -78,6 +95,10 @@ class MutualSelfAttention(AttentionMethod):
         )
         for name in ("source", "target"):
             check_str(self.name, name, getattr(self, name), example=name)
+        if self.start_layer is not None:
+            check_int(self.name, "start_layer", self.start_layer, minimum=0, example=10, meaning="a layer number")
+        check_bool(self.name, "faithful", self.faithful, "True: the authors' per-step automatic masks")
+        check_int(self.name, "mask_max_tokens", self.mask_max_tokens, minimum=1, example=256, meaning="a query count")
         for name in ("mask_source", "mask_target"):
             mask = getattr(self, name)
             if mask is not None and not isinstance(mask, Tensor):
@@ -209,10 +230,11 @@ class MutualSelfAttention(AttentionMethod):
             if s != t:
                 by_copy.setdefault(copy, []).append(t)
         for copy, rows in by_copy.items():
-            mask_s = store.branch_mask(self.source, copy, self.mask_threshold)
-            mask_t = store.branch_mask(self.target, copy, self.mask_threshold)
+            mask_s = store.branch_mask(self.source, copy, self.mask_threshold, ctx.step)
+            mask_t = store.branch_mask(self.target, copy, self.mask_threshold, ctx.step)
             if mask_s is not None and mask_t is not None:
                 out = self._masked(q, k, v, ctx, index, out, mask_s, mask_t, rows)
-            elif store.first_step is not None and ctx.step > store.first_step:  # a whole step ran and left no map
+            elif not store.recorded and store.first_step is not None and ctx.step > store.first_step:
+                # a whole step ran and left no map
                 raise store.no_maps_error(f"{self.name} (mask_words={self.mask_words})")
         return out
