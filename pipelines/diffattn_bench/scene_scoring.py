@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import sys
 import time
@@ -65,7 +64,7 @@ from diffattn_bench.scenes import (
     ParsedSceneObject,
     parse_caption,
 )
-from diffattn_bench.scoring import _as_image, _centroid, _dilate, _label, classify_shape, psnr
+from diffattn_bench.scoring import _as_image, _centroid, _dilate, _label, classify_shape, prompted_images, psnr
 
 __all__ = [
     "ATTRIBUTES",
@@ -841,20 +840,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.image_dir is None:
         parser.error("give IMAGE_DIR or --calibrate")
-    from PIL import Image
-
-    prompts_file = args.image_dir / "prompts.json"
-    if not prompts_file.is_file():
-        parser.error(f"{prompts_file} not found; write a JSON object mapping each PNG file name to its caption")
-    prompts = json.loads(prompts_file.read_text())
-    names = sorted(prompts)
-    missing = [n for n in names if not (args.image_dir / n).is_file()]
-    if missing:
-        parser.error(f"{len(missing)} image(s) in prompts.json not found, e.g. {missing[0]!r}")
-    results = []
-    for name in names:
-        with Image.open(args.image_dir / name) as im:
-            results.append(evaluate_scene(np.asarray(im.convert("RGB")), prompts[name]))
+    names, images, prompts = prompted_images(args.image_dir, parser.error)
+    results = [evaluate_scene(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
     sys.stdout.write(format_scene_table(names, results) + "\n")
     return 0
 

@@ -38,6 +38,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -793,27 +794,36 @@ def format_table(names: Sequence[str], results: Sequence[ImageResult]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m diffattn_bench.scoring IMAGE_DIR``: score the PNGs listed in IMAGE_DIR/prompts.json."""
-    from PIL import Image
 
     parser = argparse.ArgumentParser(
         prog="python -m diffattn_bench.scoring", description="ShapesBench: score a folder of PNGs."
     )
     parser.add_argument("image_dir", type=Path, help="folder with PNGs and prompts.json mapping file name -> prompt")
     args = parser.parse_args(argv)
-    prompts_file = args.image_dir / "prompts.json"
-    if not prompts_file.is_file():
-        parser.error(f"{prompts_file} not found; write a JSON object mapping each PNG file name to its prompt")
-    prompts = json.loads(prompts_file.read_text())
-    names = sorted(prompts)
-    missing = [n for n in names if not (args.image_dir / n).is_file()]
-    if missing:
-        parser.error(f"{len(missing)} image(s) in prompts.json not found, e.g. {missing[0]!r}")
-    results = []
-    for name in names:
-        with Image.open(args.image_dir / name) as im:
-            results.append(evaluate_image(np.asarray(im.convert("RGB")), prompts[name]))
+    names, images, prompts = prompted_images(args.image_dir, parser.error)
+    results = [evaluate_image(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
     sys.stdout.write(format_table(names, results) + "\n")
     return 0
+
+
+def prompted_images(image_dir: Path, error: Any) -> tuple[list[str], list[np.ndarray], list[str]]:
+    """(file names, RGB images, prompts) of the PNGs ``image_dir/prompts.json`` lists; ``error(message)`` reports a
+    missing file (argparse's ``parser.error``)."""
+    from PIL import Image
+
+    prompts_file = image_dir / "prompts.json"
+    if not prompts_file.is_file():
+        error(f"{prompts_file} not found; write a JSON object mapping each PNG file name to its prompt")
+    prompts = json.loads(prompts_file.read_text())
+    names = sorted(prompts)
+    missing = [n for n in names if not (image_dir / n).is_file()]
+    if missing:
+        error(f"{len(missing)} image(s) in prompts.json not found, e.g. {missing[0]!r}")
+    images = []
+    for name in names:
+        with Image.open(image_dir / name) as im:
+            images.append(np.asarray(im.convert("RGB")))
+    return names, images, [prompts[n] for n in names]
 
 
 if __name__ == "__main__":
