@@ -17,10 +17,13 @@ out here from their repositories' construction (never through diffattn's helpers
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support import make_ctx
 
 import diffattn
 
@@ -33,21 +36,14 @@ def randn(*shape, seed=0):
 
 
 def _eraser_ctx(step: int) -> diffattn.AttentionContext:
-    layout = diffattn.TokenLayout((4, 4))
-    return diffattn.AttentionContext(
+    ctx, _ = make_ctx(
+        diffattn.TokenLayout((4, 4)),
         layer="up_blocks.1.attentions.0.transformer_blocks.0.attn1",
-        role="self",
         step=step,
         num_steps=12,
-        q_layout=layout,
-        kv_layout=layout,
         batch_roles=("cond", "cond"),
-        attn_mask=None,
-        scale=None,
-        enable_gqa=False,
-        dense=lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-        branches=("wo", "w"),
     )
+    return dataclasses.replace(ctx, branches=("wo", "w"))
 
 
 def _suppressed_steps(method, steps: int) -> set[int]:
