@@ -28,6 +28,7 @@ __all__ = [
     "shapes_text_encoder",
     "video_transformer",
     "load_image_pipeline",
+    "load_scenes_pipeline",
     "load_video_pipeline",
     "random_video_pipeline",
 ]
@@ -118,6 +119,14 @@ def load_image_pipeline(path: str | Path | None = None, **kwargs: Any) -> Any:
     from diffusers import StableDiffusionPipeline
 
     folder = _require(Path(path or IMAGE_MODEL_DIR), "image", "train_shapes_image.py")
+    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **kwargs)
+
+
+def load_scenes_pipeline(path: str | Path | None = None, **kwargs: Any) -> Any:
+    """The second embedded image model (textured scenes, captions that leave attributes open; see ``scenes``)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = _require(Path(path or SCENES_MODEL_DIR), "scenes image", "train_shapes_scenes.py")
     return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **kwargs)
 
 
