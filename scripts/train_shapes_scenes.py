@@ -260,6 +260,16 @@ def train_denoiser_stage(
     bar.close()
 
 
+def store_half(folder: Path) -> None:
+    """Rewrite every floating-point weight under ``folder`` (a saved pipeline) in float16: half the bytes, so the
+    shipped model stays small. diffusers loads them back as float32 (its default dtype) without any option."""
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(folder.glob("*/*.safetensors")):
+        tensors = load_file(path)
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, path, {"format": "pt"})
+
+
 def write_info(run: Run, args: argparse.Namespace) -> None:
     def last(stage: str, n: int) -> float | None:
         values = [v for s, _, v in run.curve if s == stage][-n:]
@@ -390,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             requires_safety_checker=False,
         )
         pipe.save_pretrained(out, safe_serialization=True)
+        store_half(out)
         ema.restore(params)
         unet.train()
         text_encoder.train()
