@@ -10,7 +10,8 @@ pattern and background each left out with probability 0.5; 10% empty captions fo
 Every ``--checkpoint-minutes`` the full training state (models, optimizers, EMA, step, RNG states, elapsed time, loss
 curve) goes to ``OUT/checkpoint/`` and the EMA model to ``OUT`` (loadable with
 ``StableDiffusionPipeline.from_pretrained(OUT)``), with ``OUT/training.json`` and ``OUT/loss.png``. Ctrl-C saves a
-checkpoint too. ``--resume`` continues from ``OUT/checkpoint/``; raise ``--minutes`` on resume to train longer.
+checkpoint too. ``--resume`` continues from ``OUT/checkpoint/``; raise ``--minutes`` on resume to train longer (and
+``--vae-minutes``, before the denoiser has taken a step, to train the VAE longer).
 
     python scripts/train_shapes_scenes.py --vae-minutes 10 --minutes 80            # ~95 minutes on 2 cores
     python scripts/train_shapes_scenes.py --vae-minutes 10 --minutes 80 --resume   # continue after a stop
@@ -370,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
             run.vae_seconds / 60,
             run.seconds / 60,
         )
+        if run.stage == "denoiser" and run.steps == 0 and run.vae_seconds < args.vae_minutes * 60 - 1:
+            # The denoiser has not started: a raised --vae-minutes trains the VAE longer (latents are re-encoded).
+            logger.info("training the VAE on to %.1f minutes before the denoiser starts", args.vae_minutes)
+            run.stage = "vae"
     run.commands.append(shlex.join([Path(sys.executable).name, *sys.argv] if argv is None else ["main", *argv]))
 
     def save() -> None:
