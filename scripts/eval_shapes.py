@@ -2,6 +2,7 @@
 
     python scripts/eval_shapes.py image --model pipelines/diffattn_bench/assets/shapes-image --prompts 120
     python scripts/eval_shapes.py video --model pipelines/diffattn_bench/assets/shapes-video --prompts 40
+    python scripts/eval_shapes.py scenes --prompts 100      # the second image model: 100 train-split + 100 held-out
 
 Writes scores (JSON) and a grid of samples (PNG) to --out; --method applies a diffattn method first, so a method's
 quality can be compared with dense on the same seeds (PSNR/SSIM against --against, a folder of dense outputs).
@@ -43,7 +44,7 @@ def grid_image(images: list[np.ndarray], captions: list[str], columns: int, scal
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["image", "video"])
+    parser.add_argument("kind", choices=["image", "video", "scenes"])
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--prompts", type=int, default=None)
     parser.add_argument("--steps", type=int, default=25)
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "image":
         pipe = embedded.load_image_pipeline(args.model)
         count, guidance = args.prompts or 120, args.guidance or 4.0
+    elif args.kind == "scenes":
+        pipe = embedded.load_scenes_pipeline(args.model)
+        count, guidance = args.prompts or 100, args.guidance or 4.0
     else:
         pipe = embedded.load_video_pipeline(args.model)
         count, guidance = args.prompts or 40, args.guidance or 4.0
@@ -100,20 +104,28 @@ def main(argv: list[str] | None = None) -> int:
         diffattn.apply(pipe, diffattn.EntropyScaling(train_tokens=args.entropy_scaling))
     out = args.out or Path(f"outputs/eval-{args.kind}")
     out.mkdir(parents=True, exist_ok=True)
-    prompts = shapes_prompts(args.kind, count)
+    if args.kind == "scenes":
+        from diffattn_bench.scene_scoring import evaluate_scene, scenes_prompts, summarize_scenes
+
+        splits = ["train"] * count + ["held_out"] * count  # new images of trained combinations, then unseen ones
+        prompts = scenes_prompts(count, "train") + scenes_prompts(count, "held_out")
+        count = len(prompts)
+    else:
+        prompts = shapes_prompts(args.kind, count)
     outputs = []
     bar = tqdm(total=count, desc=f"generating {count} {args.kind}s", unit=args.kind)
     for start in range(0, count, args.batch):
         chunk = prompts[start : start + args.batch]
         generator = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
-        if args.kind == "image":
+        if args.kind in ("image", "scenes"):
+            side = 32 if args.kind == "image" else 64
             result = pipe(
                 chunk,
                 num_inference_steps=args.steps,
                 guidance_scale=guidance,
                 generator=generator,
-                height=32,
-                width=32,
+                height=side,
+                width=side,
                 output_type="np",
             ).images
             bar.update(len(chunk))
@@ -135,7 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             result = np.concatenate(clips)
         outputs.extend((np.asarray(result).clip(0, 1) * 255).round().astype(np.uint8))
     bar.close()
-    if args.kind == "image":
+    if args.kind == "scenes":
+        results = [evaluate_scene(image, prompt) for image, prompt in zip(outputs, prompts)]
+        scores = {
+            split: summarize_scenes([r for r, s in zip(results, splits) if s == split])
+            for split in ("train", "held_out")
+        }
+        shown = outputs[: args.samples]
+    elif args.kind == "image":
         results = [evaluate_image(image, prompt) for image, prompt in zip(outputs, prompts)]
         summary = summarize(results)
         scores = {k: float(v) for k, v in vars(summary).items() if isinstance(v, (int, float))}
@@ -152,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         frames = image if image.ndim == 3 else np.concatenate(list(image), axis=1)
         Image.fromarray(frames).save(out / f"{i:03d}.png")
     (out / "prompts.json").write_text(json.dumps({f"{i:03d}.png": p for i, p in enumerate(prompts[:200])}, indent=1))
-    grid_image(shown, prompts[: len(shown)], 6 if args.kind == "image" else 2, 2, out / "samples.png")
+    grid_image(shown, prompts[: len(shown)], 2 if args.kind == "video" else 6, 2, out / "samples.png")
     print(json.dumps(scores, indent=2))
     return 0
 

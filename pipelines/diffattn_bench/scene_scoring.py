@@ -62,7 +62,9 @@ from diffattn_bench.scenes import (
     SCENE_SIZES,
     Background,
     ParsedSceneObject,
+    caption,
     parse_caption,
+    sample_scene,
 )
 from diffattn_bench.scoring import _as_image, _centroid, _dilate, _label, classify_shape, prompted_images, psnr
 
@@ -81,6 +83,7 @@ __all__ = [
     "main",
     "object_mask",
     "read_scene",
+    "scenes_prompts",
     "summarize_scenes",
 ]
 
@@ -695,6 +698,25 @@ def background_psnr(image: np.ndarray, clean: np.ndarray, mask: np.ndarray | Non
     if not mask.any():
         return math.nan
     return psnr(a[mask], b[mask], 255.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark's prompt set
+# --------------------------------------------------------------------------------------------
+
+#: Seed of the benchmark's scenes; the training set is ``sample_scene(default_rng((0, i)))`` (seed 0).
+BENCH_SEED = 1009
+
+
+def scenes_prompts(count: int, split: str = "train", seed: int = BENCH_SEED) -> list[str]:
+    """``count`` seeded ShapesBench captions of the scenes model: caption ``i`` describes
+    ``sample_scene(default_rng((seed, i)), split)`` and leaves attributes out as in training (``scenes.LEAVE_OUT``).
+    ``split="held_out"`` puts a (colour, shape, pattern) combination never trained on in every scene; ``"train"``
+    scenes are new images of trained combinations. The same (count, split, seed) always gives the same list."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    rng = np.random.default_rng
+    return [caption(sample_scene(rng((seed, i)), split), rng((seed, i, 1)))[0] for i in range(count)]
 
 
 # --------------------------------------------------------------------------------------------

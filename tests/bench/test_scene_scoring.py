@@ -111,3 +111,20 @@ def test_reading_survives_noise_and_desaturation():
 def test_read_scene_rejects_non_images():
     with pytest.raises(ValueError, match="uint8"):
         read_scene(np.zeros((64, 64, 3), np.float32))
+
+
+def test_scenes_prompts_are_seeded_and_split():
+    from diffattn_bench.scene_scoring import scenes_prompts
+    from diffattn_bench.scenes import HELD_OUT, parse_caption
+
+    first = scenes_prompts(12, "train")
+    assert first == scenes_prompts(12, "train")
+    assert first != scenes_prompts(12, "train", seed=5)
+    for text in first:
+        objects, _ = parse_caption(text)
+        assert not any((o.colour, o.shape, o.pattern) in HELD_OUT for o in objects if o.pattern)
+    held = [parse_caption(t)[0] for t in scenes_prompts(30, "held_out")]
+    named = [(o.colour, o.shape, o.pattern) for objs in held for o in objs if o.pattern]
+    assert any(k in HELD_OUT for k in named)
+    with pytest.raises(ValueError, match="count"):
+        scenes_prompts(0)
