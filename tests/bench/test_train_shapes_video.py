@@ -3,8 +3,10 @@ checkpoint, resumes with its settings, and starts another run from the saved wei
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,11 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_shapes_video.py"
 
 
+@functools.cache
 def _script():
     spec = importlib.util.spec_from_file_location("train_shapes_video", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -51,8 +55,8 @@ def test_training_checkpoints_resumes_and_starts_from_saved_weights(tmp_path):
     script = _script()
     out = tmp_path / "model"
     common = [
-        "--out", str(out), "--curve", str(tmp_path / "loss.png"), "--sizes", "2x16x16:1", "4x16x16:1",
-        "--clips", "16", "--batch-tokens", "64", "--threads", "1", "--object-weight", "2",
+        "--out", str(out), "--curve", str(tmp_path / "loss.png"), "--sizes", "2x32x32:1", "4x32x32:1",
+        "--clips", "16", "--batch-tokens", "256", "--threads", "1", "--object-weight", "2",
     ]  # fmt: skip
     assert script.main([*common, "--steps", "3", "--checkpoint-minutes", "0"]) == 0
     first = json.loads((out / "training.json").read_text())
@@ -76,5 +80,5 @@ def test_training_checkpoints_resumes_and_starts_from_saved_weights(tmp_path):
     started = ShapesVideoPipeline.from_pretrained(further, local_files_only=True).transformer.state_dict()
     assert all(torch.allclose(started[k], v, atol=1e-6) for k, v in saved.items())
     assert json.loads((further / "training.json").read_text())["init_from"] == str(out)
-    frames = pipe("a red circle", num_frames=2, height=16, width=16, num_inference_steps=2).frames[0]
-    assert frames.shape == (2, 16, 16, 3) and np.isfinite(frames).all()
+    frames = pipe("a red circle", num_frames=2, height=32, width=32, num_inference_steps=2).frames[0]
+    assert frames.shape == (2, 32, 32, 3) and np.isfinite(frames).all()
