@@ -44,13 +44,16 @@ def _compare(args: argparse.Namespace) -> int:
 
     from diffattn_bench import embedded
     from diffattn_bench.compare import (
+        PASS_SHAPE_FRAMES,
         QUALITY_SIZE,
+        SHAPE_FRAMES_TOLERANCE,
         ClipSize,
         extension_runs,
         format_markdown,
         run_image,
         run_video,
         save_outputs,
+        shape_note,
         unsupported_note,
         video_peers,
     )
@@ -135,11 +138,15 @@ def _compare(args: argparse.Namespace) -> int:
     for name, (rows, _) in sections.items():
         print(f"\n### {name}\n")
         print(format_markdown(rows, "image" if name.startswith("image") else "video"))
+        if name.startswith("video"):
+            print(f"\n{shape_note(rows)}")
     print(
         "\nspeedup: end to end over stock dense attention, same process, same prompts and seeds; attention x: "
         "attention-core time of diffattn's dense over the method's; Amdahl bound: the best end-to-end speedup that "
-        "attention speedup allows; reach = speedup / bound. Trajectory error in bold: passes ShapesBench (< 0.04, "
-        "positions >= 90%, every object found). Not compared: " + unsupported_note()
+        "attention speedup allows; reach = speedup / bound. Shapes: object-frames with the prompted colour and shape "
+        "(in brackets: points against stock dense). Trajectory error in bold: passes ShapesBench (< 0.04, "
+        f"positions >= 90%, every object found, shapes at most {SHAPE_FRAMES_TOLERANCE:.0%} below stock dense's). "
+        "Not compared: " + unsupported_note()
     )
     meta = {
         "cpu": cpu,
@@ -147,6 +154,7 @@ def _compare(args: argparse.Namespace) -> int:
         "prompts": list(prompts),
         "steps": steps,
         "mag_cache_ratios": ratios,
+        "shape_frames_bar": {"dense": PASS_SHAPE_FRAMES, "tolerance_below_dense": SHAPE_FRAMES_TOLERANCE},
         "torch": torch.__version__,
     }
     for path in save_outputs(sections, Path(args.out), title, meta):

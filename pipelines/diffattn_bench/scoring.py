@@ -362,6 +362,11 @@ class ObjectResult:
     def colour_position_correct(self) -> bool:
         return self.colour_present and self.position_correct
 
+    @property
+    def colour_shape_correct(self) -> bool:
+        """An object of the prompted colour was found and has the prompted shape (what a video scores per frame)."""
+        return self.colour_present and self.shape_correct
+
 
 @dataclass(frozen=True)
 class ImageResult:
@@ -581,7 +586,10 @@ class VideoResult:
     pixel to drop faint anti-aliased rims, is excluded), averaged over frame pairs; 0 for a
     static background, nan if no pixel is background. ``frames`` holds per-frame image
     results; their position checks use the static position regions, which a moving object
-    may leave, so judge positions by ``positions_correct``.
+    may leave, so judge positions by ``positions_correct``. Their colour and shape checks
+    are what :attr:`shape_frames` counts: an object-frame is right when an object of the
+    prompted colour is found in that frame and has the prompted shape (a missing object is
+    wrong; two objects whose colours are swapped are both wrong unless their shapes agree).
     """
 
     prompt: str
@@ -596,6 +604,18 @@ class VideoResult:
         """Mean of the finite per-object errors (nan if none)."""
         finite = [e for e in self.object_errors if math.isfinite(e)]
         return float(np.mean(finite)) if finite else math.nan
+
+    @property
+    def object_shape_frames(self) -> tuple[int, ...]:
+        """Per prompted object: the frames in which it has the prompted colour and shape."""
+        return tuple(
+            sum(f.objects[i].colour_shape_correct for f in self.frames) for i in range(len(self.object_errors))
+        )
+
+    @property
+    def shape_frames(self) -> tuple[int, int]:
+        """(object-frames with the prompted colour and shape, object-frames): objects x frames in all."""
+        return sum(self.object_shape_frames), len(self.object_errors) * len(self.frames)
 
 
 def evaluate_video(
@@ -642,15 +662,19 @@ def evaluate_video(
 
 def summarize_videos(results: Sequence[VideoResult]) -> dict[str, float]:
     """ShapesBench video scores of a set of clips: mean / median trajectory error over the clips whose objects were
-    found, the fraction of clips with every object found in two frames or more, of objects placed right, and the mean
-    flicker. A clip passes the bench's bar when its trajectory error is below 0.04 (see the model card)."""
+    found, the fraction of clips with every object found in two frames or more, of objects placed right, of
+    object-frames with the prompted colour and shape (``shape_frames``, pooled over every clip's objects x frames;
+    see :attr:`VideoResult.shape_frames`), and the mean flicker. A clip passes the bench's bar when its trajectory
+    error is below 0.04 (see the model card)."""
     errors = np.array([r.trajectory_error for r in results], dtype=float)
     found = np.isfinite(errors)
+    right, total = (sum(n) for n in zip(*(r.shape_frames for r in results))) if results else (0, 0)
     return {
         "mean_trajectory_error": float(np.mean(errors[found])) if found.any() else math.nan,
         "median_trajectory_error": float(np.median(errors[found])) if found.any() else math.nan,
         "clips_with_objects_found": float(np.mean(found)) if len(errors) else math.nan,
         "positions_correct": float(np.mean([p for r in results for p in r.positions_correct])),
+        "shape_frames": right / total if total else math.nan,
         "mean_flicker": float(np.mean(flicker))
         if len(flicker := [r.flicker for r in results if math.isfinite(r.flicker)])
         else math.nan,

@@ -15,7 +15,18 @@ from support import make_ctx, qkv
 import diffattn
 from diffattn import TokenLayout
 from diffattn_bench import embedded
-from diffattn_bench.compare import ClipSize, CompareRow, format_markdown, passes, run_video, video_peers
+from diffattn_bench.compare import (
+    PASS_SHAPE_FRAMES,
+    SHAPE_FRAMES_TOLERANCE,
+    ClipSize,
+    CompareRow,
+    format_markdown,
+    passes,
+    run_video,
+    shape_note,
+    shapes_against_dense,
+    video_peers,
+)
 from diffattn_bench.peers import NattenTile, Peer, calibrate_mag_cache, combined, method_peer
 
 SIZE = ClipSize(8, 32, 32)  # grid (8, 8, 8)
@@ -111,6 +122,11 @@ def test_a_failing_peer_is_reported_and_the_rest_still_runs(pipe):
     tile = by["sliding tile"]
     assert tile.density == pytest.approx(1 / 8) and tile.speedup > 0 and math.isfinite(tile.amdahl_bound)
     assert tile.psnr < 100 and "mean_trajectory_error" in tile.scores
+    assert tile.scores["shape_frames_vs_dense"] == pytest.approx(
+        tile.scores["shape_frames"] - by["dense (stock)"].scores["shape_frames"]
+    )
+    assert by["dense (diffattn)"].scores["shape_frames_vs_dense"] == 0.0  # bit for bit, so the same shapes
+    assert "shape_frames_vs_dense" not in by["broken"].scores
     assert by["dense (diffattn)"].psnr == math.inf  # diffattn's dense is stock attention, bit for bit
     table = format_markdown(rows)
     assert "| broken | diffusers cache | failed: RuntimeError" in table
@@ -125,26 +141,55 @@ def test_combination_needs_a_hook_and_a_method():
 
 
 @pytest.mark.parametrize(
-    "error,positions,found,expected",
+    "error,positions,found,shapes_vs_dense,expected",
     [
-        (0.02, 1.0, 1.0, True),
-        (0.05, 1.0, 1.0, False),
-        (0.02, 0.8, 1.0, False),
-        (0.02, 1.0, 0.5, False),
-        (math.nan, 0.0, 0.0, False),
+        (0.02, 1.0, 1.0, 0.0, True),
+        (0.02, 1.0, 1.0, -SHAPE_FRAMES_TOLERANCE, True),
+        (0.02, 1.0, 1.0, 0.1, True),
+        (0.02, 1.0, 1.0, -SHAPE_FRAMES_TOLERANCE - 0.02, False),
+        (0.02, 1.0, 1.0, None, False),  # never compared with dense: no pass
+        (0.05, 1.0, 1.0, 0.0, False),
+        (0.02, 0.8, 1.0, 0.0, False),
+        (0.02, 1.0, 0.5, 0.0, False),
+        (math.nan, 0.0, 0.0, 0.0, False),
     ],
 )
-def test_pass_mark_follows_the_bench_bar(error, positions, found, expected):
-    row = CompareRow(
-        "m",
-        "diffattn",
-        "8x32x32",
-        512,
-        1.0,
-        scores={"mean_trajectory_error": error, "positions_correct": positions, "clips_with_objects_found": found},
-    )
+def test_pass_mark_follows_the_bench_bar(error, positions, found, shapes_vs_dense, expected):
+    scores = {"mean_trajectory_error": error, "positions_correct": positions, "clips_with_objects_found": found}
+    if shapes_vs_dense is not None:
+        scores |= {"shape_frames": 0.8, "shape_frames_vs_dense": shapes_vs_dense}
+    row = CompareRow("m", "diffattn", "8x32x32", 512, 1.0, scores=scores)
     assert passes(row) is expected
     assert ("**" in format_markdown([row])) is expected
+
+
+def _scored(method: str, shapes: float, error: str = "") -> CompareRow:
+    scores = {"mean_trajectory_error": 0.02, "positions_correct": 1.0, "clips_with_objects_found": 1.0}
+    return CompareRow(method, "diffattn", "8x32x32", 512, 1.0, scores=scores | {"shape_frames": shapes}, error=error)
+
+
+@pytest.mark.parametrize("dense", [0.6, 0.95])
+def test_shape_bar_is_relative_to_stock_dense_and_dense_is_told_against_the_model_bar(dense):
+    rows = [
+        _scored("dense (stock)", dense),
+        _scored("close", dense - SHAPE_FRAMES_TOLERANCE / 2),
+        _scored("worse", dense - 2 * SHAPE_FRAMES_TOLERANCE),
+        _scored("failed", math.nan, error="RuntimeError: x"),
+    ]
+    shapes_against_dense(rows)
+    assert [passes(r) for r in rows] == [True, True, False, False]
+    assert rows[2].scores["shape_frames_vs_dense"] == pytest.approx(-2 * SHAPE_FRAMES_TOLERANCE)
+    assert f"({-200 * SHAPE_FRAMES_TOLERANCE:+.0f})" in format_markdown(rows).splitlines()[4]
+    note = shape_note(rows)
+    assert f"{dense:.0%}" in note and ("meets" if dense >= PASS_SHAPE_FRAMES else "misses") in note
+
+
+def test_shape_bar_needs_a_dense_run():
+    with pytest.raises(ValueError, match="run it first"):
+        shapes_against_dense([_scored("radial", 0.9)])
+    with pytest.raises(ValueError, match="run it first"):
+        shapes_against_dense([_scored("dense (stock)", math.nan, error="OOM"), _scored("radial", 0.9)])
+    assert "no shape score" in shape_note([_scored("radial", 0.9)])
 
 
 def test_psnr_pools_the_error_over_every_clip():

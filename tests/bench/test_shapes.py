@@ -52,6 +52,7 @@ from diffattn_bench.scoring import (
     psnr,
     ssim,
     summarize,
+    summarize_videos,
 )
 
 ALL_MOTIONS = (None, Motion("circular"), *(Motion("linear", d) for d in MOTION_DIRECTIONS))
@@ -470,6 +471,64 @@ def test_video_flicker_and_missing_frames():
     assert result.missing_frames == (6,) and math.isfinite(result.object_errors[0])
     blank[1] = video[0, 0, 0]
     assert math.isnan(evaluate_video(blank, caption(scene, motions=motions)).trajectory_error)
+
+
+def _two_shape_clip(frames: int, size: int) -> tuple[Scene, tuple]:
+    """A seeded two-object clip whose objects differ in shape (so swapping their colours changes what each shows)."""
+    for seed in range(100):
+        scene, motions = random_video_scene([seed, 7], 2, min_objects=2, frames=frames, size=size)
+        if scene.objects[0].shape != scene.objects[1].shape:
+            return scene, motions
+    raise AssertionError("no two-shape clip in 100 seeds")
+
+
+def _with_objects(scene: Scene, **changes: dict) -> Scene:
+    """``scene`` with object ``i``'s fields replaced by ``changes["o<i>"]``."""
+    return dataclasses.replace(
+        scene,
+        objects=tuple(dataclasses.replace(o, **changes.get(f"o{i}", {})) for i, o in enumerate(scene.objects)),
+    )
+
+
+@pytest.mark.parametrize("size, frames", [(32, 8), (64, 16)])
+def test_video_shape_frames_count_colour_and_shape_per_object_per_frame(size, frames):
+    scene, motions = _two_shape_clip(frames, size)
+    a, b = scene.objects
+    text = caption(scene, motions=motions)
+    video, _ = render_video(scene, motions, frames, size, 1)
+    truth = evaluate_video(video, text)
+    assert truth.shape_frames == (2 * frames, 2 * frames) and truth.object_shape_frames == (frames, frames)
+
+    other_shape = next(s for s in SHAPES if s not in (a.shape, b.shape))
+    other_colour = next(c for c in COLOURS if c not in (a.colour, b.colour))
+    variants = {
+        "shape": _with_objects(scene, o0={"shape": other_shape}),
+        "colour": _with_objects(scene, o0={"colour": other_colour}),
+        "colours swapped": _with_objects(scene, o0={"colour": b.colour}, o1={"colour": a.colour}),
+    }
+    wrong_per_frame = {"shape": (1, 0), "colour": (1, 0), "colours swapped": (1, 1)}
+    results = []
+    for name, changed in variants.items():
+        swapped, _ = render_video(changed, motions, frames, size, 1)
+        clip = video.copy()
+        clip[frames // 2] = swapped[frames // 2]  # one frame shows the wrong object(s)
+        result = evaluate_video(clip, text)
+        lost = wrong_per_frame[name]
+        assert result.object_shape_frames == (frames - lost[0], frames - lost[1]), name
+        assert result.shape_frames == (2 * frames - sum(lost), 2 * frames), name
+        assert result.frames[frames // 2].objects[0].colour_shape_correct is False
+        results.append(result)
+    summary = summarize_videos([truth, *results])
+    assert summary["shape_frames"] == pytest.approx((8 * frames - 4) / (8 * frames))
+    assert summarize_videos([truth])["shape_frames"] == 1.0
+
+
+def test_video_shape_frames_count_a_missing_object_as_wrong():
+    scene = Scene((ShapeSpec("square", "red", "centre"),))
+    motions = (Motion("linear", "right"),)
+    video, _ = render_video(scene, motions, 8, 32, 0)
+    video[3:5] = video[0, 0, 0]  # two frames of background only
+    assert evaluate_video(video, caption(scene, motions=motions)).shape_frames == (6, 8)
 
 
 def test_render_video_refuses_objects_leaving_the_frame():
