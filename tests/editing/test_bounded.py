@@ -204,7 +204,7 @@ def test_layout_method_finds_subject_filter_and_eos_tokens():
     ids = pipe.tokenizer("a red circle and a blue square on the right").input_ids
     words = [pipe.tokenizer.decode([i]).strip() for i in ids]
     assert [words[t] for t in method.subject_tokens[0]] == ["red", "circle"]
-    assert [words[t] for t in method.subject_tokens[1]] == ["square"]
+    assert [words[t] for t in method.subject_tokens[1]] == ["blue", "square"]  # its colour word bound (issue #28)
     right = pipe.tokenizer("right", add_special_tokens=False).input_ids  # several tokens in the tiny vocabulary
     start = next(i for i in range(len(ids)) if ids[i : i + len(right)] == right)
     expected = {i for i, w in enumerate(words) if w in {"a", "and", "on", "the"}} | set(

@@ -20,6 +20,7 @@ default differs, the test also shows that it does (so a rule that silently chang
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -229,7 +230,8 @@ def test_faithful_step_sizes_are_the_authors(guided):
     start, end = 8.0, 2.0
     coef = (end - start) / guided  # their step_size_coef over max_guidance_iter
     assert _step_sizes(guided, start, end, faithful=True) == pytest.approx([start + coef * i for i in range(guided)])
-    assert _step_sizes(guided, start, end)[-1] == pytest.approx(end)
+    if guided > 1:  # diffattn's own schedule ends on `end`
+        assert _step_sizes(guided, start, end)[-1] == pytest.approx(end)
 
 
 def authors_update(loss_of, latents, size, iterations, stop):
@@ -370,8 +372,7 @@ def authors_build_steps(num_steps: int, first: int, every: int) -> list[int]:
 
 @pytest.mark.parametrize(("num_steps", "start", "every"), [(50, 0.3, 0.1), (20, 0.3, 0.1), (30, 0.25, 0.2)])
 def test_faithful_refinement_steps_are_the_authors(num_steps, start, every, monkeypatch):
-    import diffattn.editing.layout as layout_module
-
+    layout_module = importlib.import_module("diffattn.editing.layout")  # the package's `layout` is the function
     captured = {}
 
     class Capture(MaskRefiner):
