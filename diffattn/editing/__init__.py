@@ -34,7 +34,7 @@ from ..schedule import LayerSpec, StepSpec
 from .callbacks import chain_step_end, refuse_owned
 from .erase import erase
 from .inversion import _scheduler, ddim_scheduler, invert
-from .layout import layout, layout_method
+from .layout import attach_modifiers, layout, layout_method
 from .tokens import check_prompt_to_prompt, find_tokens, refine_map, text_tokenizer, token_indices
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "refine_map",
     "erase",
     "layout",
+    "attach_modifiers",
     "layout_method",
 ]
 

@@ -16,7 +16,7 @@ import copy
 import inspect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from .callbacks import chain_step_end, refuse_owned
 from .erase import unet_conditioning
 from .tokens import find_tokens, text_tokenizer
 
-__all__ = ["layout", "layout_method", "FILTER_WORDS"]
+__all__ = ["layout", "layout_method", "attach_modifiers", "authors_layers", "call_order", "FILTER_WORDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,47 @@ FILTER_WORDS = frozenset(
 )
 
 
+_PUNCTUATION = ".,;:!?"
+
+
+def attach_modifiers(prompt: str, phrases: Sequence[str]) -> list[str]:
+    """Each subject phrase with the words just before it in ``prompt`` that modify it (``'circle'`` in ``'a big red
+    circle'`` -> ``'big red circle'``): the run of words back to a grammar word of :data:`FILTER_WORDS` (always those,
+    whatever the filter hides), another subject's words, punctuation or the prompt's start. A phrase not found as
+    whole words is returned unchanged.
+
+    Bounded attention shows a subject's tokens inside its box only and every other word to every pixel, so a colour
+    word left out of its subject reaches every object (issue #28: 'red' and 'blue' both seen by the circle drew it
+    blue). The authors' subject token indices hold the attribute words (their examples: 'ginger kitten', 'gray
+    puppy')."""
+    words = prompt.split()
+    plain = [w.strip(_PUNCTUATION).lower() for w in words]
+    spans: list[tuple[int, int] | None] = []
+    for phrase in phrases:
+        target = [w.strip(_PUNCTUATION).lower() for w in phrase.split()]
+        found = next(
+            (i for i in range(len(plain) - len(target) + 1) if target and plain[i : i + len(target)] == target), None
+        )
+        spans.append(None if found is None else (found, found + len(target)))
+    claimed = {i for span in spans if span is not None for i in range(*span)}
+    out = []
+    for phrase, span in zip(phrases, spans):
+        if span is None:
+            out.append(phrase)
+            continue
+        start = span[0]
+        while (
+            start > 0
+            and start - 1 not in claimed
+            and plain[start - 1]
+            and plain[start - 1] not in FILTER_WORDS
+            and not words[start - 1].endswith(tuple(_PUNCTUATION))
+        ):
+            start -= 1
+        out.append(" ".join(w.strip(_PUNCTUATION) for w in words[start : span[1]]) if start < span[0] else phrase)
+    return out
+
+
 def _word_tokens(tokenizer: Any, ids: list[int], word: str, prompt: str) -> tuple[int, ...]:
     found = find_tokens(tokenizer, ids, word)
     if found is not None:
@@ -85,11 +126,14 @@ def layout_method(
     subjects: Sequence[tuple[str, Box]],
     *,
     filter_words: frozenset[str] | Sequence[str] = FILTER_WORDS,
+    modifiers: bool = True,
     **options: Any,
 ) -> BoundedAttention:
     """The :class:`~diffattn.BoundedAttention` for ``prompt`` with ``subjects`` ((word, box), ...): the words' token
     indices, the ``filter_words``' (hidden from every pixel; ``()`` hides none) and the EOS index found with the
-    pipeline's tokenizer; ``options`` go to the method (``mask_eos``, ``mask_cross``, ``mask_self``, ...)."""
+    pipeline's tokenizer; ``options`` go to the method (``mask_eos``, ``mask_cross``, ``mask_self``, ``faithful``,
+    ...). ``modifiers``: each subject also takes the words just before it that modify it (:func:`attach_modifiers`:
+    ``'circle'`` in ``'a red circle'`` is bound as ``'red circle'``); ``False`` binds the given words only."""
     if not subjects:
         raise ValueError("layout: give at least one (word, box) subject, box = (x0, y0, x1, y1) in [0, 1]")
     tokenizer = text_tokenizer(pipe)
@@ -97,9 +141,14 @@ def layout_method(
     limit = getattr(tokenizer, "model_max_length", None)
     if limit is not None and len(ids) > limit:
         raise ValueError(f"layout: the prompt has {len(ids)} tokens, more than the tokenizer's {limit}; shorten it")
+    words = [word for word, _ in subjects]
+    bound = attach_modifiers(prompt, words) if modifiers else words
     groups, boxes = [], []
-    for word, box in subjects:
-        groups.append(_word_tokens(tokenizer, ids, word, prompt))
+    for word, phrase, (_, box) in zip(words, bound, subjects):
+        found = find_tokens(tokenizer, ids, phrase) if phrase != word else None
+        if phrase != word:
+            logger.info("layout: subject %r is bound as %r (modifiers=False binds the word alone)", word, phrase)
+        groups.append(found if found is not None else _word_tokens(tokenizer, ids, word, prompt))
         boxes.append(_check_box(box, "layout"))
     subject_ids = {t for g in groups for t in g}
     special = set(getattr(tokenizer, "all_special_ids", ()))
@@ -161,8 +210,49 @@ def _loop_length(pipe: Any, steps: int) -> int:
     return len(scheduler.timesteps)
 
 
-def _step_sizes(count: int, first: float, last: float) -> list[float]:
+def _step_sizes(count: int, first: float, last: float, *, faithful: bool = False) -> list[float]:
+    """The latent update's step size at each guided step: linear from ``first`` to ``last`` over the ``count``
+    steps (``faithful``: the authors' ``first + (last - first) i / count``, which stops one step short of ``last``)."""
+    if faithful:
+        return [first + (last - first) * i / count for i in range(count)]
     return [first + (last - first) * i / max(count - 1, 1) for i in range(count)]
+
+
+def _descend(
+    loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, float]],
+    latents: torch.Tensor,
+    size: float,
+    iterations: int,
+    stop_loss: float,
+    *,
+    faithful: bool = False,
+) -> torch.Tensor:
+    """At most ``iterations`` gradient steps of ``loss_of`` (loss, per-subject value) from ``latents``. diffattn's
+    rule: stop before stepping once the per-subject value is below ``stop_loss``. ``faithful`` (the authors'
+    ``update_loss``): every computed loss is stepped on, and the loop stops before the next forward pass once the
+    last value was below ``stop_loss`` (one step more than diffattn's)."""
+    current = latents.detach().clone().requires_grad_(True)
+    last = math.inf
+    for _ in range(iterations):
+        if faithful and last < stop_loss:
+            break
+        loss, last = loss_of(current)
+        if not faithful and last < stop_loss:
+            break
+        (grad,) = torch.autograd.grad(loss, [current])
+        current = (current - size * grad).detach().requires_grad_(True)
+    return current.detach()
+
+
+def _model_input(pipe: Any, steps: int, index: int, t: Any, latents: torch.Tensor) -> torch.Tensor:
+    """``latents`` as the UNet takes them at loop step ``index`` (the scheduler's ``scale_model_input``: Euler
+    divides by ``sqrt(sigma^2 + 1)``; DDIM, PNDM and DPM-Solver leave them), on a copy of the pipeline's scheduler
+    so that its own step counter is untouched."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(index)
+    return scheduler.scale_model_input(latents, t)
 
 
 def layout(
@@ -180,6 +270,8 @@ def layout(
     self_weight: float = 0.5,
     loss_layers: Sequence[str] | None = None,
     filter_words: frozenset[str] | Sequence[str] = FILTER_WORDS,
+    modifiers: bool = True,
+    faithful: bool = False,
     refine: bool = True,
     refine_start: float = 0.3,
     refine_every: float = 0.1,
@@ -198,7 +290,15 @@ def layout(
     ``loss_layers``: attention layer names whose maps make the loss (default: the decoder's layers of the two finest
     grids); ``filter_words``: words hidden from every pixel (the paper's rule: determiners, conjunctions, prepositions,
     spatial words; ``()`` keeps them, which a model that learnt its layout from position words needs, see the README's
-    ShapesEdit numbers); ``method_options``: more
+    ShapesEdit numbers); ``modifiers``: each subject word also binds the words before it that modify it ('circle' in
+    'a red circle' is bound as 'red circle', see :func:`attach_modifiers`; ``False``: the given words only);
+    ``faithful``: the authors' rules where diffattn's differ (omer11a/bounded-attention, listed in
+    ``docs/deviations.md``): :class:`~diffattn.BoundedAttention` ``faithful=True`` (EOS alone hidden, their box
+    rounding, loss on the boxes), their step-size schedule and stopping rule, their layers (:func:`authors_layers`)
+    where ``loss_layers`` / ``refine_layers`` are not given, and their refinement (``MaskRefiner(faithful=True)``:
+    maps averaged from the first step, masks rebuilt before the first step from ``refine_start`` and then before
+    every step that is a multiple of ``refine_every``); the step sizes and fractions stay the arguments';
+    ``method_options``: more
     :class:`~diffattn.BoundedAttention` fields; ``refine``: the paper's mask refinement by clustering self-attention
     (:class:`~diffattn.methods.bounded.MaskRefiner`) from ``refine_start`` (fraction of the steps; the paper: 15 of
     50) every ``refine_every`` (5 of 50), on ``refine_layers`` (default: the decoder level whose grid is nearest 16 x
@@ -217,7 +317,8 @@ def layout(
             f"layout: num_images_per_prompt={copies!r} is not supported: layout makes one image per call; call it "
             "once per seed (seed=...) for several"
         )
-    method = layout_method(pipe, prompt, subjects, filter_words=filter_words, **(method_options or {}))
+    options = {"faithful": faithful, **(method_options or {})}
+    method = layout_method(pipe, prompt, subjects, filter_words=filter_words, modifiers=modifiers, **options)
     generator = torch.Generator().manual_seed(seed)
     if not bounded:
         return np.asarray(pipe(prompt=prompt, generator=generator, output_type="np", **call_kwargs).images[0])
@@ -249,12 +350,20 @@ def layout(
     refiner = None
     if refine:
 
-        def refine_steps(num_steps: int) -> range:  # of the steps the running call makes
+        def refine_steps(num_steps: int) -> Collection[int]:  # of the steps the running call makes
             every = max(1, round(refine_every * num_steps))
-            return range(math.ceil(refine_start * num_steps - 1e-9), num_steps, every)
+            first = math.ceil(refine_start * num_steps - 1e-9)
+            if faithful:  # rebuilt before these steps: the first from refine_start, then the multiples of every
+                return {s for s in range(first, num_steps) if s == first or s % every == 0}
+            return range(first, num_steps, every)
 
-        layers = tuple(refine_layers) if refine_layers is not None else _default_refine_layers(pipe, call_kwargs)
-        refiner = MaskRefiner(method, layers, refine_steps, seed=seed)
+        if refine_layers is not None:
+            layers = tuple(refine_layers)
+        elif faithful and _supports_guidance(pipe):
+            layers = authors_layers(pipe.unet)[1]
+        else:
+            layers = _default_refine_layers(pipe, call_kwargs)
+        refiner = MaskRefiner(method, layers, refine_steps, seed=seed, faithful=faithful)
     token = _REFINER.set(refiner)
     handle = None
     try:
@@ -266,7 +375,7 @@ def layout(
             generator,
             guided,
             steps,
-            _step_sizes(guided, *step_size),
+            _step_sizes(guided, *step_size, faithful=faithful),
             iterations,
             stop_loss,
             cross_weight,
@@ -274,6 +383,7 @@ def layout(
             loss_layers,
             refiner,
             call_kwargs,
+            faithful,
         )
     finally:
         _REFINER.reset(token)
@@ -288,6 +398,48 @@ def _default_loss_layers(unet: torch.nn.Module) -> tuple[str, ...]:
     levels = sorted({n.split(".")[1] for n in names}, key=int)
     finest = set(levels[-2:])
     return tuple(n for n in names if n.split(".")[1] in finest)
+
+
+#: The authors' layers, counted as their editor counts them (every attention module in the order the UNet calls
+#: them, self- and cross-attention each one; SD1.5 has 32, SDXL 140): ``run_sd.py`` loss 12-19 (the mid block and
+#: ``up_blocks.1``), refinement 14-19 (``up_blocks.1``); ``run_xl.py`` 70-81 for both
+#: (``up_blocks.0.attentions.0``, transformer blocks 1-6).
+AUTHORS_LAYER_INDICES = {32: (range(12, 20), range(14, 20)), 140: (range(70, 82), range(70, 82))}
+
+
+def call_order(unet: torch.nn.Module) -> list[str]:
+    """The UNet's attention layer names in the order a forward pass calls them: the encoder, the mid block, the
+    decoder (``named_modules`` lists the decoder before the mid block)."""
+    from ..api import attention_modules
+
+    names = [n for n, _ in attention_modules(unet)]
+    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    return sorted(names, key=lambda n: rank.get(n.split(".")[0], 3))  # stable: model order within a part
+
+
+def authors_layers(unet: torch.nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(loss layers, refinement layers) of the authors' scripts for a UNet with SD1.5's or SDXL's count of
+    attention layers (:data:`AUTHORS_LAYER_INDICES`); any other UNet gets SD1.5's choice by position: the mid block
+    and the first decoder level with attention for the loss, that decoder level for the refinement."""
+    order = call_order(unet)
+    if len(order) in AUTHORS_LAYER_INDICES:
+        loss, refine = AUTHORS_LAYER_INDICES[len(order)]
+        return tuple(order[i] for i in loss), tuple(order[i] for i in refine)
+    ups = [n for n in order if n.startswith("up_blocks.")]
+    if not ups:
+        raise ValueError(
+            "layout: faithful=True takes the authors' layers from the UNet's decoder, and this UNet has no "
+            "attention in up_blocks; pass loss_layers=... and refine_layers=..."
+        )
+    first = ups[0].split(".")[1]
+    level = tuple(n for n in ups if n.split(".")[1] == first)
+    logger.info(
+        "layout: faithful layers by SD1.5's positions (mid block + up_blocks.%s): this UNet has %d attention "
+        "layers, not SD1.5's 32 or SDXL's 140",
+        first,
+        len(order),
+    )
+    return tuple(n for n in order if n.startswith("mid_block.")) + level, level
 
 
 def _default_refine_layers(pipe: Any, call_kwargs: dict[str, Any]) -> tuple[str, ...]:
@@ -323,6 +475,7 @@ def _run(
     loss_layers: Sequence[str] | None,
     refiner: MaskRefiner | None,
     call_kwargs: dict[str, Any],
+    faithful: bool = False,
 ) -> np.ndarray:
     """The pipeline call: guided steps (latent update) before steps 0 .. guided - 1, mask refinement after its
     steps."""
@@ -330,14 +483,17 @@ def _run(
 
         def refine_only(_pipe: Any, i: int, _t: Any, outputs: dict[str, Any]) -> dict[str, Any]:
             if refiner is not None:
-                refiner.refresh()
+                refiner.after_step(i)
             return outputs
 
         call_kwargs.update(chain_step_end(call_kwargs, refine_only))
         out = pipe(prompt=prompt, generator=generator, output_type="np", **call_kwargs)
         return np.asarray(out.images[0])
     unet = pipe.unet
-    layers = tuple(loss_layers) if loss_layers is not None else _default_loss_layers(unet)
+    if loss_layers is not None:
+        layers = tuple(loss_layers)
+    else:
+        layers = authors_layers(unet)[0] if faithful else _default_loss_layers(unet)
     height = call_kwargs.get("height") or unet.config.sample_size * pipe.vae_scale_factor
     width = call_kwargs.get("width") or unet.config.sample_size * pipe.vae_scale_factor
     shape = (1, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
@@ -350,29 +506,25 @@ def _run(
 
     @torch.enable_grad()  # the callback runs inside the pipeline's no_grad
     def guide(latents: torch.Tensor, index: int) -> torch.Tensor:
-        collector = LossCollector(layers)
-        current = latents.detach().clone().requires_grad_(True)
         t = timesteps[index]
-        for _ in range(iterations):
-            collector.cross.clear()
-            collector.self_.clear()
+
+        def loss_of(current: torch.Tensor) -> tuple[torch.Tensor, float]:
+            collector = LossCollector(layers)
             token = _COLLECTOR.set(collector)
             try:
                 with denoising_step(index, loop, timestep=float(t), batch_roles=("cond",)):
-                    unet(current, t, **conditioning)
+                    unet(_model_input(pipe, steps, index, t, current), t, **conditioning)
             finally:
                 _COLLECTOR.reset(token)
             loss, per_subject = collector.loss(len(method.boxes), cross_weight, self_weight)
             logger.debug("layout: step %d loss %.4f", index, per_subject)
-            if per_subject < stop_loss:
-                break
-            (grad,) = torch.autograd.grad(loss, [current])
-            current = (current - sizes[index] * grad).detach().requires_grad_(True)
-        return current.detach()
+            return loss, per_subject
+
+        return _descend(loss_of, latents, sizes[index], iterations, stop_loss, faithful=faithful)
 
     def on_step_end(_pipe: Any, i: int, _t: Any, outputs: dict[str, Any]) -> dict[str, Any]:
         if refiner is not None:
-            refiner.refresh()
+            refiner.after_step(i)
         if i + 1 < guided:
             outputs["latents"] = guide(outputs["latents"], i + 1)
         return outputs

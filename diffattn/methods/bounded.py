@@ -22,7 +22,16 @@ from .base import AttentionMethod
 from .checks import check_bool, check_int_tuple, check_optional_int, check_roles_arg, given
 from .edit_branches import require_roles, require_step
 
-__all__ = ["BoundedAttention", "Box", "box_masks", "LossCollector", "MaskRefiner", "kmeans"]
+__all__ = [
+    "BoundedAttention",
+    "Box",
+    "box_masks",
+    "LossCollector",
+    "MaskRefiner",
+    "kmeans",
+    "assign_clusters",
+    "fix_empty_masks",
+]
 
 Box = tuple[float, float, float, float]
 
@@ -46,12 +55,16 @@ def _check_box(box: Sequence[float], owner: str) -> Box:
     return (x0, y0, x1, y1)
 
 
-def box_masks(boxes: Sequence[Box], grid: tuple[int, int]) -> Tensor:
+def box_masks(boxes: Sequence[Box], grid: tuple[int, int], *, faithful: bool = False) -> Tensor:
     """``(tokens, subjects)`` membership of a row-major ``(h, w)`` token grid: rows ``round(y0 h):round(y1 h)``,
-    columns ``round(x0 w):round(x1 w)`` (x -> columns, y -> rows); a box covers at least one cell at any grid."""
+    columns ``round(x0 w):round(x1 w)`` (x -> columns, y -> rows); a box covers at least one cell at any grid
+    (``faithful``: the authors' rounding alone, where a box thinner than half a cell covers none)."""
     h, w = grid
     out = torch.zeros(h, w, len(boxes), dtype=torch.bool)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
+        if faithful:
+            out[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w), i] = True
+            continue
         r0, c0 = min(round(y0 * h), h - 1), min(round(x0 * w), w - 1)
         r1, c1 = max(round(y1 * h), r0 + 1), max(round(x1 * w), c0 + 1)
         out[r0:r1, c0:c1, i] = True
@@ -141,6 +154,35 @@ def kmeans(
     return best[1], best[2]
 
 
+#: The authors' guard against dividing by zero in their map normalisations.
+AUTHORS_EPSILON = 1e-5
+
+
+def assign_clusters(labels: Tensor, cross: Tensor, clusters: int, threshold: float) -> Tensor:
+    """The authors' cluster assignment: ``cross`` ``(n, subjects)`` soft subject maps, ``labels`` ``(n,)`` cluster of
+    each pixel. Each cluster goes to the subject with the largest ``sum(cross * cluster) / min(area of cross, area of
+    cluster)``; its pixels join that subject's mask when that score is ``>= threshold``. Returns ``(n, subjects)``
+    bool."""
+    members = torch.stack([labels == j for j in range(clusters)], 1).float()  # (n, c)
+    overlap = cross.float().T @ members  # (s, c)
+    smaller = torch.minimum(cross.float().sum(0)[:, None], members.sum(0)[None, :]).clamp_min(1e-12)
+    score, subject = (overlap / smaller).max(0)  # per cluster
+    pixel_subject, pixel_score = subject[labels], score[labels]
+    masks = pixel_subject[:, None] == torch.arange(cross.shape[1])[None, :]
+    return masks & (pixel_score >= threshold)[:, None]
+
+
+def fix_empty_masks(masks: Tensor, boxes: Tensor) -> Tensor:
+    """The authors' repair of an empty subject mask (``(n, subjects)`` bool): in subject order, an empty subject
+    gets its box and that box is taken away from every other subject."""
+    masks = masks.clone()
+    for j in range(masks.shape[1]):
+        if not bool(masks[:, j].any()):
+            masks &= ~boxes[:, j : j + 1]
+            masks[:, j] = boxes[:, j]
+    return masks
+
+
 class MaskRefiner:
     """Bounded attention's mask refinement (run by :func:`diffattn.editing.layout`): on ``steps``, the conditional
     self-attention maps and each subject's leading-token cross-attention map of ``layers`` (one grid) are averaged;
@@ -151,7 +193,16 @@ class MaskRefiner:
 
     ``steps``: the step indices, or a function of the number of steps the running call makes (``ctx.num_steps``,
     which must then be known) that gives them — e.g. fractions of the steps that Heun's 2n - 1 calls or a
-    pipeline's own default step count turn into indices."""
+    pipeline's own default step count turn into indices.
+
+    ``faithful``: the authors' rules (omer11a/bounded-attention, ``BoundedAttention._build_self_masks``): the maps of
+    ``layers`` are averaged over every step from the first (guidance passes excluded); ``steps`` are the steps
+    *before* which the masks are rebuilt, from the maps of all the steps before; each self-attention column is
+    divided by its maximum before k-means (100 restarts the first time, then warm-started); each subject's cross map
+    (bilinear, antialiased, to the self-attention grid) is divided by its maximum, passed through
+    ``sigmoid(10 (x - cross_threshold))``, min-max normalised and multiplied by the subject's current mask (its box
+    before the first refinement); clusters go to subjects by :func:`assign_clusters`; an empty subject gets its box,
+    taken from the others (:func:`fix_empty_masks`)."""
 
     def __init__(
         self,
@@ -163,6 +214,7 @@ class MaskRefiner:
         cross_threshold: float = 0.2,
         score_threshold: float = 0.2,
         seed: int = 0,
+        faithful: bool = False,
     ) -> None:
         self.method = method
         self.layers = frozenset(layers)
@@ -171,36 +223,67 @@ class MaskRefiner:
         self.clusters = clusters_per_box * len(method.boxes)
         self.cross_threshold = cross_threshold
         self.score_threshold = score_threshold
+        self.faithful = faithful
         self.generator = torch.Generator().manual_seed(seed)
         self.centres: Tensor | None = None
         self.masks: Tensor | None = None  # (h * w, subjects) at self.grid
         self.grid: tuple[int, int] | None = None
+        self.cross_grid: tuple[int, int] | None = None
         self._self: list[Tensor] = []
         self._cross: list[Tensor] = []
+        self._sums: dict[str, tuple[Tensor, int]] = {}  # faithful: running sums of the maps since the first step
+        self._num_steps = 0  # the running call's step count, as its attention calls report it
         self.refreshed = 0
+
+    def _step_set(self, num_steps: int) -> frozenset[int]:
+        if not callable(self.steps):
+            return self.steps
+        if self._steps_of is None or self._steps_of[0] != num_steps:
+            self._steps_of = (num_steps, frozenset(self.steps(num_steps)))
+        return self._steps_of[1]
 
     def wants(self, ctx: AttentionContext) -> bool:
         if ctx.layer not in self.layers or len(ctx.q_layout.grid) != 2:
             return False
         step, num_steps = require_step(ctx, "bounded attention's mask refinement")
-        if not callable(self.steps):
-            return step in self.steps
-        if self._steps_of is None or self._steps_of[0] != num_steps:
-            self._steps_of = (num_steps, frozenset(self.steps(num_steps)))
-        return step in self._steps_of[1]
+        self._num_steps = num_steps
+        return self.faithful or step in self._step_set(num_steps)
 
     def record(self, probs: Tensor, ctx: AttentionContext, cond: list[int]) -> None:
         """``probs``: ``(batch, heads, Sq, Skv)`` of this call (image rows and their keys only for joint maps)."""
-        self.grid = (int(ctx.q_layout.grid[0]), int(ctx.q_layout.grid[1]))
+        grid = (int(ctx.q_layout.grid[0]), int(ctx.q_layout.grid[1]))
         mean = probs[cond].float().mean((0, 1)).detach()
         if ctx.role == "self":
-            self._self.append(mean)
+            self.grid, key, value, into = grid, "self", mean, self._self
         else:
+            self.cross_grid = grid
+            self.grid = self.grid or grid
             leading = [group[-1] for group in self.method.subject_tokens]
-            self._cross.append(mean[:, [t if t < mean.shape[-1] else 0 for t in leading]])
+            key, value, into = "cross", mean[:, [t if t < mean.shape[-1] else 0 for t in leading]], self._cross
+        if not self.faithful:
+            into.append(value)
+            return
+        total, count = self._sums.get(key, (torch.zeros_like(value), 0))
+        if total.shape != value.shape:
+            raise ValueError(
+                f"bounded attention's mask refinement: the refinement layers {sorted(self.layers)} have maps of "
+                f"more than one grid ({tuple(total.shape)} and {tuple(value.shape)}); pick layers of one grid"
+            )
+        self._sums[key] = (total + value, count + 1)
+
+    def after_step(self, step: int) -> None:
+        """What :func:`diffattn.editing.layout` runs after each step: cluster the maps recorded since the last
+        refresh (``faithful``: rebuild the masks when the next step is one of ``steps``, counted in the steps of
+        the running call that the recorded maps reported)."""
+        if not self.faithful:
+            self.refresh()
+        elif "self" in self._sums and "cross" in self._sums and step + 1 in self._step_set(self._num_steps):
+            self._rebuild()
 
     def refresh(self) -> None:
         """Cluster the maps recorded since the last refresh (nothing recorded: keep the current masks)."""
+        if self.faithful:
+            raise RuntimeError("the faithful MaskRefiner rebuilds its masks in after_step(step, num_steps)")
         if not self._self or not self._cross:
             self._self.clear()
             self._cross.clear()
@@ -226,6 +309,29 @@ class MaskRefiner:
         empty = ~masks.any(0)
         masks[:, empty] = boxes[:, empty]
         self.masks = masks
+        self.refreshed += 1
+
+    def _rebuild(self) -> None:
+        """The authors' mask building from the running means (see the class docstring)."""
+        total, count = self._sums["self"]
+        sa = total / count
+        sa = sa / (sa.max(0, keepdim=True).values + AUTHORS_EPSILON)
+        restarts = 1 if self.centres is not None else 100
+        labels, self.centres = kmeans(sa, self.clusters, generator=self.generator, init=self.centres, restarts=restarts)
+        total, count = self._sums["cross"]
+        ca = total / count  # (n_cross, subjects)
+        if self.cross_grid != self.grid:
+            planes = ca.T.reshape(1, -1, *self.cross_grid)
+            planes = torch.nn.functional.interpolate(planes, size=self.grid, mode="bilinear", antialias=True)
+            ca = planes[0].reshape(ca.shape[1], -1).T
+        ca = ca / (ca.max(0).values + AUTHORS_EPSILON)
+        ca = torch.sigmoid(10 * (ca - self.cross_threshold))
+        lo, hi = ca.min(0).values, ca.max(0).values
+        ca = (ca - lo) / (hi - lo + AUTHORS_EPSILON)
+        boxes = box_masks(self.method.boxes, self.grid, faithful=True)
+        ca = ca * (self.masks if self.masks is not None else boxes).float()
+        masks = assign_clusters(labels, ca, self.clusters, self.score_threshold)
+        self.masks = fix_empty_masks(masks, boxes)
         self.refreshed += 1
 
     def members(self, grid: tuple[int, int]) -> Tensor | None:
@@ -264,6 +370,10 @@ class BoundedAttention(AttentionMethod):
     - **Joint attention** (SD3, Flux): image queries get the cross rule on the text keys and the self rule on the
       image keys; text queries are untouched.
 
+    ``faithful``: the authors' rules where diffattn's differ (omer11a/bounded-attention; ``docs/deviations.md``):
+    ``mask_eos`` hides the EOS token alone from the background (not the padding after it), boxes are rounded
+    without the one-cell minimum (:func:`box_masks`), and the loss terms count the boxes, never refined masks.
+
     A row that the masks would leave empty (e.g. with no BOS token in the text) is left unmasked, never NaN. Runs on
     any model whose attention has a 2-D grid (SD1.5, SDXL, SD3, Flux tested); the latent update is
     :func:`diffattn.editing.layout`'s (UNets: SD1.5, SDXL), and so is the mask refinement by clustering
@@ -277,6 +387,7 @@ class BoundedAttention(AttentionMethod):
     mask_eos: bool = True
     mask_cross: bool = True
     mask_self: bool = True
+    faithful: bool = False
     roles: frozenset[str] = field(default=frozenset({"self", "cross", "joint"}))
     stack_level: ClassVar[int] = 1
     requires_roles: ClassVar[bool] = True  # the cross-attention masks act on the conditional entries
@@ -309,7 +420,7 @@ class BoundedAttention(AttentionMethod):
         object.__setattr__(self, "filter_tokens", filters)
         eos = check_optional_int(self.name, "eos_token", self.eos_token, minimum=0, example=7, meaning="a text index")
         object.__setattr__(self, "eos_token", eos)
-        for flag in ("mask_eos", "mask_cross", "mask_self"):
+        for flag in ("mask_eos", "mask_cross", "mask_self", "faithful"):
             check_bool(self.name, flag, getattr(self, flag))
 
     # ---- masks -------------------------------------------------------------------------------------------
@@ -319,7 +430,11 @@ class BoundedAttention(AttentionMethod):
             return None
         refiner = _REFINER.get()
         refined = refiner.members((int(grid[0]), int(grid[1]))) if refiner is not None else None
-        return refined if refined is not None else box_masks(self.boxes, (int(grid[0]), int(grid[1])))
+        return refined if refined is not None else self.box_members((int(grid[0]), int(grid[1])))
+
+    def box_members(self, grid: tuple[int, int]) -> Tensor:
+        """``(tokens, subjects)``: the boxes on ``grid`` (the authors' rounding when ``faithful``)."""
+        return box_masks(self.boxes, grid, faithful=self.faithful)
 
     def cross_allowed(self, members: Tensor, text_len: int, *, background: bool = False) -> Tensor:
         """``(pixels, text_len)`` bool: what each pixel may see among the text tokens (conditional entries).
@@ -335,7 +450,8 @@ class BoundedAttention(AttentionMethod):
             cols = [t for t in group if t < text_len]
             allowed[rows.nonzero()[:, 0][:, None], torch.tensor(cols, dtype=torch.long)[None, :]] = True
         if self.mask_eos and not background and self.eos_token is not None and self.eos_token < text_len:
-            allowed[outside, self.eos_token :] = False
+            hidden_eos = slice(self.eos_token, self.eos_token + 1) if self.faithful else slice(self.eos_token, None)
+            allowed[outside, hidden_eos] = False
         return allowed
 
     def self_allowed(self, members: Tensor) -> Tensor:
@@ -414,7 +530,8 @@ class BoundedAttention(AttentionMethod):
     ) -> Tensor:
         """Explicit masked attention (differentiable) that also records the loss terms of the conditional rows."""
         probs = _masked_probs(q, k, mask, ctx)
-        members = self._members(ctx).to(q.device)
+        grid = (int(ctx.q_layout.grid[0]), int(ctx.q_layout.grid[1]))
+        members = (self.box_members(grid) if self.faithful else self._members(ctx)).to(q.device)
         inside, outside = members.T.float(), (~members.any(1)).float()  # (subjects, Sq), (Sq,)
         layout = ctx.q_layout
         rows = layout.visual_slice if ctx.role == "joint" else slice(None)

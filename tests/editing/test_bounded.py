@@ -4,6 +4,7 @@ runs on SD1.5, SDXL, SD3 and Flux tiny pipelines (METHODS.md §6 invariants 20-2
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -203,7 +204,7 @@ def test_layout_method_finds_subject_filter_and_eos_tokens():
     ids = pipe.tokenizer("a red circle and a blue square on the right").input_ids
     words = [pipe.tokenizer.decode([i]).strip() for i in ids]
     assert [words[t] for t in method.subject_tokens[0]] == ["red", "circle"]
-    assert [words[t] for t in method.subject_tokens[1]] == ["square"]
+    assert [words[t] for t in method.subject_tokens[1]] == ["blue", "square"]  # its colour word bound (issue #28)
     right = pipe.tokenizer("right", add_special_tokens=False).input_ids  # several tokens in the tiny vocabulary
     start = next(i for i in range(len(ids)) if ids[i : i + len(right)] == right)
     expected = {i for i, w in enumerate(words) if w in {"a", "and", "on", "the"}} | set(
@@ -379,3 +380,119 @@ def test_layout_refines_masks_during_the_run():
         bounded.MaskRefiner.refresh = original
     assert np.isfinite(out).all()
     assert seen and max(seen) == 2  # steps 2 and 3 of 4 recorded and clustered
+
+
+# ------------------------------------------------------------------------- issue #28: attributes bound to subjects
+
+
+@pytest.mark.parametrize(
+    ("prompt", "phrases", "expected"),
+    [
+        ("a red circle at the top left and a blue square", ["circle", "square"], ["red circle", "blue square"]),
+        ("a big red circle, green square", ["circle", "square"], ["big red circle", "green square"]),
+        ("red circle and blue square", ["red circle", "square"], ["red circle", "blue square"]),
+        ("a red circle next to a square", ["circle", "square"], ["red circle", "square"]),
+        ("red blue", ["red", "blue"], ["red", "blue"]),  # another subject's word is never taken
+        ("a red circle", ["triangle"], ["triangle"]),  # not in the prompt: unchanged (layout_method raises)
+    ],
+)
+def test_attach_modifiers_takes_the_words_before_a_subject_up_to_a_grammar_word(prompt, phrases, expected):
+    from diffattn.editing import attach_modifiers
+
+    assert attach_modifiers(prompt, phrases) == expected
+
+
+def test_a_subject_word_binds_its_colour_word_unless_modifiers_is_false():
+    pipe = pipeline("sd")
+    prompt = "a red circle and a blue square"
+    ids = pipe.tokenizer(prompt).input_ids
+    words = [pipe.tokenizer.decode([i]).strip() for i in ids]
+    bound = layout_method(pipe, prompt, [("circle", LEFT), ("square", RIGHT)])
+    assert [[words[t] for t in g] for g in bound.subject_tokens] == [["red", "circle"], ["blue", "square"]]
+    alone = layout_method(pipe, prompt, [("circle", LEFT), ("square", RIGHT)], modifiers=False)
+    assert [[words[t] for t in g] for g in alone.subject_tokens] == [["circle"], ["square"]]
+
+
+def test_shape_word_subjects_keep_their_colours_on_the_embedded_model():
+    """Issue #28: the demo names subjects by their shape word; 'red' and 'blue' were then seen by every pixel and
+    the circle came out blue (both seeds of 2). Bound to their subjects, each box holds its own colour and shape."""
+    from diffattn_bench.embedded import load_image_pipeline
+    from diffattn_bench.scoring import evaluate_image
+
+    pipe = load_image_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle at the top left and a blue square on the right"
+    subjects = [("circle", (0.05, 0.05, 0.45, 0.45)), ("square", (0.55, 0.3, 0.95, 0.7))]
+    image = layout(pipe, prompt, subjects, seed=0, num_inference_steps=20, guidance_scale=4.0)
+    result = evaluate_image((np.clip(image, 0, 1) * 255).round().astype(np.uint8), prompt)
+    assert not result.leaked_pairs
+    for obj, (_, (x0, y0, x1, y1)) in zip(result.objects, subjects):
+        c = obj.component
+        assert c is not None and obj.shape_correct, f"{obj.target.colour} {obj.target.shape} not drawn"
+        assert x0 <= c.centroid[0] <= x1 and y0 <= c.centroid[1] <= y1
+
+
+def test_guidance_passes_give_the_unet_the_schedulers_scaled_input():
+    """Euler-type schedulers (SDXL's default) scale the model input by 1 / sqrt(sigma^2 + 1); the guidance pass on
+    the seed's noise must too (it gave the UNet sigma-sized latents before)."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = tiny_pipeline("sd", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    inputs = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    try:
+        layout(
+            pipe,
+            "a red circle and a blue square",
+            [("circle", LEFT), ("square", RIGHT)],
+            guidance_steps=1,
+            iterations=1,
+            stop_loss=0.0,
+            refine=False,
+            num_inference_steps=3,
+            height=32,
+            width=32,
+            seed=0,
+        )
+    finally:
+        hook.remove()
+    reference = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    reference.set_timesteps(3)
+    noise = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(0))
+    sigma = float(reference.sigmas[0])
+    expected = noise * float(reference.init_noise_sigma) / math.sqrt(sigma**2 + 1)
+    assert torch.allclose(inputs[0], expected, atol=1e-5)
+
+
+def test_faithful_layout_runs_with_the_authors_refinement():
+    pipe = pipeline("sd")
+    import diffattn.methods.bounded as bounded
+
+    built = []
+    original = bounded.MaskRefiner._rebuild
+
+    def spy(self):
+        original(self)
+        built.append(self.masks.clone())
+
+    bounded.MaskRefiner._rebuild = spy
+    try:
+        out = layout(
+            pipe,
+            "a red circle and a blue square",
+            [("circle", LEFT), ("square", RIGHT)],
+            faithful=True,
+            guidance_steps=2,
+            iterations=2,
+            num_inference_steps=4,
+            height=32,
+            width=32,
+            refine_start=0.5,
+            refine_every=0.25,
+        )
+    finally:
+        bounded.MaskRefiner._rebuild = original
+    assert np.isfinite(out).all()
+    assert len(built) == 2  # before steps 2 and 3 of 4, from the maps of every step before
