@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffattn_bench.grammar import VOCABULARY
+from diffattn_bench.scenes import SCENE_VOCABULARY
+
 __all__ = [
     "CFG",
     "DEFAULT_IMAGE_MODEL",
@@ -88,12 +91,6 @@ def _local_folder(path: Path | None) -> Any:
     return DiffusionPipeline.from_pretrained(_model_folder(path), local_files_only=True)
 
 
-def _vocabulary(module: str, name: str) -> tuple[str, ...]:
-    import importlib
-
-    return tuple(getattr(importlib.import_module(module), name))
-
-
 #: The embedded image models the demo can serve (``--embedded-image NAME``), the first one by default. The Guidance
 #: defaults of shapes-scenes are provisional: they are to be set from ``scripts/sweep_guidance.py`` on the trained
 #: model.
@@ -101,14 +98,14 @@ IMAGE_MODELS: dict[str, ImageModel] = {
     "shapes-image": ImageModel(
         "shapes-image",
         _embedded_image,
-        _vocabulary("diffattn_bench.grammar", "VOCABULARY"),
+        tuple(VOCABULARY),
         GuidanceDefaults(layer="family default", scale=3.0, scales=(1.5, 3.0, 5.0)),
         "a red circle on the left and a blue square on the right",
     ),
     "shapes-scenes": ImageModel(
         "shapes-scenes",
         _embedded_scenes,
-        _vocabulary("diffattn_bench.scenes", "SCENE_VOCABULARY"),
+        tuple(SCENE_VOCABULARY),
         GuidanceDefaults(layer="up_blocks.1", scale=3.0, scales=(1.5, 3.0, 5.0)),
         "a red striped circle on the left and a blue square on a black checked background",
     ),
