@@ -16,6 +16,16 @@ to the baseline image (0-255 levels): a layer and scale the demo can show must m
 Results go to ``OUT/sweep.json`` after every configuration (``--resume`` skips the finished ones; the items, steps,
 batch and model weights must match, else it says what differs), the baseline images to ``OUT/baseline_cfg*.npz``.
 CFG 1 is the conditional prediction alone (diffusers runs no unconditional branch at ``guidance_scale <= 1``).
+``--minutes`` stops before the next configuration once that long has passed.
+
+Sizing (smoke run on a 2-core machine, 1 thread, batch 4, 20 steps, CFG 1): about 0.47 CPU s per image without
+guidance, 0.66-0.75 with PAG / SEG; the whole default grid (2 CFG x 3 methods x 7 blocks x 4 scales = 170
+configurations) is ~140 CPU s per item, so it does not fit in 40 minutes with a useful number of items. Run it in
+two stages into the same OUT (the items must match; grids may differ):
+
+    python scripts/sweep_guidance.py --cfg 1 --scales 3 --prompts 48 --seeds 1 --threads 2          # layers
+    python scripts/sweep_guidance.py --cfg 1 2 --layers BEST --scales 1 2 3 5 --prompts 48 --seeds 1 \
+        --threads 2 --resume                                                                        # scales
 """
 
 from __future__ import annotations
@@ -340,11 +350,19 @@ class SweepStore:
     def done(self) -> set[str]:
         return set(self.results)
 
-    def add(self, config: Config, records: list[dict[str, Any]], seconds: float, cpu_seconds: float = math.nan) -> None:
+    def add(
+        self,
+        config: Config,
+        records: list[dict[str, Any]],
+        seconds: float,
+        cpu_seconds: float = math.nan,
+        score_cpu_seconds: float = math.nan,
+    ) -> None:
         self.results[config.key] = {
             "config": asdict(config),
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,
+            "score_cpu_seconds": score_cpu_seconds,
             "items": records,
         }
         self.save()
@@ -385,6 +403,7 @@ def summarize(store: SweepStore) -> dict[str, dict[str, Any]]:
         per_split: dict[str, Any] = {
             "seconds_per_image": result["seconds"] / n,
             "cpu_seconds_per_image": result.get("cpu_seconds", math.nan) / n,
+            "score_cpu_seconds_per_image": result.get("score_cpu_seconds", math.nan) / n,
         }
         for split in dict.fromkeys(item["split"] for item in items):
             idx = [i for i, item in enumerate(items) if item["split"] == split]
@@ -441,7 +460,7 @@ def markdown_table(store: SweepStore, command: str) -> str:
         header = ["method", "layer", "scale"]
         for split in splits:
             header += [f"{split} all", f"{split} Δ"]
-        header += ["count %", "change", "s/img", "CPU s/img"]
+        header += ["count %", "change", "s/img", "CPU s/img", "score CPU s/img"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for key in keys:
             c, s = Config(**store.results[key]["config"]), summary[key]
@@ -454,6 +473,7 @@ def markdown_table(store: SweepStore, command: str) -> str:
                 f"{np.mean([s[split]['change'] for split in splits]):.1f}",
                 f"{s['seconds_per_image']:.2f}",
                 f"{s['cpu_seconds_per_image']:.2f}",
+                f"{s['score_cpu_seconds_per_image']:.2f}",
             ]
             lines.append("| " + " | ".join(row) + " |")
     best = best_layers(store, summary)
@@ -505,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("outputs/sweep_guidance"))
     parser.add_argument("--table", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--resume", action="store_true", help="continue OUT/sweep.json (skip finished configs)")
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="start no new configuration after this long (continue: --resume)"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 2 prompts x 1 seed per split, PAG and SEG, 2 layers, scale 3"
     )
@@ -570,7 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     latents = initial_latents(pipe, items)
     baselines: dict[float, np.ndarray] = {}
     bar = tqdm(total=len(todo) * len(items), desc="sweep", unit="img")
+    began = time.perf_counter()
     for config in todo:
+        if args.minutes is not None and time.perf_counter() - began > 60 * args.minutes:
+            print(f"--minutes {args.minutes:g} reached: stopping; continue with --resume", flush=True)
+            break
         bar.set_postfix_str(config.key)
         start, cpu = time.perf_counter(), time.process_time()
         images = generate(pipe, config, items, latents, args.steps, args.batch, bar)
@@ -583,10 +610,12 @@ def main(argv: list[str] | None = None) -> int:
         elif config.cfg not in baselines:
             baselines[config.cfg] = _baseline_images(pipe, store, config, items, latents, args)
         reference = baselines[config.cfg]
+        scoring = time.process_time()
         records = score(images, items)
+        scoring = time.process_time() - scoring
         for record, image, base in zip(records, images, reference):
             record["change"] = float(np.abs(image.astype(np.int16) - base.astype(np.int16)).mean())
-        store.add(config, records, seconds, cpu)
+        store.add(config, records, seconds, cpu, scoring)
     bar.close()
     store.save()
     table = markdown_table(store, command)
