@@ -24,8 +24,8 @@ configurations) is ~140 CPU s per item, so it does not fit in 40 minutes with a 
 two stages into the same OUT (the items must match; grids may differ):
 
     python scripts/sweep_guidance.py --cfg 1 --scales 3 --prompts 48 --seeds 1 --threads 2          # layers
-    python scripts/sweep_guidance.py --cfg 1 2 --layers BEST --scales 1 2 3 5 --prompts 48 --seeds 1 \
-        --threads 2 --resume                                                                        # scales
+    python scripts/sweep_guidance.py --cfg 1 2 --methods PAG --layers ITS_BEST_BLOCK --scales 1 2 3 5 \
+        --prompts 48 --seeds 1 --threads 2 --resume              # scales: once per method, with its best block
 """
 
 from __future__ import annotations
