@@ -444,7 +444,9 @@ def markdown_table(store: SweepStore, command: str) -> str:
     lines = [
         "# Guidance sweep (ShapesBench scenes)",
         "",
-        f"Command: `{command}`",
+        "Commands (in order; later ones resumed the sweep):",
+        "",
+        *[f"- `{c}`" for c in (store.commands or [command])],
         "",
         f"Model {meta['model']} (weights {meta['fingerprint']}), {meta['steps']} steps, "
         f"{meta['prompts']} prompts x {meta['seeds']} seeds per split. All-checks % [Wilson 95%]; Δ = paired "

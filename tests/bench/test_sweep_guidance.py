@@ -175,6 +175,7 @@ def test_store_resumes_only_the_same_sweep_and_skips_finished_configs(sweep, tmp
     with pytest.raises(ValueError, match="steps: saved 4, now 8"):
         sweep.SweepStore(path, _meta(sweep, steps=8), resume=True)
     again = sweep.SweepStore(path, _meta(sweep), resume=True)
+    again.commands.append("python scripts/sweep_guidance.py --quick")
     assert sweep.pending(grid, again.done) == [grid[2]]
     saved = json.loads(path.read_text())
     summary = saved["summary"][grid[1].key]
