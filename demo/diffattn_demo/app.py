@@ -3,6 +3,7 @@
 
     diffattn demo                        # http://127.0.0.1:7860, the embedded image and video models
     python -m diffattn_demo --port 7861 --image-model PATH/TO/SD-FOLDER --video-model PATH/TO/WAN-FOLDER
+    diffattn demo --embedded-image shapes-scenes     # the second embedded image model (textured scenes)
 
 Everything stays on this machine: Gradio's analytics are off, no share link is made, the server listens on
 127.0.0.1 unless ``--host`` says otherwise, and models load offline (any local diffusers SD1.5 / SDXL / SD3 / Flux
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .models import Models, image_size
+from .models import IMAGE_MODELS, Models, image_size
 from .tabs import edit, erase, guidance, layout, speed
 
 __all__ = ["DemoSettings", "prepare_environment", "build_app", "launch", "main"]
@@ -43,19 +44,23 @@ TABS = (edit, layout, erase, guidance, speed)  # in the page's order; each modul
 @dataclass(frozen=True)
 class DemoSettings:
     """How the demo is served. ``image_model`` / ``video_model``: local diffusers folders (None: embedded models);
-    ``threads``: torch CPU threads (None: torch's default)."""
+    ``threads``: torch CPU threads (None: torch's default); ``embedded_image``: which embedded image model (a name
+    in ``models.IMAGE_MODELS``; with ``image_model``, that folder holds its weights)."""
 
     host: str = "127.0.0.1"
     port: int = 7860
     image_model: Path | None = None
     video_model: Path | None = None
     threads: int | None = None
+    embedded_image: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.embedded_image is not None and self.embedded_image not in IMAGE_MODELS:
+            raise ValueError(f"--embedded-image must be one of {', '.join(IMAGE_MODELS)}, got {self.embedded_image!r}")
         for name in ("image_model", "video_model"):
             path = getattr(self, name)
             if path is not None and not (Path(path) / "model_index.json").is_file():
@@ -97,7 +102,7 @@ def build_app(models: Models, temp: Path) -> Any:
     with gr.Blocks(title="diffattn demo", analytics_enabled=False, delete_cache=(300, 900)) as app:
         gr.Markdown(
             f"## diffattn: attention methods on diffusers pipelines\nImage model: "
-            f"{models.image_path or 'embedded shapes-image'} ({size[1]} x {size[0]} px, shown enlarged); "
+            f"{models.image_label} ({size[1]} x {size[0]} px, shown enlarged); "
             f"video model: {models.video_path or 'embedded shapes-video'}. Everything runs on this machine."
         )
         for tab in TABS:
@@ -114,7 +119,7 @@ def launch(settings: DemoSettings, *, block: bool = True) -> Any:
 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    models = Models(settings.image_model, settings.video_model).load()
+    models = Models(settings.image_model, settings.video_model, settings.embedded_image).load()
     app = build_app(models, temp)
     app.launch(
         server_name=settings.host,
@@ -157,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="local diffusers SD1.5 / SDXL / SD3 / Flux folder (default: the embedded shapes-image)",
     )
     parser.add_argument(
+        "--embedded-image",
+        choices=list(IMAGE_MODELS),
+        default=None,
+        help="which embedded image model (default: shapes-image); with --image-model, that folder holds its weights",
+    )
+    parser.add_argument(
         "--video-model",
         type=Path,
         default=None,
@@ -176,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = DemoSettings(args.host, args.port, args.image_model, args.video_model, args.threads)
+        settings = DemoSettings(
+            args.host, args.port, args.image_model, args.video_model, args.threads, args.embedded_image
+        )
     except ValueError as error:
         parser.error(str(error))
     signal.signal(signal.SIGTERM, _stop_on_sigterm)

@@ -1,28 +1,126 @@
 """The demo's models: loading the image and video pipelines (the embedded ones, or local diffusers folders, offline),
-the :class:`Models` holder that gives one call at a time each model, and what the tabs read off an image pipeline."""
+the :class:`Models` holder that gives one call at a time each model, what the tabs read off an image pipeline, and
+per image model what the page says about it and the Guidance tab's defaults (:data:`IMAGE_MODELS`, the one place
+they are set)."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CFG", "Models", "image_size"]
+from diffattn_bench.grammar import VOCABULARY
+from diffattn_bench.scenes import SCENE_VOCABULARY
+
+__all__ = [
+    "CFG",
+    "DEFAULT_IMAGE_MODEL",
+    "GuidanceDefaults",
+    "IMAGE_MODELS",
+    "ImageModel",
+    "LOCAL_IMAGE_MODEL",
+    "Models",
+    "image_size",
+]
 
 CFG = 4.0  # classifier-free guidance of every image call (the embedded model's evaluation setting)
 
 
-def _load_image_model(path: Path | None) -> Any:
+@dataclass(frozen=True)
+class GuidanceDefaults:
+    """What the Guidance tab shows first: ``layer`` ("family default" or a block of the UNet, as its layer picker
+    lists them), ``scales`` (the columns besides 0) and ``methods`` (the rows); ``scale``, one of the scales, is the
+    one meant to change the image visibly with each of ``methods`` (the demo's browser test holds it to a mean
+    change of >= 8 levels on the scenes model)."""
+
+    layer: str
+    scale: float
+    scales: tuple[float, ...]
+    methods: tuple[str, ...] = ("PAG", "SEG")
+
+    def __post_init__(self) -> None:
+        if self.scale not in self.scales or not all(s > 0 for s in self.scales):
+            raise ValueError(f"scales must be > 0 and hold the default scale {self.scale}, got {self.scales}")
+        if not self.methods or not set(self.methods) <= {"PAG", "SEG", "SoftPAG"}:
+            raise ValueError(f"methods must be some of PAG, SEG, SoftPAG, got {self.methods}")
+
+    @property
+    def scales_text(self) -> str:
+        return ", ".join(f"{s:g}" for s in (0.0, *self.scales))
+
+
+@dataclass(frozen=True)
+class ImageModel:
+    """An image model the demo can serve: its name on the page, how to load it (``load(folder)``; ``None`` = its
+    embedded folder), the words its tokenizer knows (``None``: any, a local folder), the Guidance tab's defaults and
+    that tab's first prompt."""
+
+    name: str
+    load: Callable[[Path | None], Any] = field(repr=False, compare=False)
+    vocabulary: tuple[str, ...] | None
+    guidance: GuidanceDefaults
+    guidance_prompt: str
+
+    def words(self) -> str:
+        """The sentence the tabs show about the model's words."""
+        if self.vocabulary is None:
+            return f"Model: {self.name} (a local folder: any prompt its tokenizer reads)."
+        return f"Model: {self.name}; the words it knows: {', '.join(self.vocabulary)}."
+
+
+def _embedded_image(path: Path | None) -> Any:
     from diffattn_bench import embedded
 
+    return embedded.load_image_pipeline(path)
+
+
+def _embedded_scenes(path: Path | None) -> Any:
+    from diffattn_bench import embedded
+
+    return embedded.load_scenes_pipeline(path)
+
+
+def _local_folder(path: Path | None) -> Any:
     if path is None:
-        return embedded.load_image_pipeline()
+        raise ValueError("a local image model needs its folder (--image-model PATH)")
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(_model_folder(path), local_files_only=True)
+
+
+#: The embedded image models the demo can serve (``--embedded-image NAME``), the first one by default. The Guidance
+#: defaults of shapes-scenes are provisional, to be set from ``scripts/sweep_guidance.py`` on the trained model: in a
+#: smoke run on an early export (410 steps, CFG 1, scale 3, 4 images) PAG moved the image by a mean of 17 levels on
+#: up_blocks.3, 12 on down_blocks.0, 7 on up_blocks.2, < 1 on up_blocks.1; SEG by at most 5 (down_blocks.1), so
+#: only PAG is a default row until the sweep says otherwise.
+IMAGE_MODELS: dict[str, ImageModel] = {
+    "shapes-image": ImageModel(
+        "shapes-image",
+        _embedded_image,
+        tuple(VOCABULARY),
+        GuidanceDefaults(layer="family default", scale=3.0, scales=(1.5, 3.0, 5.0)),
+        "a red circle on the left and a blue square on the right",
+    ),
+    "shapes-scenes": ImageModel(
+        "shapes-scenes",
+        _embedded_scenes,
+        tuple(SCENE_VOCABULARY),
+        GuidanceDefaults(layer="up_blocks.3", scale=3.0, scales=(1.5, 3.0, 5.0), methods=("PAG",)),
+        "a red striped circle on the left and a blue square on a black checked background",
+    ),
+}
+DEFAULT_IMAGE_MODEL = "shapes-image"
+#: A local diffusers folder (``--image-model PATH`` alone): the family-default guidance layer.
+LOCAL_IMAGE_MODEL = ImageModel(
+    "local folder",
+    _local_folder,
+    None,
+    GuidanceDefaults(layer="family default", scale=3.0, scales=(1.5, 3.0, 5.0)),
+    "a red circle on the left and a blue square on the right",
+)
 
 
 def _load_video_model(path: Path | None) -> Any:
@@ -47,14 +145,39 @@ def _model_folder(path: Path) -> Path:
 @dataclass
 class Models:
     """The demo's pipelines, each loaded once (the image model at start-up by :meth:`load`, the video model on first
-    use) and used by one call at a time: :meth:`image` / :meth:`video` hold that model's lock."""
+    use) and used by one call at a time: :meth:`image` / :meth:`video` hold that model's lock.
+
+    The image model: ``embedded_image`` (a name in :data:`IMAGE_MODELS`) from its embedded folder, or from
+    ``image_path`` when both are given (e.g. a copy of a training export); ``image_path`` alone is any local
+    diffusers folder; neither is :data:`DEFAULT_IMAGE_MODEL`."""
 
     image_path: Path | None = None
     video_path: Path | None = None
+    embedded_image: str | None = None
     _image: Any = field(default=None, repr=False)
     _video: Any = field(default=None, repr=False)
     _image_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _video_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.embedded_image is not None and self.embedded_image not in IMAGE_MODELS:
+            raise ValueError(
+                f"unknown embedded image model {self.embedded_image!r}; use one of {', '.join(IMAGE_MODELS)}"
+            )
+
+    @property
+    def image_info(self) -> ImageModel:
+        """What the page says about the image model and the Guidance tab's defaults for it."""
+        if self.embedded_image is None and self.image_path is not None:
+            return LOCAL_IMAGE_MODEL
+        return IMAGE_MODELS[self.embedded_image or DEFAULT_IMAGE_MODEL]
+
+    @property
+    def image_label(self) -> str:
+        info = self.image_info
+        if self.image_path is None:
+            return f"embedded {info.name}"
+        return str(self.image_path) if info is LOCAL_IMAGE_MODEL else f"{info.name} from {self.image_path}"
 
     def load(self) -> Models:
         with self._image_lock:
@@ -63,7 +186,7 @@ class Models:
 
     def _image_pipe(self) -> Any:
         if self._image is None:
-            pipe = _load_image_model(self.image_path)
+            pipe = self.image_info.load(self.image_path)
             pipe.set_progress_bar_config(leave=False, desc="denoising")
             self._image = pipe
         return self._image

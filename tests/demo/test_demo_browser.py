@@ -81,7 +81,7 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, extra: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.audit_log = folder / "audit.jsonl"
@@ -98,6 +98,7 @@ class Server:
                 str(self.port),
                 "--threads",
                 str(self.threads),
+                *extra,
             ],
             cwd=folder,
             stdout=self.output.open("w"),
@@ -141,24 +142,56 @@ def browser():
         chromium.close()
 
 
+def _wait_until_usable(browser, server: Server) -> None:
+    page = browser.new_page()
+    deadline = server.started + STARTUP_TIMEOUT
+    while True:
+        assert server.process.poll() is None, f"the demo exited:\n{server.log()}"
+        assert time.perf_counter() < deadline, f"no page after {STARTUP_TIMEOUT} s:\n{server.log()}"
+        try:
+            page.goto(server.url, timeout=5000)
+            break
+        except Exception:  # connection refused until the server listens
+            time.sleep(0.25)
+    page.locator("#edit-run").wait_for(timeout=30000)
+    server.startup_seconds = time.perf_counter() - server.started
+    page.close()
+
+
 @pytest.fixture(scope="module")
 def server(browser, tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("demo-server"))
     try:
-        page = browser.new_page()
-        deadline = server.started + STARTUP_TIMEOUT
-        while True:
-            assert server.process.poll() is None, f"the demo exited:\n{server.log()}"
-            assert time.perf_counter() < deadline, f"no page after {STARTUP_TIMEOUT} s:\n{server.log()}"
-            try:
-                page.goto(server.url, timeout=5000)
-                break
-            except Exception:  # connection refused until the server listens
-                time.sleep(0.25)
-        page.locator("#edit-run").wait_for(timeout=30000)
-        server.startup_seconds = time.perf_counter() - server.started
-        page.close()
+        _wait_until_usable(browser, server)
         _record("startup_to_usable_page_s", server.startup_seconds)
+        yield server
+    finally:
+        server.stop()
+
+
+def _scenes_folder() -> Path:
+    """The scenes model's folder: ``DIFFATTN_SCENES_MODEL`` (e.g. a copy of a training export) or the embedded one;
+    the test skips, saying why, when it holds no pipeline."""
+    from diffattn_bench.embedded import SCENES_MODEL_DIR
+
+    folder = Path(os.environ.get("DIFFATTN_SCENES_MODEL") or SCENES_MODEL_DIR)
+    if not (folder / "model_index.json").is_file():
+        pytest.skip(
+            f"the scenes model is not at {folder} (no model_index.json): train it with "
+            "`python scripts/train_shapes_scenes.py`, or set DIFFATTN_SCENES_MODEL to a copy of its export"
+        )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scenes_server(browser, tmp_path_factory):
+    """A second demo, serving the scenes model (``--embedded-image shapes-scenes``)."""
+    folder = _scenes_folder()
+    server = Server(
+        tmp_path_factory.mktemp("demo-scenes"), ("--embedded-image", "shapes-scenes", "--image-model", str(folder))
+    )
+    try:
+        _wait_until_usable(browser, server)
         yield server
     finally:
         server.stop()
@@ -392,6 +425,42 @@ def test_guidance_tab(page, server):
     table = page.locator("#guidance-table").inner_text()
     assert "PAG" in table and "SEG" in table and "up_blocks.2" in table
     _screenshot(page, "guidance")
+
+
+def test_guidance_defaults_change_the_scenes_image_visibly(browser, scenes_server):
+    """The Guidance tab's default layer and scale of the scenes model (``models.IMAGE_MODELS``) move the image by a
+    mean of >= 8 levels from no guidance, for each default method: a visitor sees what guidance does."""
+    from diffattn_bench.scenes import SCENE_VOCABULARY
+    from diffattn_demo.models import IMAGE_MODELS
+
+    defaults = IMAGE_MODELS["shapes-scenes"].guidance
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(scenes_server.url)
+        page.get_by_role("tab", name="Guidance").click()
+        about = page.locator("#guidance-about").inner_text()
+        assert all(word in about for word in ("striped", "checked", "background")) and SCENE_VOCABULARY[-1] in about
+        assert page.locator("#guidance-layers input").input_value() == defaults.layer
+        _fill(page, "guidance-scales", f"0, {defaults.scale:g}")
+        page.locator("#guidance-run").click()
+        grid = _image(page, scenes_server, "guidance-grid")
+    finally:
+        context.close()
+    rows = len(defaults.methods)
+    cell = (grid.shape[1] - 4) // 2
+    assert grid.shape[:2] == (rows * (cell + 4) - 4, 2 * cell + 4)
+    factor = cell // 64
+    for r, method in enumerate(defaults.methods):
+        top = r * (cell + 4)
+        plain = shrink(grid[top : top + cell, :cell], factor).astype(int)
+        guided = shrink(grid[top : top + cell, cell + 4 :], factor).astype(int)
+        change = float(np.abs(guided - plain).mean())
+        _record(f"scenes_guidance_mean_change_{method}_{defaults.layer}_s{defaults.scale:g}", change)
+        assert change >= 8.0, (
+            f"{method} on {defaults.layer} at scale {defaults.scale:g} moved the image by only {change:.1f} levels; "
+            "choose the scenes model's GuidanceDefaults from scripts/sweep_guidance.py's change column"
+        )
 
 
 def test_speed_tab(page, server):

@@ -328,6 +328,40 @@ def test_guidance_sweep_shares_the_unguided_column(models, pipe):
         run_guidance(models, "a red circle", [], "3", 0, 2)
 
 
+def test_image_models_say_their_words_and_hold_guidance_defaults_that_fit_them():
+    from diffattn_bench.grammar import VOCABULARY
+    from diffattn_bench.scenes import SCENE_VOCABULARY, parse_caption
+    from diffattn_demo.models import DEFAULT_IMAGE_MODEL, IMAGE_MODELS, LOCAL_IMAGE_MODEL, GuidanceDefaults
+
+    assert Models().image_info is IMAGE_MODELS[DEFAULT_IMAGE_MODEL] and DEFAULT_IMAGE_MODEL == "shapes-image"
+    scenes = Models(embedded_image="shapes-scenes")
+    assert scenes.image_info.vocabulary == SCENE_VOCABULARY and scenes.image_label == "embedded shapes-scenes"
+    assert Models(image_path=Path("/x")).image_info is LOCAL_IMAGE_MODEL
+    assert Models(Path("/x"), None, "shapes-scenes").image_label == "shapes-scenes from /x"
+    assert IMAGE_MODELS["shapes-image"].vocabulary == VOCABULARY
+    for info in IMAGE_MODELS.values():
+        assert set(info.guidance_prompt.split()) <= set(info.vocabulary), info.name
+        words = info.words()
+        assert info.name in words and all(w in words for w in info.vocabulary)
+    parse_caption(IMAGE_MODELS["shapes-scenes"].guidance_prompt)  # a caption the scenes scorer reads
+    assert "any prompt" in LOCAL_IMAGE_MODEL.words()
+    assert GuidanceDefaults("mid_block", 3.0, (1.5, 3.0)).scales_text == "0, 1.5, 3"
+    with pytest.raises(ValueError, match="unknown embedded image model"):
+        Models(embedded_image="shapes-nope")
+    with pytest.raises(ValueError, match="hold the default scale"):
+        GuidanceDefaults("mid_block", 2.0, (1.5, 3.0))
+    with pytest.raises(ValueError, match="methods must be"):
+        GuidanceDefaults("mid_block", 3.0, (3.0,), methods=("CFG",))
+
+
+def test_demo_settings_refuse_an_unknown_embedded_image_model():
+    from diffattn_demo.app import DemoSettings, build_parser
+
+    with pytest.raises(ValueError, match="--embedded-image must be one of shapes-image, shapes-scenes"):
+        DemoSettings(embedded_image="shapes-nope")
+    assert build_parser().parse_args(["--embedded-image", "shapes-scenes"]).embedded_image == "shapes-scenes"
+
+
 def test_layout_reports_a_word_missing_from_the_prompt(models):
     with pytest.raises(DemoInputError, match="'triangle' is not in the prompt"):
         run_layout(models, "a red circle and a blue square", "triangle: 0 0 0.5 0.5", 0, 2)

@@ -22,6 +22,7 @@ __all__ = [
     "gradio_progress",
     "upload_image",
     "image_editor",
+    "about",
 ]
 
 Progress = Callable[[float, str], None]
@@ -97,3 +98,10 @@ def image_editor(**kwargs: Any) -> Any:
 
     editor.preprocess = refusing_non_images
     return editor
+
+
+def about(elem_id: str, what: str, words: str) -> Any:
+    """The tab's first line: what its method does (``what``) and the words the model knows (``words``)."""
+    import gradio as gr
+
+    return gr.Markdown(f"{what} {words}", elem_id=elem_id)

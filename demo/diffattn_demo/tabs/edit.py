@@ -22,6 +22,7 @@ from .common import (
     SEED_BOX,
     STEPS_SLIDER,
     Progress,
+    about,
     gradio_progress,
     no_progress,
     upload_image,
@@ -29,6 +30,12 @@ from .common import (
 )
 
 __all__ = ["EDIT_METHODS", "EditOutput", "run_edit", "build"]
+
+ABOUT = (
+    "Prompt-to-prompt re-uses the source's cross-attention maps while a word is swapped or re-weighted; MasaCtrl "
+    "lets the target's self-attention read the source's keys and values, so the look stays; an upload is "
+    "DDIM-inverted first."
+)
 
 EDIT_METHODS = ("prompt-to-prompt", "MasaCtrl")
 
@@ -170,6 +177,7 @@ def build(models: Models, temp: Path) -> None:
     import gradio as gr
 
     with gr.Tab("Edit", id="edit"):
+        about("edit-about", ABOUT, models.image_info.words())
         with gr.Row():
             inputs, run = _input_column()
             outputs = _output_column()

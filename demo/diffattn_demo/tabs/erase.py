@@ -19,6 +19,7 @@ from .common import (
     SEED_BOX,
     STEPS_SLIDER,
     Progress,
+    about,
     gradio_progress,
     image_editor,
     no_progress,
@@ -26,6 +27,11 @@ from .common import (
 )
 
 __all__ = ["generate_image", "EraseOutput", "run_erase", "build"]
+
+ABOUT = (
+    "Attentive Eraser: inside the painted mask the self-attention is turned away from the object toward the "
+    "background around it, while the latents outside the mask follow the source."
+)
 
 
 def generate_image(models: Models, prompt: str, seed: Any, steps: Any) -> tuple[np.ndarray, str]:
@@ -85,6 +91,7 @@ def build(models: Models, temp: Path) -> None:
     import gradio as gr
 
     with gr.Tab("Erase", id="erase"):
+        about("erase-about", ABOUT, models.image_info.words())
         with gr.Row():
             r_prompt, r_generate, r_editor, r_seed, r_steps, r_run = _input_column()
             r_source, r_mask, r_erased, r_note = _output_column()

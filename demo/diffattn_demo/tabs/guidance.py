@@ -12,10 +12,26 @@ import numpy as np
 
 from ..images import display_factor, enlarge, to_uint8
 from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, parse_scales
-from ..models import CFG, Models
-from .common import IMAGE_MODEL, IMAGE_OUT, SEED_BOX, STEPS_SLIDER, Progress, gradio_progress, no_progress, user_errors
+from ..models import CFG, GuidanceDefaults, Models
+from .common import (
+    IMAGE_MODEL,
+    IMAGE_OUT,
+    SEED_BOX,
+    STEPS_SLIDER,
+    Progress,
+    about,
+    gradio_progress,
+    no_progress,
+    user_errors,
+)
 
 __all__ = ["GUIDANCE_METHODS", "GuidanceOutput", "guidance_layer_choices", "run_guidance", "build"]
+
+ABOUT = (
+    "Perturbed-attention guidance runs a copy of the prediction with one block's self-attention degraded (PAG: "
+    "each token sees only itself; SEG: blurred queries; SoftPAG: halfway to PAG) and steps away from it by the "
+    "scale."
+)
 
 GUIDANCE_METHODS = ("PAG", "SEG", "SoftPAG")
 
@@ -176,9 +192,16 @@ def build(models: Models, temp: Path) -> None:
 
     with models.image() as pipe:
         layer_choices = guidance_layer_choices(pipe)
+    info = models.image_info
+    if info.guidance.layer not in layer_choices:
+        raise ValueError(
+            f"the Guidance default layer {info.guidance.layer!r} of {info.name} is not a block of this model "
+            f"({', '.join(layer_choices)}); fix its GuidanceDefaults in diffattn_demo.models.IMAGE_MODELS"
+        )
     with gr.Tab("Guidance", id="guidance"):
+        about("guidance-about", ABOUT, info.words())
         with gr.Row():
-            inputs, run = _input_column(layer_choices)
+            inputs, run = _input_column(layer_choices, info.guidance, info.guidance_prompt)
             outputs = _output_column()
         run.click(
             _on_guidance(models),
@@ -190,24 +213,23 @@ def build(models: Models, temp: Path) -> None:
         )
 
 
-def _input_column(layer_choices: list[str]) -> tuple[list[Any], Any]:
-    """The inputs, in the order of :func:`_on_guidance`'s parameters, and the Sweep button."""
+def _input_column(layer_choices: list[str], defaults: GuidanceDefaults, prompt: str) -> tuple[list[Any], Any]:
+    """The inputs, in the order of :func:`_on_guidance`'s parameters, and the Sweep button; the first values of the
+    prompt, scales and layer are the image model's (``models.IMAGE_MODELS``)."""
     import gradio as gr
 
     with gr.Column():
-        g_prompt = gr.Textbox(
-            "a red circle on the left and a blue square on the right",
-            label="Prompt",
-            elem_id="guidance-prompt",
-        )
+        g_prompt = gr.Textbox(prompt, label="Prompt", elem_id="guidance-prompt")
         g_methods = gr.CheckboxGroup(
             list(GUIDANCE_METHODS),
-            value=["PAG", "SEG"],
+            value=list(defaults.methods),
             label="Methods (rows)",
             elem_id="guidance-methods",
         )
-        g_scales = gr.Textbox("0, 1.5, 3, 5", label="Scales (columns; 0 = no guidance)", elem_id="guidance-scales")
-        g_layers = gr.Dropdown(layer_choices, value="family default", label="Layers", elem_id="guidance-layers")
+        g_scales = gr.Textbox(
+            defaults.scales_text, label="Scales (columns; 0 = no guidance)", elem_id="guidance-scales"
+        )
+        g_layers = gr.Dropdown(layer_choices, value=defaults.layer, label="Layers", elem_id="guidance-layers")
         with gr.Row():
             g_seed = gr.Number(0, label="Seed", elem_id="guidance-seed", **SEED_BOX)
             g_steps = gr.Slider(value=20, label="Steps", elem_id="guidance-steps", **STEPS_SLIDER)

@@ -13,9 +13,24 @@ import numpy as np
 from ..images import display_factor, enlarge, to_uint8
 from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, parse_subjects
 from ..models import CFG, Models
-from .common import IMAGE_MODEL, IMAGE_OUT, SEED_BOX, STEPS_SLIDER, Progress, gradio_progress, no_progress, user_errors
+from .common import (
+    IMAGE_MODEL,
+    IMAGE_OUT,
+    SEED_BOX,
+    STEPS_SLIDER,
+    Progress,
+    about,
+    gradio_progress,
+    no_progress,
+    user_errors,
+)
 
 __all__ = ["BOX_COLOURS", "draw_boxes", "LayoutOutput", "run_layout", "build"]
+
+ABOUT = (
+    "Bounded attention: each subject's words attend only inside its box (and its box only to them), so the "
+    "subjects land where the boxes are and do not mix."
+)
 
 BOX_COLOURS = ((255, 80, 80), (80, 160, 255), (80, 220, 80), (240, 200, 60))
 
@@ -99,6 +114,7 @@ def build(models: Models, temp: Path) -> None:
     import gradio as gr
 
     with gr.Tab("Layout", id="layout"):
+        about("layout-about", ABOUT, models.image_info.words())
         with gr.Row():
             inputs, run = _input_column()
             outputs = _output_column()

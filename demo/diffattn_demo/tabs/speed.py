@@ -13,9 +13,14 @@ import numpy as np
 from ..images import display_factor, enlarge, to_uint8
 from ..inputs import DemoInputError, check_steps
 from ..models import Models
-from .common import IMAGE_OUT, VIDEO_MODEL, Progress, gradio_progress, no_progress, user_errors
+from .common import IMAGE_OUT, VIDEO_MODEL, Progress, about, gradio_progress, no_progress, user_errors
 
 __all__ = ["SPEED_SIZES", "SPEED_MAX_STEPS", "SPEED_PROMPT", "SpeedOutput", "run_speed", "build"]
+
+ABOUT = (
+    "Sparse attention patterns on the video model, each run from the same noise as the stock dense attention: "
+    "time, density and how far the frames moved."
+)
 
 # (frames, height, width) in pixels of the video model; the second (the tab's default) is `diffattn compare`'s size
 SPEED_SIZES: dict[str, tuple[int, int, int]] = {
@@ -147,6 +152,9 @@ def build(models: Models, temp: Path) -> None:
     import gradio as gr
 
     with gr.Tab("Speed", id="speed"):
+        about(
+            "speed-about", ABOUT, f'Every clip\'s prompt: "{SPEED_PROMPT}" (the video model reads the shapes grammar).'
+        )
         with gr.Row():
             inputs, run = _input_column()
             outputs = _output_column()
