@@ -3,7 +3,8 @@ baseline in one run, success read from pixels (``diffattn_bench.scene_scoring``)
 
     python scripts/eval_editing_scenes.py --split dev --cases 2                 # smoke run, every task
     python scripts/eval_editing_scenes.py --split report --cases 100 --grid outputs/eval_editing_scenes/grid.png
-    python scripts/eval_editing_scenes.py --tasks replace/colour --start 17 --cases 1   # re-run one case
+    python scripts/eval_editing_scenes.py --split dev --tasks replace/colour --start 17 --cases 1   # re-run a case
+    python scripts/eval_editing_scenes.py --split dev --cases 5 --list      # the cases and seeds, no model
 
 Cases, their seeds and the pixel checks are in :mod:`diffattn_bench.shapes_edit` (``--split dev`` for tuning,
 ``--split report`` for published numbers; disjoint seeds; a case's seed is also its noise seed). Per task:
@@ -60,9 +61,9 @@ from diffattn_bench.shapes_edit import (
     check_refine,
     check_removal,
     check_replace,
-    check_reweight,
     make_case,
     removal_mask,
+    rise_verdict,
     tasks_of,
     wilson_interval,
 )
@@ -124,15 +125,17 @@ class _Run:
     method: str
     verdicts: dict[str, list[bool]] = field(default_factory=lambda: {"method": [], "baseline": []})
     seconds: dict[str, float] = field(default_factory=lambda: {"method": 0.0, "baseline": 0.0})
+    cpu: dict[str, float] = field(default_factory=lambda: {"method": 0.0, "baseline": 0.0})
     failures: dict[str, Counter] = field(default_factory=lambda: {"method": Counter(), "baseline": Counter()})
     cases: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, list[float]] = field(default_factory=dict)
 
     def timed(self, arm: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)``, its seconds added to ``arm``'s."""
-        start = time.perf_counter()
+        """``fn(*args, **kwargs)``, its wall and CPU seconds added to ``arm``'s."""
+        start, cpu = time.perf_counter(), time.process_time()
         out = fn(*args, **kwargs)
         self.seconds[arm] += time.perf_counter() - start
+        self.cpu[arm] += time.process_time() - cpu
         return out
 
     def add(self, case: EditCase, index: int, verdicts: Mapping[str, Verdict], **numbers: float) -> None:
@@ -154,6 +157,7 @@ class _Run:
             out[f"{prefix}success"] = k / n if n else math.nan
             out[f"{prefix}ci95"] = list(wilson_interval(k, n))
             out[f"{prefix}seconds_per_edit"] = self.seconds[arm] / n if n else math.nan
+            out[f"{prefix}cpu_seconds_per_edit"] = self.cpu[arm] / n if n else math.nan
             out[f"{prefix}failures"] = dict(self.failures[arm])
         for name, values in self.extra.items():
             finite = [v for v in values if math.isfinite(v)]
@@ -199,9 +203,10 @@ def _reweight_task(pipe: Any, task: str, cases: Sequence[EditCase], settings: Se
             weights = tuple((t, settings.reweight) for t in token_indices(pipe, case.source, word))
             method = diffattn.PromptToPrompt(**{**settings.p2p, "reweight": weights})
             source, target = run.timed(arm, _edit, pipe, case, method, settings)
-            verdicts[arm] = check_reweight(source, target, case, settings.thresholds)
             before = attribute_strength(source, colour, case.attribute)
-            deltas[f"{arm}_strength_change"] = attribute_strength(target, colour, case.attribute) - before
+            after = attribute_strength(target, colour, case.attribute)
+            verdicts[arm] = rise_verdict(before, after, case.attribute, settings.thresholds)
+            deltas[f"{arm}_strength_change"] = after - before
             shown += [source, target] if arm == "method" else [target]
         run.add(case, settings.start + i, verdicts, **deltas)
         if i < EXAMPLES:
@@ -257,14 +262,15 @@ def _layout_task(pipe: Any, task: str, cases: Sequence[EditCase], settings: Sett
 
 
 def _inversion_task(pipe: Any, task: str, cases: Sequence[EditCase], settings: Settings, examples: list) -> dict:
-    scores, seconds, records = [], 0.0, []
+    scores, seconds, cpu, records = [], 0.0, 0.0, []
     call = {"num_inference_steps": settings.steps, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
     for i, case in enumerate(tqdm(cases, desc=task, leave=False)):
         image = render(case.scene)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         latents = invert(pipe, image, case.source, settings.steps, height=IMAGE_SIZE, width=IMAGE_SIZE)
         replay = edit(pipe, case.source, case.source, None, latents=latents, guidance_scale=1.0, **call)
         seconds += time.perf_counter() - start
+        cpu += time.process_time() - cpu_start
         out = _uint8(replay.source)
         scores.append(psnr(out, image))
         records.append({"index": settings.start + i, **case.record(), "psnr": scores[-1]})
@@ -278,6 +284,7 @@ def _inversion_task(pipe: Any, task: str, cases: Sequence[EditCase], settings: S
         "psnr_mean": float(np.mean(scores)),
         "psnr_min": float(np.min(scores)),
         "seconds_per_case": seconds / len(cases),
+        "cpu_seconds_per_case": cpu / len(cases),
         "case_records": records,
     }
 
@@ -315,19 +322,22 @@ def _rate(rate: float, ci: Sequence[float]) -> str:
 
 
 def format_table(results: Sequence[Mapping[str, Any]]) -> str:
-    """task | method % [95 % CI] | baseline % [95 % CI] | seconds per edit (method / baseline); inversion: PSNR."""
+    """task | method % [95 % CI] | baseline % [95 % CI] | seconds per edit (method / baseline; wall, then CPU
+    time of this process, which a busy machine does not inflate); inversion: PSNR."""
     lines = [f"{'task':18s} {'method':32s} {'method % [95% CI]':24s} {'baseline % [95% CI]':24s} s/edit (m / b)"]
     for r in results:
         if r["task"] == "inversion":
             lines.append(
                 f"{r['task']:18s} {r['method']:32s} PSNR {r['psnr_mean']:.1f} dB mean, {r['psnr_min']:.1f} dB min"
-                f" over {r['cases']}; {r['seconds_per_case']:.2f} s per invert + replay"
+                f" over {r['cases']}; {r['seconds_per_case']:.2f} s (CPU {r['cpu_seconds_per_case']:.2f} s)"
+                " per invert + replay"
             )
             continue
         line = (
             f"{r['task']:18s} {r['method']:32s} {_rate(r['success'], r['ci95']):24s} "
             f"{_rate(r['baseline_success'], r['baseline_ci95']):24s} "
             f"{r['seconds_per_edit']:.2f} / {r['baseline_seconds_per_edit']:.2f}"
+            f" (CPU {r['cpu_seconds_per_edit']:.2f} / {r['baseline_cpu_seconds_per_edit']:.2f})"
         )
         if "mean_method_strength_change" in r:
             line += (
@@ -443,8 +453,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layout-options", default="{}", help="diffattn.editing.layout options as JSON")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--grid", type=Path, default=None, help="also save a picture of example edits")
+    parser.add_argument("--list", action="store_true", help="print the cases (index, seed, prompts) and stop")
     args = parser.parse_args(argv)
     tasks = tasks_of(args.tasks)
+    if args.list:
+        for task in tasks:
+            for i in range(args.start, args.start + args.cases):
+                case = make_case(task, args.split, i)
+                change = "" if case.target == case.source else f" -> {case.target}"
+                print(f"{task} {args.split} #{i} seed {case.seed}: {case.source}{change}")
+        return 0
     settings = Settings(
         split=args.split,
         cases=args.cases,

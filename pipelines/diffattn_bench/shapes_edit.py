@@ -94,6 +94,7 @@ __all__ = [
     "make_cases",
     "measure_thresholds",
     "removal_mask",
+    "rise_verdict",
     "scene_caption",
     "tasks_of",
     "wilson_interval",
@@ -530,6 +531,13 @@ def attribute_strength(image: np.ndarray, colour: str, attribute: str) -> float:
     raise ValueError(f"attribute_strength measures 'pattern' or 'size', got {attribute!r}")
 
 
+def rise_verdict(before: float, after: float, attribute: str, thresholds: EditThresholds = DEFAULT) -> Verdict:
+    """``after`` exceeds ``before`` (two :func:`attribute_strength` values) by the attribute's ``rise_margin``."""
+    if math.isnan(before) or math.isnan(after):
+        return Verdict(("unreadable",))
+    return Verdict(() if after > before + thresholds.rise_margin[attribute] else ("no_rise",))
+
+
 def check_reweight(
     unweighted: np.ndarray, weighted: np.ndarray, case: EditCase, thresholds: EditThresholds = DEFAULT
 ) -> Verdict:
@@ -537,10 +545,7 @@ def check_reweight(
     ``rise_margin``; the object must be readable in both."""
     colour = case.scene.objects[case.index].colour
     before = attribute_strength(unweighted, colour, case.attribute)
-    after = attribute_strength(weighted, colour, case.attribute)
-    if math.isnan(before) or math.isnan(after):
-        return Verdict(("unreadable",))
-    return Verdict(() if after > before + thresholds.rise_margin[case.attribute] else ("no_rise",))
+    return rise_verdict(before, attribute_strength(weighted, colour, case.attribute), case.attribute, thresholds)
 
 
 def _bright_colour(image: np.ndarray, obj: DetectedObject) -> np.ndarray:

@@ -41,7 +41,7 @@ from diffattn_bench.shapes_edit import (
 )
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "eval_editing_scenes.py"
-N = 12  # cases per task and check on rendered truth
+N = 6  # cases per task and check on rendered truth
 
 
 def _with(scene: Scene, index: int, **changes) -> Scene:
