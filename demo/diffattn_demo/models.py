@@ -56,6 +56,15 @@ class Models:
     _image_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _video_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def inversion_threshold(self) -> float | None:
+        """The reconstruction PSNR (dB) below which an uploaded image is out of the image model's domain: measured
+        for the embedded model, unknown (``None``) for a model loaded from a folder."""
+        if self.image_path is not None:
+            return None
+        from diffattn_bench.embedded import IMAGE_INVERSION_PSNR
+
+        return IMAGE_INVERSION_PSNR
+
     def load(self) -> Models:
         with self._image_lock:
             self._image_pipe()
