@@ -107,7 +107,7 @@ def _scenes_case(i: int, seed: int) -> Case:
     colour = scene.objects[0].colour
     new = str(rng.choice([c for c in scenes.COLOURS if c != colour]))
     target = text.replace(f"{colour} ", f"{new} ", 1)
-    return Case(scenes.render(scene), text, target, "in-domain", "scene", scene)
+    return Case(scenes.render(scene), text, target, "in-domain", "scene", (scene, new))
 
 
 def make_cases(model: str, count: int, seed: int) -> list[Case]:
@@ -153,8 +153,9 @@ def _scenes_success(case: Case, source: np.ndarray, target: np.ndarray) -> bool:
     found = result.objects[0]
     if not (found.colour_present and found.shape_correct and result.count_correct):
         return False
-    old = case.truth.objects[0]
-    moved = object_mask(source, old.colour, old.shape) | object_mask(target, case.target.split()[1], old.shape)
+    scene, new = case.truth
+    old = scene.objects[0]
+    moved = object_mask(source, old.colour, old.shape) | object_mask(target, new, old.shape)
     keep = ~moved
     return bool(keep.any()) and psnr(source[keep] / 255.0, target[keep] / 255.0) >= 30.0
 

@@ -66,11 +66,11 @@ def test_invert_returns_the_trajectory_in_denoising_order():
     plain = invert(pipeline(), image(), PROMPT, STEPS, **SIZE)
     assert torch.equal(inv.latents, plain), "the intermediates must not change the inverted noise"
     assert len(inv.trajectory) == STEPS and inv.prompt == PROMPT and inv.num_inference_steps == STEPS
-    # the last latent is the encoded image; each step's latent is less noisy than the one before
-    encoded = (
-        pipeline().vae.encode(pipeline().image_processor.preprocess(image(), **SIZE)).latent_dist.mean
-        * pipeline().vae.config.scaling_factor
-    )
+    # the last latent is the encoded image, the first a noisier one
+    pipe = pipeline()
+    with torch.no_grad():
+        pixels = pipe.image_processor.preprocess(image(), **SIZE)
+        encoded = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
     torch.testing.assert_close(inv.trajectory[-1], encoded, rtol=0, atol=1e-6)
     assert not torch.equal(inv.trajectory[0], inv.trajectory[-1])
 
