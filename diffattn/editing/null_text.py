@@ -173,7 +173,7 @@ def _optimise(
     for used in range(config.inner_steps + 1):
         with torch.enable_grad():
             loss = torch.nn.functional.mse_loss(step(embedding), target)
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             if loss_value < tolerance or used == config.inner_steps:
                 break
             # only the embedding's gradient (the denoiser's weights get none)

@@ -46,8 +46,8 @@ def inversion() -> Inversion:
 
 @functools.cache
 def null_text() -> Inversion:
-    # the tiny random model's embeddings need larger moves than SD's lr 1e-2 makes in 10 iterations
-    config = NullTextConfig(inner_steps=20, learning_rate=0.1)
+    # the embeddings' values do not matter to the tests of where they go: few, large steps
+    config = NullTextConfig(inner_steps=2, learning_rate=0.1)
     return null_text_invert(
         pipeline(), image(), PROMPT, STEPS, guidance_scale=3.0, config=config, progress=False, **SIZE
     )
@@ -109,13 +109,25 @@ def test_intermediates_reach_every_copy_and_run_before_local_blend():
 
 
 def test_null_text_embeddings_reduce_the_reconstruction_error_at_cfg():
-    inv = null_text()
-    assert len(inv.uncond_embeddings) == STEPS and inv.guidance_scale == 3.0 and inv.trajectory is None
-    reconstruction = decoded(inversion().trajectory[-1])
-    tuned = edit(pipeline(), PROMPT, PROMPT, None, inversion=inv, **SIZE)  # guidance 3 from the inversion
-    plain = edit(pipeline(), PROMPT, PROMPT, None, inversion=inv.without_null_text(), guidance_scale=3.0, **SIZE)
-    tuned_error = float(np.mean((tuned.source - reconstruction) ** 2))
-    plain_error = float(np.mean((plain.source - reconstruction) ** 2))
+    """On the embedded image model (32 px, trained: its text steers the prediction, unlike the tiny random models',
+    where DDIM's own inversion error dwarfs what guidance adds): at CFG 4, the source side of an edit from null-text
+    inversion reproduces a rendered scene better than from the same DDIM-inverted noise with the empty prompt's
+    embedding."""
+    from diffattn_bench.embedded import load_image_pipeline
+    from diffattn_bench.grammar import Scene, ShapeSpec
+    from diffattn_bench.render import render_scene
+
+    pipe = load_image_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    scene, _ = render_scene(Scene((ShapeSpec("circle", "red", "left"),)), 32, rng=0, jitter=False)
+    prompt, steps = "a red circle on the left", 10
+    inv = null_text_invert(pipe, scene, prompt, steps, guidance_scale=4.0, progress=False)
+    assert len(inv.uncond_embeddings) == steps and inv.guidance_scale == 4.0 and inv.trajectory is None
+    truth = scene.astype(np.float32) / 255
+    tuned = edit(pipe, prompt, prompt, None, inversion=inv)  # guidance 4 from the inversion
+    plain = edit(pipe, prompt, prompt, None, inversion=inv.without_null_text(), guidance_scale=4.0)
+    tuned_error = float(np.mean((tuned.source - truth) ** 2))
+    plain_error = float(np.mean((plain.source - truth) ** 2))
     assert tuned_error < 0.5 * plain_error, (tuned_error, plain_error)
 
 
