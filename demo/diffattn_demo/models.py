@@ -179,6 +179,16 @@ class Models:
             return f"embedded {info.name}"
         return str(self.image_path) if info is LOCAL_IMAGE_MODEL else f"{info.name} from {self.image_path}"
 
+    def inversion_threshold(self) -> float | None:
+        """The reconstruction PSNR (dB) below which an uploaded image is out of the image model's domain: measured
+        for the embedded shapes-image model only; unknown (``None``) for shapes-scenes (not measured yet) and for a
+        model loaded from a folder."""
+        if self.image_path is not None or (self.embedded_image or DEFAULT_IMAGE_MODEL) != "shapes-image":
+            return None
+        from diffattn_bench.embedded import IMAGE_INVERSION_PSNR
+
+        return IMAGE_INVERSION_PSNR
+
     def load(self) -> Models:
         with self._image_lock:
             self._image_pipe()

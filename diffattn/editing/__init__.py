@@ -33,8 +33,17 @@ from ..runtime import prompt_branches
 from ..schedule import LayerSpec, StepSpec
 from .callbacks import chain_step_end, refuse_owned
 from .erase import erase
-from .inversion import _scheduler, ddim_scheduler, invert
+from .inversion import (
+    Inversion,
+    ReconstructionCheck,
+    _scheduler,
+    check_reconstruction,
+    ddim_scheduler,
+    invert,
+    replay,
+)
 from .layout import attach_modifiers, layout, layout_method
+from .null_text import NullTextConfig, null_text_hook, null_text_invert
 from .tokens import check_prompt_to_prompt, find_tokens, refine_map, text_tokenizer, token_indices
 
 __all__ = [
@@ -44,6 +53,12 @@ __all__ = [
     "default_layers",
     "masactrl_layers",
     "invert",
+    "Inversion",
+    "null_text_invert",
+    "NullTextConfig",
+    "replay",
+    "check_reconstruction",
+    "ReconstructionCheck",
     "ddim_scheduler",
     "token_indices",
     "align_tokens",
@@ -143,6 +158,7 @@ def edit(
     layers: LayerSpec = None,
     steps: StepSpec = None,
     latents: torch.Tensor | None = None,
+    inversion: Inversion | None = None,
     **call_kwargs: Any,
 ) -> EditResult:
     """Run ``source`` and ``target`` in one call of ``pipe`` with ``method`` applied (``None``: the plain pair).
@@ -150,7 +166,14 @@ def edit(
     ``layers=None``: :func:`default_layers` for methods that act on later layers only (MasaCtrl), else every layer
     whose role the method acts on; ``steps`` as in :func:`diffattn.apply`; ``latents``: the starting
     noise of both branches (one entry), e.g. from :func:`invert` to edit an existing image (the call then runs with
-    :func:`ddim_scheduler`, the exact reverse of the inversion); other keyword arguments go to the pipeline call
+    :func:`ddim_scheduler`, the exact reverse of the inversion). ``inversion``: an :class:`Inversion` (from
+    ``invert(..., return_intermediates=True)`` or :func:`null_text_invert`) instead of ``latents``, used whole: its
+    noise starts both branches; its ``trajectory`` replaces the source branch's latents at the end of every step
+    (MasaCtrl's ``ref_intermediate_latents``: the source side is then the encoded image exactly); its
+    ``uncond_embeddings`` go into every prompt's unconditional branch step by step (null-text inversion). The
+    source prompt must be the inversion's, the step count its (set when not given), and with null-text embeddings
+    the guidance scale the one they were optimised for (set when not given); drop a part with
+    ``inversion.without_trajectory()`` / ``without_null_text()``. Other keyword arguments go to the pipeline call
     (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ...). A ``callback_on_step_end`` of the
     user's runs after the edit's own (LocalBlend's blending) at every step, gets its outputs and returns what the
     pipeline takes. Everything the edit checks is checked before anything is applied, and whatever it applied is
@@ -158,6 +181,9 @@ def edit(
     """
     refuse_owned(call_kwargs, _OWNED, "edit")
     copies = _copies(call_kwargs)
+    if inversion is not None:
+        _check_inversion(inversion, source, latents, call_kwargs)
+        latents = inversion.latents
     # every check that can refuse the edit runs before anything is applied to the pipeline
     maps = store = pairing = None
     if method is not None:
@@ -193,15 +219,22 @@ def edit(
             )
         call_kwargs["latents"] = latents.expand(2 * copies, *latents.shape[1:]).clone()
         replay = _scheduler(pipe, ddim_scheduler(pipe))
+    own_steps = []  # step-end callbacks of the edit, in order: the source's trajectory, then LocalBlend (from it)
+    if inversion is not None and inversion.trajectory is not None:
+        own_steps.append(_trajectory_step(inversion.trajectory, copies))
     if store is not None:
-        call_kwargs.update(chain_step_end(call_kwargs, _blend_step(store, copies)))
-    handles: list[Handle] = []
+        own_steps.append(_blend_step(store, copies))
+    if own_steps:
+        call_kwargs.update(chain_step_end(call_kwargs, _in_order(own_steps)))
+    handles: list[Handle | torch.utils.hooks.RemovableHandle] = []
     maps_token, store_token, pairing_token = CROSS_MAPS.set(maps), BLEND_STORE.set(store), REFINE_MAP.set(pairing)
     try:
         if method is not None:
             handles.append(apply(pipe, method, layers=layers, steps=steps))
             if maps is not None:
                 handles.append(apply(pipe, CrossMapRecorder()))
+        if inversion is not None and inversion.uncond_embeddings is not None:
+            handles.append(null_text_hook(pipe, inversion))
         with prompt_branches(("source", "target")), replay:
             output = pipe(prompt=[source, target], generator=generators, output_type="np", **call_kwargs)
     finally:
@@ -214,6 +247,67 @@ def edit(
     if copies == 1:
         return EditResult(source=images[0], target=images[1])
     return EditResult(source=images[:copies], target=images[copies:])
+
+
+def _check_inversion(
+    inversion: Inversion, source: str, latents: torch.Tensor | None, call_kwargs: dict[str, Any]
+) -> None:
+    """Refuse an inversion the edit cannot use as it is, and set the step count (and, with null-text embeddings,
+    the guidance scale) it fixes when the call does not give them."""
+    if not isinstance(inversion, Inversion):
+        raise TypeError(
+            f"edit: inversion= takes an Inversion (invert(..., return_intermediates=True) or null_text_invert), got "
+            f"{type(inversion).__name__}; pass inverted noise alone as latents="
+        )
+    if latents is not None:
+        raise ValueError("edit: give latents= or inversion= (which holds its latents), not both")
+    if source != inversion.prompt:
+        raise ValueError(
+            f"edit: the image was inverted with the prompt {inversion.prompt!r}, but the source prompt is {source!r}; "
+            "pass source=inversion.prompt (or invert with the source prompt)"
+        )
+    steps = call_kwargs.setdefault("num_inference_steps", inversion.num_inference_steps)
+    if steps != inversion.num_inference_steps:
+        raise ValueError(
+            f"edit: the inversion has {inversion.num_inference_steps} steps, the call num_inference_steps={steps}; "
+            "run the edit with the inversion's step count"
+        )
+    if inversion.uncond_embeddings is not None:
+        scale = call_kwargs.setdefault("guidance_scale", inversion.guidance_scale)
+        if scale != inversion.guidance_scale:
+            raise ValueError(
+                f"edit: the null-text embeddings were optimised for guidance_scale={inversion.guidance_scale}, the "
+                f"call has {scale}; use that scale, or inversion.without_null_text()"
+            )
+    if call_kwargs.get("timesteps") is not None or call_kwargs.get("sigmas") is not None:
+        raise ValueError("edit: an inversion fixes the timesteps (its DDIM schedule); do not pass timesteps= / sigmas=")
+
+
+def _trajectory_step(trajectory: tuple[torch.Tensor, ...], copies: int) -> Callable[..., dict[str, Any]]:
+    """The step-end callback that sets the source copies' latents (the first ``copies`` entries) to the inversion's
+    latent of the step."""
+
+    def step_end(_pipe: Any, i: int, _t: Any, outputs: dict[str, Any]) -> dict[str, Any]:
+        if not 0 <= i < len(trajectory):
+            raise LayoutError(
+                f"edit: step {i} of the loop, but the inversion has {len(trajectory)} steps; run the edit with "
+                f"num_inference_steps={len(trajectory)} and a scheduler that takes one model call per step (DDIM)"
+            )
+        latents = outputs["latents"]
+        latents[:copies] = trajectory[i].to(latents)
+        outputs["latents"] = latents
+        return outputs
+
+    return step_end
+
+
+def _in_order(steps: list[Callable[..., dict[str, Any]]]) -> Callable[..., dict[str, Any]]:
+    def step_end(pipe: Any, i: int, t: Any, outputs: dict[str, Any]) -> dict[str, Any]:
+        for own in steps:
+            outputs = own(pipe, i, t, outputs)
+        return outputs
+
+    return step_end
 
 
 def _copies(call_kwargs: dict[str, Any]) -> int:

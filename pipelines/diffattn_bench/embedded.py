@@ -23,6 +23,7 @@ __all__ = [
     "SCENES_MAX_TEXT_TOKENS",
     "VIDEO_MODEL_DIR",
     "MAX_TEXT_TOKENS",
+    "IMAGE_INVERSION_PSNR",
     "shapes_tokenizer",
     "scenes_tokenizer",
     "shapes_text_encoder",
@@ -40,6 +41,12 @@ SCENES_MODEL_DIR = ASSETS / "shapes-scenes"
 MAX_TEXT_TOKENS = 32
 #: The scenes model's captions run to 37 tokens (three objects with every attribute and a background phrase).
 SCENES_MAX_TEXT_TOKENS = 48
+#: The image model's out-of-domain limit: an image it regenerates from its DDIM inversion (20 steps, no guidance) at
+#: a lower PSNR (dB) is unlike its training data (``diffattn.editing.check_reconstruction``). Measured with
+#: ``python scripts/eval_inversion.py --model image --cases 20 --domain-only`` (rendered scenes vs photo-like and
+#: striped images). Smoke run (2 cases per domain): in-domain 34.5-35.4 dB, out-of-domain 9.0-9.7 dB, midpoint
+#: 22.1 dB; to be confirmed by the full run.
+IMAGE_INVERSION_PSNR = 22.0
 
 
 def _grammar_tokenizer(words: tuple[str, ...], max_tokens: int) -> Any:

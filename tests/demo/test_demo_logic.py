@@ -3,6 +3,7 @@ on the embedded image model (few steps), scored from pixels."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +302,36 @@ def test_edit_of_an_uploaded_image_inverts_it(models, tmp_path):
     factor = out.source.shape[0] // 32
     assert psnr(shrink(out.source, factor), scene) > 25  # the inverted source regenerates the upload
     assert "from the inverted upload" in out.note
+    assert "dB PSNR (in domain: >=" in out.note and "Warning" not in out.note  # the model knows the scene
+
+
+def test_an_upload_unlike_the_training_images_gets_a_warning_with_its_psnr(models, tmp_path):
+    """A photo-like upload (a smooth colour field with grain, nothing of the shapes world) comes back changed: the
+    note warns first, with the reconstruction PSNR, and the edit still runs."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:32, 0:32] / 32
+    field = np.stack([np.sin(2 * np.pi * (rng.uniform(0.5, 2) * x + rng.uniform(0.5, 2) * y)) for _ in range(3)], -1)
+    photo = np.clip(128 + 80 * field + rng.normal(0, 8, field.shape), 0, 255).astype(np.uint8)
+    out = run_edit(
+        models,
+        "a red circle on the left",
+        "a blue circle on the left",
+        "prompt-to-prompt",
+        0,
+        20,
+        upload=_save(tmp_path, "photo.png", photo),
+        upload_folder=tmp_path,
+    )
+    assert out.note.startswith("**Warning: this image looks unlike the model's training images"), out.note
+    found = re.search(r"at (\d+\.\d) dB PSNR \(images the model knows: >= ([\d.]+) dB\)", out.note)
+    assert found is not None and float(found.group(1)) < float(found.group(2)), out.note
+
+
+def test_inversion_threshold_is_known_for_the_embedded_model_only():
+    from diffattn_bench.embedded import IMAGE_INVERSION_PSNR
+
+    assert Models().inversion_threshold() == IMAGE_INVERSION_PSNR
+    assert Models(image_path=Path("elsewhere")).inversion_threshold() is None  # not loaded: no model is read
 
 
 def test_guidance_sweep_shares_the_unguided_column(models, pipe):

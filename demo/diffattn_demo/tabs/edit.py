@@ -1,5 +1,6 @@
 """The Edit tab: the source prompt's image and the target prompt's edit of it, from the same noise, with
-prompt-to-prompt (word swap and re-weight) or MasaCtrl; an uploaded image is DDIM-inverted first."""
+prompt-to-prompt (word swap and re-weight) or MasaCtrl; an uploaded image is DDIM-inverted first, and the user is
+told how well the model reproduces it (a warning when below the model's in-domain threshold)."""
 
 from __future__ import annotations
 
@@ -89,8 +90,10 @@ def run_edit(
         size = image_size(pipe)
         latents = None
         if upload is not None:
-            latents, note = _invert_upload(pipe, upload, upload_folder, size, source, steps, progress)
-            notes += [note] if note else []
+            latents, upload_notes = _invert_upload(
+                pipe, upload, upload_folder, size, source, steps, progress, models.inversion_threshold()
+            )
+            notes = upload_notes + notes
         progress(0.5 if latents is not None else 0.1, "editing")
         result = edit(
             pipe, source, target, method_obj, seed=seed, latents=latents, num_inference_steps=steps, guidance_scale=CFG
@@ -157,16 +160,27 @@ def _invert_upload(
     source: str,
     steps: int,
     progress: Progress,
-) -> tuple[Any, str]:
-    """``(latents, note)``: the uploaded image read at the model's ``size`` and DDIM-inverted with the source prompt,
-    and the note on its resizing."""
-    from diffattn.editing import invert
+    threshold: float | None,
+) -> tuple[Any, list[str]]:
+    """``(latents, notes)``: the uploaded image read at the model's ``size`` and DDIM-inverted with the source
+    prompt; the notes: how well the model regenerates it from the inversion (PSNR; a warning first when below
+    ``threshold``, the model's in-domain limit, ``None`` when unknown) and its resizing."""
+    from diffattn.editing import check_reconstruction, invert
 
     if upload_folder is None:
         raise DemoInputError("uploads are not enabled in this call")
     image, note = load_upload(upload, upload_folder, size)
     progress(0.1, "inverting the uploaded image")
-    return invert(pipe, image, source, steps), note
+    latents = invert(pipe, image, source, steps)
+    progress(0.3, "checking how well the model reproduces the upload")
+    check = check_reconstruction(pipe, image, source, latents, steps, threshold=threshold or 0.0)
+    if threshold is None:
+        told = f"The model regenerates the upload at {check.psnr:.1f} dB PSNR (no in-domain limit is known for it)."
+    elif check.out_of_domain:
+        told = f"**{check.message}**"
+    else:
+        told = f"The model regenerates the upload at {check.psnr:.1f} dB PSNR (in domain: >= {threshold:g} dB)."
+    return latents, [told] + ([note] if note else [])
 
 
 # ----------------------------------------------------------------------------------------------------------------
