@@ -15,6 +15,29 @@ checkpoint too. ``--resume`` continues from ``OUT/checkpoint/``; raise ``--minut
 
     python scripts/train_shapes_scenes.py --vae-minutes 10 --minutes 80            # ~95 minutes on 2 cores
     python scripts/train_shapes_scenes.py --vae-minutes 10 --minutes 80 --resume   # continue after a stop
+
+Training further. A checkpoint does not outlive the work session that wrote it (``OUT/checkpoint/`` is not committed);
+the shipped model is. ``--init-from FOLDER`` starts a new run from a saved pipeline's weights, e.g. the shipped one:
+
+    python scripts/train_shapes_scenes.py --init-from pipelines/diffattn_bench/assets/shapes-scenes \\
+        --out outputs/shapes-scenes-further --vae-minutes 0 --minutes 120
+    python scripts/train_shapes_scenes.py --out outputs/shapes-scenes-further --vae-minutes 0 --minutes 180 --resume
+
+The UNet, text encoder and VAE weights are read (float16 files into the float32 models); a folder whose tokenizer,
+UNet, VAE or text encoder differs from what this script builds (``--channels``) is refused. The VAE stage is skipped:
+the VAE stays frozen as given (the UNet has learnt its latents), so ``--vae-minutes`` must be 0; the training set is
+encoded with it and scaled by its config's ``scaling_factor``. The optimiser starts fresh (the same 200-step warm-up);
+the EMA starts from the loaded weights and keeps a constant decay of 0.999 (no EMA warm-up, which would replace them
+by the first steps' training weights). ``training.json`` records ``init_from`` and the source folder's own
+``training.json`` (``init_from_training``), so the history survives shipping. ``--resume`` continues such a run from
+its checkpoint, which holds every weight: the folder is not read again (``--init-from`` may be left out, or repeated
+with the same folder; another folder is refused).
+
+To ship the result, copy the model files over the shipped ones and update the model card (``README.md`` there: the
+steps, minutes and scores of the new weights):
+
+    cd outputs/shapes-scenes-further && cp -r model_index.json scheduler tokenizer text_encoder unet vae \\
+        training.json loss.png ../../pipelines/diffattn_bench/assets/shapes-scenes/
 """
 
 from __future__ import annotations
@@ -56,6 +79,11 @@ STATE = "state.pt"
 LATENTS = "latents.pt"
 # Settings a resumed run takes from its checkpoint (the data and models must stay the same).
 FIXED = ("seed", "images", "batch", "lr", "channels")
+#: The EMA decay of a run started from saved weights: constant from the first step (see the module docstring).
+INIT_EMA_DECAY = 0.999
+#: Config keys that may differ between a saved model and the one this script builds (bookkeeping, not architecture;
+#: the VAE's scaling factor is read from the saved folder).
+UNCHECKED = {"scaling_factor", "architectures", "dtype", "torch_dtype", "transformers_version"}
 
 
 def build_models(tokenizer, channels: tuple[int, ...] = UNET_CHANNELS):
@@ -92,6 +120,68 @@ def build_models(tokenizer, channels: tuple[int, ...] = UNET_CHANNELS):
     return vae, text_encoder, unet
 
 
+def _architecture(config) -> dict:
+    """A model config as plain JSON values, without the bookkeeping keys (``UNCHECKED`` and ``_``-prefixed ones)."""
+    items = config.to_dict().items() if hasattr(config, "to_dict") else dict(config).items()
+    return json.loads(json.dumps({k: v for k, v in items if not k.startswith("_") and k not in UNCHECKED}))
+
+
+def load_init(path: Path, tokenizer, vae, text_encoder, unet) -> dict | None:
+    """Copy a saved scenes pipeline's VAE, text encoder and UNet weights into the freshly built models and set the
+    VAE's ``scaling_factor`` to the saved one. Refuses (SystemExit) a folder whose tokenizer or architectures differ.
+    Returns the folder's ``training.json`` (None if it has none)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if not (path / "model_index.json").is_file():
+        raise SystemExit(
+            f"--init-from {path}: not a saved pipeline folder (no model_index.json); pass the folder of a model this "
+            "script saved, e.g. pipelines/diffattn_bench/assets/shapes-scenes"
+        )
+    saved_tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    if (
+        saved_tokenizer.get_vocab() != tokenizer.get_vocab()
+        or saved_tokenizer.model_max_length != tokenizer.model_max_length
+    ):
+        raise SystemExit(
+            f"--init-from {path}: its tokenizer ({len(saved_tokenizer)} tokens, up to "
+            f"{saved_tokenizer.model_max_length}) differs from scenes_tokenizer() ({len(tokenizer)} tokens, up to "
+            f"{tokenizer.model_max_length}): not a scenes model, or the scenes vocabulary changed since it was saved; "
+            "train from scratch (leave out --init-from)"
+        )
+    pairs = (
+        ("vae", vae, AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)),
+        (
+            "text_encoder",
+            text_encoder,
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
+        ),
+        ("unet", unet, UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)),
+    )
+    for name, model, saved in pairs:
+        built, given = _architecture(model.config), _architecture(saved.config)
+        differing = sorted(k for k in built.keys() | given.keys() if built.get(k) != given.get(k))
+        if differing:
+            hint = ""
+            if name == "unet" and "block_out_channels" in differing:
+                hint = f"; pass --channels {' '.join(map(str, given['block_out_channels']))} to build its UNet"
+            raise SystemExit(
+                f"--init-from {path}: its {name} differs from the one this script builds in "
+                + ", ".join(f"{k} ({given.get(k)} there, {built.get(k)} here)" for k in differing)
+                + (hint or "; train from scratch (leave out --init-from)")
+            )
+        try:
+            model.load_state_dict(saved.state_dict())  # float16 files: copied into the float32 parameters
+        except RuntimeError as exc:
+            raise SystemExit(
+                f"--init-from {path}: its {name} weights do not fit the model this script builds "
+                f"({str(exc).splitlines()[0]}); train from scratch (leave out --init-from)"
+            ) from None
+    vae.register_to_config(scaling_factor=float(pairs[0][2].config.scaling_factor))
+    info = path / "training.json"
+    return json.loads(info.read_text()) if info.is_file() else None
+
+
 def training_scenes(count: int, seed: int) -> list:
     """The fixed training set: scene ``i`` is ``sample_scene(default_rng((seed, i)), "train")``."""
     return [sample_scene(np.random.default_rng((seed, i)), "train") for i in range(count)]
@@ -118,6 +208,7 @@ class Run:
         self.commands: list[str] = []
         self.scaling: float | None = None
         self.checkpoints = 0
+        self.init_training: dict | None = None  # the --init-from folder's training.json
 
     def due(self) -> bool:
         return time.time() - self.last >= self.every
@@ -135,6 +226,7 @@ class Run:
             "commands": self.commands,
             "scaling": self.scaling,
             "checkpoints": self.checkpoints + 1,
+            "init_training": self.init_training,
             "torch_rng": rng.get_state(),
             "global_torch_rng": torch.get_rng_state(),
             "caption_rng": caption_rng.bit_generator.state,
@@ -167,12 +259,28 @@ class Run:
             "checkpoints",
         ):
             setattr(self, key, state[key])
+        self.init_training = state.get("init_training")  # checkpoints written before --init-from have none
         return state
 
 
 def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
+    """The run's settings: the checkpoint's on resume (a differing option given again is an error), else the options
+    given over the defaults. ``init_from`` (the folder a run started from, or None) is kept by the checkpoint too: on
+    resume the same folder given again is ignored (the checkpoint holds the weights), another one is refused."""
     defaults = {"seed": 0, "images": 40000, "batch": 32, "lr": 1e-3, "channels": list(UNET_CHANNELS)}
     config = {}
+    given_init = None if args.init_from is None else str(args.init_from)
+    if saved is None:
+        config["init_from"] = given_init
+    else:
+        config["init_from"] = saved.get("init_from")  # checkpoints written before --init-from have none
+        if given_init is not None:
+            if config["init_from"] is None or Path(given_init).resolve() != Path(config["init_from"]).resolve():
+                raise SystemExit(
+                    f"--init-from {given_init} differs from the checkpoint's ({config['init_from']}); a resumed run "
+                    "continues from its checkpoint (leave out --init-from, or start a new run in another --out)"
+                )
+            logger.info("--init-from %s ignored: a resumed run continues from its checkpoint", given_init)
     for key in FIXED:
         given = getattr(args, key)
         if given is not None and key == "channels":
@@ -289,6 +397,7 @@ def write_info(run: Run, args: argparse.Namespace) -> None:
         "denoiser_minutes": round(run.seconds / 60, 2),
         "minutes": round((run.vae_seconds + run.seconds) / 60, 2),
         "scaling_factor": run.scaling,
+        "init_from_training": run.init_training,
         "empty_captions": EMPTY_CAPTIONS,
         "leave_out": dict(LEAVE_OUT),
         "held_out": sorted(list(k) for k in HELD_OUT),
@@ -318,6 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, nargs=4, default=None, help=f"UNet widths (default {UNET_CHANNELS})")
     parser.add_argument("--steps", type=int, default=None, help="also stop the denoiser after this many steps")
     parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="a saved scenes pipeline (e.g. pipelines/diffattn_bench/assets/shapes-scenes) whose weights a new run "
+        "starts from, to train it further; its VAE stays frozen (pass --vae-minutes 0)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=min(2, os.cpu_count() or 1),
@@ -336,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.resume:
         logger.warning("no checkpoint in %s: starting a fresh run", folder)
     config = resolve_config(args, saved)
+    if config["init_from"] is not None and args.vae_minutes != 0:
+        raise SystemExit(
+            f"--vae-minutes {args.vae_minutes:g}: a run started from --init-from {config['init_from']} keeps its VAE "
+            "frozen (the UNet has learnt its latents) and skips the VAE stage; pass --vae-minutes 0"
+        )
     run = Run(out, args.checkpoint_minutes, config)
     torch.manual_seed(config["seed"])
     rng = torch.Generator().manual_seed(config["seed"])
@@ -347,13 +468,21 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = scenes_tokenizer()
     vae, text_encoder, unet = build_models(tokenizer, config["channels"])
     text_params = distinct_frozen_token_embeddings(text_encoder, seed=1)
+    if saved is None and config["init_from"] is not None:
+        run.init_training = load_init(Path(config["init_from"]), tokenizer, vae, text_encoder, unet)
+        logger.info("starting from the weights of %s (VAE frozen, stage skipped)", config["init_from"])
+    if config["init_from"] is not None:
+        vae.requires_grad_(False)
     params = list(unet.parameters()) + text_params
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     opt = torch.optim.AdamW(
         [{"params": list(unet.parameters()), "weight_decay": 1e-2}, {"params": text_params, "weight_decay": 0.0}],
         lr=config["lr"],
     )
-    ema = EMAModel(params, decay=0.999, use_ema_warmup=True)  # both models, so the pair stays consistent
+    if config["init_from"] is None:
+        ema = EMAModel(params, decay=0.999, use_ema_warmup=True)  # both models, so the pair stays consistent
+    else:  # from the loaded weights at full decay (step 1's decay 0 copies weights the lr warm-up barely moved)
+        ema = EMAModel(params, decay=INIT_EMA_DECAY, min_decay=INIT_EMA_DECAY)
     models = {"vae": vae, "vae_opt": vae_opt, "unet": unet, "text_encoder": text_encoder, "opt": opt, "ema": ema}
     if saved is not None:
         state = run.load()
@@ -415,9 +544,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if run.stage == "vae":
             images = render_all(scenes)
-            train_vae_stage(run, vae, vae_opt, images, args.vae_minutes * 60, config["batch"], rng, save)
-            raw = encode_all(vae, images)
-            run.scaling = float(1.0 / raw.std())
+            if config["init_from"] is None:
+                train_vae_stage(run, vae, vae_opt, images, args.vae_minutes * 60, config["batch"], rng, save)
+            vae.eval()
+            with torch.no_grad():
+                raw = encode_all(vae, images)
+            if config["init_from"] is None:
+                run.scaling = float(1.0 / raw.std())
+            else:  # the frozen VAE's own factor: the latents the UNet was trained on
+                run.scaling = float(vae.config.scaling_factor)
+                logger.info(
+                    "latents std %.3f with the given VAE's scaling factor %.4f", raw.std() * run.scaling, run.scaling
+                )
             folder.mkdir(parents=True, exist_ok=True)
             torch.save((raw * run.scaling).half(), folder / LATENTS)
             del images, raw

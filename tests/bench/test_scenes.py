@@ -125,3 +125,56 @@ def test_training_smoke_run_saves_a_pipeline_and_resumes(tmp_path):
         "a red striped circle", height=64, width=64, num_inference_steps=2, guidance_scale=2, output_type="np"
     ).images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def _weights(folder: Path, part: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(next((folder / part).glob("*.safetensors")))
+
+
+def test_init_from_starts_from_saved_weights_skips_the_vae_stage_and_refuses_other_models(tmp_path):
+    import torch
+
+    script = _script()
+    tiny = ["--images", "6", "--batch", "2", "--channels", *["16"] * 4, "--threads", "1"]
+    source = tmp_path / "source"
+    assert script.main([*tiny, "--out", str(source), "--vae-minutes", "0.002", "--steps", "2"]) == 0
+    before = json.loads((source / "training.json").read_text())
+    assert before["vae_steps"] >= 1 and before["denoiser_steps"] == 2
+
+    further = tmp_path / "further"
+    start = [*tiny, "--out", str(further), "--init-from", str(source), "--seed", "1"]  # another seed: another init
+    with pytest.raises(SystemExit, match="pass --vae-minutes 0"):  # the default 10 minutes would retrain the VAE
+        script.main(start)
+    assert script.main([*start, "--vae-minutes", "0", "--steps", "0"]) == 0  # step 0: the weights it started from
+    info = json.loads((further / "training.json").read_text())
+    assert info["vae_steps"] == 0 and info["vae_minutes"] == 0 and info["denoiser_steps"] == 0
+    assert info["init_from"] == str(source) and info["init_from_training"]["denoiser_steps"] == 2
+    assert info["scaling_factor"] == before["scaling_factor"]  # the given VAE's, not re-measured
+    state = torch.load(further / "checkpoint" / "state.pt", weights_only=False)
+    assert not [entry for entry in state["curve"] if entry[0] == "vae"]
+    for part in ("unet", "text_encoder", "vae"):
+        saved = _weights(source, part)  # float16 files
+        trained = state[part]  # float32 training weights of the new run
+        exported = _weights(further, part)  # its EMA export at step 0
+        assert saved.keys() == exported.keys() and set(saved) <= set(trained)
+        for key, value in saved.items():
+            assert trained[key].dtype == torch.float32 and torch.equal(trained[key], value.float()), (part, key)
+            assert torch.equal(exported[key], value), (part, key)
+
+    # the checkpoint holds the weights: the same folder again is ignored on resume, another one refused
+    resume = [*tiny, "--out", str(further), "--seed", "1", "--vae-minutes", "0", "--resume"]
+    with pytest.raises(SystemExit, match="differs from the checkpoint"):
+        script.main([*resume, "--init-from", str(tmp_path)])
+    assert script.main([*resume, "--init-from", str(source), "--steps", "1"]) == 0
+    resumed = json.loads((further / "training.json").read_text())
+    assert resumed["denoiser_steps"] == 1 and resumed["vae_steps"] == 0 and len(resumed["commands"]) == 2
+    assert resumed["init_from_training"] == info["init_from_training"]
+
+    wider = [*tiny, "--channels", *["32"] * 4]  # the last --channels wins
+    with pytest.raises(SystemExit, match="block_out_channels.*pass --channels 16 16 16 16"):
+        script.main([*wider, "--out", str(tmp_path / "wider"), "--init-from", str(source), "--vae-minutes", "0"])
+    first_model = SCRIPT.parents[1] / "pipelines" / "diffattn_bench" / "assets" / "shapes-image"
+    with pytest.raises(SystemExit, match="tokenizer"):  # the 32 px model: another vocabulary
+        script.main([*tiny, "--out", str(tmp_path / "other"), "--init-from", str(first_model), "--vae-minutes", "0"])
