@@ -10,7 +10,8 @@ Cases, their seeds and the pixel checks are in :mod:`diffattn_bench.shapes_edit`
 ``--split report`` for published numbers; disjoint seeds; a case's seed is also its noise seed). Per task:
 
 - ``replace/colour|shape|pattern``: :class:`diffattn.PromptToPrompt` word swap vs the plain target prompt from the
-  same noise (issue #28's target: >= 90 %, >= 40 points above the baseline).
+  same noise (issue #28's target: >= 90 %, >= 40 points above the baseline); ``--local-blend '{}'`` adds
+  :class:`diffattn.LocalBlend` on the swapped words (outside their maps the target keeps the source's latents).
 - ``refine/pattern|size``: ``PromptToPrompt(mode="refine")`` adding a word vs the plain target prompt.
 - ``reweight/pattern|size``: the same prompt, ``PromptToPrompt(reweight=((token, --reweight),))`` on the pattern or
   "large" word vs the same weight on the object's article "a" (a control: any re-weighting, not the attribute's
@@ -88,8 +89,10 @@ class Settings:
     guidance: float = GUIDANCE
     reweight: float = 2.0
     erase_guidance: float = 9.0
+    eraser: Mapping[str, Any] = field(default_factory=dict)
     p2p: Mapping[str, Any] = field(default_factory=lambda: {"cross_replace": 0.8, "self_replace": 0.4})
     masactrl: Mapping[str, Any] = field(default_factory=lambda: {"start_step": 4})
+    local_blend: Mapping[str, Any] | None = None  # replace tasks: LocalBlend options (words: the swapped words)
     layout: Mapping[str, Any] = field(default_factory=dict)
     thresholds: EditThresholds = DEFAULT
 
@@ -183,8 +186,13 @@ def _prompt_pair_task(pipe: Any, task: str, cases: Sequence[EditCase], settings:
         mode = {"mode": "refine"} if family == "refine" else {}
         method = diffattn.PromptToPrompt(**{**settings.p2p, **mode})
         check = check_replace if family == "replace" else check_refine
-    run = _Run(task, method.name + (" (refine)" if family == "refine" else ""))
+    blend = family == "replace" and settings.local_blend is not None
+    label = " (refine)" if family == "refine" else " + LocalBlend" if blend else ""
+    run = _Run(task, method.name + label)
     for i, case in enumerate(tqdm(cases, desc=task, leave=False)):
+        if blend:  # the swapped words' region may change; the rest is the source's
+            local = diffattn.LocalBlend(words=(case.old, case.new), **settings.local_blend)
+            method = diffattn.PromptToPrompt(**settings.p2p, local_blend=local)
         pairs = {
             arm: run.timed(arm, _edit, pipe, case, m, settings) for arm, m in (("method", method), ("baseline", None))
         }
@@ -222,9 +230,18 @@ def _removal_task(pipe: Any, task: str, cases: Sequence[EditCase], settings: Set
         image, mask = render(case.scene), removal_mask(case)
         outs, verdicts = {}, {}
         for arm, guidance in (("method", settings.erase_guidance), ("baseline", 0.0)):
+            method = diffattn.AttentiveEraser(**settings.eraser) if arm == "method" else None
             outs[arm] = _uint8(
                 run.timed(
-                    arm, erase, pipe, image, mask, num_inference_steps=settings.steps, guidance=guidance, seed=case.seed
+                    arm,
+                    erase,
+                    pipe,
+                    image,
+                    mask,
+                    num_inference_steps=settings.steps,
+                    guidance=guidance,
+                    method=method,
+                    seed=case.seed,
                 )
             )
             verdicts[arm] = check_removal(outs[arm], case, settings.thresholds, mask)
@@ -450,8 +467,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=GUIDANCE, help=f"CFG scale (default {GUIDANCE})")
     parser.add_argument("--reweight", type=float, default=2.0, help="re-weight tasks: the word's weight")
     parser.add_argument("--erase-guidance", type=float, default=9.0, help="removal: erase()'s SARG guidance")
+    parser.add_argument("--eraser", default="{}", help="removal: AttentiveEraser options as JSON")
     parser.add_argument("--p2p", default='{"cross_replace": 0.8, "self_replace": 0.4}', help="PromptToPrompt JSON")
     parser.add_argument("--masactrl", default='{"start_step": 4}', help="MutualSelfAttention options as JSON")
+    parser.add_argument(
+        "--local-blend", default=None, help="replace tasks: add LocalBlend on the swapped words, options as JSON ('{}')"
+    )
     parser.add_argument("--layout-options", default="{}", help="diffattn.editing.layout options as JSON")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--grid", type=Path, default=None, help="also save a picture of example edits")
@@ -473,9 +494,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         guidance=args.guidance,
         reweight=args.reweight,
         erase_guidance=args.erase_guidance,
+        eraser=_json_option(args.eraser, "eraser"),
         p2p=_json_option(args.p2p, "p2p"),
         masactrl=_json_option(args.masactrl, "masactrl"),
         layout=_json_option(args.layout_options, "layout-options"),
+        local_blend=None if args.local_blend is None else _json_option(args.local_blend, "local-blend"),
     )
     pipe = load_scenes_pipeline(args.model)
     examples: list = []

@@ -92,10 +92,10 @@ def _local_folder(path: Path | None) -> Any:
 
 
 #: The embedded image models the demo can serve (``--embedded-image NAME``), the first one by default. The Guidance
-#: defaults of shapes-scenes are provisional, to be set from ``scripts/sweep_guidance.py`` on the trained model: in a
-#: smoke run on an early export (410 steps, CFG 1, scale 3, 4 images) PAG moved the image by a mean of 17 levels on
-#: up_blocks.3, 12 on down_blocks.0, 7 on up_blocks.2, < 1 on up_blocks.1; SEG by at most 5 (down_blocks.1), so
-#: only PAG is a default row until the sweep says otherwise.
+#: defaults of shapes-scenes come from ``scripts/sweep_guidance.py`` on the shipped model (stage 1, CFG 1, scale 3,
+#: 96 items; docs/results.md): ``up_blocks.2`` is the block where PAG and SEG both move the image visibly (mean
+#: change 22 and 14 levels) without lowering ShapesBench (paired differences within +-4 points, intervals across
+#: 0); ``up_blocks.3`` moves it as much but loses 4-6 points, ``mid_block`` (a 2 x 2 latent) moves it by < 1 level.
 IMAGE_MODELS: dict[str, ImageModel] = {
     "shapes-image": ImageModel(
         "shapes-image",
@@ -108,7 +108,7 @@ IMAGE_MODELS: dict[str, ImageModel] = {
         "shapes-scenes",
         _embedded_scenes,
         tuple(SCENE_VOCABULARY),
-        GuidanceDefaults(layer="up_blocks.3", scale=3.0, scales=(1.5, 3.0, 5.0), methods=("PAG",)),
+        GuidanceDefaults(layer="up_blocks.2", scale=3.0, scales=(1.5, 3.0, 5.0)),
         "a red striped circle on the left and a blue square on a black checked background",
     ),
 }
