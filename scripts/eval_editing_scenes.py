@@ -366,6 +366,64 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: Issue #28's target per task family: (least success, least points above the baseline); ``None``: a measured effect.
+TARGETS: dict[str, tuple[float, float] | None] = {
+    "replace": (0.90, 0.40),
+    "refine": None,
+    "reweight": None,
+    "consistency": (0.85, 0.30),
+    "removal": (0.80, 0.0),
+    "layout": (0.85, 0.0),
+}
+INVERSION_TARGET_DB = 30.0
+
+
+def _target_text(task: str) -> str:
+    family = task.split("/")[0]
+    if family == "inversion":
+        return f">= {INVERSION_TARGET_DB:g} dB"
+    target = TARGETS[family]
+    if target is None:
+        return "a measured effect"
+    least, above = target
+    return f">= {100 * least:g}%" + (f", >= {100 * above:g} points above" if above else "")
+
+
+def _met(r: Mapping[str, Any]) -> str:
+    family = r["task"].split("/")[0]
+    if family == "inversion":
+        return "yes" if r["psnr_mean"] >= INVERSION_TARGET_DB else "no"
+    target = TARGETS[family]
+    if target is None:
+        return "–"
+    least, above = target
+    return "yes" if r["success"] >= least and r["success"] - r["baseline_success"] >= above else "no"
+
+
+def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """The results as the README's table: task, method, success and baseline with their 95 % intervals, the
+    difference in points, issue #28's target and whether it is met, seconds per edit."""
+    lines = [
+        "| task | method | success [95% CI] | plain baseline [95% CI] | difference | target | met "
+        "| s per edit (method / plain) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["task"] == "inversion":
+            lines.append(
+                f"| inversion | {r['method']} | {r['psnr_mean']:.1f} dB mean PSNR (min {r['psnr_min']:.1f}; "
+                f"{r['cases']} cases) | – | – | {_target_text('inversion')} | {_met(r)} | {r['seconds_per_case']:.2f} |"
+            )
+            continue
+        points = 100 * (r["success"] - r["baseline_success"])
+        lines.append(
+            f"| {r['task']} | `{r['method']}` | {_rate(r['success'], r['ci95']).strip()} | "
+            f"{_rate(r['baseline_success'], r['baseline_ci95']).strip()} | {points:+.1f} | {_target_text(r['task'])} | "
+            f"{_met(r)} | {r['seconds_per_edit']:.2f} / {r['baseline_seconds_per_edit']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def _outlined(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The image with the mask's border in white (the picture only, never scored)."""
     out = image.copy()
@@ -441,6 +499,7 @@ def write_results(results: Sequence[Mapping[str, Any]], settings: Settings, out:
         "results": list(results),
     }
     path.write_text(json.dumps(payload, indent=2, default=float))
+    path.with_suffix(".md").write_text(markdown_table(results) + "\n")
     return path
 
 

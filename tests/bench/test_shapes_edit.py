@@ -297,5 +297,47 @@ def test_script_task_loop_runs_every_task(tmp_path):
     assert all(task in table for task in TASKS)
     path = script.write_results(results, settings, tmp_path, str(tmp_path / "no-model"))
     assert json.loads(path.read_text())["settings"]["split"] == "dev"
+    rows = path.with_suffix(".md").read_text().splitlines()[2:]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == list(TASKS)
     script.save_grid(examples[:2], tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def _result(task: str, success: float, baseline: float) -> dict:
+    return {
+        "task": task,
+        "method": "M",
+        "success": success,
+        "ci95": [0.0, 1.0],
+        "baseline_success": baseline,
+        "baseline_ci95": [0.0, 1.0],
+        "seconds_per_edit": 1.0,
+        "baseline_seconds_per_edit": 1.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("task", "success", "baseline", "met"),
+    [
+        ("replace/colour", 0.95, 0.50, "yes"),
+        ("replace/colour", 0.95, 0.60, "no"),  # 35 points above the baseline, 40 needed
+        ("replace/shape", 0.85, 0.00, "no"),  # below 90%
+        ("consistency/place", 0.90, 0.55, "yes"),
+        ("consistency/size", 0.90, 0.65, "no"),
+        ("removal", 0.80, 0.79, "yes"),
+        ("layout", 0.84, 0.00, "no"),
+        ("refine/pattern", 1.0, 0.0, "–"),  # no numeric target
+    ],
+)
+def test_markdown_table_says_whether_the_target_is_met(task, success, baseline, met):
+    script = _script()
+    row = script.markdown_table([_result(task, success, baseline)]).splitlines()[2].split(" | ")
+    assert row[0] == f"| {task}" and row[6] == met
+    assert row[4] == f"{100 * (success - baseline):+.1f}"
+
+
+def test_markdown_table_inversion_against_30_db():
+    script = _script()
+    record = {"task": "inversion", "method": "DDIM", "cases": 3, "psnr_min": 20.0, "seconds_per_case": 1.0}
+    assert " no " in script.markdown_table([{**record, "psnr_mean": 29.9}]).splitlines()[2]
+    assert " yes " in script.markdown_table([{**record, "psnr_mean": 30.0}]).splitlines()[2]
