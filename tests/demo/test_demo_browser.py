@@ -5,8 +5,9 @@ once; a socket audit hook in the server process proving it connects to nothing o
 folder removed when it stops.
 
 Screenshots and timings go to ``outputs/demo/``; ``DIFFATTN_DEMO_SCREENSHOTS=docs/images`` also writes the README's
-screenshots there. Without chromium the browser tests skip (outside CI) or fail (``CI`` set): run
-``scripts/bootstrap.sh`` as root, or point ``DIFFATTN_CHROMIUM`` at a Chromium binary.
+screenshots there; ``DIFFATTN_DEMO_TIMEOUT_FACTOR`` multiplies every wait (a loaded machine). Without chromium the
+browser tests skip (outside CI) or fail (``CI`` set): run ``scripts/bootstrap.sh`` as root, or point
+``DIFFATTN_CHROMIUM`` at a Chromium binary.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ from diffattn_demo.tabs.layout import BOX_COLOURS, run_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "outputs" / "demo"
-STARTUP_TIMEOUT = 120.0
-RESULT_TIMEOUT = 120_000  # ms
+# a machine busy with other work may need longer: DIFFATTN_DEMO_TIMEOUT_FACTOR=4 waits four times as long
+TIMEOUT_FACTOR = float(os.environ.get("DIFFATTN_DEMO_TIMEOUT_FACTOR") or 1)
+STARTUP_TIMEOUT = 120.0 * TIMEOUT_FACTOR
+RESULT_TIMEOUT = int(120_000 * TIMEOUT_FACTOR)  # ms
 TOLERANCE = 2  # levels of 255: the server and this process may split float sums differently
 
 
@@ -153,7 +156,7 @@ def _wait_until_usable(browser, server: Server) -> None:
             break
         except Exception:  # connection refused until the server listens
             time.sleep(0.25)
-    page.locator("#edit-run").wait_for(timeout=30000)
+    page.locator("#edit-run").wait_for(timeout=30000 * TIMEOUT_FACTOR)
     server.startup_seconds = time.perf_counter() - server.started
     page.close()
 
@@ -201,6 +204,7 @@ def scenes_server(browser, tmp_path_factory):
 def page(browser, server):
     """A new browser session on the demo; every request it makes is recorded and must go to loopback."""
     context = browser.new_context(viewport={"width": 1440, "height": 900})
+    context.set_default_timeout(30000 * TIMEOUT_FACTOR)
     page = context.new_page()
     requests: list[str] = []
     page.on("request", lambda request: requests.append(request.url))
@@ -537,10 +541,12 @@ def test_speed_tab(page, server):
     _screenshot(page, "speed")
 
 
-def test_edit_difference_of_an_image_with_itself_is_black_with_a_legend(page, server):
+def test_edit_difference_map_has_a_fixed_scale_and_a_legend(page, server):
     """The Edit tab's difference map on its fixed scale: an edit that changes nothing (the target is the source)
-    shows a black map, and the legend under it runs from black (0) to white (255 levels)."""
-    from diffattn_demo.images import DIFFERENCE_STOPS
+    leaves the two images equal but for a few levels of numeric noise, which the map shows as what they are, dim (the
+    old map, scaled to its own largest difference, showed them white), identical pixels black; the legend under it
+    runs from black (0) to white (255 levels)."""
+    from diffattn_demo.images import DIFFERENCE_STOPS, difference_levels, difference_map
 
     _fill(page, "edit-source", "a red circle on the left")
     _fill(page, "edit-target", "")
@@ -548,9 +554,11 @@ def test_edit_difference_of_an_image_with_itself_is_black_with_a_legend(page, se
     page.locator("#edit-run").click()
     diff = _image(page, server, "edit-out-diff")
     source, target = _image(page, server, "edit-out-source"), _image(page, server, "edit-out-target")
-    assert np.array_equal(source, target) and source.std() > 0
-    assert not diff.any(), f"an unchanged image shows a difference of up to {diff.max()}"
-    assert "largest difference 0 levels of 255" in page.locator("#edit-note").inner_text()
+    levels = difference_levels(source, target)
+    assert np.array_equal(diff, difference_map(source, target))  # each pixel the scale's colour of its own level
+    assert not diff[levels == 0].any() and (levels == 0).mean() > 0.5  # identical pixels: black
+    assert levels.max() < 64 and diff.max() < 255, int(levels.max())  # a small change looks small
+    assert f"largest difference {levels.max()} levels of 255" in page.locator("#edit-note").inner_text()
     legend = page.locator("#edit-diff-legend")
     assert "levels of 255" in legend.inner_text()
     ticks = legend.locator(".diff-legend-ticks span").all_inner_texts()
