@@ -37,6 +37,8 @@ logger = logging.getLogger("diffattn.demo")
 
 CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; image-rendering: crisp-edges; }
+#speed-table { overflow-x: auto; }
+#speed-table th, #speed-table td { word-break: normal; overflow-wrap: normal; hyphens: none; }
 """
 TABS = (edit, layout, erase, guidance, speed)  # in the page's order; each module's build(models, temp) makes its tab
 

@@ -5,7 +5,28 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["to_uint8", "display_factor", "enlarge", "shrink", "difference_map"]
+__all__ = [
+    "to_uint8",
+    "display_factor",
+    "enlarge",
+    "shrink",
+    "DIFFERENCE_STOPS",
+    "difference_levels",
+    "difference_colours",
+    "difference_map",
+]
+
+#: The fixed colour scale of every difference map: ``(level, RGB)`` stops, linear between them, from 0 (identical:
+#: black) to 255 (black against white). The same level has the same colour in every image, so a small change looks
+#: small; the demo shows this scale as the map's legend. Dim blue from the first levels up, so that a change of a
+#: few levels is visible yet nothing like a large one.
+DIFFERENCE_STOPS: tuple[tuple[int, tuple[int, int, int]], ...] = (
+    (0, (0, 0, 0)),
+    (16, (40, 40, 150)),
+    (64, (190, 40, 160)),
+    (128, (255, 150, 0)),
+    (255, (255, 255, 255)),
+)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -29,9 +50,28 @@ def shrink(image: np.ndarray, factor: int) -> np.ndarray:
     return blocks.round().astype(np.uint8).reshape(h, w, *image.shape[2:])
 
 
+def difference_levels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b| per pixel, the largest over the colour channels, in levels of 255 (uint8 ``(H, W)``)."""
+    if a.shape != b.shape:
+        raise ValueError(f"a difference needs images of one shape, got {a.shape} and {b.shape}")
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=-1).astype(np.uint8)
+
+
+def _scale() -> np.ndarray:
+    """The 256 colours of :data:`DIFFERENCE_STOPS` (uint8 ``(256, 3)``)."""
+    levels = [level for level, _ in DIFFERENCE_STOPS]
+    colours = np.array([colour for _, colour in DIFFERENCE_STOPS], np.float64)
+    ramp = np.arange(256)
+    return np.stack([np.interp(ramp, levels, colours[:, c]) for c in range(3)], -1).round().astype(np.uint8)
+
+
+def difference_colours(levels: np.ndarray) -> np.ndarray:
+    """Levels of 255 (uint8) as the colours of the fixed difference scale (uint8 ``(..., 3)``)."""
+    return _scale()[np.asarray(levels, np.uint8)]
+
+
 def difference_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """|a - b| (max over channels) as a grey image, scaled so the largest difference is white (black: identical)."""
-    diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=-1).astype(np.float32)
-    peak = float(diff.max())
-    grey = (diff / peak * 255.0).round().astype(np.uint8) if peak > 0 else diff.astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=-1)
+    """|a - b| (the largest over the channels) on the fixed scale :data:`DIFFERENCE_STOPS`: black where the images
+    are identical, the same colour for the same number of levels in every image (never scaled to the image's own
+    largest difference)."""
+    return difference_colours(difference_levels(a, b))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ __all__ = [
     "check_seed",
     "check_steps",
     "fit_prompt",
+    "prompt_words",
+    "unknown_words",
+    "vocabulary_warning",
+    "check_number",
     "load_upload",
     "mask_from_editor",
     "parse_subjects",
@@ -46,6 +51,7 @@ class Limits:
     max_steps: int = 50
     max_scales: int = 6
     max_scale: float = 20.0
+    max_weight: float = 5.0
     max_subjects: int = 4
 
 
@@ -97,6 +103,50 @@ def fit_prompt(pipe: Any, prompt: Any, what: str = "prompt") -> tuple[str, str]:
     # keep the first limit - 2 word tokens (BOS and EOS take the other two places)
     kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True).strip()
     return kept, f'The {what} was longer than the model\'s {limit} tokens and was cut to: "{kept}".'
+
+
+def prompt_words(text: str) -> list[str]:
+    """The words of ``text`` as the embedded models' tokenizers read them: lower case, letters and digits in runs,
+    every other mark (a comma) on its own."""
+    return re.findall(r"[a-z0-9]+|[^a-z0-9\s]", text.lower())
+
+
+def unknown_words(texts: Sequence[Any], vocabulary: Sequence[str] | None) -> list[str]:
+    """The words of ``texts`` (prompts; ``None`` or empty ones are skipped) that are not in ``vocabulary``, each
+    once, in the order typed; none when the vocabulary is open (``None``: a local model's tokenizer)."""
+    if vocabulary is None:
+        return []
+    known = set(vocabulary)
+    words = (w for text in texts if isinstance(text, str) for w in prompt_words(text))
+    return list(dict.fromkeys(w for w in words if w not in known))
+
+
+def vocabulary_warning(texts: Sequence[Any], vocabulary: Sequence[str] | None) -> str:
+    """A warning naming the words of ``texts`` the model does not know (empty when it knows them all): the model
+    runs anyway, but cannot draw what those words mean."""
+    unknown = unknown_words(texts, vocabulary)
+    if not unknown:
+        return ""
+    listed = ", ".join(f"'{w}'" for w in unknown)
+    return (
+        f"**Warning: the model does not know {listed}**: it learnt only the words listed by the prompt, so it cannot "
+        "draw what an unknown word means (its tokenizer cuts it into pieces, e.g. 'cat' into 'c' + 'at'); the image "
+        "follows the words it knows."
+    )
+
+
+def check_number(value: Any, what: str, minimum: float, maximum: float) -> float:
+    """``value`` (a number, or a numeric string as the API may send) as a finite float in [minimum, maximum]; never
+    clamped, since API calls reach this without the sliders' bounds."""
+    if isinstance(value, bool):
+        raise DemoInputError(f"{what} must be a number between {minimum:g} and {maximum:g}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DemoInputError(f"{what} must be a number between {minimum:g} and {maximum:g}, got {value!r}") from None
+    if not math.isfinite(number) or not minimum <= number <= maximum:
+        raise DemoInputError(f"{what} must be between {minimum:g} and {maximum:g}, got {value!r}")
+    return number
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -68,7 +68,7 @@ class ImageModel:
         """The sentence the tabs show about the model's words."""
         if self.vocabulary is None:
             return f"Model: {self.name} (a local folder: any prompt its tokenizer reads)."
-        return f"Model: {self.name}; the words it knows: {', '.join(self.vocabulary)}."
+        return f"Model: {self.name}; the words it knows: {' '.join(f'`{w}`' for w in self.vocabulary)}"
 
 
 def _embedded_image(path: Path | None) -> Any:

@@ -60,6 +60,7 @@ __all__ = [
     "run_image",
     "format_markdown",
     "passes",
+    "failures",
     "save_outputs",
     "shape_note",
 ]
@@ -486,18 +487,38 @@ def _f(x: float, fmt: str, missing: str = "–") -> str:
     return format(x, fmt) if isinstance(x, (int, float)) and math.isfinite(x) else missing
 
 
+def failures(row: CompareRow) -> list[str]:
+    """Why ``row`` misses ShapesBench's video bar, one short phrase per criterion it misses (empty: it passes): the
+    run failed; trajectory error not below 0.04; positions below 90%; an object not found in every clip; object-frames
+    of the prompted colour and shape more than ``SHAPE_FRAMES_TOLERANCE`` below stock dense's
+    (``shape_frames_vs_dense``, set by :func:`shapes_against_dense`; a row without it misses)."""
+    if row.error:
+        return ["the run failed"]
+    s = row.scores
+    missed = []
+    error = s.get("mean_trajectory_error", math.nan)
+    if not (math.isfinite(error) and error < PASS_TRAJECTORY_ERROR):
+        missed.append(f"trajectory error {_f(error, '.3f', 'missing')} (bar: < {PASS_TRAJECTORY_ERROR:g})")
+    positions = s.get("positions_correct", math.nan)
+    if not positions >= PASS_POSITIONS:
+        missed.append(f"positions {_f(positions, '.0%', 'missing')} (bar: >= {PASS_POSITIONS:.0%})")
+    found = s.get("clips_with_objects_found", math.nan)
+    if not found == 1.0:
+        missed.append(f"objects found in {_f(found, '.0%', 'no')} of clips (bar: all)")
+    shapes = s.get("shape_frames_vs_dense", -math.inf)
+    if not shapes >= -SHAPE_FRAMES_TOLERANCE - 1e-9:
+        missed.append(
+            f"shapes {_f(100 * shapes, '+.0f', 'not compared')} points against stock dense "
+            f"(bar: >= {-100 * SHAPE_FRAMES_TOLERANCE:+.0f})"
+        )
+    return missed
+
+
 def passes(row: CompareRow) -> bool:
     """ShapesBench's video bar: trajectory error below 0.04, positions >= 90%, every object found, and object-frames
     of the prompted colour and shape at most ``SHAPE_FRAMES_TOLERANCE`` below stock dense's (``shape_frames_vs_dense``,
-    set by :func:`shapes_against_dense`; a row without it fails)."""
-    s = row.scores
-    return (
-        math.isfinite(s.get("mean_trajectory_error", math.nan))
-        and s["mean_trajectory_error"] < PASS_TRAJECTORY_ERROR
-        and s.get("positions_correct", 0.0) >= PASS_POSITIONS
-        and s.get("clips_with_objects_found", 0.0) == 1.0
-        and s.get("shape_frames_vs_dense", -math.inf) >= -SHAPE_FRAMES_TOLERANCE - 1e-9
-    )
+    set by :func:`shapes_against_dense`; a row without it fails); :func:`failures` says which a row misses."""
+    return not failures(row)
 
 
 def shape_note(rows: Sequence[CompareRow], reference: str = DENSE_REFERENCE) -> str:

@@ -20,6 +20,7 @@ from diffattn_bench.compare import (
     SHAPE_FRAMES_TOLERANCE,
     ClipSize,
     CompareRow,
+    failures,
     format_markdown,
     passes,
     run_video,
@@ -161,6 +162,12 @@ def test_pass_mark_follows_the_bench_bar(error, positions, found, shapes_vs_dens
     row = CompareRow("m", "diffattn", "8x32x32", 512, 1.0, scores=scores)
     assert passes(row) is expected
     assert ("**" in format_markdown([row])) is expected
+    missed = failures(row)
+    assert (not missed) is expected
+    if error != 0.02:
+        assert any(m.startswith("trajectory error") for m in missed), missed
+    if positions == 0.8:
+        assert "positions 80% (bar: >= 90%)" in missed, missed
 
 
 def _scored(method: str, shapes: float, error: str = "") -> CompareRow:

@@ -3,6 +3,7 @@ on the embedded image model (few steps), scored from pixels."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -11,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffattn_demo.images import difference_map, enlarge, shrink, to_uint8
+from diffattn_demo.images import DIFFERENCE_STOPS, difference_colours, difference_map, enlarge, shrink, to_uint8
 from diffattn_demo.inputs import (
     DemoInputError,
+    check_number,
     check_seed,
     check_steps,
     fit_prompt,
@@ -21,6 +23,8 @@ from diffattn_demo.inputs import (
     mask_from_editor,
     parse_scales,
     parse_subjects,
+    unknown_words,
+    vocabulary_warning,
 )
 from diffattn_demo.models import CFG, Models
 from diffattn_demo.tabs.edit import run_edit
@@ -157,7 +161,7 @@ def test_a_text_file_named_png_gets_the_demos_message_not_gradios(models, tmp_pa
     from diffattn_demo.tabs import edit
 
     with gr.Blocks():
-        inputs, _ = edit._input_column()
+        inputs, _ = edit._input_column(models)
     upload = next(i for i in inputs if i.elem_id == "edit-upload")
     assert upload.get_block_name() == "image"  # the page draws the same image field
     notes = tmp_path / "notes.png"
@@ -170,7 +174,7 @@ def test_a_text_file_named_png_gets_the_demos_message_not_gradios(models, tmp_pa
     assert upload.preprocess(FileData(path=str(picture), orig_name="picture.png")) == str(picture)
 
 
-def test_erase_canvas_refuses_a_file_that_is_not_an_image_with_the_demos_message(tmp_path):
+def test_erase_canvas_refuses_a_file_that_is_not_an_image_with_the_demos_message(models, tmp_path):
     import gradio as gr
     from gradio.components.image_editor import EditorData
     from gradio.data_classes import FileData
@@ -179,7 +183,7 @@ def test_erase_canvas_refuses_a_file_that_is_not_an_image_with_the_demos_message
     from diffattn_demo.tabs import erase
 
     with gr.Blocks():
-        editor = erase._input_column()[2]
+        editor = erase._input_column(models)[2]
     assert editor.get_block_name() == "imageeditor"
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
@@ -240,16 +244,121 @@ def test_subjects_and_scales_parse():
             parse_scales(bad)
 
 
-def test_enlarge_shrink_and_difference_map():
+def test_enlarge_and_shrink():
     image = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
     big = enlarge(image, 3)
     assert big.shape == (12, 15, 3) and np.array_equal(big[3:6, 6:9], np.broadcast_to(image[1, 2], (3, 3, 3)))
     assert np.array_equal(shrink(big, 3), image)
-    other = image.copy()
-    other[2, 3] = (0, 0, 0) if image[2, 3].max() > 50 else (255, 255, 255)
-    diff = difference_map(image, other)
-    assert diff[2, 3].tolist() == [255] * 3 and diff.sum() == 255 * 3
+
+
+def test_difference_map_has_one_fixed_scale():
+    """The same number of levels has the same colour in every map (never scaled to the image's own largest
+    difference): a 16-level change stays dim beside a 200-level one and alone; identical pixels are black."""
+    image = np.full((4, 4, 3), 100, np.uint8)
+    small, both = image.copy(), image.copy()
+    small[0, 0, 1] += 16  # 16 levels in one channel
+    both[0, 0, 1] += 16
+    both[3, 3] = (255, 0, 0)  # 155 and 100 levels: the largest channel counts
+    alone, beside = difference_map(image, small), difference_map(image, both)
+    assert alone[0, 0].tolist() == beside[0, 0].tolist() == list(DIFFERENCE_STOPS[1][1])
+    assert beside[3, 3].tolist() == difference_colours(np.uint8(155)).tolist()
+    assert not alone[1:].any() and not alone[0, 1:].any()
     assert not difference_map(image, image).any()
+    scale = difference_colours(np.arange(256, dtype=np.uint8))
+    assert scale[0].tolist() == [0, 0, 0] and scale[255].tolist() == [255, 255, 255]
+    assert (scale[1:].max(-1) > 0).all()  # a change of one level is not black
+    luminance = scale.astype(float) @ np.array([0.2126, 0.7152, 0.0722])
+    assert (np.diff(luminance[::8]) > 0).all()  # brighter as the difference grows
+    with pytest.raises(ValueError, match="one shape"):
+        difference_map(image, image[:2])
+
+
+def test_difference_legend_draws_the_maps_scale():
+    from diffattn_demo.tabs.edit import difference_legend
+
+    html = difference_legend()
+    stops = re.findall(r"rgb\((\d+), (\d+), (\d+)\) ([\d.]+)%", html)
+    assert [(tuple(map(int, s[:3])), float(s[3])) for s in stops] == [
+        (colour, pytest.approx(100 * level / 255, abs=0.01)) for level, colour in DIFFERENCE_STOPS
+    ]
+    ticks = re.findall(r">(\d+)</span>", html)
+    assert ticks == [str(level) for level, _ in DIFFERENCE_STOPS] and "levels of 255" in html
+
+
+def test_unknown_words_are_named_and_the_models_words_listed():
+    from diffattn_bench.grammar import VOCABULARY
+    from diffattn_demo.models import IMAGE_MODELS, LOCAL_IMAGE_MODEL
+    from diffattn_demo.tabs.common import words_text
+
+    prompts = ["a red Cat on the left, and a dog", "  a blue   circle,", None, "a cat"]
+    assert unknown_words(prompts, VOCABULARY) == ["cat", "dog"]
+    assert unknown_words(["a red circle, and a blue square on the left"], VOCABULARY) == []
+    assert unknown_words(prompts, None) == []  # a local model's tokenizer: no list to check against
+    warning = vocabulary_warning(prompts, VOCABULARY)
+    assert "'cat', 'dog'" in warning and warning.startswith("**Warning")
+    assert vocabulary_warning(["a red circle"], VOCABULARY) == ""
+    info = IMAGE_MODELS["shapes-image"]
+    shown = words_text(info, ["a red cat"])
+    assert shown.startswith(info.words()) and "'cat'" in shown
+    assert words_text(info, ["a red circle"]) == info.words()
+    assert words_text(LOCAL_IMAGE_MODEL, ["a red cat"]) == LOCAL_IMAGE_MODEL.words()
+
+
+def test_the_vocabulary_is_what_the_tokenizer_reads(pipe):
+    """The words the page lists are the embedded model's caption tokens, one token each; a word not listed is not
+    one of them (the tokenizer cuts it into pieces: 'cat' is 'c' + 'at')."""
+    from diffattn_demo.models import IMAGE_MODELS
+
+    tokenizer = pipe.tokenizer
+    known = set()
+    for word in IMAGE_MODELS["shapes-image"].vocabulary:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, word
+        known.add(ids[0])
+    for word in ("cat", "of", "dog", "house"):
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) > 1 or ids[0] not in known, word
+
+
+def test_a_prompt_with_unknown_words_runs_with_a_warning_naming_them(models):
+    from diffattn_demo.tabs.erase import generate_image
+
+    image, note = generate_image(models, "a red cat on the left", 0, 1)
+    assert image.ndim == 3 and note.startswith("**Warning: the model does not know 'cat'**"), note
+    _, note = generate_image(models, "a red circle on the left", 0, 1)
+    assert "Warning" not in note
+
+
+def test_number_checks_refuse_what_they_cannot_use():
+    assert check_number("2.5", "w", 0, 5) == 2.5 and check_number(0, "w", 0, 5) == 0.0
+    for bad, message in [(5.1, "between 0 and 5"), (-1, "between 0 and 5"), (math.nan, "between"), ("x", "number")]:
+        with pytest.raises(DemoInputError, match=message):
+            check_number(bad, "the re-weight factor", 0, 5)
+    with pytest.raises(DemoInputError, match="re-weight factor must be between 0 and 5, got 9"):
+        run_edit(None, "a red circle", "", "prompt-to-prompt", 0, 8, reweight=9)
+
+
+def test_every_numeric_field_hands_its_value_to_the_logic_unclamped(models, tmp_path):
+    """Gradio's own preprocessing refuses a number outside a field's bounds with its message and rounds a seed of 1.5
+    to 2; every number and slider of the page hands the value as sent, so the tab's logic answers in the demo's
+    words (the tests above: steps, seeds, the re-weight factor)."""
+    import gradio as gr
+
+    from diffattn_demo.app import build_app
+
+    app = build_app(models, tmp_path)
+    assert not [b.elem_id for b in app.blocks.values() if isinstance(b, gr.Slider)]  # they clamp typed values unsaid
+    fields = [b for b in app.blocks.values() if isinstance(b, gr.Number)]
+    ids = sorted(f.elem_id for f in fields)
+    assert ids == sorted(
+        ["edit-seed", "edit-steps", "edit-weight", "layout-seed", "layout-steps", "erase-seed", "erase-steps"]
+        + ["guidance-seed", "guidance-steps", "speed-steps"]
+    )
+    for field in fields:
+        for value in (10**9, -5, 1.5):
+            assert field.preprocess(value) == value, (field.elem_id, value)
+    with pytest.raises(DemoInputError, match="seed must be a whole number, got 1.5"):
+        check_seed(next(f for f in fields if f.elem_id == "edit-seed").preprocess(1.5))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,9 +373,11 @@ def test_edit_prompt_to_prompt_recolours_and_swap_fills_the_target(models):
     assert _objects(source) == [("red", "circle", "left")]
     assert _objects(target) == [("blue", "circle", "left")]
     assert '"a red circle on the left" -> "a blue circle on the left"' in out.note
-    diff = shrink(out.difference, factor)[..., 0]
+    diff = shrink(out.difference, factor)
     changed = np.abs(source.astype(int) - target.astype(int)).max(-1)
-    assert diff.max() == 255 and np.array_equal(diff == 0, changed == 0)
+    assert np.array_equal(diff, difference_colours(changed.astype(np.uint8)))  # the fixed scale, not the peak's
+    assert np.array_equal(diff.max(-1) == 0, changed == 0)
+    assert f"largest difference {changed.max()} levels of 255" in out.note
 
 
 def test_edit_refuses_what_it_cannot_do(models):
@@ -406,14 +517,119 @@ def test_box_preview_draws_each_box_in_its_colour():
     assert canvas[25, 25].tolist() == [24, 24, 24] and canvas[75, 25].tolist() == [24, 24, 24]
 
 
+def _row(method: str, speedup: float, error: float, density: float = 0.25):
+    from diffattn_bench.compare import CompareRow
+
+    scores = {
+        "mean_trajectory_error": error,
+        "positions_correct": 1.0,
+        "clips_with_objects_found": 1.0,
+        "shape_frames": 0.9,
+        "shape_frames_vs_dense": 0.0,
+    }
+    return CompareRow(
+        method,
+        "diffattn",
+        "8x32x64",
+        1024,
+        1.0 / speedup,
+        f"{method} settings(window=(2, 1, 4))",
+        attention_seconds=0.5,
+        density=density,
+        speedup=speedup,
+        attention_speedup=1.5,
+        psnr=30.0,
+        scores=scores,
+    )
+
+
+def _speed_rows(error_of_tile: float, tile_density: float = 0.25) -> list:
+    return [
+        _row("dense (stock)", 1.0, 0.02, math.nan),
+        _row("dense", 0.9, 0.02, 1.0),
+        _row("sliding tile", 2.0, error_of_tile, tile_density),
+    ]
+
+
+def test_speed_table_explains_every_row_and_its_verdict():
+    from diffattn_demo.tabs.speed import speed_table
+
+    lines = speed_table("a title", _speed_rows(0.109, tile_density=1.0), (8, 8, 16))
+    text = "\n".join(lines)
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["dense (stock)", "dense", "sliding tile"]
+    assert [r.split("|")[-2].strip() for r in rows] == ["passes", "passes", "fails"]
+    assert rows[2].split("|")[2].strip() == "1.000 (dense here)"  # the measured density, not a placeholder
+    notes = {line.split("**")[1]: line for line in lines if line.startswith("- **")}
+    assert set(notes) == {"dense (stock)", "dense", "sliding tile"}
+    assert "diffusers' own attention processor" in notes["dense (stock)"]
+    assert "same timing hook" in notes["dense"]
+    assert "window=(2, 1, 4)" in notes["sliding tile"] and "Dense at this size" in notes["sliding tile"]
+    assert "8 x 8 x 16 tokens" in notes["sliding tile"] and "trajectory error 0.109 (bar: < 0.04)" in text
+    assert "misses it too" not in text  # stock dense passes here
+    sparse = "\n".join(speed_table("a title", _speed_rows(0.02), (16, 16, 16)))
+    assert "Dense at this size" not in sparse and "| 0.250 |" in sparse
+    failing_dense = _speed_rows(0.2)
+    failing_dense[0].scores["mean_trajectory_error"] = 0.1
+    assert "stock dense attention misses it too" in "\n".join(speed_table("t", failing_dense, (8, 8, 16)))
+
+
+def _count(image: np.ndarray, colour: tuple[int, int, int]) -> int:
+    return int((image == np.array(colour, np.uint8)).all(-1).sum())
+
+
+def test_speed_plot_colours_mean_the_verdicts_and_fit_the_page():
+    from diffattn_demo.tabs.speed import FAIL_COLOUR, PASS_COLOUR, PLOT_WIDTH, speed_plot
+
+    mixed = speed_plot(_speed_rows(0.109))  # stock 1x and dense 0.9x pass, sliding tile 2x fails
+    assert mixed.shape[1] == PLOT_WIDTH and mixed.dtype == np.uint8
+    green, red = _count(mixed, PASS_COLOUR), _count(mixed, FAIL_COLOUR)
+    assert 0.8 < green / red / ((1.0 + 0.9) / 2.0) < 1.25, (green, red)  # bar areas: speedups of each verdict
+    assert _count(speed_plot(_speed_rows(0.02)), FAIL_COLOUR) == 0  # all pass: nothing red
+    all_fail = _speed_rows(0.2)
+    for r in all_fail:
+        r.scores["mean_trajectory_error"] = 0.2
+    assert _count(speed_plot(all_fail), PASS_COLOUR) == 0  # all fail: nothing green
+
+
+def test_frame_sheet_labels_every_row():
+    from diffattn_demo.tabs.speed import frame_sheet
+
+    rng = np.random.default_rng(0)
+    videos = {name: rng.uniform(0, 1, (8, 32, 64, 3)) for name in ("dense (stock)", "dense", "sliding tile")}
+    sheet = frame_sheet(_speed_rows(0.02), videos, 2)
+    width = 3 * 64 * 2
+    label = sheet.shape[1] - width
+    assert sheet.shape[0] == 22 + 3 * (64 + 4) - 4 and label > 60
+    for i, name in enumerate(videos):
+        top = 22 + i * 68
+        clip = to_uint8(videos[name])
+        frames = enlarge(np.concatenate([clip[0], clip[4], clip[-1]], axis=1), 2)
+        assert np.array_equal(sheet[top : top + 64, label:], frames), name
+        assert (sheet[top : top + 64, :label] < 128).any(), name  # its label is written beside it
+    assert (sheet[:22] < 128).any()  # the frames are named above
+    with pytest.raises(ValueError, match="at least one row"):
+        frame_sheet(_speed_rows(0.02), {}, 2)
+
+
 def test_speed_tab_measures_the_chosen_methods_against_dense(models, tmp_path):
+    from diffattn_demo.tabs.speed import FAIL_COLOUR, PASS_COLOUR, PLOT_WIDTH, verdict
+
     size = min(SPEED_SIZES, key=lambda k: np.prod(SPEED_SIZES[k]))
     out = run_speed(models, ["sliding tile"], size, 1, tmp_path)
     labels = [r.method for r in out.rows]
     assert labels == ["dense (stock)", "dense", "sliding tile"]
     tile = out.rows[-1]
-    assert 0 < tile.density <= 1 and tile.speedup > 0 and "mean_trajectory_error" in tile.scores
-    assert "| sliding tile |" in out.table and out.plot.ndim == 3 and out.frames.ndim == 3
+    assert tile.speedup > 0 and "mean_trajectory_error" in tile.scores
+    # the measured density is the pattern's at this grid: 8 x 32 x 64 px is 8 x 8 x 16 tokens (4 x 4 patches), tiles
+    # of 4 x 8 x 8 make 2 x 1 x 2 tiles, and the window (2, 1, 4) tiles covers them all: dense at this size
+    assert tile.density == pytest.approx(1.0) and "Dense at this size" in out.table
+    assert "| sliding tile | 1.000 (dense here) |" in out.table and "8 x 8 x 16 = 1024 tokens" in out.table
+    verdicts = [verdict(r) for r in out.rows]
+    assert (_count(out.plot, PASS_COLOUR) > 0) == ("passes" in verdicts) and out.plot.shape[1] == PLOT_WIDTH
+    assert (_count(out.plot, FAIL_COLOUR) > 0) == any(v != "passes" for v in verdicts)
+    assert out.frames.shape[0] == 22 + 3 * (32 * 2 + 4) - 4  # a row per clip: both dense ones and sliding tile
+    assert (tmp_path / "speed.md").read_text().strip() == out.table and (tmp_path / "speed.png").is_file()
     with pytest.raises(DemoInputError, match="pick sparse methods"):
         run_speed(models, ["no such method"], size, 1, tmp_path)
     with pytest.raises(DemoInputError, match=f"at most {SPEED_MAX_STEPS} steps"):

@@ -5,10 +5,11 @@ settings of the components every tab uses. Gradio is imported only inside the fu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ..inputs import LIMITS, NOT_AN_IMAGE, DemoInputError
+from ..inputs import LIMITS, NOT_AN_IMAGE, DemoInputError, vocabulary_warning
+from ..models import ImageModel
 
 __all__ = [
     "Progress",
@@ -16,13 +17,16 @@ __all__ = [
     "IMAGE_MODEL",
     "VIDEO_MODEL",
     "IMAGE_OUT",
-    "STEPS_SLIDER",
-    "SEED_BOX",
     "user_errors",
     "gradio_progress",
     "upload_image",
     "image_editor",
     "about",
+    "number_box",
+    "seed_box",
+    "steps_box",
+    "words_text",
+    "words_panel",
 ]
 
 Progress = Callable[[float, str], None]
@@ -35,10 +39,8 @@ def no_progress(fraction: float, text: str) -> None:
 IMAGE_MODEL = "image-model"  # Gradio concurrency ids: one queue per model, one call at a time
 VIDEO_MODEL = "video-model"
 
-# keyword arguments of the components every tab uses: a result image, the steps slider, the seed box
+# keyword arguments of a result image
 IMAGE_OUT = dict(type="numpy", format="png", interactive=False, elem_classes=["pixelated"], buttons=["download"])
-STEPS_SLIDER = dict(minimum=LIMITS.min_steps, maximum=LIMITS.max_steps, step=1)
-SEED_BOX = dict(precision=0, minimum=0, maximum=LIMITS.max_seed)
 
 
 @contextlib.contextmanager
@@ -100,8 +102,63 @@ def image_editor(**kwargs: Any) -> Any:
     return editor
 
 
-def about(elem_id: str, what: str, words: str) -> Any:
-    """The tab's first line: what its method does (``what``) and the words the model knows (``words``)."""
+def about(elem_id: str, what: str, words: str = "") -> Any:
+    """The tab's first line: what its method does (``what``), and ``words`` after it."""
     import gradio as gr
 
-    return gr.Markdown(f"{what} {words}", elem_id=elem_id)
+    return gr.Markdown(f"{what} {words}".strip(), elem_id=elem_id)
+
+
+def number_box(label: str, value: float, minimum: float, maximum: float, elem_id: str, step: float = 1) -> Any:
+    """A number field labelled with its range that hands the value as typed to the tab's logic, whose checks refuse
+    a value outside the range in the demo's words ("steps must be between 1 and 50, got 500").
+
+    Not a ``gr.Slider``: its number box clamps a typed 500 to 50 when it loses focus, unsaid. Not Gradio's own
+    preprocessing either: it refuses out-of-range values with its message ("Value 500 is greater than maximum value
+    50.") and, with ``precision=0``, rounds a seed of 1.5 to 2. The bounds stay on the field for its arrows."""
+    import gradio as gr
+
+    field = gr.Number(
+        value,
+        label=f"{label} ({minimum:.10g} to {maximum:.10g})",
+        minimum=minimum,
+        maximum=maximum,
+        step=step,
+        elem_id=elem_id,
+    )
+
+    def as_typed(payload: Any) -> Any:
+        return payload
+
+    field.preprocess = as_typed  # on the instance (see upload_image)
+    return field
+
+
+def seed_box(elem_id: str) -> Any:
+    return number_box("Seed", 0, 0, LIMITS.max_seed, elem_id)
+
+
+def steps_box(elem_id: str, value: int, maximum: int = LIMITS.max_steps) -> Any:
+    return number_box("Steps", value, LIMITS.min_steps, maximum, elem_id)
+
+
+def words_text(info: ImageModel, texts: Sequence[Any]) -> str:
+    """What the page says by a prompt: the words the model knows and, when ``texts`` hold others, a warning naming
+    them."""
+    warning = vocabulary_warning(texts, info.vocabulary)
+    return info.words() + (f"\n\n{warning}" if warning else "")
+
+
+def words_panel(elem_id: str, info: ImageModel, boxes: Sequence[Any]) -> Any:
+    """A note under the prompt ``boxes``: the model's words, and a warning naming the unknown words typed, redrawn as
+    they change."""
+    import gradio as gr
+
+    panel = gr.Markdown(words_text(info, [box.value for box in boxes]), elem_id=elem_id)
+
+    def on_words(*texts: Any) -> str:
+        return words_text(info, texts)
+
+    for box in boxes:
+        box.change(on_words, list(boxes), [panel], queue=False, show_progress="hidden", api_visibility="private")
+    return panel

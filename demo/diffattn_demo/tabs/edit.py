@@ -4,7 +4,6 @@ told how well the model reproduces it (a warning when below the model's in-domai
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable
@@ -14,23 +13,34 @@ from typing import Any
 
 import numpy as np
 
-from ..images import difference_map, display_factor, enlarge, to_uint8
-from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, load_upload
+from ..images import DIFFERENCE_STOPS, difference_levels, difference_map, display_factor, enlarge, to_uint8
+from ..inputs import (
+    LIMITS,
+    DemoInputError,
+    check_number,
+    check_seed,
+    check_steps,
+    fit_prompt,
+    load_upload,
+    vocabulary_warning,
+)
 from ..models import CFG, Models, image_size
 from .common import (
     IMAGE_MODEL,
     IMAGE_OUT,
-    SEED_BOX,
-    STEPS_SLIDER,
     Progress,
     about,
     gradio_progress,
     no_progress,
+    number_box,
+    seed_box,
+    steps_box,
     upload_image,
     user_errors,
+    words_panel,
 )
 
-__all__ = ["EDIT_METHODS", "EditOutput", "run_edit", "build"]
+__all__ = ["EDIT_METHODS", "EditOutput", "run_edit", "difference_legend", "build"]
 
 ABOUT = (
     "Prompt-to-prompt re-uses the source's cross-attention maps while a word is swapped or re-weighted; MasaCtrl "
@@ -81,11 +91,11 @@ def run_edit(
     seed, steps = check_seed(seed), check_steps(steps)
     if method not in EDIT_METHODS:
         raise DemoInputError(f"method must be one of {', '.join(EDIT_METHODS)}, got {method!r}")
-    if not math.isfinite(float(reweight)) or not 0.0 <= float(reweight) <= 5.0:
-        raise DemoInputError(f"the re-weight factor must be between 0 and 5, got {reweight!r}")
+    reweight = check_number(reweight, "the re-weight factor", 0.0, LIMITS.max_weight)
     start = time.perf_counter()
     with models.image() as pipe:
         source, target, notes = _edit_prompts(pipe, source, target, swap_word, swap_to)
+        warning = vocabulary_warning([source, target], models.image_info.vocabulary)
         method_obj = _edit_method(pipe, method, source, target, steps, reweight_word, reweight)
         size = image_size(pipe)
         latents = None
@@ -103,8 +113,11 @@ def run_edit(
     seconds = time.perf_counter() - start
     notes.append(
         f'{method}: "{source}" -> "{target}", seed {seed}, {steps} steps'
-        f"{' from the inverted upload' if latents is not None else ''}, {seconds:.1f} s."
+        f"{' from the inverted upload' if latents is not None else ''}, {seconds:.1f} s; largest difference "
+        f"{int(difference_levels(a, b).max())} levels of 255."
     )
+    if warning:
+        notes.insert(0, warning)
     return EditOutput(
         enlarge(a, factor), enlarge(b, factor), enlarge(difference_map(a, b), factor), " ".join(notes), seconds
     )
@@ -191,9 +204,9 @@ def build(models: Models, temp: Path) -> None:
     import gradio as gr
 
     with gr.Tab("Edit", id="edit"):
-        about("edit-about", ABOUT, models.image_info.words())
+        about("edit-about", ABOUT)
         with gr.Row():
-            inputs, run = _input_column()
+            inputs, run = _input_column(models)
             outputs = _output_column()
         run.click(
             _on_edit(models, temp),
@@ -205,8 +218,9 @@ def build(models: Models, temp: Path) -> None:
         )
 
 
-def _input_column() -> tuple[list[Any], Any]:
-    """The inputs, in the order of :func:`_on_edit`'s parameters, and the Edit button."""
+def _input_column(models: Models) -> tuple[list[Any], Any]:
+    """The inputs, in the order of :func:`_on_edit`'s parameters, and the Edit button; under the prompts, the
+    image model's words and a warning naming unknown ones."""
     import gradio as gr
 
     with gr.Column():
@@ -217,13 +231,14 @@ def _input_column() -> tuple[list[Any], Any]:
         with gr.Row():
             e_swap = gr.Textbox("", label="Swap word (in the target)", elem_id="edit-swap")
             e_swap_to = gr.Textbox("", label="... for", elem_id="edit-swap-to")
+        words_panel("edit-words", models.image_info, [e_source, e_target, e_swap_to])
         with gr.Row():
             e_word = gr.Textbox("", label="Re-weight word (prompt-to-prompt)", elem_id="edit-word")
-            e_weight = gr.Slider(0.0, 5.0, value=1.0, step=0.1, label="weight", elem_id="edit-weight")
+            e_weight = number_box("Weight", 1.0, 0.0, LIMITS.max_weight, "edit-weight", step=0.1)
         e_method = gr.Radio(list(EDIT_METHODS), value="prompt-to-prompt", label="Method", elem_id="edit-method")
         with gr.Row():
-            e_seed = gr.Number(0, label="Seed", elem_id="edit-seed", **SEED_BOX)
-            e_steps = gr.Slider(value=20, label="Steps", elem_id="edit-steps", **STEPS_SLIDER)
+            e_seed = seed_box("edit-seed")
+            e_steps = steps_box("edit-steps", 20)
         e_upload = upload_image(
             type="filepath",
             sources=["upload"],
@@ -236,8 +251,28 @@ def _input_column() -> tuple[list[Any], Any]:
     return [e_source, e_target, e_swap, e_swap_to, e_word, e_weight, e_method, e_seed, e_steps, e_upload], e_run
 
 
+def difference_legend() -> str:
+    """The Difference image's legend (HTML): the fixed colour scale of :data:`~diffattn_demo.images.DIFFERENCE_STOPS`
+    as a bar from 0 to 255 levels, each stop labelled under its place."""
+    stops = ", ".join(f"rgb{colour} {100 * level / 255:.2f}%" for level, colour in DIFFERENCE_STOPS)
+    ticks = "".join(
+        f'<span style="position:absolute;left:{100 * level / 255:.2f}%;transform:translateX(-{100 * level / 255:.0f}%)'
+        f'">{level}</span>'
+        for level, _ in DIFFERENCE_STOPS
+    )
+    return (
+        '<div class="diff-legend">'
+        "<div>Difference: |source &minus; edited| per pixel, the largest of R, G, B, in levels of 255, on one fixed "
+        "scale for every image (black: identical).</div>"
+        '<div class="diff-legend-bar" style="height:14px;margin-top:4px;'
+        f'background:linear-gradient(to right, {stops})"></div>'
+        f'<div class="diff-legend-ticks" style="position:relative;height:1.4em">{ticks}</div>'
+        "</div>"
+    )
+
+
 def _output_column() -> list[Any]:
-    """The source, edited and difference images and the note."""
+    """The source, edited and difference images, the difference's legend and the note."""
     import gradio as gr
 
     with gr.Column():
@@ -245,6 +280,7 @@ def _output_column() -> list[Any]:
             e_out_source = gr.Image(label="Source", elem_id="edit-out-source", **IMAGE_OUT)
             e_out_target = gr.Image(label="Edited", elem_id="edit-out-target", **IMAGE_OUT)
             e_out_diff = gr.Image(label="Difference", elem_id="edit-out-diff", **IMAGE_OUT)
+        gr.HTML(difference_legend(), elem_id="edit-diff-legend")
         e_note = gr.Markdown(elem_id="edit-note")
     return [e_out_source, e_out_target, e_out_diff, e_note]
 

@@ -11,19 +11,20 @@ from typing import Any
 import numpy as np
 
 from ..images import display_factor, enlarge, to_uint8
-from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, mask_from_editor
+from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, mask_from_editor, vocabulary_warning
 from ..models import CFG, Models, image_size
 from .common import (
     IMAGE_MODEL,
     IMAGE_OUT,
-    SEED_BOX,
-    STEPS_SLIDER,
     Progress,
     about,
     gradio_progress,
     image_editor,
     no_progress,
+    seed_box,
+    steps_box,
     user_errors,
+    words_panel,
 )
 
 __all__ = ["generate_image", "EraseOutput", "run_erase", "build"]
@@ -35,7 +36,8 @@ ABOUT = (
 
 
 def generate_image(models: Models, prompt: str, seed: Any, steps: Any) -> tuple[np.ndarray, str]:
-    """One image of ``prompt`` (enlarged uint8, for the Erase canvas) and a note."""
+    """One image of ``prompt`` (enlarged uint8, for the Erase canvas) and a note (a warning first when the prompt has
+    words the model does not know)."""
     import torch
 
     seed, steps = check_seed(seed), check_steps(steps)
@@ -49,7 +51,8 @@ def generate_image(models: Models, prompt: str, seed: Any, steps: Any) -> tuple[
             generator=torch.Generator().manual_seed(seed),
         )
     image = to_uint8(np.asarray(out.images[0]))
-    return enlarge(image, display_factor(image.shape[:2])), note
+    warning = vocabulary_warning([prompt], models.image_info.vocabulary)
+    return enlarge(image, display_factor(image.shape[:2])), " ".join(filter(None, [warning, note]))
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,9 @@ def build(models: Models, temp: Path) -> None:
     import gradio as gr
 
     with gr.Tab("Erase", id="erase"):
-        about("erase-about", ABOUT, models.image_info.words())
+        about("erase-about", ABOUT)
         with gr.Row():
-            r_prompt, r_generate, r_editor, r_seed, r_steps, r_run = _input_column()
+            r_prompt, r_generate, r_editor, r_seed, r_steps, r_run = _input_column(models)
             r_source, r_mask, r_erased, r_note = _output_column()
         r_generate.click(
             _on_generate(models),
@@ -113,8 +116,9 @@ def build(models: Models, temp: Path) -> None:
         )
 
 
-def _input_column() -> tuple[Any, ...]:
-    """The prompt, the Generate button, the canvas, the seed, the steps and the Remove button."""
+def _input_column(models: Models) -> tuple[Any, ...]:
+    """The prompt (the image model's words and a warning naming unknown ones under it), the Generate button, the
+    canvas, the seed, the steps and the Remove button."""
     import gradio as gr
 
     with gr.Column():
@@ -126,6 +130,7 @@ def _input_column() -> tuple[Any, ...]:
                 scale=3,
             )
             r_generate = gr.Button("Generate", elem_id="erase-generate", scale=1)
+        words_panel("erase-words", models.image_info, [r_prompt])
         r_editor = image_editor(
             type="numpy",
             format="png",
@@ -140,8 +145,8 @@ def _input_column() -> tuple[Any, ...]:
             canvas_size=(256, 256),
         )
         with gr.Row():
-            r_seed = gr.Number(0, label="Seed", elem_id="erase-seed", **SEED_BOX)
-            r_steps = gr.Slider(value=10, label="Steps", elem_id="erase-steps", **STEPS_SLIDER)
+            r_seed = seed_box("erase-seed")
+            r_steps = steps_box("erase-steps", 10)
         r_run = gr.Button("Remove", variant="primary", elem_id="erase-run")
     return r_prompt, r_generate, r_editor, r_seed, r_steps, r_run
 

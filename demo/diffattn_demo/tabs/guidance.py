@@ -11,18 +11,19 @@ from typing import Any
 import numpy as np
 
 from ..images import display_factor, enlarge, to_uint8
-from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, parse_scales
-from ..models import CFG, GuidanceDefaults, Models
+from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, parse_scales, vocabulary_warning
+from ..models import CFG, ImageModel, Models
 from .common import (
     IMAGE_MODEL,
     IMAGE_OUT,
-    SEED_BOX,
-    STEPS_SLIDER,
     Progress,
     about,
     gradio_progress,
     no_progress,
+    seed_box,
+    steps_box,
     user_errors,
+    words_panel,
 )
 
 __all__ = ["GUIDANCE_METHODS", "GuidanceOutput", "guidance_layer_choices", "run_guidance", "build"]
@@ -100,8 +101,10 @@ def run_guidance(
         pattern = None if layers == "family default" else layers
         plain, cells = _sweep(pipe, prompt, methods, scales, seed, steps, pattern, progress)
     grid, lines = _grid_and_table(cells, methods, scales, plain)
+    warning = vocabulary_warning([prompt], models.image_info.vocabulary)
     table = "\n".join(
         [
+            *([warning, ""] if warning else []),
             *([note] if note else []),
             f"Rows: {', '.join(methods)}; columns: scales {', '.join(f'{s:g}' for s in scales)} "
             f"(layers: {layers}; seed {seed}, {steps} steps, CFG {CFG:g}). Max |difference| to no guidance "
@@ -199,9 +202,9 @@ def build(models: Models, temp: Path) -> None:
             f"({', '.join(layer_choices)}); fix its GuidanceDefaults in diffattn_demo.models.IMAGE_MODELS"
         )
     with gr.Tab("Guidance", id="guidance"):
-        about("guidance-about", ABOUT, info.words())
+        about("guidance-about", ABOUT)
         with gr.Row():
-            inputs, run = _input_column(layer_choices, info.guidance, info.guidance_prompt)
+            inputs, run = _input_column(layer_choices, info)
             outputs = _output_column()
         run.click(
             _on_guidance(models),
@@ -213,13 +216,16 @@ def build(models: Models, temp: Path) -> None:
         )
 
 
-def _input_column(layer_choices: list[str], defaults: GuidanceDefaults, prompt: str) -> tuple[list[Any], Any]:
+def _input_column(layer_choices: list[str], info: ImageModel) -> tuple[list[Any], Any]:
     """The inputs, in the order of :func:`_on_guidance`'s parameters, and the Sweep button; the first values of the
-    prompt, scales and layer are the image model's (``models.IMAGE_MODELS``)."""
+    prompt, scales and layer are the image model's (``models.IMAGE_MODELS``); under the prompt, the model's words and
+    a warning naming unknown ones."""
     import gradio as gr
 
+    defaults = info.guidance
     with gr.Column():
-        g_prompt = gr.Textbox(prompt, label="Prompt", elem_id="guidance-prompt")
+        g_prompt = gr.Textbox(info.guidance_prompt, label="Prompt", elem_id="guidance-prompt")
+        words_panel("guidance-words", info, [g_prompt])
         g_methods = gr.CheckboxGroup(
             list(GUIDANCE_METHODS),
             value=list(defaults.methods),
@@ -231,8 +237,8 @@ def _input_column(layer_choices: list[str], defaults: GuidanceDefaults, prompt: 
         )
         g_layers = gr.Dropdown(layer_choices, value=defaults.layer, label="Layers", elem_id="guidance-layers")
         with gr.Row():
-            g_seed = gr.Number(0, label="Seed", elem_id="guidance-seed", **SEED_BOX)
-            g_steps = gr.Slider(value=20, label="Steps", elem_id="guidance-steps", **STEPS_SLIDER)
+            g_seed = seed_box("guidance-seed")
+            g_steps = steps_box("guidance-steps", 20)
         g_run = gr.Button("Sweep", variant="primary", elem_id="guidance-run")
     return [g_prompt, g_methods, g_scales, g_layers, g_seed, g_steps], g_run
 

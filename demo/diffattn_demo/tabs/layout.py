@@ -11,18 +11,19 @@ from typing import Any
 import numpy as np
 
 from ..images import display_factor, enlarge, to_uint8
-from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, parse_subjects
+from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, parse_subjects, vocabulary_warning
 from ..models import CFG, Models
 from .common import (
     IMAGE_MODEL,
     IMAGE_OUT,
-    SEED_BOX,
-    STEPS_SLIDER,
     Progress,
     about,
     gradio_progress,
     no_progress,
+    seed_box,
+    steps_box,
     user_errors,
+    words_panel,
 )
 
 __all__ = ["BOX_COLOURS", "draw_boxes", "LayoutOutput", "run_layout", "build"]
@@ -67,6 +68,7 @@ def run_layout(
     subjects = parse_subjects(subjects_text)
     with models.image() as pipe:
         prompt, note = fit_prompt(pipe, prompt)
+        warning = vocabulary_warning([prompt], models.image_info.vocabulary)
         images = []
         for i, bounded in enumerate((False, True)):
             progress(0.1 + 0.45 * i, "bounded attention" if bounded else "plain prompt")
@@ -96,6 +98,7 @@ def run_layout(
             filter(
                 None,
                 [
+                    warning,
                     note,
                     f"seed {seed}, {steps} steps; boxes: "
                     + "; ".join(f"{w} ({x0:g}, {y0:g}) - ({x1:g}, {y1:g})" for w, (x0, y0, x1, y1) in subjects),
@@ -114,9 +117,9 @@ def build(models: Models, temp: Path) -> None:
     import gradio as gr
 
     with gr.Tab("Layout", id="layout"):
-        about("layout-about", ABOUT, models.image_info.words())
+        about("layout-about", ABOUT)
         with gr.Row():
-            inputs, run = _input_column()
+            inputs, run = _input_column(models)
             outputs = _output_column()
         subjects, boxes = inputs[1], outputs[0]
         subjects.change(on_boxes, [subjects], [boxes], queue=False, show_progress="hidden")
@@ -130,12 +133,14 @@ def build(models: Models, temp: Path) -> None:
         )
 
 
-def _input_column() -> tuple[list[Any], Any]:
-    """The inputs, in the order of :func:`_on_layout`'s parameters, and the Generate button."""
+def _input_column(models: Models) -> tuple[list[Any], Any]:
+    """The inputs, in the order of :func:`_on_layout`'s parameters, and the Generate button; under the prompt, the
+    image model's words and a warning naming unknown ones."""
     import gradio as gr
 
     with gr.Column():
         l_prompt = gr.Textbox("a red circle and a blue square", label="Prompt", elem_id="layout-prompt")
+        words_panel("layout-words", models.image_info, [l_prompt])
         l_subjects = gr.Textbox(
             "circle: 0.0 0.0 0.5 0.5\nsquare: 0.5 0.5 1.0 1.0",
             lines=4,
@@ -143,8 +148,8 @@ def _input_column() -> tuple[list[Any], Any]:
             elem_id="layout-subjects",
         )
         with gr.Row():
-            l_seed = gr.Number(0, label="Seed", elem_id="layout-seed", **SEED_BOX)
-            l_steps = gr.Slider(value=20, label="Steps", elem_id="layout-steps", **STEPS_SLIDER)
+            l_seed = seed_box("layout-seed")
+            l_steps = steps_box("layout-steps", 20)
         l_run = gr.Button("Generate both", variant="primary", elem_id="layout-run")
     return [l_prompt, l_subjects, l_seed, l_steps], l_run
 

@@ -1,8 +1,10 @@
 """The Speed tab: ``diffattn compare`` for the chosen sparse methods and video size, run in the demo's process:
-times and density against dense attention, the frames side by side and the speed plot."""
+times and density against dense attention, a verdict on ShapesBench's bar for every row, the frames side by side
+(each row labelled) and a speed plot drawn for the size it is shown at."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,12 +12,36 @@ from typing import Any
 
 import numpy as np
 
-from ..images import display_factor, enlarge, to_uint8
+from ..images import enlarge, to_uint8
 from ..inputs import DemoInputError, check_steps
 from ..models import Models
-from .common import IMAGE_OUT, VIDEO_MODEL, Progress, about, gradio_progress, no_progress, user_errors
+from .common import (
+    IMAGE_OUT,
+    VIDEO_MODEL,
+    Progress,
+    about,
+    gradio_progress,
+    no_progress,
+    steps_box,
+    user_errors,
+)
 
-__all__ = ["SPEED_SIZES", "SPEED_MAX_STEPS", "SPEED_PROMPT", "SpeedOutput", "run_speed", "build"]
+__all__ = [
+    "SPEED_SIZES",
+    "SPEED_MAX_STEPS",
+    "SPEED_PROMPT",
+    "PLOT_WIDTH",
+    "PASS_COLOUR",
+    "FAIL_COLOUR",
+    "SpeedOutput",
+    "run_speed",
+    "verdict",
+    "row_notes",
+    "speed_table",
+    "speed_plot",
+    "frame_sheet",
+    "build",
+]
 
 ABOUT = (
     "Sparse attention patterns on the video model, each run from the same noise as the stock dense attention: "
@@ -29,17 +55,29 @@ SPEED_SIZES: dict[str, tuple[int, int, int]] = {
     "64 x 64 x 64 px (length extension, slow)": (64, 64, 64),
 }
 SPEED_MAX_STEPS = 10  # every step runs once per method; at 10 steps ShapesBench's score means something
+SPEED_PROMPT = "a red circle on the left moving right"
+#: The plot's width in pixels: the Speed tab's output column on a 1440 px wide window is about 770 px, so the plot is
+#: shown at its own size (no shrinking) and its 10-point text stays legible.
+PLOT_WIDTH = 720
+PASS_COLOUR = (44, 160, 44)  # the plot's bar of a row that passes ShapesBench's bar
+FAIL_COLOUR = (214, 39, 40)  # ... and of one that misses it
+_STOCK = "dense (stock)"
+_HOOKED_DENSE = "dense"
+#: What the two dense rows are (every other row is a sparse method, explained by its settings).
+DENSE_ROWS = {
+    _STOCK: "diffusers' own attention processor, no diffattn: the reference for every time, speedup, PSNR and the "
+    "shapes check.",
+    _HOOKED_DENSE: "diffattn's Dense() through the same timing hook as the sparse methods: the reference for the "
+    "attention speedup; its end-to-end speedup below 1x is what the hook costs, its frames are stock dense's.",
+}
 
 
 @dataclass(frozen=True)
 class SpeedOutput:
-    table: str  # markdown
-    frames: np.ndarray  # rows: dense (stock), then each method; first / middle / last frame
-    plot: np.ndarray  # the compare plot (uint8)
+    table: str  # markdown: the title, the table, the bar and a line per row
+    frames: np.ndarray  # uint8: a labelled row per clip (first / middle / last frame)
+    plot: np.ndarray  # uint8, PLOT_WIDTH px wide
     rows: list = field(default_factory=list)  # diffattn_bench.compare.CompareRow
-
-
-SPEED_PROMPT = "a red circle on the left moving right"
 
 
 def run_speed(
@@ -52,11 +90,11 @@ def run_speed(
     progress: Progress = no_progress,
 ) -> SpeedOutput:
     """Speed tab: ``diffattn compare`` for the chosen sparse methods at the chosen size, in this process: times and
-    density against dense attention, the frames side by side and the speed plot."""
+    density against dense attention, the frames side by side and the speed plot; the table (``speed.md``) and the
+    plot (``speed.png``) are also written to ``out_folder``."""
     import torch
     from PIL import Image
 
-    from diffattn_bench.compare import save_outputs
     from diffattn_kernels import cpu_block_sparse
 
     if size not in SPEED_SIZES:
@@ -68,16 +106,17 @@ def run_speed(
     with models.video() as pipe:
         grid, rows, videos = _compare(pipe, methods, size, steps, progress)
     title = (
-        f"{frames} frames x {height}x{width} px = {int(np.prod(grid))} tokens, {steps} steps, "
-        f"{torch.get_num_threads()} threads, {cpu_block_sparse.cpu_model()}"
+        f"{frames} frames x {height} x {width} px = {' x '.join(map(str, grid))} = {math.prod(grid)} tokens, "
+        f"{steps} steps, {torch.get_num_threads()} threads, {cpu_block_sparse.cpu_model()}"
     )
-    png = save_outputs({"video": (rows, videos)}, Path(out_folder), title, {"title": title})[1]
-    plot = np.asarray(Image.open(png).convert("RGB"))
-    lines = _table(title, rows)
-    sheet, labels = _frame_sheet(rows, videos)
-    factor = display_factor(sheet.shape[:2], 512)
-    lines += ["", "Frames (first / middle / last), top to bottom: " + ", ".join(labels) + "."]
-    return SpeedOutput("\n".join(lines), enlarge(sheet, factor), plot, rows)
+    table = "\n".join(speed_table(title, rows, grid))
+    plot = speed_plot(rows)
+    sheet = frame_sheet(rows, videos, max(1, 2 * PLOT_WIDTH // 3 // (3 * width)))
+    folder = Path(out_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "speed.md").write_text(table + "\n")
+    Image.fromarray(plot).save(folder / "speed.png")
+    return SpeedOutput(table, sheet, plot, rows)
 
 
 def _compare(
@@ -89,8 +128,7 @@ def _compare(
     from diffattn_bench.peers import method_peer
 
     frames, height, width = SPEED_SIZES[size]
-    patch = pipe.transformer.config.patch_size
-    grid = (frames // patch[0], height // patch[1], width // patch[2])
+    grid = ClipSize(frames, height, width).grid(pipe.transformer.config.patch_size)
     available = default_methods(grid)
     chosen = [m for m in methods or []]
     unknown = [m for m in chosen if m not in available]
@@ -102,7 +140,7 @@ def _compare(
     progress(0.05, "comparing")
     import diffattn
 
-    peers = [method_peer("dense", diffattn.Dense()), *(method_peer(m, available[m]) for m in chosen)]
+    peers = [method_peer(_HOOKED_DENSE, diffattn.Dense()), *(method_peer(m, available[m]) for m in chosen)]
     rows, videos = run_video(
         pipe, ClipSize(frames, height, width), peers, prompts=[SPEED_PROMPT], steps=steps, desc="speed tab"
     )
@@ -112,35 +150,161 @@ def _compare(
     return grid, rows, videos
 
 
-def _table(title: str, rows: list) -> list[str]:
-    """The markdown lines of the comparison: per method density, times, speedups, PSNR and ShapesBench's score."""
+def verdict(row: Any) -> str:
+    """``"passes"`` or ``"fails: <first criterion missed>"`` on ShapesBench's video bar (``compare.failures``): the
+    table, the plot's colour and its annotation all read this."""
+    from diffattn_bench.compare import failures
+
+    missed = failures(row)
+    return "passes" if not missed else f"fails: {missed[0]}"
+
+
+def _dense_here(row: Any) -> bool:
+    """A sparse method whose measured density is 1 at this grid: its pattern covers every query-key pair."""
+    return row.method not in DENSE_ROWS and math.isfinite(row.density) and row.density >= 1.0 - 1e-6
+
+
+def row_notes(rows: Sequence[Any], grid: tuple[int, ...]) -> list[str]:
+    """One markdown line per row: what it is (the two dense rows; a sparse method's settings), whether a sparse
+    method is dense at this ``grid``, and every criterion of ShapesBench's bar it misses."""
+    from diffattn_bench.compare import failures
+
+    grid_text = " x ".join(map(str, grid))
+    notes = []
+    for r in rows:
+        what = DENSE_ROWS.get(r.method) or f"{r.settings}."
+        if _dense_here(r):
+            what += (
+                f" **Dense at this size**: its pattern covers all {grid_text} tokens (density {r.density:.3f}, "
+                "measured); a larger size shows it sparse."
+            )
+        missed = failures(r)
+        bar = "passes the bar." if not missed else "misses the bar: " + "; ".join(missed) + "."
+        notes.append(f"- **{r.method}**: {what} ShapesBench: {bar}")
+    return notes
+
+
+def speed_table(title: str, rows: Sequence[Any], grid: tuple[int, ...]) -> list[str]:
+    """The markdown lines of the comparison: the title, per row its measured density (the fraction of query-key
+    pairs its attention computed at this size), times, speedups, PSNR, trajectory error and verdict, then the bar
+    and a line per row (:func:`row_notes`)."""
+    from diffattn_bench.compare import PASS_POSITIONS, PASS_TRAJECTORY_ERROR, SHAPE_FRAMES_TOLERANCE
+
     lines = [
         f"Measured now, one process: {title}.",
         "",
-        "| method | density | generation | attention | attention speedup | end-to-end speedup | PSNR vs dense | "
-        "ShapesBench trajectory error |",
+        "| method | density | time | attention speedup | speedup (end to end) | PSNR vs stock | trajectory error | "
+        "ShapesBench |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        error = r.scores.get("mean_trajectory_error", float("nan"))
-        if r.method == "dense (stock)":
-            lines.append(f"| {r.method} | 1 | {r.seconds:.2f} s | | | 1.00x | | {error:.3f} |")
+        error = r.scores.get("mean_trajectory_error", math.nan)
+        stock = r.method == _STOCK
+        if stock or r.method == _HOOKED_DENSE:
+            density = "1 (all pairs)"
         else:
-            lines.append(
-                f"| {r.method} | {r.density:.3f} | {r.seconds:.2f} s | {r.attention_seconds:.2f} s | "
-                f"{r.attention_speedup:.2f}x | **{r.speedup:.2f}x** | {r.psnr:.1f} dB | {error:.3f} |"
-            )
-    return lines
+            density = f"{r.density:.3f}" + (" (dense here)" if _dense_here(r) else "")
+        attention = "" if stock else f"{r.attention_speedup:.2f}x"
+        psnr = "" if stock else ("identical" if math.isinf(r.psnr) else f"{r.psnr:.1f}\u00a0dB")
+        lines.append(
+            f"| {r.method} | {density} | {r.seconds:.2f}\u00a0s | {attention} | **{r.speedup:.2f}x** | {psnr} | "
+            f"{error:.3f} | {verdict(r).split(':')[0]} |"
+        )
+    bar = (
+        "Density: the fraction of query-key pairs the attention computed, measured at this size. Speedup: stock "
+        "dense attention's generation time over the row's. "
+        f"ShapesBench's bar (green in the plot: passes; red: fails): trajectory error < {PASS_TRAJECTORY_ERROR:g}, "
+        f"positions >= {PASS_POSITIONS:.0%}, every object found, object-frames of the right shape at most "
+        f"{100 * SHAPE_FRAMES_TOLERANCE:.0f} points below stock dense's."
+    )
+    stock_row = next((r for r in rows if r.method == _STOCK), None)
+    if stock_row is not None and verdict(stock_row) != "passes":
+        bar += (
+            " At this size stock dense attention misses it too, so no method can pass here: the bar is meant for "
+            "diffattn compare's size, 16 x 64 x 64 px."
+        )
+    return [*lines, "", bar, "", *row_notes(rows, grid)]
 
 
-def _frame_sheet(rows: list, videos: dict) -> tuple[np.ndarray, list[str]]:
-    """``(sheet, labels)``: one row per clip but the plain dense one (first / middle / last frame), and its labels."""
+def speed_plot(rows: Sequence[Any], width: int = PLOT_WIDTH) -> np.ndarray:
+    """Each row's end-to-end speedup over stock dense attention as a bar, green when the row passes ShapesBench's
+    bar and red when it fails it (:func:`verdict`, written beside the bar), as a uint8 image ``width`` px wide at
+    100 dpi with 10-point text: drawn for the size it is shown at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    def colour(rgb: tuple[int, int, int]) -> tuple[float, ...]:
+        return tuple(c / 255 for c in rgb)
+
+    verdicts = [verdict(r) for r in rows]
+    speedups = [r.speedup for r in rows]
+    fig, ax = plt.subplots(figsize=(width / 100, 0.5 * len(rows) + 1.4), dpi=100)
+    try:
+        y = np.arange(len(rows))
+        ax.barh(
+            y,
+            speedups,
+            0.6,
+            color=[colour(PASS_COLOUR if v == "passes" else FAIL_COLOUR) for v in verdicts],
+            antialiased=False,
+        )
+        for i, (speedup, text) in enumerate(zip(speedups, verdicts)):
+            ax.text(speedup, i, f" {speedup:.2f}x, {text}", va="center", fontsize=9, bbox={"color": "white", "pad": 1})
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_xlim(0, max(max(speedups), 1.0) * 2.4)  # room for the verdicts beside the bars
+        ax.set_yticks(y, [r.method for r in rows], fontsize=10)
+        ax.invert_yaxis()
+        ax.tick_params(axis="x", labelsize=9)
+        ax.set_xlabel("end-to-end speedup over stock dense attention (x; grey line: 1x)", fontsize=10)
+        keys = [("passes", PASS_COLOUR, "passes ShapesBench's bar"), ("fails", FAIL_COLOUR, "fails ShapesBench's bar")]
+        ax.legend(  # only the colours drawn: no colour on the page that no bar has
+            handles=[
+                Patch(color=colour(rgb), label=label)
+                for word, rgb, label in keys
+                if any(v.startswith(word) for v in verdicts)
+            ],
+            fontsize=9,
+            loc="lower left",
+            bbox_to_anchor=(0.0, 1.0),
+            ncol=2,
+            frameon=False,
+        )
+        fig.tight_layout()
+        fig.canvas.draw()
+        image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    finally:
+        plt.close(fig)
+    return image
+
+
+def frame_sheet(rows: Sequence[Any], videos: dict[str, np.ndarray], factor: int) -> np.ndarray:
+    """One row per clip in the order of ``rows`` (first / middle / last frame, each pixel a ``factor`` x ``factor``
+    block), the row's method written on its left and the frames named above them (uint8)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    labels = [r.method for r in rows if r.method in videos]
+    if not labels:
+        raise ValueError("frame_sheet needs the clip of at least one row")
     strips = []
-    labels = [r.method for r in rows if r.method != "dense"]
     for label in labels:
         clip = to_uint8(videos[label])
-        strips.append(np.concatenate([clip[0], clip[len(clip) // 2], clip[-1]], axis=1))
-    return np.concatenate(strips, axis=0), labels
+        strips.append(enlarge(np.concatenate([clip[0], clip[len(clip) // 2], clip[-1]], axis=1), factor))
+    font = ImageFont.load_default(size=14)
+    gap, header = 4, 22
+    label_width = 12 + max(int(math.ceil(font.getlength(label))) for label in labels)
+    strip_h, strip_w = strips[0].shape[:2]
+    sheet = Image.new("RGB", (label_width + strip_w, header + len(strips) * (strip_h + gap) - gap), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(("first frame", "middle frame", "last frame")):
+        draw.text((label_width + (c + 0.5) * strip_w / 3, header / 2), name, fill=(0, 0, 0), font=font, anchor="mm")
+    for i, (label, strip) in enumerate(zip(labels, strips)):
+        top = header + i * (strip_h + gap)
+        sheet.paste(Image.fromarray(strip), (label_width, top))
+        draw.text((label_width - 6, top + strip_h / 2), label, fill=(0, 0, 0), font=font, anchor="rm")
+    return np.asarray(sheet)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,14 +353,8 @@ def _input_column() -> tuple[list[Any], Any]:
             label="Video size (frames x height x width)",
             elem_id="speed-size",
         )
-        s_steps = gr.Slider(
-            1,
-            SPEED_MAX_STEPS,
-            value=SPEED_MAX_STEPS,
-            step=1,
-            label="Steps (fewer: faster, but the clips are unfinished)",
-            elem_id="speed-steps",
-        )
+        s_steps = steps_box("speed-steps", SPEED_MAX_STEPS, SPEED_MAX_STEPS)
+        gr.Markdown("Fewer steps run faster, but the clips are unfinished.", elem_id="speed-steps-note")
         s_run = gr.Button("Compare", variant="primary", elem_id="speed-run")
     return [s_methods, s_size, s_steps], s_run
 
