@@ -261,7 +261,14 @@ def _wrap(text: str, width: int = 44) -> str:
     return "\n".join([*lines, line])
 
 
-def write_results(results: Sequence[Mapping[str, Any]], settings: Settings, out: Path, model: str) -> Path:
+def write_results(
+    results: Sequence[Mapping[str, Any]],
+    settings: Settings,
+    out: Path,
+    model: str,
+    totals: Mapping[str, float] | None = None,
+) -> Path:
+    """The result file; ``totals``: the whole run's wall and CPU seconds (edits, checks and loading)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"eval_editing_video_{settings.split}.json"
     info = Path(model) / "training.json"
@@ -270,6 +277,7 @@ def write_results(results: Sequence[Mapping[str, Any]], settings: Settings, out:
         "model": str(model),
         "model_training": training,
         "settings": settings.record(),
+        "run_seconds": dict(totals or {}),
         "results": list(results),
     }
     path.write_text(json.dumps(payload, indent=2, default=float))
@@ -332,14 +340,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    wall, cpu = time.perf_counter(), time.process_time()
     pipe = load_video_pipeline(args.model)
     examples: list = []
     results = run(pipe, tasks, settings, examples)
+    totals = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
     if args.grid is not None:
         save_grid(examples, args.grid)
         print(f"wrote {args.grid}")
-    path = write_results(results, settings, args.out, args.model)
+    path = write_results(results, settings, args.out, args.model, totals)
     print(format_table(results))
+    print(f"whole run (loading, edits, checks): {totals['wall']:.0f} s wall, {totals['cpu']:.0f} s CPU")
     print(f"wrote {path}")
     return 0
 
