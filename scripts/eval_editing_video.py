@@ -170,23 +170,41 @@ def cases_of(task: str, settings: Settings) -> list[VideoEditCase]:
     return cases
 
 
-def run_task(pipe: Any, task: str, settings: Settings, examples: list | None = None) -> dict[str, Any]:
+def run_task(
+    pipe: Any, task: str, settings: Settings, examples: list | None = None, save_clips: Path | None = None
+) -> dict[str, Any]:
     """Score cases ``start .. start + cases - 1`` of ``task``: the method's edit and the plain pair from the same
-    noise; the first EXAMPLES go to ``examples`` as (task, case, [source, method target, baseline target])."""
+    noise; the first EXAMPLES go to ``examples`` as (task, case, [source, method target, baseline target]). With
+    ``save_clips`` (a folder) every case's three clips go to ``clips_<split>_<task>_<start>.npz`` there (uint8,
+    with the seeds), to re-score without the model."""
     method = settings.method(task)
     run = _Run(task, method.name)
+    saved: dict[str, list] = {"seed": [], "source": [], "method": [], "baseline": []}
     for i, case in enumerate(tqdm(cases_of(task, settings), desc=task, leave=False)):
         clips = {arm: run.edit(arm, pipe, case, m, settings) for arm, m in (("method", method), ("baseline", None))}
         verdicts = {arm: check(src, tgt, case, settings.thresholds) for arm, (src, tgt) in clips.items()}
         run.add(case, settings.start + i, verdicts)
+        shown = [clips["method"][0], clips["method"][1], clips["baseline"][1]]
         if examples is not None and i < EXAMPLES:
-            examples.append((task, case, [clips["method"][0], clips["method"][1], clips["baseline"][1]]))
+            examples.append((task, case, shown))
+        for key, value in zip(saved, [case.seed, *shown]):
+            saved[key].append(value)
+    if save_clips is not None:
+        save_clips.mkdir(parents=True, exist_ok=True)
+        name = f"clips_{settings.split}_{task.replace('/', '-')}_{settings.start}.npz"
+        np.savez_compressed(save_clips / name, **{k: np.asarray(v) for k, v in saved.items()})
     return run.summary()
 
 
-def run(pipe: Any, tasks: Sequence[str], settings: Settings, examples: list | None = None) -> list[dict[str, Any]]:
+def run(
+    pipe: Any,
+    tasks: Sequence[str],
+    settings: Settings,
+    examples: list | None = None,
+    save_clips: Path | None = None,
+) -> list[dict[str, Any]]:
     pipe.set_progress_bar_config(disable=True)
-    return [run_task(pipe, task, settings, examples) for task in tqdm(tasks_of(tasks), desc="tasks")]
+    return [run_task(pipe, task, settings, examples, save_clips) for task in tqdm(tasks_of(tasks), desc="tasks")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--grid", type=Path, default=None, help="also save a picture of example edits")
+    parser.add_argument("--save-clips", action="store_true", help="also keep every clip (npz in --out)")
     parser.add_argument("--list", action="store_true", help="print the cases (index, seed, prompts) and stop")
     args = parser.parse_args(argv)
     tasks = tasks_of(args.tasks)
@@ -343,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall, cpu = time.perf_counter(), time.process_time()
     pipe = load_video_pipeline(args.model)
     examples: list = []
-    results = run(pipe, tasks, settings, examples)
+    results = run(pipe, tasks, settings, examples, args.out if args.save_clips else None)
     totals = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
     if args.grid is not None:
         save_grid(examples, args.grid)

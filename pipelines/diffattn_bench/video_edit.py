@@ -11,14 +11,16 @@ Tasks (``TASKS``):
 
 - ``replace/colour``, ``replace/shape``: two moving objects; ONE object's colour (to a colour neither object has) or
   shape word changes. :func:`check_replace`, per clip: the edited object shows the new colour (found in at least
-  ``frame_share`` of the frames; a colour edit must also keep the source's shape in that share of frames and leave
-  the old colour in fewer than ``1 - frame_share`` of them) or the new shape (classified so in ``frame_share`` of the
+  ``frame_share`` of the frames; a colour edit must also keep the source's shape, :func:`shape_gap` within
+  ``shape_margin``, and leave the old colour in fewer than ``1 - frame_share`` of them) or the new shape (classified so
+  in ``frame_share`` of the
   frames); its centroid path stays within ``max_shift`` of the source clip's (mean over frames); the other object is
-  found in ``frame_share`` of the frames with the source's shape and within ``max_shift`` of its source path.
+  found in ``frame_share`` of the frames with the source's shape (``shape_margin``) and within ``max_shift`` of its
+  source path.
 - ``consistency/motion``: one object whose motion word changes ("moving up" -> "moving right"; the position word, so
   the mean place, stays). MasaCtrl's use: a new motion, the same object. :func:`check_consistency`: the target
   follows its new motion (ShapesBench trajectory error below ``trajectory_error`` and its position right) and keeps
-  the source's shape (per frame, in ``frame_share`` of the frames), size (side within ``side_tolerance``) and colour
+  the source's shape (``shape_margin``), size (side within ``side_tolerance``) and colour
   shade (within ``colour_tolerance`` levels). The grammar has no other attribute to keep: colour and shape are
   named by the prompt, size is not (so it is the noise's, and the edit must keep it).
 
@@ -62,6 +64,8 @@ __all__ = [
     "make_cases",
     "measure_thresholds",
     "object_track",
+    "shape_gap",
+    "shape_scores",
     "render_case",
     "tasks_of",
     "wilson_interval",
@@ -76,6 +80,8 @@ _TASK_STRIDE = 1_000_000
 #: The clip every case fits: (frames, height, width).
 CASE_CLIP: tuple[int, int, int] = (8, 32, 32)
 _TRIES = 200
+#: See VideoEditThresholds.shape_margin.
+SHAPE_MARGIN = 0.05
 
 
 def case_seed(split: str, task: str, index: int) -> int:
@@ -282,6 +288,11 @@ class VideoEditThresholds:
       and rejects a reversed one and most independent re-placements (a third of them stay within it).
     - ``side_tolerance``: largest relative change of an object's side (root of its mean area over the frames). The
       same size re-rendered: median 0.017 (95 %: 0.074); the next size word: 0.132-0.240 (5-95 %).
+    - ``shape_margin``: a kept shape is one that fits the edited clip's object within this much of its best fit
+      (:func:`shape_gap`: clip means of ShapesBench's template IoU). Whole-clip fits rather than a per-frame vote:
+      the model's objects are blobs between a circle and a square whose per-frame reading flickers, in the source
+      and its edit alike (the dev run's colour edits failed a 75 %-of-frames vote on visibly unchanged blobs).
+      Rendered again, an object's gap is 0 (every case); drawn with another shape, 0.136-0.304 (5-95 %).
     - ``trajectory_error``: ShapesBench's pass bar for following a prompted motion (the model card's).
     - ``colour_tolerance``: largest per-channel difference (levels) of an object's median colour (the renderer's
       jitter is +-8 per channel, so two renders differ by <= 16 plus rim pixels).
@@ -289,6 +300,7 @@ class VideoEditThresholds:
 
     frame_share: float = 0.75
     max_shift: float = 0.06
+    shape_margin: float = SHAPE_MARGIN
     side_tolerance: float = 0.1
     trajectory_error: float = 0.04
     colour_tolerance: float = 24.0
@@ -333,10 +345,21 @@ def _mean_shift(a: Track, b: Track, shape: tuple[int, int]) -> float:
     return float(np.mean(px)) / min(h, w)
 
 
-def _shape_agreement(a: Track, b: Track) -> float:
-    """Share of the frames where both tracks have the object whose classified shapes agree."""
-    pairs = _both(a, b)
-    return _share([x.shape == y.shape for x, y in pairs]) if pairs else 0.0
+def shape_scores(track: Track) -> dict[str, float]:
+    """The object's fit to each shape over the clip: ShapesBench's per-frame template IoU (``Component.shape_iou``)
+    averaged over the frames where it is found."""
+    found = [c for c in track if c is not None]
+    if not found:
+        raise ValueError("shape_scores: the object is found in no frame")
+    return {s: float(np.mean([c.shape_iou[s] for c in found])) for s in SHAPES}
+
+
+def shape_gap(before: Track, after: Track) -> float:
+    """How much worse the source's shape (its best fit over the clip) fits the object in ``after`` than the shape
+    that fits it best there (0: the same shape reads best in both)."""
+    kept = max((scores := shape_scores(before)), key=scores.__getitem__)
+    scores = shape_scores(after)
+    return max(scores.values()) - scores[kept]
 
 
 def _side(track: Track) -> float:
@@ -376,7 +399,7 @@ def check_replace(
         shown = _share([c is not None and c.shape == case.new for c in edited])
         if case.attribute == "shape" and shown < t.frame_share:
             failures.append("edited_wrong")
-        if case.attribute == "colour" and _shape_agreement(kept, edited) < t.frame_share:
+        if case.attribute == "colour" and shape_gap(kept, edited) > t.shape_margin:
             failures.append("edited_reshaped")
         if _mean_shift(kept, edited, shape) > t.max_shift:
             failures.append("edited_moved")
@@ -387,7 +410,7 @@ def check_replace(
             continue
         if _found(b) < t.frame_share:
             failures.append("other_missing")
-        elif _shape_agreement(a, b) < t.frame_share:
+        elif shape_gap(a, b) > t.shape_margin:
             failures.append("other_changed")
         elif _mean_shift(a, b, shape) > t.max_shift:
             failures.append("other_moved")
@@ -410,7 +433,7 @@ def check_consistency(
     error = tgt.object_errors[case.index]
     if not (error < t.trajectory_error and tgt.positions_correct[case.index]):
         failures.append("motion")
-    if _shape_agreement(before, after) < t.frame_share:
+    if shape_gap(before, after) > t.shape_margin:
         failures.append("shape_changed")
     if abs(_side(after) / _side(before) - 1.0) > t.side_tolerance:
         failures.append("size_changed")
@@ -439,7 +462,14 @@ def measure_thresholds(n: int = 100, frames: int = CASE_CLIP[0], size: int = CAS
     and of the consistency task: an object's mean centroid shift when the clip is rendered again with another seed
     (another jitter offset) and when the edited object's linear motion is reversed; its relative side change when
     rendered again, and when its size word is the next one."""
-    out: dict[str, list[float]] = {"shift_rerendered": [], "shift_reversed": [], "side_rerendered": [], "side_next": []}
+    out: dict[str, list[float]] = {
+        "shift_rerendered": [],
+        "shift_reversed": [],
+        "side_rerendered": [],
+        "side_next": [],
+        "shape_gap_rerendered": [],
+        "shape_gap_other_shape": [],
+    }
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
     bigger = {"small": "medium", "medium": "large", "large": "medium"}
     for i in range(n):
@@ -462,8 +492,15 @@ def measure_thresholds(n: int = 100, frames: int = CASE_CLIP[0], size: int = CAS
         one = make_case("consistency/motion", "dev", i)
         x, _ = render_video(one.scene, one.motions, frames, size, rng=(i, 1))
         y, _ = render_video(one.scene, one.motions, frames, size, rng=(i, 2))
-        side = _side(object_track(_read(x, one.source), 0))
-        out["side_rerendered"].append(abs(_side(object_track(_read(y, one.source), 0)) / side - 1))
+        first_track, again_track = object_track(_read(x, one.source), 0), object_track(_read(y, one.source), 0)
+        side = _side(first_track)
+        out["side_rerendered"].append(abs(_side(again_track) / side - 1))
+        out["shape_gap_rerendered"].append(shape_gap(first_track, again_track))
+        for other in SHAPES:
+            reshaped = _with(one.scene, 0, shape=other)
+            if other != one.scene.objects[0].shape and video_problem(reshaped, one.motions, frames, size) is None:
+                w, _ = render_video(reshaped, one.motions, frames, size, rng=(i, 1))
+                out["shape_gap_other_shape"].append(shape_gap(first_track, object_track(_read(w, one.source), 0)))
         grown = _with(one.scene, 0, size=bigger[one.scene.objects[0].size])
         if video_problem(grown, one.motions, frames, size) is None:
             z, _ = render_video(grown, one.motions, frames, size, rng=(i, 1))

@@ -259,7 +259,7 @@ def test_script_runs_every_task_on_a_random_video_pipeline(tmp_path):
     script = _script()
     settings = script.Settings(split="dev", cases=1, steps=2, frames=4)
     examples: list = []
-    results = script.run(random_video_pipeline(), ["all"], settings, examples)
+    results = script.run(random_video_pipeline(), ["all"], settings, examples, tmp_path / "clips")
     assert [r["task"] for r in results] == list(TASKS)
     assert [r["method"] for r in results] == ["PromptToPrompt", "PromptToPrompt", "MutualSelfAttention"]
     for r in results:
@@ -271,6 +271,10 @@ def test_script_runs_every_task_on_a_random_video_pipeline(tmp_path):
         assert record["method"]["ok"] == (r["success"] == 1.0)
         assert record["method"]["ok"] or record["method"]["failures"], "a failed case says why"
     assert [e[2][0].shape for e in examples] == [(4, 32, 32, 3)] * 3
+    for task in TASKS:
+        kept = np.load(tmp_path / "clips" / f"clips_dev_{task.replace('/', '-')}_0.npz")
+        assert kept["seed"].tolist() == [case_seed("dev", task, 0)]
+        assert kept["method"].shape == kept["baseline"].shape == (1, 4, 32, 32, 3) and kept["source"].dtype == np.uint8
     table = script.format_table(results)
     assert all(task in table for task in TASKS)
     path = script.write_results(results, settings, tmp_path, str(tmp_path / "no-model"))
