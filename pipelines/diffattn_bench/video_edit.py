@@ -16,7 +16,9 @@ Tasks (``TASKS``):
   in ``frame_share`` of the
   frames); its centroid path stays within ``max_shift`` of the source clip's (mean over frames); the other object is
   found in ``frame_share`` of the frames with the source's shape (``shape_margin``) and within ``max_shift`` of its
-  source path.
+  source path. A shape edit counts only when the source shows the old shape (in ``frame_share`` of the frames, else
+  ``source_shape_wrong`` for both arms): the model draws most prompted triangles and squares of a 32 px frame as
+  round blobs, and an edit from a blob read as a circle to "circle" would pass without changing anything.
 - ``consistency/motion``: one object whose motion word changes ("moving up" -> "moving right"; the position word, so
   the mean place, stays). MasaCtrl's use: a new motion, the same object. :func:`check_consistency`: the target
   follows its new motion (ShapesBench trajectory error below ``trajectory_error`` and its position right) and keeps
@@ -390,6 +392,9 @@ def check_replace(
     before = [object_track(src, i) for i in range(len(case.scene.objects))]
     if any(_found(tr) < t.frame_share for tr in before):
         return Verdict(("source_unreadable",))
+    old_shown = _share([c is not None and c.shape == case.old for c in before[case.index]])
+    if case.attribute == "shape" and old_shown < t.frame_share:
+        return Verdict(("source_shape_wrong",))  # the edit would change nothing, or pass without changing anything
     after = [object_track(tgt, i) for i in range(len(case.scene.objects))]
     failures = []
     edited, kept = after[case.index], before[case.index]

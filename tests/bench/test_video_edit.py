@@ -149,6 +149,12 @@ def test_a_wrong_shape_fails():
         assert "edited_wrong" in check_replace(source, source, case).failures, "the old shape is not the new one"
 
 
+def test_a_shape_edit_counts_only_when_the_source_shows_the_old_shape():
+    for case in make_cases("replace/shape", "dev", N):
+        _, target = render_case(case)
+        assert check_replace(target, target, case).failures == ("source_shape_wrong",), case.source
+
+
 def test_a_colour_edit_that_changes_the_shape_fails():
     for case in make_cases("replace/colour", "dev", N):
         source, _ = render_case(case)
