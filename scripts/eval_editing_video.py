@@ -22,6 +22,19 @@ positions. Prompt-to-Prompt's self-attention injection acts on layers of at most
 authors' 16 x 16 on SD); every layer of this transformer sees the whole clip (512 tokens at 8 x 32 x 32), so the
 default here raises it to 4096 to let it act.
 
+Time: on this 2-core Xeon (AMX), one thread, an edit at 8 x 32 x 32 and 25 steps costs 3.6 s CPU with
+Prompt-to-Prompt, 2.6 s with MasaCtrl and 2.4-2.6 s plain; the dev run (3 cases x 3 tasks x 2 arms, checks
+included) took 55 s CPU, so the report run (40 cases) is about 12 minutes on one core. At 8 x 64 x 64 an edit costs
+7-8x as much (30.6 s / 17.8 s CPU, Prompt-to-Prompt / plain) and the model still drew the dev cases' triangles as
+round blobs, so 32 px stays the default.
+
+What the dev split showed (3 cases per task; numbers, not a tuning): colour swaps keep the object's path and the
+other object (the plain target prompt from the same noise moves or loses the object); every shape case failed for
+both arms with ``source_shape_wrong`` (the source's triangle is read as a circle in most frames); MasaCtrl copies the
+source's motion along with its look: with ``start_step`` 4, 10 and 16 the target followed the source's path in 3 of
+3 cases (a target query reads the source's keys at its own place: the model's keys carry their position through the
+coordinate channels), at 20 it moved in 1 of 3 but lost the shade in 2.
+
 Writes ``OUT/eval_editing_video_<split>.json`` (settings, per task the rates, intervals, failure counts and every case
 with its seed) and prints: task | method % [95 % CI] | baseline % [95 % CI] | seconds per edit (wall, and CPU time
 of this process, which a busy machine does not inflate).
