@@ -13,6 +13,7 @@ and ``num_images_per_prompt`` copies included. ``method=None`` runs the plain pa
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,8 +202,10 @@ def edit(
         if words:  # MasaCtrl's automatic masks: record the words' cross-attention maps on every layer
             blend = LocalBlend(words=words, threshold=method.mask_threshold, max_tokens=method.mask_max_tokens)
             rule = "masactrl" if method.faithful else "diffattn"
+            _refuse_video(pipe, f"{method.name}(mask_words={words!r})", f"{method.name} without mask_words")
             maps = _blend_store(pipe, source, target, blend, call_kwargs, each_prompt=True, rule=rule)
         if getattr(method, "local_blend", None) is not None:
+            _refuse_video(pipe, f"{method.name}(local_blend=...)", f"{method.name} without local_blend")
             store = _blend_store(pipe, source, target, method.local_blend, call_kwargs)
         if isinstance(method, PromptToPrompt):
             check_prompt_to_prompt(pipe, source, target, method)
@@ -329,6 +332,16 @@ def _words_tokens(pipe: Any, prompt: str, words: tuple[str, ...]) -> dict[str, t
         found = find_tokens(tokenizer, ids, word) or ()
         out[word] = tuple(t for t in found if not isinstance(limit, int) or t < limit)  # past the cut: not seen
     return out
+
+
+def _refuse_video(pipe: Any, owner: str, instead: str) -> None:
+    """Word masks (LocalBlend, MasaCtrl's automatic masks) are made and applied on one image's 2-D latent grid; a
+    pipeline whose call takes ``num_frames`` makes videos, whose latents have a frame axis the masks do not have."""
+    if "num_frames" in inspect.signature(type(pipe).__call__).parameters:
+        raise ValueError(
+            f"edit: {owner} makes its word masks on an image's 2-D latent grid, but {type(pipe).__name__} makes "
+            f"videos (its call takes num_frames), and masks over frames are not supported; run {instead}"
+        )
 
 
 def _latent_grid(pipe: Any, call_kwargs: dict[str, Any]) -> tuple[int, int]:

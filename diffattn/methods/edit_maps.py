@@ -98,8 +98,14 @@ class BlendStore:
     ) -> None:
         """``probs``: ``(heads, queries, text)`` of one entry's image rows over the text keys of layer ``layer`` at
         step ``step``."""
+        if len(q_grid) != 2:
+            raise LayoutError(
+                f"BlendStore: word maps are 2-D (an image's latent grid), but layer {layer} has the token grid "
+                f"{tuple(q_grid)} (a video's frames x rows x columns); LocalBlend and MasaCtrl's automatic masks run "
+                "on image models only"
+            )
         tokens = [t for t in self.tokens[branch] if t < probs.shape[-1]]
-        if not tokens or len(q_grid) != 2:
+        if not tokens:
             return
         if self.rule == "diffattn":
             if probs.shape[1] > self.blend.max_tokens:
