@@ -138,16 +138,22 @@ def case_seed(split: str, task: str, index: int) -> int:
     return _SPLIT_BASE[split] + TASKS.index(task) * _TASK_STRIDE + index
 
 
-def tasks_of(names: Sequence[str]) -> tuple[str, ...]:
-    """Task names from families or full names (``replace`` -> its three sub-tasks; ``all``), in report order."""
+def select_tasks(names: Sequence[str], tasks: Sequence[str]) -> tuple[str, ...]:
+    """Of ``tasks`` ("family/name" or "family"), those named by ``names`` (full names, families or ``all``), in the
+    order of ``tasks``; an unknown name raises with the choices."""
     chosen = set()
     for name in names:
-        matched = [t for t in TASKS if name in (t, t.split("/")[0], "all")]
+        matched = [t for t in tasks if name in (t, t.split("/")[0], "all")]
         if not matched:
-            families = sorted({t.split("/")[0] for t in TASKS})
-            raise ValueError(f"unknown task {name!r}; use all, a family ({', '.join(families)}) or one of {TASKS}")
+            families = sorted({t.split("/")[0] for t in tasks})
+            raise ValueError(f"unknown task {name!r}; use all, a family ({', '.join(families)}) or one of {tasks}")
         chosen.update(matched)
-    return tuple(t for t in TASKS if t in chosen)
+    return tuple(t for t in tasks if t in chosen)
+
+
+def tasks_of(names: Sequence[str]) -> tuple[str, ...]:
+    """Task names from families or full names (``replace`` -> its three sub-tasks; ``all``), in report order."""
+    return select_tasks(names, TASKS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ import numpy as np
 from diffattn_bench.grammar import COLOURS, MOTION_DIRECTIONS, SHAPES, Motion, Scene, caption
 from diffattn_bench.render import random_video_scene, render_video, video_problem
 from diffattn_bench.scoring import Component, VideoResult, evaluate_video
-from diffattn_bench.shapes_edit import Verdict, wilson_interval
+from diffattn_bench.shapes_edit import Verdict, select_tasks, wilson_interval
 
 __all__ = [
     "CASE_CLIP",
@@ -99,14 +99,7 @@ def case_seed(split: str, task: str, index: int) -> int:
 
 def tasks_of(names: Sequence[str]) -> tuple[str, ...]:
     """Task names from families or full names (``replace`` -> both replace tasks; ``all``), in report order."""
-    chosen = set()
-    for name in names:
-        matched = [t for t in TASKS if name in (t, t.split("/")[0], "all")]
-        if not matched:
-            families = sorted({t.split("/")[0] for t in TASKS})
-            raise ValueError(f"unknown task {name!r}; use all, a family ({', '.join(families)}) or one of {TASKS}")
-        chosen.update(matched)
-    return tuple(t for t in TASKS if t in chosen)
+    return select_tasks(names, TASKS)
 
 
 # --------------------------------------------------------------------------------------------
