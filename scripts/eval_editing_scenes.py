@@ -64,6 +64,7 @@ from diffattn_bench.shapes_edit import (
     check_refine,
     check_removal,
     check_replace,
+    json_option,
     make_case,
     removal_mask,
     rise_verdict,
@@ -503,16 +504,6 @@ def write_results(results: Sequence[Mapping[str, Any]], settings: Settings, out:
     return path
 
 
-def _json_option(text: str, name: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"--{name}: not JSON ({error}); e.g. --{name} '{{\"start_step\": 4}}'") from None
-    if not isinstance(value, dict):
-        raise SystemExit(f"--{name}: give a JSON object of keyword arguments, got {text!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", choices=SPLITS, required=True, help="dev (tuning) or report (published numbers)")
@@ -553,11 +544,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         guidance=args.guidance,
         reweight=args.reweight,
         erase_guidance=args.erase_guidance,
-        eraser=_json_option(args.eraser, "eraser"),
-        p2p=_json_option(args.p2p, "p2p"),
-        masactrl=_json_option(args.masactrl, "masactrl"),
-        layout=_json_option(args.layout_options, "layout-options"),
-        local_blend=None if args.local_blend is None else _json_option(args.local_blend, "local-blend"),
+        eraser=json_option(args.eraser, "eraser"),
+        p2p=json_option(args.p2p, "p2p"),
+        masactrl=json_option(args.masactrl, "masactrl"),
+        layout=json_option(args.layout_options, "layout-options"),
+        local_blend=None if args.local_blend is None else json_option(args.local_blend, "local-blend"),
     )
     pipe = load_scenes_pipeline(args.model)
     examples: list = []

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 import diffattn
 from diffattn.editing import edit
 from diffattn_bench.embedded import VIDEO_MODEL_DIR, load_video_pipeline
+from diffattn_bench.shapes_edit import json_option
 from diffattn_bench.video_edit import (
     DEFAULT,
     SPLITS,
@@ -315,16 +316,6 @@ def write_results(
     return path
 
 
-def _json_option(text: str, name: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"--{name}: not JSON ({error}); e.g. --{name} '{{\"start_step\": 4}}'") from None
-    if not isinstance(value, dict):
-        raise SystemExit(f"--{name}: give a JSON object of keyword arguments, got {text!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", choices=SPLITS, required=True, help="dev (tuning) or report (published numbers)")
@@ -365,8 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         frames=args.frames,
         height=args.height,
         width=args.width,
-        p2p=_json_option(args.p2p, "p2p"),
-        masactrl=_json_option(args.masactrl, "masactrl"),
+        p2p=json_option(args.p2p, "p2p"),
+        masactrl=json_option(args.masactrl, "masactrl"),
     )
     if args.threads is not None:
         import torch

@@ -48,10 +48,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -149,6 +151,18 @@ def select_tasks(names: Sequence[str], tasks: Sequence[str]) -> tuple[str, ...]:
             raise ValueError(f"unknown task {name!r}; use all, a family ({', '.join(families)}) or one of {tasks}")
         chosen.update(matched)
     return tuple(t for t in tasks if t in chosen)
+
+
+def json_option(text: str, name: str) -> dict[str, Any]:
+    """A command-line option ``--name`` given as a JSON object of keyword arguments; anything else exits with an
+    example."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--{name}: not JSON ({error}); e.g. --{name} '{{\"start_step\": 4}}'") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"--{name}: give a JSON object of keyword arguments, got {text!r}")
+    return value
 
 
 def tasks_of(names: Sequence[str]) -> tuple[str, ...]:
