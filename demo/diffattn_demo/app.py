@@ -3,7 +3,7 @@
 
     diffattn demo                        # http://127.0.0.1:7860, the embedded image and video models
     python -m diffattn_demo --port 7861 --image-model PATH/TO/SD-FOLDER --video-model PATH/TO/WAN-FOLDER
-    diffattn demo --embedded-image shapes-scenes     # the second embedded image model (textured scenes)
+    diffattn demo --embedded-image shapes-image      # the first embedded image model (captions that name everything)
 
 Everything stays on this machine: Gradio's analytics are off, no share link is made, the server listens on
 127.0.0.1 unless ``--host`` says otherwise, and models load offline (any local diffusers SD1.5 / SDXL / SD3 / Flux
@@ -161,13 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-model",
         type=Path,
         default=None,
-        help="local diffusers SD1.5 / SDXL / SD3 / Flux folder (default: the embedded shapes-image)",
+        help="local diffusers SD1.5 / SDXL / SD3 / Flux folder (default: the embedded shapes-scenes)",
     )
     parser.add_argument(
         "--embedded-image",
         choices=list(IMAGE_MODELS),
         default=None,
-        help="which embedded image model (default: shapes-image); with --image-model, that folder holds its weights",
+        help=(
+            "which embedded image model (default: shapes-scenes; shapes-image: the first one, whose captions name "
+            "everything); with --image-model, that folder holds its weights"
+        ),
     )
     parser.add_argument(
         "--video-model",

@@ -23,6 +23,7 @@ __all__ = [
     "ImageModel",
     "LOCAL_IMAGE_MODEL",
     "Models",
+    "TabPrompts",
     "image_size",
 ]
 
@@ -53,16 +54,33 @@ class GuidanceDefaults:
 
 
 @dataclass(frozen=True)
+class TabPrompts:
+    """The prompts each tab shows first for one image model: the Edit tab's source and target, the Layout tab's
+    prompt and subject boxes (``word: x0 y0 x1 y1`` lines), the Erase tab's prompt and the Guidance tab's."""
+
+    edit_source: str
+    edit_target: str
+    layout: str
+    layout_subjects: str
+    erase: str
+    guidance: str
+
+    def all(self) -> tuple[str, ...]:
+        """Every prompt (not the subject lines)."""
+        return (self.edit_source, self.edit_target, self.layout, self.erase, self.guidance)
+
+
+@dataclass(frozen=True)
 class ImageModel:
     """An image model the demo can serve: its name on the page, how to load it (``load(folder)``; ``None`` = its
     embedded folder), the words its tokenizer knows (``None``: any, a local folder), the Guidance tab's defaults and
-    that tab's first prompt."""
+    the tabs' first prompts."""
 
     name: str
     load: Callable[[Path | None], Any] = field(repr=False, compare=False)
     vocabulary: tuple[str, ...] | None
     guidance: GuidanceDefaults
-    guidance_prompt: str
+    prompts: TabPrompts
 
     def words(self) -> str:
         """The sentence the tabs show about the model's words."""
@@ -91,35 +109,55 @@ def _local_folder(path: Path | None) -> Any:
     return DiffusionPipeline.from_pretrained(_model_folder(path), local_files_only=True)
 
 
-#: The embedded image models the demo can serve (``--embedded-image NAME``), the first one by default. The Guidance
-#: defaults of shapes-scenes come from ``scripts/sweep_guidance.py`` on the shipped model (stage 1, CFG 1, scale 3,
-#: 96 items; docs/results.md): ``up_blocks.2`` is the block where PAG and SEG both move the image visibly (mean
-#: change 22 and 14 levels) without lowering ShapesBench (paired differences within +-4 points, intervals across
-#: 0); ``up_blocks.3`` moves it as much but loses 4-6 points, ``mid_block`` (a 2 x 2 latent) moves it by < 1 level.
+#: The first prompts of shapes-image, whose captions name every object's colour, shape and place (and of a local
+#: folder).
+_SHAPES_PROMPTS = TabPrompts(
+    edit_source="a red circle on the left",
+    edit_target="a blue circle on the left",
+    layout="a red circle and a blue square",
+    layout_subjects="circle: 0.0 0.0 0.5 0.5\nsquare: 0.5 0.5 1.0 1.0",
+    erase="a red circle on the left and a blue square on the right",
+    guidance="a red circle on the left and a blue square on the right",
+)
+
+#: The embedded image models the demo can serve (``--embedded-image NAME``); :data:`DEFAULT_IMAGE_MODEL` by default.
+#: The Guidance defaults of shapes-scenes come from ``scripts/sweep_guidance.py`` on the shipped model (stage 1,
+#: CFG 1, scale 3, 96 items; docs/results.md): ``up_blocks.2`` is the block where PAG and SEG both move the image
+#: visibly (mean change 22 and 14 levels) without lowering ShapesBench (paired differences within +-4 points,
+#: intervals across 0); ``up_blocks.3`` moves it as much but loses 4-6 points, ``mid_block`` (a 2 x 2 latent) moves
+#: it by < 1 level. Its Edit prompts leave place, size and background open: what prompt-to-prompt keeps from the
+#: source and a plain target prompt would draw anew (ShapesEdit v2, README).
 IMAGE_MODELS: dict[str, ImageModel] = {
-    "shapes-image": ImageModel(
-        "shapes-image",
-        _embedded_image,
-        tuple(VOCABULARY),
-        GuidanceDefaults(layer="family default", scale=3.0, scales=(1.5, 3.0, 5.0)),
-        "a red circle on the left and a blue square on the right",
-    ),
     "shapes-scenes": ImageModel(
         "shapes-scenes",
         _embedded_scenes,
         tuple(SCENE_VOCABULARY),
         GuidanceDefaults(layer="up_blocks.2", scale=3.0, scales=(1.5, 3.0, 5.0)),
-        "a red striped circle on the left and a blue square on a black checked background",
+        TabPrompts(
+            edit_source="a red striped circle",
+            edit_target="a blue striped circle",
+            layout="a red circle and a blue square",
+            layout_subjects="circle: 0.0 0.0 0.5 0.5\nsquare: 0.5 0.5 1.0 1.0",
+            erase="a red circle and a blue square on a beige striped background",
+            guidance="a red striped circle on the left and a blue square on a black checked background",
+        ),
+    ),
+    "shapes-image": ImageModel(
+        "shapes-image",
+        _embedded_image,
+        tuple(VOCABULARY),
+        GuidanceDefaults(layer="family default", scale=3.0, scales=(1.5, 3.0, 5.0)),
+        _SHAPES_PROMPTS,
     ),
 }
-DEFAULT_IMAGE_MODEL = "shapes-image"
+DEFAULT_IMAGE_MODEL = "shapes-scenes"
 #: A local diffusers folder (``--image-model PATH`` alone): the family-default guidance layer.
 LOCAL_IMAGE_MODEL = ImageModel(
     "local folder",
     _local_folder,
     None,
     GuidanceDefaults(layer="family default", scale=3.0, scales=(1.5, 3.0, 5.0)),
-    "a red circle on the left and a blue square on the right",
+    _SHAPES_PROMPTS,
 )
 
 
@@ -181,8 +219,8 @@ class Models:
 
     def inversion_threshold(self) -> float | None:
         """The reconstruction PSNR (dB) below which an uploaded image is out of the image model's domain: measured
-        for the embedded shapes-image model only; unknown (``None``) for shapes-scenes (not measured yet) and for a
-        model loaded from a folder."""
+        for the embedded shapes-image model only; unknown (``None``) for shapes-scenes (its in-domain and
+        out-of-domain PSNRs overlap, README "Real images") and for a model loaded from a folder."""
         if self.image_path is not None or (self.embedded_image or DEFAULT_IMAGE_MODEL) != "shapes-image":
             return None
         from diffattn_bench.embedded import IMAGE_INVERSION_PSNR

@@ -163,7 +163,9 @@ def _wait_until_usable(browser, server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def server(browser, tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("demo-server"))
+    """The demo serving shapes-image (``--embedded-image shapes-image``): the tab tests read its images with the
+    shapes-image scorer."""
+    server = Server(tmp_path_factory.mktemp("demo-server"), ("--embedded-image", "shapes-image"))
     try:
         _wait_until_usable(browser, server)
         _record("startup_to_usable_page_s", server.startup_seconds)
@@ -186,13 +188,19 @@ def _scenes_folder() -> Path:
     return folder
 
 
+def _scenes_arguments() -> tuple[str, ...]:
+    """The demo's arguments that serve the scenes model: none (it is the default) or, with ``DIFFATTN_SCENES_MODEL``,
+    that folder."""
+    folder = _scenes_folder()
+    if os.environ.get("DIFFATTN_SCENES_MODEL"):
+        return ("--embedded-image", "shapes-scenes", "--image-model", str(folder))
+    return ()
+
+
 @pytest.fixture(scope="module")
 def scenes_server(browser, tmp_path_factory):
-    """A second demo, serving the scenes model (``--embedded-image shapes-scenes``)."""
-    folder = _scenes_folder()
-    server = Server(
-        tmp_path_factory.mktemp("demo-scenes"), ("--embedded-image", "shapes-scenes", "--image-model", str(folder))
-    )
+    """A second demo, as started with no model arguments: the scenes model (the default)."""
+    server = Server(tmp_path_factory.mktemp("demo-scenes"), _scenes_arguments())
     try:
         _wait_until_usable(browser, server)
         yield server
@@ -296,7 +304,14 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
 @pytest.fixture(scope="module")
 def models(server):
     torch.set_num_threads(server.threads)
-    return Models().load()
+    return Models(embedded_image="shapes-image").load()
+
+
+@pytest.fixture(scope="module")
+def scenes_models(scenes_server):
+    torch.set_num_threads(scenes_server.threads)
+    folder = os.environ.get("DIFFATTN_SCENES_MODEL")
+    return Models(Path(folder) if folder else None, None, "shapes-scenes").load()
 
 
 def _objects(image: np.ndarray) -> list[tuple[str, str, str]]:
@@ -348,10 +363,16 @@ def _canvas_image_rect(page) -> tuple[float, float, float, float]:
     """Screen rectangle (x0, y0, x1, y1) of the image inside the Erase canvas: the rows and columns that are mostly
     the generated image's dark background (the toolbar icons are thin)."""
     canvas = page.locator("#erase-editor canvas").first
-    box = canvas.bounding_box()
-    shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")).astype(int)
-    dark = shot.max(-1) < 60
-    cols, rows = np.nonzero(dark.mean(0) > 0.3)[0], np.nonzero(dark.mean(1) > 0.3)[0]
+    deadline = time.perf_counter() + 30 * TIMEOUT_FACTOR
+    while True:  # the canvas draws the generated image a while after it arrives (longer on a loaded machine)
+        box = canvas.bounding_box()
+        shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")).astype(int)
+        dark = shot.max(-1) < 60
+        cols, rows = np.nonzero(dark.mean(0) > 0.3)[0], np.nonzero(dark.mean(1) > 0.3)[0]
+        if len(cols) and len(rows):
+            break
+        assert time.perf_counter() < deadline, "the Erase canvas did not show the generated image"
+        page.wait_for_timeout(250)
     sx, sy = box["width"] / shot.shape[1], box["height"] / shot.shape[0]
     return (
         box["x"] + cols.min() * sx,
@@ -371,7 +392,6 @@ def test_erase_tab(page, server, models):
     _fill(page, "erase-prompt", "a red circle on the left and a blue square on the right")
     page.locator("#erase-generate").click()
     page.locator("#erase-editor canvas").first.wait_for()
-    page.wait_for_timeout(1500)  # the canvas draws the generated image
     x0, y0, x1, y1 = _canvas_image_rect(page)
     assert 0.9 < (x1 - x0) / (y1 - y0) < 1.1, (x0, y0, x1, y1)
     generated, _ = generate_image(models, "a red circle on the left and a blue square on the right", 0, 10)
@@ -465,6 +485,37 @@ def test_guidance_defaults_change_the_scenes_image_visibly(browser, scenes_serve
             f"{method} on {defaults.layer} at scale {defaults.scale:g} moved the image by only {change:.1f} levels; "
             "choose the scenes model's GuidanceDefaults from scripts/sweep_guidance.py's change column"
         )
+
+
+def test_default_demo_edits_the_scenes_model_keeping_what_the_prompt_leaves_open(browser, scenes_server, scenes_models):
+    """Started with no model arguments the demo serves shapes-scenes, and its Edit tab's first prompts change one
+    word of a prompt that names no place, size or background: prompt-to-prompt's edit keeps the object where and as
+    large as it was, with the new colour, as the direct call gives it."""
+    from diffattn_bench.scene_scoring import read_scene
+    from diffattn_demo.models import DEFAULT_IMAGE_MODEL, IMAGE_MODELS
+
+    assert DEFAULT_IMAGE_MODEL == "shapes-scenes"
+    prompts = IMAGE_MODELS["shapes-scenes"].prompts
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(scenes_server.url)
+        assert "shapes-scenes" in page.locator("#edit-words").inner_text()
+        assert page.locator("#edit-source").get_by_role("textbox").input_value() == prompts.edit_source
+        assert page.locator("#edit-target").get_by_role("textbox").input_value() == prompts.edit_target
+        page.locator("#edit-run").click()
+        target = _image(page, scenes_server, "edit-out-target")
+        source = _image(page, scenes_server, "edit-out-source")
+    finally:
+        context.close()
+    direct = run_edit(scenes_models, prompts.edit_source, prompts.edit_target, "prompt-to-prompt", 0, 20)
+    assert _close(source, direct.source) and _close(target, direct.target)
+    factor = source.shape[0] // 64
+    before, after = read_scene(shrink(source, factor)).objects, read_scene(shrink(target, factor)).objects
+    assert [o.colour for o in before] == ["red"] and [o.colour for o in after] == ["blue"], (before, after)
+    (a,), (b,) = before, after
+    assert max(abs(a.centre[0] - b.centre[0]), abs(a.centre[1] - b.centre[1])) < 0.05, (a.centre, b.centre)
+    assert abs(a.side - b.side) < 0.05, (a.side, b.side)
 
 
 #: Per table cell of ``selector``, its words that the page broke across lines (a word's text in more than one line

@@ -37,7 +37,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def models():
-    return Models().load()
+    return Models(embedded_image="shapes-image").load()
 
 
 @pytest.fixture(scope="module")
@@ -441,7 +441,8 @@ def test_an_upload_unlike_the_training_images_gets_a_warning_with_its_psnr(model
 def test_inversion_threshold_is_known_for_the_embedded_model_only():
     from diffattn_bench.embedded import IMAGE_INVERSION_PSNR
 
-    assert Models().inversion_threshold() == IMAGE_INVERSION_PSNR
+    assert Models(embedded_image="shapes-image").inversion_threshold() == IMAGE_INVERSION_PSNR
+    assert Models().inversion_threshold() is None  # the default, shapes-scenes: in and out of domain overlap
     assert Models(image_path=Path("elsewhere")).inversion_threshold() is None  # not loaded: no model is read
 
 
@@ -475,17 +476,21 @@ def test_image_models_say_their_words_and_hold_guidance_defaults_that_fit_them()
     from diffattn_bench.scenes import SCENE_VOCABULARY, parse_caption
     from diffattn_demo.models import DEFAULT_IMAGE_MODEL, IMAGE_MODELS, LOCAL_IMAGE_MODEL, GuidanceDefaults
 
-    assert Models().image_info is IMAGE_MODELS[DEFAULT_IMAGE_MODEL] and DEFAULT_IMAGE_MODEL == "shapes-image"
+    assert Models().image_info is IMAGE_MODELS[DEFAULT_IMAGE_MODEL] and DEFAULT_IMAGE_MODEL == "shapes-scenes"
     scenes = Models(embedded_image="shapes-scenes")
     assert scenes.image_info.vocabulary == SCENE_VOCABULARY and scenes.image_label == "embedded shapes-scenes"
     assert Models(image_path=Path("/x")).image_info is LOCAL_IMAGE_MODEL
     assert Models(Path("/x"), None, "shapes-scenes").image_label == "shapes-scenes from /x"
     assert IMAGE_MODELS["shapes-image"].vocabulary == VOCABULARY
     for info in IMAGE_MODELS.values():
-        assert set(info.guidance_prompt.split()) <= set(info.vocabulary), info.name
+        for prompt in info.prompts.all():
+            assert set(prompt.split()) <= set(info.vocabulary), (info.name, prompt)
+        subjects = [line.split(":")[0] for line in info.prompts.layout_subjects.splitlines()]
+        assert set(subjects) <= set(info.prompts.layout.split()), (info.name, subjects)
         words = info.words()
         assert info.name in words and all(w in words for w in info.vocabulary)
-    parse_caption(IMAGE_MODELS["shapes-scenes"].guidance_prompt)  # a caption the scenes scorer reads
+    for prompt in IMAGE_MODELS["shapes-scenes"].prompts.all():
+        parse_caption(prompt)  # captions the scenes scorer reads
     assert "any prompt" in LOCAL_IMAGE_MODEL.words()
     assert GuidanceDefaults("mid_block", 3.0, (1.5, 3.0)).scales_text == "0, 1.5, 3"
     with pytest.raises(ValueError, match="unknown embedded image model"):
@@ -499,7 +504,7 @@ def test_image_models_say_their_words_and_hold_guidance_defaults_that_fit_them()
 def test_demo_settings_refuse_an_unknown_embedded_image_model():
     from diffattn_demo.app import DemoSettings, build_parser
 
-    with pytest.raises(ValueError, match="--embedded-image must be one of shapes-image, shapes-scenes"):
+    with pytest.raises(ValueError, match="--embedded-image must be one of shapes-scenes, shapes-image"):
         DemoSettings(embedded_image="shapes-nope")
     assert build_parser().parse_args(["--embedded-image", "shapes-scenes"]).embedded_image == "shapes-scenes"
 

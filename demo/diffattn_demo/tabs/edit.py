@@ -224,10 +224,9 @@ def _input_column(models: Models) -> tuple[list[Any], Any]:
     import gradio as gr
 
     with gr.Column():
-        e_source = gr.Textbox("a red circle on the left", label="Source prompt", elem_id="edit-source")
-        e_target = gr.Textbox(
-            "a blue circle on the left", label="Target prompt (empty: the source)", elem_id="edit-target"
-        )
+        prompts = models.image_info.prompts
+        e_source = gr.Textbox(prompts.edit_source, label="Source prompt", elem_id="edit-source")
+        e_target = gr.Textbox(prompts.edit_target, label="Target prompt (empty: the source)", elem_id="edit-target")
         with gr.Row():
             e_swap = gr.Textbox("", label="Swap word (in the target)", elem_id="edit-swap")
             e_swap_to = gr.Textbox("", label="... for", elem_id="edit-swap-to")

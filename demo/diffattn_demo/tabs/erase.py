@@ -124,7 +124,7 @@ def _input_column(models: Models) -> tuple[Any, ...]:
     with gr.Column():
         with gr.Row():
             r_prompt = gr.Textbox(
-                "a red circle on the left and a blue square on the right",
+                models.image_info.prompts.erase,
                 label="Generate an image (or upload one in the canvas)",
                 elem_id="erase-prompt",
                 scale=3,

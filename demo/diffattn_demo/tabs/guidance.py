@@ -224,7 +224,7 @@ def _input_column(layer_choices: list[str], info: ImageModel) -> tuple[list[Any]
 
     defaults = info.guidance
     with gr.Column():
-        g_prompt = gr.Textbox(info.guidance_prompt, label="Prompt", elem_id="guidance-prompt")
+        g_prompt = gr.Textbox(info.prompts.guidance, label="Prompt", elem_id="guidance-prompt")
         words_panel("guidance-words", info, [g_prompt])
         g_methods = gr.CheckboxGroup(
             list(GUIDANCE_METHODS),

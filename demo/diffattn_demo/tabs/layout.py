@@ -139,10 +139,11 @@ def _input_column(models: Models) -> tuple[list[Any], Any]:
     import gradio as gr
 
     with gr.Column():
-        l_prompt = gr.Textbox("a red circle and a blue square", label="Prompt", elem_id="layout-prompt")
+        prompts = models.image_info.prompts
+        l_prompt = gr.Textbox(prompts.layout, label="Prompt", elem_id="layout-prompt")
         words_panel("layout-words", models.image_info, [l_prompt])
         l_subjects = gr.Textbox(
-            "circle: 0.0 0.0 0.5 0.5\nsquare: 0.5 0.5 1.0 1.0",
+            prompts.layout_subjects,
             lines=4,
             label="Subjects, one per line: word: x0 y0 x1 y1 (fractions, origin top-left)",
             elem_id="layout-subjects",
