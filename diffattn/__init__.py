@@ -48,11 +48,14 @@ from .methods.seg import SEG
 from .processors import DiffattnProcessor, processors
 from .runtime import denoising_step
 from .schedule import StepSchedule
+from .tuning import TunedProfile, tune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "apply",
+    "tune",
+    "TunedProfile",
     "remove",
     "Handle",
     "attention_modules",

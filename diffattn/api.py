@@ -27,6 +27,7 @@ from .runtime import (
 )
 from .runtime.conflicts import refuse_layer_skip
 from .schedule import LayerSpec, StepSchedule, StepSpec, select_layers
+from .tuning.profile import TunedProfile
 
 __all__ = ["apply", "remove", "Handle", "attention_modules"]
 
@@ -125,7 +126,9 @@ def _denoisers(target: Any) -> tuple[list[torch.nn.Module], Any]:
     return found, target
 
 
-def apply(target: Any, method: AttentionMethod, *, layers: LayerSpec = None, steps: StepSpec = None) -> Handle:
+def apply(
+    target: Any, method: AttentionMethod | TunedProfile, *, layers: LayerSpec = None, steps: StepSpec = None
+) -> Handle:
     """Run ``method`` in place of the attention core of a pipeline's denoiser(s) (or of a model).
 
     ``layers``: regexes over attention-module names, matched on whole dot-separated parts (``blocks.1`` never
@@ -135,7 +138,16 @@ def apply(target: Any, method: AttentionMethod, *, layers: LayerSpec = None, ste
     the exact rules are :class:`~diffattn.schedule.StepSchedule`'s. Steps count the pipeline call's loop (see
     :mod:`diffattn.runtime.position`). Applications stack: applying another method keeps this one (see
     :mod:`diffattn.runtime`).
+
+    ``method`` may be a :class:`~diffattn.tuning.TunedProfile` (``diffattn.tune``): it acts on the layers it was tuned
+    for (``layers=`` then narrows them), and is refused on another model class.
     """
+    if isinstance(method, TunedProfile):
+        models, _ = _denoisers(target)
+        for model in models:
+            method.check_model(model)
+        chosen = method.layer_patterns() if layers is None else layers
+        return attach(target, method.method(), layers=chosen, steps=steps)
     if not isinstance(method, AttentionMethod):
         raise TypeError(f"method must be a diffattn method (e.g. diffattn.Dense()), got {type(method).__name__}")
     if method.expands_batch:

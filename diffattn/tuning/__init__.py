@@ -1,0 +1,10 @@
+"""Tuning a sparse method to a model against dense attention: :func:`tune` measures each layer's, step range's and
+head's error at candidate budgets on calibration prompts and returns a :class:`TunedProfile`, the least budget per
+layer, range and head within an error target; ``diffattn.apply(pipe, profile)`` applies it, and ``profile.save`` /
+:meth:`TunedProfile.load` keep it (safetensors + JSON)."""
+
+from .probe import SensitivityProbe
+from .profile import ProfiledSparseAttention, TunedProfile
+from .tune import TUNABLE_FAMILIES, tune
+
+__all__ = ["tune", "TunedProfile", "ProfiledSparseAttention", "SensitivityProbe", "TUNABLE_FAMILIES"]

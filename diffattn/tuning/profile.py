@@ -1,0 +1,224 @@
+"""A tuned profile: per layer, step range and head, the budget of a sparse method chosen by :func:`~diffattn.tune`
+against dense attention, and :class:`ProfiledSparseAttention`, the method that runs it. Saved as safetensors (the
+budgets and measured errors, float64, so a reloaded profile is bitwise the one saved) beside a JSON file (model
+class, grids, method parameters, error target, diffattn version)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..context import AttentionContext
+from ..errors import MethodConfigError
+from ..methods.base import AttentionMethod
+from ..methods.dynamic_common import _ROLES
+from ..methods.dynamic_sparse import DynamicSparseAttention
+
+__all__ = ["LayerBudget", "TunedProfile", "ProfiledSparseAttention", "PROFILE_FORMAT"]
+
+PROFILE_FORMAT = 1
+_JSON = "profile.json"
+_TENSORS = "profile.safetensors"
+
+
+@dataclass(frozen=True)
+class LayerBudget:
+    """One attention layer's tuned budgets: ``budgets[r][h]`` the top-k fraction of step range ``r`` and head ``h``
+    (1.0: dense), ``errors[r][h]`` the mean relative L1 error of the attention output measured at that budget on
+    the calibration prompts (0.0 where dense), on the visual token ``grid`` it was tuned at."""
+
+    name: str
+    grid: tuple[int, ...]
+    budgets: tuple[tuple[float, ...], ...]
+    errors: tuple[tuple[float, ...], ...]
+
+    @property
+    def heads(self) -> int:
+        return len(self.budgets[0])
+
+
+@dataclass(frozen=True)
+class TunedProfile:
+    """What :func:`~diffattn.tune` found for one model: a budget per layer, step range and head.
+
+    ``family``: the tuned method (``"dynamic-topk"``: :class:`~diffattn.DynamicSparseAttention` with a top-k budget,
+    ``block_size`` and ``tile``); ``step_ranges``: the number of equal parts the denoising steps are cut into (a
+    call's range is ``step * step_ranges // num_steps``); ``error_target``: the relative L1 error of the attention
+    output each head's budget keeps within. ``diffattn.apply(pipe, profile)`` applies it to the layers it lists; it
+    refuses another model class or another token grid."""
+
+    model_class: str
+    family: str
+    block_size: int
+    tile: Any
+    step_ranges: int
+    error_target: float
+    layers: tuple[LayerBudget, ...]
+    calibration: tuple[str, ...] = ()
+    num_inference_steps: int | None = None
+    diffattn_version: str = ""
+
+    def layer(self, name: str) -> LayerBudget | None:
+        return next((layer for layer in self.layers if layer.name == name), None)
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers)
+
+    def mean_budget(self) -> float:
+        """The mean top-k fraction over layers, step ranges and heads (a layer's share of compute is not weighed)."""
+        values = [b for layer in self.layers for row in layer.budgets for b in row]
+        return sum(values) / len(values)
+
+    def method(self) -> ProfiledSparseAttention:
+        return ProfiledSparseAttention(self)
+
+    def layer_patterns(self) -> list[str]:
+        """``diffattn.apply``'s ``layers=``: each tuned layer by its exact name."""
+        return [f"^{re.escape(name)}$" for name in self.layer_names]
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        found = type(model).__name__
+        if found != self.model_class:
+            raise MethodConfigError(
+                f"this profile was tuned for {self.model_class}, not {found}: tune this model with "
+                "diffattn.tune(pipe, ...) and apply that profile"
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # saving and loading
+    # ------------------------------------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write ``profile.json`` and ``profile.safetensors`` into ``folder`` (made if missing); returns it."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            tensors[f"budgets.{i}"] = torch.tensor(layer.budgets, dtype=torch.float64)
+            tensors[f"errors.{i}"] = torch.tensor(layer.errors, dtype=torch.float64)
+        save_file(tensors, str(folder / _TENSORS))
+        meta = {
+            "format": PROFILE_FORMAT,
+            "model_class": self.model_class,
+            "family": self.family,
+            "block_size": self.block_size,
+            "tile": list(self.tile) if isinstance(self.tile, tuple) else self.tile,
+            "step_ranges": self.step_ranges,
+            "error_target": self.error_target,
+            "calibration": list(self.calibration),
+            "num_inference_steps": self.num_inference_steps,
+            "diffattn_version": self.diffattn_version,
+            "layers": [{"name": layer.name, "grid": list(layer.grid)} for layer in self.layers],
+        }
+        (folder / _JSON).write_text(json.dumps(meta, indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TunedProfile:
+        """The profile :meth:`save` wrote into ``folder``."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / _JSON).is_file() or not (folder / _TENSORS).is_file():
+            raise FileNotFoundError(
+                f"{folder} holds no tuned profile ({_JSON} and {_TENSORS}); make one with diffattn.tune(...) and "
+                "profile.save(folder)"
+            )
+        meta = json.loads((folder / _JSON).read_text())
+        if meta.get("format") != PROFILE_FORMAT:
+            raise ValueError(
+                f"{folder / _JSON} has profile format {meta.get('format')!r}; this diffattn reads format "
+                f"{PROFILE_FORMAT}: tune again"
+            )
+        tensors = load_file(str(folder / _TENSORS))
+        layers = tuple(
+            LayerBudget(
+                entry["name"],
+                tuple(entry["grid"]),
+                tuple(tuple(row) for row in tensors[f"budgets.{i}"].tolist()),
+                tuple(tuple(row) for row in tensors[f"errors.{i}"].tolist()),
+            )
+            for i, entry in enumerate(meta["layers"])
+        )
+        tile = meta["tile"]
+        return cls(
+            model_class=meta["model_class"],
+            family=meta["family"],
+            block_size=int(meta["block_size"]),
+            tile=tuple(tile) if isinstance(tile, list) else tile,
+            step_ranges=int(meta["step_ranges"]),
+            error_target=float(meta["error_target"]),
+            layers=layers,
+            calibration=tuple(meta.get("calibration", ())),
+            num_inference_steps=meta.get("num_inference_steps"),
+            diffattn_version=meta.get("diffattn_version", ""),
+        )
+
+
+def step_range(ctx: AttentionContext, ranges: int) -> int:
+    """The step range ``ctx.step`` falls in when the call's ``ctx.num_steps`` steps are cut into ``ranges``."""
+    return min(ctx.step * ranges // max(ctx.num_steps, 1), ranges - 1)
+
+
+@dataclass(frozen=True)
+class ProfiledSparseAttention(AttentionMethod):
+    """Runs a :class:`TunedProfile`: on each tuned layer, :class:`~diffattn.DynamicSparseAttention` with the
+    profile's per-head top-k budget of the call's step range. A layer whose grid differs from the profile's, or a
+    layer the profile does not list, is refused with the way to fix it."""
+
+    profile: TunedProfile
+    roles: frozenset[str] = field(default=_ROLES)
+    _methods: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    requires_step = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.profile, TunedProfile):
+            raise TypeError(f"{self.name} takes a TunedProfile (diffattn.tune), got {type(self.profile).__name__}")
+
+    def _layer(self, ctx: AttentionContext) -> LayerBudget:
+        layer = self.profile.layer(ctx.layer)
+        if layer is None:
+            raise MethodConfigError(
+                f"the tuned profile has no budget for {ctx.layer}; apply it with diffattn.apply(pipe, profile), "
+                "which selects its layers, or tune this layer too"
+            )
+        return layer
+
+    def validate(self, ctx: AttentionContext) -> None:
+        layer = self._layer(ctx)
+        grid = tuple(ctx.q_layout.grid)
+        if grid != layer.grid:
+            raise MethodConfigError(
+                f"the profile was tuned on token grid {layer.grid} at {ctx.layer}, this call has grid {grid} (another "
+                "size or frame count): tune again at this size with diffattn.tune(pipe, ..., height=, width=)"
+            )
+
+    def method_for(self, layer: str, index: int) -> DynamicSparseAttention:
+        """The dynamic method of ``layer``'s step range ``index``, made once."""
+        key = (layer, index)
+        method = self._methods.get(key)
+        if method is None:
+            budgets = self.profile.layer(layer).budgets[index]
+            method = DynamicSparseAttention(
+                topk=tuple(budgets), block_size=self.profile.block_size, tile=self.profile.tile, roles=self.roles
+            )
+            self._methods[key] = method
+        return method
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        layer = self._layer(ctx)
+        heads = ctx.total_heads or q.shape[1]
+        if heads != layer.heads:
+            raise MethodConfigError(
+                f"the profile has {layer.heads} head budgets for {ctx.layer}, this call has {heads} heads: it was "
+                f"tuned for another {self.profile.model_class} configuration; tune this one"
+            )
+        return self.method_for(ctx.layer, step_range(ctx, self.profile.step_ranges))(q, k, v, ctx)

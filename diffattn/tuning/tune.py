@@ -1,0 +1,201 @@
+""":func:`tune`: choose a sparse method's budget per layer, step range and head for one model, against dense
+attention on calibration prompts, within an error target a user reads: the relative L1 error of each attention
+output (``0.05``: outputs within 5% of dense, summed over a head's tokens and channels)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DiffattnError
+from .probe import SensitivityProbe
+from .profile import LayerBudget, TunedProfile
+
+__all__ = ["tune", "TUNABLE_FAMILIES", "DEFAULT_CANDIDATES"]
+
+#: Method families :func:`tune` can tune: ``"dynamic-topk"`` is :class:`~diffattn.DynamicSparseAttention`'s top-k
+#: fraction per head.
+TUNABLE_FAMILIES = ("dynamic-topk",)
+#: The top-k fractions tried per head (1.0, dense, is always the fallback).
+DEFAULT_CANDIDATES = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
+_STATE_JSON = "tune_state.json"
+_STATE_TENSORS = "tune_state.safetensors"
+
+
+def _check(family: str, prompts: Sequence[str], error_target: float, candidates: Sequence[float], ranges: int) -> None:
+    if family not in TUNABLE_FAMILIES:
+        raise ValueError(f"tune: family {family!r} is not tunable yet; use one of {', '.join(TUNABLE_FAMILIES)}")
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("tune: prompts is a list of calibration prompts, e.g. ['a red circle moving left']")
+    if isinstance(error_target, bool) or not isinstance(error_target, (int, float)) or not 0 < error_target < 1:
+        raise ValueError(
+            f"tune: error_target is the relative L1 error of attention outputs allowed per head, in (0, 1), "
+            f"e.g. 0.05; got {error_target!r}"
+        )
+    if not candidates or list(candidates) != sorted(set(candidates)) or not all(0 < c < 1 for c in candidates):
+        raise ValueError(f"tune: candidates are increasing top-k fractions in (0, 1), got {tuple(candidates)}")
+    if isinstance(ranges, bool) or not isinstance(ranges, int) or ranges < 1:
+        raise ValueError(f"tune: step_ranges is a positive number of parts of the schedule, got {ranges!r}")
+
+
+def _fingerprint(**settings: Any) -> str:
+    return json.dumps(settings, sort_keys=True, default=repr)
+
+
+def _load_state(folder: Path, fingerprint: str, probe: SensitivityProbe) -> int:
+    """Restore the sums of an interrupted run into ``probe``; the number of prompts it had finished (0: none or
+    another run's state, which is refused rather than mixed in)."""
+    meta_path = folder / _STATE_JSON
+    if not meta_path.is_file():
+        return 0
+    from safetensors.torch import load_file
+
+    meta = json.loads(meta_path.read_text())
+    if meta["fingerprint"] != fingerprint:
+        raise DiffattnError(
+            f"{folder} holds the state of a tuning run with other settings; pass another checkpoint folder or "
+            f"delete {meta_path.name} and {_STATE_TENSORS} to start anew"
+        )
+    tensors = load_file(str(folder / _STATE_TENSORS))
+    for i, (layer, index, count) in enumerate(meta["keys"]):
+        probe.sums[(layer, index)] = tensors[f"sums.{i}"]
+        probe.counts[(layer, index)] = count
+    probe.grids.update({layer: tuple(grid) for layer, grid in meta["grids"].items()})
+    return int(meta["done"])
+
+
+def _save_state(folder: Path, fingerprint: str, probe: SensitivityProbe, done: int) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = sorted(probe.sums)
+    save_file({f"sums.{i}": probe.sums[key].contiguous() for i, key in enumerate(keys)}, str(folder / _STATE_TENSORS))
+    meta = {
+        "fingerprint": fingerprint,
+        "done": done,
+        "keys": [[layer, index, probe.counts[(layer, index)]] for layer, index in keys],
+        "grids": {layer: list(grid) for layer, grid in probe.grids.items()},
+    }
+    tmp = folder / (_STATE_JSON + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(folder / _STATE_JSON)  # the JSON names the tensors' run: written last, atomically
+
+
+def _choose(probe: SensitivityProbe, candidates: Sequence[float], ranges: int, target: float) -> list[LayerBudget]:
+    """Per layer, range and head the smallest candidate whose mean error is within ``target`` (else 1.0, dense)."""
+    layers = []
+    for name in probe.grids:  # the order the layers were first called in
+        budgets, errors = [], []
+        for index in range(ranges):
+            if (name, index) not in probe.sums:
+                raise DiffattnError(
+                    f"tune saw no call of {name} in step range {index} of {ranges}: use fewer step_ranges or more "
+                    "num_inference_steps"
+                )
+            mean = probe.sums[(name, index)] / probe.counts[(name, index)]  # (candidates, heads)
+            row_b, row_e = [], []
+            for head in range(mean.shape[1]):
+                within = [i for i in range(len(candidates)) if float(mean[i, head]) <= target]
+                row_b.append(float(candidates[within[0]]) if within else 1.0)
+                row_e.append(float(mean[within[0], head]) if within else 0.0)
+            budgets.append(tuple(row_b))
+            errors.append(tuple(row_e))
+        layers.append(LayerBudget(name, probe.grids[name], tuple(budgets), tuple(errors)))
+    return layers
+
+
+def tune(
+    pipe: Any,
+    family: str,
+    prompts: Sequence[str],
+    *,
+    error_target: float,
+    num_inference_steps: int,
+    candidates: Sequence[float] = DEFAULT_CANDIDATES,
+    step_ranges: int = 2,
+    block_size: int = 128,
+    tile: Any = "auto",
+    layers: Any = None,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+    **call_kwargs: Any,
+) -> TunedProfile:
+    """Tune ``family`` for ``pipe``'s denoiser against dense attention.
+
+    Runs the pipeline on each calibration prompt (seed ``seed + i``, ``num_inference_steps``, ``call_kwargs`` such
+    as ``height=``, ``width=``, ``num_frames=``, ``guidance_scale=``) with dense attention, and at every attention
+    call measures each head's relative L1 error at every candidate budget; keeps, per layer, step range
+    (``step_ranges`` equal parts of the schedule) and head, the smallest candidate whose mean error is at most
+    ``error_target``, or dense (1.0) when none is. Progress shows per prompt; with ``checkpoint`` (a folder) the
+    sums are saved after each prompt and an interrupted run resumes there when called again with the same settings.
+    Returns a :class:`TunedProfile`; ``diffattn.apply(pipe, profile)`` applies it, ``profile.save(folder)`` keeps
+    it. Tune at the size you generate at: a profile is refused on another token grid.
+    """
+    from .. import __version__
+    from ..api import _denoisers, apply  # the api module imports this package (apply takes a profile)
+
+    prompts = list(prompts) if not isinstance(prompts, str) else prompts
+    candidates = tuple(float(c) for c in candidates)
+    _check(family, prompts, error_target, candidates, step_ranges)
+    models, _ = _denoisers(pipe)
+    if len(models) != 1:
+        raise DiffattnError(
+            f"tune handles pipelines with one denoiser; this one has {len(models)} "
+            f"({', '.join(type(m).__name__ for m in models)}): tune each denoiser's pipeline stage separately"
+        )
+    probe = SensitivityProbe(candidates, step_ranges=step_ranges, block_size=block_size, tile=tile)
+    fingerprint = _fingerprint(
+        family=family,
+        prompts=prompts,
+        candidates=candidates,
+        step_ranges=step_ranges,
+        block_size=block_size,
+        tile=tile,
+        layers=layers,
+        seed=seed,
+        steps=num_inference_steps,
+        call=call_kwargs,
+        model=type(models[0]).__name__,
+    )
+    folder = Path(checkpoint) if checkpoint is not None else None
+    done = _load_state(folder, fingerprint, probe) if folder is not None else 0
+    handle = apply(pipe, probe, layers=layers)
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), initial=done, desc="tuning: dense + candidates", disable=not progress)
+        for i in range(done, len(prompts)):
+            pipe(
+                prompts[i],
+                num_inference_steps=num_inference_steps,
+                generator=torch.Generator().manual_seed(seed + i),
+                **call_kwargs,
+            )
+            if folder is not None:
+                _save_state(folder, fingerprint, probe, i + 1)
+            bar.update(1)
+        bar.close()
+    finally:
+        handle.remove()
+    if not probe.sums:
+        raise DiffattnError(
+            "tune saw no attention call it could measure: the pipeline's layers have no self or joint attention "
+            "over a token grid that DynamicSparseAttention acts on"
+        )
+    return TunedProfile(
+        model_class=type(models[0]).__name__,
+        family=family,
+        block_size=block_size,
+        tile=tuple(tile) if isinstance(tile, list) else tile,
+        step_ranges=step_ranges,
+        error_target=float(error_target),
+        layers=tuple(_choose(probe, candidates, step_ranges, error_target)),
+        calibration=tuple(prompts),
+        num_inference_steps=num_inference_steps,
+        diffattn_version=__version__,
+    )

@@ -1,0 +1,171 @@
+"""diffattn.tune: per layer, step range and head budgets chosen against dense attention, saved and reloaded bitwise,
+refused on another grid or model, resumed after an interruption (issue #30)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import diffattn
+from diffattn.errors import DiffattnError, MethodConfigError
+from diffattn.tuning import SensitivityProbe, TunedProfile
+from diffattn.tuning.probe import relative_l1_per_head
+from diffattn.tuning.tune import _choose
+
+PROMPTS = ["a red circle", "a blue square"]
+CALL = {"height": 32, "width": 32, "guidance_scale": 4.0}
+#: random tiny weights attend diffusely: sparse outputs are 10-90% off dense, so the target is loose here
+SETTINGS = {"error_target": 0.3, "num_inference_steps": 4, "block_size": 16, "candidates": (0.25, 0.5, 0.75)}
+
+
+def _pipe(kind: str = "sd"):
+    from diffattn.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(kind, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@functools.cache
+def _tuned() -> TunedProfile:
+    return diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, progress=False, **SETTINGS, **CALL)
+
+
+def _image(pipe, prompt: str = "a green triangle", **call) -> np.ndarray:
+    kwargs = {**CALL, **call}
+    return pipe(
+        prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(7), output_type="np", **kwargs
+    ).images[0]
+
+
+def test_relative_l1_per_head_by_hand():
+    dense = torch.zeros(1, 2, 3, 1)
+    dense[0, 0] = 2.0
+    dense[0, 1] = -1.0
+    out = dense.clone()
+    out[0, 0, 0] = 1.0  # head 0: |1 - 2| / (3 * 2)
+    assert relative_l1_per_head(out, dense).tolist() == pytest.approx([1 / 6, 0.0])
+
+
+def test_choice_is_the_smallest_candidate_within_the_target_per_head_and_range():
+    probe = SensitivityProbe((0.1, 0.3, 0.6), step_ranges=2)
+    # head 0 meets 0.05 at 0.3, head 1 only dense; range 1: head 0 at 0.1, head 1 at 0.6 (the mean of two calls)
+    probe.sums[("a", 0)] = torch.tensor([[0.2, 0.3], [0.04, 0.2], [0.01, 0.1]], dtype=torch.float64)
+    probe.sums[("a", 1)] = torch.tensor([[0.06, 0.4], [0.02, 0.2], [0.0, 0.08]], dtype=torch.float64)
+    probe.counts.update({("a", 0): 1, ("a", 1): 2})
+    probe.grids["a"] = (4, 4)
+    (layer,) = _choose(probe, (0.1, 0.3, 0.6), 2, 0.05)
+    assert layer.budgets == ((0.3, 1.0), (0.1, 0.6))
+    assert np.allclose(layer.errors, ((0.04, 0.0), (0.03, 0.04)))
+    assert layer.grid == (4, 4)
+
+
+def test_tune_lists_every_self_attention_layer_with_budgets_within_the_target():
+    profile = _tuned()
+    pipe = _pipe()
+    selves = [n for n, m in diffattn.attention_modules(pipe.unet) if n.endswith("attn1")]
+    assert sorted(profile.layer_names) == sorted(selves)  # in the order of the first calls
+    assert profile.model_class == "UNet2DConditionModel" and profile.step_ranges == 2
+    for layer in profile.layers:
+        heads = dict(diffattn.attention_modules(pipe.unet))[layer.name].heads
+        assert len(layer.budgets) == 2 and all(len(row) == heads for row in layer.budgets)
+        for budgets, errors in zip(layer.budgets, layer.errors):
+            for b, e in zip(budgets, errors):
+                assert b in (*SETTINGS["candidates"], 1.0)
+                assert e <= SETTINGS["error_target"]
+    budgets = {b for layer in profile.layers for row in layer.budgets for b in row}
+    assert len(budgets) > 1, "every head got the same budget: the tuning chose nothing"
+
+
+def test_tighter_target_never_lowers_a_budget():
+    loose = _tuned()
+    tight = diffattn.tune(
+        _pipe(), "dynamic-topk", PROMPTS, progress=False, **{**SETTINGS, "error_target": 0.15}, **CALL
+    )
+    for a, b in zip(loose.layers, tight.layers):
+        for row_a, row_b in zip(a.budgets, b.budgets):
+            assert all(y >= x for x, y in zip(row_a, row_b))
+    assert tight.mean_budget() > loose.mean_budget()
+
+
+def test_saved_profile_reloads_equal_and_gives_bitwise_the_same_image(tmp_path):
+    profile = _tuned()
+    loaded = TunedProfile.load(profile.save(tmp_path / "profile"))
+    assert loaded == profile
+    pipe = _pipe()
+    handle = diffattn.apply(pipe, profile)
+    first = _image(pipe)
+    assert handle.acted(), "the profile acted on no call"
+    handle.remove()
+    diffattn.apply(pipe, loaded)
+    second = _image(pipe)
+    assert np.array_equal(first, second)
+    diffattn.remove(pipe)
+    assert not np.array_equal(first, _image(pipe)), "the profile changed nothing against dense"
+
+
+def test_profile_on_another_grid_is_refused_saying_to_tune_again():
+    pipe = _pipe()
+    diffattn.apply(pipe, _tuned())
+    with pytest.raises(MethodConfigError, match=r"tuned on token grid .* tune again at this size"):
+        _image(pipe, height=48, width=48)
+
+
+def test_profile_on_another_model_is_refused():
+    with pytest.raises(MethodConfigError, match="tuned for UNet2DConditionModel, not"):
+        diffattn.apply(_pipe("sd3"), _tuned())
+
+
+def test_interrupted_tuning_resumes_where_it_stopped(tmp_path, monkeypatch):
+    pipe = _pipe()
+    calls = []
+    original = type(pipe).__call__
+
+    def interrupted(self, prompt, **kwargs):
+        calls.append(prompt)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, prompt, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        diffattn.tune(pipe, "dynamic-topk", PROMPTS, checkpoint=tmp_path, progress=False, **SETTINGS, **CALL)
+    assert not diffattn.attention_modules(pipe.unet)[0][1].processor.__class__.__module__.startswith("diffattn")
+    monkeypatch.setattr(type(pipe), "__call__", original)
+    calls.clear()
+
+    def counting(self, prompt, **kwargs):
+        calls.append(prompt)
+        return original(self, prompt, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", counting)
+    resumed = diffattn.tune(pipe, "dynamic-topk", PROMPTS, checkpoint=tmp_path, progress=False, **SETTINGS, **CALL)
+    assert calls == [PROMPTS[1]], "the finished prompt ran again"
+    assert resumed.layers == _tuned().layers
+    with pytest.raises(DiffattnError, match="other settings"):
+        diffattn.tune(pipe, "dynamic-topk", PROMPTS[:1], checkpoint=tmp_path, progress=False, **SETTINGS, **CALL)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"family": "sliding-tile"}, "not tunable yet; use one of dynamic-topk"),
+        ({"prompts": "a red circle"}, "list of calibration prompts"),
+        ({"error_target": 5}, "relative L1 error .* in \\(0, 1\\)"),
+        ({"candidates": (0.5, 0.1)}, "increasing top-k fractions"),
+        ({"step_ranges": 0}, "positive number of parts"),
+    ],
+)
+def test_bad_tuning_arguments_say_how_to_fix(change, message):
+    args = {"family": "dynamic-topk", "prompts": PROMPTS, **SETTINGS, **CALL, **change}
+    family, prompts = args.pop("family"), args.pop("prompts")
+    with pytest.raises(ValueError, match=message):
+        diffattn.tune(_pipe(), family, prompts, **args)
+
+
+def test_loading_a_folder_without_a_profile_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="diffattn.tune"):
+        TunedProfile.load(tmp_path)
