@@ -342,3 +342,19 @@ def test_benchmark_records_the_cpu_and_the_forced_build(use_loop, tmp_path):
         assert row["cpu"] and row["cpu_loop"].startswith(f"{isa} "), row["cpu_loop"]
         assert row["torch_s"] > 0 and row["dense_s"] > 0
         assert f"in use: {isa} build" in row["torch_cpu_loop_status"]
+
+
+@pytest.mark.skipif(not RUNNABLE, reason="this CPU runs no build of the loop")
+def test_a_stale_build_lock_is_named_instead_of_waited_on_forever(use_loop, tmp_path, monkeypatch):
+    """A build killed while holding torch's lock leaves the file behind, and torch waits on it forever: the loop is
+    not used, the result stays the same (SDPA path) and the status names the file to delete."""
+    selected = use_loop()
+    name = f"diffattn_block_sparse_cpu_{selected.selected_isa().isa}"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / name / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = lock.stat().st_mtime - loop.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    assert loop.extension() is None
+    assert str(lock) in loop.status() and "delete that file" in loop.status()

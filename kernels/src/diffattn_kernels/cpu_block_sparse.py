@@ -36,6 +36,7 @@ import logging
 import os
 import platform
 import sysconfig
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -172,6 +173,7 @@ def extension() -> Any | None:
             selection.isa,
             SOURCE.name,
         )
+        _refuse_stale_lock(name)
         with _tools_on_path():
             module = load(
                 name=name,
@@ -199,6 +201,26 @@ def extension() -> Any | None:
     )
     _STATUS["isa"] = selection.isa
     return module
+
+
+#: A build lock older than this is left by a process killed while building (a build takes ~40 s): torch would wait on
+#: it forever, so the loop is not used and the warning names the file to delete.
+STALE_LOCK_SECONDS = 600.0
+
+
+def _refuse_stale_lock(name: str) -> None:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        raise RuntimeError(
+            f"{lock} is {age / 60:.0f} minutes old: a build was killed while holding it and torch would wait for it "
+            "forever; delete that file (no build is running) to build the loop"
+        )
 
 
 def reset() -> None:
