@@ -91,6 +91,14 @@ class Timed(diffattn.AttentionMethod):
     def name(self) -> str:
         return self.inner.name
 
+    @property
+    def requires_step(self) -> bool:  # type: ignore[override]
+        return self.inner.requires_step
+
+    @property
+    def requires_roles(self) -> bool:  # type: ignore[override]
+        return self.inner.requires_roles
+
     def validate(self, ctx) -> None:
         self.inner.validate(ctx)
 
@@ -153,6 +161,17 @@ def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod
         "re-ttention": Rettention(base=DynamicSparseAttention(topk=0.125, tile=tile), calibrate_every=5),
         "ToDo 2x": TokenDownsampling(factor=2),  # keys and values on a 2x coarser grid per frame: 1/4
     }
+
+
+def profile_peer(folder: Path) -> Peer:
+    """The row of a tuned profile (``diffattn.tune``, e.g. ``scripts/tune_video.py``) saved in ``folder``."""
+    profile = diffattn.TunedProfile.load(folder)
+    settings = (
+        f"{profile.family} tuned per layer x {profile.step_ranges} step ranges x head to relative L1 "
+        f"{profile.error_target:g} on {len(profile.calibration)} calibration prompts; mean top-k "
+        f"{profile.mean_budget():.3f} ({folder})"
+    )
+    return method_peer(f"tuned top-k ({Path(folder).name})", profile.method(), settings=settings)
 
 
 def video_peers(

@@ -347,3 +347,48 @@ def test_compare_refuses_a_video_model_or_out_folder_it_cannot_use_before_any_wo
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "argument --out" in err and "is a file" in err, err
+
+
+def test_a_tuned_profile_is_a_row_and_a_profile_for_another_size_fails_its_row(pipe, tmp_path):
+    """``diffattn compare --profile DIR``: the profile's row acts on every tuned layer (bitwise the profile's own
+    method) and a profile tuned at another clip size fails its row, naming the grid, while the rest runs."""
+    from diffattn_bench.compare import profile_peer
+
+    def tuned(size: ClipSize, folder):
+        profile = diffattn.tune(
+            pipe,
+            "dynamic-topk",
+            [PROMPT],
+            error_target=0.5,
+            num_inference_steps=2,
+            candidates=(0.25, 0.5),
+            tile=(4, 4, 4),
+            progress=False,
+            num_frames=size.frames,
+            height=size.height,
+            width=size.width,
+        )
+        return profile.save(folder)
+
+    here, other = tuned(SIZE, tmp_path / "here"), tuned(ClipSize(4, 32, 32), tmp_path / "other")
+    peers = [method_peer("dense (diffattn)", diffattn.Dense()), profile_peer(here), profile_peer(other)]
+    rows, clips = run_video(pipe, SIZE, peers, prompts=[PROMPT], steps=2)
+    by = {r.method: r for r in rows}
+    row = by["tuned top-k (here)"]
+    assert not row.error and row.density < 1.0, row
+    assert "relative L1 0.5" in row.settings
+    assert by["tuned top-k (other)"].error.startswith("MethodConfigError") and "tuned on token grid" in (
+        by["tuned top-k (other)"].error
+    )
+    with diffattn.apply(pipe, diffattn.TunedProfile.load(here)):
+        direct = pipe(
+            PROMPT,
+            num_frames=SIZE.frames,
+            height=SIZE.height,
+            width=SIZE.width,
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).frames[0]
+    assert np.array_equal(np.asarray(direct), clips["tuned top-k (here)"])

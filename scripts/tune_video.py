@@ -1,0 +1,104 @@
+"""Tune dynamic top-k attention for the embedded video model at one clip size (issue #30) and save the profile.
+
+    python scripts/tune_video.py --size 16x64x64 --target 0.05 --prompts 3 --steps 10 --out outputs/profiles/video-4096
+
+Calibration prompts are ShapesBench video prompts drawn with another seed than ``diffattn compare``'s report
+prompts, so the profile is scored on prompts it never saw (``diffattn compare --profile DIR``). Prints the time,
+the CPU, the mean budget and each layer's budgets per step range, and writes ``budgets.png`` (layers x heads, one
+panel per step range) next to the profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import diffattn
+from diffattn_bench import embedded
+from diffattn_bench.compare import ClipSize
+from diffattn_bench.scoring import shapes_prompts
+from diffattn_kernels import cpu_block_sparse
+
+CALIBRATION_SEED = 4321  # diffattn compare scores shapes_prompts("video", n) with the default seed 1234
+
+
+def _size(text: str) -> ClipSize:
+    try:
+        frames, height, width = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a clip size is FRAMESxHEIGHTxWIDTH, e.g. 16x64x64; got {text!r}") from None
+    return ClipSize(frames, height, width)
+
+
+def plot_budgets(profile: diffattn.TunedProfile, path: Path) -> None:
+    """One heat map per step range: rows the layers, columns the heads, colour the chosen top-k fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ranges = profile.step_ranges
+    fig, axes = plt.subplots(1, ranges, figsize=(3 + 2.5 * ranges, 0.3 * len(profile.layers) + 1.5), squeeze=False)
+    for index, ax in enumerate(axes[0]):
+        grid = np.array([layer.budgets[index] for layer in profile.layers])
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"steps {index + 1}/{ranges} of the schedule")
+        ax.set_xlabel("head")
+        ax.set_yticks(range(len(profile.layers)), [layer.name for layer in profile.layers] if index == 0 else [])
+    fig.colorbar(image, ax=axes[0].tolist(), label="top-k fraction kept (1 = dense)")
+    fig.suptitle(f"tuned budgets, relative L1 target {profile.error_target:g}; mean {profile.mean_budget():.3f}")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=_size, default=ClipSize(16, 64, 64), help="FRAMESxHEIGHTxWIDTH (16x64x64)")
+    parser.add_argument("--target", type=float, default=0.05, help="relative L1 error per head (0.05)")
+    parser.add_argument("--prompts", type=int, default=3, help="calibration prompts (3)")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps, as diffattn compare (10)")
+    parser.add_argument("--ranges", type=int, default=2, help="step ranges with their own budgets (2)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the profile")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = embedded.load_video_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    patch = pipe.transformer.config.patch_size
+    grid = args.size.grid(patch)
+    tile = tuple(min(t, n) for t, n in zip((4, 8, 8), grid))  # as diffattn compare's dynamic top-k
+    prompts = shapes_prompts("video", args.prompts, seed=CALIBRATION_SEED)
+    print(
+        f"tuning on {cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads; {args.size.label} "
+        f"({args.size.tokens(patch)} tokens), {args.prompts} prompts x {args.steps} steps"
+    )
+    start = time.perf_counter()
+    profile = diffattn.tune(
+        pipe,
+        "dynamic-topk",
+        prompts,
+        error_target=args.target,
+        num_inference_steps=args.steps,
+        step_ranges=args.ranges,
+        tile=tile,
+        checkpoint=args.out / "checkpoint",
+        num_frames=args.size.frames,
+        height=args.size.height,
+        width=args.size.width,
+    )
+    seconds = time.perf_counter() - start
+    profile.save(args.out)
+    plot_budgets(profile, args.out / "budgets.png")
+    print(f"tuned in {seconds:.0f} s; mean top-k fraction {profile.mean_budget():.3f}; saved to {args.out}")
+    for layer in profile.layers:
+        rows = " | ".join(" ".join(f"{b:.2g}" for b in row) for row in layer.budgets)
+        print(f"  {layer.name}: {rows}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
