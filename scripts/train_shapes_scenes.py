@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes_image import distinct_frozen_token_embeddings, encode_all, save_curve, to_pixels, update  # noqa: E402
 
 from diffattn_bench.embedded import SCENES_MAX_TEXT_TOKENS, SCENES_MODEL_DIR, scenes_tokenizer  # noqa: E402
+from diffattn_bench.interrupts import stop_on_signals
 from diffattn_bench.scenes import HELD_OUT, IMAGE_SIZE, LEAVE_OUT, caption, render, sample_scene  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -440,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads; use 1 when other jobs share the CPU (OpenMP oversubscription is slow)",
     )
     args = parser.parse_args(argv)
+    stop_on_signals()  # kill -INT / kill stop a background run with a checkpoint, as Ctrl+C does
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     out: Path = args.out

@@ -48,6 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from train_shapes_image import distinct_frozen_token_embeddings, save_curve, update  # noqa: E402
 
 from diffattn_bench.embedded import MAX_TEXT_TOKENS, shapes_text_encoder, shapes_tokenizer, video_transformer  # noqa: E402
+from diffattn_bench.interrupts import stop_on_signals
 
 logger = logging.getLogger("train_shapes_video")
 PATCH = 4
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--curve", type=Path, default=Path("outputs/shapes-video-loss.png"))
     args = parser.parse_args(argv)
+    stop_on_signals()  # kill -INT / kill stop a background run with a checkpoint, as Ctrl+C does
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     out: Path = args.out
