@@ -50,7 +50,9 @@ def plot_budgets(profile: diffattn.TunedProfile, path: Path) -> None:
         ax.set_xlabel("head")
         ax.set_yticks(range(len(profile.layers)), [layer.name for layer in profile.layers] if index == 0 else [])
     fig.colorbar(image, ax=axes[0].tolist(), label="top-k fraction kept (1 = dense)")
-    fig.suptitle(f"tuned budgets, relative L1 target {profile.error_target:g}; mean {profile.mean_budget():.3f}")
+    fig.suptitle(
+        f"tuned budgets, relative L1 target {profile.error_target:g}; mean {profile.mean_budget():.3f}", y=1.08
+    )
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
