@@ -50,8 +50,9 @@ class TunedProfile:
     ``family``: the tuned method (``"dynamic-topk"``: :class:`~diffattn.DynamicSparseAttention` with a top-k budget,
     ``block_size`` and ``tile``); ``step_ranges``: the number of equal parts the denoising steps are cut into (a
     call's range is ``step * step_ranges // num_steps``); ``error_target``: the relative L1 error of the attention
-    output each head's budget keeps within. ``diffattn.apply(pipe, profile)`` applies it to the layers it lists; it
-    refuses another model class or another token grid."""
+    output each head's budget keeps within (found by the search when ``psnr_target`` was given; ``calibration_psnr``
+    is then the profile's PSNR against dense on the calibration prompts). ``diffattn.apply(pipe, profile)`` applies
+    it to the layers it lists; it refuses another model class or another token grid."""
 
     model_class: str
     family: str
@@ -63,6 +64,8 @@ class TunedProfile:
     calibration: tuple[str, ...] = ()
     num_inference_steps: int | None = None
     diffattn_version: str = ""
+    psnr_target: float | None = None
+    calibration_psnr: float | None = None
 
     def layer(self, name: str) -> LayerBudget | None:
         return next((layer for layer in self.layers if layer.name == name), None)
@@ -116,6 +119,8 @@ class TunedProfile:
             "calibration": list(self.calibration),
             "num_inference_steps": self.num_inference_steps,
             "diffattn_version": self.diffattn_version,
+            "psnr_target": self.psnr_target,
+            "calibration_psnr": self.calibration_psnr,
             "layers": [{"name": layer.name, "grid": list(layer.grid)} for layer in self.layers],
         }
         (folder / _JSON).write_text(json.dumps(meta, indent=1))
@@ -160,6 +165,8 @@ class TunedProfile:
             calibration=tuple(meta.get("calibration", ())),
             num_inference_steps=meta.get("num_inference_steps"),
             diffattn_version=meta.get("diffattn_version", ""),
+            psnr_target=meta.get("psnr_target"),
+            calibration_psnr=meta.get("calibration_psnr"),
         )
 
 

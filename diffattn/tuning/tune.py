@@ -5,17 +5,19 @@ output (``0.05``: outputs within 5% of dense, summed over a head's tokens and ch
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import DiffattnError
 from .probe import SensitivityProbe
 from .profile import LayerBudget, TunedProfile
 
-__all__ = ["tune", "TUNABLE_FAMILIES", "DEFAULT_CANDIDATES"]
+__all__ = ["tune", "TUNABLE_FAMILIES", "DEFAULT_CANDIDATES", "THRESHOLDS", "pooled_psnr"]
 
 #: Method families :func:`tune` can tune: ``"dynamic-topk"`` is :class:`~diffattn.DynamicSparseAttention`'s top-k
 #: fraction per head.
@@ -24,6 +26,18 @@ TUNABLE_FAMILIES = ("dynamic-topk",)
 DEFAULT_CANDIDATES = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
 _STATE_JSON = "tune_state.json"
 _STATE_TENSORS = "tune_state.safetensors"
+
+
+def _check_targets(error_target: float | None, psnr_target: float | None) -> None:
+    if (error_target is None) == (psnr_target is None):
+        raise ValueError(
+            "tune: give one target, error_target=<relative L1 error of attention outputs per head, e.g. 0.1> or "
+            "psnr_target=<dB of the generated output against dense on the calibration prompts, e.g. 25>"
+        )
+    if psnr_target is not None and (
+        isinstance(psnr_target, bool) or not isinstance(psnr_target, (int, float)) or not 0 < psnr_target < 100
+    ):
+        raise ValueError(f"tune: psnr_target is in dB, in (0, 100), e.g. 25; got {psnr_target!r}")
 
 
 def _check(family: str, prompts: Sequence[str], error_target: float, candidates: Sequence[float], ranges: int) -> None:
@@ -46,9 +60,9 @@ def _fingerprint(**settings: Any) -> str:
     return json.dumps(settings, sort_keys=True, default=repr)
 
 
-def _load_state(folder: Path, fingerprint: str, probe: SensitivityProbe) -> int:
-    """Restore the sums of an interrupted run into ``probe``; the number of prompts it had finished (0: none or
-    another run's state, which is refused rather than mixed in)."""
+def _load_state(folder: Path, fingerprint: str, probe: SensitivityProbe, outputs: list[np.ndarray]) -> int:
+    """Restore the sums of an interrupted run into ``probe`` (and its dense outputs into ``outputs``); the number of
+    prompts it had finished (0: none; another run's state is refused rather than mixed in)."""
     meta_path = folder / _STATE_JSON
     if not meta_path.is_file():
         return 0
@@ -65,15 +79,20 @@ def _load_state(folder: Path, fingerprint: str, probe: SensitivityProbe) -> int:
         probe.sums[(layer, index)] = tensors[f"sums.{i}"]
         probe.counts[(layer, index)] = count
     probe.grids.update({layer: tuple(grid) for layer, grid in meta["grids"].items()})
+    outputs.extend(tensors[f"dense.{i}"].numpy() for i in range(int(meta["done"])) if f"dense.{i}" in tensors)
     return int(meta["done"])
 
 
-def _save_state(folder: Path, fingerprint: str, probe: SensitivityProbe, done: int) -> None:
+def _save_state(
+    folder: Path, fingerprint: str, probe: SensitivityProbe, done: int, outputs: Sequence[np.ndarray]
+) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     keys = sorted(probe.sums)
-    save_file({f"sums.{i}": probe.sums[key].contiguous() for i, key in enumerate(keys)}, str(folder / _STATE_TENSORS))
+    tensors = {f"sums.{i}": probe.sums[key].contiguous() for i, key in enumerate(keys)}
+    tensors.update({f"dense.{i}": torch.from_numpy(np.ascontiguousarray(out)) for i, out in enumerate(outputs)})
+    save_file(tensors, str(folder / _STATE_TENSORS))
     meta = {
         "fingerprint": fingerprint,
         "done": done,
@@ -108,13 +127,39 @@ def _choose(probe: SensitivityProbe, candidates: Sequence[float], ranges: int, t
     return layers
 
 
+#: The per-head error thresholds ``psnr_target`` searches (each gives a profile; the largest that keeps the
+#: calibration outputs within the PSNR target wins).
+THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+
+
+def _output(result: Any) -> np.ndarray:
+    """The pipeline call's generated images or frames (``output_type="np"``) as one float array."""
+    for name in ("frames", "images"):
+        value = getattr(result, name, None)
+        if value is not None:
+            return np.asarray(value, dtype=np.float32)
+    raise DiffattnError(
+        f"tune reads the generated output from .frames or .images of the pipeline's result; "
+        f"{type(result).__name__} has neither: tune with error_target= instead of psnr_target="
+    )
+
+
+def pooled_psnr(outputs: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> float:
+    """PSNR (dB, outputs in [0, 1]) of the mean squared error pooled over every output against its reference."""
+    squared = sum(float(((np.clip(o, 0, 1) - np.clip(r, 0, 1)) ** 2).sum()) for o, r in zip(outputs, references))
+    count = sum(o.size for o in outputs)
+    mse = squared / count
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
 def tune(
     pipe: Any,
     family: str,
     prompts: Sequence[str],
     *,
-    error_target: float,
     num_inference_steps: int,
+    error_target: float | None = None,
+    psnr_target: float | None = None,
     candidates: Sequence[float] = DEFAULT_CANDIDATES,
     step_ranges: int = 2,
     block_size: int = 128,
@@ -129,19 +174,30 @@ def tune(
 
     Runs the pipeline on each calibration prompt (seed ``seed + i``, ``num_inference_steps``, ``call_kwargs`` such
     as ``height=``, ``width=``, ``num_frames=``, ``guidance_scale=``) with dense attention, and at every attention
-    call measures each head's relative L1 error at every candidate budget; keeps, per layer, step range
-    (``step_ranges`` equal parts of the schedule) and head, the smallest candidate whose mean error is at most
-    ``error_target``, or dense (1.0) when none is. Progress shows per prompt; with ``checkpoint`` (a folder) the
-    sums are saved after each prompt and an interrupted run resumes there when called again with the same settings.
-    Returns a :class:`TunedProfile`; ``diffattn.apply(pipe, profile)`` applies it, ``profile.save(folder)`` keeps
-    it. Tune at the size you generate at: a profile is refused on another token grid.
+    call measures each head's relative L1 error at every candidate budget. Then, per layer, step range
+    (``step_ranges`` equal parts of the schedule) and head, it keeps the smallest candidate whose mean error is
+    within a threshold, or dense (1.0) when none is. The threshold is
+    - ``error_target`` itself (relative L1 error of each head's attention output, e.g. ``0.1``), or
+    - with ``psnr_target`` (dB, e.g. ``25``), the largest of :data:`THRESHOLDS` whose profile regenerates the
+      calibration prompts within that PSNR of the dense outputs (a search, a few pipeline runs per step).
+    Progress shows per prompt and per search step; with ``checkpoint`` (a folder) the measurements are saved after
+    each prompt and an interrupted run resumes there when called again with the same settings. Returns a
+    :class:`TunedProfile`; ``diffattn.apply(pipe, profile)`` applies it, ``profile.save(folder)`` keeps it. Tune at
+    the size you generate at: a profile is refused on another token grid.
     """
+    from tqdm.auto import tqdm
+
     from .. import __version__
     from ..api import _denoisers, apply  # the api module imports this package (apply takes a profile)
 
     prompts = list(prompts) if not isinstance(prompts, str) else prompts
     candidates = tuple(float(c) for c in candidates)
-    _check(family, prompts, error_target, candidates, step_ranges)
+    _check_targets(error_target, psnr_target)
+    _check(family, prompts, error_target if error_target is not None else 0.5, candidates, step_ranges)
+    if psnr_target is not None:
+        if call_kwargs.get("output_type", "np") != "np":
+            raise ValueError("tune: psnr_target compares generated outputs; leave output_type out (it uses 'np')")
+        call_kwargs = {**call_kwargs, "output_type": "np"}
     models, _ = _denoisers(pipe)
     if len(models) != 1:
         raise DiffattnError(
@@ -162,22 +218,27 @@ def tune(
         call=call_kwargs,
         model=type(models[0]).__name__,
     )
+
+    def generate(i: int) -> Any:
+        return pipe(
+            prompts[i],
+            num_inference_steps=num_inference_steps,
+            generator=torch.Generator().manual_seed(seed + i),
+            **call_kwargs,
+        )
+
     folder = Path(checkpoint) if checkpoint is not None else None
-    done = _load_state(folder, fingerprint, probe) if folder is not None else 0
+    dense: list[np.ndarray] = []
+    done = _load_state(folder, fingerprint, probe, dense) if folder is not None else 0
     handle = apply(pipe, probe, layers=layers)
     try:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(prompts), initial=done, desc="tuning: dense + candidates", disable=not progress)
         for i in range(done, len(prompts)):
-            pipe(
-                prompts[i],
-                num_inference_steps=num_inference_steps,
-                generator=torch.Generator().manual_seed(seed + i),
-                **call_kwargs,
-            )
+            result = generate(i)
+            if psnr_target is not None:
+                dense.append(_output(result))
             if folder is not None:
-                _save_state(folder, fingerprint, probe, i + 1)
+                _save_state(folder, fingerprint, probe, i + 1, dense)
             bar.update(1)
         bar.close()
     finally:
@@ -187,15 +248,47 @@ def tune(
             "tune saw no attention call it could measure: the pipeline's layers have no self or joint attention "
             "over a token grid that DynamicSparseAttention acts on"
         )
-    return TunedProfile(
-        model_class=type(models[0]).__name__,
-        family=family,
-        block_size=block_size,
-        tile=tuple(tile) if isinstance(tile, list) else tile,
-        step_ranges=step_ranges,
-        error_target=float(error_target),
-        layers=tuple(_choose(probe, candidates, step_ranges, error_target)),
-        calibration=tuple(prompts),
-        num_inference_steps=num_inference_steps,
-        diffattn_version=__version__,
-    )
+
+    def profile_at(threshold: float, psnr: float | None = None) -> TunedProfile:
+        return TunedProfile(
+            model_class=type(models[0]).__name__,
+            family=family,
+            block_size=block_size,
+            tile=tuple(tile) if isinstance(tile, list) else tile,
+            step_ranges=step_ranges,
+            error_target=float(threshold),
+            layers=tuple(_choose(probe, candidates, step_ranges, threshold)),
+            calibration=tuple(prompts),
+            num_inference_steps=num_inference_steps,
+            diffattn_version=__version__,
+            psnr_target=None if psnr_target is None else float(psnr_target),
+            calibration_psnr=psnr,
+        )
+
+    if psnr_target is None:
+        return profile_at(error_target)
+
+    def psnr_of(profile: TunedProfile) -> float:
+        with apply(pipe, profile):
+            outputs = [_output(generate(i)) for i in range(len(prompts))]
+        return pooled_psnr(outputs, dense)
+
+    # binary search over THRESHOLDS for the largest whose profile keeps the PSNR target (errors grow with it)
+    low, high, best = 0, len(THRESHOLDS) - 1, None
+    search = tqdm(total=math.ceil(math.log2(len(THRESHOLDS))) + 1, desc="tuning: PSNR search", disable=not progress)
+    while low <= high:
+        middle = (low + high) // 2
+        profile = profile_at(THRESHOLDS[middle])
+        psnr = psnr_of(profile)
+        search.update(1)
+        if psnr >= psnr_target:
+            best, low = profile_at(THRESHOLDS[middle], psnr), middle + 1
+        else:
+            high = middle - 1
+    search.close()
+    if best is None:
+        raise DiffattnError(
+            f"no profile reached {psnr_target:g} dB against dense on the calibration prompts (at a per-head error "
+            f"of {THRESHOLDS[0]:g}: {psnr:.1f} dB): lower psnr_target, or add larger candidates"
+        )
+    return best

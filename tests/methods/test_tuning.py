@@ -169,3 +169,37 @@ def test_bad_tuning_arguments_say_how_to_fix(change, message):
 def test_loading_a_folder_without_a_profile_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="diffattn.tune"):
         TunedProfile.load(tmp_path)
+
+
+def test_psnr_target_picks_the_sparsest_profile_that_keeps_it():
+    """With ``psnr_target`` the profile regenerates the calibration prompts within that PSNR of dense (checked here
+    by regenerating them), and a lower target never gets denser budgets."""
+    from diffattn.tuning.tune import pooled_psnr
+
+    settings = {k: v for k, v in SETTINGS.items() if k != "error_target"}
+    strict = diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, psnr_target=30.0, progress=False, **settings, **CALL)
+    loose = diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, psnr_target=15.0, progress=False, **settings, **CALL)
+    assert strict.calibration_psnr >= 30.0 and loose.calibration_psnr >= 15.0
+    assert loose.mean_budget() <= strict.mean_budget()
+    pipe = _pipe()
+
+    def outputs():
+        return [
+            pipe(p, num_inference_steps=4, generator=torch.Generator().manual_seed(i), output_type="np", **CALL).images
+            for i, p in enumerate(PROMPTS)
+        ]
+
+    dense = outputs()
+    with diffattn.apply(pipe, strict):
+        sparse = outputs()
+    assert pooled_psnr(sparse, dense) == pytest.approx(strict.calibration_psnr)
+
+
+def test_one_target_and_a_psnr_in_db():
+    args = {k: v for k, v in SETTINGS.items() if k != "error_target"}
+    with pytest.raises(ValueError, match="give one target"):
+        diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, progress=False, **args, **CALL)
+    with pytest.raises(ValueError, match="give one target"):
+        diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, error_target=0.1, psnr_target=25, **args, **CALL)
+    with pytest.raises(ValueError, match="psnr_target is in dB"):
+        diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, psnr_target=-3, **args, **CALL)
