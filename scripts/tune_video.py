@@ -1,6 +1,6 @@
 """Tune dynamic top-k attention for the embedded video model at one clip size (issue #30) and save the profile.
 
-    python scripts/tune_video.py --size 16x64x64 --target 0.05 --prompts 3 --steps 10 --out outputs/profiles/video-4096
+    python scripts/tune_video.py --size 16x64x64 --psnr 25 --prompts 3 --steps 10 --out outputs/profiles/video-4096
 
 Calibration prompts are ShapesBench video prompts drawn with another seed than ``diffattn compare``'s report
 prompts, so the profile is scored on prompts it never saw (``diffattn compare --profile DIR``). Prints the time,
@@ -60,7 +60,9 @@ def plot_budgets(profile: diffattn.TunedProfile, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=_size, default=ClipSize(16, 64, 64), help="FRAMESxHEIGHTxWIDTH (16x64x64)")
-    parser.add_argument("--target", type=float, default=0.05, help="relative L1 error per head (0.05)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target", type=float, default=None, help="relative L1 error per head, e.g. 0.1")
+    target.add_argument("--psnr", type=float, default=None, help="dB against dense on the calibration clips, e.g. 25")
     parser.add_argument("--prompts", type=int, default=3, help="calibration prompts (3)")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps, as diffattn compare (10)")
     parser.add_argument("--ranges", type=int, default=2, help="step ranges with their own budgets (2)")
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "dynamic-topk",
         prompts,
         error_target=args.target,
+        psnr_target=args.psnr,
         num_inference_steps=args.steps,
         step_ranges=args.ranges,
         tile=tile,
@@ -95,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     profile.save(args.out)
     plot_budgets(profile, args.out / "budgets.png")
-    print(f"tuned in {seconds:.0f} s; mean top-k fraction {profile.mean_budget():.3f}; saved to {args.out}")
+    reached = (
+        "" if profile.calibration_psnr is None else f"; {profile.calibration_psnr:.1f} dB on the calibration clips"
+    )
+    print(
+        f"tuned in {seconds:.0f} s; per-head threshold {profile.error_target:g}; mean top-k fraction "
+        f"{profile.mean_budget():.3f}{reached}; saved to {args.out}"
+    )
     for layer in profile.layers:
         rows = " | ".join(" ".join(f"{b:.2g}" for b in row) for row in layer.budgets)
         print(f"  {layer.name}: {rows}")
