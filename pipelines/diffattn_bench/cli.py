@@ -50,7 +50,7 @@ def _compare(args: argparse.Namespace) -> int:
         ClipSize,
         extension_runs,
         format_markdown,
-        profile_peer,
+        profile_peers,
         run_image,
         run_video,
         save_outputs,
@@ -113,7 +113,7 @@ def _compare(args: argparse.Namespace) -> int:
         f"{steps} steps with CFG; {cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads"
     )
     peers = video_peers(grid, ratios, steps, natten=args.full or args.quick)
-    peers += [profile_peer(folder) for folder in args.profile]
+    peers += [peer for folder in args.profile for peer in profile_peers(folder, ratios, steps)]
     sections[f"video {size.label}"] = run_video(pipe, size, peers, prompts=prompts, steps=steps, desc="video")
     if longer is not None:
         ext_prompts = prompts[: min(len(prompts), 2 if args.extension_prompts is None else args.extension_prompts)]
@@ -216,7 +216,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="DIR",
-        help="add the row of a tuned profile saved in DIR (scripts/tune_video.py); repeatable",
+        help=(
+            "add the rows of a tuned profile saved in DIR (scripts/tune_video.py): alone and under each cache hook; "
+            "repeatable"
+        ),
     )
     compare.add_argument("--threads", type=whole_number(), default=2)
     compare.add_argument(

@@ -174,6 +174,19 @@ def profile_peer(folder: Path) -> Peer:
     return method_peer(f"tuned top-k ({Path(folder).name})", profile.method(), settings=settings)
 
 
+#: The cache hooks a tuned profile is stacked under (issue #30): each row is the hook with the profile's attention.
+STACKED_CACHES = ("MagCache", "FirstBlockCache 0.1", "PyramidAttentionBroadcast", "FasterCache", "SeaCache")
+
+
+def profile_peers(folder: Path, mag_ratios: Sequence[float] | None, steps: int) -> list[Peer]:
+    """A tuned profile's row, then the profile under each of :data:`STACKED_CACHES` (MagCache only with ratios)."""
+    tuned = profile_peer(folder)
+    caches = {p.label: p for p in cache_peers(mag_ratios, steps)}
+    return [tuned] + [
+        combined(f"{name} + {tuned.label}", caches[name], tuned) for name in STACKED_CACHES if name in caches
+    ]
+
+
 def video_peers(
     grid: tuple[int, ...], mag_ratios: Sequence[float] | None, steps: int, *, natten: bool = True
 ) -> list[Peer]:

@@ -392,3 +392,16 @@ def test_a_tuned_profile_is_a_row_and_a_profile_for_another_size_fails_its_row(p
             output_type="np",
         ).frames[0]
     assert np.array_equal(np.asarray(direct), clips["tuned top-k (here)"])
+
+
+def test_a_profile_is_stacked_under_each_cache_hook(tmp_path):
+    from diffattn.tuning.profile import LayerBudget
+    from diffattn_bench.compare import STACKED_CACHES, profile_peers
+
+    layer = LayerBudget("blocks.0.attn1", (8, 8, 8), ((0.25, 1.0),), ((0.1, 0.0),))
+    profile = diffattn.TunedProfile("WanTransformer3DModel", "dynamic-topk", 128, "auto", 1, 0.2, (layer,))
+    folder = profile.save(tmp_path / "p")
+    with_ratios = profile_peers(folder, [1.0, 1.0], 2)
+    assert [p.label for p in with_ratios] == ["tuned top-k (p)"] + [f"{c} + tuned top-k (p)" for c in STACKED_CACHES]
+    assert all(p.setup is not None and p.method == with_ratios[0].method for p in with_ratios[1:])
+    assert "MagCache + tuned top-k (p)" not in [p.label for p in profile_peers(folder, None, 2)]  # needs its ratios
