@@ -146,7 +146,7 @@ class DynamicSparseAttention(AttentionMethod):
         _check_call(self.name, ctx)
         clusters = None
         if self.permute is not None:
-            clusters = self._permutation.orders(self.permute, self.name, q, k, ctx, self.block_size)
+            clusters = self._permutation.orders(self.permute, self.name, q, k, ctx, self.block_size, _scale(ctx, q))
             if times is not None:
                 times["clustering_seconds"] += clusters.seconds
                 times["centroids_refreshed"] = float(clusters.refreshed)

@@ -9,6 +9,9 @@ kernel blocks, so a top-k / top-p budget of blocks covers more of the attention 
 - :class:`SemanticPermutation`: the option (cluster counts, k-means iterations, how often centroids are refreshed).
 - :func:`seed_centroids`, :func:`assign`, :func:`kmeans`: k-means batched over rows (batch entries x heads), torch
   only and deterministic (seeded by farthest-point traversal, ties to the lower index, no randomness).
+- :func:`chain_ranks`, :func:`attended_ranks`: the order of the clusters: key clusters along a nearest-neighbour
+  chain of their centroids, query clusters by where in that key order their attention falls (with blocks of fixed
+  size a block often straddles two clusters: they should be alike).
 - :func:`cluster_order`, :func:`inverse_order`: each row's tokens sorted by cluster (stable: grid order inside a
   cluster), and back.
 - :func:`head_kernel_order`: a shared :class:`~diffattn.patterns.compile.KernelOrder` with its visual part
@@ -37,6 +40,8 @@ __all__ = [
     "seed_centroids",
     "assign",
     "kmeans",
+    "chain_ranks",
+    "attended_ranks",
     "cluster_order",
     "inverse_order",
     "head_kernel_order",
@@ -198,10 +203,43 @@ def head_kernel_order(ko: KernelOrder, layout: TokenLayout, order: Tensor) -> tu
     return gather, scatter
 
 
+def chain_ranks(centroids: Tensor) -> Tensor:
+    """Rank ``(N, C)`` of each cluster along a greedy nearest-neighbour chain through its row's centroids
+    ``(N, C, D)``, from the centroid farthest from their mean: neighbours in the chain are similar, so a kernel block
+    that straddles two clusters pools similar tokens."""
+    n, clusters, _ = centroids.shape
+    rows = torch.arange(n, device=centroids.device)
+    distance = torch.cdist(centroids, centroids)
+    visited = torch.zeros(n, clusters, dtype=torch.bool, device=centroids.device)
+    ranks = torch.empty(n, clusters, dtype=torch.long, device=centroids.device)
+    current = (centroids - centroids.mean(1, keepdim=True)).square().sum(-1).argmax(-1)
+    for r in range(clusters):
+        ranks[rows, current] = r
+        visited[rows, current] = True
+        if r + 1 < clusters:
+            current = distance[rows, current].masked_fill(visited, math.inf).argmin(-1)
+    return ranks
+
+
+def attended_ranks(centroids_q: Tensor, centroids_k: Tensor, ranks_k: Tensor, sizes_k: Tensor, scale: float) -> Tensor:
+    """Rank ``(N, Cq)`` of each query cluster by where its centroid's attention falls in the key order: the mean
+    position of the key clusters (in ``ranks_k`` order, ``sizes_k`` tokens each) under the softmax of
+    ``scale · q̄·k̄ + log size``. Query clusters that attend the same keys end up next to each other, so a query block
+    that straddles two of them still needs the same key blocks."""
+    logits = scale * torch.bmm(centroids_q, centroids_k.transpose(1, 2)) + sizes_k.log().unsqueeze(1)
+    ordered_sizes = torch.zeros_like(sizes_k).scatter_(1, ranks_k, sizes_k)  # size of the cluster at each rank
+    centre_at_rank = ordered_sizes.cumsum(1) - ordered_sizes / 2
+    centre = centre_at_rank.gather(1, ranks_k)  # (N, Ck) position of each key cluster's middle
+    where = torch.bmm(torch.softmax(logits, -1), centre.unsqueeze(-1)).squeeze(-1)  # (N, Cq)
+    order = torch.argsort(where, dim=-1, stable=True)
+    return inverse_order(order)
+
+
 @dataclass
 class _Centroids:
     q: Tensor  # (B, H, Cq, D) float32
     k: Tensor  # (B, H_kv, Ck, D) float32
+    chain_k: Tensor  # (B·H_kv, Ck): rank of each key cluster in the key order (chain_ranks)
     refreshed_step: int
     last_step: int
     timestep: float | None
@@ -236,7 +274,14 @@ class PermutationState:
         _release_application(self.cache, self.calls, application_id)
 
     def orders(
-        self, config: SemanticPermutation, owner: str, q: Tensor, k: Tensor, ctx: AttentionContext, block_size: int
+        self,
+        config: SemanticPermutation,
+        owner: str,
+        q: Tensor,
+        k: Tensor,
+        ctx: AttentionContext,
+        block_size: int,
+        scale: float,
     ) -> ClusterOrders:
         """Cluster this call's visual queries and keys (refreshing or reusing the layer's centroids) and sort them."""
         if ctx.step is None:
@@ -266,6 +311,7 @@ class PermutationState:
             state = _Centroids(
                 centroids_q.unflatten(0, q.shape[:2]),
                 centroids_k.unflatten(0, k.shape[:2]),
+                chain_ranks(centroids_k),
                 ctx.step,
                 ctx.step,
                 ctx.timestep,
@@ -275,12 +321,31 @@ class PermutationState:
             labels_q = assign(rows_q, state.q.flatten(0, 1))
             labels_k = assign(rows_k, state.k.flatten(0, 1))
             state.last_step, state.timestep = ctx.step, ctx.timestep
+        ranks_q, ranks_k = _placement(state, labels_k, k.shape[1], q.shape[1], scale)
         return ClusterOrders(
-            cluster_order(labels_q).unflatten(0, q.shape[:2]),
-            cluster_order(labels_k).unflatten(0, k.shape[:2]),
+            cluster_order(ranks_q.gather(1, labels_q)).unflatten(0, q.shape[:2]),
+            cluster_order(ranks_k.gather(1, labels_k)).unflatten(0, k.shape[:2]),
             refresh,
             time.perf_counter() - start,
         )
+
+
+def _placement(state: _Centroids, labels_k: Tensor, kv_heads: int, heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Where each cluster goes: ``(ranks_q (B·H, Cq), ranks_k (B·H_kv, Ck))`` (see :func:`chain_ranks`,
+    :func:`attended_ranks`); under grouped-query attention each query head ranks against its key head."""
+    centroids_k, ranks_k = state.k.flatten(0, 1), state.chain_k
+    clusters_k = centroids_k.shape[1]
+    sizes_k = torch.zeros(labels_k.shape[0], clusters_k, dtype=centroids_k.dtype, device=labels_k.device)
+    sizes_k.scatter_add_(1, labels_k, torch.ones_like(labels_k, dtype=sizes_k.dtype))
+
+    def per_query_head(x: Tensor) -> Tensor:
+        return x.unflatten(0, (-1, kv_heads)).repeat_interleave(heads // kv_heads, dim=1).flatten(0, 1)
+
+    centroids_q = state.q.flatten(0, 1)
+    ranks_q = attended_ranks(
+        centroids_q, per_query_head(centroids_k), per_query_head(ranks_k), per_query_head(sizes_k), scale
+    )
+    return ranks_q, ranks_k
 
 
 def _visual_rows(x: Tensor, layout: TokenLayout) -> Tensor:

@@ -19,6 +19,8 @@ from diffattn.methods.dynamic_sparse import DynamicSparseAttention
 from diffattn.methods.permutation import (
     SemanticPermutation,
     assign,
+    attended_ranks,
+    chain_ranks,
     cluster_order,
     head_kernel_order,
     inverse_order,
@@ -106,6 +108,22 @@ def test_cluster_order_round_trip_and_head_kernel_order():
     assert torch.equal(plan.output(_take(lse.unsqueeze(-1), gather).squeeze(-1)), lse)
 
 
+def test_clusters_are_placed_next_to_similar_ones():
+    # centroids on a line, in shuffled cluster order: the chain walks the line from one end
+    g = torch.Generator().manual_seed(2)
+    along = torch.randperm(7, generator=g).float()
+    line = torch.stack([along, torch.zeros(7)], -1).unsqueeze(0) + 0.01 * torch.randn(1, 7, 2, generator=g)
+    ranks = chain_ranks(line)[0]
+    by_rank = along[inverse_order(ranks)]  # positions on the line, in chain order
+    assert torch.equal(by_rank, torch.arange(7.0)) or torch.equal(by_rank, torch.arange(6.0, -1.0, -1.0))
+    # query clusters follow the key clusters they attend: a query centroid equal to a key centroid goes where it is
+    keys = F.normalize(torch.randn(1, 5, 8, generator=g), dim=-1) * 6
+    key_ranks = torch.randperm(5, generator=g).unsqueeze(0)
+    queries = keys[:, [3, 0, 4, 1, 2]]
+    query_ranks = attended_ranks(queries, keys, key_ranks, torch.full((1, 5), 10.0), scale=1.0)
+    assert torch.equal(query_ranks[0], key_ranks[0, [3, 0, 4, 1, 2]])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the method
 
@@ -153,15 +171,15 @@ def test_permutation_keeps_more_attention_mass_at_the_same_budget():
     layout = TokenLayout((4, 8, 8))
     q, k, v = clustered_attention(heads=3, layout=layout, groups=8, seed=4)
     dense = F.scaled_dot_product_attention(q, k, v)
-    plain = DynamicSparseAttention(topk=0.25, block_size=32, tile=None)
-    perm = permuted(topk=0.25, clusters_q=8, clusters_k=8)
+    plain = DynamicSparseAttention(topk=0.25, block_size=16, tile=None)
+    perm = permuted(topk=0.25, clusters_q=8, clusters_k=8, block_size=16)
     plain_ctx, plain_metrics = make_ctx(layout)
     perm_ctx, perm_metrics = make_ctx(layout)
     plain_error = relative_error(plain(q, k, v, plain_ctx), dense)
     perm_error = relative_error(perm(q, k, v, perm_ctx), dense)
     assert perm_metrics["density"] == pytest.approx(plain_metrics["density"])  # the same work
     assert perm_error < 0.5 * plain_error, (perm_error, plain_error)
-    assert perm_error < 0.2
+    assert perm_error < 0.4, perm_error
 
 
 def test_centroids_refresh_every_few_steps_warm_started(monkeypatch):
