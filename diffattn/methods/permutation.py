@@ -50,6 +50,8 @@ __all__ = [
 
 # score entries (rows x tokens x clusters, float32) per chunk of :func:`assign`: bounds its memory to ~64 MB
 _ASSIGN_CHUNK = 1 << 24
+# seed candidates per cluster (see seed_centroids)
+_SEED_SAMPLE = 16
 
 
 @dataclass(frozen=True)
@@ -106,12 +108,16 @@ def seed_centroids(x: Tensor, clusters: int) -> Tensor:
     the row's mean, then, ``C - 1`` times, the token farthest from every centroid chosen so far (ties: the lower
     index). Deterministic, and every well-separated group of tokens gets a seed wherever its tokens sit in the
     sequence (seeds at evenly spaced positions miss groups that are scattered: two seeds land in one group, none in
-    another, and Lloyd iterations cannot undo it). A token far from all others gets a cluster of its own. As float32
-    (float64 stays float64)."""
+    another, and Lloyd iterations cannot undo it). A token far from all others gets a cluster of its own. The
+    candidates are at most ``16 C`` evenly spaced tokens (the traversal makes ``C`` passes over them; a group of
+    fewer than ``L / 16 C`` tokens may get no seed of its own). As float32 (float64 stays float64)."""
     length = x.shape[-2]
     if not 1 <= clusters <= length:
         raise ValueError(f"k-means needs 1 <= clusters <= tokens, got {clusters} clusters for {length} tokens")
     x = _float(x)
+    if length > _SEED_SAMPLE * clusters:  # seeds from evenly spaced candidates: C sequential passes over them
+        candidates = _SEED_SAMPLE * clusters
+        x = x.index_select(1, torch.div(torch.arange(candidates) * length, candidates, rounding_mode="floor"))
     n, _, dim = x.shape
     norms = x.square().sum(-1)  # (N, L)
 
@@ -133,8 +139,8 @@ def _float(x: Tensor) -> Tensor:
 
 
 def assign(x: Tensor, centroids: Tensor) -> Tensor:
-    """Index of the nearest centroid (Euclidean) of every token, ``(N, L)`` int64, from rows ``x`` ``(N, L, D)`` and
-    ``centroids`` ``(N, C, D)``. Ties go to the lower index; a non-finite token goes to cluster 0."""
+    """Index of the nearest centroid (Euclidean) of every token, ``(N, L)`` int64, from finite rows ``x``
+    ``(N, L, D)`` and ``centroids`` ``(N, C, D)``. Ties go to the lower index."""
     x = _float(x)
     centroids = centroids.to(x.dtype)
     n, length, _ = x.shape
@@ -145,8 +151,9 @@ def assign(x: Tensor, centroids: Tensor) -> Tensor:
     step = max(1, _ASSIGN_CHUNK // max(length * clusters, 1))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        scores = torch.baddbmm(bias[lo:hi], x[lo:hi], centroids[lo:hi].transpose(1, 2))
-        labels[lo:hi] = torch.nan_to_num(scores, nan=-math.inf).argmax(-1)
+        scores = torch.bmm(x[lo:hi], centroids[lo:hi].transpose(1, 2))
+        scores += bias[lo:hi]  # (bmm then an in-place add, and max rather than argmax: ~2x faster on CPU)
+        labels[lo:hi] = scores.max(-1).indices
     return labels
 
 
