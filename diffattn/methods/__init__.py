@@ -9,6 +9,7 @@ from .eraser import AttentiveEraser
 from .local_blend import LocalBlend
 from .masked import Masked
 from .mutual import MutualSelfAttention
+from .permutation import SemanticPermutation
 from .prompt_to_prompt import PromptToPrompt
 from .pyramid import PyramidSparseAttention
 from .rettention import Rettention
@@ -33,6 +34,7 @@ __all__ = [
     "RadialAttention",
     "HIDIFFUSION_LAYERS",
     "DynamicSparseAttention",
+    "SemanticPermutation",
     "PyramidSparseAttention",
     "Rettention",
     "TokenDownsampling",

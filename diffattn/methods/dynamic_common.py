@@ -132,22 +132,66 @@ def _rows(batch: int) -> list[slice]:
     return [slice(b, b + 1) for b in range(batch)]
 
 
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """``x`` ``(B, H, S, ...)`` taken along its sequence axis (dim 2) at ``index``: ``(L,)`` for every head, or
+    ``(H, L)`` one row per head. Returns ``(B, H, L, ...)``; one copy either way (per-head indices go through one
+    ``index_select`` over the flattened batch, head and sequence axes)."""
+    if index.ndim == 1:
+        return x.index_select(2, index)
+    batch, heads, length = x.shape[:3]
+    if index.shape[0] != heads:
+        raise ValueError(f"a per-head order of {index.shape[0]} heads cannot index a tensor of {heads} heads")
+    rest = x.shape[3:]
+    offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1) * length
+    flat = (offsets + index.unsqueeze(0)).reshape(-1)
+    return x.reshape(batch * heads * length, *rest).index_select(0, flat).view(batch, heads, -1, *rest)
+
+
 @dataclass(frozen=True, eq=False)
 class _Plan:
-    """One group of batch entries in kernel order: its gather/scatter and block mask."""
+    """One group of batch entries in kernel order: its gather/scatter and block mask.
+
+    ``gather`` (kernel position -> sequence index) and ``scatter`` (sequence index -> kernel position) are ``(L,)``
+    for all heads, or ``(H, L)`` / ``(H, S)`` per head (semantic permutation); ``k_gather`` is then the keys' (and
+    values') own per-head order, ``(H_kv, L)``. ``None``: keys share the queries' ``gather``."""
 
     rows: slice | list[int]
     gather: Tensor
     scatter: Tensor
     block_mask: BlockMask
     density: float
+    k_gather: Tensor | None = None
+
+    def queries(self, x: Tensor) -> Tensor:
+        """This plan's batch rows of ``x`` (queries) in kernel order."""
+        return _take(x[self.rows], self.gather)
+
+    def keys(self, x: Tensor) -> Tensor:
+        """This plan's batch rows of ``x`` (keys or values) in kernel order."""
+        return _take(x[self.rows], self.gather if self.k_gather is None else self.k_gather)
+
+    def output(self, o: Tensor) -> Tensor:
+        """The kernel's output ``(B, H, L, ...)`` (or lse ``(B, H, L)``) back in sequence order."""
+        if o.ndim == 3:
+            return _take(o.unsqueeze(-1), self.scatter).squeeze(-1)
+        return _take(o, self.scatter)
 
 
 def _score(
-    qk: Tensor, kk: Tensor, ko: KernelOrder, scale: float, guard: float | None, k_similarity: bool = False
+    qk: Tensor,
+    kk: Tensor,
+    ko: KernelOrder,
+    scale: float,
+    guard: float | None,
+    k_similarity: bool = False,
+    own_block: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Pooled block probabilities ``(H, nvb, nvb)``, forced blocks and (if asked) the key blocks' self-similarity,
-    from one batch entry's q and k ``(H, L, D)`` in kernel order. Only visual positions are pooled."""
+    from one batch entry's q and k ``(H, L, D)`` in kernel order. Only visual positions are pooled.
+
+    ``own_block``: each query block keeps the key block at its own position (its neighbourhood, when q and k share
+    the kernel order); ``False`` (q and k in orders of their own, e.g. clustered) keeps its most probable block
+    instead, so every query still sees at least one block at a zero budget."""
     n_vis, block = ko.num_visual, ko.block_size
     valid = ko.valid[:n_vis]
     q_vis, k_vis = qk[:, :n_vis], kk[:, :n_vis]
@@ -157,8 +201,65 @@ def _score(
     q_sim = block_self_similarity(q_vis, valid, block) if guard is not None else None
     k_sim = block_self_similarity(k_vis, valid, block) if guard is not None or k_similarity else None
     nvb = probs.shape[-1]
-    forced = forced_blocks(nvb, nvb, q_similarity=q_sim, k_similarity=k_sim, threshold=guard, device=probs.device)
-    return probs, forced.expand_as(probs), k_sim
+    forced = forced_blocks(
+        nvb, nvb, q_similarity=q_sim, k_similarity=k_sim, threshold=guard, device=probs.device, diagonal=own_block
+    )
+    forced = forced.expand_as(probs)
+    if not own_block:
+        best = torch.zeros_like(forced).scatter_(-1, probs.argmax(-1, keepdim=True), True)
+        forced = forced | best
+    return probs, forced, k_sim
+
+
+#: Calls of one shape a layer may make in one step before their state entries are reused (see :func:`_call_key`).
+_MAX_CALLS_PER_STEP = 8
+
+
+def _call_key(calls: dict, q: Tensor, v: Tensor, ctx: AttentionContext) -> tuple:
+    """The state key of this call for methods that keep state per layer across calls (Re-ttention's calibration,
+    the semantic permutation's centroids): (application, layer, batch roles or size, q and v shapes, heads slice,
+    call order within the step). ``calls`` (owned by the method) remembers the last step and call count per key."""
+    who = (
+        ctx.application_id,  # one cache per application: the same layer names on two denoisers stay apart
+        ctx.layer,
+        ctx.batch_roles if ctx.batch_roles is not None else q.shape[0],
+        tuple(q.shape),
+        tuple(v.shape),
+        ctx.head_offset,
+    )
+    step, count = calls.get(who, (None, -1))
+    # the n-th call of this shape in a step (e.g. separate cond / uncond forwards); wrapped, so that repeated
+    # one-step generations (indistinguishable from more calls in one step) reuse entries instead of piling up
+    count = (count + 1) % _MAX_CALLS_PER_STEP if step == ctx.step else 0
+    calls[who] = (ctx.step, count)
+    return (*who, count)
+
+
+def _evict_finished(cache: dict, calls: dict, owner: tuple, step: int) -> None:
+    """Drop the entries of ``owner`` (application, layer) last used at a later step than ``step``: they belong to a
+    finished generation (any shape), so ``cache`` (values with a ``last_step``) holds at most one generation's
+    entries per layer."""
+    for key in [k for k, state in cache.items() if k[:2] == owner and state.last_step > step]:
+        del cache[key]
+    for who in [w for w, (last, _) in calls.items() if w[:2] == owner and last is not None and last > step]:
+        del calls[who]
+
+
+def _new_generation(state: Any, ctx: AttentionContext) -> bool:
+    """Whether this call starts a new generation on a layer whose state entry ``state`` (with ``last_step`` and
+    ``timestep``) was last used earlier: the step goes back, or the timestep up."""
+    return state is not None and (
+        ctx.step < state.last_step
+        or (ctx.timestep is not None and state.timestep is not None and ctx.timestep > state.timestep)
+    )
+
+
+def _release_application(cache: dict, calls: dict, application_id: int) -> None:
+    """Drop every entry of the application ``application_id`` (it was removed)."""
+    for key in [k for k in cache if k[0] == application_id]:
+        del cache[key]
+    for who in [w for w in calls if w[0] == application_id]:
+        del calls[who]
 
 
 def _finite_or_report(out: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, owner: str) -> Tensor:

@@ -15,6 +15,7 @@ from ..layout import TokenLayout
 from ..patterns.compile import KernelOrder
 from ..patterns.dynamic import block_order, select_topk, select_topp, selection_block_mask
 from .base import AttentionMethod
+from .checks import given
 from .dynamic_common import (
     _ROLES,
     _check_call,
@@ -24,9 +25,11 @@ from .dynamic_common import (
     _rows,
     _scale,
     _score,
+    _take,
     _tile_for,
     _validate_tile,
 )
+from .permutation import PermutationState, SemanticPermutation, head_kernel_order
 from .sparse import block_attention, text_padding_per_batch
 
 __all__ = ["DynamicSparseAttention"]
@@ -57,6 +60,22 @@ class DynamicSparseAttention(AttentionMethod):
     the selected mask would: to the queries that see them, never to the others (see
     :func:`~diffattn.methods.sparse.block_attention`). A block score they make non-finite ranks last (probability
     0), so a block holding a NaN key is never selected for that score.
+
+    ``permute=SemanticPermutation(...)`` (Sparse VideoGen 2): the visual queries and keys of each head are clustered
+    by k-means (centroids kept per layer and refreshed every few steps, see
+    :class:`~diffattn.methods.permutation.SemanticPermutation`), queries sorted by query cluster and keys (with their
+    values) by key cluster, per head; blocks of ``block_size`` positions of these orders are then selected and
+    attended as above, and the output goes back to the sequence order. The cluster order replaces the tile (leave
+    ``tile`` at ``"auto"`` or give ``None``; an explicit tile is refused), and since a query block's position says
+    nothing about its keys in another order, each query block keeps its most probable key block instead of its own.
+    Text tokens are not clustered: they stay after the visual part, dense. Exact at a full budget (softmax over keys
+    does not depend on their order). Needs the step (``ctx.step``): run it in a pipeline or inside
+    ``diffattn.denoising_step``. Besides ``selection_seconds`` (now with the clustering and the q / k gathers) and
+    ``attention_seconds`` (the v gather, the kernel and the scatter back, as without it) it reports their parts
+    ``clustering_seconds`` (k-means), ``permute_seconds`` (every per-head gather and the scatter) and
+    ``kernel_seconds``, and ``centroids_refreshed`` (1 when the call ran k-means, 0 when it reused the centroids;
+    ``handle.metrics()`` averages it to the share of refreshing calls). One instance keeps one set of centroids per
+    layer and call; ``reset()`` forgets them.
     """
 
     topk: float | tuple[float, ...] | None = None
@@ -66,6 +85,8 @@ class DynamicSparseAttention(AttentionMethod):
     similarity_guard: float | None = None
     backend: str = "auto"
     roles: frozenset[str] = field(default=_ROLES)
+    permute: SemanticPermutation | None = None
+    _permutation: PermutationState = field(default_factory=PermutationState, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -80,24 +101,55 @@ class DynamicSparseAttention(AttentionMethod):
             )
         object.__setattr__(self, "topk", _as_budget(self.topk, self.name, "topk"))
         object.__setattr__(self, "topp", _as_budget(self.topp, self.name, "topp"))
+        if self.permute is not None:
+            if not isinstance(self.permute, SemanticPermutation):
+                raise TypeError(
+                    f"{self.name}: permute is None or a SemanticPermutation, got {given(self.permute)}; "
+                    "e.g. permute=SemanticPermutation(clusters_q=32, clusters_k=64)"
+                )
+            if self.tile not in ("auto", None):
+                raise ValueError(
+                    f"{self.name}: with permute=SemanticPermutation(...) the blocks follow the cluster order, not "
+                    f"the grid, so tile={self.tile!r} would be ignored; leave tile at 'auto' or give tile=None "
+                    "(blocks of block_size positions), or drop permute= to keep the tiles"
+                )
 
     def validate(self, ctx: AttentionContext) -> None:
-        _validate_tile(self.name, self.tile, self.block_size, ctx)
+        if self.permute is None:
+            _validate_tile(self.name, self.tile, self.block_size, ctx)
+        elif ctx.q_layout.grid and ctx.q_layout == ctx.kv_layout:
+            self.permute.check_tokens(self.name, ctx.layer, ctx.q_layout.num_visual, self.block_size)
+
+    def reset(self) -> None:
+        """Forget the permutation's centroids (the next call of each layer clusters from scratch)."""
+        self._permutation.reset()
+
+    def release(self, application_id: int) -> None:
+        self._permutation.release(application_id)
 
     def order_for(self, layout: TokenLayout, text_padding: int) -> KernelOrder:
-        return block_order(layout, _tile_for(self.tile, layout.grid), self.block_size, text_padding)
+        """The shared kernel order of a call (with ``permute``: raster blocks, permuted per head by the caller)."""
+        tile = None if self.permute is not None else _tile_for(self.tile, layout.grid)
+        return block_order(layout, tile, self.block_size, text_padding)
 
     def select(self, qk: Tensor, kk: Tensor, ko: KernelOrder, scale: float, budget: Tensor) -> Tensor:
         """The kept visual blocks ``(H, nvb, nvb)`` of one batch entry (q, k ``(H, L, D)`` in kernel order)."""
-        probs, forced, _ = _score(qk, kk, ko, scale, self.similarity_guard)
+        probs, forced, _ = _score(qk, kk, ko, scale, self.similarity_guard, own_block=self.permute is None)
         budget = budget.to(probs.device)
         if self.topk is not None:
             return select_topk(probs, forced, budget)
         return select_topp(probs, forced, budget)
 
-    def _entries(self, q: Tensor, k: Tensor, ctx: AttentionContext):
-        """Per batch entry: its plan and its q and k in kernel order."""
+    def _entries(self, q: Tensor, k: Tensor, ctx: AttentionContext, times: dict[str, float] | None = None):
+        """Per batch entry: its plan and its q and k in kernel order. With ``permute``, ``times`` (if given) gets the
+        clustering and gather seconds."""
         _check_call(self.name, ctx)
+        clusters = None
+        if self.permute is not None:
+            clusters = self._permutation.orders(self.permute, self.name, q, k, ctx, self.block_size, _scale(ctx, q))
+            if times is not None:
+                times["clustering_seconds"] += clusters.seconds
+                times["centroids_refreshed"] = float(clusters.refreshed)
         paddings = text_padding_per_batch(ctx.attn_mask, ctx.q_layout, q.shape[0], ctx.layer)
         heads = q.shape[1]
         budget = _per_head(
@@ -108,16 +160,24 @@ class DynamicSparseAttention(AttentionMethod):
             "topk" if self.topk is not None else "topp",
         )
         scale = _scale(ctx, q)
-        for rows, pad in zip(_rows(q.shape[0]), paddings):
+        for b, (rows, pad) in enumerate(zip(_rows(q.shape[0]), paddings)):
             ko = self.order_for(ctx.q_layout, pad)
-            gather = ko.gather.to(q.device)
-            qk, kk = (x[rows].index_select(-2, gather) for x in (q, k))
+            if clusters is None:
+                gather, scatter, k_gather = ko.gather.to(q.device), ko.scatter.to(q.device), None
+                qk, kk = (x[rows].index_select(-2, gather) for x in (q, k))
+            else:
+                start = time.perf_counter()
+                gather, scatter = head_kernel_order(ko, ctx.q_layout, clusters.q[b])
+                k_gather, _ = head_kernel_order(ko, ctx.q_layout, clusters.k[b])
+                qk, kk = _take(q[rows], gather), _take(k[rows], k_gather)
+                if times is not None:
+                    times["permute_seconds"] += time.perf_counter() - start
             scoring_k = kk[0]
             if scoring_k.shape[0] != heads:  # grouped-query attention: score every query head against its key head
                 scoring_k = scoring_k.repeat_interleave(heads // scoring_k.shape[0], dim=0)
             selected = self.select(qk[0], scoring_k, ko, scale, budget)
             block_mask, density = selection_block_mask(ko, selected, q.device)
-            yield _Plan(rows, gather, ko.scatter.to(q.device), block_mask, density), qk, kk
+            yield _Plan(rows, gather, scatter, block_mask, density, k_gather), qk, kk
 
     def plans(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> list[_Plan]:
         """One plan per batch entry: the selection placed on the kernel order as a ``BlockMask``."""
@@ -127,14 +187,22 @@ class DynamicSparseAttention(AttentionMethod):
         out = torch.empty_like(q)
         scale = _scale(ctx, q)
         densities, select_s, attend_s = [], 0.0, 0.0
+        times = {"clustering_seconds": 0.0, "permute_seconds": 0.0, "kernel_seconds": 0.0}
         start = time.perf_counter()
-        for plan, qk, kk in self._entries(q, k, ctx):
+        for plan, qk, kk in self._entries(q, k, ctx, times):
             selected = time.perf_counter()
-            vk = v[plan.rows].index_select(-2, plan.gather)
+            vk = plan.keys(v)
+            gathered = time.perf_counter()
             o = block_attention(qk, kk, vk, plan.block_mask, scale=scale, backend=self.backend)
-            out[plan.rows] = o.index_select(-2, plan.scatter)
+            attended = time.perf_counter()
+            out[plan.rows] = plan.output(o)
             densities.append(plan.density)
             done = time.perf_counter()
             select_s, attend_s, start = select_s + selected - start, attend_s + done - selected, done
-        ctx.report(density=sum(densities) / len(densities), selection_seconds=select_s, attention_seconds=attend_s)
+            times["permute_seconds"] += (gathered - selected) + (done - attended)
+            times["kernel_seconds"] += attended - gathered
+        extra = times if self.permute is not None else {}
+        ctx.report(
+            density=sum(densities) / len(densities), selection_seconds=select_s, attention_seconds=attend_s, **extra
+        )
         return out

@@ -15,7 +15,17 @@ from ..context import AttentionContext
 from ..errors import MethodConfigError
 from .base import AttentionMethod
 from .checks import check_int, check_number, check_roles_arg
-from .dynamic_common import _ROLES, _check_call, _finite_or_report, _Plan, _scale
+from .dynamic_common import (
+    _ROLES,
+    _call_key,
+    _check_call,
+    _evict_finished,
+    _finite_or_report,
+    _new_generation,
+    _Plan,
+    _release_application,
+    _scale,
+)
 from .dynamic_sparse import DynamicSparseAttention
 from .sparse import SparseAttention, text_padding_per_batch
 
@@ -29,15 +39,12 @@ def _run_plans(
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if need_lse else None
     for plan in plans:
-        qk, kk, vk = (x[plan.rows].index_select(-2, plan.gather) for x in (q, k, v))
+        qk, kk, vk = plan.queries(q), plan.keys(k), plan.keys(v)
         o, l = kernels.attention(qk, kk, vk, plan.block_mask, scale=scale, backend=backend, return_lse=need_lse)
-        out[plan.rows] = o.index_select(-2, plan.scatter)
+        out[plan.rows] = plan.output(o)
         if need_lse:
-            lse[plan.rows] = l.index_select(-1, plan.scatter)
+            lse[plan.rows] = plan.output(l)
     return out, lse
-
-
-_MAX_CALLS_PER_STEP = 8
 
 
 @dataclass
@@ -103,34 +110,7 @@ class Rettention(AttentionMethod):
         self._calls.clear()
 
     def release(self, application_id: int) -> None:
-        for key in [k for k in self._cache if k[0] == application_id]:
-            del self._cache[key]
-        for who in [w for w in self._calls if w[0] == application_id]:
-            del self._calls[who]
-
-    def _evict_finished(self, owner: tuple, step: int) -> None:
-        """Drop the entries of ``owner`` (application, layer) last used at a later step than ``step``: they belong
-        to a finished generation (any shape), so the caches hold at most one generation's entries per layer."""
-        for key in [k for k, state in self._cache.items() if k[:2] == owner and state.last_step > step]:
-            del self._cache[key]
-        for who in [w for w, (last, _) in self._calls.items() if w[:2] == owner and last is not None and last > step]:
-            del self._calls[who]
-
-    def _key(self, q: Tensor, v: Tensor, ctx: AttentionContext) -> tuple:
-        who = (
-            ctx.application_id,  # one cache per application: the same layer names on two denoisers stay apart
-            ctx.layer,
-            ctx.batch_roles if ctx.batch_roles is not None else q.shape[0],
-            tuple(q.shape),
-            tuple(v.shape),
-            ctx.head_offset,
-        )
-        step, count = self._calls.get(who, (None, -1))
-        # the n-th call of this shape in a step (e.g. separate cond / uncond forwards); wrapped, so that repeated
-        # one-step generations (indistinguishable from more calls in one step) reuse entries instead of piling up
-        count = (count + 1) % _MAX_CALLS_PER_STEP if step == ctx.step else 0
-        self._calls[who] = (ctx.step, count)
-        return (*who, count)
+        _release_application(self._cache, self._calls, application_id)
 
     def _base_plans(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> list[_Plan]:
         if isinstance(self.base, DynamicSparseAttention):
@@ -154,12 +134,9 @@ class Rettention(AttentionMethod):
                 "(the model was not called from a diffusers pipeline). Wrap each call in "
                 "diffattn.denoising_step(i, num_steps)."
             )
-        key = self._key(q, v, ctx)
+        key = _call_key(self._calls, q, v, ctx)
         state = self._cache.get(key)
-        new_generation = state is not None and (
-            ctx.step < state.last_step
-            or (ctx.timestep is not None and state.timestep is not None and ctx.timestep > state.timestep)
-        )
+        new_generation = _new_generation(state, ctx)
         calibrate = (
             state is None or new_generation or ctx.step == 0 or ctx.step - state.calibrated_step >= self.calibrate_every
         )
@@ -168,7 +145,7 @@ class Rettention(AttentionMethod):
         start = time.perf_counter()
         if calibrate:
             if state is None or new_generation:
-                self._evict_finished(key[:2], ctx.step)
+                _evict_finished(self._cache, self._calls, key[:2], ctx.step)
             plans = self._base_plans(q, k, ctx)
             selected = time.perf_counter()
             sparse, lse_sparse = _run_plans(q, k, v, plans, scale, backend, need_lse=True)

@@ -143,13 +143,15 @@ def forced_blocks(
     k_similarity: Tensor | None = None,
     threshold: float | None = None,
     device: torch.device | str = "cpu",
+    diagonal: bool = True,
 ) -> Tensor:
-    """Blocks kept whatever the budget, ``(..., num_q, num_k)`` bool: each query block's own (diagonal) block and,
-    with a ``threshold``, the whole row of a query block and the whole column of a key block whose tokens disagree
-    (self-similarity below ``threshold``): their pooled vector does not represent them, so they are computed."""
+    """Blocks kept whatever the budget, ``(..., num_q, num_k)`` bool: each query block's own (diagonal) block (unless
+    ``diagonal=False``) and, with a ``threshold``, the whole row of a query block and the whole column of a key block
+    whose tokens disagree (self-similarity below ``threshold``): their pooled vector does not represent them, so they
+    are computed."""
     idx_q = torch.arange(num_q, device=device).view(-1, 1)
     idx_k = torch.arange(num_k, device=device).view(1, -1)
-    forced = idx_q == idx_k
+    forced = (idx_q == idx_k) & diagonal
     if threshold is not None:
         if q_similarity is not None:
             forced = forced | (q_similarity < threshold).unsqueeze(-1)

@@ -155,6 +155,7 @@ PLAUSIBLE = {
     "decay": st.floats(0.05, 2.0),
     "dense_band_frames": st.integers(0, 3),
     "topk": st.one_of(fraction, st.tuples(fraction, fraction)),
+    "permute": st.one_of(st.none(), st.just(diffattn.SemanticPermutation(clusters_q=2, clusters_k=4, refresh_every=2))),
     "topp": st.one_of(fraction, st.tuples(fraction, fraction)),
     "similarity_guard": st.one_of(st.none(), st.floats(-1.0, 1.0)),
     "pool_similarity": st.one_of(st.none(), st.floats(-1.0, 1.0)),
