@@ -338,7 +338,7 @@ def test_edit_tab(page, server, models):
     direct = run_edit(models, "a red circle on the left", "a blue circle on the left", "prompt-to-prompt", 0, 20)
     assert _close(source, direct.source) and _close(target, direct.target)
     assert "20 steps" in page.locator("#edit-note").inner_text()
-    _screenshot(page, "edit")
+    _screenshot(page, "edit_shapes_image")
 
 
 def test_layout_tab(page, server, models):
@@ -506,6 +506,7 @@ def test_default_demo_edits_the_scenes_model_keeping_what_the_prompt_leaves_open
         page.locator("#edit-run").click()
         target = _image(page, scenes_server, "edit-out-target")
         source = _image(page, scenes_server, "edit-out-source")
+        _screenshot(page, "edit")  # the README's picture: the default page
     finally:
         context.close()
     direct = run_edit(scenes_models, prompts.edit_source, prompts.edit_target, "prompt-to-prompt", 0, 20)
