@@ -3,7 +3,9 @@ the module's own forward with its SDPA core replaced by the chain of the applica
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,9 +119,14 @@ class AttentionHook(ModelHook):
         if chain is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         interceptor = CoreInterceptor(chain)
-        with native_backend(processor), interceptor:
+        with native_backend(processor), interceptor, _module_forward_calls(module) as ran:
             out = self.fn_ref.original_forward(*args, **kwargs)
         if interceptor.calls == 0:
+            if ran[0] == 0:  # a cache hook inside this one served the call: the module computed no attention
+                step = self.entries[0].application.state.current.step
+                for entry in chain.entries:
+                    entry.application.records.record(step, entry.layer.name, entry.layer.role, acted=False)
+                return out
             raise _no_sdpa_error(self.entries[0].layer.name, processor, chain.entries)
         return out
 
@@ -156,6 +163,32 @@ class AttentionHook(ModelHook):
             return SDPA(q, k, v, **call)
         chain.sdpa_calls = index - 1
         return chain(SDPA, call)
+
+
+@contextlib.contextmanager
+def _module_forward_calls(module: torch.nn.Module) -> Iterator[list[int]]:
+    """Counts (``ran[0]``) the calls of the module's own forward, under every hook, while the block runs: zero means
+    a hook inside diffattn's (a cache such as PyramidAttentionBroadcast or FasterCache) returned without running it,
+    which is not a processor computing attention without SDPA."""
+    ran = [0]
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or not registry._hook_order:
+        ran[0] = 1  # no hook chain to look through: the forward is counted as run, so the SDPA check stays strict
+        yield ran
+        return
+    ref = registry.hooks[registry._hook_order[0]].fn_ref  # the innermost hook holds the module's own forward
+    name = "original_forward" if ref.original_forward is not None else "forward"
+    inner = getattr(ref, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        ran[0] += 1
+        return inner(*args, **kwargs)
+
+    setattr(ref, name, counted)
+    try:
+        yield ran
+    finally:
+        setattr(ref, name, inner)
 
 
 def _no_sdpa_error(layer: str, processor: Any, entries: list[Entry]) -> InterceptionError:

@@ -405,3 +405,19 @@ def test_a_profile_is_stacked_under_each_cache_hook(tmp_path):
     assert [p.label for p in with_ratios] == ["tuned top-k (p)"] + [f"{c} + tuned top-k (p)" for c in STACKED_CACHES]
     assert all(p.setup is not None and p.method == with_ratios[0].method for p in with_ratios[1:])
     assert "MagCache + tuned top-k (p)" not in [p.label for p in profile_peers(folder, None, 2)]  # needs its ratios
+
+
+def test_attention_cache_hooks_stack_with_a_diffattn_method(pipe):
+    """PyramidAttentionBroadcast and FasterCache serve some attention calls from cache; stacked with a diffattn
+    method those calls are not refused (the module computed no attention) and the method acts on the others."""
+    from diffattn_bench.peers import cache_peers
+
+    caches = {p.label: p for p in cache_peers(None, 4)}
+    tile = method_peer("sliding tile", diffattn.SlidingTileAttention(tile=(4, 4, 4), window=(1, 1, 1)))
+    peers = [
+        combined(f"{name} + sliding tile", caches[name], tile) for name in ("PyramidAttentionBroadcast", "FasterCache")
+    ]
+    rows, _ = run_video(pipe, SIZE, peers, prompts=[PROMPT], steps=4)
+    for row in rows[1:]:
+        assert not row.error, row.error
+        assert row.density < 1.0 and row.psnr < 100, row

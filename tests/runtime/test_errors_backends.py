@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import global_attention_backend_restored
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_dispatch import attention_backend
 from diffusers.models.attention_processor import AttnProcessor
 from test_models_layout import hide_mask, run
@@ -167,3 +170,38 @@ def test_hooked_module_keeps_the_stock_processor_signature(tiny_model):
     diffattn.apply(model, diffattn.Dense())
     module = dict(diffattn.attention_modules(model))["transformer_blocks.0.attn1"]
     assert "image_rotary_emb" in inspect.signature(module.processor.__call__).parameters
+
+
+class _ServeSecondCallFromCache(ModelHook):
+    """A cache hook as diffusers' PyramidAttentionBroadcast is one: every second call returns the last output
+    without running the module."""
+
+    def initialize_hook(self, module):
+        self.calls, self.cache = 0, None
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        self.calls += 1
+        if self.cache is None or self.calls % 2 == 1:
+            self.cache = self.fn_ref.original_forward(*args, **kwargs)
+        return self.cache
+
+
+def test_a_call_a_cache_hook_serves_is_not_an_sdpa_error_and_is_recorded_as_not_acted(tiny_model):
+    """PyramidAttentionBroadcast / FasterCache registered before diffattn serve some calls from cache: the module
+    computes no attention then, so there is nothing to replace (the cached output was computed with the method);
+    a processor that computes attention without SDPA is still refused (the test above)."""
+    model = tiny_model("wan")  # shared by the session: the cache hook goes again below
+    name, module = diffattn.attention_modules(model)[0]
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(_ServeSecondCallFromCache(), "serve_from_cache")
+    try:
+        handle = diffattn.apply(model, diffattn.Dense(), layers=[f"^{re.escape(name)}$"])
+        inputs = tiny_inputs("wan", (2, 4, 4))
+        run(model, inputs)
+        run(model, inputs)
+        acted = [c.acted for c in handle.calls if c.layer == name]
+        assert acted == [True, False], acted
+    finally:
+        diffattn.remove(model)
+        registry.remove_hook("serve_from_cache", recurse=False)
