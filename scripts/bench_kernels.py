@@ -89,24 +89,9 @@ def dynamic_methods():
 
 def time_dynamic(method, q, k, v, grid, repeats: int) -> dict:
     """Whole-call time of a dynamic method (selection included) and what it reported about itself."""
-    from diffattn.context import AttentionContext
+    from diffattn.testing import standalone_context
 
-    reports: dict = {}
-    layout = TokenLayout(grid)
-    ctx = AttentionContext(
-        layer="bench",
-        role="self",
-        step=0,
-        num_steps=None,
-        q_layout=layout,
-        kv_layout=layout,
-        batch_roles=None,
-        attn_mask=None,
-        scale=None,
-        enable_gqa=False,
-        dense=lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_),
-        report=lambda **m: reports.update(m),
-    )
+    ctx, reports = standalone_context(TokenLayout(grid))
     seconds = timed(lambda: method(q, k, v, ctx), repeats)
     return {"total_s": seconds, "select_s": reports["selection_seconds"], "density": reports["density"]}
 

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 import diffattn
 from diffattn import TokenLayout
-from diffattn.context import AttentionContext
 from diffattn.methods.dynamic_sparse import DynamicSparseAttention
 from diffattn.methods.permutation import SemanticPermutation
+from diffattn.testing import standalone_context
 from diffattn_kernels import cpu_block_sparse
 
 FRAMES = 16
@@ -107,27 +107,10 @@ def model_inputs(step: int, layer: int) -> tuple[tuple[torch.Tensor, ...], tuple
     return (q[-1:], k[-1:], v[-1:]), grid
 
 
-def context(layout: TokenLayout, step: int, metrics: dict) -> AttentionContext:
-    return AttentionContext(
-        layer="bench",
-        role="self",
-        step=step,
-        num_steps=50,
-        q_layout=layout,
-        kv_layout=layout,
-        batch_roles=None,
-        attn_mask=None,
-        scale=None,
-        enable_gqa=False,
-        dense=F.scaled_dot_product_attention,
-        report=lambda **m: metrics.update(m),
-    )
-
-
 def timed_call(method, q, k, v, layout: TokenLayout, step: int) -> tuple[float, dict, torch.Tensor]:
-    metrics: dict = {}
+    ctx, metrics = standalone_context(layout, step=step, num_steps=50)
     start = time.perf_counter()
-    out = method(q, k, v, context(layout, step, metrics))
+    out = method(q, k, v, ctx)
     return time.perf_counter() - start, metrics, out
 
 

@@ -28,6 +28,7 @@ level, in row-major ``(f, h, w)`` / ``(h, w)`` order):
 
 from __future__ import annotations
 
+from .context import standalone_context
 from .families import (
     COGVIDEOX_TEXT_LEN,
     FAMILIES,
@@ -52,6 +53,7 @@ __all__ = [
     "WAN_ROPE_MAX",
     "tiny_model",
     "tiny_inputs",
+    "standalone_context",
     "visual_grid_of",
     "tiny_pipeline",
     "write_clip_vocab",
