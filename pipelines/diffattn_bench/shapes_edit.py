@@ -129,15 +129,21 @@ _TASK_STRIDE = 1_000_000
 _LAYOUT_TRIES = 1000
 
 
-def case_seed(split: str, task: str, index: int) -> int:
-    """The seed of case ``index`` of ``task`` in ``split`` (its scene, captions and the edit's noise)."""
+def seed_in(split: str, task: str, index: int, tasks: Sequence[str]) -> int:
+    """The seed of case ``index`` of ``task`` (one of ``tasks``, in report order) in ``split``: ``split base + task
+    number * _TASK_STRIDE + index``, so the dev and report seed sets never meet (ShapesEdit and ShapesEdit-Video)."""
     if split not in _SPLIT_BASE:
         raise ValueError(f"unknown split {split!r}; use 'dev' (tuning) or 'report' (published numbers)")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if task not in tasks:
+        raise ValueError(f"unknown task {task!r}; use one of {', '.join(tasks)}")
     if not 0 <= index < _TASK_STRIDE:
         raise ValueError(f"case index must be in [0, {_TASK_STRIDE}), got {index}")
-    return _SPLIT_BASE[split] + TASKS.index(task) * _TASK_STRIDE + index
+    return _SPLIT_BASE[split] + list(tasks).index(task) * _TASK_STRIDE + index
+
+
+def case_seed(split: str, task: str, index: int) -> int:
+    """The seed of case ``index`` of ``task`` in ``split`` (its scene, captions and the edit's noise)."""
+    return seed_in(split, task, index, TASKS)
 
 
 def select_tasks(names: Sequence[str], tasks: Sequence[str]) -> tuple[str, ...]:

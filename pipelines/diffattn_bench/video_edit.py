@@ -46,7 +46,7 @@ import numpy as np
 from diffattn_bench.grammar import COLOURS, MOTION_DIRECTIONS, SHAPES, Motion, Scene, caption
 from diffattn_bench.render import random_video_scene, render_video, video_problem
 from diffattn_bench.scoring import Component, VideoResult, evaluate_video
-from diffattn_bench.shapes_edit import Verdict, select_tasks, wilson_interval
+from diffattn_bench.shapes_edit import Verdict, seed_in, select_tasks, wilson_interval
 
 __all__ = [
     "CASE_CLIP",
@@ -75,10 +75,8 @@ __all__ = [
 
 #: The seed splits: ``dev`` for tuning, ``report`` for published numbers (disjoint seed ranges).
 SPLITS: tuple[str, ...] = ("dev", "report")
-_SPLIT_BASE = {"dev": 0, "report": 100_000_000}
-#: Every task, in report order; a case's seed is ``split base + task number * _TASK_STRIDE + index``.
+#: Every task, in report order; a case's seed is :func:`~diffattn_bench.shapes_edit.seed_in`'s.
 TASKS: tuple[str, ...] = ("replace/colour", "replace/shape", "consistency/motion")
-_TASK_STRIDE = 1_000_000
 #: The clip every case fits: (frames, height, width).
 CASE_CLIP: tuple[int, int, int] = (8, 32, 32)
 _TRIES = 200
@@ -88,13 +86,7 @@ SHAPE_MARGIN = 0.05
 
 def case_seed(split: str, task: str, index: int) -> int:
     """The seed of case ``index`` of ``task`` in ``split`` (its scene, motions, the edit and the edit's noise)."""
-    if split not in _SPLIT_BASE:
-        raise ValueError(f"unknown split {split!r}; use 'dev' (tuning) or 'report' (published numbers)")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
-    if not 0 <= index < _TASK_STRIDE:
-        raise ValueError(f"case index must be in [0, {_TASK_STRIDE}), got {index}")
-    return _SPLIT_BASE[split] + TASKS.index(task) * _TASK_STRIDE + index
+    return seed_in(split, task, index, TASKS)
 
 
 def tasks_of(names: Sequence[str]) -> tuple[str, ...]:
