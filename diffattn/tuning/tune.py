@@ -34,22 +34,24 @@ def _check_targets(error_target: float | None, psnr_target: float | None) -> Non
             "tune: give one target, error_target=<relative L1 error of attention outputs per head, e.g. 0.1> or "
             "psnr_target=<dB of the generated output against dense on the calibration prompts, e.g. 25>"
         )
+    if error_target is not None and (
+        isinstance(error_target, bool) or not isinstance(error_target, (int, float)) or not 0 < error_target < 1
+    ):
+        raise ValueError(
+            f"tune: error_target is the relative L1 error of attention outputs allowed per head, in (0, 1), "
+            f"e.g. 0.05; got {error_target!r}"
+        )
     if psnr_target is not None and (
         isinstance(psnr_target, bool) or not isinstance(psnr_target, (int, float)) or not 0 < psnr_target < 100
     ):
         raise ValueError(f"tune: psnr_target is in dB, in (0, 100), e.g. 25; got {psnr_target!r}")
 
 
-def _check(family: str, prompts: Sequence[str], error_target: float, candidates: Sequence[float], ranges: int) -> None:
+def _check(family: str, prompts: Sequence[str], candidates: Sequence[float], ranges: int) -> None:
     if family not in TUNABLE_FAMILIES:
         raise ValueError(f"tune: family {family!r} is not tunable yet; use one of {', '.join(TUNABLE_FAMILIES)}")
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("tune: prompts is a list of calibration prompts, e.g. ['a red circle moving left']")
-    if isinstance(error_target, bool) or not isinstance(error_target, (int, float)) or not 0 < error_target < 1:
-        raise ValueError(
-            f"tune: error_target is the relative L1 error of attention outputs allowed per head, in (0, 1), "
-            f"e.g. 0.05; got {error_target!r}"
-        )
     if not candidates or list(candidates) != sorted(set(candidates)) or not all(0 < c < 1 for c in candidates):
         raise ValueError(f"tune: candidates are increasing top-k fractions in (0, 1), got {tuple(candidates)}")
     if isinstance(ranges, bool) or not isinstance(ranges, int) or ranges < 1:
@@ -193,7 +195,7 @@ def tune(
     prompts = list(prompts) if not isinstance(prompts, str) else prompts
     candidates = tuple(float(c) for c in candidates)
     _check_targets(error_target, psnr_target)
-    _check(family, prompts, error_target if error_target is not None else 0.5, candidates, step_ranges)
+    _check(family, prompts, candidates, step_ranges)
     if psnr_target is not None:
         if call_kwargs.get("output_type", "np") != "np":
             raise ValueError("tune: psnr_target compares generated outputs; leave output_type out (it uses 'np')")
