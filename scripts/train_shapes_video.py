@@ -108,6 +108,7 @@ class TrainConfig:
     batch_tokens: int = 8192
     lr: float = 1e-3
     text_layers: int = 4
+    ffn_dim: int = 256
     object_weight: float = 0.0
     init_from: str | None = None
 
@@ -136,12 +137,14 @@ def resolve_config(args: argparse.Namespace, saved: dict | None) -> TrainConfig:
         "batch_tokens": args.batch_tokens,
         "lr": args.lr,
         "text_layers": args.text_layers,
+        "ffn_dim": args.ffn_dim,
         "object_weight": args.object_weight,
         "init_from": None if args.init_from is None else str(args.init_from),
     }
     if saved is None:
         return TrainConfig(**{k: v for k, v in given.items() if v is not None})
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    saved = {**{k: f.default for k, f in TrainConfig.__dataclass_fields__.items()}, **saved}  # older checkpoints
     for key, value in given.items():
         if value is not None and value != saved[key]:
             raise SystemExit(
@@ -202,23 +205,48 @@ def clip_counts(config: TrainConfig, sizes: list[ClipSize], batches: list[int]) 
     return [max(4 * b, int(config.clips * float(w) * b / per_clip)) for w, b in zip(share.tolist(), batches)]
 
 
+def grow_ffn(saved: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``saved``'s transformer weights widened to ``model``'s feed-forward width: the saved units are copied, the
+    new units keep their fresh input weights and get zero output weights, so the grown model computes what the
+    saved one did until training moves them."""
+    own = model.state_dict()
+    grown = dict(saved)
+    for name, value in saved.items():
+        target = own[name]
+        if value.shape == target.shape:
+            continue
+        if name.endswith("ffn.net.0.proj.weight") or name.endswith("ffn.net.0.proj.bias"):
+            widened = target.clone()
+            widened[: value.shape[0]] = value
+        elif name.endswith("ffn.net.2.weight"):
+            widened = torch.zeros_like(target)
+            widened[:, : value.shape[1]] = value
+        else:
+            raise SystemExit(f"--init-from: {name} is {tuple(value.shape)} there, {tuple(target.shape)} here")
+        grown[name] = widened
+    return grown
+
+
 def load_init(path: Path, transformer: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
-    """Copy a saved ShapesVideoPipeline's transformer and text encoder weights into the freshly built models."""
+    """Copy a saved ShapesVideoPipeline's transformer and text encoder weights into the freshly built models (a
+    narrower feed-forward is grown to this run's ``--ffn-dim``)."""
     from diffusers import WanTransformer3DModel
     from transformers import CLIPTextModel
 
     if not (path / "model_index.json").is_file():
         raise SystemExit(f"--init-from {path}: not a saved pipeline folder (no model_index.json)")
+    saved_transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", local_files_only=True)
+    saved_text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
     pairs = (
-        (transformer, WanTransformer3DModel.from_pretrained(path, subfolder="transformer", local_files_only=True)),
-        (text_encoder, CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)),
+        (transformer, grow_ffn(saved_transformer.state_dict(), transformer)),
+        (text_encoder, saved_text.state_dict()),
     )
-    for model, saved in pairs:
+    for model, state in pairs:
         try:
-            model.load_state_dict(saved.state_dict())
+            model.load_state_dict(state)
         except RuntimeError as exc:
             raise SystemExit(
-                f"--init-from {path}: its {type(saved).__name__} differs from the one this script builds "
+                f"--init-from {path}: its {type(model).__name__} differs from the one this script builds "
                 f"({str(exc).splitlines()[0]}); pass --text-layers to match its text encoder, or start from scratch"
             ) from None
 
@@ -258,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="default 1e-3")
     parser.add_argument("--text-layers", type=int, default=None, help="layers of the CLIP text encoder (default 4)")
     parser.add_argument(
+        "--ffn-dim",
+        type=int,
+        default=None,
+        help="the transformer's feed-forward width (default 256); with --init-from a narrower saved model is grown, "
+        "its function unchanged at the start (the new units' output weights are zero)",
+    )
+    parser.add_argument(
         "--object-weight", type=float, default=None, help="extra loss weight on object pixels (default 0: plain MSE)"
     )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -285,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffattn_bench.shapes_video import ShapesVideoPipeline, with_coordinates
 
     tokenizer = shapes_tokenizer()
-    text_encoder, transformer = shapes_text_encoder(tokenizer, layers=config.text_layers), video_transformer()
+    text_encoder, transformer = shapes_text_encoder(tokenizer, layers=config.text_layers), video_transformer(config.ffn_dim)
     text_params = distinct_frozen_token_embeddings(text_encoder, seed=1)
     if state is None and config.init_from is not None:
         load_init(Path(config.init_from), transformer, text_encoder)

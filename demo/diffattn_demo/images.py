@@ -75,3 +75,16 @@ def difference_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     are identical, the same colour for the same number of levels in every image (never scaled to the image's own
     largest difference)."""
     return difference_colours(difference_levels(a, b))
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """``mask`` (bool H x W) grown by ``pixels`` in every direction (a square of side ``2 * pixels + 1``)."""
+    if pixels <= 0:
+        return mask
+    h, w = mask.shape
+    padded = np.pad(mask, pixels)
+    out = np.zeros_like(mask)
+    for dy in range(2 * pixels + 1):
+        for dx in range(2 * pixels + 1):
+            out |= padded[dy : dy + h, dx : dx + w]
+    return out

@@ -52,6 +52,8 @@ class Limits:
     max_scales: int = 6
     max_scale: float = 20.0
     max_weight: float = 5.0
+    max_cfg: float = 15.0
+    max_dilation: int = 16
     max_subjects: int = 4
 
 
@@ -149,6 +151,28 @@ def check_number(value: Any, what: str, minimum: float, maximum: float) -> float
     return number
 
 
+def check_whole(value: Any, what: str, minimum: int, maximum: int) -> int:
+    """``value`` as a whole number in [minimum, maximum] (never rounded or clamped)."""
+    number = _whole_number(value, what)
+    if not minimum <= number <= maximum:
+        raise DemoInputError(f"{what} must be between {minimum} and {maximum}, got {value!r}")
+    return number
+
+
+def check_cfg(value: Any) -> float:
+    """The classifier-free guidance scale as a float in [1, ``LIMITS.max_cfg``] (1: no guidance)."""
+    return check_number(value, "the CFG scale", 1.0, LIMITS.max_cfg)
+
+
+def check_words(text: Any, what: str) -> tuple[str, ...]:
+    """Words typed in a box, separated by spaces or commas (``()`` when empty)."""
+    if text is None:
+        return ()
+    if not isinstance(text, str):
+        raise DemoInputError(f"{what} must be text, got {text!r}")
+    return tuple(w for w in re.split(r"[\s,]+", text.strip()) if w)
+
+
 def _inside(path: Path, folder: Path) -> bool:
     try:
         path.resolve().relative_to(folder.resolve())
@@ -203,13 +227,10 @@ def _to_size(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, str]
     return resized, f"The image ({w} x {h} px) was resized to the model's {size[1]} x {size[0]} px."
 
 
-def mask_from_editor(value: Any, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, str]:
-    """``(image, mask, note)`` from a ``gr.ImageEditor`` value (``background`` + painted ``layers``, numpy): the
-    background at the model's ``size`` (uint8), the mask (bool, True where any layer is painted) at the same size —
-    a model pixel is masked when any screen pixel over it is painted — and a note on resizing."""
-    if not isinstance(value, dict) or value.get("background") is None:
-        raise DemoInputError("upload or generate an image in the Erase canvas first")
-    background = np.asarray(value["background"])
+def check_canvas_image(image: Any) -> np.ndarray:
+    """A ``gr.ImageEditor``'s background as an array, refused when it is not colour or larger than the upload limit
+    (checked as it arrives in the canvas and again at use)."""
+    background = np.asarray(image)
     if background.ndim != 3 or background.shape[2] not in (3, 4):
         raise DemoInputError(f"the canvas image must be colour (H x W x 3), got shape {background.shape}")
     if max(background.shape[:2]) > LIMITS.upload_side:
@@ -217,7 +238,16 @@ def mask_from_editor(value: Any, size: tuple[int, int]) -> tuple[np.ndarray, np.
             f"the image is {background.shape[1]} x {background.shape[0]} px; use one of at most "
             f"{LIMITS.upload_side} px a side"
         )
-    background = background[..., :3].astype(np.uint8)
+    return background
+
+
+def mask_from_editor(value: Any, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(image, mask, note)`` from a ``gr.ImageEditor`` value (``background`` + painted ``layers``, numpy): the
+    background at the model's ``size`` (uint8), the mask (bool, True where any layer is painted) at the same size —
+    a model pixel is masked when any screen pixel over it is painted — and a note on resizing."""
+    if not isinstance(value, dict) or value.get("background") is None:
+        raise DemoInputError("upload or generate an image in the Erase canvas first")
+    background = check_canvas_image(value["background"])[..., :3].astype(np.uint8)
     painted = np.zeros(background.shape[:2], bool)
     notes = []
     for layer in value.get("layers") or []:

@@ -18,6 +18,7 @@ from diffattn_bench.scenes import SCENE_VOCABULARY
 __all__ = [
     "CFG",
     "DEFAULT_IMAGE_MODEL",
+    "EditExample",
     "GuidanceDefaults",
     "IMAGE_MODELS",
     "ImageModel",
@@ -54,9 +55,23 @@ class GuidanceDefaults:
 
 
 @dataclass(frozen=True)
+class EditExample:
+    """One entry of the Edit tab's Examples gallery: the prompts, the method and its main control."""
+
+    source: str
+    target: str
+    method: str = "prompt-to-prompt"
+    mode: str = "replace"
+    reweight_word: str = ""
+    reweight: float = 1.0
+    blend_words: str = ""
+
+
+@dataclass(frozen=True)
 class TabPrompts:
     """The prompts each tab shows first for one image model: the Edit tab's source and target, the Layout tab's
-    prompt and subject boxes (``word: x0 y0 x1 y1`` lines), the Erase tab's prompt and the Guidance tab's."""
+    prompt and subject boxes (``word: x0 y0 x1 y1`` lines), the Erase tab's prompt and the Guidance tab's; and each
+    tab's Examples gallery (Layout: ``(prompt, subjects)``)."""
 
     edit_source: str
     edit_target: str
@@ -64,10 +79,24 @@ class TabPrompts:
     layout_subjects: str
     erase: str
     guidance: str
+    edit_examples: tuple[EditExample, ...] = ()
+    layout_examples: tuple[tuple[str, str], ...] = ()
+    erase_examples: tuple[str, ...] = ()
+    guidance_examples: tuple[str, ...] = ()
 
     def all(self) -> tuple[str, ...]:
-        """Every prompt (not the subject lines)."""
-        return (self.edit_source, self.edit_target, self.layout, self.erase, self.guidance)
+        """Every prompt (not the subject lines), the examples' included."""
+        return (
+            self.edit_source,
+            self.edit_target,
+            self.layout,
+            self.erase,
+            self.guidance,
+            *(p for e in self.edit_examples for p in (e.source, e.target)),
+            *(p for p, _ in self.layout_examples),
+            *self.erase_examples,
+            *self.guidance_examples,
+        )
 
 
 @dataclass(frozen=True)
@@ -118,6 +147,22 @@ _SHAPES_PROMPTS = TabPrompts(
     layout_subjects="circle: 0.0 0.0 0.5 0.5\nsquare: 0.5 0.5 1.0 1.0",
     erase="a red circle on the left and a blue square on the right",
     guidance="a red circle on the left and a blue square on the right",
+    edit_examples=(
+        EditExample("a red circle on the left", "a blue circle on the left"),
+        EditExample("a green square on the right", "a green triangle on the right"),
+        EditExample("a red circle on the left", "a small red circle on the left", mode="refine"),
+        EditExample("a yellow square at the top", "a yellow square at the top", reweight_word="square", reweight=3.0),
+        EditExample("a small cyan triangle on the left", "a large cyan triangle on the right", method="MasaCtrl"),
+    ),
+    layout_examples=(
+        ("a red circle and a blue square", "circle: 0.0 0.0 0.5 0.5\nsquare: 0.5 0.5 1.0 1.0"),
+        ("a green triangle and a yellow circle", "triangle: 0.5 0.0 1.0 0.5\ncircle: 0.0 0.5 0.5 1.0"),
+    ),
+    erase_examples=(
+        "a red circle on the left and a blue square on the right",
+        "a green triangle at the top and a yellow circle at the bottom",
+    ),
+    guidance_examples=("a red circle on the left and a blue square on the right", "a large green triangle"),
 )
 
 #: The embedded image models the demo can serve (``--embedded-image NAME``); :data:`DEFAULT_IMAGE_MODEL` by default.
@@ -140,6 +185,33 @@ IMAGE_MODELS: dict[str, ImageModel] = {
             layout_subjects="circle: 0.0 0.0 0.5 0.5\nsquare: 0.5 0.5 1.0 1.0",
             erase="a red circle and a blue square on a beige striped background",
             guidance="a red striped circle on the left and a blue square on a black checked background",
+            edit_examples=(
+                EditExample("a red striped circle", "a blue striped circle"),
+                EditExample("a red circle on a black checked background", "a red square on a black checked background"),
+                EditExample("a red circle", "a red striped circle", mode="refine"),
+                EditExample(
+                    "a yellow dotted square and a blue circle",
+                    "a green dotted square and a blue circle",
+                    blend_words="square",
+                ),
+                EditExample("a red striped circle", "a red striped circle", reweight_word="striped", reweight=3.0),
+                EditExample("a small green triangle on the left", "a large green triangle on the right", "MasaCtrl"),
+            ),
+            layout_examples=(
+                ("a red circle and a blue square", "circle: 0.0 0.0 0.5 0.5\nsquare: 0.5 0.5 1.0 1.0"),
+                (
+                    "a green triangle and a yellow circle on a white plain background",
+                    "triangle: 0.5 0.0 1.0 0.5\ncircle: 0.0 0.5 0.5 1.0",
+                ),
+            ),
+            erase_examples=(
+                "a red circle and a blue square on a beige striped background",
+                "a green dotted triangle on a black checked background",
+            ),
+            guidance_examples=(
+                "a red striped circle on the left and a blue square on a black checked background",
+                "a large yellow dotted triangle on a white vertical gradient background",
+            ),
         ),
     ),
     "shapes-image": ImageModel(

@@ -62,12 +62,15 @@ def erase(
     method: AttentiveEraser | None = None,
     seed: int = 0,
     layers: Any = "up_blocks",
+    suppress: bool = True,
 ) -> np.ndarray:
     """Remove the object under ``mask`` from ``image`` (H x W x 3 uint8 or floats in [0, 1]; grayscale and opaque
     RGBA are read as RGB); returns the edited image as floats in [0, 1]. ``mask``: the image's H x W, True on the
     object, or numbers with the object at values >= 0.5 (one threshold for the latent blending and the attention
     suppression; a soft mask's feathered edge below it is background). ``method`` sets AAS (default
-    ``AttentiveEraser()``); ``layers``: where it acts (the paper: the decoder's self-attention)."""
+    ``AttentiveEraser()``); ``layers``: where it acts (the paper: the decoder's self-attention). ``suppress=False``:
+    the same masked regeneration without attention suppression (both branches plain), the baseline that shows
+    what the suppression adds."""
     from diffusers import UNet2DConditionModel
 
     if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
@@ -99,7 +102,9 @@ def erase(
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
     latents = scheduler.add_noise(x0, noise, timesteps[:1])
     conditioning = unet_conditioning(pipe, "", 2, image.shape[:2], x0.device)
-    handle = apply(pipe, method.with_mask(mask), layers=layers)
+    if not isinstance(suppress, bool):
+        raise TypeError(f"erase: suppress must be True or False, got {suppress!r}")
+    handle = apply(pipe, method.with_mask(mask), layers=layers) if suppress else None
     try:
         for i, t in enumerate(timesteps):
             with (
@@ -115,6 +120,7 @@ def erase(
                 source = x0
             latents = keep * source + (1.0 - keep) * latents
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return ((decoded[0].permute(1, 2, 0).clamp(-1, 1) + 1) / 2).float().cpu().numpy()

@@ -89,9 +89,10 @@ def shapes_text_encoder(tokenizer: Any, layers: int = 4, max_tokens: int = MAX_T
     )
 
 
-def video_transformer() -> torch.nn.Module:
+def video_transformer(ffn_dim: int = 256) -> torch.nn.Module:
     """The embedded video model's WanTransformer3DModel: pixel space, 4x4 patches, 4 layers of 4 x 32 heads; its
-    input is the noisy frames plus three coordinate channels (see ``shapes_video.with_coordinates``)."""
+    input is the noisy frames plus three coordinate channels (see ``shapes_video.with_coordinates``). ``ffn_dim``:
+    the feed-forward width (256 for the first shipped model)."""
     from diffusers import WanTransformer3DModel
 
     from .shapes_video import COORDINATE_CHANNELS
@@ -104,7 +105,7 @@ def video_transformer() -> torch.nn.Module:
         out_channels=3,
         text_dim=64,
         freq_dim=64,
-        ffn_dim=256,
+        ffn_dim=ffn_dim,
         num_layers=4,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",

@@ -610,7 +610,7 @@ def test_edit_difference_map_has_a_fixed_scale_and_a_legend(page, server):
     assert np.array_equal(diff, difference_map(source, target))  # each pixel the scale's colour of its own level
     assert not diff[levels == 0].any() and (levels == 0).mean() > 0.5  # identical pixels: black
     assert levels.max() < 64 and diff.max() < 255, int(levels.max())  # a small change looks small
-    assert f"largest difference {levels.max()} levels of 255" in page.locator("#edit-note").inner_text()
+    assert f"largest difference to the source {levels.max()} levels of 255" in page.locator("#edit-note").inner_text()
     legend = page.locator("#edit-diff-legend")
     assert "levels of 255" in legend.inner_text()
     ticks = legend.locator(".diff-legend-ticks span").all_inner_texts()

@@ -353,6 +353,9 @@ def test_every_numeric_field_hands_its_value_to_the_logic_unclamped(models, tmp_
     assert ids == sorted(
         ["edit-seed", "edit-steps", "edit-weight", "layout-seed", "layout-steps", "erase-seed", "erase-steps"]
         + ["guidance-seed", "guidance-steps", "speed-steps"]
+        + ["edit-cfg", "edit-cross", "edit-self", "edit-start-step", "edit-start-layer", "layout-cfg"]
+        + ["erase-strength", "erase-guidance", "erase-ss-scale", "erase-dilation"]
+        + ["guidance-cfg", "guidance-start", "guidance-end"]
     )
     for field in fields:
         for value in (10**9, -5, 1.5):
@@ -377,7 +380,7 @@ def test_edit_prompt_to_prompt_recolours_and_swap_fills_the_target(models):
     changed = np.abs(source.astype(int) - target.astype(int)).max(-1)
     assert np.array_equal(diff, difference_colours(changed.astype(np.uint8)))  # the fixed scale, not the peak's
     assert np.array_equal(diff.max(-1) == 0, changed == 0)
-    assert f"largest difference {changed.max()} levels of 255" in out.note
+    assert f"largest difference to the source {changed.max()} levels of 255" in out.note
 
 
 def test_edit_refuses_what_it_cannot_do(models):
@@ -464,7 +467,7 @@ def test_guidance_sweep_shares_the_unguided_column(models, pipe):
     cell = out.grid.shape[0] // 2 - 2
     assert out.grid.shape == (2 * cell + 4, 2 * cell + 4, 3)
     assert np.array_equal(shrink(out.grid[:cell, :cell], cell // 32), plain)
-    assert "| PAG | 0 |" in out.table
+    assert "| PAG | 0 / 0.0 |" in out.table
     with pytest.raises(DemoInputError, match="layers must be one of"):
         run_guidance(models, "a red circle", ["PAG"], "3", 0, 2, "up_blocks.99")
     with pytest.raises(DemoInputError, match="at least one guidance method"):
@@ -647,3 +650,204 @@ def test_speed_tab_measures_the_chosen_methods_against_dense(models, tmp_path):
         QUALITY_SIZE.height,
         QUALITY_SIZE.width,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the authors' controls, the plain output beside each edit, drawn boxes, examples
+# ----------------------------------------------------------------------------------------------------------------
+def test_edit_shows_the_target_without_the_edit_from_the_same_noise(models, pipe):
+    from diffattn.editing import edit
+
+    out = run_edit(models, "a red circle on the left", "a blue circle on the left", "prompt-to-prompt", 0, STEPS)
+    with models.image():
+        plain = edit(
+            pipe,
+            "a red circle on the left",
+            "a blue circle on the left",
+            None,
+            seed=0,
+            num_inference_steps=STEPS,
+            guidance_scale=CFG,
+        )
+    factor = out.source.shape[0] // 32
+    assert np.array_equal(shrink(out.plain, factor), to_uint8(plain.target))
+    assert not np.array_equal(shrink(out.plain, factor), shrink(out.target, factor))  # the edit changed something
+    assert "without the edit:" in out.note
+
+
+def test_edit_controls_reach_the_method_and_are_checked(models):
+    from diffattn_demo.tabs.edit import EditControls
+
+    base = run_edit(models, "a red circle on the left", "a blue circle on the left", "prompt-to-prompt", 0, STEPS)
+    late = run_edit(
+        models,
+        "a red circle on the left",
+        "a blue circle on the left",
+        "prompt-to-prompt",
+        0,
+        STEPS,
+        controls=EditControls(cross_replace=0.0, self_replace=0.0),
+    )
+    assert not np.array_equal(base.target, late.target)  # no replaced step: a different edit
+    assert np.array_equal(late.target, late.plain)  # replacing nothing is the plain target exactly
+    assert "cross-attention from the source for 0 of the steps" in late.note
+    refine = run_edit(
+        models,
+        "a red circle on the left",
+        "a small red circle on the left",
+        "prompt-to-prompt",
+        0,
+        STEPS,
+        controls=EditControls(mode="refine"),
+    )
+    assert "refine" in refine.note
+    masa = run_edit(
+        models,
+        "a red circle on the left",
+        "a red circle on the right",
+        "MasaCtrl",
+        0,
+        STEPS,
+        controls=EditControls(start_step=2, start_layer=3, cfg=2),
+    )
+    assert "from step 2, layers 3 on" in masa.note and "CFG 2" in masa.note
+    for controls, message in [
+        (EditControls(cfg=0.5), "the CFG scale must be between 1 and 15"),
+        (EditControls(cross_replace=1.5), "cross-attention replace fraction must be between 0 and 1"),
+        (EditControls(mode="swap"), "mode must be one of replace, refine"),
+        (EditControls(blend_words="triangle"), "triangle"),
+    ]:
+        with pytest.raises(DemoInputError, match=message):
+            run_edit(models, "a red circle", "a blue circle", "prompt-to-prompt", 0, 2, controls=controls)
+    with pytest.raises(DemoInputError, match="MasaCtrl's start layer must be between 0 and"):
+        run_edit(models, "a red circle", "a blue circle", "MasaCtrl", 0, 2, controls=EditControls(start_layer=99))
+    with pytest.raises(DemoInputError, match="MasaCtrl's start step must be between 0 and 1"):
+        run_edit(models, "a red circle", "a blue circle", "MasaCtrl", 0, 2, controls=EditControls(start_step=5))
+
+
+def test_local_blend_keeps_the_source_outside_the_blended_words(models):
+    from diffattn_demo.tabs.edit import EditControls
+
+    prompts = (
+        "a red circle on the left and a blue square on the right",
+        "a green circle on the left and a blue square on the right",
+    )
+    out = run_edit(models, *prompts, "prompt-to-prompt", 0, STEPS, controls=EditControls(blend_words="circle"))
+    factor = out.source.shape[0] // 32
+    source, target = shrink(out.source, factor).astype(int), shrink(out.target, factor).astype(int)
+    right = np.abs(source[:, 20:] - target[:, 20:]).max()
+    left = np.abs(source[:, :12] - target[:, :12]).max()
+    assert left > 60 and right < left / 2, (left, right)  # the circle changed, the square's half much less
+    assert "only the region of circle may change" in out.note
+
+
+def test_erase_shows_the_regeneration_without_suppression_and_takes_the_controls(models, pipe):
+    from diffattn_demo.tabs.erase import EraseControls, generate_image, run_erase
+
+    image, _ = generate_image(models, "a red circle on the left and a blue square on the right", 0, STEPS)
+    small = shrink(image, image.shape[0] // 32)
+    mask = np.zeros((256, 256, 4), np.uint8)
+    mask[96:160, 16:112, 3] = 255
+    editor = {"background": image, "layers": [mask], "composite": image}
+    out = run_erase(models, editor, 0, STEPS)
+    wide = run_erase(models, editor, 0, STEPS, controls=EraseControls(dilation=2, strength=0.6, ss_scale=0.5))
+    factor = out.source.shape[0] // 32
+    assert np.array_equal(shrink(out.source, factor), small)
+    assert not np.array_equal(out.erased, out.plain)  # the suppression changes the result
+    masked = lambda o: int(re.search(r"(\d+) of 1024 pixels masked", o.note).group(1))  # noqa: E731
+    assert masked(wide) > masked(out) and "dilated by 2 px" in wide.note and "strength 0.6" in wide.note
+    with pytest.raises(DemoInputError, match="the mask dilation must be between 0 and 16"):
+        run_erase(models, editor, 0, 2, controls=EraseControls(dilation=40))
+    with pytest.raises(DemoInputError, match="the strength must be between 0.05 and 1"):
+        run_erase(models, editor, 0, 2, controls=EraseControls(strength=0))
+
+
+def test_erase_canvas_refuses_an_oversize_image_as_it_arrives():
+    from diffattn_demo.inputs import check_canvas_image
+
+    with pytest.raises(DemoInputError, match="the image is 4000 x 3000 px; use one of at most 2048 px"):
+        check_canvas_image(np.zeros((3000, 4000, 3), np.uint8))
+    assert check_canvas_image(np.zeros((64, 64, 4), np.uint8)).shape == (64, 64, 4)
+
+
+def test_guidance_start_and_end_steps_and_cfg(models):
+    from diffattn_demo.tabs.guidance import GuidanceControls
+
+    full = run_guidance(models, "a red circle on the left", ["PAG"], "3", 0, STEPS, "up_blocks.2")
+    late = run_guidance(
+        models,
+        "a red circle on the left",
+        ["PAG"],
+        "3",
+        0,
+        STEPS,
+        "up_blocks.2",
+        controls=GuidanceControls(start=STEPS - 2),
+    )
+    plain = full.cells[("PAG", 0.0)]
+    assert np.array_equal(late.cells[("PAG", 0.0)], plain)
+    assert not np.array_equal(late.cells[("PAG", 3.0)], full.cells[("PAG", 3.0)])  # guided on 2 steps only
+    assert not np.array_equal(late.cells[("PAG", 3.0)], plain)
+    assert f"steps {STEPS - 2} to {STEPS - 1} of {STEPS}" in late.table
+    one = run_guidance(
+        models, "a red circle on the left", ["PAG"], "3", 0, STEPS, "up_blocks.2", controls=GuidanceControls(cfg=1)
+    )
+    assert "CFG 1" in one.table and not np.array_equal(one.cells[("PAG", 0.0)], plain)
+    with pytest.raises(DemoInputError, match="the end step must be between 3 and 8"):
+        run_guidance(models, "a red circle", ["PAG"], "3", 0, STEPS, controls=GuidanceControls(start=2, end=2))
+
+
+def test_guidance_progress_counts_images():
+    from diffattn_demo.tabs.guidance import run_guidance as sweep
+
+    said: list[str] = []
+    sweep(
+        Models(embedded_image="shapes-image").load(),
+        "a red circle",
+        ["PAG", "SEG"],
+        "1.5, 3",
+        0,
+        2,
+        progress=lambda f, text: said.append(text),
+    )
+    assert said[0] == "image 1 of 5: no guidance" and said[-1] == "image 5 of 5: SEG scale 3"
+
+
+def test_boxes_drawn_on_the_sketch_become_the_subject_lines():
+    from diffattn_demo.tabs.layout import boxes_from_sketch
+
+    layer = np.zeros((200, 100, 4), np.uint8)
+    layer[20:60, 10:50] = (*BOX_COLOURS[1], 255)  # the second line's colour
+    layer[100:180, 60:90] = (*BOX_COLOURS[0], 255)
+    text = boxes_from_sketch({"background": None, "layers": [layer]}, "circle: 0 0 1 1\nsquare: 0 0 1 1")
+    assert text == "circle: 0.60 0.50 0.90 0.90\nsquare: 0.10 0.10 0.50 0.30"
+    with pytest.raises(DemoInputError, match="draw a box with the brush first"):
+        boxes_from_sketch({"layers": []}, "circle: 0 0 1 1")
+    layer[0:5, 0:5] = (*BOX_COLOURS[2], 255)
+    with pytest.raises(DemoInputError, match="colour of subject 3, but there are 2 subject lines"):
+        boxes_from_sketch({"layers": [layer]}, "circle: 0 0 1 1\nsquare: 0 0 1 1")
+
+
+def test_layout_outlines_the_boxes_on_both_results(models):
+    out = run_layout(models, "a red circle and a blue square", "circle: 0 0 0.5 0.5\nsquare: 0.5 0.5 1 1", 0, 4)
+    side = out.plain.shape[0]
+    for image in (out.plain, out.bounded):
+        assert image[0, side // 4].tolist() == list(BOX_COLOURS[0])
+        assert image[side - 1, 3 * side // 4].tolist() == list(BOX_COLOURS[1])
+
+
+def test_every_example_of_every_model_is_in_its_vocabulary_and_runs_its_checks():
+    from diffattn_demo.models import IMAGE_MODELS
+    from diffattn_demo.tabs.edit import EDIT_METHODS, P2P_MODES
+
+    for info in IMAGE_MODELS.values():
+        prompts = info.prompts
+        assert prompts.edit_examples and prompts.layout_examples and prompts.erase_examples
+        assert prompts.guidance_examples
+        assert not unknown_words(prompts.all(), info.vocabulary), info.name
+        for example in prompts.edit_examples:
+            assert example.method in EDIT_METHODS and example.mode in P2P_MODES
+            if example.method == "prompt-to-prompt" and example.mode == "replace":
+                assert len(example.source.split()) == len(example.target.split()), example
+        for prompt, subjects in prompts.layout_examples:
+            assert {w for w, _ in parse_subjects(subjects)} <= set(prompt.split()), (info.name, prompt)

@@ -17,9 +17,12 @@ from ..images import DIFFERENCE_STOPS, difference_levels, difference_map, displa
 from ..inputs import (
     LIMITS,
     DemoInputError,
+    check_cfg,
     check_number,
     check_seed,
     check_steps,
+    check_whole,
+    check_words,
     fit_prompt,
     load_upload,
     vocabulary_warning,
@@ -40,21 +43,40 @@ from .common import (
     words_panel,
 )
 
-__all__ = ["EDIT_METHODS", "EditOutput", "run_edit", "difference_legend", "build"]
+__all__ = ["EDIT_METHODS", "P2P_MODES", "EditControls", "EditOutput", "run_edit", "difference_legend", "build"]
 
 ABOUT = (
-    "Prompt-to-prompt re-uses the source's cross-attention maps while a word is swapped or re-weighted; MasaCtrl "
-    "lets the target's self-attention read the source's keys and values, so the look stays; an upload is "
-    "DDIM-inverted first."
+    "**Prompt-to-prompt** (Hertz et al., 2022) re-uses the source's cross-attention maps while a word is swapped, "
+    "added or re-weighted; **MasaCtrl** (Cao et al., 2023) lets the target's self-attention read the source's keys "
+    "and values, so the look stays. *Target without control* is the target prompt from the same noise with no edit: "
+    "what the method adds. An upload is DDIM-inverted first."
 )
 
 EDIT_METHODS = ("prompt-to-prompt", "MasaCtrl")
+P2P_MODES = ("replace", "refine")
+
+
+@dataclass(frozen=True)
+class EditControls:
+    """The authors' controls of the Edit tab: the CFG scale; prompt-to-prompt's ``mode`` (replace: a word swapped
+    for one; refine: words added), the fractions of the steps whose cross- and self-attention come from the source,
+    and the words whose region alone may change (LocalBlend; empty: everywhere); MasaCtrl's first controlled step
+    (``None``: a fifth of the steps, at most 4) and first controlled layer (``None``: the decoder)."""
+
+    cfg: Any = CFG
+    mode: str = "replace"
+    cross_replace: Any = 0.8
+    self_replace: Any = 0.4
+    blend_words: Any = ""
+    start_step: Any = None
+    start_layer: Any = None
 
 
 @dataclass(frozen=True)
 class EditOutput:
     source: np.ndarray  # uint8, enlarged
     target: np.ndarray
+    plain: np.ndarray  # the target prompt from the same noise without the edit
     difference: np.ndarray
     note: str
     seconds: float
@@ -81,22 +103,25 @@ def run_edit(
     reweight: float = 1.0,
     upload: Any = None,
     upload_folder: Path | None = None,
+    controls: EditControls = EditControls(),
     progress: Progress = no_progress,
 ) -> EditOutput:
     """Edit tab: the source prompt's image and the target prompt's edit of it, from the same noise, with
-    prompt-to-prompt (word swap and re-weight) or MasaCtrl; with an uploaded image, its DDIM inversion replaces the
-    noise. An empty target prompt means the source prompt (with the swap applied, if one is given)."""
+    prompt-to-prompt (word swap, refinement, re-weight, local blend) or MasaCtrl, and the target prompt from that noise
+    without the edit; with an uploaded image, its DDIM inversion replaces the noise. An empty target prompt means the
+    source prompt (with the swap applied, if one is given)."""
     from diffattn.editing import edit
 
     seed, steps = check_seed(seed), check_steps(steps)
     if method not in EDIT_METHODS:
         raise DemoInputError(f"method must be one of {', '.join(EDIT_METHODS)}, got {method!r}")
     reweight = check_number(reweight, "the re-weight factor", 0.0, LIMITS.max_weight)
+    cfg = check_cfg(controls.cfg)
     start = time.perf_counter()
     with models.image() as pipe:
         source, target, notes = _edit_prompts(pipe, source, target, swap_word, swap_to)
         warning = vocabulary_warning([source, target], models.image_info.vocabulary)
-        method_obj = _edit_method(pipe, method, source, target, steps, reweight_word, reweight)
+        method_obj, told = _edit_method(pipe, method, source, target, steps, reweight_word, reweight, controls)
         size = image_size(pipe)
         latents = None
         if upload is not None:
@@ -104,22 +129,42 @@ def run_edit(
                 pipe, upload, upload_folder, size, source, steps, progress, models.inversion_threshold()
             )
             notes = upload_notes + notes
-        progress(0.5 if latents is not None else 0.1, "editing")
-        result = edit(
-            pipe, source, target, method_obj, seed=seed, latents=latents, num_inference_steps=steps, guidance_scale=CFG
+        progress(0.5 if latents is not None else 0.1, f"editing (1 of 2: {method})")
+        try:
+            result = edit(
+                pipe,
+                source,
+                target,
+                method_obj,
+                seed=seed,
+                latents=latents,
+                num_inference_steps=steps,
+                guidance_scale=cfg,
+            )
+        except ValueError as error:  # a word the edit needs is not in the prompts, a layer out of range: it says
+            raise DemoInputError(str(error)) from None
+        progress(0.75 if latents is not None else 0.55, "2 of 2: the target prompt without the edit")
+        plain = edit(
+            pipe, source, target, None, seed=seed, latents=latents, num_inference_steps=steps, guidance_scale=cfg
         )
-    a, b = to_uint8(result.source), to_uint8(result.target)
+    a, b, c = to_uint8(result.source), to_uint8(result.target), to_uint8(plain.target)
     factor = display_factor(a.shape[:2])
     seconds = time.perf_counter() - start
     notes.append(
-        f'{method}: "{source}" -> "{target}", seed {seed}, {steps} steps'
-        f"{' from the inverted upload' if latents is not None else ''}, {seconds:.1f} s; largest difference "
-        f"{int(difference_levels(a, b).max())} levels of 255."
+        f'{method} ({told}): "{source}" -> "{target}", seed {seed}, {steps} steps, CFG {cfg:g}'
+        f"{' from the inverted upload' if latents is not None else ''}, {seconds:.1f} s for the edit and the target "
+        f"without it; largest difference to the source {int(difference_levels(a, b).max())} levels of 255 "
+        f"(without the edit: {int(difference_levels(a, c).max())})."
     )
     if warning:
         notes.insert(0, warning)
     return EditOutput(
-        enlarge(a, factor), enlarge(b, factor), enlarge(difference_map(a, b), factor), " ".join(notes), seconds
+        enlarge(a, factor),
+        enlarge(b, factor),
+        enlarge(c, factor),
+        enlarge(difference_map(a, b), factor),
+        " ".join(notes),
+        seconds,
     )
 
 
@@ -138,19 +183,34 @@ def _edit_prompts(pipe: Any, source: str, target: str, swap_word: str, swap_to: 
 
 
 def _edit_method(
-    pipe: Any, method: str, source: str, target: str, steps: int, reweight_word: str, reweight: float
-) -> Any:
-    """The diffattn method of the edit: prompt-to-prompt (prompts of equal token count, the re-weighted word found in
-    the target) or MasaCtrl."""
+    pipe: Any,
+    method: str,
+    source: str,
+    target: str,
+    steps: int,
+    reweight_word: str,
+    reweight: float,
+    controls: EditControls,
+) -> tuple[Any, str]:
+    """``(method, told)``: the diffattn method of the edit with the tab's controls, and the controls in words for
+    the note. Prompt-to-prompt: prompts of equal token count when replacing, the re-weighted word found in the target;
+    MasaCtrl: its start step and layer."""
     import diffattn
-    from diffattn.editing import token_indices
+    from diffattn.editing import masactrl_layers, token_indices
 
     if method == "prompt-to-prompt":
-        n_source, n_target = len(pipe.tokenizer(source).input_ids), len(pipe.tokenizer(target).input_ids)
-        if n_source != n_target:
+        if controls.mode not in P2P_MODES:
             raise DemoInputError(
-                f"prompt-to-prompt needs prompts of equal token count (source {n_source}, target {n_target}): "
-                "swap one word for one word, or use MasaCtrl"
+                f"the prompt-to-prompt mode must be one of {', '.join(P2P_MODES)}, got {controls.mode!r}"
+            )
+        cross = check_number(controls.cross_replace, "the cross-attention replace fraction", 0.0, 1.0)
+        self_ = check_number(controls.self_replace, "the self-attention replace fraction", 0.0, 1.0)
+        blend = check_words(controls.blend_words, "the words to blend")
+        n_source, n_target = len(pipe.tokenizer(source).input_ids), len(pipe.tokenizer(target).input_ids)
+        if controls.mode == "replace" and n_source != n_target:
+            raise DemoInputError(
+                f"prompt-to-prompt's replace mode needs prompts of equal token count (source {n_source}, target "
+                f"{n_target}): swap one word for one word, choose the refine mode to add words, or use MasaCtrl"
             )
         reweights: tuple[tuple[int, float], ...] = ()
         if reweight_word and reweight_word.strip() and float(reweight) != 1.0:
@@ -161,8 +221,21 @@ def _edit_method(
                     f"the word {reweight_word.strip()!r} to re-weight is not in the target prompt {target!r}"
                 ) from None
             reweights = tuple((i, float(reweight)) for i in indices)
-        return diffattn.PromptToPrompt(reweight=reweights)
-    return diffattn.MutualSelfAttention(start_step=min(4, max(steps // 5, 0)))
+        local = diffattn.LocalBlend(words=blend) if blend else None
+        told = f"{controls.mode}, cross-attention from the source for {cross:g} of the steps, self-attention {self_:g}"
+        told += f", only the region of {', '.join(blend)} may change" if blend else ""
+        obj = diffattn.PromptToPrompt(
+            cross_replace=cross, self_replace=self_, reweight=reweights, local_blend=local, mode=controls.mode
+        )
+        return obj, told
+    start_step = min(4, max(steps // 5, 0)) if controls.start_step in (None, "") else controls.start_step
+    start_step = check_whole(start_step, "MasaCtrl's start step", 0, steps - 1)
+    start_layer = None
+    if controls.start_layer not in (None, ""):
+        count = len(masactrl_layers(pipe, diffattn.MutualSelfAttention(), start_layer=0))
+        start_layer = check_whole(controls.start_layer, "MasaCtrl's start layer", 0, count - 1)
+    told = f"from step {start_step}, " + ("the decoder's layers" if start_layer is None else f"layers {start_layer} on")
+    return diffattn.MutualSelfAttention(start_step=start_step, start_layer=start_layer), told
 
 
 def _invert_upload(
@@ -219,25 +292,57 @@ def build(models: Models, temp: Path) -> None:
 
 
 def _input_column(models: Models) -> tuple[list[Any], Any]:
-    """The inputs, in the order of :func:`_on_edit`'s parameters, and the Edit button; under the prompts, the
-    image model's words and a warning naming unknown ones."""
+    """The inputs, in the order of :func:`_on_edit`'s parameters, and the Edit button (right under the prompts);
+    the image model's words and a warning naming unknown ones; the authors' controls in two folds; an Examples
+    gallery that fills the inputs."""
     import gradio as gr
 
+    import diffattn
+    from diffattn.editing import masactrl_layers
+
+    with models.image() as pipe:
+        layers = len(masactrl_layers(pipe, diffattn.MutualSelfAttention(), start_layer=0))
     with gr.Column():
         prompts = models.image_info.prompts
         e_source = gr.Textbox(prompts.edit_source, label="Source prompt", elem_id="edit-source")
         e_target = gr.Textbox(prompts.edit_target, label="Target prompt (empty: the source)", elem_id="edit-target")
         with gr.Row():
-            e_swap = gr.Textbox("", label="Swap word (in the target)", elem_id="edit-swap")
-            e_swap_to = gr.Textbox("", label="... for", elem_id="edit-swap-to")
-        words_panel("edit-words", models.image_info, [e_source, e_target, e_swap_to])
-        with gr.Row():
-            e_word = gr.Textbox("", label="Re-weight word (prompt-to-prompt)", elem_id="edit-word")
-            e_weight = number_box("Weight", 1.0, 0.0, LIMITS.max_weight, "edit-weight", step=0.1)
-        e_method = gr.Radio(list(EDIT_METHODS), value="prompt-to-prompt", label="Method", elem_id="edit-method")
+            e_method = gr.Radio(list(EDIT_METHODS), value="prompt-to-prompt", label="Method", elem_id="edit-method")
+            e_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
+        words_panel("edit-words", models.image_info, [e_source, e_target])
         with gr.Row():
             e_seed = seed_box("edit-seed")
             e_steps = steps_box("edit-steps", 20)
+            e_cfg = number_box("CFG scale", CFG, 1.0, LIMITS.max_cfg, "edit-cfg", step=0.5)
+        with gr.Accordion("Prompt-to-prompt controls", open=False, elem_id="edit-p2p-controls"):
+            e_mode = gr.Radio(
+                list(P2P_MODES),
+                value="replace",
+                label="Mode: replace swaps a word for one; refine adds words ('a circle' -> 'a striped circle')",
+                elem_id="edit-mode",
+            )
+            with gr.Row():
+                e_cross = number_box("Cross-attention from the source, fraction of steps", 0.8, 0, 1, "edit-cross", 0.1)
+                e_self = number_box("Self-attention from the source, fraction of steps", 0.4, 0, 1, "edit-self", 0.1)
+            e_blend = gr.Textbox(
+                "", label="Local blend: only these words' region may change (empty: everywhere)", elem_id="edit-blend"
+            )
+            with gr.Row():
+                e_swap = gr.Textbox("", label="Swap word (in the target)", elem_id="edit-swap")
+                e_swap_to = gr.Textbox("", label="... for", elem_id="edit-swap-to")
+            with gr.Row():
+                e_word = gr.Textbox("", label="Re-weight word", elem_id="edit-word")
+                e_weight = number_box("Weight", 1.0, 0.0, LIMITS.max_weight, "edit-weight", step=0.1)
+        with gr.Accordion("MasaCtrl controls", open=False, elem_id="edit-masactrl-controls"):
+            with gr.Row():
+                e_start_step = number_box(
+                    "Start step (empty: a fifth of the steps, at most 4)",
+                    None,
+                    0,
+                    LIMITS.max_steps - 1,
+                    "edit-start-step",
+                )
+                e_start_layer = number_box("Start layer (empty: the decoder)", None, 0, layers - 1, "edit-start-layer")
         e_upload = upload_image(
             type="filepath",
             sources=["upload"],
@@ -246,8 +351,36 @@ def _input_column(models: Models) -> tuple[list[Any], Any]:
             elem_id="edit-upload",
             elem_classes=["pixelated"],
         )
-        e_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
-    return [e_source, e_target, e_swap, e_swap_to, e_word, e_weight, e_method, e_seed, e_steps, e_upload], e_run
+    inputs = [
+        e_source,
+        e_target,
+        e_swap,
+        e_swap_to,
+        e_word,
+        e_weight,
+        e_method,
+        e_seed,
+        e_steps,
+        e_upload,
+        e_cfg,
+        e_mode,
+        e_cross,
+        e_self,
+        e_blend,
+        e_start_step,
+        e_start_layer,
+    ]
+    if prompts.edit_examples:
+        gr.Examples(
+            [
+                [e.source, e.target, e.method, e.mode, e.reweight_word, e.reweight, e.blend_words]
+                for e in prompts.edit_examples
+            ],
+            [e_source, e_target, e_method, e_mode, e_word, e_weight, e_blend],
+            label="Examples (click one to fill the inputs, then Edit)",
+            elem_id="edit-examples",
+        )
+    return inputs, e_run
 
 
 def difference_legend() -> str:
@@ -271,17 +404,19 @@ def difference_legend() -> str:
 
 
 def _output_column() -> list[Any]:
-    """The source, edited and difference images, the difference's legend and the note."""
+    """The source, edited, plain target and difference images, the difference's legend and the note."""
     import gradio as gr
 
     with gr.Column():
         with gr.Row():
             e_out_source = gr.Image(label="Source", elem_id="edit-out-source", **IMAGE_OUT)
             e_out_target = gr.Image(label="Edited", elem_id="edit-out-target", **IMAGE_OUT)
-            e_out_diff = gr.Image(label="Difference", elem_id="edit-out-diff", **IMAGE_OUT)
+        with gr.Row():
+            e_out_plain = gr.Image(label="Target without control", elem_id="edit-out-plain", **IMAGE_OUT)
+            e_out_diff = gr.Image(label="Difference: source vs edited", elem_id="edit-out-diff", **IMAGE_OUT)
         gr.HTML(difference_legend(), elem_id="edit-diff-legend")
         e_note = gr.Markdown(elem_id="edit-note")
-    return [e_out_source, e_out_target, e_out_diff, e_note]
+    return [e_out_source, e_out_target, e_out_plain, e_out_diff, e_note]
 
 
 def _on_edit(models: Models, temp: Path) -> Callable[..., tuple]:
@@ -299,8 +434,16 @@ def _on_edit(models: Models, temp: Path) -> Callable[..., tuple]:
         seed: Any,
         steps: Any,
         upload: Any,
+        cfg: Any = CFG,
+        mode: str = "replace",
+        cross_replace: Any = 0.8,
+        self_replace: Any = 0.4,
+        blend_words: str = "",
+        start_step: Any = None,
+        start_layer: Any = None,
         progress: Any = gr.Progress(track_tqdm=True),
     ) -> tuple:
+        controls = EditControls(cfg, mode, cross_replace, self_replace, blend_words, start_step, start_layer)
         with user_errors():
             out = run_edit(
                 models,
@@ -315,8 +458,9 @@ def _on_edit(models: Models, temp: Path) -> Callable[..., tuple]:
                 reweight=weight,
                 upload=upload,
                 upload_folder=temp,
+                controls=controls,
                 progress=gradio_progress(progress),
             )
-        return out.source, out.target, out.difference, out.note
+        return out.source, out.target, out.plain, out.difference, out.note
 
     return on_edit

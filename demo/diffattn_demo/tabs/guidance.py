@@ -11,7 +11,17 @@ from typing import Any
 import numpy as np
 
 from ..images import display_factor, enlarge, to_uint8
-from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, parse_scales, vocabulary_warning
+from ..inputs import (
+    LIMITS,
+    DemoInputError,
+    check_cfg,
+    check_seed,
+    check_steps,
+    check_whole,
+    fit_prompt,
+    parse_scales,
+    vocabulary_warning,
+)
 from ..models import CFG, ImageModel, Models
 from .common import (
     IMAGE_MODEL,
@@ -20,19 +30,32 @@ from .common import (
     about,
     gradio_progress,
     no_progress,
+    number_box,
     seed_box,
     steps_box,
     user_errors,
     words_panel,
 )
 
-__all__ = ["GUIDANCE_METHODS", "GuidanceOutput", "guidance_layer_choices", "run_guidance", "build"]
+__all__ = ["GUIDANCE_METHODS", "GuidanceControls", "GuidanceOutput", "guidance_layer_choices", "run_guidance", "build"]
 
 ABOUT = (
-    "Perturbed-attention guidance runs a copy of the prediction with one block's self-attention degraded (PAG: "
-    "each token sees only itself; SEG: blurred queries; SoftPAG: halfway to PAG) and steps away from it by the "
-    "scale."
+    "Perturbed-attention guidance runs a copy of the prediction with one block's self-attention degraded and steps "
+    "away from it by the scale: **PAG** (Ahn et al., 2024: each token sees only itself), **SEG** (Hong, 2024: "
+    "blurred queries), **SoftPAG** (halfway to PAG). Scale 0 is the image without it; the papers' claim is better "
+    "structure at low CFG (try CFG 1)."
 )
+
+
+@dataclass(frozen=True)
+class GuidanceControls:
+    """The controls beside the sweep: the CFG scale and the steps the guidance acts on, ``start`` to ``end``
+    (exclusive; ``None``: to the last step)."""
+
+    cfg: Any = CFG
+    start: Any = 0
+    end: Any = None
+
 
 GUIDANCE_METHODS = ("PAG", "SEG", "SoftPAG")
 
@@ -44,15 +67,15 @@ class GuidanceOutput:
     cells: dict[tuple[str, float], np.ndarray]  # (method, scale) -> uint8 image at model size
 
 
-def _guidance_method(name: str, scale: float, layers: Any) -> Any:
+def _guidance_method(name: str, scale: float, layers: Any, steps: range | None = None) -> Any:
     from diffattn.guidance import PAG, SEG, SoftPAG
 
     if name == "PAG":
-        return PAG(scale=scale, layers=layers)
+        return PAG(scale=scale, layers=layers, steps=steps)
     if name == "SEG":
-        return SEG(scale=scale, layers=layers)
+        return SEG(scale=scale, layers=layers, steps=steps)
     if name == "SoftPAG":
-        return SoftPAG(scale=scale, u=0.5, layers=layers)
+        return SoftPAG(scale=scale, u=0.5, layers=layers, steps=steps)
     raise DemoInputError(f"guidance method must be one of {', '.join(GUIDANCE_METHODS)}, got {name!r}")
 
 
@@ -83,10 +106,15 @@ def run_guidance(
     steps: Any,
     layers: str = "family default",
     *,
+    controls: GuidanceControls = GuidanceControls(),
     progress: Progress = no_progress,
 ) -> GuidanceOutput:
     """Guidance tab: the prompt at each scale of each guidance method, same seed; scale 0 is the plain pipeline."""
     seed, steps = check_seed(seed), check_steps(steps)
+    cfg = check_cfg(controls.cfg)
+    start = check_whole(controls.start, "the first guided step", 0, steps - 1)
+    end = steps if controls.end in (None, "") else check_whole(controls.end, "the end step", start + 1, steps)
+    active = None if (start, end) == (0, steps) else range(start, end)
     methods = [m for m in methods or []]
     if not methods:
         raise DemoInputError(f"pick at least one guidance method ({', '.join(GUIDANCE_METHODS)})")
@@ -99,7 +127,7 @@ def run_guidance(
         if layers not in choices:
             raise DemoInputError(f"layers must be one of {', '.join(choices)}, got {layers!r}")
         pattern = None if layers == "family default" else layers
-        plain, cells = _sweep(pipe, prompt, methods, scales, seed, steps, pattern, progress)
+        plain, cells = _sweep(pipe, prompt, methods, scales, seed, steps, pattern, progress, cfg, active)
     grid, lines = _grid_and_table(cells, methods, scales, plain)
     warning = vocabulary_warning([prompt], models.image_info.vocabulary)
     table = "\n".join(
@@ -107,8 +135,8 @@ def run_guidance(
             *([warning, ""] if warning else []),
             *([note] if note else []),
             f"Rows: {', '.join(methods)}; columns: scales {', '.join(f'{s:g}' for s in scales)} "
-            f"(layers: {layers}; seed {seed}, {steps} steps, CFG {CFG:g}). Max |difference| to no guidance "
-            "(levels of 255):",
+            f"(layers: {layers}; steps {start} to {end - 1} of {steps}; seed {seed}, CFG {cfg:g}). Largest and "
+            "mean |difference| to no guidance (levels of 255):",
             "",
             *lines,
         ]
@@ -125,6 +153,8 @@ def _sweep(
     steps: int,
     pattern: str | None,
     progress: Progress,
+    cfg: float = CFG,
+    active: range | None = None,
 ) -> tuple[np.ndarray, dict[tuple[str, float], np.ndarray]]:
     """``(plain, cells)``: the image without guidance, generated once, and the image of each ``(method, scale)``
     (scale 0 being ``plain``), every one from the same seed."""
@@ -138,22 +168,22 @@ def _sweep(
         out = pipe(
             prompt,
             num_inference_steps=steps,
-            guidance_scale=CFG,
+            guidance_scale=cfg,
             output_type="np",
             generator=torch.Generator().manual_seed(seed),
         )
         return to_uint8(np.asarray(out.images[0]))
 
     total = 1 + len(methods) * (len(scales) - 1)
-    progress(0.0, "no guidance")
+    progress(0.0, f"image 1 of {total}: no guidance")
     plain = generate()
     done = 1
     for name in methods:
         cells[(name, 0.0)] = plain
         for scale in scales[1:]:
-            progress(done / total, f"{name} scale {scale:g}")
+            progress(done / total, f"image {done + 1} of {total}: {name} scale {scale:g}")
             try:
-                handle = diffattn.guidance.enable(pipe, _guidance_method(name, scale, pattern))
+                handle = diffattn.guidance.enable(pipe, _guidance_method(name, scale, pattern, active))
             except diffattn.DiffattnError as error:
                 raise DemoInputError(str(error)) from None
             try:
@@ -180,7 +210,8 @@ def _grid_and_table(
         for c, scale in enumerate(scales):
             cell = cells[(name, scale)]
             grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = enlarge(cell, factor)
-            row.append(f"{int(np.abs(cell.astype(int) - plain.astype(int)).max())}")
+            change = np.abs(cell.astype(int) - plain.astype(int))
+            row.append(f"{int(change.max())} / {change.mean():.1f}")
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     return grid, lines
 
@@ -239,8 +270,19 @@ def _input_column(layer_choices: list[str], info: ImageModel) -> tuple[list[Any]
         with gr.Row():
             g_seed = seed_box("guidance-seed")
             g_steps = steps_box("guidance-steps", 20)
+            g_cfg = number_box("CFG scale", CFG, 1.0, LIMITS.max_cfg, "guidance-cfg", step=0.5)
+        with gr.Row():
+            g_start = number_box("Guided from step", 0, 0, LIMITS.max_steps - 1, "guidance-start")
+            g_end = number_box("... to step (exclusive; empty: the last)", None, 1, LIMITS.max_steps, "guidance-end")
         g_run = gr.Button("Sweep", variant="primary", elem_id="guidance-run")
-    return [g_prompt, g_methods, g_scales, g_layers, g_seed, g_steps], g_run
+        if info.prompts.guidance_examples:
+            gr.Examples(
+                [[p] for p in info.prompts.guidance_examples],
+                [g_prompt],
+                label="Examples (click one to fill the prompt, then Sweep)",
+                elem_id="guidance-examples",
+            )
+    return [g_prompt, g_methods, g_scales, g_layers, g_seed, g_steps, g_cfg, g_start, g_end], g_run
 
 
 def _output_column() -> list[Any]:
@@ -264,10 +306,24 @@ def _on_guidance(models: Models) -> Callable[..., tuple]:
         layers: str,
         seed: Any,
         steps: Any,
+        cfg: Any = CFG,
+        start: Any = 0,
+        end: Any = None,
         progress: Any = gr.Progress(track_tqdm=True),
     ) -> tuple:
+        controls = GuidanceControls(cfg, start, end)
         with user_errors():
-            out = run_guidance(models, prompt, methods, scales, seed, steps, layers, progress=gradio_progress(progress))
+            out = run_guidance(
+                models,
+                prompt,
+                methods,
+                scales,
+                seed,
+                steps,
+                layers,
+                controls=controls,
+                progress=gradio_progress(progress),
+            )
         return out.grid, out.table
 
     return on_guidance

@@ -11,7 +11,16 @@ from typing import Any
 import numpy as np
 
 from ..images import display_factor, enlarge, to_uint8
-from ..inputs import DemoInputError, check_seed, check_steps, fit_prompt, parse_subjects, vocabulary_warning
+from ..inputs import (
+    LIMITS,
+    DemoInputError,
+    check_cfg,
+    check_seed,
+    check_steps,
+    fit_prompt,
+    parse_subjects,
+    vocabulary_warning,
+)
 from ..models import CFG, Models
 from .common import (
     IMAGE_MODEL,
@@ -19,26 +28,34 @@ from .common import (
     Progress,
     about,
     gradio_progress,
+    image_editor,
     no_progress,
+    number_box,
     seed_box,
     steps_box,
     user_errors,
     words_panel,
 )
 
-__all__ = ["BOX_COLOURS", "draw_boxes", "LayoutOutput", "run_layout", "build"]
+__all__ = ["BOX_COLOURS", "boxes_from_sketch", "draw_boxes", "LayoutOutput", "run_layout", "build"]
 
 ABOUT = (
-    "Bounded attention: each subject's words attend only inside its box (and its box only to them), so the "
-    "subjects land where the boxes are and do not mix."
+    "**Bounded attention** (Dahary et al., 2024): each subject's words attend only inside its box (and its box only "
+    "to them), so the subjects land where the boxes are and do not mix. Type the boxes, or draw them: one colour "
+    "per subject line, in order, then *Use the drawn boxes*. The boxes are outlined on both results."
 )
 
 BOX_COLOURS = ((255, 80, 80), (80, 160, 255), (80, 220, 80), (240, 200, 60))
 
 
-def draw_boxes(subjects: Sequence[tuple[str, tuple[float, float, float, float]]], size: int = 256) -> np.ndarray:
-    """The subjects' boxes as outlines on a dark square canvas (one colour per subject, in order)."""
-    canvas = np.full((size, size, 3), 24, np.uint8)
+def draw_boxes(
+    subjects: Sequence[tuple[str, tuple[float, float, float, float]]],
+    size: int = 256,
+    canvas: np.ndarray | None = None,
+) -> np.ndarray:
+    """The subjects' boxes as outlines (one colour per subject, in order) on ``canvas`` (a copy; a square image of
+    side ``size``) or, when ``None``, on a dark square."""
+    canvas = np.full((size, size, 3), 24, np.uint8) if canvas is None else canvas.copy()
     for (_, (x0, y0, x1, y1)), colour in zip(subjects, BOX_COLOURS):
         a, b = int(round(x0 * (size - 1))), int(round(x1 * (size - 1)))
         c, d = int(round(y0 * (size - 1))), int(round(y1 * (size - 1)))
@@ -50,6 +67,39 @@ def draw_boxes(subjects: Sequence[tuple[str, tuple[float, float, float, float]]]
     return canvas
 
 
+def boxes_from_sketch(editor: Any, subjects_text: str) -> str:
+    """The subject lines with each box replaced by the bounding box of the strokes drawn in that line's colour
+    (:data:`BOX_COLOURS`, in order) on the sketch canvas (a ``gr.ImageEditor`` value); lines whose colour was not
+    drawn keep their box. Refuses a sketch with no strokes or strokes of more colours than lines."""
+    subjects = parse_subjects(subjects_text)
+    layers = [np.asarray(layer) for layer in (editor or {}).get("layers") or [] if layer is not None]
+    strokes = [layer for layer in layers if layer.ndim == 3 and layer.shape[2] == 4 and (layer[..., 3] > 0).any()]
+    if not strokes:
+        raise DemoInputError("draw a box with the brush first: one colour per subject line, in order")
+    height, width = strokes[0].shape[:2]
+    palette = np.array(BOX_COLOURS, float)
+    found: dict[int, tuple[float, float, float, float]] = {}
+    for layer in strokes:
+        painted = layer[..., 3] > 0
+        distance = np.linalg.norm(layer[..., :3][painted][:, None, :].astype(float) - palette[None], axis=-1)
+        nearest = np.full(painted.shape, -1)
+        nearest[painted] = distance.argmin(1)
+        for index in np.unique(nearest[painted]):
+            ys, xs = np.nonzero(nearest == index)
+            found[int(index)] = (xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height)
+    extra = sorted(i for i in found if i >= len(subjects))
+    if extra:
+        raise DemoInputError(
+            f"strokes in the colour of subject {extra[0] + 1}, but there are {len(subjects)} subject lines: add a "
+            "line for it, or erase that stroke"
+        )
+    lines = []
+    for i, (word, box) in enumerate(subjects):
+        x0, y0, x1, y1 = found.get(i, box)
+        lines.append(f"{word}: {x0:.2f} {y0:.2f} {x1:.2f} {y1:.2f}")
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class LayoutOutput:
     boxes: np.ndarray
@@ -59,19 +109,27 @@ class LayoutOutput:
 
 
 def run_layout(
-    models: Models, prompt: str, subjects_text: str, seed: Any, steps: Any, *, progress: Progress = no_progress
+    models: Models,
+    prompt: str,
+    subjects_text: str,
+    seed: Any,
+    steps: Any,
+    *,
+    cfg: Any = CFG,
+    progress: Progress = no_progress,
 ) -> LayoutOutput:
-    """Layout tab: the prompt without and with bounded attention (each subject word kept in its box), same noise."""
+    """Layout tab: the prompt without and with bounded attention (each subject word kept in its box), same noise;
+    the boxes are outlined on both images."""
     from diffattn.editing import layout
 
-    seed, steps = check_seed(seed), check_steps(steps)
+    seed, steps, cfg = check_seed(seed), check_steps(steps), check_cfg(cfg)
     subjects = parse_subjects(subjects_text)
     with models.image() as pipe:
         prompt, note = fit_prompt(pipe, prompt)
         warning = vocabulary_warning([prompt], models.image_info.vocabulary)
         images = []
         for i, bounded in enumerate((False, True)):
-            progress(0.1 + 0.45 * i, "bounded attention" if bounded else "plain prompt")
+            progress(0.1 + 0.45 * i, f"{i + 1} of 2: " + ("bounded attention" if bounded else "plain prompt"))
             try:
                 images.append(
                     to_uint8(
@@ -82,7 +140,7 @@ def run_layout(
                             seed=seed,
                             bounded=bounded,
                             num_inference_steps=steps,
-                            guidance_scale=CFG,
+                            guidance_scale=cfg,
                         )
                     )
                 )
@@ -92,15 +150,15 @@ def run_layout(
     side = images[0].shape[0] * factor
     return LayoutOutput(
         draw_boxes(subjects, side),
-        enlarge(images[0], factor),
-        enlarge(images[1], factor),
+        draw_boxes(subjects, side, enlarge(images[0], factor)),
+        draw_boxes(subjects, side, enlarge(images[1], factor)),
         " ".join(
             filter(
                 None,
                 [
                     warning,
                     note,
-                    f"seed {seed}, {steps} steps; boxes: "
+                    f"seed {seed}, {steps} steps, CFG {cfg:g}; boxes (outlined on both images): "
                     + "; ".join(f"{w} ({x0:g}, {y0:g}) - ({x1:g}, {y1:g})" for w, (x0, y0, x1, y1) in subjects),
                 ],
             )
@@ -123,6 +181,8 @@ def build(models: Models, temp: Path) -> None:
             outputs = _output_column()
         subjects, boxes = inputs[1], outputs[0]
         subjects.change(on_boxes, [subjects], [boxes], queue=False, show_progress="hidden")
+        sketch, use = _sketch_column(subjects)
+        use.click(_on_sketch, [sketch, subjects], [subjects], queue=False, api_visibility="private")
         run.click(
             _on_layout(models),
             inputs,
@@ -151,8 +211,44 @@ def _input_column(models: Models) -> tuple[list[Any], Any]:
         with gr.Row():
             l_seed = seed_box("layout-seed")
             l_steps = steps_box("layout-steps", 20)
+            l_cfg = number_box("CFG scale", CFG, 1.0, LIMITS.max_cfg, "layout-cfg", step=0.5)
         l_run = gr.Button("Generate both", variant="primary", elem_id="layout-run")
-    return [l_prompt, l_subjects, l_seed, l_steps], l_run
+        examples = models.image_info.prompts.layout_examples
+        if examples:
+            gr.Examples(
+                [list(e) for e in examples],
+                [l_prompt, l_subjects],
+                label="Examples (click one to fill the prompt and the boxes, then Generate both)",
+                elem_id="layout-examples",
+            )
+    return [l_prompt, l_subjects, l_seed, l_steps, l_cfg], l_run
+
+
+def _sketch_column(subjects: Any) -> tuple[Any, Any]:
+    """The box sketchpad (one brush colour per subject line) and the button that turns its strokes into the subject
+    lines' boxes."""
+    import gradio as gr
+
+    with gr.Accordion("Draw the boxes", open=False, elem_id="layout-sketch-fold"):
+        sketch = image_editor(
+            value={"background": np.full((256, 256, 3), 24, np.uint8), "layers": [], "composite": None},
+            type="numpy",
+            format="png",
+            sources=[],
+            label="Draw each subject's box with its colour: 1st line red, 2nd blue, 3rd green, 4th yellow",
+            elem_id="layout-sketch",
+            brush=gr.Brush(
+                default_size=8,
+                colors=["#{:02x}{:02x}{:02x}".format(*c) for c in BOX_COLOURS],
+                color_mode="fixed",
+            ),
+            eraser=gr.Eraser(default_size=16),
+            transforms=(),
+            layers=False,
+            canvas_size=(256, 256),
+        )
+        use = gr.Button("Use the drawn boxes", elem_id="layout-use-sketch")
+    return sketch, use
 
 
 def _output_column() -> list[Any]:
@@ -176,15 +272,26 @@ def on_boxes(text: str) -> Any:
         return None  # half-typed lines: the Generate button reports what is wrong
 
 
+def _on_sketch(sketch: Any, subjects: str) -> str:
+    """The "Use the drawn boxes" button: the subject lines with the drawn boxes."""
+    with user_errors():
+        return boxes_from_sketch(sketch, subjects)
+
+
 def _on_layout(models: Models) -> Callable[..., tuple]:
     """The Generate button's handler: :func:`run_layout` on the page's values."""
     import gradio as gr
 
     def on_layout(
-        prompt: str, subjects: str, seed: Any, steps: Any, progress: Any = gr.Progress(track_tqdm=True)
+        prompt: str,
+        subjects: str,
+        seed: Any,
+        steps: Any,
+        cfg: Any = CFG,
+        progress: Any = gr.Progress(track_tqdm=True),
     ) -> tuple:
         with user_errors():
-            out = run_layout(models, prompt, subjects, seed, steps, progress=gradio_progress(progress))
+            out = run_layout(models, prompt, subjects, seed, steps, cfg=cfg, progress=gradio_progress(progress))
         return out.boxes, out.plain, out.bounded, out.note
 
     return on_layout

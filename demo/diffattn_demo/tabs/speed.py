@@ -356,6 +356,17 @@ def _input_column() -> tuple[list[Any], Any]:
         s_steps = steps_box("speed-steps", SPEED_MAX_STEPS, SPEED_MAX_STEPS)
         gr.Markdown("Fewer steps run faster, but the clips are unfinished.", elem_id="speed-steps-note")
         s_run = gr.Button("Compare", variant="primary", elem_id="speed-run")
+        quick, compare_size = list(SPEED_SIZES)[:2]
+        gr.Examples(
+            [
+                [["sliding tile", "radial"], quick],
+                [["dynamic top-k", "pyramid (PSA)", "re-ttention"], quick],
+                [["sliding tile", "dynamic top-k", "ToDo 2x"], compare_size],
+            ],
+            [s_methods, s_size],
+            label="Examples (click one to fill the methods and size, then Compare)",
+            elem_id="speed-examples",
+        )
     return [s_methods, s_size, s_steps], s_run
 
 
