@@ -633,7 +633,7 @@ def load_rows(path: Path) -> dict[str, list[CompareRow]]:
 
 def plot_pareto(sections: dict[str, Sequence[CompareRow]], path: Path) -> None:
     """One panel per video section: speedup against ShapesBench trajectory error, the Pareto front named and
-    joined, the pass bar drawn."""
+    joined, the pass bar drawn; tuned profiles (alone and under each cache) as squares."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -658,7 +658,7 @@ def plot_pareto(sections: dict[str, Sequence[CompareRow]], path: Path) -> None:
                 err,
                 color=colours.get(r.kind, "grey"),
                 s=30 if i in front else 14,
-                marker="o" if "entropy" not in r.method else "^",
+                marker="^" if "entropy" in r.method else "s" if "tuned" in r.method else "o",
                 alpha=1.0 if i in front else 0.5,
             )
         # only the front is named (the runs no other run beats on both axes); the rest crowd near dense and
@@ -691,6 +691,8 @@ def plot_pareto(sections: dict[str, Sequence[CompareRow]], path: Path) -> None:
                 ax.scatter([], [], color=colour, label=kind)
         if any("entropy" in r.method for r in rows):
             ax.scatter([], [], color="grey", marker="^", label="with entropy scaling")
+        if any("tuned" in r.method for r in rows):
+            ax.scatter([], [], color="grey", marker="s", label="tuned profile (alone or under a cache)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
