@@ -353,7 +353,7 @@ def test_every_numeric_field_hands_its_value_to_the_logic_unclamped(models, tmp_
     assert ids == sorted(
         ["edit-seed", "edit-steps", "edit-weight", "layout-seed", "layout-steps", "erase-seed", "erase-steps"]
         + ["guidance-seed", "guidance-steps", "speed-steps"]
-        + ["edit-cfg", "edit-cross", "edit-self", "edit-start-step", "edit-start-layer", "layout-cfg"]
+        + ["edit-cfg", "edit-cross", "edit-self", "edit-start-step", "layout-cfg"]
         + ["erase-strength", "erase-guidance", "erase-ss-scale", "erase-dilation"]
         + ["guidance-cfg", "guidance-start", "guidance-end"]
     )

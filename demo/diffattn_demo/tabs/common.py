@@ -19,6 +19,7 @@ __all__ = [
     "IMAGE_OUT",
     "user_errors",
     "gradio_progress",
+    "step_label",
     "upload_image",
     "image_editor",
     "about",
@@ -52,6 +53,18 @@ def user_errors() -> Iterator[None]:
         yield
     except DemoInputError as error:
         raise gr.Error(str(error), title="Please check the input", print_exception=False) from None
+
+
+@contextlib.contextmanager
+def step_label(pipe: Any, text: str) -> Iterator[None]:
+    """The pipeline's denoising progress bar labelled ``text`` (e.g. "image 2 of 7: PAG scale 3") while the block
+    runs: Gradio's progress (``track_tqdm``) shows that bar, with its steps and the time left."""
+    config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**config, "desc": text})
+    try:
+        yield
+    finally:
+        pipe.set_progress_bar_config(**config)
 
 
 def gradio_progress(progress: Any) -> Any:

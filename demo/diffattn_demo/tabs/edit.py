@@ -37,6 +37,7 @@ from .common import (
     no_progress,
     number_box,
     seed_box,
+    step_label,
     steps_box,
     upload_image,
     user_errors,
@@ -54,6 +55,7 @@ ABOUT = (
 
 EDIT_METHODS = ("prompt-to-prompt", "MasaCtrl")
 P2P_MODES = ("replace", "refine")
+DECODER = "the decoder"  # MasaCtrl's start layer choice meaning diffattn's default: the UNet's up blocks
 
 
 @dataclass(frozen=True)
@@ -129,18 +131,19 @@ def run_edit(
                 pipe, upload, upload_folder, size, source, steps, progress, models.inversion_threshold()
             )
             notes = upload_notes + notes
-        progress(0.5 if latents is not None else 0.1, f"editing (1 of 2: {method})")
+        progress(0.5 if latents is not None else 0.1, f"1 of 2: {method}")
         try:
-            result = edit(
-                pipe,
-                source,
-                target,
-                method_obj,
-                seed=seed,
-                latents=latents,
-                num_inference_steps=steps,
-                guidance_scale=cfg,
-            )
+            with step_label(pipe, f"1 of 2: {method}"):
+                result = edit(
+                    pipe,
+                    source,
+                    target,
+                    method_obj,
+                    seed=seed,
+                    latents=latents,
+                    num_inference_steps=steps,
+                    guidance_scale=cfg,
+                )
         except ValueError as error:  # a word the edit needs is not in the prompts, a layer out of range: it says
             raise DemoInputError(str(error)) from None
         progress(0.75 if latents is not None else 0.55, "2 of 2: the target prompt without the edit")
@@ -231,7 +234,7 @@ def _edit_method(
     start_step = min(4, max(steps // 5, 0)) if controls.start_step in (None, "") else controls.start_step
     start_step = check_whole(start_step, "MasaCtrl's start step", 0, steps - 1)
     start_layer = None
-    if controls.start_layer not in (None, ""):
+    if controls.start_layer not in (None, "", DECODER):
         count = len(masactrl_layers(pipe, diffattn.MutualSelfAttention(), start_layer=0))
         start_layer = check_whole(controls.start_layer, "MasaCtrl's start layer", 0, count - 1)
     told = f"from step {start_step}, " + ("the decoder's layers" if start_layer is None else f"layers {start_layer} on")
@@ -335,14 +338,13 @@ def _input_column(models: Models) -> tuple[list[Any], Any]:
                 e_weight = number_box("Weight", 1.0, 0.0, LIMITS.max_weight, "edit-weight", step=0.1)
         with gr.Accordion("MasaCtrl controls", open=False, elem_id="edit-masactrl-controls"):
             with gr.Row():
-                e_start_step = number_box(
-                    "Start step (empty: a fifth of the steps, at most 4)",
-                    None,
-                    0,
-                    LIMITS.max_steps - 1,
-                    "edit-start-step",
+                e_start_step = number_box("Start step (MasaCtrl: 4)", 4, 0, LIMITS.max_steps - 1, "edit-start-step")
+                e_start_layer = gr.Dropdown(
+                    [DECODER, *(str(i) for i in range(layers))],
+                    value=DECODER,
+                    label=f"Start layer (of {layers}, in the order they run)",
+                    elem_id="edit-start-layer",
                 )
-                e_start_layer = number_box("Start layer (empty: the decoder)", None, 0, layers - 1, "edit-start-layer")
         e_upload = upload_image(
             type="filepath",
             sources=["upload"],

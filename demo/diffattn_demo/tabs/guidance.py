@@ -32,6 +32,7 @@ from .common import (
     no_progress,
     number_box,
     seed_box,
+    step_label,
     steps_box,
     user_errors,
     words_panel,
@@ -50,7 +51,7 @@ ABOUT = (
 @dataclass(frozen=True)
 class GuidanceControls:
     """The controls beside the sweep: the CFG scale and the steps the guidance acts on, ``start`` to ``end``
-    (exclusive; ``None``: to the last step)."""
+    (exclusive; ``None`` or 0: to the last step)."""
 
     cfg: Any = CFG
     start: Any = 0
@@ -113,7 +114,7 @@ def run_guidance(
     seed, steps = check_seed(seed), check_steps(steps)
     cfg = check_cfg(controls.cfg)
     start = check_whole(controls.start, "the first guided step", 0, steps - 1)
-    end = steps if controls.end in (None, "") else check_whole(controls.end, "the end step", start + 1, steps)
+    end = steps if controls.end in (None, "", 0) else check_whole(controls.end, "the end step", start + 1, steps)
     active = None if (start, end) == (0, steps) else range(start, end)
     methods = [m for m in methods or []]
     if not methods:
@@ -164,33 +165,34 @@ def _sweep(
 
     cells: dict[tuple[str, float], np.ndarray] = {}
 
-    def generate() -> np.ndarray:
-        out = pipe(
-            prompt,
-            num_inference_steps=steps,
-            guidance_scale=cfg,
-            output_type="np",
-            generator=torch.Generator().manual_seed(seed),
-        )
+    def generate(index: int, what: str) -> np.ndarray:
+        label = f"image {index} of {total}: {what}"
+        progress((index - 1) / total, label)
+        with step_label(pipe, label):
+            out = pipe(
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=cfg,
+                output_type="np",
+                generator=torch.Generator().manual_seed(seed),
+            )
         return to_uint8(np.asarray(out.images[0]))
 
     total = 1 + len(methods) * (len(scales) - 1)
-    progress(0.0, f"image 1 of {total}: no guidance")
-    plain = generate()
     done = 1
+    plain = generate(done, "no guidance")
     for name in methods:
         cells[(name, 0.0)] = plain
         for scale in scales[1:]:
-            progress(done / total, f"image {done + 1} of {total}: {name} scale {scale:g}")
+            done += 1
             try:
                 handle = diffattn.guidance.enable(pipe, _guidance_method(name, scale, pattern, active))
             except diffattn.DiffattnError as error:
                 raise DemoInputError(str(error)) from None
             try:
-                cells[(name, scale)] = generate()
+                cells[(name, scale)] = generate(done, f"{name} scale {scale:g}")
             finally:
                 handle.remove()
-            done += 1
     return plain, cells
 
 
@@ -273,7 +275,7 @@ def _input_column(layer_choices: list[str], info: ImageModel) -> tuple[list[Any]
             g_cfg = number_box("CFG scale", CFG, 1.0, LIMITS.max_cfg, "guidance-cfg", step=0.5)
         with gr.Row():
             g_start = number_box("Guided from step", 0, 0, LIMITS.max_steps - 1, "guidance-start")
-            g_end = number_box("... to step (exclusive; empty: the last)", None, 1, LIMITS.max_steps, "guidance-end")
+            g_end = number_box("... to step (exclusive; 0: to the last)", 0, 0, LIMITS.max_steps, "guidance-end")
         g_run = gr.Button("Sweep", variant="primary", elem_id="guidance-run")
         if info.prompts.guidance_examples:
             gr.Examples(

@@ -32,6 +32,7 @@ from .common import (
     no_progress,
     number_box,
     seed_box,
+    step_label,
     steps_box,
     user_errors,
     words_panel,
@@ -129,21 +130,20 @@ def run_layout(
         warning = vocabulary_warning([prompt], models.image_info.vocabulary)
         images = []
         for i, bounded in enumerate((False, True)):
-            progress(0.1 + 0.45 * i, f"{i + 1} of 2: " + ("bounded attention" if bounded else "plain prompt"))
+            label = f"{i + 1} of 2: " + ("bounded attention" if bounded else "plain prompt")
+            progress(0.1 + 0.45 * i, label)
             try:
-                images.append(
-                    to_uint8(
-                        layout(
-                            pipe,
-                            prompt,
-                            subjects,
-                            seed=seed,
-                            bounded=bounded,
-                            num_inference_steps=steps,
-                            guidance_scale=cfg,
-                        )
+                with step_label(pipe, label):
+                    image = layout(
+                        pipe,
+                        prompt,
+                        subjects,
+                        seed=seed,
+                        bounded=bounded,
+                        num_inference_steps=steps,
+                        guidance_scale=cfg,
                     )
-                )
+                images.append(to_uint8(image))
             except ValueError as error:  # a subject word not in the prompt, a bad box: layout says which
                 raise DemoInputError(str(error)) from None
     factor = display_factor(images[0].shape[:2])
