@@ -320,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     from diffattn_bench.shapes_video import ShapesVideoPipeline, with_coordinates
 
     tokenizer = shapes_tokenizer()
-    text_encoder, transformer = shapes_text_encoder(tokenizer, layers=config.text_layers), video_transformer(config.ffn_dim)
+    text_encoder, transformer = (
+        shapes_text_encoder(tokenizer, layers=config.text_layers),
+        video_transformer(config.ffn_dim),
+    )
     text_params = distinct_frozen_token_embeddings(text_encoder, seed=1)
     if state is None and config.init_from is not None:
         load_init(Path(config.init_from), transformer, text_encoder)

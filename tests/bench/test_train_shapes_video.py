@@ -82,3 +82,23 @@ def test_training_checkpoints_resumes_and_starts_from_saved_weights(tmp_path):
     assert json.loads((further / "training.json").read_text())["init_from"] == str(out)
     frames = pipe("a red circle", num_frames=2, height=32, width=32, num_inference_steps=2).frames[0]
     assert frames.shape == (2, 32, 32, 3) and np.isfinite(frames).all()
+
+
+def test_a_narrow_model_grows_to_a_wider_feed_forward_computing_the_same():
+    """--init-from with a wider --ffn-dim: the saved units are copied and the new ones start silent, so the grown
+    transformer's output equals the saved one's (training then moves the new units); other shape changes refuse."""
+    from diffattn_bench.embedded import video_transformer
+
+    script = _script()
+    torch.manual_seed(0)
+    narrow, wide = video_transformer(256).eval(), video_transformer(512).eval()
+    wide.load_state_dict(script.grow_ffn(narrow.state_dict(), wide))
+    x, t, text = torch.randn(1, 6, 2, 16, 16), torch.tensor([400]), torch.randn(1, 5, 64)
+    with torch.no_grad():
+        assert torch.allclose(narrow(x, t, text).sample, wide(x, t, text).sample, atol=1e-6)
+    grown = wide.state_dict()["blocks.0.ffn.net.0.proj.weight"]
+    assert grown.shape == (512, 128) and grown[256:].abs().sum() > 0  # the new units' inputs are live
+    assert wide.state_dict()["blocks.0.ffn.net.2.weight"][:, 256:].abs().sum() == 0  # their outputs start at zero
+    bad = dict(narrow.state_dict(), **{"proj_out.weight": torch.zeros(3, 3)})
+    with pytest.raises(SystemExit, match="proj_out.weight is"):
+        script.grow_ffn(bad, wide)
