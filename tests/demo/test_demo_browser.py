@@ -358,7 +358,11 @@ def test_layout_tab(page, server, models):
     side = boxes.shape[0]
     assert boxes[0, side // 4].tolist() == list(BOX_COLOURS[0])
     assert boxes[side - 1, 3 * side // 4].tolist() == list(BOX_COLOURS[1])
+    assert plain[0, side // 4].tolist() == list(BOX_COLOURS[0])  # the boxes outlined on the results too
     _screenshot(page, "layout")
+    _fill(page, "layout-subjects", "circle: 0 0 0.4 0.4\nsquare: 0.5 0.5 1 1")  # other boxes: the results go
+    page.locator("#layout-plain img").wait_for(state="detached")
+    assert "The boxes changed" in page.locator("#layout-note").inner_text()
 
 
 def _canvas_image_rect(page, editor: str = "erase-editor") -> tuple[float, float, float, float]:

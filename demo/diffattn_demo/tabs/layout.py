@@ -181,6 +181,14 @@ def build(models: Models, temp: Path) -> None:
             outputs = _output_column()
         subjects, boxes = inputs[1], outputs[0]
         subjects.change(on_boxes, [subjects], [boxes], queue=False, show_progress="hidden")
+        subjects.change(  # results drawn for other boxes would stand beside the new preview: cleared, said so
+            _stale_results,
+            None,
+            outputs[1:],
+            queue=False,
+            show_progress="hidden",
+            api_visibility="private",
+        )
         sketch, use = _sketch_column(subjects)
         use.click(_on_sketch, [sketch, subjects], [subjects], queue=False, api_visibility="private")
         run.click(
@@ -270,6 +278,11 @@ def on_boxes(text: str) -> Any:
         return draw_boxes(parse_subjects(text))
     except DemoInputError:
         return None  # half-typed lines: the Generate button reports what is wrong
+
+
+def _stale_results() -> tuple:
+    """The Layout results after the boxes changed: none, and a note saying how to draw the new ones."""
+    return None, None, "The boxes changed: *Generate both* draws them."
 
 
 def _on_sketch(sketch: Any, subjects: str) -> str:
