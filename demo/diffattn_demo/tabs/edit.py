@@ -284,6 +284,7 @@ def build(models: Models, temp: Path) -> None:
         with gr.Row():
             inputs, run = _input_column(models)
             outputs = _output_column()
+        _examples(models, inputs)
         run.click(
             _on_edit(models, temp),
             inputs,
@@ -372,17 +373,26 @@ def _input_column(models: Models) -> tuple[list[Any], Any]:
         e_start_step,
         e_start_layer,
     ]
-    if prompts.edit_examples:
-        gr.Examples(
-            [
-                [e.source, e.target, e.method, e.mode, e.reweight_word, e.reweight, e.blend_words]
-                for e in prompts.edit_examples
-            ],
-            [e_source, e_target, e_method, e_mode, e_word, e_weight, e_blend],
-            label="Examples (click one to fill the inputs, then Edit)",
-            elem_id="edit-examples",
-        )
     return inputs, e_run
+
+
+def _examples(models: Models, inputs: list[Any]) -> None:
+    """The Examples gallery under the tab, full width: clicking one fills the prompts, the method and its main
+    control (``inputs`` in the order of :func:`_on_edit`'s parameters)."""
+    import gradio as gr
+
+    examples = models.image_info.prompts.edit_examples
+    if not examples:
+        return
+    source, target, _swap, _swap_to, word, weight, method, _seed, _steps, _upload, _cfg, mode, _x, _s, blend, *_ = (
+        inputs
+    )
+    gr.Examples(
+        [[e.source, e.target, e.method, e.mode, e.reweight_word, e.reweight, e.blend_words] for e in examples],
+        [source, target, method, mode, word, weight, blend],
+        label="Examples (click one to fill the inputs, then Edit)",
+        elem_id="edit-examples",
+    )
 
 
 def difference_legend() -> str:
