@@ -292,7 +292,10 @@ def _output_column() -> list[Any]:
     import gradio as gr
 
     with gr.Column():
-        g_grid = gr.Image(label="Rows: methods; columns: scales (same seed)", elem_id="guidance-grid", **IMAGE_OUT)
+        # no label over the image (it covered the first row); the table under it names rows and columns
+        g_grid = gr.Image(
+            label="Rows: methods; columns: scales (same seed)", show_label=False, elem_id="guidance-grid", **IMAGE_OUT
+        )
         g_table = gr.Markdown(elem_id="guidance-table")
     return [g_grid, g_table]
 
