@@ -857,6 +857,7 @@ def test_each_default_tab_of_the_default_demo_runs_and_is_timed(browser, scenes_
             ("Edit", "edit-run", "edit-out-plain"),
             ("Layout", "layout-run", "layout-bounded"),
             ("Guidance", "guidance-run", "guidance-grid"),
+            ("Speed", "speed-run", "speed-plot"),  # its default: the quick size (video model loaded on first use)
         ]
         for tab, button, output in runs:
             page.get_by_role("tab", name=tab).click()

@@ -349,7 +349,7 @@ def _input_column() -> tuple[list[Any], Any]:
         )
         s_size = gr.Dropdown(
             list(SPEED_SIZES),
-            value=list(SPEED_SIZES)[1],
+            value=list(SPEED_SIZES)[0],  # the quick size: a first run within seconds
             label="Video size (frames x height x width)",
             elem_id="speed-size",
         )
