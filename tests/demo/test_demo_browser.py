@@ -744,25 +744,6 @@ def test_two_sessions_at_once_each_get_their_own_result(browser, server, models)
             context.close()
 
 
-def test_server_connects_only_to_loopback_and_cleans_its_temp_folder(server):
-    """Runs last: stops the server (as Ctrl+C) and reads what the audit hook saw during every test above."""
-    assert server.temp_folders, "no result image was served from the demo's temporary folder"
-    assert all(folder.is_dir() for folder in server.temp_folders)
-    code = server.stop()
-    assert code == 0, server.log()
-    events = [json.loads(line) for line in server.audit_log.read_text().splitlines()]
-    assert events[0] == ["audit", "installed"]
-    binds = [address for event, address in events if event == "socket.bind" and isinstance(address, list)]
-    assert ["127.0.0.1", str(server.port)] in binds, binds  # the hook saw the server's own socket
-    outside = [
-        (event, address)
-        for event, address in events
-        if event != "audit" and isinstance(address, list) and not _loopback_host(address[0])
-    ]
-    assert not outside, f"the demo made connections outside loopback: {outside[:5]}"
-    assert not any(folder.exists() for folder in server.temp_folders), "the demo left its temporary folder"
-
-
 def _click_example(page, gallery: str, index: int) -> None:
     """Click row ``index`` of the Examples gallery ``gallery`` (its table or its buttons, as Gradio draws it)."""
     rows = page.locator(f"#{gallery} tbody tr")
@@ -875,3 +856,22 @@ def test_each_default_tab_of_the_default_demo_runs_and_is_timed(browser, scenes_
         _record("scenes_default_erase_generate_s", time.perf_counter() - start)
     finally:
         context.close()
+
+
+def test_server_connects_only_to_loopback_and_cleans_its_temp_folder(server):
+    """Runs last: stops the server (as Ctrl+C) and reads what the audit hook saw during every test above."""
+    assert server.temp_folders, "no result image was served from the demo's temporary folder"
+    assert all(folder.is_dir() for folder in server.temp_folders)
+    code = server.stop()
+    assert code == 0, server.log()
+    events = [json.loads(line) for line in server.audit_log.read_text().splitlines()]
+    assert events[0] == ["audit", "installed"]
+    binds = [address for event, address in events if event == "socket.bind" and isinstance(address, list)]
+    assert ["127.0.0.1", str(server.port)] in binds, binds  # the hook saw the server's own socket
+    outside = [
+        (event, address)
+        for event, address in events
+        if event != "audit" and isinstance(address, list) and not _loopback_host(address[0])
+    ]
+    assert not outside, f"the demo made connections outside loopback: {outside[:5]}"
+    assert not any(folder.exists() for folder in server.temp_folders), "the demo left its temporary folder"
