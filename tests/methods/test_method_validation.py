@@ -21,7 +21,7 @@ from diffattn.methods.dynamic_sparse import DynamicSparseAttention
 from diffattn.methods.pyramid import PyramidSparseAttention
 from diffattn.methods.rettention import Rettention
 from diffattn.patterns import SlidingWindow
-from diffattn.testing import tiny_inputs
+from diffattn.testing import standalone_context, tiny_inputs
 
 
 def forward(model, family, grid):
@@ -171,19 +171,7 @@ def test_sparse_attention_without_a_pattern_fails_at_construction():
 
 
 def make_ctx(layout: TokenLayout, layer: str = "blocks.3.attn") -> AttentionContext:
-    return AttentionContext(
-        layer=layer,
-        role="joint" if layout.text_len else "self",
-        step=0,
-        num_steps=None,
-        q_layout=layout,
-        kv_layout=layout,
-        batch_roles=None,
-        attn_mask=None,
-        scale=None,
-        enable_gqa=False,
-        dense=lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-    )
+    return standalone_context(layout, layer=layer)[0]
 
 
 def test_radial_on_a_one_axis_grid_and_validate_called_directly():
