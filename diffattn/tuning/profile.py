@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,15 @@ _TENSORS = "profile.safetensors"
 class LayerBudget:
     """One attention layer's tuned budgets: ``budgets[r][h]`` the top-k fraction of step range ``r`` and head ``h``
     (1.0: dense), ``errors[r][h]`` the mean relative L1 error of the attention output measured at that budget on
-    the calibration prompts (0.0 where dense), on the visual token ``grid`` it was tuned at."""
+    the calibration prompts (0.0 where dense), on the visual token ``grid`` it was tuned at; ``costs[i]`` the time of
+    the profile's candidate ``i`` as a fraction of dense attention's on this layer, as timed while tuning (empty when
+    the budgets were chosen without costs)."""
 
     name: str
     grid: tuple[int, ...]
     budgets: tuple[tuple[float, ...], ...]
     errors: tuple[tuple[float, ...], ...]
+    costs: tuple[float, ...] = ()
 
     @property
     def heads(self) -> int:
@@ -51,7 +54,8 @@ class TunedProfile:
     ``block_size`` and ``tile``); ``step_ranges``: the number of equal parts the denoising steps are cut into (a
     call's range is ``step * step_ranges // num_steps``); ``error_target``: the relative L1 error of the attention
     output each head's budget keeps within (found by the search when ``psnr_target`` was given; ``calibration_psnr``
-    is then the profile's PSNR against dense on the calibration prompts). ``diffattn.apply(pipe, profile)`` applies
+    is then the profile's PSNR against dense on the calibration prompts); ``candidates``: the top-k fractions tuning
+    chose from (the layers' ``costs`` follow their order). ``diffattn.apply(pipe, profile)`` applies
     it to the layers it lists; it refuses another model class or another token grid."""
 
     model_class: str
@@ -66,6 +70,7 @@ class TunedProfile:
     diffattn_version: str = ""
     psnr_target: float | None = None
     calibration_psnr: float | None = None
+    candidates: tuple[float, ...] = ()
 
     def layer(self, name: str) -> LayerBudget | None:
         return next((layer for layer in self.layers if layer.name == name), None)
@@ -107,6 +112,8 @@ class TunedProfile:
         for i, layer in enumerate(self.layers):
             tensors[f"budgets.{i}"] = torch.tensor(layer.budgets, dtype=torch.float64)
             tensors[f"errors.{i}"] = torch.tensor(layer.errors, dtype=torch.float64)
+            if layer.costs:
+                tensors[f"costs.{i}"] = torch.tensor(layer.costs, dtype=torch.float64)
         save_file(tensors, str(folder / _TENSORS))
         meta = {
             "format": PROFILE_FORMAT,
@@ -121,6 +128,7 @@ class TunedProfile:
             "diffattn_version": self.diffattn_version,
             "psnr_target": self.psnr_target,
             "calibration_psnr": self.calibration_psnr,
+            "candidates": list(self.candidates),
             "layers": [{"name": layer.name, "grid": list(layer.grid)} for layer in self.layers],
         }
         (folder / _JSON).write_text(json.dumps(meta, indent=1))
@@ -150,6 +158,7 @@ class TunedProfile:
                 tuple(entry["grid"]),
                 tuple(tuple(row) for row in tensors[f"budgets.{i}"].tolist()),
                 tuple(tuple(row) for row in tensors[f"errors.{i}"].tolist()),
+                tuple(tensors[f"costs.{i}"].tolist()) if f"costs.{i}" in tensors else (),
             )
             for i, entry in enumerate(meta["layers"])
         )
@@ -167,6 +176,7 @@ class TunedProfile:
             diffattn_version=meta.get("diffattn_version", ""),
             psnr_target=meta.get("psnr_target"),
             calibration_psnr=meta.get("calibration_psnr"),
+            candidates=tuple(meta.get("candidates", ())),
         )
 
 
@@ -228,4 +238,40 @@ class ProfiledSparseAttention(AttentionMethod):
                 f"the profile has {layer.heads} head budgets for {ctx.layer}, this call has {heads} heads: it was "
                 f"tuned for another {self.profile.model_class} configuration; tune this one"
             )
-        return self.method_for(ctx.layer, step_range(ctx, self.profile.step_ranges))(q, k, v, ctx)
+        index = step_range(ctx, self.profile.step_ranges)
+        budgets = layer.budgets[index][ctx.head_offset : ctx.head_offset + q.shape[1]]
+        dense = [h for h, b in enumerate(budgets) if b >= 1.0]
+        if not dense or not _splittable(q, k, ctx):
+            return self.method_for(ctx.layer, index)(q, k, v, ctx)
+        if len(dense) == q.shape[1]:  # every head dense: the stock core, no selection
+            ctx.report(density=1.0, selection_seconds=0.0, attention_seconds=0.0)
+            return ctx.dense(q, k, v)
+        return self._split(q, k, v, ctx, budgets, dense)
+
+    def _split(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, budgets: tuple[float, ...], dense: list[int]
+    ) -> Tensor:
+        """Dense heads through the stock core, the others through the dynamic method with their budgets."""
+        sparse = [h for h in range(q.shape[1]) if h not in dense]
+        key = (ctx.layer, tuple(budgets[h] for h in sparse))
+        method = self._methods.get(key)
+        if method is None:
+            method = DynamicSparseAttention(
+                topk=key[1], block_size=self.profile.block_size, tile=self.profile.tile, roles=self.roles
+            )
+            self._methods[key] = method
+        metrics: dict[str, float] = {}
+        inner = replace(ctx, head_offset=0, total_heads=None, report=lambda **m: metrics.update(m))
+        out = torch.empty_like(q)
+        d, s = torch.tensor(dense, device=q.device), torch.tensor(sparse, device=q.device)
+        out[:, s] = method(q[:, s], k[:, s], v[:, s], inner)
+        out[:, d] = ctx.dense(q[:, d], k[:, d], v[:, d])
+        share = len(sparse) / q.shape[1]
+        ctx.report(**{**metrics, "density": share * metrics.get("density", 1.0) + (1 - share)})
+        return out
+
+
+def _splittable(q: Tensor, k: Tensor, ctx: AttentionContext) -> bool:
+    """Whether heads can run apart: the same number of query and key heads, and a mask shared by all heads."""
+    mask = ctx.attn_mask
+    return k.shape[1] == q.shape[1] and (mask is None or mask.ndim < 4 or mask.shape[1] == 1)

@@ -4,6 +4,7 @@ output (``0.05``: outputs within 5% of dense, summed over a head's tokens and ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import DiffattnError
+from .cost import CostProbe, relative_costs
 from .probe import SensitivityProbe
 from .profile import LayerBudget, TunedProfile
 
@@ -106,8 +108,29 @@ def _save_state(
     tmp.replace(folder / _STATE_JSON)  # the JSON names the tensors' run: written last, atomically
 
 
-def _choose(probe: SensitivityProbe, candidates: Sequence[float], ranges: int, target: float) -> list[LayerBudget]:
-    """Per layer, range and head the smallest candidate whose mean error is within ``target`` (else 1.0, dense)."""
+def _pick(errors: Sequence[float], candidates: Sequence[float], target: float, costs: Sequence[float] | None) -> int:
+    """The index of the chosen candidate for one head (``len(candidates)``: dense). Without ``costs``: the smallest
+    candidate within ``target``. With them (each candidate's time as a fraction of dense's): the one that minimises
+    ``cost + error / target`` (dense: ``1 + 0``), so a candidate is taken only where it saves time, and its error
+    stays within ``target`` times the share of time it saves."""
+    if costs is None:
+        return next((i for i in range(len(candidates)) if errors[i] <= target), len(candidates))
+    best, value = len(candidates), 1.0
+    for i, (cost, error) in enumerate(zip(costs, errors)):
+        if cost + error / target < value:
+            best, value = i, cost + error / target
+    return best
+
+
+def _choose(
+    probe: SensitivityProbe,
+    candidates: Sequence[float],
+    ranges: int,
+    target: float,
+    costs: dict[str, Sequence[float]] | None = None,
+) -> list[LayerBudget]:
+    """Per layer, range and head the candidate :func:`_pick` chooses (1.0, dense, when none is), from the mean errors
+    the probe measured and, if given, each layer's candidate costs relative to dense."""
     layers = []
     for name in probe.grids:  # the order the layers were first called in
         budgets, errors = [], []
@@ -120,9 +143,9 @@ def _choose(probe: SensitivityProbe, candidates: Sequence[float], ranges: int, t
             mean = probe.sums[(name, index)] / probe.counts[(name, index)]  # (candidates, heads)
             row_b, row_e = [], []
             for head in range(mean.shape[1]):
-                within = [i for i in range(len(candidates)) if float(mean[i, head]) <= target]
-                row_b.append(float(candidates[within[0]]) if within else 1.0)
-                row_e.append(float(mean[within[0], head]) if within else 0.0)
+                i = _pick(mean[:, head].tolist(), candidates, target, None if costs is None else costs[name])
+                row_b.append(float(candidates[i]) if i < len(candidates) else 1.0)
+                row_e.append(float(mean[i, head]) if i < len(candidates) else 0.0)
             budgets.append(tuple(row_b))
             errors.append(tuple(row_e))
         layers.append(LayerBudget(name, probe.grids[name], tuple(budgets), tuple(errors)))
@@ -154,6 +177,35 @@ def pooled_psnr(outputs: Sequence[np.ndarray], references: Sequence[np.ndarray])
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
+def _measure_costs(
+    pipe: Any,
+    apply: Any,
+    generate: Any,
+    probe: SensitivityProbe,
+    candidates: tuple[float, ...],
+    block_size: int,
+    tile: Any,
+    layers: Any,
+    progress: bool,
+) -> dict[str, tuple[float, ...]]:
+    """Each tuned layer's candidate times relative to dense, from one dense run of the first prompt."""
+    from tqdm.auto import tqdm
+
+    timer = CostProbe(candidates, block_size=block_size, tile=tile)
+    bar = tqdm(total=1, desc="tuning: timing candidates", disable=not progress)
+    with apply(pipe, timer, layers=layers):
+        generate(0)
+    bar.update(1)
+    bar.close()
+    missing = [name for name in probe.grids if name not in timer.seconds]
+    if missing:
+        raise DiffattnError(
+            f"tune timed no call of {', '.join(missing)} on the first prompt: the layers it measured must run on "
+            "every prompt; tune with weigh_costs=False to choose budgets without their time"
+        )
+    return {name: relative_costs(timer.seconds[name]) for name in probe.grids}
+
+
 def tune(
     pipe: Any,
     family: str,
@@ -170,6 +222,7 @@ def tune(
     seed: int = 0,
     checkpoint: str | Path | None = None,
     progress: bool = True,
+    weigh_costs: bool = True,
     **call_kwargs: Any,
 ) -> TunedProfile:
     """Tune ``family`` for ``pipe``'s denoiser against dense attention.
@@ -181,7 +234,12 @@ def tune(
     within a threshold, or dense (1.0) when none is. The threshold is
     - ``error_target`` itself (relative L1 error of each head's attention output, e.g. ``0.1``), or
     - with ``psnr_target`` (dB, e.g. ``25``), the largest of :data:`THRESHOLDS` whose profile regenerates the
-      calibration prompts within that PSNR of the dense outputs (a search, a few pipeline runs per step).
+      calibration prompts within that PSNR of the dense outputs (a search, a few pipeline runs per step). There,
+      with ``weigh_costs`` (default), one more dense run of the first prompt times dense attention and every
+      candidate on each layer's first call (:class:`~diffattn.tuning.cost.CostProbe`), and each head takes the
+      candidate that minimises ``time / dense time + error / threshold`` instead: a budget is kept only where it
+      saves time (the selection and the sparse loop cost more than the stock core near a full budget), and its
+      error stays within the threshold times the share of time it saves.
     Progress shows per prompt and per search step; with ``checkpoint`` (a folder) the measurements are saved after
     each prompt and an interrupted run resumes there when called again with the same settings. Returns a
     :class:`TunedProfile`; ``diffattn.apply(pipe, profile)`` applies it, ``profile.save(folder)`` keeps it. Tune at
@@ -251,7 +309,14 @@ def tune(
             "over a token grid that DynamicSparseAttention acts on"
         )
 
+    costs = None
+    if psnr_target is not None and weigh_costs:
+        costs = _measure_costs(pipe, apply, generate, probe, candidates, block_size, tile, layers, progress)
+
     def profile_at(threshold: float, psnr: float | None = None) -> TunedProfile:
+        chosen = _choose(probe, candidates, step_ranges, threshold, costs)
+        if costs is not None:
+            chosen = [dataclasses.replace(layer, costs=tuple(costs[layer.name])) for layer in chosen]
         return TunedProfile(
             model_class=type(models[0]).__name__,
             family=family,
@@ -259,12 +324,13 @@ def tune(
             tile=tuple(tile) if isinstance(tile, list) else tile,
             step_ranges=step_ranges,
             error_target=float(threshold),
-            layers=tuple(_choose(probe, candidates, step_ranges, threshold)),
+            layers=tuple(chosen),
             calibration=tuple(prompts),
             num_inference_steps=num_inference_steps,
             diffattn_version=__version__,
             psnr_target=None if psnr_target is None else float(psnr_target),
             calibration_psnr=psnr,
+            candidates=candidates,
         )
 
     if psnr_target is None:

@@ -203,3 +203,84 @@ def test_one_target_and_a_psnr_in_db():
         diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, error_target=0.1, psnr_target=25, **args, **CALL)
     with pytest.raises(ValueError, match="psnr_target is in dB"):
         diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, psnr_target=-3, **args, **CALL)
+
+
+def _profile(budgets: tuple[tuple[float, ...], ...], grid=(4, 8, 8)) -> TunedProfile:
+    from diffattn.tuning.profile import LayerBudget
+
+    errors = tuple(tuple(0.0 for _ in row) for row in budgets)
+    return TunedProfile(
+        model_class="M",
+        family="dynamic-topk",
+        block_size=32,
+        tile=(2, 4, 4),
+        step_ranges=len(budgets),
+        error_target=0.1,
+        layers=(LayerBudget("bench", grid, budgets, errors),),
+        calibration=("p",),
+        num_inference_steps=2,
+        diffattn_version="test",
+    )
+
+
+def _qkv(heads: int = 4, tokens: int = 256):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(2, heads, tokens, 16, generator=g) for _ in range(3)]
+
+
+def test_dense_heads_of_a_profile_run_the_stock_core_and_the_others_their_budgets():
+    """Heads tuned dense (budget 1.0) skip selection and the sparse loop: they are the stock core's output bit for
+    bit; the other heads are what the dynamic method gives them with their budgets; the density reported counts a
+    dense head as 1."""
+    from diffattn.layout import TokenLayout
+    from diffattn.testing import standalone_context
+
+    q, k, v = _qkv()
+    ctx, reports = standalone_context(TokenLayout((4, 8, 8)), step=0, num_steps=2)
+    method = _profile(((1.0, 0.25, 1.0, 0.5), (1.0,) * 4)).method()
+    out = method(q, k, v, ctx)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out[:, [0, 2]], dense[:, [0, 2]])
+    alone = diffattn.DynamicSparseAttention(topk=(0.25, 0.5), block_size=32, tile=(2, 4, 4))
+    own, _ = standalone_context(TokenLayout((4, 8, 8)), step=0, num_steps=2)
+    assert torch.allclose(out[:, [1, 3]], alone(q[:, [1, 3]], k[:, [1, 3]], v[:, [1, 3]], own), atol=1e-6)
+    assert not torch.allclose(out[:, [1, 3]], dense[:, [1, 3]], atol=1e-3)  # they are sparse
+    assert 0.5 < reports["density"] < 1.0
+    # the second step range is dense in every head: the stock core, no selection
+    ctx, reports = standalone_context(TokenLayout((4, 8, 8)), step=1, num_steps=2)
+    assert torch.equal(method(q, k, v, ctx), dense)
+    assert reports["density"] == 1.0 and reports["selection_seconds"] == 0.0
+
+
+def test_weighted_choice_takes_a_budget_only_where_it_saves_time():
+    """With candidate costs (time / dense time) a head takes the candidate minimising cost + error / threshold:
+    never one slower than dense, however exact; one that saves a share s of the time only if its error is below
+    threshold * s."""
+    from diffattn.tuning.tune import _pick
+
+    candidates = (0.1, 0.5, 0.9)
+    costs = (0.3, 0.7, 1.05)  # the 0.9 candidate is slower than the stock core
+    assert _pick([0.5, 0.5, 0.0], candidates, 0.1, costs) == 3  # exact at 0.9 but slower: dense
+    assert _pick([0.5, 0.5, 0.0], candidates, 0.1, None) == 2  # without costs: the smallest within the target
+    assert _pick([0.5, 0.029, 0.0], candidates, 0.1, costs) == 1  # 0.7 + 0.29 < 1
+    assert _pick([0.5, 0.031, 0.0], candidates, 0.1, costs) == 3  # 0.7 + 0.31 > 1
+    assert _pick([0.06, 0.0, 0.0], candidates, 0.1, costs) == 1  # 0.3 + 0.6 > 0.7 + 0: the cheaper total wins
+    assert _pick([0.03, 0.0, 0.0], candidates, 0.1, costs) == 0  # 0.3 + 0.3 < 0.7
+
+
+def test_psnr_tuning_times_the_candidates_and_keeps_their_costs_in_the_saved_profile(tmp_path):
+    settings = {k: v for k, v in SETTINGS.items() if k != "error_target"}
+    profile = diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, psnr_target=15.0, progress=False, **settings, **CALL)
+    assert profile.candidates == settings["candidates"]
+    for layer in profile.layers:
+        assert len(layer.costs) == len(settings["candidates"]) and all(c > 0 for c in layer.costs)
+        for row, errors in zip(layer.budgets, layer.errors):
+            for budget, error in zip(row, errors):
+                if budget < 1.0:  # a kept candidate saves time and keeps its error within threshold x saving
+                    cost = layer.costs[settings["candidates"].index(budget)]
+                    assert cost < 1.0 and error <= profile.error_target * (1 - cost) + 1e-12
+    assert TunedProfile.load(profile.save(tmp_path)) == profile
+    plain = diffattn.tune(
+        _pipe(), "dynamic-topk", PROMPTS, psnr_target=15.0, progress=False, weigh_costs=False, **settings, **CALL
+    )
+    assert all(not layer.costs for layer in plain.layers)
