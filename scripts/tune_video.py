@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="denoising steps, as diffattn compare (10)")
     parser.add_argument("--ranges", type=int, default=2, help="step ranges with their own budgets (2)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the profile")
+    parser.add_argument(
+        "--no-costs",
+        action="store_true",
+        help="with --psnr: choose budgets by error alone (default: weigh each candidate's time against dense's)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         step_ranges=args.ranges,
         tile=tile,
         checkpoint=args.out / "checkpoint",
+        weigh_costs=not args.no_costs,
         num_frames=args.size.frames,
         height=args.size.height,
         width=args.size.width,
@@ -108,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     for layer in profile.layers:
         rows = " | ".join(" ".join(f"{b:.2g}" for b in row) for row in layer.budgets)
         print(f"  {layer.name}: {rows}")
+    if profile.layers[0].costs:
+        print("time of each candidate top-k fraction, as a fraction of dense attention's, per layer:")
+        print("  " + " ".join(f"{c:>5g}" for c in profile.candidates))
+        for layer in profile.layers:
+            print("  " + " ".join(f"{c:5.2f}" for c in layer.costs) + f"  {layer.name}")
     return 0
 
 

@@ -54,6 +54,7 @@ def _compare(args: argparse.Namespace) -> int:
         run_image,
         run_video,
         save_outputs,
+        select_runs,
         shape_note,
         unsupported_note,
         video_peers,
@@ -113,6 +114,11 @@ def _compare(args: argparse.Namespace) -> int:
         f"{steps} steps with CFG; {cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads"
     )
     peers = video_peers(grid, ratios, steps, natten=args.full or args.quick)
+    try:
+        peers = select_runs(peers, args.only)
+    except ValueError as exc:
+        print(f"diffattn compare: {exc}", file=sys.stderr)
+        return 2
     peers += [peer for folder in args.profile for peer in profile_peers(folder, ratios, steps)]
     sections[f"video {size.label}"] = run_video(pipe, size, peers, prompts=prompts, steps=steps, desc="video")
     if longer is not None:
@@ -219,6 +225,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         help=(
             "add the rows of a tuned profile saved in DIR (scripts/tune_video.py): alone and under each cache hook; "
             "repeatable"
+        ),
+    )
+    compare.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help=(
+            "keep only the video runs whose label contains TEXT (repeatable; stock dense, diffattn's dense and "
+            "--profile rows always run), e.g. --only top-k --only SeaCache"
         ),
     )
     compare.add_argument("--threads", type=whole_number(), default=2)

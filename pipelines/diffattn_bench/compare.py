@@ -225,6 +225,19 @@ def video_peers(
     return peers
 
 
+def select_runs(peers: Sequence[Peer], only: Sequence[str]) -> list[Peer]:
+    """The runs whose label contains one of ``only`` (all when it is empty), with diffattn's dense always kept (the
+    attention-time reference of the Amdahl bound). A text no label contains is refused, listing the labels."""
+    if not only:
+        return list(peers)
+    unknown = [text for text in only if not any(text in p.label for p in peers)]
+    if unknown:
+        raise ValueError(
+            f"--only {', '.join(repr(t) for t in unknown)} matches no run; runs: {', '.join(p.label for p in peers)}"
+        )
+    return [p for p in peers if isinstance(p.method, diffattn.Dense) or any(text in p.label for text in only)]
+
+
 def extension_runs(grid: tuple[int, ...], train_tokens: int) -> list[Peer]:
     """Length extension: dense and each static / dynamic sparse method, alone and with EntropyScaling."""
     methods = {k: v for k, v in default_methods(grid).items() if k != "re-ttention"}

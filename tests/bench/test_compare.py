@@ -24,6 +24,7 @@ from diffattn_bench.compare import (
     format_markdown,
     passes,
     run_video,
+    select_runs,
     shape_note,
     shapes_against_dense,
     video_peers,
@@ -139,6 +140,17 @@ def test_combination_needs_a_hook_and_a_method():
     assert combined("both", hook, tile).method is tile.method
     with pytest.raises(ValueError, match="set-up peer"):
         combined("wrong", tile, hook)
+
+
+def test_only_keeps_the_named_runs_and_diffattn_dense_and_refuses_a_text_no_run_has():
+    runs = video_peers((4, 8, 8), None, 4, natten=False)
+    kept = select_runs(runs, ["top-k", "SeaCache"])
+    labels = [p.label for p in kept]
+    assert "dense (diffattn)" in labels and "SeaCache" in labels and "sliding tile" not in labels
+    assert any("top-k" in label for label in labels) and len(kept) < len(runs)
+    assert select_runs(runs, []) == runs
+    with pytest.raises(ValueError, match="'nonsense' matches no run; runs: dense"):
+        select_runs(runs, ["nonsense", "top-k"])
 
 
 @pytest.mark.parametrize(
