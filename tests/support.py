@@ -7,47 +7,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import diffattn
-from diffattn.context import AttentionContext
-from diffattn.testing import tiny_model
+from diffattn.testing import standalone_context, tiny_model
 
 
-def make_ctx(
-    layout,
-    *,
-    step=0,
-    num_steps=None,
-    batch_roles=None,
-    attn_mask=None,
-    timestep=None,
-    input_grid=None,
-    scale=None,
-    layer="layer",
-):
-    metrics = {}
-
-    def dense(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-
-    ctx = AttentionContext(
-        layer=layer,
-        role="joint" if layout.text_len else "self",
-        step=step,
-        num_steps=num_steps,
-        q_layout=layout,
-        kv_layout=layout,
-        batch_roles=batch_roles,
-        attn_mask=attn_mask,
-        scale=scale,
-        enable_gqa=False,
-        dense=dense,
-        report=lambda **m: metrics.update(m),
-        timestep=timestep,
-        input_grid=input_grid,
-    )
-    return ctx, metrics
+def make_ctx(layout, *, layer="layer", **kwargs):
+    """:func:`diffattn.testing.standalone_context` on a layer named ``layer``."""
+    return standalone_context(layout, layer=layer, **kwargs)
 
 
 def qkv(batch, heads, n, dim=8, seed=0, dtype=torch.float32):

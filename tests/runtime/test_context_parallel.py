@@ -15,6 +15,7 @@ import diffattn
 from diffattn import parallel
 from diffattn.patterns import Radial, SlidingWindow
 from diffattn.patterns.compose import PerHead
+from diffattn.testing import standalone_context
 
 DEGREE = 2
 TOLERANCE = 1e-5
@@ -259,20 +260,7 @@ def test_per_head_pattern_is_sliced_by_the_ranks_heads():
     q, k, v = (torch.randn(1, 4, layout.num_tokens, 8, generator=gen) for _ in range(3))
 
     def ctx(**cp):
-        return diffattn.AttentionContext(
-            layer="l",
-            role="joint",
-            step=0,
-            num_steps=None,
-            q_layout=layout,
-            kv_layout=layout,
-            batch_roles=None,
-            attn_mask=None,
-            scale=None,
-            enable_gqa=False,
-            dense=None,
-            **cp,
-        )
+        return standalone_context(layout, layer="l", **cp)[0]
 
     full = method(q, k, v, ctx())
     for rank in range(2):
