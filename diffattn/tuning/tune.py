@@ -223,6 +223,7 @@ def tune(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     weigh_costs: bool = True,
+    refine: int = 2,
     **call_kwargs: Any,
 ) -> TunedProfile:
     """Tune ``family`` for ``pipe``'s denoiser against dense attention.
@@ -234,7 +235,8 @@ def tune(
     within a threshold, or dense (1.0) when none is. The threshold is
     - ``error_target`` itself (relative L1 error of each head's attention output, e.g. ``0.1``), or
     - with ``psnr_target`` (dB, e.g. ``25``), the largest of :data:`THRESHOLDS` whose profile regenerates the
-      calibration prompts within that PSNR of the dense outputs (a search, a few pipeline runs per step). There,
+      calibration prompts within that PSNR of the dense outputs (a search, a few pipeline runs per step), then
+      ``refine`` geometric bisections between it and the smallest threshold that failed. There,
       with ``weigh_costs`` (default), one more dense run of the first prompt times dense attention and every
       candidate on each layer's first call (:class:`~diffattn.tuning.cost.CostProbe`), and each head takes the
       candidate that minimises ``time / dense time + error / threshold`` instead: a budget is kept only where it
@@ -254,6 +256,8 @@ def tune(
     candidates = tuple(float(c) for c in candidates)
     _check_targets(error_target, psnr_target)
     _check(family, prompts, candidates, step_ranges)
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"tune: refine is a number of extra search steps (0 or more), got {refine!r}")
     if psnr_target is not None:
         if call_kwargs.get("output_type", "np") != "np":
             raise ValueError("tune: psnr_target compares generated outputs; leave output_type out (it uses 'np')")
@@ -341,9 +345,11 @@ def tune(
             outputs = [_output(generate(i)) for i in range(len(prompts))]
         return pooled_psnr(outputs, dense)
 
-    # binary search over THRESHOLDS for the largest whose profile keeps the PSNR target (errors grow with it)
-    low, high, best = 0, len(THRESHOLDS) - 1, None
-    search = tqdm(total=math.ceil(math.log2(len(THRESHOLDS))) + 1, desc="tuning: PSNR search", disable=not progress)
+    # binary search over THRESHOLDS for the largest whose profile keeps the PSNR target (errors grow with it), then
+    # `refine` geometric bisections between it and the smallest one that failed
+    low, high, best, failed = 0, len(THRESHOLDS) - 1, None, None
+    steps = math.ceil(math.log2(len(THRESHOLDS))) + 1 + refine
+    search = tqdm(total=steps, desc="tuning: PSNR search", disable=not progress)
     while low <= high:
         middle = (low + high) // 2
         profile = profile_at(THRESHOLDS[middle])
@@ -352,11 +358,24 @@ def tune(
         if psnr >= psnr_target:
             best, low = profile_at(THRESHOLDS[middle], psnr), middle + 1
         else:
-            high = middle - 1
-    search.close()
+            high, failed = middle - 1, THRESHOLDS[middle]
     if best is None:
+        search.close()
         raise DiffattnError(
             f"no profile reached {psnr_target:g} dB against dense on the calibration prompts (at a per-head error "
             f"of {THRESHOLDS[0]:g}: {psnr:.1f} dB): lower psnr_target, or add larger candidates"
         )
+    for _ in range(refine if failed is not None else 0):
+        threshold = math.sqrt(best.error_target * failed)
+        profile = profile_at(threshold)
+        search.update(1)
+        if profile.layers == best.layers:
+            best = dataclasses.replace(best, error_target=threshold)  # the same budgets: the same outputs
+            continue
+        psnr = psnr_of(profile)
+        if psnr >= psnr_target:
+            best = profile_at(threshold, psnr)
+        else:
+            failed = threshold
+    search.close()
     return best

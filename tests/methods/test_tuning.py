@@ -157,6 +157,7 @@ def test_interrupted_tuning_resumes_where_it_stopped(tmp_path, monkeypatch):
         ({"error_target": 5}, "relative L1 error .* in \\(0, 1\\)"),
         ({"candidates": (0.5, 0.1)}, "increasing top-k fractions"),
         ({"step_ranges": 0}, "positive number of parts"),
+        ({"refine": -1}, "refine is a number of extra search steps"),
     ],
 )
 def test_bad_tuning_arguments_say_how_to_fix(change, message):
@@ -284,3 +285,20 @@ def test_psnr_tuning_times_the_candidates_and_keeps_their_costs_in_the_saved_pro
         _pipe(), "dynamic-topk", PROMPTS, psnr_target=15.0, progress=False, weigh_costs=False, **settings, **CALL
     )
     assert all(not layer.costs for layer in plain.layers)
+
+
+def test_refined_search_ends_between_the_grid_thresholds_and_still_keeps_the_target():
+    """The bisections after the grid search only move the threshold up while the target holds: the profile is never
+    denser than the grid's and its calibration PSNR still meets the target."""
+    from diffattn.tuning.tune import THRESHOLDS
+
+    settings = {k: v for k, v in SETTINGS.items() if k != "error_target"}
+    # the tiny pipeline keeps 51 dB even at the loosest threshold: 55 dB makes the grid search stop below it
+    common = {"psnr_target": 55.0, "progress": False, "weigh_costs": False, **settings, **CALL}
+    grid = diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, refine=0, **common)
+    refined = diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, refine=3, **common)
+    assert grid.error_target in THRESHOLDS
+    assert refined.error_target >= grid.error_target and refined.calibration_psnr >= 55.0
+    assert refined.mean_budget() <= grid.mean_budget()
+    following = THRESHOLDS[THRESHOLDS.index(grid.error_target) + 1]
+    assert refined.error_target < following  # it stays below the grid threshold that failed
