@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from ..context import AttentionContext
-from ..methods.base import AttentionMethod
-from ..methods.dynamic_common import _ROLES
-from ..methods.dynamic_sparse import DynamicSparseAttention
+from .probe import CandidateProbe
 
 __all__ = ["CostProbe", "relative_costs"]
 
@@ -32,28 +30,13 @@ def _seconds(run: Callable[[], Tensor], repeats: int) -> float:
 
 
 @dataclass(frozen=True)
-class CostProbe(AttentionMethod):
+class CostProbe(CandidateProbe):
     """Dense attention that, on the first call of each layer, also times the stock core and
     :class:`~diffattn.DynamicSparseAttention` at each of ``candidates`` (the same fraction for every head):
     ``seconds[layer]`` is ``(dense, candidate 0, candidate 1, ...)``, the least of ``repeats`` runs each."""
 
-    candidates: tuple[float, ...]
-    block_size: int = 128
-    tile: object = "auto"
     repeats: int = 2
-    roles: frozenset[str] = field(default=_ROLES)
     seconds: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        methods = tuple(
-            DynamicSparseAttention(topk=c, block_size=self.block_size, tile=self.tile, roles=self.roles)
-            for c in self.candidates
-        )
-        object.__setattr__(self, "_candidates", methods)
-
-    def validate(self, ctx: AttentionContext) -> None:
-        for method in self._candidates:
-            method.validate(ctx)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         if ctx.layer not in self.seconds:

@@ -16,7 +16,7 @@ from ..methods.dynamic_common import _ROLES
 from ..methods.dynamic_sparse import DynamicSparseAttention
 from .profile import step_range
 
-__all__ = ["SensitivityProbe", "relative_l1_per_head"]
+__all__ = ["CandidateProbe", "SensitivityProbe", "relative_l1_per_head"]
 
 
 def relative_l1_per_head(out: Tensor, dense: Tensor) -> Tensor:
@@ -27,20 +27,14 @@ def relative_l1_per_head(out: Tensor, dense: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class SensitivityProbe(AttentionMethod):
-    """Dense attention that also runs :class:`~diffattn.DynamicSparseAttention` at each of ``candidates`` (top-k
-    fractions) and adds each head's relative L1 error to ``sums[(layer, range)]`` (``(len(candidates), heads)``),
-    ``counts[(layer, range)]`` calls; ``grids[layer]`` is the layer's visual token grid."""
+class CandidateProbe(AttentionMethod):
+    """Dense attention beside :class:`~diffattn.DynamicSparseAttention` at each of ``candidates`` (top-k fractions,
+    ``block_size``, ``tile``): the base of the probes :func:`~diffattn.tune` applies."""
 
     candidates: tuple[float, ...]
-    step_ranges: int = 2
     block_size: int = 128
     tile: object = "auto"
     roles: frozenset[str] = field(default=_ROLES)
-    sums: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    counts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    grids: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    requires_step = True
 
     def __post_init__(self) -> None:
         methods = tuple(
@@ -52,6 +46,19 @@ class SensitivityProbe(AttentionMethod):
     def validate(self, ctx: AttentionContext) -> None:
         for method in self._candidates:
             method.validate(ctx)
+
+
+@dataclass(frozen=True)
+class SensitivityProbe(CandidateProbe):
+    """Dense attention that also runs :class:`~diffattn.DynamicSparseAttention` at each of ``candidates`` (top-k
+    fractions) and adds each head's relative L1 error to ``sums[(layer, range)]`` (``(len(candidates), heads)``),
+    ``counts[(layer, range)]`` calls; ``grids[layer]`` is the layer's visual token grid."""
+
+    step_ranges: int = 2
+    sums: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    counts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    grids: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    requires_step = True
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         if ctx.total_heads not in (None, q.shape[1]):
