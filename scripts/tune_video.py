@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --psnr: choose budgets by error alone (default: weigh each candidate's time against dense's)",
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="compute every head's attention in bfloat16 (native with AMX / AVX512-BF16; the profile records it)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         tile=tile,
         checkpoint=args.out / "checkpoint",
         weigh_costs=not args.no_costs,
+        compute_dtype=torch.bfloat16 if args.bf16 else None,
         num_frames=args.size.frames,
         height=args.size.height,
         width=args.size.width,
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         "" if profile.calibration_psnr is None else f"; {profile.calibration_psnr:.1f} dB on the calibration clips"
     )
     print(
-        f"tuned in {seconds:.0f} s; per-head threshold {profile.error_target:g}; mean top-k fraction "
+        f"tuned in {seconds:.0f} s; {profile.compute_dtype or 'float32'}; per-head threshold {profile.error_target:g}; "
+        "mean top-k fraction "
         f"{profile.mean_budget():.3f}{reached}; saved to {args.out}"
     )
     for layer in profile.layers:

@@ -198,3 +198,19 @@ def check_int_tuple(owner: str, name: str, value: Any, *, minimum: int = 0, exam
     if any(v < minimum for v in items):
         raise ValueError(f"{owner}: {name} must hold ints >= {minimum}, got {tuple(items)}; e.g. {name}={example!r}")
     return tuple(int(v) for v in items)
+
+
+#: The dtypes a method may compute attention in (``compute_dtype=``).
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def check_compute_dtype(owner: str, value: Any) -> None:
+    """``compute_dtype`` is ``None`` (the call's dtype) or one of :data:`COMPUTE_DTYPES` as a ``torch.dtype``."""
+    import torch
+
+    if value is None or (isinstance(value, torch.dtype) and str(value).removeprefix("torch.") in COMPUTE_DTYPES):
+        return
+    raise ValueError(
+        f"{owner}: compute_dtype is None (compute in the call's dtype) or one of torch.bfloat16, torch.float16, "
+        f"torch.float32, got {given(value)}; e.g. compute_dtype=torch.bfloat16"
+    )

@@ -29,16 +29,23 @@ def relative_l1_per_head(out: Tensor, dense: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class CandidateProbe(AttentionMethod):
     """Dense attention beside :class:`~diffattn.DynamicSparseAttention` at each of ``candidates`` (top-k fractions,
-    ``block_size``, ``tile``): the base of the probes :func:`~diffattn.tune` applies."""
+    ``block_size``, ``tile``, ``compute_dtype``): the base of the probes :func:`~diffattn.tune` applies."""
 
     candidates: tuple[float, ...]
     block_size: int = 128
     tile: object = "auto"
     roles: frozenset[str] = field(default=_ROLES)
+    compute_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         methods = tuple(
-            DynamicSparseAttention(topk=c, block_size=self.block_size, tile=self.tile, roles=self.roles)
+            DynamicSparseAttention(
+                topk=c,
+                block_size=self.block_size,
+                tile=self.tile,
+                roles=self.roles,
+                compute_dtype=self.compute_dtype,
+            )
             for c in self.candidates
         )
         object.__setattr__(self, "_candidates", methods)

@@ -55,7 +55,9 @@ class TunedProfile:
     call's range is ``step * step_ranges // num_steps``); ``error_target``: the relative L1 error of the attention
     output each head's budget keeps within (found by the search when ``psnr_target`` was given; ``calibration_psnr``
     is then the profile's PSNR against dense on the calibration prompts); ``candidates``: the top-k fractions tuning
-    chose from (the layers' ``costs`` follow their order). ``diffattn.apply(pipe, profile)`` applies
+    chose from (the layers' ``costs`` follow their order); ``compute_dtype``: ``"bfloat16"`` when every head, dense
+    or sparse, computes on q, k, v cast to bf16 (``tune(..., compute_dtype=torch.bfloat16)``), else ``None``.
+    ``diffattn.apply(pipe, profile)`` applies
     it to the layers it lists; it refuses another model class or another token grid."""
 
     model_class: str
@@ -71,6 +73,7 @@ class TunedProfile:
     psnr_target: float | None = None
     calibration_psnr: float | None = None
     candidates: tuple[float, ...] = ()
+    compute_dtype: str | None = None
 
     def layer(self, name: str) -> LayerBudget | None:
         return next((layer for layer in self.layers if layer.name == name), None)
@@ -129,6 +132,7 @@ class TunedProfile:
             "psnr_target": self.psnr_target,
             "calibration_psnr": self.calibration_psnr,
             "candidates": list(self.candidates),
+            "compute_dtype": self.compute_dtype,
             "layers": [{"name": layer.name, "grid": list(layer.grid)} for layer in self.layers],
         }
         (folder / _JSON).write_text(json.dumps(meta, indent=1))
@@ -177,6 +181,7 @@ class TunedProfile:
             psnr_target=meta.get("psnr_target"),
             calibration_psnr=meta.get("calibration_psnr"),
             candidates=tuple(meta.get("candidates", ())),
+            compute_dtype=meta.get("compute_dtype"),
         )
 
 
@@ -218,6 +223,18 @@ class ProfiledSparseAttention(AttentionMethod):
                 "size or frame count): tune again at this size with diffattn.tune(pipe, ..., height=, width=)"
             )
 
+    @property
+    def _dtype(self) -> torch.dtype | None:
+        return None if self.profile.compute_dtype is None else getattr(torch, self.profile.compute_dtype)
+
+    def _dense(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        """The stock core, on q, k, v cast to the profile's compute dtype (if any) and cast back; in the call's dtype
+        when the call has a float mask (SDPA takes it only in the dtype of q)."""
+        dtype = self._dtype
+        if dtype is None or dtype == q.dtype or (ctx.attn_mask is not None and ctx.attn_mask.is_floating_point()):
+            return ctx.dense(q, k, v)
+        return ctx.dense(q.to(dtype), k.to(dtype), v.to(dtype)).to(q.dtype)
+
     def method_for(self, layer: str, index: int) -> DynamicSparseAttention:
         """The dynamic method of ``layer``'s step range ``index``, made once."""
         key = (layer, index)
@@ -225,7 +242,11 @@ class ProfiledSparseAttention(AttentionMethod):
         if method is None:
             budgets = self.profile.layer(layer).budgets[index]
             method = DynamicSparseAttention(
-                topk=tuple(budgets), block_size=self.profile.block_size, tile=self.profile.tile, roles=self.roles
+                topk=tuple(budgets),
+                block_size=self.profile.block_size,
+                tile=self.profile.tile,
+                roles=self.roles,
+                compute_dtype=self._dtype,
             )
             self._methods[key] = method
         return method
@@ -245,7 +266,7 @@ class ProfiledSparseAttention(AttentionMethod):
             return self.method_for(ctx.layer, index)(q, k, v, ctx)
         if len(dense) == q.shape[1]:  # every head dense: the stock core, no selection
             ctx.report(density=1.0, selection_seconds=0.0, attention_seconds=0.0)
-            return ctx.dense(q, k, v)
+            return self._dense(q, k, v, ctx)
         return self._split(q, k, v, ctx, budgets, dense)
 
     def _split(
@@ -257,7 +278,11 @@ class ProfiledSparseAttention(AttentionMethod):
         method = self._methods.get(key)
         if method is None:
             method = DynamicSparseAttention(
-                topk=key[1], block_size=self.profile.block_size, tile=self.profile.tile, roles=self.roles
+                topk=key[1],
+                block_size=self.profile.block_size,
+                tile=self.profile.tile,
+                roles=self.roles,
+                compute_dtype=self._dtype,
             )
             self._methods[key] = method
         metrics: dict[str, float] = {}
@@ -265,7 +290,7 @@ class ProfiledSparseAttention(AttentionMethod):
         out = torch.empty_like(q)
         d, s = torch.tensor(dense, device=q.device), torch.tensor(sparse, device=q.device)
         out[:, s] = method(q[:, s], k[:, s], v[:, s], inner)
-        out[:, d] = ctx.dense(q[:, d], k[:, d], v[:, d])
+        out[:, d] = self._dense(q[:, d], k[:, d], v[:, d], ctx)
         share = len(sparse) / q.shape[1]
         ctx.report(**{**metrics, "density": share * metrics.get("density", 1.0) + (1 - share)})
         return out

@@ -182,16 +182,13 @@ def _measure_costs(
     apply: Any,
     generate: Any,
     probe: SensitivityProbe,
-    candidates: tuple[float, ...],
-    block_size: int,
-    tile: Any,
+    timer: CostProbe,
     layers: Any,
     progress: bool,
 ) -> dict[str, tuple[float, ...]]:
     """Each tuned layer's candidate times relative to dense, from one dense run of the first prompt."""
     from tqdm.auto import tqdm
 
-    timer = CostProbe(candidates, block_size=block_size, tile=tile)
     bar = tqdm(total=1, desc="tuning: timing candidates", disable=not progress)
     with apply(pipe, timer, layers=layers):
         generate(0)
@@ -224,6 +221,7 @@ def tune(
     progress: bool = True,
     weigh_costs: bool = True,
     refine: int = 2,
+    compute_dtype: torch.dtype | None = None,
     **call_kwargs: Any,
 ) -> TunedProfile:
     """Tune ``family`` for ``pipe``'s denoiser against dense attention.
@@ -242,6 +240,9 @@ def tune(
       candidate that minimises ``time / dense time + error / threshold`` instead: a budget is kept only where it
       saves time (the selection and the sparse loop cost more than the stock core near a full budget), and its
       error stays within the threshold times the share of time it saves.
+    ``compute_dtype=torch.bfloat16`` measures, times and runs every head (dense heads through the stock core) on q, k,
+    v cast to bf16 (see :class:`~diffattn.DynamicSparseAttention`); errors stay measured against dense attention in
+    the call's dtype, and the profile records the dtype.
     Progress shows per prompt and per search step; with ``checkpoint`` (a folder) the measurements are saved after
     each prompt and an interrupted run resumes there when called again with the same settings. Returns a
     :class:`TunedProfile`; ``diffattn.apply(pipe, profile)`` applies it, ``profile.save(folder)`` keeps it. Tune at
@@ -268,7 +269,9 @@ def tune(
             f"tune handles pipelines with one denoiser; this one has {len(models)} "
             f"({', '.join(type(m).__name__ for m in models)}): tune each denoiser's pipeline stage separately"
         )
-    probe = SensitivityProbe(candidates, step_ranges=step_ranges, block_size=block_size, tile=tile)
+    probe = SensitivityProbe(
+        candidates, step_ranges=step_ranges, block_size=block_size, tile=tile, compute_dtype=compute_dtype
+    )
     fingerprint = _fingerprint(
         family=family,
         prompts=prompts,
@@ -281,6 +284,7 @@ def tune(
         steps=num_inference_steps,
         call=call_kwargs,
         model=type(models[0]).__name__,
+        **({} if compute_dtype is None else {"compute_dtype": str(compute_dtype)}),  # earlier checkpoints stay valid
     )
 
     def generate(i: int) -> Any:
@@ -315,7 +319,8 @@ def tune(
 
     costs = None
     if psnr_target is not None and weigh_costs:
-        costs = _measure_costs(pipe, apply, generate, probe, candidates, block_size, tile, layers, progress)
+        timer = CostProbe(candidates, block_size=block_size, tile=tile, compute_dtype=compute_dtype)
+        costs = _measure_costs(pipe, apply, generate, probe, timer, layers, progress)
 
     def profile_at(threshold: float, psnr: float | None = None) -> TunedProfile:
         chosen = _choose(probe, candidates, step_ranges, threshold, costs)
@@ -335,6 +340,7 @@ def tune(
             psnr_target=None if psnr_target is None else float(psnr_target),
             calibration_psnr=psnr,
             candidates=candidates,
+            compute_dtype=None if compute_dtype is None else str(compute_dtype).removeprefix("torch."),
         )
 
     if psnr_target is None:

@@ -169,7 +169,7 @@ def profile_peer(folder: Path) -> Peer:
     settings = (
         f"{profile.family} tuned per layer x {profile.step_ranges} step ranges x head to relative L1 "
         f"{profile.error_target:g} on {len(profile.calibration)} calibration prompts; mean top-k "
-        f"{profile.mean_budget():.3f} ({folder})"
+        f"{profile.mean_budget():.3f}; computed in {profile.compute_dtype or 'the model dtype'} ({folder})"
     )
     return method_peer(f"tuned top-k ({Path(folder).name})", profile.method(), settings=settings)
 

@@ -693,3 +693,27 @@ def test_dynamic_sparse_non_finite_key_block_is_never_selected_for_its_score(val
         assert torch.equal(bad, own_or_text.expand(2, -1))
     assert not bad[:, ~own_or_text].any(), "the non-finite key reached queries that do not see it"
     torch.testing.assert_close(out[:, :, ~own_or_text], expected[:, :, ~own_or_text], rtol=0, atol=F32)
+
+
+def test_compute_dtype_casts_the_call_and_returns_its_dtype():
+    """bf16 compute: the output keeps float32, equals the method run on bf16-cast inputs (cast back), and at a full
+    budget stays within bf16 rounding of dense float32 attention."""
+    layout = TokenLayout((4, 8, 8))
+    q, k, v = qkv(2, 4, layout.num_tokens, dim=16, seed=5)
+    ctx, _ = make_ctx(layout)
+    fast = diffattn.DynamicSparseAttention(topk=1.0, tile=(2, 4, 4), block_size=32, compute_dtype=torch.bfloat16)
+    out = fast(q, k, v, ctx)
+    assert out.dtype == torch.float32
+    plain = diffattn.DynamicSparseAttention(topk=1.0, tile=(2, 4, 4), block_size=32)
+    cast = plain(q.bfloat16(), k.bfloat16(), v.bfloat16(), ctx).float()
+    assert torch.equal(out, cast)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert 0 < (out - dense).abs().max() < 0.03
+    sparse = diffattn.DynamicSparseAttention(topk=0.25, tile=(2, 4, 4), block_size=32, compute_dtype=torch.bfloat16)
+    assert sparse(q, k, v, ctx).dtype == torch.float32
+
+
+@pytest.mark.parametrize("value", [torch.int8, "bfloat16", 16])
+def test_compute_dtype_must_be_a_float_torch_dtype(value):
+    with pytest.raises(ValueError, match="compute_dtype is None .* e.g. compute_dtype=torch.bfloat16"):
+        diffattn.DynamicSparseAttention(topk=0.5, compute_dtype=value)

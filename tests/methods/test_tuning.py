@@ -302,3 +302,42 @@ def test_refined_search_ends_between_the_grid_thresholds_and_still_keeps_the_tar
     assert refined.mean_budget() <= grid.mean_budget()
     following = THRESHOLDS[THRESHOLDS.index(grid.error_target) + 1]
     assert refined.error_target < following  # it stays below the grid threshold that failed
+
+
+def test_a_bf16_profile_computes_every_head_in_bf16_and_keeps_the_dtype_when_saved(tmp_path):
+    """``compute_dtype="bfloat16"``: dense heads are the stock core on bf16-cast inputs, sparse heads the dynamic
+    method in bf16; the output keeps float32; the dtype survives saving."""
+    import dataclasses
+
+    from diffattn.layout import TokenLayout
+    from diffattn.testing import standalone_context
+
+    q, k, v = _qkv()
+    profile = dataclasses.replace(_profile(((1.0, 0.25, 1.0, 0.5), (1.0,) * 4)), compute_dtype="bfloat16")
+    ctx, _ = standalone_context(TokenLayout((4, 8, 8)), step=0, num_steps=2)
+    out = profile.method()(q, k, v, ctx)
+    assert out.dtype == torch.float32
+    cast = [x.bfloat16() for x in (q, k, v)]
+    dense = torch.nn.functional.scaled_dot_product_attention(*cast).float()
+    assert torch.equal(out[:, [0, 2]], dense[:, [0, 2]])
+    alone = diffattn.DynamicSparseAttention(topk=(0.25, 0.5), block_size=32, tile=(2, 4, 4))
+    own, _ = standalone_context(TokenLayout((4, 8, 8)), step=0, num_steps=2)
+    assert torch.equal(out[:, [1, 3]], alone(*(x[:, [1, 3]] for x in cast), own).float())
+    assert TunedProfile.load(profile.save(tmp_path)).compute_dtype == "bfloat16"
+
+
+def test_bf16_tuning_measures_in_bf16_and_records_it():
+    settings = {k: v for k, v in SETTINGS.items() if k != "error_target"}
+    profile = diffattn.tune(
+        _pipe(),
+        "dynamic-topk",
+        PROMPTS,
+        psnr_target=15.0,
+        progress=False,
+        compute_dtype=torch.bfloat16,
+        **settings,
+        **CALL,
+    )
+    assert profile.compute_dtype == "bfloat16" and profile.calibration_psnr >= 15.0
+    with pytest.raises(ValueError, match="compute_dtype is None"):
+        diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, compute_dtype="bf16", progress=False, **SETTINGS, **CALL)
