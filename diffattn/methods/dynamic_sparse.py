@@ -4,7 +4,6 @@ top-p budget per head (SpargeAttn, Sparse VideoGen, VMoBA), optional self-simila
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -192,11 +191,12 @@ class DynamicSparseAttention(AttentionMethod):
         return [plan for plan, _, _ in self._entries(q, k, ctx)]
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-        if self.compute_dtype is not None and self.compute_dtype != q.dtype:
-            scale = _scale(ctx, q)  # of the call's head dim, whatever the dtype
-            cast = (x.to(self.compute_dtype) for x in (q, k, v))
-            inner = dataclasses.replace(self, compute_dtype=None)
-            return inner(*cast, dataclasses.replace(ctx, scale=scale)).to(q.dtype)
+        if self.compute_dtype is None or self.compute_dtype == q.dtype:
+            return self._attend(q, k, v, ctx)
+        cast = (x.to(self.compute_dtype) for x in (q, k, v))
+        return self._attend(*cast, ctx).to(q.dtype)  # (the scale comes from the head dim, not the dtype)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         out = torch.empty_like(q)
         scale = _scale(ctx, q)
         densities, select_s, attend_s = [], 0.0, 0.0

@@ -292,3 +292,21 @@ def test_runs_in_a_tiny_flux_pipeline():
     np.testing.assert_allclose(full, stock, rtol=0, atol=1e-4)
     assert np.isfinite(sparse).all() and np.abs(sparse - stock).max() > 1e-4
     assert metrics and all(0 < m["density"] < 1 and m["clustering_seconds"] > 0 for m in metrics.values())
+
+
+def test_bf16_compute_keeps_the_centroids_across_steps():
+    """``compute_dtype`` runs the same instance on cast inputs: its centroids persist and refresh on schedule."""
+    layout = TokenLayout((4, 8, 8))
+    method = DynamicSparseAttention(
+        topk=0.5,
+        block_size=32,
+        permute=SemanticPermutation(clusters_q=4, clusters_k=8, refresh_every=3),
+        compute_dtype=torch.bfloat16,
+    )
+    q, k, v = qkv(2, 2, layout.num_tokens, dim=16, seed=5)
+    refreshed = []
+    for step in range(4):
+        ctx, metrics = make_ctx(layout, step=step, num_steps=4)
+        assert method(q, k, v, ctx).dtype == torch.float32
+        refreshed.append(metrics["centroids_refreshed"])
+    assert refreshed == [1.0, 0.0, 0.0, 1.0]
