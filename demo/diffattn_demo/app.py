@@ -30,6 +30,7 @@ from typing import Any
 
 from .models import IMAGE_MODELS, Models, image_size
 from .tabs import edit, erase, guidance, layout, speed
+from .upload_check import upload_check_head
 
 __all__ = ["DemoSettings", "prepare_environment", "build_app", "launch", "main"]
 
@@ -133,6 +134,7 @@ def launch(settings: DemoSettings, *, block: bool = True) -> Any:
         max_file_size="10mb",
         ssr_mode=False,
         css=CSS,
+        head=upload_check_head(),
         pwa=False,
         enable_monitoring=False,
     )

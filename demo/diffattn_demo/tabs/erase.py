@@ -25,6 +25,7 @@ from ..inputs import (
     vocabulary_warning,
 )
 from ..models import CFG, Models, image_size
+from ..upload_check import MESSAGE_ID
 from .common import (
     IMAGE_MODEL,
     IMAGE_OUT,
@@ -209,6 +210,7 @@ def _input_column(models: Models) -> tuple[Any, ...]:
             layers=False,
             canvas_size=(256, 256),
         )
+        gr.HTML("", elem_id=MESSAGE_ID)  # the browser's refusal of an oversize file (upload_check.py)
         with gr.Row():
             r_seed = seed_box("erase-seed")
             r_steps = steps_box("erase-steps", 10)
