@@ -62,9 +62,9 @@ class DynamicSparseAttention(AttentionMethod):
     0), so a block holding a NaN key is never selected for that score.
 
     ``compute_dtype=torch.bfloat16`` computes the selection and attention on q, k, v cast to that dtype and returns
-    the call's dtype (SageAttention's trade: bf16 GEMMs run natively with AMX / AVX512-BF16, about twice float32's
-    speed at 4,096 tokens; on the embedded video model bf16 attention stays 61 dB from float32's output). Measure it
-    against dense for your model before relying on it; ``None`` computes in the call's dtype.
+    the call's dtype (SageAttention's trade: bf16 GEMMs run natively with AMX / AVX512-BF16; on the embedded video
+    model bf16 attention stays 61 dB from float32's output, ``scripts/bf16_attention.py``). Measure it against dense
+    for your model before relying on it; ``None`` computes in the call's dtype.
 
     ``permute=SemanticPermutation(...)`` (Sparse VideoGen 2): the visual queries and keys of each head are clustered
     by k-means (centroids kept per layer and refreshed every few steps, see

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..context import AttentionContext
 from .probe import CandidateProbe
+from .profile import dense_in
 
 __all__ = ["CostProbe", "relative_costs"]
 
@@ -33,9 +34,9 @@ def _seconds(run: Callable[[], Tensor], repeats: int) -> float:
 class CostProbe(CandidateProbe):
     """Dense attention that, on the first call of each layer, also times the stock core and
     :class:`~diffattn.DynamicSparseAttention` at each of ``candidates`` (the same fraction for every head):
-    ``seconds[layer]`` is ``(dense, candidate 0, candidate 1, ...)``, the least of ``repeats`` runs each. With a
-    ``compute_dtype`` the stock core is timed on inputs cast to it, as a profile of that dtype runs its dense
-    heads."""
+    ``seconds[layer]`` is ``(dense, candidate 0, candidate 1, ...)``, the least of ``repeats`` runs each. The stock
+    core is timed as a profile of ``compute_dtype`` runs its dense heads (:func:`~.profile.dense_in`, casts
+    included)."""
 
     repeats: int = 2
     seconds: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -43,9 +44,7 @@ class CostProbe(CandidateProbe):
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         if ctx.layer not in self.seconds:
             quiet = dataclasses.replace(ctx, report=lambda **metrics: None)
-            dtype = self.compute_dtype or q.dtype
-            cast = [x.to(dtype) for x in (q, k, v)]
-            times = [_seconds(lambda: ctx.dense(*cast).to(q.dtype), self.repeats)]
+            times = [_seconds(lambda: dense_in(self.compute_dtype, q, k, v, ctx), self.repeats)]
             times += [_seconds(lambda m=m: m(q, k, v, quiet), self.repeats) for m in self._candidates]
             self.seconds[ctx.layer] = tuple(times)
         return ctx.dense(q, k, v)

@@ -20,7 +20,7 @@ from ..methods.base import AttentionMethod
 from ..methods.dynamic_common import _ROLES
 from ..methods.dynamic_sparse import DynamicSparseAttention
 
-__all__ = ["LayerBudget", "TunedProfile", "ProfiledSparseAttention", "PROFILE_FORMAT"]
+__all__ = ["LayerBudget", "TunedProfile", "ProfiledSparseAttention", "PROFILE_FORMAT", "dense_in"]
 
 PROFILE_FORMAT = 1
 _JSON = "profile.json"
@@ -227,29 +227,23 @@ class ProfiledSparseAttention(AttentionMethod):
     def _dtype(self) -> torch.dtype | None:
         return None if self.profile.compute_dtype is None else getattr(torch, self.profile.compute_dtype)
 
-    def _dense(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-        """The stock core, on q, k, v cast to the profile's compute dtype (if any) and cast back; in the call's dtype
-        when the call has a float mask (SDPA takes it only in the dtype of q)."""
-        dtype = self._dtype
-        if dtype is None or dtype == q.dtype or (ctx.attn_mask is not None and ctx.attn_mask.is_floating_point()):
-            return ctx.dense(q, k, v)
-        return ctx.dense(q.to(dtype), k.to(dtype), v.to(dtype)).to(q.dtype)
-
-    def method_for(self, layer: str, index: int) -> DynamicSparseAttention:
-        """The dynamic method of ``layer``'s step range ``index``, made once."""
-        key = (layer, index)
-        method = self._methods.get(key)
+    def _method(self, budgets: tuple[float, ...]) -> DynamicSparseAttention:
+        """The dynamic method with these per-head budgets, made once per budgets."""
+        method = self._methods.get(budgets)
         if method is None:
-            budgets = self.profile.layer(layer).budgets[index]
             method = DynamicSparseAttention(
-                topk=tuple(budgets),
+                topk=budgets,
                 block_size=self.profile.block_size,
                 tile=self.profile.tile,
                 roles=self.roles,
                 compute_dtype=self._dtype,
             )
-            self._methods[key] = method
+            self._methods[budgets] = method
         return method
+
+    def method_for(self, layer: str, index: int) -> DynamicSparseAttention:
+        """The dynamic method of ``layer``'s step range ``index``."""
+        return self._method(tuple(self.profile.layer(layer).budgets[index]))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         layer = self._layer(ctx)
@@ -266,7 +260,7 @@ class ProfiledSparseAttention(AttentionMethod):
             return self.method_for(ctx.layer, index)(q, k, v, ctx)
         if len(dense) == q.shape[1]:  # every head dense: the stock core, no selection
             ctx.report(density=1.0, selection_seconds=0.0, attention_seconds=0.0)
-            return self._dense(q, k, v, ctx)
+            return dense_in(self._dtype, q, k, v, ctx)
         return self._split(q, k, v, ctx, budgets, dense)
 
     def _split(
@@ -274,23 +268,13 @@ class ProfiledSparseAttention(AttentionMethod):
     ) -> Tensor:
         """Dense heads through the stock core, the others through the dynamic method with their budgets."""
         sparse = [h for h in range(q.shape[1]) if h not in dense]
-        key = (ctx.layer, tuple(budgets[h] for h in sparse))
-        method = self._methods.get(key)
-        if method is None:
-            method = DynamicSparseAttention(
-                topk=key[1],
-                block_size=self.profile.block_size,
-                tile=self.profile.tile,
-                roles=self.roles,
-                compute_dtype=self._dtype,
-            )
-            self._methods[key] = method
+        method = self._method(tuple(budgets[h] for h in sparse))
         metrics: dict[str, float] = {}
         inner = replace(ctx, head_offset=0, total_heads=None, report=lambda **m: metrics.update(m))
         out = torch.empty_like(q)
         d, s = torch.tensor(dense, device=q.device), torch.tensor(sparse, device=q.device)
         out[:, s] = method(q[:, s], k[:, s], v[:, s], inner)
-        out[:, d] = self._dense(q[:, d], k[:, d], v[:, d], ctx)
+        out[:, d] = dense_in(self._dtype, q[:, d], k[:, d], v[:, d], ctx)
         share = len(sparse) / q.shape[1]
         ctx.report(**{**metrics, "density": share * metrics.get("density", 1.0) + (1 - share)})
         return out
@@ -300,3 +284,11 @@ def _splittable(q: Tensor, k: Tensor, ctx: AttentionContext) -> bool:
     """Whether heads can run apart: the same number of query and key heads, and a mask shared by all heads."""
     mask = ctx.attn_mask
     return k.shape[1] == q.shape[1] and (mask is None or mask.ndim < 4 or mask.shape[1] == 1)
+
+
+def dense_in(dtype: torch.dtype | None, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+    """The stock core on q, k, v cast to ``dtype`` (``None``: as they come) and cast back. A call with a float mask
+    stays in its own dtype: SDPA takes such a mask only in the dtype of q, and the stock call's mask is fixed."""
+    if dtype is None or dtype == q.dtype or (ctx.attn_mask is not None and ctx.attn_mask.is_floating_point()):
+        return ctx.dense(q, k, v)
+    return ctx.dense(q.to(dtype), k.to(dtype), v.to(dtype)).to(q.dtype)
