@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import logging
 import os
 import shutil
@@ -114,16 +115,8 @@ def build_app(models: Models, temp: Path) -> Any:
     return app
 
 
-def launch(settings: DemoSettings, *, block: bool = True) -> Any:
-    """Load the models, build the app and serve it on ``settings.host:settings.port`` (never a share link).
-    ``block=False`` returns the running app (call ``app.close()``)."""
-    temp = prepare_environment()
-    import torch
-
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    models = Models(settings.image_model, settings.video_model, settings.embedded_image).load()
-    app = build_app(models, temp)
+def _serve(app: Any, settings: DemoSettings) -> None:
+    """Start Gradio's server for ``app`` on loopback settings, without blocking."""
     app.launch(
         server_name=settings.host,
         server_port=settings.port,
@@ -138,6 +131,24 @@ def launch(settings: DemoSettings, *, block: bool = True) -> Any:
         pwa=False,
         enable_monitoring=False,
     )
+
+
+def launch(settings: DemoSettings, *, block: bool = True) -> Any:
+    """Load the models, build the app and serve it on ``settings.host:settings.port`` (never a share link).
+    ``block=False`` returns the running app (call ``app.close()``)."""
+    temp = prepare_environment()
+    import torch
+
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    models = Models(settings.image_model, settings.video_model, settings.embedded_image).load()
+    app = build_app(models, temp)
+    try:
+        _serve(app, settings)
+    except BaseException:  # a stop (Ctrl+C, SIGTERM) while Gradio still starts: its server thread goes too
+        with contextlib.suppress(Exception):
+            app.close()
+        raise
     print(f"diffattn demo: http://{settings.host}:{settings.port} (Ctrl+C stops it)", flush=True)
     if not block:
         return app
@@ -203,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     # a process started in the background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and
     # Python then installs no KeyboardInterrupt handler: Ctrl+C / kill -INT would never stop the demo
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    launch(settings)
+    try:
+        launch(settings)
+    except KeyboardInterrupt:  # Ctrl+C before the server blocked (loading, starting): a normal stop as well
+        pass
     return 0
 
 

@@ -76,3 +76,33 @@ def test_signal_stops_the_demo_and_removes_its_temp_folder(tmp_path, stop, start
     assert code == 0, f"exit status {code}:\n{log.read_text()[-3000:]}"
     assert not folders[0].exists(), f"{stop.name} left the demo's temporary folder {folders[0]}"
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def test_ctrl_c_while_the_server_starts_is_a_normal_stop_that_closes_it(monkeypatch):
+    """Ctrl+C (or SIGINT) landing inside Gradio's launch, after the server answers but before the demo blocks (the
+    race the background-SIGINT test met once in CI): the demo closes the app and exits 0, without a traceback."""
+    from diffattn_demo import app as app_module
+
+    closed = []
+
+    class FakeApp:
+        def close(self):
+            closed.append(True)
+
+    class FakeModels:
+        def __init__(self, *args):
+            pass
+
+        def load(self):
+            return self
+
+    def interrupted(app, settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app_module, "prepare_environment", lambda: Path("unused"))
+    monkeypatch.setattr(app_module, "Models", FakeModels)
+    monkeypatch.setattr(app_module, "build_app", lambda models, temp: FakeApp())
+    monkeypatch.setattr(app_module, "_serve", interrupted)
+    monkeypatch.setattr(app_module.signal, "signal", lambda *args: None)  # leave pytest's own handlers alone
+    assert app_module.main(["--port", "7999"]) == 0
+    assert closed == [True]
