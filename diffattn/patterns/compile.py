@@ -161,11 +161,18 @@ def token_mask_mod(ko: KernelOrder, visual_mod: Callable, per_head: bool, device
 
 
 def relation_block_mask(
-    any_: Tensor, full: Tensor, block_size: int | tuple[int, int], length: int | tuple[int, int], mask_mod: Callable
+    any_: Tensor,
+    full: Tensor,
+    block_size: int | tuple[int, int],
+    length: int | tuple[int, int],
+    mask_mod: Callable,
+    compute_q_blocks: bool = True,
 ) -> BlockMask:
     """``BlockMask`` (batch 1; heads from a leading dim of the relation, else 1) from a block relation: ``full``
     blocks need no element mask, other ``any_`` blocks are partial (``mask_mod`` decides inside them).
-    ``block_size`` and ``length`` take ``(query, key)`` pairs for rectangular masks."""
+    ``block_size`` and ``length`` take ``(query, key)`` pairs for rectangular masks. ``compute_q_blocks=False``
+    skips the transposed (query-side) lists, which only FlexAttention's backward reads: a mask built per call
+    without gradients saves their sort."""
     partial = any_ & ~full
     if any_.ndim == 2:
         partial, full = partial.unsqueeze(0), full.unsqueeze(0)
@@ -186,6 +193,7 @@ def relation_block_mask(
         BLOCK_SIZE=block_size,
         mask_mod=mask_mod,
         seq_lengths=lengths,
+        compute_q_blocks=compute_q_blocks,
     )
 
 

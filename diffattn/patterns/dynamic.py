@@ -229,7 +229,8 @@ def selection_block_mask(
         return sel[h, q // block, kv // block]
 
     mask_mod = token_mask_mod(ko, visual_mod, True, device)
-    block_mask = relation_block_mask(any_, full, block, ko.length, mask_mod)
+    # built per call: the query-side lists (FlexAttention's backward only) are skipped when no gradient can flow
+    block_mask = relation_block_mask(any_, full, block, ko.length, mask_mod, compute_q_blocks=torch.is_grad_enabled())
     if str(device) != "cpu":
         block_mask = block_mask.to(device)
     real = int(ko.valid.sum())

@@ -108,8 +108,10 @@ def test_compiled_cpu_loop_matches_reference_and_sdpa_path(use_loop, monkeypatch
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in random_qkv(2, 3, n, 32, dtype, seed=case))
     assert loop.supports(q), f"{dtype} is not routed to the compiled loop: {loop.status()}"
     calls = []
-    real = loop.attend
+    real, real_lists = loop.attend, loop.attend_lists
+    # query blocks per call: attend's members, or attend_lists' block lists (all query blocks of a mask of whole blocks)
     monkeypatch.setattr(loop, "attend", lambda *a: (calls.append((len(a[5]),)), real(*a))[1])
+    monkeypatch.setattr(loop, "attend_lists", lambda *a: (calls.append((len(a[5]) - 1,)), real_lists(*a))[1])
     out, lse = kernels.attention(q, k, v, plan.block_mask, backend="torch")
     assert calls and sum(c[0] for c in calls) > 0, "no query block went through the compiled loop"
     ref64, lse64 = kernels.attention(q.double(), k.double(), v.double(), plan.block_mask, backend="reference")
@@ -121,6 +123,53 @@ def test_compiled_cpu_loop_matches_reference_and_sdpa_path(use_loop, monkeypatch
     sdpa_out, sdpa_lse = kernels.attention(q, k, v, plan.block_mask, backend="torch")
     assert len(calls) == 1, "DTYPES=() must route everything to the SDPA path"
     assert (out.float() - sdpa_out.float()).abs().max().item() <= 2 * TOLERANCE[dtype]
+
+
+def _per_head_whole_block_mask(heads: int, num_qb: int, num_kb: int, n: int, block: int, seed: int):
+    """A BlockMask of whole blocks only with different, unsorted key-block lists per head (as top-k selections
+    make), one query block per head with no block at all, and a partial last key block when ``n`` is not a multiple
+    of ``block``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    g = torch.Generator().manual_seed(seed)
+    num = torch.randint(1, num_kb + 1, (1, heads, num_qb), generator=g, dtype=torch.int32)
+    num[0, :, 0] = 0  # (a different empty query block per head below)
+    idx = torch.stack([torch.randperm(num_kb, generator=g) for _ in range(heads * num_qb)]).to(torch.int32)
+    idx = idx.view(1, heads, num_qb, num_kb)
+    for h in range(heads):
+        num[0, h, 0] = num_kb
+        num[0, h, (h + 1) % num_qb] = 0
+    zeros = torch.zeros_like(num)
+    return BlockMask.from_kv_blocks(zeros, idx.clone(), num, idx, BLOCK_SIZE=block, seq_lengths=(n, n))
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,kv_heads", [(128, 3), (120, 1)])
+def test_per_head_whole_blocks_take_one_call(use_loop, monkeypatch, isa, dtype, n, kv_heads):
+    """A mask of whole blocks with per-head lists (top-k selections) is computed by one call of the loop for every
+    head and query block (block lists built by tensor ops), and matches the float64 reference: unsorted lists, a
+    query block with no key (0 / lse -inf), a partial last key and query block (n=120), grouped-query heads."""
+    use_loop(isa=isa)
+    heads, block = 3, 16
+    num_qb = math.ceil(n / block)
+    mask = _per_head_whole_block_mask(heads, num_qb, num_qb, n, block, seed=n)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, heads, n, 32, generator=g).to(dtype)
+    k, v = (torch.randn(2, kv_heads, n, 32, generator=g).to(dtype) for _ in range(2))
+    calls = []
+    real_lists = loop.attend_lists
+    monkeypatch.setattr(loop, "attend", lambda *a: pytest.fail("per-query-block calls for a mask of whole blocks"))
+    monkeypatch.setattr(loop, "attend_lists", lambda *a: (calls.append(len(a[5]) - 1), real_lists(*a))[1])
+    out, lse = kernels.attention(q, k, v, mask, backend="torch")
+    assert calls == [heads * num_qb]
+    ref64, lse64 = kernels.attention(q.double(), k.double(), v.double(), mask, backend="reference")
+    assert (out.double() - ref64).abs().max().item() <= TOLERANCE[dtype]
+    finite = torch.isfinite(lse64)
+    assert not finite.all(), "the mask was meant to leave a query block without keys"
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], lse64[finite].float(), rtol=0, atol=1e-3)
+    assert (out[~finite.unsqueeze(-1).expand_as(out)] == 0).all()
 
 
 def _expected(q, k, v, members, bq, bkv, scale, order):

@@ -31,6 +31,7 @@ from diffattn.patterns.dynamic import (
     pyramid_levels,
     select_topk,
     select_topp,
+    selection_block_mask,
 )
 from diffattn.testing import tiny_inputs
 
@@ -717,3 +718,20 @@ def test_compute_dtype_casts_the_call_and_returns_its_dtype():
 def test_compute_dtype_must_be_a_float_torch_dtype(value):
     with pytest.raises(ValueError, match="compute_dtype is None .* e.g. compute_dtype=torch.bfloat16"):
         diffattn.DynamicSparseAttention(topk=0.5, compute_dtype=value)
+
+
+def test_selection_mask_skips_query_lists_only_without_gradients():
+    """The per-call mask of a selection leaves out the query-side lists (read only by FlexAttention's backward)
+    when no gradient can flow, and keeps them, equal to a full build, when one can; the kernel's output is the same."""
+    layout = TokenLayout((4, 8, 8))
+    ko = block_order(layout, (2, 4, 4), 32, 0)
+    selected = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.4
+    with torch.no_grad():
+        lean, _ = selection_block_mask(ko, selected)
+    full, _ = selection_block_mask(ko, selected)
+    assert lean.q_indices is None and full.q_indices is not None
+    q, k, v = qkv(1, 2, ko.length, 16, seed=0)
+    with torch.no_grad():
+        a = kernels.attention(q, k, v, lean, backend="torch")[0]
+        b = kernels.attention(q, k, v, full, backend="torch")[0]
+    assert torch.equal(a, b)

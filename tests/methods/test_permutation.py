@@ -108,6 +108,23 @@ def test_cluster_order_round_trip_and_head_kernel_order():
     assert torch.equal(plan.output(_take(lse.unsqueeze(-1), gather).squeeze(-1)), lse)
 
 
+@pytest.mark.parametrize("memory", ["bhsd", "bshd", "strided"])
+def test_take_with_one_order_for_every_head_in_each_memory_layout(memory):
+    """A shared (L,) order gives x[:, :, order] whatever the memory layout: contiguous (flat rows), sequence-major as
+    attention processors pass q / k / v (whole token rows), or another stride (index_select along the sequence)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 3, 50, 8, generator=g)
+    x = {
+        "bhsd": base,
+        "bshd": base.transpose(1, 2).contiguous().transpose(1, 2),
+        "strided": torch.randn(2, 3, 50, 16, generator=g)[..., ::2],
+    }[memory]
+    order = torch.randperm(50, generator=g)[:40]
+    assert torch.equal(_take(x, order), x[:, :, order])
+    assert torch.equal(_take(x[1:2], order), x[1:2, :, order])
+    assert torch.equal(_take(x[..., 0], order.view(1, -1).expand(3, -1)), x[:, :, order, 0])
+
+
 def test_clusters_are_placed_next_to_similar_ones():
     # centroids on a line, in shuffled cluster order: the chain walks the line from one end
     g = torch.Generator().manual_seed(2)

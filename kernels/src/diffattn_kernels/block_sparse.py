@@ -5,7 +5,9 @@ stretch by one fused SDPA call that also returns the log-sum-exp; the parts of a
 log-sum-exp. Rows with no allowed key give 0 and lse ``-inf``.
 
 Query blocks with full blocks only (sliding tile, radial, top-k selections) go, on CPUs with a build of it (AVX-512,
-AVX2, NEON), to the compiled loop of :mod:`.cpu_block_sparse` (the fastest path in every benchmark case). Elsewhere
+AVX2, NEON), to the compiled loop of :mod:`.cpu_block_sparse` (the fastest path in every benchmark case); a mask with
+no partial block at all goes there in one call for every head and query block, its lists built by tensor ops (per-call
+masks of dynamic selections: no Python loop over heads and query blocks). Elsewhere
 (GPU, other CPUs, ``DIFFATTN_CPU_KERNEL=0``, float16) they are computed *key-major*: their key runs are grouped by
 stretch and every query block that needs a stretch attends it in one call with all their rows stacked. The CPU flash
 kernel splits short queries into 32-row tiles and reaches only ~60% of its dense speed on 128-row calls (~55% in bf16);
@@ -219,6 +221,17 @@ def forward(
         k = k.repeat_interleave(heads // k.shape[1], dim=1)
         v = v.repeat_interleave(heads // v.shape[1], dim=1)
     per_head = mask_heads > 1
+    if (
+        _whole_blocks_only(kv_num_blocks, full_kv_num_blocks)
+        and kv_num_blocks.shape[-1] == math.ceil(num_q / bq)
+        and cpu_block_sparse.supports(q)
+    ):
+        # every listed block is whole (top-k selections, tiles that divide the grid): one call of the compiled loop
+        # for every head and query block, block lists built by tensor ops
+        out, lse = torch.empty_like(q), torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
+        offsets, ids = cpu_block_sparse.block_lists(full_kv_num_blocks, full_kv_indices)
+        cpu_block_sparse.attend_lists(q, k, v, out, lse, offsets, ids, bq, bkv, scale)
+        return out, lse
     out = torch.zeros_like(q)
     lse = torch.full((batch, heads, num_q), _NEG_INF, dtype=torch.float32, device=q.device)
     head_groups = [slice(h, h + 1) for h in range(heads)] if per_head else [slice(0, heads)]
@@ -270,6 +283,11 @@ def forward(
             order = _cached_key_order(kv_num_blocks, g, num_kv, bkv, full_only)
             _key_major(q, k, v, out, lse, hs, full_only, bq, bkv, scale, order)
     return out, lse
+
+
+def _whole_blocks_only(kv_num_blocks: Tensor, full_kv_num_blocks: Tensor | None) -> bool:
+    """Whether a mask lists whole (full) blocks only: no partial block needs an element mask."""
+    return full_kv_num_blocks is not None and not bool(kv_num_blocks.any())
 
 
 def _with_open_tile(tiles: Tensor, bq: int, bkv: int, device: torch.device) -> Tensor:

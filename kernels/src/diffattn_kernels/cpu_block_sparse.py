@@ -51,6 +51,7 @@ __all__ = [
     "DTYPES",
     "ISAS",
     "attend",
+    "attend_lists",
     "extension",
     "kernel_for",
     "reset",
@@ -358,6 +359,45 @@ def _block_lists(
     ]
     offsets = torch.tensor([0] + [len(ids) for ids in lists], dtype=torch.int64).cumsum(0)
     return offsets, torch.tensor([b for ids in lists for b in ids], dtype=torch.int64)
+
+
+def block_lists(num_blocks: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """A ``BlockMask``'s block lists of batch entry 0 (``num_blocks`` (1, H, Q), ``indices`` (1, H, Q, slots)) in the
+    CSR form the kernel reads: offsets ``(H * Q + 1,)`` (head-major) and ascending block ids, built with tensor ops
+    (no Python loop over heads or query blocks)."""
+    num, idx = num_blocks[0].to(torch.int64), indices[0].to(torch.int64)
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
+    ordered = torch.where(listed, idx, torch.iinfo(torch.int64).max).sort(dim=-1).values  # listed ones first
+    offsets = torch.zeros(num.numel() + 1, dtype=torch.int64)
+    torch.cumsum(num.reshape(-1).cpu(), 0, out=offsets[1:])
+    return offsets, ordered[listed].cpu()  # the first ``num`` of each sorted row are its listed blocks
+
+
+def attend_lists(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    offsets: Tensor,
+    ids: Tensor,
+    bq: int,
+    bkv: int,
+    scale: float,
+) -> None:
+    """Write ``out`` and ``lse`` ((B, H, Sq, D), (B, H, Sq)) for every query block at once, in one call: query block
+    ``i`` sees the whole key blocks ``ids[offsets[r]:offsets[r + 1]]`` (ascending), with ``r = i`` when ``offsets``
+    has one entry per query block + 1 (lists shared by the heads), ``r = h * Q + i`` when it has one per head and
+    query block + 1 (:func:`block_lists`). A query block with no key block gets 0 and lse ``-inf``."""
+    module = extension()
+    choice = kernel_for(q.dtype)
+    if module is None or choice is None:
+        raise RuntimeError(f"the compiled block-sparse loop is unavailable for {q.dtype}: {status()}")
+    kp, vp = _pack(k, v, bkv, choice.compute, vnni=choice.kernel == "onednn" and q.dtype == torch.bfloat16)
+    starts = torch.arange(0, q.shape[2], bq, dtype=torch.int64)
+    module.block_sparse_forward(
+        q, kp, vp, out, lse, starts, offsets, ids, bq, k.shape[2], float(scale), KV_TILE, choice.kernel
+    )
 
 
 def attend(

@@ -216,6 +216,9 @@ void forward(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, at
   // Threads of our own (as many as torch uses): ATen's parallel_for is OpenMP-inline and an extension built
   // without -fopenmp would run it serially, while linking a second OpenMP runtime beside torch's invites trouble.
   // Tasks differ in cost (key counts vary per query block), so threads take the next task from a shared counter.
+  // block lists per query block shared by the heads (members + 1 offsets) or one per head and query block
+  // (heads * members + 1 offsets, head-major)
+  const bool per_head = block_offsets.size(0) == heads * members + 1 && heads > 1;
   const int64_t total = batch * heads * members;
   std::atomic<int64_t> next_task{0};
   auto worker = [&]() {
@@ -245,8 +248,9 @@ void forward(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp, at
       std::fill(acc.begin(), acc.begin() + rows * dim, 0.0f);
       std::fill(row_max.begin(), row_max.begin() + rows, -std::numeric_limits<float>::infinity());
       std::fill(row_sum.begin(), row_sum.begin() + rows, 0.0f);
-      for (int64_t t0 = offsets[member]; t0 < offsets[member + 1]; t0 += tile_blocks) {
-        const int64_t count = std::min(tile_blocks, offsets[member + 1] - t0);  // key blocks of this tile
+      const int64_t row = per_head ? h * members + member : member;  // this task's block list
+      for (int64_t t0 = offsets[row]; t0 < offsets[row + 1]; t0 += tile_blocks) {
+        const int64_t count = std::min(tile_blocks, offsets[row + 1] - t0);  // key blocks of this tile
         const int64_t* tile = ids + t0;
         const int64_t n = count * kv_block;
         // keys of the tile before the padding of its last block (the only one that can have any)
@@ -349,7 +353,8 @@ void block_sparse_forward(const at::Tensor& q, const at::Tensor& kp, const at::T
   TORCH_CHECK(kp.is_contiguous() && vp.is_contiguous(), "packed k and v must be contiguous");
   TORCH_CHECK(out.sizes() == q.sizes() && out.stride(3) == 1, "out must match q");
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32");
-  TORCH_CHECK(block_offsets.size(0) == q_starts.size(0) + 1, "block_offsets needs one entry per query block + 1");
+  TORCH_CHECK(block_offsets.size(0) == q_starts.size(0) + 1 || block_offsets.size(0) == q.size(1) * q_starts.size(0) + 1,
+              "block_offsets needs one entry per query block + 1, or one per head and query block + 1 (head-major)");
   TORCH_CHECK(block_ids.numel() == 0 || (block_ids.min().item<int64_t>() >= 0 &&
                                          block_ids.max().item<int64_t>() < kp.size(2)),
               "block_ids must index the packed key blocks");
