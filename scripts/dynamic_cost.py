@@ -1,7 +1,7 @@
 """What one ``DynamicSparseAttention`` call costs against dense SDPA on the same inputs, per top-k fraction: the
 candidate costs ``diffattn.tune`` weighs, without a model.
 
-    python scripts/dynamic_cost.py                          # the embedded video model's shape: 2 x 4 heads x 32, 16x16x16
+    python scripts/dynamic_cost.py        # the embedded video model's shape: 2 x 4 heads x 32, 16x16x16 tokens
     python scripts/dynamic_cost.py --grid 16x32x32 --heads 12 --dim 64
 
 Times are the fastest of ``--repeats`` rounds in which dense and every fraction take turns (a busy machine slows all
@@ -28,7 +28,7 @@ def _grid(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a grid is FRAMESxHEIGHTxWIDTH in tokens, e.g. 16x16x16; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"a grid is FxHxW in tokens, e.g. 16x16x16; got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
