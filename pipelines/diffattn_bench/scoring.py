@@ -53,6 +53,7 @@ from diffattn_bench.grammar import (
 )
 
 __all__ = [
+    "in_boxes",
     "BenchConfig",
     "BenchSummary",
     "Component",
@@ -398,6 +399,15 @@ class ImageResult:
     def correct(self) -> bool:
         """Every check passes: colours, positions, shapes, count, no leakage."""
         return self.colour_position_correct and self.shape_correct and self.count_correct and not self.leakage
+
+
+def in_boxes(found: Sequence[tuple[str, tuple[float, float]]], wanted: Sequence[tuple[str, Sequence[float]]]) -> bool:
+    """Whether each wanted ``(colour, (x0, y0, x1, y1))`` is drawn by a found ``(colour, (x, y))`` object whose centre
+    lies inside the box (fractions of the image, origin top-left): a layout's subjects placed and coloured right."""
+    return all(
+        any(colour == want and x0 <= cx <= x1 and y0 <= cy <= y1 for colour, (cx, cy) in found)
+        for want, (x0, y0, x1, y1) in wanted
+    )
 
 
 def _prompt_objects(prompt: str | Sequence[ParsedObject]) -> tuple[str, tuple[ParsedObject, ...]]:

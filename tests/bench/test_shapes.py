@@ -48,6 +48,7 @@ from diffattn_bench.scoring import (
     classify_shape,
     evaluate_image,
     evaluate_video,
+    in_boxes,
     main,
     psnr,
     ssim,
@@ -614,3 +615,12 @@ def test_cli_scores_a_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "prompts.json not found" in capsys.readouterr().err
+
+
+def test_in_boxes_needs_each_colour_inside_its_own_box():
+    found = [("red", (0.2, 0.3)), ("blue", (0.8, 0.7))]
+    boxes = [("red", (0.0, 0.0, 0.5, 0.5)), ("blue", (0.5, 0.5, 1.0, 1.0))]
+    assert in_boxes(found, boxes)
+    assert not in_boxes(found, [("red", (0.5, 0.5, 1.0, 1.0))])  # red is drawn, but outside that box
+    assert not in_boxes(found, [*boxes, ("green", (0.0, 0.5, 0.5, 1.0))])  # a subject not drawn at all
+    assert not in_boxes([("blue", (0.2, 0.3))], [("red", (0.0, 0.0, 0.5, 0.5))])  # the wrong colour in the box

@@ -31,6 +31,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffattn_bench.scoring import in_boxes
 from diffattn_demo.images import shrink, to_uint8
 from diffattn_demo.models import IMAGE_MODELS, Models
 from diffattn_demo.tabs.edit import run_edit
@@ -373,14 +374,6 @@ def _layout_content(models: Models, prompt: str, subjects_text: str, steps: int,
     return raw
 
 
-def _in_boxes(found: list[tuple[str, tuple[float, float]]], wanted: list[tuple[str, tuple[float, ...]]]) -> bool:
-    """Whether each wanted colour is drawn by an object whose centre lies inside that colour's box."""
-    return all(
-        any(colour == want and x0 <= cx <= x1 and y0 <= cy <= y1 for colour, (cx, cy) in found)
-        for want, (x0, y0, x1, y1) in wanted
-    )
-
-
 def test_layout_tab(page, server, models):
     """The tab's defaults (20 steps) on shapes-image: the red circle inside its box at the top left, the blue square
     inside its box at the bottom right (read from the pixels), unlike the plain prompt from the same noise. (At 8
@@ -404,7 +397,7 @@ def test_layout_tab(page, server, models):
     assert not _close(plain, bounded)  # bounded attention changed the image
     content = _layout_content(models, prompt, subjects, steps, bounded)
     found = [(c.colour, c.centroid) for c in segment(content).components]
-    assert _in_boxes(found, [("red", (0, 0, 0.5, 0.5)), ("blue", (0.5, 0.5, 1, 1))]), found
+    assert in_boxes(found, [("red", (0, 0, 0.5, 0.5)), ("blue", (0.5, 0.5, 1, 1))]), found
     side = boxes.shape[0]
     assert boxes[0, side // 4].tolist() == list(BOX_COLOURS[0])
     assert boxes[side - 1, 3 * side // 4].tolist() == list(BOX_COLOURS[1])
@@ -980,7 +973,7 @@ def test_each_default_tab_of_the_default_demo_runs_and_is_timed(browser, scenes_
                 content = _layout_content(scenes_models, prompts.layout, prompts.layout_subjects, 20, shown)
                 found = [(o.colour, o.centre) for o in read_scene(content).objects]
                 wanted = [("red", (0, 0, 0.5, 0.5)), ("blue", (0.5, 0.5, 1, 1))]
-                assert prompts.layout == "a red circle and a blue square" and _in_boxes(found, wanted), found
+                assert prompts.layout == "a red circle and a blue square" and in_boxes(found, wanted), found
         page.get_by_role("tab", name="Erase").click()
         start = time.perf_counter()
         page.locator("#erase-generate").click()
