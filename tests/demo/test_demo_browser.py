@@ -983,6 +983,42 @@ def test_each_default_tab_of_the_default_demo_runs_and_is_timed(browser, scenes_
         context.close()
 
 
+def test_the_command_as_typed_starts_to_a_usable_page_and_is_timed(browser, tmp_path):
+    """``diffattn demo`` as a user starts it (the default model, no socket audit hook: the other tests' server runs a
+    Python audit function on every audited event, which cost ~2 s of start-up on a 2-core AMD EPYC): the time from
+    the command to a page whose Edit button shows is recorded (outputs/demo/timings.json, docs/results.md)."""
+    import types
+
+    port = _free_port()
+    command = "import sys; from diffattn.cli import main; sys.exit(main(['demo', *sys.argv[1:]]))"
+    output = tmp_path / "server.log"
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-c", command, "--port", str(port), "--threads", str(torch.get_num_threads())],
+        cwd=tmp_path,
+        stdout=output.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    plain = types.SimpleNamespace(
+        process=process,
+        url=f"http://127.0.0.1:{port}",
+        started=started,
+        log=lambda: output.read_text()[-4000:],
+        startup_seconds=None,
+    )
+    try:
+        _wait_until_usable(browser, plain)
+        _record("startup_to_usable_page_s (diffattn demo as typed, default model)", plain.startup_seconds)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    assert process.returncode == 0, plain.log()
+
+
 def test_server_connects_only_to_loopback_and_cleans_its_temp_folder(server):
     """Runs last: stops the server (as Ctrl+C) and reads what the audit hook saw during every test above."""
     assert server.temp_folders, "no result image was served from the demo's temporary folder"
