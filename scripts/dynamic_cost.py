@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 elapsed = time.perf_counter() - start
                 if elapsed < best[name]:
                     best[name] = elapsed
-                    split[name] = dict(reports)  # the split of the fastest call
+                    if name in methods:
+                        split[name] = dict(reports)  # the split of the fastest call
     print(f"{cpu_block_sparse.cpu_model()}, {torch.get_num_threads()} threads; CPU loop: {cpu_block_sparse.status()}")
     print(f"q, k, v {tuple(q.shape)} {args.dtype}, grid {args.grid}; fastest of {args.repeats} rounds")
     dense = best["dense SDPA"]

@@ -389,15 +389,7 @@ def attend_lists(
     ``i`` sees the whole key blocks ``ids[offsets[r]:offsets[r + 1]]`` (ascending), with ``r = i`` when ``offsets``
     has one entry per query block + 1 (lists shared by the heads), ``r = h * Q + i`` when it has one per head and
     query block + 1 (:func:`block_lists`). A query block with no key block gets 0 and lse ``-inf``."""
-    module = extension()
-    choice = kernel_for(q.dtype)
-    if module is None or choice is None:
-        raise RuntimeError(f"the compiled block-sparse loop is unavailable for {q.dtype}: {status()}")
-    kp, vp = _pack(k, v, bkv, choice.compute, vnni=choice.kernel == "onednn" and q.dtype == torch.bfloat16)
-    starts = torch.arange(0, q.shape[2], bq, dtype=torch.int64)
-    module.block_sparse_forward(
-        q, kp, vp, out, lse, starts, offsets, ids, bq, k.shape[2], float(scale), KV_TILE, choice.kernel
-    )
+    _forward(q, k, v, out, lse, torch.arange(0, q.shape[2], bq, dtype=torch.int64), offsets, ids, bq, bkv, scale)
 
 
 def attend(
@@ -415,14 +407,32 @@ def attend(
     """Write ``out`` and ``lse`` (views of the full outputs, (B, H, Sq, D) and (B, H, Sq)) for the query blocks in
     ``members``: ``(query_block, [(first_key_block, stop_key_block), ...])``, every listed block whole; with
     ``key_order``, the runs index the key blocks in that order (block i is block ``key_order[i]`` of k)."""
+    starts = torch.tensor([qb * bq for qb, _ in members], dtype=torch.int64)
+    offsets, ids = _block_lists(members, key_order)
+    _forward(q, k, v, out, lse, starts, offsets, ids, bq, bkv, scale)
+
+
+def _forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    starts: Tensor,
+    offsets: Tensor,
+    ids: Tensor,
+    bq: int,
+    bkv: int,
+    scale: float,
+) -> None:
+    """K and V packed once for the call, then the compiled loop over the query blocks starting at ``starts`` with
+    the CSR key-block lists ``offsets`` / ``ids`` (one per query block, or one per head and query block)."""
     module = extension()
     choice = kernel_for(q.dtype)
     if module is None or choice is None:
         raise RuntimeError(f"the compiled block-sparse loop is unavailable for {q.dtype}: {status()}")
     # packed in the compute dtype (float32 for the vec kernel: bf16 computed in float32); O(S x D) per call
     kp, vp = _pack(k, v, bkv, choice.compute, vnni=choice.kernel == "onednn" and q.dtype == torch.bfloat16)
-    starts = torch.tensor([qb * bq for qb, _ in members], dtype=torch.int64)
-    offsets, ids = _block_lists(members, key_order)
     module.block_sparse_forward(
         q, kp, vp, out, lse, starts, offsets, ids, bq, k.shape[2], float(scale), KV_TILE, choice.kernel
     )
