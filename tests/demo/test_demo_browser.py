@@ -85,8 +85,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The plain command, as the `diffattn` entry point runs it (no audit hook): what a user starts.
+_PLAIN = "import sys; from diffattn.cli import main; sys.exit(main(['demo', *sys.argv[2:]]))"
+
+
 class Server:
-    def __init__(self, folder: Path, extra: tuple[str, ...] = ()) -> None:
+    """``diffattn demo`` in a process of its own; ``audit=False``: without the socket audit hook (a Python function
+    called on every audited event, ~2 s of start-up on a 2-core AMD EPYC), as a user starts it."""
+
+    def __init__(self, folder: Path, extra: tuple[str, ...] = (), audit: bool = True) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.audit_log = folder / "audit.jsonl"
@@ -97,7 +104,7 @@ class Server:
             [
                 sys.executable,
                 "-c",
-                _SERVER,
+                _SERVER if audit else _PLAIN,
                 str(self.audit_log),
                 "--port",
                 str(self.port),
@@ -987,36 +994,13 @@ def test_the_command_as_typed_starts_to_a_usable_page_and_is_timed(browser, tmp_
     """``diffattn demo`` as a user starts it (the default model, no socket audit hook: the other tests' server runs a
     Python audit function on every audited event, which cost ~2 s of start-up on a 2-core AMD EPYC): the time from
     the command to a page whose Edit button shows is recorded (outputs/demo/timings.json, docs/results.md)."""
-    import types
-
-    port = _free_port()
-    command = "import sys; from diffattn.cli import main; sys.exit(main(['demo', *sys.argv[1:]]))"
-    output = tmp_path / "server.log"
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-c", command, "--port", str(port), "--threads", str(torch.get_num_threads())],
-        cwd=tmp_path,
-        stdout=output.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    plain = types.SimpleNamespace(
-        process=process,
-        url=f"http://127.0.0.1:{port}",
-        started=started,
-        log=lambda: output.read_text()[-4000:],
-        startup_seconds=None,
-    )
+    plain = Server(tmp_path, audit=False)
     try:
         _wait_until_usable(browser, plain)
         _record("startup_to_usable_page_s (diffattn demo as typed, default model)", plain.startup_seconds)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-    assert process.returncode == 0, plain.log()
+        code = plain.stop()
+    assert code == 0, plain.log()
 
 
 def test_server_connects_only_to_loopback_and_cleans_its_temp_folder(server):
