@@ -222,9 +222,9 @@ def forward(
         v = v.repeat_interleave(heads // v.shape[1], dim=1)
     per_head = mask_heads > 1
     if (
-        _whole_blocks_only(kv_num_blocks, full_kv_num_blocks)
+        cpu_block_sparse.supports(q)  # first: CPU only, so a GPU call never syncs on the mask check below
         and kv_num_blocks.shape[-1] == math.ceil(num_q / bq)
-        and cpu_block_sparse.supports(q)
+        and _whole_blocks_only(kv_num_blocks, full_kv_num_blocks)
     ):
         # every listed block is whole (top-k selections, tiles that divide the grid): one call of the compiled loop
         # for every head and query block, block lists built by tensor ops
