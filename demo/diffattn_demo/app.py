@@ -25,11 +25,12 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .models import IMAGE_MODELS, Models, image_size
+from .models import IMAGE_MODELS, Models
 from .tabs import edit, erase, guidance, layout, speed
 from .upload_check import upload_check_head
 
@@ -100,9 +101,7 @@ def build_app(models: Models, temp: Path) -> Any:
     Speed tab's files go under ``temp``."""
     import gradio as gr
 
-    with models.image() as pipe:
-        size = image_size(pipe)
-
+    size = models.structure().size
     with gr.Blocks(title="diffattn demo", analytics_enabled=False, delete_cache=(300, 900)) as app:
         gr.Markdown(
             f"## diffattn: attention methods on diffusers pipelines\nImage model: "
@@ -133,15 +132,27 @@ def _serve(app: Any, settings: DemoSettings) -> None:
     )
 
 
-def launch(settings: DemoSettings, *, block: bool = True) -> Any:
-    """Load the models, build the app and serve it on ``settings.host:settings.port`` (never a share link).
-    ``block=False`` returns the running app (call ``app.close()``)."""
-    temp = prepare_environment()
+def _use_threads(threads: int | None) -> None:
+    """torch's CPU threads for every call (None: torch's default)."""
     import torch
 
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    models = Models(settings.image_model, settings.video_model, settings.embedded_image).load()
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def launch(settings: DemoSettings, *, block: bool = True) -> Any:
+    """Build the app and serve it on ``settings.host:settings.port`` (never a share link), with the image model:
+    an embedded one loads in the background once the page is served (a call waits for it), a local folder before
+    the page is built (the page reads its structure). ``block=False`` returns the running app (call
+    ``app.close()``)."""
+    temp = prepare_environment()
+    models = Models(settings.image_model, settings.video_model, settings.embedded_image)
+    listening = threading.Event()
+    if models.image_info.structure is None:  # a local folder: the page is built from the loaded model
+        _use_threads(settings.threads)
+        models.load()
+    else:  # an embedded model declares its structure: it loads once the page is served, and calls wait for it
+        models.load_after(listening, lambda: _use_threads(settings.threads))
     app = build_app(models, temp)
     try:
         _serve(app, settings)
@@ -149,6 +160,7 @@ def launch(settings: DemoSettings, *, block: bool = True) -> Any:
         with contextlib.suppress(Exception):
             app.close()
         raise
+    listening.set()
     print(f"diffattn demo: http://{settings.host}:{settings.port} (Ctrl+C stops it)", flush=True)
     if not block:
         return app

@@ -6,7 +6,9 @@ they are set)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +25,29 @@ __all__ = [
     "IMAGE_MODELS",
     "ImageModel",
     "LOCAL_IMAGE_MODEL",
+    "ModelStructure",
     "Models",
     "TabPrompts",
     "image_size",
+    "structure_of",
 ]
 
 CFG = 4.0  # classifier-free guidance of every image call (the embedded model's evaluation setting)
+
+logger = logging.getLogger("diffattn.demo")
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What the page is built from, read off an image pipeline by :func:`structure_of`: ``size`` (height, width) in
+    pixels, ``self_attention_layers`` (how many layers MasaCtrl counts, its start-layer choices) and
+    ``guidance_blocks`` (the top-level blocks with attention, the Guidance tab's layer choices besides "family
+    default"). An embedded model declares its own in :data:`IMAGE_MODELS`, so the page is served while the model
+    loads; the loaded model is checked against it."""
+
+    size: tuple[int, int]
+    self_attention_layers: int
+    guidance_blocks: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -102,14 +121,16 @@ class TabPrompts:
 @dataclass(frozen=True)
 class ImageModel:
     """An image model the demo can serve: its name on the page, how to load it (``load(folder)``; ``None`` = its
-    embedded folder), the words its tokenizer knows (``None``: any, a local folder), the Guidance tab's defaults and
-    the tabs' first prompts."""
+    embedded folder), the words its tokenizer knows (``None``: any, a local folder), the Guidance tab's defaults,
+    the tabs' first prompts and, when known before loading, its :class:`ModelStructure` (``None``: read off the
+    loaded model, which then loads before the page is built)."""
 
     name: str
     load: Callable[[Path | None], Any] = field(repr=False, compare=False)
     vocabulary: tuple[str, ...] | None
     guidance: GuidanceDefaults
     prompts: TabPrompts
+    structure: ModelStructure | None = None
 
     def words(self) -> str:
         """The sentence the tabs show about the model's words."""
@@ -165,6 +186,12 @@ _SHAPES_PROMPTS = TabPrompts(
     guidance_examples=("a red circle on the left and a blue square on the right", "a large green triangle"),
 )
 
+#: The structures of the embedded image models (``structure_of`` on the shipped weights; the demo checks the loaded
+#: model against them and ``tests/demo/test_demo_logic.py`` checks both).
+_UNET_BLOCKS = tuple(f"down_blocks.{i}" for i in range(3)) + tuple(f"up_blocks.{i}" for i in (1, 2, 3)) + ("mid_block",)
+_SCENES_STRUCTURE = ModelStructure((64, 64), 10, _UNET_BLOCKS)
+_IMAGE_STRUCTURE = ModelStructure((32, 32), 10, _UNET_BLOCKS)
+
 #: The embedded image models the demo can serve (``--embedded-image NAME``); :data:`DEFAULT_IMAGE_MODEL` by default.
 #: The Guidance defaults of shapes-scenes come from ``scripts/sweep_guidance.py`` on the shipped model (stage 1,
 #: CFG 1, scale 3, 96 items; docs/results.md): ``up_blocks.2`` is the block where PAG and SEG both move the image
@@ -178,7 +205,8 @@ IMAGE_MODELS: dict[str, ImageModel] = {
         _embedded_scenes,
         tuple(SCENE_VOCABULARY),
         GuidanceDefaults(layer="up_blocks.2", scale=3.0, scales=(1.5, 3.0, 5.0)),
-        TabPrompts(
+        structure=_SCENES_STRUCTURE,
+        prompts=TabPrompts(
             edit_source="a red striped circle",
             edit_target="a blue striped circle",
             layout="a red circle and a blue square",
@@ -220,6 +248,7 @@ IMAGE_MODELS: dict[str, ImageModel] = {
         tuple(VOCABULARY),
         GuidanceDefaults(layer="family default", scale=3.0, scales=(1.5, 3.0, 5.0)),
         _SHAPES_PROMPTS,
+        _IMAGE_STRUCTURE,
     ),
 }
 DEFAULT_IMAGE_MODEL = "shapes-scenes"
@@ -266,6 +295,7 @@ class Models:
     embedded_image: str | None = None
     _image: Any = field(default=None, repr=False)
     _video: Any = field(default=None, repr=False)
+    _structure: ModelStructure | None = field(default=None, repr=False)
     _image_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _video_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -300,19 +330,71 @@ class Models:
         return IMAGE_INVERSION_PSNR
 
     def load(self) -> Models:
+        """Load the image model now (the caller waits)."""
         with self._image_lock:
             self._image_pipe()
         return self
 
+    def load_after(self, ready: threading.Event, before: Callable[[], None] = lambda: None) -> Models:
+        """Load the image model in a thread of its own once ``ready`` is set (the demo sets it when its server
+        listens, so the page is built and served first), running ``before`` there first (e.g. setting torch's
+        threads); calls wait for the model from now on. Only for a model whose structure is declared (the page is
+        built from it); the loaded model is checked against it."""
+        if self.image_info.structure is None:
+            raise ValueError(
+                f"the image model {self.image_label} declares no structure: the page is built from the loaded "
+                "model, so load() it first"
+            )
+        self._image_lock.acquire()  # held from here, so no call starts before the model is in
+        threading.Thread(
+            target=self._load_and_release, args=(ready, before), name="diffattn-demo-image-model", daemon=True
+        ).start()
+        return self
+
+    def _load_and_release(self, ready: threading.Event, before: Callable[[], None]) -> None:
+        try:
+            ready.wait()
+            start = time.perf_counter()
+            before()
+            self._image_pipe()
+        except Exception:  # the first call loads again and shows the error to the user
+            logger.exception("diffattn demo: loading the image model %s failed", self.image_label)
+        else:
+            print(f"diffattn demo: image model loaded ({time.perf_counter() - start:.1f} s)", flush=True)
+        finally:
+            self._image_lock.release()
+
+    def structure(self) -> ModelStructure:
+        """The image model's :class:`ModelStructure`: the declared one of an embedded model (checked against the
+        model when it loads), else read off the loaded model."""
+        declared = self.image_info.structure
+        if declared is not None:
+            return declared
+        with self.image():
+            assert self._structure is not None
+            return self._structure
+
     def _image_pipe(self) -> Any:
         if self._image is None:
             pipe = self.image_info.load(self.image_path)
+            declared, found = self.image_info.structure, structure_of(pipe)
+            if declared is not None and found != declared:
+                raise ValueError(
+                    f"the image model {self.image_label} does not have the structure the demo declares for "
+                    f"{self.image_info.name}: declared {declared}, found {found}. Serve the folder as a local "
+                    "model (--image-model PATH without --embedded-image), or fix the declaration in "
+                    "diffattn_demo.models.IMAGE_MODELS"
+                )
             pipe.set_progress_bar_config(leave=False, desc="denoising")
-            self._image = pipe
+            self._image, self._structure = pipe, found
         return self._image
 
     @contextlib.contextmanager
-    def image(self) -> Iterator[Any]:
+    def image(self, progress: Callable[[float, str], None] | None = None) -> Iterator[Any]:
+        """The image pipeline, for one call at a time; ``progress(fraction, text)`` is told when the call waits for
+        the model to load (the first call right after start-up)."""
+        if progress is not None and self._image is None and self._image_lock.locked():
+            progress(0.0, "waiting for the image model to load (once, after start-up)")
         with self._image_lock:
             yield self._image_pipe()
 
@@ -324,6 +406,23 @@ class Models:
                 pipe.set_progress_bar_config(leave=False, desc="denoising")
                 self._video = pipe
             yield self._video
+
+
+def structure_of(pipe: Any) -> ModelStructure:
+    """An image pipeline's :class:`ModelStructure`, read off its denoiser."""
+    import diffattn
+    from diffattn.editing import masactrl_layers
+
+    model = getattr(pipe, "unet", None) or pipe.transformer
+    blocks: list[str] = []
+    for name, _ in diffattn.attention_modules(model):
+        parts = name.split(".")
+        top = ("down_blocks", "up_blocks", "blocks", "transformer_blocks", "single_transformer_blocks")
+        block = ".".join(parts[:2]) if parts[0] in top else parts[0]
+        if block not in blocks:
+            blocks.append(block)
+    layers = len(masactrl_layers(model, diffattn.MutualSelfAttention(), start_layer=0))
+    return ModelStructure(image_size(pipe), layers, tuple(blocks))
 
 
 def image_size(pipe: Any) -> tuple[int, int]:

@@ -39,6 +39,7 @@ from diffattn_bench.scoring import (
 )
 from diffattn_kernels import cpu_block_sparse
 
+from .method_names import METHOD_NAMES
 from .peers import (
     UNSUPPORTED_CACHE_HOOKS,
     NattenTile,
@@ -152,15 +153,16 @@ def default_methods(grid: tuple[int, ...]) -> dict[str, diffattn.AttentionMethod
     from diffattn.methods.rettention import Rettention
 
     tile = tuple(min(t, n) for t, n in zip((4, 8, 8), grid))
-    return {
-        "sliding tile": diffattn.SlidingTileAttention(tile=tile, window=(2, 1, 4)),
-        "radial": diffattn.RadialAttention(decay=0.2),
-        "sliding window": diffattn.SlidingWindowAttention(window=tuple(min(w, n) for w, n in zip((5, 9, 9), grid))),
-        "dynamic top-k": DynamicSparseAttention(topk=0.25, tile=tile),
-        "pyramid (PSA)": PyramidSparseAttention(bands=(0.08, 0.12, 0.2, 0.35), tile=tile),
-        "re-ttention": Rettention(base=DynamicSparseAttention(topk=0.125, tile=tile), calibrate_every=5),
-        "ToDo 2x": TokenDownsampling(factor=2),  # keys and values on a 2x coarser grid per frame: 1/4
-    }
+    methods = (  # in the order of METHOD_NAMES
+        diffattn.SlidingTileAttention(tile=tile, window=(2, 1, 4)),  # sliding tile
+        diffattn.RadialAttention(decay=0.2),  # radial
+        diffattn.SlidingWindowAttention(window=tuple(min(w, n) for w, n in zip((5, 9, 9), grid))),  # sliding window
+        DynamicSparseAttention(topk=0.25, tile=tile),  # dynamic top-k
+        PyramidSparseAttention(bands=(0.08, 0.12, 0.2, 0.35), tile=tile),  # pyramid (PSA)
+        Rettention(base=DynamicSparseAttention(topk=0.125, tile=tile), calibrate_every=5),  # re-ttention
+        TokenDownsampling(factor=2),  # ToDo 2x: keys and values on a 2x coarser grid per frame: 1/4
+    )
+    return dict(zip(METHOD_NAMES, methods, strict=True))
 
 
 def profile_peer(folder: Path) -> Peer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -472,6 +473,55 @@ def test_guidance_sweep_shares_the_unguided_column(models, pipe):
         run_guidance(models, "a red circle", ["PAG"], "3", 0, 2, "up_blocks.99")
     with pytest.raises(DemoInputError, match="at least one guidance method"):
         run_guidance(models, "a red circle", [], "3", 0, 2)
+
+
+def test_the_declared_structures_are_the_embedded_models_own(models):
+    """The page of an embedded model is built from its declared structure while the model loads: each declaration is
+    what the shipped model has (its size, MasaCtrl's layer count, the blocks the Guidance tab lists)."""
+    from diffattn_bench import embedded
+    from diffattn_demo.models import IMAGE_MODELS, structure_of
+
+    with models.image() as pipe:
+        assert structure_of(pipe) == IMAGE_MODELS["shapes-image"].structure
+    scenes = structure_of(embedded.load_scenes_pipeline())
+    assert scenes == IMAGE_MODELS["shapes-scenes"].structure and scenes.size == (64, 64)
+    assert scenes.self_attention_layers == 10 and "up_blocks.2" in scenes.guidance_blocks
+
+
+def test_a_model_loading_in_the_background_holds_calls_until_it_is_in_and_is_checked(monkeypatch, caplog):
+    """``load_after(event)``: the page's facts come from the declaration at once, a call waits for the model,
+    and a model that is not what its declaration says is refused with a message (logged by the loading thread,
+    raised to the call) instead of serving a page built for another model."""
+    import dataclasses
+
+    from diffattn_demo.models import IMAGE_MODELS
+
+    info = IMAGE_MODELS["shapes-image"]
+    served = threading.Event()
+    loading = Models(embedded_image="shapes-image").load_after(served)
+    assert loading.structure() == info.structure  # without waiting for the model
+    assert loading._image_lock.locked() and loading._image is None  # a call waits; nothing loads before `served`
+    told, got = [], []
+
+    def call() -> None:
+        with loading.image(lambda fraction, text: told.append(text)) as pipe:
+            got.append(pipe)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    served.set()
+    caller.join(120)
+    assert told == ["waiting for the image model to load (once, after start-up)"]
+    assert got[0].unet is not None and loading._structure == info.structure
+    wrong = dataclasses.replace(info, structure=dataclasses.replace(info.structure, self_attention_layers=3))
+    monkeypatch.setitem(IMAGE_MODELS, "shapes-image", wrong)
+    refused = Models(embedded_image="shapes-image").load_after(served)
+    with pytest.raises(ValueError, match="does not have the structure the demo declares for shapes-image"):
+        with refused.image():
+            pass
+    assert "loading the image model embedded shapes-image failed" in caplog.text
+    with pytest.raises(ValueError, match="declares no structure: the page is built from the loaded model"):
+        Models(image_path=Path("/nowhere")).load_after(served)
 
 
 def test_image_models_say_their_words_and_hold_guidance_defaults_that_fit_them():

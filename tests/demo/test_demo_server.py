@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -90,6 +91,8 @@ def test_ctrl_c_while_the_server_starts_is_a_normal_stop_that_closes_it(monkeypa
             closed.append(True)
 
     class FakeModels:
+        image_info = SimpleNamespace(structure=None)  # as a local folder: loaded before the page is built
+
         def __init__(self, *args):
             pass
 

@@ -120,7 +120,7 @@ def run_edit(
     reweight = check_number(reweight, "the re-weight factor", 0.0, LIMITS.max_weight)
     cfg = check_cfg(controls.cfg)
     start = time.perf_counter()
-    with models.image() as pipe:
+    with models.image(progress) as pipe:
         source, target, notes = _edit_prompts(pipe, source, target, swap_word, swap_to)
         warning = vocabulary_warning([source, target], models.image_info.vocabulary)
         method_obj, told = _edit_method(pipe, method, source, target, steps, reweight_word, reweight, controls)
@@ -301,11 +301,7 @@ def _input_column(models: Models) -> tuple[list[Any], Any]:
     gallery that fills the inputs."""
     import gradio as gr
 
-    import diffattn
-    from diffattn.editing import masactrl_layers
-
-    with models.image() as pipe:
-        layers = len(masactrl_layers(pipe, diffattn.MutualSelfAttention(), start_layer=0))
+    layers = models.structure().self_attention_layers
     with gr.Column():
         prompts = models.image_info.prompts
         e_source = gr.Textbox(prompts.edit_source, label="Source prompt", elem_id="edit-source")

@@ -112,7 +112,7 @@ def run_erase(
     ss_scale = check_number(controls.ss_scale, "the similarity suppression scale", 0.01, 1.0)
     dilation = check_whole(controls.dilation, "the mask dilation", 0, LIMITS.max_dilation)
     start = time.perf_counter()
-    with models.image() as pipe:
+    with models.image(progress) as pipe:
         image, mask, note = mask_from_editor(editor, image_size(pipe))
         mask = dilate(mask, dilation)
         outputs = []

@@ -22,7 +22,7 @@ from ..inputs import (
     parse_scales,
     vocabulary_warning,
 )
-from ..models import CFG, ImageModel, Models
+from ..models import CFG, ImageModel, Models, ModelStructure
 from .common import (
     IMAGE_MODEL,
     IMAGE_OUT,
@@ -80,22 +80,9 @@ def _guidance_method(name: str, scale: float, layers: Any, steps: range | None =
     raise DemoInputError(f"guidance method must be one of {', '.join(GUIDANCE_METHODS)}, got {name!r}")
 
 
-def guidance_layer_choices(pipe: Any) -> list[str]:
-    """'family default' and the top-level blocks with self-attention, for the Guidance tab's layer picker."""
-    import diffattn
-
-    model = getattr(pipe, "unet", None) or pipe.transformer
-    blocks = []
-    for name, _ in diffattn.attention_modules(model):
-        parts = name.split(".")
-        block = (
-            ".".join(parts[:2])
-            if parts[0] in ("down_blocks", "up_blocks", "blocks", "transformer_blocks", "single_transformer_blocks")
-            else parts[0]
-        )
-        if block not in blocks:
-            blocks.append(block)
-    return ["family default", *blocks]
+def guidance_layer_choices(structure: ModelStructure) -> list[str]:
+    """'family default' and the top-level blocks with attention, for the Guidance tab's layer picker."""
+    return ["family default", *structure.guidance_blocks]
 
 
 def run_guidance(
@@ -122,11 +109,11 @@ def run_guidance(
     for name in methods:
         _guidance_method(name, 1.0, None)
     scales = parse_scales(scales_text)
-    with models.image() as pipe:
+    choices = guidance_layer_choices(models.structure())
+    if layers not in choices:
+        raise DemoInputError(f"layers must be one of {', '.join(choices)}, got {layers!r}")
+    with models.image(progress) as pipe:
         prompt, note = fit_prompt(pipe, prompt)
-        choices = guidance_layer_choices(pipe)
-        if layers not in choices:
-            raise DemoInputError(f"layers must be one of {', '.join(choices)}, got {layers!r}")
         pattern = None if layers == "family default" else layers
         plain, cells = _sweep(pipe, prompt, methods, scales, seed, steps, pattern, progress, cfg, active)
     grid, lines = _grid_and_table(cells, methods, scales, plain)
@@ -222,12 +209,11 @@ def _grid_and_table(
 # Gradio
 # ----------------------------------------------------------------------------------------------------------------
 def build(models: Models, temp: Path) -> None:
-    """The Guidance tab's components and its button, inside the app's ``gr.Blocks``; the layer choices are read off
-    the image model."""
+    """The Guidance tab's components and its button, inside the app's ``gr.Blocks``; the layer choices are the image
+    model's blocks (its :class:`ModelStructure`)."""
     import gradio as gr
 
-    with models.image() as pipe:
-        layer_choices = guidance_layer_choices(pipe)
+    layer_choices = guidance_layer_choices(models.structure())
     info = models.image_info
     if info.guidance.layer not in layer_choices:
         raise ValueError(

@@ -125,7 +125,7 @@ def run_layout(
 
     seed, steps, cfg = check_seed(seed), check_steps(steps), check_cfg(cfg)
     subjects = parse_subjects(subjects_text)
-    with models.image() as pipe:
+    with models.image(progress) as pipe:
         prompt, note = fit_prompt(pipe, prompt)
         warning = vocabulary_warning([prompt], models.image_info.vocabulary)
         images = []

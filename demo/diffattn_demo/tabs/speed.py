@@ -337,9 +337,9 @@ def _input_column() -> tuple[list[Any], Any]:
     """The inputs, in the order of :func:`_on_speed`'s parameters, and the Compare button."""
     import gradio as gr
 
-    from diffattn_bench.compare import default_methods
+    from diffattn_bench.method_names import METHOD_NAMES
 
-    speed_methods = list(default_methods((8, 8, 16)))
+    speed_methods = list(METHOD_NAMES)
     with gr.Column(scale=1):
         s_methods = gr.CheckboxGroup(
             speed_methods,
