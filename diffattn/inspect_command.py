@@ -1,5 +1,6 @@
 """``diffattn inspect``: the table of :func:`diffattn.inspect` for a tiny test pipeline or a local diffusers folder,
-with the grid and text of each module from one denoising step at a small size."""
+with the grid and text of each module from one denoising step at a small size. torch and the library load when the
+command runs, not when the ``diffattn`` command registers it."""
 
 from __future__ import annotations
 
@@ -7,10 +8,6 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
-
-from .inspection import Inspection, inspect
 
 __all__ = ["register", "run"]
 
@@ -20,6 +17,8 @@ _DENOISERS = ("transformer", "unet", "transformer_2")
 def _step(pipe: Any, args: argparse.Namespace) -> None:
     """One denoising step of ``pipe`` at the requested size (frames too when the pipeline takes them)."""
     import inspect as signature_of
+
+    import torch
 
     kwargs: dict[str, Any] = dict(num_inference_steps=1, height=args.height, width=args.width, output_type="latent")
     if "num_frames" in signature_of.signature(type(pipe).__call__).parameters:
@@ -46,6 +45,7 @@ def _load_folder(folder: Path) -> tuple[Any, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .inspection import inspect
     from .testing import PIPELINE_KINDS, tiny_pipeline
 
     target = args.target
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         pipe, runs = _load_folder(folder)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    report: Inspection = inspect(pipe, run=(lambda: _step(pipe, args)) if runs else None)
+    report = inspect(pipe, run=(lambda: _step(pipe, args)) if runs else None)
     print(report)
     if not runs:
         print(f"\n(grids and text lengths are read at each call; {type(pipe).__name__} was inspected without a run)")
