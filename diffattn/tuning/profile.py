@@ -17,6 +17,7 @@ from torch import Tensor
 from ..context import AttentionContext
 from ..errors import MethodConfigError
 from ..methods.base import AttentionMethod
+from ..methods.checks import COMPUTE_DTYPES
 from ..methods.dynamic_common import _ROLES
 from ..methods.dynamic_sparse import DynamicSparseAttention
 
@@ -74,6 +75,14 @@ class TunedProfile:
     calibration_psnr: float | None = None
     candidates: tuple[float, ...] = ()
     compute_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise MethodConfigError(
+                f"a tuned profile's compute_dtype is None or one of {', '.join(COMPUTE_DTYPES)} (a torch dtype's "
+                f"name), got {self.compute_dtype!r}: fix it in the profile's JSON, or tune again with "
+                "diffattn.tune(..., compute_dtype=torch.bfloat16)"
+            )
 
     def layer(self, name: str) -> LayerBudget | None:
         return next((layer for layer in self.layers if layer.name == name), None)

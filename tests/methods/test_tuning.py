@@ -324,6 +324,10 @@ def test_a_bf16_profile_computes_every_head_in_bf16_and_keeps_the_dtype_when_sav
     own, _ = standalone_context(TokenLayout((4, 8, 8)), step=0, num_steps=2)
     assert torch.equal(out[:, [1, 3]], alone(*(x[:, [1, 3]] for x in cast), own).float())
     assert TunedProfile.load(profile.save(tmp_path)).compute_dtype == "bfloat16"
+    meta = next(tmp_path.glob("*.json"))
+    meta.write_text(meta.read_text().replace('"bfloat16"', '"bfloat8"'))
+    with pytest.raises(diffattn.MethodConfigError, match="compute_dtype is None or one of bfloat16, float16, float32"):
+        TunedProfile.load(tmp_path)  # a dtype torch has no name for: refused on load, not at the first call
 
 
 def test_bf16_tuning_measures_in_bf16_and_records_it():
