@@ -154,7 +154,9 @@ def browser():
         chromium.close()
 
 
-def _wait_until_usable(browser, server: Server) -> None:
+def _wait_until_usable(browser, server: Server, keep: bool = False):
+    """Open the server's page as soon as it answers and wait for the Edit button: ``server.startup_seconds``; the
+    page is closed, or returned with ``keep``."""
     page = browser.new_page()
     deadline = server.started + STARTUP_TIMEOUT
     while True:
@@ -167,7 +169,10 @@ def _wait_until_usable(browser, server: Server) -> None:
             time.sleep(0.25)
     page.locator("#edit-run").wait_for(timeout=30000 * TIMEOUT_FACTOR)
     server.startup_seconds = time.perf_counter() - server.started
+    if keep:
+        return page
     page.close()
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -998,11 +1003,9 @@ def test_the_command_as_typed_starts_to_a_usable_page_and_is_timed(browser, tmp_
     its time is recorded too."""
     plain = Server(tmp_path, audit=False)
     try:
-        _wait_until_usable(browser, plain)
+        page = _wait_until_usable(browser, plain, keep=True)
         _record("startup_to_usable_page_s (diffattn demo as typed, default model)", plain.startup_seconds)
-        page = browser.new_page()  # at once: the image model still loads behind the page, the click waits for it
-        try:
-            page.goto(plain.url)
+        try:  # at once, on that page: the image model may still be loading, and the click waits for it
             start = time.perf_counter()
             page.locator("#edit-run").click()
             _image(page, plain, "edit-out-plain")
