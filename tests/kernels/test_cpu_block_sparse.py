@@ -398,7 +398,7 @@ def test_a_stale_build_lock_is_named_instead_of_waited_on_forever(use_loop, tmp_
     """A build killed while holding torch's lock leaves the file behind, and torch waits on it forever: the loop is
     not used, the result stays the same (SDPA path) and the status names the file to delete."""
     selected = use_loop()
-    name = f"diffattn_block_sparse_cpu_{selected.selected_isa().isa}"
+    name = selected.build_name(selected.selected_isa().isa)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = tmp_path / name / "lock"
     lock.parent.mkdir(parents=True)
@@ -407,3 +407,27 @@ def test_a_stale_build_lock_is_named_instead_of_waited_on_forever(use_loop, tmp_
     os.utime(lock, (old, old))
     assert loop.extension() is None
     assert str(lock) in loop.status() and "delete that file" in loop.status()
+
+
+def test_every_copy_of_one_source_version_shares_one_build(tmp_path, monkeypatch):
+    """The build's name holds a digest of the source and the build compiles a copy kept in its own folder: a clone or
+    an installed copy of the same source finds the same name and the same compiled path (torch's ninja build would
+    rebuild, ~40 s, whenever the path changed); another source version gets a build of its own."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    original = loop.SOURCE
+    copies = []
+    for where in ("clone", "installed"):
+        source = tmp_path / where / original.name
+        source.parent.mkdir()
+        source.write_bytes(original.read_bytes())
+        monkeypatch.setattr(loop, "SOURCE", source)
+        name = loop.build_name("avx2")
+        copies.append((name, loop._source_copy(name)))
+    (name_a, copy_a), (name_b, copy_b) = copies
+    assert name_a == name_b and copy_a == copy_b and copy_a.read_bytes() == original.read_bytes()
+    assert copy_a.parent == tmp_path / "cache" / name_a and not list(copy_a.parent.glob("*.partial"))
+    changed = tmp_path / "changed" / original.name
+    changed.parent.mkdir()
+    changed.write_bytes(original.read_bytes() + b"\n// another version\n")
+    monkeypatch.setattr(loop, "SOURCE", changed)
+    assert loop.build_name("avx2") != name_a and loop.build_name("avx2").startswith("diffattn_block_sparse_cpu_avx2_")

@@ -8,7 +8,10 @@ per call. It replaces a stack of SDPA calls whose per-call query split and key r
 The source is built once per instruction set, the way ATen builds its ``CPU_CAPABILITY`` kernels, and the build
 is chosen at run time from what the CPU has: ``avx512`` and ``avx2`` on x86-64, ``neon`` on aarch64 (the flags
 never say ``-march=native``: a cached build may move to another machine). Each build is cached under its own
-name by ``torch.utils.cpp_extension`` (``TORCH_EXTENSIONS_DIR``), so switching is free after the first build.
+name by ``torch.utils.cpp_extension`` (``TORCH_EXTENSIONS_DIR``), so switching is free after the first build. The
+name holds a digest of the source, and the build compiles a copy of the source kept in its own folder: every
+checkout, clone or installed copy of one source version shares one build (torch's ninja build rebuilds whenever
+the source's path changes, ~40 s each time).
 
 Two GEMM kernels compute the tiles (:func:`kernel_for` says which one a dtype gets and why):
 
@@ -32,6 +35,7 @@ Environment (read when the extension is first loaded; :func:`reset` re-reads it)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
@@ -165,7 +169,7 @@ def extension() -> Any | None:
     if selection.isa is None:
         _STATUS["state"] = selection.reason
         return None
-    name = f"diffattn_block_sparse_cpu_{selection.isa}"
+    name = build_name(selection.isa)
     try:
         from torch.utils.cpp_extension import load
 
@@ -178,7 +182,7 @@ def extension() -> Any | None:
         with _tools_on_path():
             module = load(
                 name=name,
-                sources=[str(SOURCE)],
+                sources=[str(_source_copy(name))],
                 extra_cflags=[*_COMMON_FLAGS, *_ISA_FLAGS[selection.isa]],
                 verbose=False,
             )
@@ -207,6 +211,25 @@ def extension() -> Any | None:
 #: A build lock older than this is left by a process killed while building (a build takes ~40 s): torch would wait on
 #: it forever, so the loop is not used and the warning names the file to delete.
 STALE_LOCK_SECONDS = 600.0
+
+
+def build_name(isa: str) -> str:
+    """The cached build's name for ``isa``: one per instruction set and source version (a digest of the source)."""
+    return f"diffattn_block_sparse_cpu_{isa}_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+
+
+def _source_copy(name: str) -> Path:
+    """The source, copied into build ``name``'s folder (written once, atomically): the build compiles that copy, so
+    its command is the same from every checkout and ninja finds nothing to rebuild."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    copy = Path(_get_build_directory(name, False)) / SOURCE.name
+    source = SOURCE.read_bytes()
+    if not copy.is_file() or copy.read_bytes() != source:
+        partial = copy.with_name(f"{copy.name}.{os.getpid()}.partial")
+        partial.write_bytes(source)
+        os.replace(partial, copy)
+    return copy
 
 
 def _refuse_stale_lock(name: str) -> None:
