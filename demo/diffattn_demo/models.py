@@ -197,14 +197,15 @@ _IMAGE_STRUCTURE = ModelStructure((32, 32), 10, _UNET_BLOCKS)
 #: CFG 1, scale 3, 96 items; docs/results.md): ``up_blocks.2`` is the block where PAG and SEG both move the image
 #: visibly (mean change 22 and 14 levels) without lowering ShapesBench (paired differences within +-4 points,
 #: intervals across 0); ``up_blocks.3`` moves it as much but loses 4-6 points, ``mid_block`` (a 2 x 2 latent) moves
-#: it by < 1 level. Its Edit prompts leave place, size and background open: what prompt-to-prompt keeps from the
-#: source and a plain target prompt would draw anew (ShapesEdit v2, README).
+#: it by < 1 level. Its sweep shows scales 0, 3 and 5 (5 images; 1.5 too made 7, which took 13-16 s on the 2-core
+#: AMD EPYC in CI, over the 15 s a default run may take). Its Edit prompts leave place, size and background open:
+#: what prompt-to-prompt keeps from the source and a plain target prompt would draw anew (ShapesEdit v2, README).
 IMAGE_MODELS: dict[str, ImageModel] = {
     "shapes-scenes": ImageModel(
         "shapes-scenes",
         _embedded_scenes,
         tuple(SCENE_VOCABULARY),
-        GuidanceDefaults(layer="up_blocks.2", scale=3.0, scales=(1.5, 3.0, 5.0)),
+        GuidanceDefaults(layer="up_blocks.2", scale=3.0, scales=(3.0, 5.0)),
         structure=_SCENES_STRUCTURE,
         prompts=TabPrompts(
             edit_source="a red striped circle",

@@ -412,7 +412,8 @@ def test_a_stale_build_lock_is_named_instead_of_waited_on_forever(use_loop, tmp_
 def test_every_copy_of_one_source_version_shares_one_build(tmp_path, monkeypatch):
     """The build's name holds a digest of the source and the build compiles a copy kept in its own folder: a clone or
     an installed copy of the same source finds the same name and the same compiled path (torch's ninja build would
-    rebuild, ~40 s, whenever the path changed); another source version gets a build of its own."""
+    rebuild, ~40 s, whenever the path changed; with the same torch it now finds nothing to rebuild); another source
+    version gets a build of its own."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     original = loop.SOURCE
     copies = []

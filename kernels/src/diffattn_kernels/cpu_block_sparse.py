@@ -10,8 +10,9 @@ is chosen at run time from what the CPU has: ``avx512`` and ``avx2`` on x86-64, 
 never say ``-march=native``: a cached build may move to another machine). Each build is cached under its own
 name by ``torch.utils.cpp_extension`` (``TORCH_EXTENSIONS_DIR``), so switching is free after the first build. The
 name holds a digest of the source, and the build compiles a copy of the source kept in its own folder: every
-checkout, clone or installed copy of one source version shares one build (torch's ninja build rebuilds whenever
-the source's path changes, ~40 s each time).
+checkout, clone or installed copy of one source version that runs on the same torch installation shares one build
+(torch's ninja build rebuilds whenever the compile command changes, ~40 s each time: the source's path is in it, and
+so are the include paths of the torch it runs on).
 
 Two GEMM kernels compute the tiles (:func:`kernel_for` says which one a dtype gets and why):
 
