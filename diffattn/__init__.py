@@ -16,7 +16,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# name -> the submodule that defines it ("" for a submodule exported under its own name)
+# The exported names: each of these (name -> the submodule that defines it; "" for a submodule exported under its own
+# name) and every name of diffattn.methods.__all__ (Dense, SlidingTileAttention, ...); __all__ is the two together,
+# made on first use (it imports the methods).
 _EXPORTS: dict[str, str] = {
     "apply": "api",
     "remove": "api",
@@ -33,31 +35,6 @@ _EXPORTS: dict[str, str] = {
     "PAG": "methods.pag",
     "SoftPAG": "methods.pag",
     "SEG": "methods.seg",
-    **dict.fromkeys(
-        (
-            "AttentionMethod",
-            "Dense",
-            "Masked",
-            "MutualSelfAttention",
-            "PromptToPrompt",
-            "AttentiveEraser",
-            "BoundedAttention",
-            "LocalBlend",
-            "SparseAttention",
-            "SlidingTileAttention",
-            "SlidingWindowAttention",
-            "ShiftedWindowAttention",
-            "RadialAttention",
-            "HIDIFFUSION_LAYERS",
-            "DynamicSparseAttention",
-            "SemanticPermutation",
-            "PyramidSparseAttention",
-            "Rettention",
-            "TokenDownsampling",
-            "EntropyScaling",
-        ),
-        "methods",
-    ),
     "TokenLayout": "layout",
     "StepSchedule": "schedule",
     "denoising_step": "runtime",
@@ -81,21 +58,26 @@ _EXPORTS: dict[str, str] = {
     ),
 }
 
-__all__ = list(_EXPORTS)
-
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:  # a submodule (diffattn.methods, diffattn.testing, ...), as an eager package would have it
-        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+    if name == "__all__":
+        value: Any = [*_EXPORTS, *importlib.import_module(".methods", __name__).__all__]
+    elif name in _EXPORTS:
+        module = _EXPORTS[name]
+        value = importlib.import_module(f".{module or name}", __name__)
+        value = getattr(value, name) if module else value
+    elif name.startswith("_"):
+        raise AttributeError(f"module 'diffattn' has no attribute {name!r}")
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # a submodule, as an eager package would have it
+    else:
+        methods = importlib.import_module(".methods", __name__)
+        if name not in methods.__all__:
             raise AttributeError(f"module 'diffattn' has no attribute {name!r}")
-        return importlib.import_module(f".{name}", __name__)
-    value = importlib.import_module(f".{module or name}", __name__)
-    if module:
-        value = getattr(value, name)
+        value = getattr(methods, name)
     globals()[name] = value  # resolved once
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *__getattr__("__all__")})
