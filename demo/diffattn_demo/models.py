@@ -428,10 +428,17 @@ def structure_of(pipe: Any) -> ModelStructure:
 
 def image_size(pipe: Any) -> tuple[int, int]:
     """The pipeline's native image size (height, width) in pixels: a UNet's ``sample_size`` or the pipeline's
-    ``default_sample_size``, times the VAE's scale factor."""
-    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    ``default_sample_size``, times the VAE's scale factor; a pipeline without them is refused (no size is guessed)."""
     unet = getattr(pipe, "unet", None)
-    sample = unet.config.sample_size if unet is not None else getattr(pipe, "default_sample_size", 64)
+    sample = unet.config.sample_size if unet is not None else getattr(pipe, "default_sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if sample is None or scale is None:
+        missing = "vae_scale_factor" if scale is None else "unet.config.sample_size or default_sample_size"
+        raise ValueError(
+            f"{type(pipe).__name__} has no {missing}, so the demo cannot tell its native image size; serve a "
+            "diffusers SD1.5 / SDXL / SD3 / Flux pipeline folder, whose pipelines have both"
+        )
+    scale = int(scale)
     if isinstance(sample, (tuple, list)):
         return int(sample[0]) * scale, int(sample[1]) * scale
     return int(sample) * scale, int(sample) * scale

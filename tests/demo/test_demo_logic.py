@@ -524,6 +524,19 @@ def test_a_model_loading_in_the_background_holds_calls_until_it_is_in_and_is_che
         Models(image_path=Path("/nowhere")).load_after(served)
 
 
+def test_image_size_is_read_off_the_pipeline_never_guessed():
+    from types import SimpleNamespace
+
+    from diffattn_demo.models import image_size
+
+    flux_like = SimpleNamespace(vae_scale_factor=8, default_sample_size=(64, 96))
+    assert image_size(flux_like) == (512, 768)
+    with pytest.raises(ValueError, match="has no vae_scale_factor"):
+        image_size(SimpleNamespace(default_sample_size=64))
+    with pytest.raises(ValueError, match="has no unet.config.sample_size or default_sample_size"):
+        image_size(SimpleNamespace(vae_scale_factor=8))
+
+
 def test_image_models_say_their_words_and_hold_guidance_defaults_that_fit_them():
     from diffattn_bench.grammar import VOCABULARY
     from diffattn_bench.scenes import SCENE_VOCABULARY, parse_caption
