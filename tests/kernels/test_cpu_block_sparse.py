@@ -432,3 +432,24 @@ def test_every_copy_of_one_source_version_shares_one_build(tmp_path, monkeypatch
     changed.write_bytes(original.read_bytes() + b"\n// another version\n")
     monkeypatch.setattr(loop, "SOURCE", changed)
     assert loop.build_name("avx2") != name_a and loop.build_name("avx2").startswith("diffattn_block_sparse_cpu_avx2_")
+
+
+def test_the_build_finds_the_ninja_package_before_another_ninja_on_path(tmp_path, monkeypatch):
+    """Two ninja versions sharing a build folder hash its command differently and rebuild it (~40 s) at each switch:
+    an installed copy of the package that saw a venv's packages used the system's ninja, the venv its own. The build
+    puts the ninja package (a requirement) first on PATH, whatever else is there, and restores PATH after."""
+    pytest.importorskip("ninja")
+    package = loop._ninja_package_folder()
+    assert package is not None and (Path(package) / "ninja").is_file()
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\necho 0.0.0\n")
+    (other / "ninja").chmod(0o755)
+    # the environment's own scripts folder already on PATH, behind another ninja (an activated venv, say)
+    path = os.pathsep.join([str(other), sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
+    monkeypatch.setenv("PATH", path)
+    assert shutil.which("ninja") == str(other / "ninja")
+    with loop._tools_on_path():
+        found = shutil.which("ninja")
+    assert found is not None and Path(found).parent == Path(package)
+    assert os.environ["PATH"] == path

@@ -256,16 +256,39 @@ def reset() -> None:
     _STATUS["state"] = "not built yet (built on the first CPU call)"
 
 
+def _ninja_package_folder() -> str | None:
+    """The folder of the ``ninja`` distribution's own binary (a requirement of this package), found from its file
+    list: ``ninja.BIN_DIR`` looks in the running interpreter's folders only, so it misses the binary when the package
+    comes from another environment's site-packages (a ``.pth`` line, ``--system-site-packages``)."""
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution("ninja").files or ()
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name in ("ninja", "ninja.exe") and file.parent.name in ("bin", "Scripts"):
+            path = Path(file.locate()).resolve()
+            if path.is_file():
+                return str(path.parent)
+    return None
+
+
+def _tool_folders() -> list[str]:
+    """Where the build's tools come from, first first: the ``ninja`` distribution's binary, then the environment's
+    scripts folder. Every environment that sees the package then builds with the same ninja: ninja versions hash
+    their commands differently (1.13 changed the hash), so two versions sharing one build folder (an installed copy
+    seeing a venv's packages, with the system's ninja on PATH) rebuilt the loop (~40 s) at each switch."""
+    folders = [_ninja_package_folder(), sysconfig.get_path("scripts")]
+    return list(dict.fromkeys(f for f in folders if f))
+
+
 @contextlib.contextmanager
 def _tools_on_path() -> Iterator[None]:
-    """The environment's scripts folder on PATH while building: torch finds ``ninja`` through PATH, and a virtual
-    environment used without activation (``.venv/bin/python ...``) has its ``ninja`` only there."""
-    scripts = sysconfig.get_path("scripts")
+    """:func:`_tool_folders` at the front of PATH while building: torch finds ``ninja`` through PATH, and a virtual
+    environment used without activation (``.venv/bin/python ...``) has its ``ninja`` only in its own folders."""
     old = os.environ.get("PATH", "")
-    if scripts in old.split(os.pathsep):
-        yield
-        return
-    os.environ["PATH"] = os.pathsep.join([scripts, old]) if old else scripts
+    os.environ["PATH"] = os.pathsep.join([*_tool_folders(), old]) if old else os.pathsep.join(_tool_folders())
     try:
         yield
     finally:
