@@ -26,6 +26,8 @@ _EXPORTS: dict[str, str] = {
     "attention_modules": "api",
     "tune": "tuning",
     "TunedProfile": "tuning",
+    "calibrate_cache": "tuning",
+    "CacheCalibration": "tuning",
     "processors": "attention_processors",
     "DiffattnProcessor": "attention_processors",
     "inspect": "inspection",

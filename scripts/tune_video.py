@@ -2,6 +2,9 @@
 
     python scripts/tune_video.py --size 16x64x64 --psnr 25 --prompts 3 --steps 10 --out outputs/profiles/video-4096
 
+``--cache SeaCache`` first calibrates that diffusers step cache's threshold to ``--cache-psnr`` (default ``--psnr`` +
+2 dB) and then tunes the profile under it to ``--psnr``: the pair is meant to run together.
+
 Calibration prompts are ShapesBench video prompts drawn with another seed than ``diffattn compare``'s report
 prompts, so the profile is scored on prompts it never saw (``diffattn compare --profile DIR``). Prints the time,
 the CPU, the mean budget and each layer's budgets per step range, and writes ``budgets.png`` (layers x heads, one
@@ -19,6 +22,7 @@ import torch
 import diffattn
 from diffattn_bench import embedded
 from diffattn_bench.compare import ClipSize
+from diffattn_bench.peers import CALIBRATABLE_CACHES, calibratable_cache
 from diffattn_bench.scoring import shapes_prompts
 from diffattn_kernels import cpu_block_sparse
 
@@ -77,8 +81,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="compute every head's attention in bfloat16 (native with AMX / AVX512-BF16; the profile records it)",
     )
+    parser.add_argument(
+        "--cache",
+        choices=sorted(CALIBRATABLE_CACHES),
+        default=None,
+        help="with --psnr: first calibrate this diffusers step cache's threshold (to --cache-psnr), then tune the "
+        "profile under it to --psnr; writes cache.json beside the profile (diffattn compare --profile adds its rows)",
+    )
+    parser.add_argument(
+        "--cache-psnr",
+        type=float,
+        default=None,
+        help="dB the cache alone keeps on the calibration clips (default: --psnr + 2, leaving the profile the rest)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.cache is not None and args.psnr is None:
+        parser.error("--cache needs --psnr: the profile is tuned under the cache to a PSNR against dense")
+    if args.cache_psnr is not None and args.cache is None:
+        parser.error("--cache-psnr is the target of the cache chosen with --cache")
     torch.set_num_threads(args.threads)
     pipe = embedded.load_video_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -91,6 +112,26 @@ def main(argv: list[str] | None = None) -> int:
         f"({args.size.tokens(patch)} tokens), {args.prompts} prompts x {args.steps} steps"
     )
     start = time.perf_counter()
+    call = {"num_frames": args.size.frames, "height": args.size.height, "width": args.size.width}
+    cache = None
+    if args.cache is not None:
+        make = calibratable_cache(args.cache)
+        found = diffattn.calibrate_cache(
+            pipe,
+            make,
+            prompts,
+            psnr_target=args.psnr + 2 if args.cache_psnr is None else args.cache_psnr,
+            num_inference_steps=args.steps,
+            thresholds=CALIBRATABLE_CACHES[args.cache],
+            **call,
+        )
+        found.save(args.out)
+        cache = make(found.threshold)
+        tried = ", ".join(f"{t.threshold:g}: {t.psnr:.1f} dB, {t.computed:.0%}" for t in found.trials)
+        print(
+            f"{args.cache}: threshold {found.threshold:g} keeps {found.psnr:.1f} dB with {found.computed:.0%} of "
+            f"dense's attention calls ({time.perf_counter() - start:.0f} s; tried {tried})"
+        )
     profile = diffattn.tune(
         pipe,
         "dynamic-topk",
@@ -103,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint=args.out / "checkpoint",
         weigh_costs=not args.no_costs,
         compute_dtype=torch.bfloat16 if args.bf16 else None,
-        num_frames=args.size.frames,
-        height=args.size.height,
-        width=args.size.width,
+        cache=cache,
+        **call,
     )
     seconds = time.perf_counter() - start
     profile.save(args.out)

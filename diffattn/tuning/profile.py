@@ -57,8 +57,9 @@ class TunedProfile:
     output each head's budget keeps within (found by the search when ``psnr_target`` was given; ``calibration_psnr``
     is then the profile's PSNR against dense on the calibration prompts); ``candidates``: the top-k fractions tuning
     chose from (the layers' ``costs`` follow their order); ``compute_dtype``: ``"bfloat16"`` when every head, dense
-    or sparse, computes on q, k, v cast to bf16 (``tune(..., compute_dtype=torch.bfloat16)``), else ``None``.
-    ``diffattn.apply(pipe, profile)`` applies
+    or sparse, computes on q, k, v cast to bf16 (``tune(..., compute_dtype=torch.bfloat16)``), else ``None``;
+    ``cache``: the diffusers step cache the PSNR search ran under (``tune(..., cache=...)``), meant to be enabled with
+    the profile, else ``None``. ``diffattn.apply(pipe, profile)`` applies
     it to the layers it lists; it refuses another model class or another token grid."""
 
     model_class: str
@@ -75,6 +76,7 @@ class TunedProfile:
     calibration_psnr: float | None = None
     candidates: tuple[float, ...] = ()
     compute_dtype: str | None = None
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
@@ -142,6 +144,7 @@ class TunedProfile:
             "calibration_psnr": self.calibration_psnr,
             "candidates": list(self.candidates),
             "compute_dtype": self.compute_dtype,
+            "cache": self.cache,
             "layers": [{"name": layer.name, "grid": list(layer.grid)} for layer in self.layers],
         }
         (folder / _JSON).write_text(json.dumps(meta, indent=1))
@@ -191,6 +194,7 @@ class TunedProfile:
             calibration_psnr=meta.get("calibration_psnr"),
             candidates=tuple(meta.get("candidates", ())),
             compute_dtype=meta.get("compute_dtype"),
+            cache=meta.get("cache"),
         )
 
 

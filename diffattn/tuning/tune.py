@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from ..errors import DiffattnError
+from .cache import describe_cache, enabled_cache
 from .cost import CostProbe, relative_costs
 from .probe import SensitivityProbe
 from .profile import LayerBudget, TunedProfile
 
-__all__ = ["tune", "TUNABLE_FAMILIES", "DEFAULT_CANDIDATES", "THRESHOLDS", "pooled_psnr"]
+__all__ = ["tune", "TUNABLE_FAMILIES", "DEFAULT_CANDIDATES", "THRESHOLDS", "pooled_psnr", "calibration_call"]
 
 #: Method families :func:`tune` can tune: ``"dynamic-topk"`` is :class:`~diffattn.DynamicSparseAttention`'s top-k
 #: fraction per head.
@@ -177,6 +178,23 @@ def pooled_psnr(outputs: Sequence[np.ndarray], references: Sequence[np.ndarray])
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
+def calibration_call(
+    pipe: Any, prompts: Sequence[str], num_inference_steps: int, seed: int, call_kwargs: dict[str, Any]
+) -> Any:
+    """``call(i)``: the pipeline on calibration prompt ``i`` with seed ``seed + i`` (the same call in every run that
+    is compared with another)."""
+
+    def call(i: int) -> Any:
+        return pipe(
+            prompts[i],
+            num_inference_steps=num_inference_steps,
+            generator=torch.Generator().manual_seed(seed + i),
+            **call_kwargs,
+        )
+
+    return call
+
+
 def _measure_costs(
     pipe: Any,
     apply: Any,
@@ -222,6 +240,7 @@ def tune(
     weigh_costs: bool = True,
     refine: int = 2,
     compute_dtype: torch.dtype | None = None,
+    cache: Any = None,
     **call_kwargs: Any,
 ) -> TunedProfile:
     """Tune ``family`` for ``pipe``'s denoiser against dense attention.
@@ -243,6 +262,10 @@ def tune(
     ``compute_dtype=torch.bfloat16`` measures, times and runs every head (dense heads through the stock core) on q, k,
     v cast to bf16 (see :class:`~diffattn.DynamicSparseAttention`); errors stay measured against dense attention in
     the call's dtype, and the profile records the dtype.
+    ``cache`` (with ``psnr_target``): a diffusers step-cache config (``FirstBlockCacheConfig(threshold=...)``, a
+    threshold from :func:`~diffattn.tuning.cache.calibrate_cache`) enabled on the denoiser during the PSNR search, so
+    the profile spends what the cache leaves of the target: apply both, the cache with ``enable_cache``. The
+    measurements run without it (they compare each call's attention with dense on the same inputs).
     Progress shows per prompt and per search step; with ``checkpoint`` (a folder) the measurements are saved after
     each prompt and an interrupted run resumes there when called again with the same settings. Returns a
     :class:`TunedProfile`; ``diffattn.apply(pipe, profile)`` applies it, ``profile.save(folder)`` keeps it. Tune at
@@ -259,6 +282,11 @@ def tune(
     _check(family, prompts, candidates, step_ranges)
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise ValueError(f"tune: refine is a number of extra search steps (0 or more), got {refine!r}")
+    if cache is not None and psnr_target is None:
+        raise ValueError(
+            "tune: cache= is used by the PSNR search; give psnr_target=<dB of the cached, sparse outputs against "
+            "dense> with it"
+        )
     if psnr_target is not None:
         if call_kwargs.get("output_type", "np") != "np":
             raise ValueError("tune: psnr_target compares generated outputs; leave output_type out (it uses 'np')")
@@ -269,6 +297,7 @@ def tune(
             f"tune handles pipelines with one denoiser; this one has {len(models)} "
             f"({', '.join(type(m).__name__ for m in models)}): tune each denoiser's pipeline stage separately"
         )
+    cached = enabled_cache(models[0], cache)  # refuses a model without diffusers' caches before any run
     probe = SensitivityProbe(
         candidates, step_ranges=step_ranges, block_size=block_size, tile=tile, compute_dtype=compute_dtype
     )
@@ -287,13 +316,7 @@ def tune(
         **({} if compute_dtype is None else {"compute_dtype": str(compute_dtype)}),  # earlier checkpoints stay valid
     )
 
-    def generate(i: int) -> Any:
-        return pipe(
-            prompts[i],
-            num_inference_steps=num_inference_steps,
-            generator=torch.Generator().manual_seed(seed + i),
-            **call_kwargs,
-        )
+    generate = calibration_call(pipe, prompts, num_inference_steps, seed, call_kwargs)
 
     folder = Path(checkpoint) if checkpoint is not None else None
     dense: list[np.ndarray] = []
@@ -341,13 +364,14 @@ def tune(
             calibration_psnr=psnr,
             candidates=candidates,
             compute_dtype=None if compute_dtype is None else str(compute_dtype).removeprefix("torch."),
+            cache=None if cache is None else describe_cache(cache),
         )
 
     if psnr_target is None:
         return profile_at(error_target)
 
     def psnr_of(profile: TunedProfile) -> float:
-        with apply(pipe, profile):
+        with cached, apply(pipe, profile):
             outputs = [_output(generate(i)) for i in range(len(prompts))]
         return pooled_psnr(outputs, dense)
 
@@ -367,9 +391,11 @@ def tune(
             high, failed = middle - 1, THRESHOLDS[middle]
     if best is None:
         search.close()
+        cached_note = ("", "") if cache is None else (", with the cache", ", or a smaller cache threshold")
         raise DiffattnError(
             f"no profile reached {psnr_target:g} dB against dense on the calibration prompts (at a per-head error "
-            f"of {THRESHOLDS[0]:g}: {psnr:.1f} dB): lower psnr_target, or add larger candidates"
+            f"of {THRESHOLDS[0]:g}: {psnr:.1f} dB{cached_note[0]}): lower psnr_target, or add larger "
+            f"candidates{cached_note[1]}"
         )
     for _ in range(refine if failed is not None else 0):
         threshold = math.sqrt(best.error_target * failed)

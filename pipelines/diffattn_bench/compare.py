@@ -45,6 +45,7 @@ from .peers import (
     NattenTile,
     Peer,
     cache_peers,
+    calibrated_cache_peer,
     combined,
     method_peer,
     tomesd_peer,
@@ -181,12 +182,18 @@ STACKED_CACHES = ("MagCache", "FirstBlockCache 0.1", "PyramidAttentionBroadcast"
 
 
 def profile_peers(folder: Path, mag_ratios: Sequence[float] | None, steps: int) -> list[Peer]:
-    """A tuned profile's row, then the profile under each of :data:`STACKED_CACHES` (MagCache only with ratios)."""
+    """A tuned profile's row, then the profile under each of :data:`STACKED_CACHES` (MagCache only with ratios); a
+    profile tuned under a calibrated cache (``scripts/tune_video.py --cache``: ``cache.json`` beside it) adds that
+    cache alone and the two together, the row the profile was tuned for."""
     tuned = profile_peer(folder)
     caches = {p.label: p for p in cache_peers(mag_ratios, steps)}
-    return [tuned] + [
+    rows = [tuned] + [
         combined(f"{name} + {tuned.label}", caches[name], tuned) for name in STACKED_CACHES if name in caches
     ]
+    if diffattn.CacheCalibration.exists(folder):
+        calibrated = calibrated_cache_peer(diffattn.CacheCalibration.load(folder))
+        rows += [calibrated, combined(f"{calibrated.label} + {tuned.label}", calibrated, tuned)]
+    return rows
 
 
 def video_peers(

@@ -38,6 +38,9 @@ __all__ = [
     "UNSUPPORTED_CACHE_HOOKS",
     "natten_tile",
     "tomesd_peer",
+    "CALIBRATABLE_CACHES",
+    "calibratable_cache",
+    "calibrated_cache_peer",
 ]
 
 Undo = Callable[[], None]
@@ -193,6 +196,43 @@ def cache_peers(ratios: Sequence[float] | None, steps: int) -> list[Peer]:
             ),
         )
     return peers
+
+
+#: The caches ``scripts/tune_video.py --cache`` calibrates (``diffattn.calibrate_cache``): name -> the thresholds
+#: searched (increasing; the defaults are 0.05 for FirstBlockCache and 0.25 for SeaCache).
+CALIBRATABLE_CACHES: dict[str, tuple[float, ...]] = {
+    "FirstBlockCache": (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8),
+    "SeaCache": (0.1, 0.25, 0.4, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0),
+}
+
+
+def calibratable_cache(name: str) -> Callable[[float], Any]:
+    """``threshold -> config`` of one of :data:`CALIBRATABLE_CACHES` (its other settings as in :func:`cache_peers`),
+    by name or by its config's class name (``SeaCacheConfig``, as a calibration records it)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+    from diffusers.hooks.sea_cache import SeaCacheConfig
+
+    makers = {
+        "FirstBlockCache": lambda t: FirstBlockCacheConfig(threshold=t),
+        "SeaCache": lambda t: SeaCacheConfig(threshold=t, raw_vision_callback=_raw_frames),
+    }
+    key = name.removesuffix("Config")
+    if key not in makers:
+        raise ValueError(f"no calibratable cache {name!r}; choose one of {', '.join(CALIBRATABLE_CACHES)}")
+    return makers[key]
+
+
+def calibrated_cache_peer(calibration: Any) -> Peer:
+    """A cache at the threshold ``diffattn.calibrate_cache`` chose (a :class:`~diffattn.CacheCalibration`)."""
+    name = calibration.cache.split("(")[0].removesuffix("Config")
+    make = calibratable_cache(name)
+    return _cache_peer(
+        f"{name} {calibration.threshold:g} (calibrated)",
+        lambda pipe: make(calibration.threshold),
+        f"threshold {calibration.threshold:g}: the largest that kept {calibration.psnr_target:g} dB "
+        f"({calibration.psnr:.1f} dB, {calibration.computed:.0%} of dense's attention calls) on "
+        f"{len(calibration.calibration)} calibration prompts",
+    )
 
 
 def natten_tile(

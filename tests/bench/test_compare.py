@@ -419,6 +419,34 @@ def test_a_profile_is_stacked_under_each_cache_hook(tmp_path):
     assert "MagCache + tuned top-k (p)" not in [p.label for p in profile_peers(folder, None, 2)]  # needs its ratios
 
 
+def test_a_profile_tuned_under_a_calibrated_cache_adds_that_cache_alone_and_with_it(tmp_path, pipe):
+    from diffattn.tuning.cache import CacheCalibration, CacheTrial
+    from diffattn.tuning.profile import LayerBudget
+    from diffattn_bench.compare import STACKED_CACHES, profile_peers
+    from diffattn_bench.peers import calibratable_cache
+
+    layer = LayerBudget("blocks.0.attn1", (8, 8, 8), ((0.25, 1.0),), ((0.1, 0.0),))
+    profile = diffattn.TunedProfile("WanTransformer3DModel", "dynamic-topk", 128, "auto", 1, 0.2, (layer,))
+    folder = profile.save(tmp_path / "p")
+    found = CacheCalibration(
+        "SeaCacheConfig(threshold=0.7)", 0.7, 27.5, 0.5, 27.0, (CacheTrial(0.7, 27.5, 0.5),), ("a", "b"), 10
+    )
+    found.save(folder)
+    peers = profile_peers(folder, None, 2)
+    labels = [p.label for p in peers]
+    assert labels[-2:] == ["SeaCache 0.7 (calibrated)", "SeaCache 0.7 (calibrated) + tuned top-k (p)"]
+    assert len(labels) == 1 + len(STACKED_CACHES) - 1 + 2  # MagCache needs its ratios
+    alone, both = peers[-2:]
+    assert alone.method is None and both.method == peers[0].method and "27 dB" in alone.settings
+    undo = alone.setup(pipe)  # the calibrated threshold reaches diffusers' hook
+    try:
+        assert pipe.transformer._diffusers_hook.get_hook("sea_cache_root").config.threshold == 0.7
+    finally:
+        undo()
+    with pytest.raises(ValueError, match="choose one of FirstBlockCache, SeaCache"):
+        calibratable_cache("MagCache")
+
+
 def test_attention_cache_hooks_stack_with_a_diffattn_method(pipe):
     """PyramidAttentionBroadcast and FasterCache serve some attention calls from cache; stacked with a diffattn
     method those calls are not refused (the module computed no attention) and the method acts on the others."""
