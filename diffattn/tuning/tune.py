@@ -16,7 +16,7 @@ import torch
 
 from ..errors import DiffattnError
 from .cache import describe_cache, enabled_cache
-from .cost import CostProbe, relative_costs
+from .cost import CostProbe, ProfileCostProbe, drop_unpaid_ranges, relative_costs
 from .probe import SensitivityProbe
 from .profile import LayerBudget, TunedProfile
 
@@ -258,7 +258,10 @@ def tune(
       candidate on each layer's first call (:class:`~diffattn.tuning.cost.CostProbe`), and each head takes the
       candidate that minimises ``time / dense time + error / threshold`` instead: a budget is kept only where it
       saves time (the selection and the sparse loop cost more than the stock core near a full budget), and its
-      error stays within the threshold times the share of time it saves.
+      error stays within the threshold times the share of time it saves. Those costs time every head at one budget;
+      a layer whose heads end up split between budgets costs more (two calls, gathers by head), so a last run of the
+      first prompt times the chosen profile's own call per layer and step range against the stock core
+      (:class:`~diffattn.tuning.cost.ProfileCostProbe`) and makes dense every range that saves nothing.
     ``compute_dtype=torch.bfloat16`` measures, times and runs every head (dense heads through the stock core) on q, k,
     v cast to bf16 (see :class:`~diffattn.DynamicSparseAttention`); errors stay measured against dense attention in
     the call's dtype, and the profile records the dtype.
@@ -410,4 +413,29 @@ def tune(
         else:
             failed = threshold
     search.close()
-    return best
+    return _drop_unpaid(best, costs is not None, pipe, apply, generate, psnr_of, psnr_target, progress)
+
+
+def _drop_unpaid(
+    best: TunedProfile, weighed: bool, pipe: Any, apply: Any, generate: Any, psnr_of: Any, target: float, progress: bool
+) -> TunedProfile:
+    """With costs weighed: time each tuned layer's call of ``best`` against the stock core in every step range (one
+    run of the first prompt, :class:`ProfileCostProbe`) and make dense the ranges that save nothing; the result is
+    kept if it still reaches ``target`` (measured again: it usually gains, a dense range adds no error)."""
+    if not weighed or all(b >= 1.0 for layer in best.layers for row in layer.budgets for b in row):
+        return best
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=2, desc="tuning: timing the profile's layers", disable=not progress)
+    timer = ProfileCostProbe(best)
+    with apply(pipe, timer, layers=best.layer_patterns()):
+        generate(0)
+    bar.update(1)
+    lean, dropped = drop_unpaid_ranges(best, timer.seconds)
+    if not dropped:
+        bar.close()
+        return best
+    psnr = psnr_of(lean)
+    bar.update(1)
+    bar.close()
+    return dataclasses.replace(lean, calibration_psnr=psnr) if psnr >= target else best

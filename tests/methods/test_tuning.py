@@ -287,6 +287,49 @@ def test_psnr_tuning_times_the_candidates_and_keeps_their_costs_in_the_saved_pro
     assert all(not layer.costs for layer in plain.layers)
 
 
+def test_a_layer_range_its_profile_does_not_speed_up_is_made_dense_and_the_others_kept():
+    from diffattn.tuning.cost import drop_unpaid_ranges
+    from diffattn.tuning.profile import LayerBudget
+
+    a = LayerBudget("a", (4, 4), ((0.25, 1.0), (0.5, 0.5)), ((0.1, 0.0), (0.2, 0.2)))
+    b = LayerBudget("b", (4, 4), ((1.0, 1.0), (0.25, 0.25)), ((0.0, 0.0), (0.1, 0.1)))
+    profile = TunedProfile("M", "dynamic-topk", 16, "auto", 2, 0.2, (a, b))
+    # a's first range (one head sparse: a split) is slower than dense, its second faster; b's second range not timed
+    seconds = {("a", 0): (1.0, 1.2), ("a", 1): (1.0, 0.6), ("b", 0): (1.0, 2.0)}
+    lean, dropped = drop_unpaid_ranges(profile, seconds)
+    assert dropped == [("a", 0)]
+    assert lean.layer("a").budgets == ((1.0, 1.0), (0.5, 0.5)) and lean.layer("a").errors[0] == (0.0, 0.0)
+    assert lean.layer("b") == b  # all dense where timed, untimed range kept
+    assert drop_unpaid_ranges(profile, {("a", 0): (1.0, 1.0)})[1] == [("a", 0)]  # no faster: dense
+
+
+def test_psnr_tuning_times_its_profile_per_layer_and_range_and_drops_what_does_not_pay(monkeypatch):
+    """After the search, one run times every tuned layer's call of the chosen profile against the stock core in each
+    step range; ranges that save nothing become dense (here every range is made to look slower)."""
+    import importlib
+    import math
+
+    tune_module = importlib.import_module("diffattn.tuning.tune")  # the package's `tune` is the function
+    seen = {}
+    real = tune_module.drop_unpaid_ranges
+
+    def all_slower(profile, seconds):
+        seen.update(profile=profile, seconds=dict(seconds))
+        return real(profile, {key: (1.0, 2.0) for key in seconds})
+
+    monkeypatch.setattr(tune_module, "drop_unpaid_ranges", all_slower)
+    # on the tiny model every candidate is slower than the stock core: let the search see them as cheap
+    monkeypatch.setattr(tune_module, "relative_costs", lambda seconds: tuple(0.1 for _ in seconds[1:]))
+    settings = {k: v for k, v in SETTINGS.items() if k != "error_target"}
+    profile = diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, psnr_target=15.0, progress=False, **settings, **CALL)
+    searched = seen["profile"]
+    assert searched.mean_budget() < 1.0, "the search kept no sparse head: nothing to time"
+    assert set(seen["seconds"]) == {(layer.name, r) for layer in searched.layers for r in range(2)}
+    assert all(dense > 0 and timed > 0 for dense, timed in seen["seconds"].values())
+    assert profile.mean_budget() == 1.0 and profile.calibration_psnr == math.inf
+    assert profile.error_target == searched.error_target
+
+
 def test_refined_search_ends_between_the_grid_thresholds_and_still_keeps_the_target():
     """The bisections after the grid search only move the threshold up while the target holds: the profile is never
     denser than the grid's and its calibration PSNR still meets the target."""
