@@ -53,4 +53,8 @@ if ! command -v chromium >/dev/null 2>&1; then
     fi
 fi
 "${PIP[@]}" check
+# The compiled CPU loop of block-sparse attention builds once per source version and environment (~40 s on 2 cores),
+# here rather than at the first sparse call of a job or test; without a compiler it says so and the SDPA path is used.
+echo "bootstrap: building the CPU block-sparse loop (once per source version and environment)"
+"$PY" -c "from diffattn_kernels import cpu_block_sparse as loop; loop.extension(); print('bootstrap: CPU loop', loop.status())"
 echo "bootstrap: ready ($("$PY" --version), torch $TORCH_VERSION) in $VENV"

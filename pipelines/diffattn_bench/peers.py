@@ -139,16 +139,15 @@ def cache_peers(ratios: Sequence[float] | None, steps: int) -> list[Peer]:
     """
     from diffusers.hooks import (
         FasterCacheConfig,
-        FirstBlockCacheConfig,
         MagCacheConfig,
         PyramidAttentionBroadcastConfig,
         TaylorSeerCacheConfig,
     )
-    from diffusers.hooks.sea_cache import SeaCacheConfig
 
+    first_block, sea = calibratable_cache("FirstBlockCache"), calibratable_cache("SeaCache")
     peers = [
-        _cache_peer("FirstBlockCache 0.1", lambda pipe: FirstBlockCacheConfig(threshold=0.1), "threshold=0.1"),
-        _cache_peer("FirstBlockCache 0.2", lambda pipe: FirstBlockCacheConfig(threshold=0.2), "threshold=0.2"),
+        _cache_peer("FirstBlockCache 0.1", lambda pipe: first_block(0.1), "threshold=0.1"),
+        _cache_peer("FirstBlockCache 0.2", lambda pipe: first_block(0.2), "threshold=0.2"),
         _cache_peer(
             "PyramidAttentionBroadcast",
             lambda pipe: PyramidAttentionBroadcastConfig(
@@ -182,7 +181,7 @@ def cache_peers(ratios: Sequence[float] | None, steps: int) -> list[Peer]:
         ),
         _cache_peer(
             "SeaCache",
-            lambda pipe: SeaCacheConfig(raw_vision_callback=_raw_frames),
+            lambda pipe: sea(0.25),
             "defaults (threshold 0.25), frames adapter",
         ),
     ]
