@@ -388,3 +388,21 @@ def test_bf16_tuning_measures_in_bf16_and_records_it():
     assert profile.compute_dtype == "bfloat16" and profile.calibration_psnr >= 15.0
     with pytest.raises(ValueError, match="compute_dtype is None"):
         diffattn.tune(_pipe(), "dynamic-topk", PROMPTS, compute_dtype="bf16", progress=False, **SETTINGS, **CALL)
+
+
+@pytest.mark.parametrize("native, warns", [(False, True), (True, False), (None, False)])
+def test_bf16_tuning_warns_on_a_cpu_that_emulates_bf16(monkeypatch, native, warns):
+    """Without AVX512-BF16 or AMX, bf16 attention is slower than float32: tuning in it says so (and not where bf16
+    is native, or where torch cannot tell)."""
+    import importlib
+    import warnings
+
+    tune_module = importlib.import_module("diffattn.tuning.tune")
+    monkeypatch.setattr(tune_module, "native_bf16_on_cpu", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tune_module._warn_emulated_bf16(torch.bfloat16, torch.nn.Linear(2, 2))
+        tune_module._warn_emulated_bf16(None, torch.nn.Linear(2, 2))  # float32: never
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == int(warns)
+    assert not warns or "leave compute_dtype out to tune in float32" in messages[0]
