@@ -125,16 +125,18 @@ def calibrate_cache(
     thresholds: Sequence[float],
     seed: int = 0,
     progress: bool = True,
+    refine: int = 2,
     **call_kwargs: Any,
 ) -> CacheCalibration:
-    """The largest of ``thresholds`` whose cache (``make_config(threshold)``, enabled with diffusers'
-    ``enable_cache`` on the pipeline's denoiser) regenerates ``prompts`` (seeds ``seed + i``, ``num_inference_steps``,
-    ``call_kwargs`` such as ``height=``, ``num_frames=``) within ``psnr_target`` dB of dense attention.
+    """The largest threshold whose cache (``make_config(threshold)``, enabled with diffusers' ``enable_cache`` on the
+    pipeline's denoiser) regenerates ``prompts`` (seeds ``seed + i``, ``num_inference_steps``, ``call_kwargs`` such as
+    ``height=``, ``num_frames=``) within ``psnr_target`` dB of dense attention.
 
-    A binary search (a cache skips more as its threshold grows, so its PSNR falls): one dense run of the prompts, then
-    about log2(len(thresholds)) cached runs. Each run counts the attention calls made (a skipped block makes none), so
-    ``computed`` says what the chosen threshold saves without timing noise. Raises when even the smallest threshold
-    misses the target, saying what to change."""
+    A binary search over ``thresholds`` (a cache skips more as its threshold grows, so its PSNR falls): one dense run
+    of the prompts, about log2(len(thresholds)) cached runs, then ``refine`` bisections between the chosen threshold
+    and the smallest one that missed (a cache's response can jump between two neighbours of the grid). Each run counts
+    the attention calls made (a skipped block makes none), so ``computed`` says what the chosen threshold saves without
+    timing noise. Raises when even the smallest threshold misses the target, saying what to change."""
     from tqdm.auto import tqdm
 
     from ..api import _denoisers, apply
@@ -142,6 +144,8 @@ def calibrate_cache(
     from .tune import _output, calibration_call, pooled_psnr
 
     values = _check(thresholds, psnr_target)
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"calibrate_cache: refine is a number of extra search steps (0 or more), got {refine!r}")
     if isinstance(prompts, str) or not prompts:
         raise ValueError("calibrate_cache: prompts is a list of calibration prompts, e.g. ['a red circle moving left']")
     models, _ = _denoisers(pipe)
@@ -160,25 +164,34 @@ def calibrate_cache(
                 handle.remove()
         return outputs, calls
 
-    steps = 1 + math.ceil(math.log2(len(values) + 1))
+    steps = 1 + math.ceil(math.log2(len(values) + 1)) + refine
     bar = tqdm(total=steps, desc="calibrating the cache: dense, then thresholds", disable=not progress)
     dense, dense_calls = run(None)
     bar.update(1)
     if dense_calls == 0:
         raise DiffattnError("calibrate_cache saw no attention call of the denoiser: nothing to count")
     trials: list[CacheTrial] = []
-    low, high, best = 0, len(values) - 1, None
+
+    def trial_at(threshold: float) -> CacheTrial:
+        outputs, calls = run(make_config(threshold))
+        trials.append(CacheTrial(threshold, pooled_psnr(outputs, dense), calls / dense_calls))
+        bar.update(1)
+        return trials[-1]
+
+    low, high, best, missed = 0, len(values) - 1, None, None
     while low <= high:
         middle = (low + high) // 2
-        config = make_config(values[middle])
-        outputs, calls = run(config)
-        trial = CacheTrial(values[middle], pooled_psnr(outputs, dense), calls / dense_calls)
-        trials.append(trial)
-        bar.update(1)
+        trial = trial_at(values[middle])
         if trial.psnr >= psnr_target:
             best, low = trial, middle + 1
         else:
-            high = middle - 1
+            high, missed = middle - 1, values[middle]
+    for _ in range(refine if best is not None and missed is not None else 0):
+        trial = trial_at((best.threshold + missed) / 2)
+        if trial.psnr >= psnr_target:
+            best = trial
+        else:
+            missed = trial.threshold
     bar.close()
     if best is None:
         raise DiffattnError(

@@ -90,13 +90,23 @@ def test_the_chosen_threshold_keeps_the_target_and_the_next_one_tried_misses_it(
     assert tight == float("inf") and loose < 60, "the cache must skip at the largest threshold for this test"
     target = loose + 0.5 * (min(tight, 80.0) - loose)
     found = _calibrate(target)
-    assert found.psnr >= target and found.threshold in THRESHOLDS
+    assert found.psnr >= target and found.threshold in [t.threshold for t in found.trials]
     # its PSNR and call share are the cached run's, measured again outside the search
     assert found.psnr == pytest.approx(_psnr_at(found.threshold), abs=1e-6)
     assert 0 < found.computed <= 1
     larger = [t for t in found.trials if t.threshold > found.threshold]
     assert larger and all(t.psnr < target for t in larger if t.threshold == min(x.threshold for x in larger))
     assert found.cache == describe_cache(_first_block(found.threshold)) and "threshold=" in found.cache
+
+
+def test_refinement_bisects_between_the_chosen_threshold_and_the_first_that_missed():
+    target = _psnr_at(1.0) + 1.0  # 1.0 misses it, 0.0 (no skip) keeps it
+    found = _calibrate(target, thresholds=(0.0, 1.0))
+    tried = [t.threshold for t in found.trials]
+    assert tried[:2] == [0.0, 1.0] and len(tried) == 4  # the grid, then refine=2 bisections
+    assert tried[2] == 0.5 and tried[3] in (0.25, 0.75)
+    passing = [t for t in found.trials if t.psnr >= target]
+    assert found.threshold == max(t.threshold for t in passing) and found.psnr >= target
 
 
 def test_skipping_blocks_makes_fewer_attention_calls_and_no_skip_makes_them_all():
