@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DiffattnError
+from .checks import check_prompts, check_psnr_target, check_refine, single_denoiser
 
 __all__ = ["CacheTrial", "CacheCalibration", "calibrate_cache", "describe_cache", "enabled_cache"]
 
@@ -106,12 +107,10 @@ class enabled_cache:
             self.model.disable_cache()
 
 
-def _check(thresholds: Sequence[float], psnr_target: float) -> tuple[float, ...]:
+def _thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
     values = tuple(float(t) for t in thresholds)
     if not values or list(values) != sorted(set(values)) or not all(math.isfinite(t) and t >= 0 for t in values):
         raise ValueError(f"calibrate_cache: thresholds are increasing, non-negative numbers, got {tuple(thresholds)}")
-    if isinstance(psnr_target, bool) or not isinstance(psnr_target, (int, float)) or not 0 < psnr_target < 100:
-        raise ValueError(f"calibrate_cache: psnr_target is in dB, in (0, 100), e.g. 27; got {psnr_target!r}")
     return values
 
 
@@ -139,19 +138,15 @@ def calibrate_cache(
     timing noise. Raises when even the smallest threshold misses the target, saying what to change."""
     from tqdm.auto import tqdm
 
-    from ..api import _denoisers, apply
+    from ..api import apply
     from ..methods.dense import Dense
     from .tune import _output, calibration_call, pooled_psnr
 
-    values = _check(thresholds, psnr_target)
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"calibrate_cache: refine is a number of extra search steps (0 or more), got {refine!r}")
-    if isinstance(prompts, str) or not prompts:
-        raise ValueError("calibrate_cache: prompts is a list of calibration prompts, e.g. ['a red circle moving left']")
-    models, _ = _denoisers(pipe)
-    if len(models) != 1:
-        raise DiffattnError(f"calibrate_cache handles pipelines with one denoiser; this one has {len(models)}")
-    model = models[0]
+    values = _thresholds(thresholds)
+    check_psnr_target("calibrate_cache", psnr_target)
+    check_refine("calibrate_cache", refine)
+    check_prompts("calibrate_cache", prompts)
+    model = single_denoiser("calibrate_cache", pipe)
     call = calibration_call(pipe, list(prompts), num_inference_steps, seed, {**call_kwargs, "output_type": "np"})
 
     def run(config: Any) -> tuple[list[np.ndarray], int]:

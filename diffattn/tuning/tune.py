@@ -17,6 +17,7 @@ import torch
 
 from ..errors import DiffattnError
 from .cache import describe_cache, enabled_cache
+from .checks import check_prompts, check_psnr_target, check_refine, single_denoiser
 from .cost import CostProbe, ProfileCostProbe, drop_unpaid_ranges, relative_costs
 from .probe import SensitivityProbe
 from .profile import LayerBudget, TunedProfile
@@ -45,17 +46,14 @@ def _check_targets(error_target: float | None, psnr_target: float | None) -> Non
             f"tune: error_target is the relative L1 error of attention outputs allowed per head, in (0, 1), "
             f"e.g. 0.05; got {error_target!r}"
         )
-    if psnr_target is not None and (
-        isinstance(psnr_target, bool) or not isinstance(psnr_target, (int, float)) or not 0 < psnr_target < 100
-    ):
-        raise ValueError(f"tune: psnr_target is in dB, in (0, 100), e.g. 25; got {psnr_target!r}")
+    if psnr_target is not None:
+        check_psnr_target("tune", psnr_target)
 
 
 def _check(family: str, prompts: Sequence[str], candidates: Sequence[float], ranges: int) -> None:
     if family not in TUNABLE_FAMILIES:
         raise ValueError(f"tune: family {family!r} is not tunable yet; use one of {', '.join(TUNABLE_FAMILIES)}")
-    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("tune: prompts is a list of calibration prompts, e.g. ['a red circle moving left']")
+    check_prompts("tune", prompts)
     if not candidates or list(candidates) != sorted(set(candidates)) or not all(0 < c < 1 for c in candidates):
         raise ValueError(f"tune: candidates are increasing top-k fractions in (0, 1), got {tuple(candidates)}")
     if isinstance(ranges, bool) or not isinstance(ranges, int) or ranges < 1:
@@ -299,14 +297,13 @@ def tune(
     from tqdm.auto import tqdm
 
     from .. import __version__
-    from ..api import _denoisers, apply  # the api module imports this package (apply takes a profile)
+    from ..api import apply  # the api module imports this package (apply takes a profile)
 
     prompts = list(prompts) if not isinstance(prompts, str) else prompts
     candidates = tuple(float(c) for c in candidates)
     _check_targets(error_target, psnr_target)
     _check(family, prompts, candidates, step_ranges)
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"tune: refine is a number of extra search steps (0 or more), got {refine!r}")
+    check_refine("tune", refine)
     if cache is not None and psnr_target is None:
         raise ValueError(
             "tune: cache= is used by the PSNR search; give psnr_target=<dB of the cached, sparse outputs against "
@@ -316,12 +313,7 @@ def tune(
         if call_kwargs.get("output_type", "np") != "np":
             raise ValueError("tune: psnr_target compares generated outputs; leave output_type out (it uses 'np')")
         call_kwargs = {**call_kwargs, "output_type": "np"}
-    models, _ = _denoisers(pipe)
-    if len(models) != 1:
-        raise DiffattnError(
-            f"tune handles pipelines with one denoiser; this one has {len(models)} "
-            f"({', '.join(type(m).__name__ for m in models)}): tune each denoiser's pipeline stage separately"
-        )
+    models = [single_denoiser("tune", pipe)]
     cached = enabled_cache(models[0], cache)  # refuses a model without diffusers' caches before any run
     _warn_emulated_bf16(compute_dtype, models[0])
     probe = SensitivityProbe(
